@@ -1,0 +1,170 @@
+"""The command line: parse arguments, build a config, call dmcompile.api, print the result.
+
+Errors of the user's making print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__, zoo
+
+EXIT_USER_ERROR = 2
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(*args):
+        label, i, n = (desc, *args) if len(args) == 2 else args
+        bar = bars.get(label)
+        if bar is None:
+            bar = bars[label] = tqdm(total=n, desc=label, unit="step", leave=False, file=sys.stderr)
+        bar.n = i
+        bar.refresh()
+        if i >= n:
+            bar.close()
+
+    return update
+
+
+def cmd_export(args) -> int:
+    from . import api
+
+    cfg = api.ExportConfig(opset=args.opset, seed=args.seed)
+    model = api.load_model(args.model, seed=args.seed)
+    print(f"model {model.id}: {model.num_parameters() / 1e6:.2f} M parameters, sample {list(model.sample_shape)}")
+    res = api.export(model, args.output, cfg)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(res.layer_map.counts().items()))
+    print(f"wrote {res.path}/model.onnx ({res.onnx_bytes / 1e6:.1f} MB) and layer_map.json in {res.export_seconds:.1f} s")
+    print(f"quantizable nodes: {counts}; {res.layer_map.total_macs / 1e6:.1f} M MACs per sample")
+    print(f"parity vs PyTorch: max abs error {res.parity_max_abs_err:.2e} (tolerance {cfg.parity_tol:g})")
+    return 0
+
+
+def _sample_config(args, n_default: int):
+    from .config import SampleConfig
+
+    return SampleConfig(n=args.n or n_default, steps=args.steps, eta=args.eta, seed=args.seed,
+                        batch_size=args.batch_size)
+
+
+def cmd_sample(args) -> int:
+    from . import api
+    from .eval.grid import save_grid
+
+    cfg = _sample_config(args, 64)
+    images = api.sample(args.target, cfg, fp=args.fp, progress=_progress_bar("DDIM"))
+    save_grid(images, args.output)
+    print(f"wrote {args.output}: {cfg.n} samples, DDIM {cfg.steps} steps, eta {cfg.eta}, seed {cfg.seed}")
+    if api.is_digits_shape(images.shape[1:]) and cfg.n >= 2:
+        s = api.digit_scores(images)
+        print(f"FD to real digits: {s['fd_to_real']:.3f} ({cfg.n} samples; small sets read high, "
+              f"see `dmcompile eval` for the noise floor); confident-class rate {s['confident_rate']:.1%}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import api
+    from .artifacts import write_json
+    from .config import EvalConfig
+    from .eval.grid import save_fd_figure, save_grid
+
+    cfg = EvalConfig(sample=_sample_config(args, 1000))
+    res = api.evaluate(args.target, cfg, progress=_progress_bar("eval"))
+    r = res.report
+    pv = r["paired_vs_fp"]
+    print(f"{r['model']} ({r['format']}), {cfg.sample.n} samples, DDIM {cfg.sample.steps} steps, eta {cfg.sample.eta}")
+    print(f"paired vs full precision (same seeds): PSNR {pv['psnr_db_mean']:.2f} dB (median {pv['psnr_db_median']:.2f}), "
+          f"SSIM {pv['ssim_mean']:.4f}, max |diff| {pv['max_abs_diff']:.2e}")
+    d = r.get("digits")
+    if d:
+        print(f"FD to real digits: {d['fd_to_real']:.3f}   (FP: {d['fp_fd_to_real']:.3f})")
+        print(f"FD to an FP set of other seeds: {d['fd_to_fp']:.3f}   noise floor (FP vs FP): {d['noise_floor_fd']:.3f}")
+        print(f"confident-class rate (max p >= {cfg.confident_threshold}): {d['confident_rate']:.1%}   "
+              f"(FP: {d['fp_confident_rate']:.1%}); classes {d['class_histogram']}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "eval.json", r)
+        save_grid(res.images[:64], out / "samples.png")
+        written = ["eval.json", "samples.png"]
+        if d:
+            save_fd_figure({"model vs real": d["fd_to_real"], "FP vs real": d["fp_fd_to_real"],
+                            "model vs FP": d["fd_to_fp"], "FP noise floor": d["noise_floor_fd"]},
+                           out / "fd.png", f"{r['model']} {r['format']}: {cfg.sample.n} samples, "
+                           f"DDIM {cfg.sample.steps}")
+            written.append("fd.png")
+        print(f"wrote {', '.join(str(out / w) for w in written)}")
+    if args.json:
+        print(json.dumps(r, indent=2))
+    return 0
+
+
+def _add_sampling(p: argparse.ArgumentParser, n_help: str) -> None:
+    p.add_argument("-n", type=int, default=None, help=n_help)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic (default), 1 DDPM-like")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+    p.add_argument("--batch-size", type=int, default=256, help="UNet batch size (default 256)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dmcompile", description="Compile diffusion models into low-bit inference "
+                                "bundles and sample them with the torch-free runtime dmruntime.")
+    p.add_argument("--version", action="version", version=f"dmcompile {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    models = ", ".join(zoo.names())
+
+    e = sub.add_parser("export", help="trace a model to fp32 ONNX with a layer map",
+                       description=f"Trace a UNet to ONNX (inputs sample, timestep; output eps; dynamic batch), "
+                       f"check parity with PyTorch, write model.onnx, layer_map.json and manifest.json. "
+                       f"MODEL: a zoo name ({models}) or a local diffusers UNet folder.")
+    e.add_argument("model", nargs="?", default=zoo.DEFAULT_MODEL, help=f"default {zoo.DEFAULT_MODEL}")
+    e.add_argument("-o", "--output", required=True, type=Path, help="output folder (written atomically)")
+    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--seed", type=int, default=0, help="random-weight seed of presets, parity inputs")
+    e.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("sample", help="DDIM-sample a bundle (or with --fp a model) into a PNG grid",
+                       description="Sample through dmruntime and write a PNG grid. TARGET: a bundle or export "
+                       f"folder; with --fp also a model ({models} or a folder), whose fp32 ONNX export is "
+                       "cached under $DMCOMPILE_CACHE (default ~/.cache/dmcompile).")
+    s.add_argument("target")
+    s.add_argument("--fp", action="store_true", help="sample the full-precision model")
+    s.add_argument("-o", "--output", required=True, type=Path, help="PNG grid to write")
+    _add_sampling(s, "number of samples (default 64)")
+    s.set_defaults(func=cmd_sample)
+
+    v = sub.add_parser("eval", help="fidelity of a bundle against its full-precision model",
+                       description="Sample the bundle and its full-precision PyTorch model with the same seeds; "
+                       "report paired PSNR/SSIM and, for digits models, FD to real digits, the FP noise floor "
+                       "and the confident-class rate.")
+    v.add_argument("target", help="bundle or export folder")
+    v.add_argument("--out", type=Path, default=None, help="folder for eval.json, samples.png, fd.png")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_sampling(v, "number of samples (default 1000)")
+    v.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dmruntime import DmRuntimeError
+
+    from .errors import DmcompileError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DmcompileError, DmRuntimeError) as e:
+        print(f"dmcompile {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Frozen, validated configuration of each stage, versioned to and from plain dicts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+CONFIG_SCHEMA_VERSION = 1
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+class _Versioned:
+    """to_dict / from_dict with a schema_version, shared by the stage configs."""
+
+    def to_dict(self) -> dict:
+        return {"schema_version": CONFIG_SCHEMA_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        d = dict(d)
+        version = d.pop("schema_version", CONFIG_SCHEMA_VERSION)
+        _check(version == CONFIG_SCHEMA_VERSION,
+               f"{cls.__name__} schema_version {version} is not supported (expected {CONFIG_SCHEMA_VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        _check(not unknown, f"{cls.__name__} has no option(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ExportConfig(_Versioned):
+    """Tracing a UNet to ONNX.
+
+    opset: ONNX opset of the exported graph. parity_tol: the largest max-abs difference
+    between ONNX Runtime and PyTorch accepted at export. parity_batch: rows in the parity check.
+    """
+
+    opset: int = 17
+    parity_tol: float = 1e-4
+    parity_batch: int = 2
+    seed: int = 0
+
+    def __post_init__(self):
+        _check(13 <= self.opset <= 23, f"opset must be in [13, 23], got {self.opset}")
+        _check(self.parity_tol > 0, f"parity_tol must be > 0, got {self.parity_tol}")
+        _check(self.parity_batch >= 1, f"parity_batch must be >= 1, got {self.parity_batch}")
+
+
+@dataclass(frozen=True)
+class SampleConfig(_Versioned):
+    """DDIM sampling: number of images, steps, eta, seed and the UNet batch size."""
+
+    n: int = 64
+    steps: int = 50
+    eta: float = 0.0
+    seed: int = 0
+    batch_size: int = 256
+
+    def __post_init__(self):
+        _check(self.n >= 1, f"n must be >= 1, got {self.n}")
+        _check(1 <= self.steps <= 1000, f"steps must be in [1, 1000], got {self.steps}")
+        _check(self.eta >= 0, f"eta must be >= 0, got {self.eta}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class EvalConfig(_Versioned):
+    """Fidelity evaluation: ``sample`` drives the evaluated model; the reference set uses the
+    same seed (paired PSNR/SSIM), the noise-floor set ``seed + floor_seed_offset``."""
+
+    sample: SampleConfig = SampleConfig(n=1000)
+    floor_seed_offset: int = 1_000_003
+    confident_threshold: float = 0.9
+
+    def __post_init__(self):
+        _check(0 < self.confident_threshold < 1, "confident_threshold must be in (0, 1)")
+        _check(self.floor_seed_offset != 0, "floor_seed_offset must not be 0 (the floor needs other seeds)")
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        d = dict(d)
+        if isinstance(d.get("sample"), dict):
+            d["sample"] = SampleConfig.from_dict(d["sample"])
+        return super().from_dict(d)

@@ -1,0 +1,20 @@
+"""Errors a user can see. Each message says what is wrong and what to do.
+
+The CLI prints them without a traceback and exits with code 2.
+"""
+
+
+class DmcompileError(Exception):
+    """Base class of every error dmcompile raises on purpose."""
+
+
+class ModelError(DmcompileError):
+    """The model argument names no known model, or its folder is missing or malformed."""
+
+
+class ConfigError(DmcompileError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class ExportError(DmcompileError):
+    """Tracing to ONNX failed or the ONNX model disagrees with PyTorch."""

@@ -1,0 +1,1 @@
+"""Frontend: load a diffusers UNet (zoo name or local folder) and trace it to ONNX."""

@@ -1,0 +1,130 @@
+"""The layer map: every Conv / Gemm / MatMul node of the exported graph, tied to its torch
+module, weight initializer, weight shape and MACs per sample.
+
+Identities come from export (node name scopes and parameter names), never from matching
+tensor values. Shapes come from running the graph once at batch 1 with the inputs and
+outputs of those nodes exposed, so MACs are exact for any architecture.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .passes import module_of_node
+
+LAYER_MAP_SCHEMA_VERSION = 1
+QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One quantizable node. ``weight`` is None for activation x activation MatMuls
+    (attention scores); ``module`` is the torch module path the node came from."""
+
+    node: str
+    op_type: str
+    module: str
+    weight: str | None
+    weight_shape: list[int] | None
+    weight_transposed: bool
+    activation_input: str
+    output_shape: list[int]
+    macs: int
+
+    @property
+    def params(self) -> int:
+        return int(np.prod(self.weight_shape)) if self.weight_shape else 0
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    model_id: str
+    layers: tuple[Layer, ...]
+
+    def to_dict(self) -> dict:
+        return {"schema_version": LAYER_MAP_SCHEMA_VERSION, "model_id": self.model_id,
+                "total_macs": self.total_macs, "layers": [asdict(l) for l in self.layers]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerMap":
+        if d.get("schema_version") != LAYER_MAP_SCHEMA_VERSION:
+            raise ValueError(f"layer map schema_version {d.get('schema_version')} != {LAYER_MAP_SCHEMA_VERSION}")
+        return cls(d["model_id"], tuple(Layer(**l) for l in d["layers"]))
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "LayerMap":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @property
+    def total_macs(self) -> int:
+        return sum(l.macs for l in self.layers)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for l in self.layers:
+            out[l.op_type] = out.get(l.op_type, 0) + 1
+        return out
+
+
+def _probe_shapes(model: onnx.ModelProto, names: list[str], feeds: dict) -> dict[str, list[int]]:
+    """Run the graph once with ``names`` added as outputs; return their shapes."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for n in names:
+        if n not in existing:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+            existing.add(n)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    out_names = [o.name for o in sess.get_outputs()]
+    values = sess.run(out_names, feeds)
+    return {n: list(v.shape) for n, v in zip(out_names, values)}
+
+
+def _macs(op: str, node: onnx.NodeProto, shapes: dict, w_shape: list[int] | None) -> int:
+    out = shapes[node.output[0]]
+    if op == "Conv":
+        cout, cin_g, *kernel = w_shape
+        return int(np.prod(out)) * cin_g * int(np.prod(kernel))
+    a = shapes[node.input[0]]
+    if op == "Gemm":
+        trans_a = next((at.i for at in node.attribute if at.name == "transA"), 0)
+        k = a[0] if trans_a else a[1]
+        return int(np.prod(out)) * k
+    return int(np.prod(out)) * a[-1]  # MatMul: every output element is a K-long dot product
+
+
+def build_layer_map(model: onnx.ModelProto, model_id: str, sample_shape: tuple[int, ...],
+                    module_names: set[str] | None = None) -> LayerMap:
+    """Layer map of an exported UNet (inputs ``sample`` and ``timestep``), shapes at batch 1."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    targets = [n for n in g.node if n.op_type in QUANTIZABLE_OPS]
+    probe_names = sorted({v for n in targets for v in (n.input[0], n.input[1], n.output[0]) if v not in inits})
+    feeds = {"sample": np.zeros((1, *sample_shape), np.float32), "timestep": np.array([500], np.int64)}
+    shapes = _probe_shapes(model, probe_names, feeds)
+    layers = []
+    for node in targets:
+        w = node.input[1] if node.input[1] in inits else None
+        w_shape = list(inits[w].dims) if w else None
+        module = module_of_node(node.name)
+        if module_names is not None:
+            while module and module not in module_names:  # nearest enclosing torch module
+                module = module.rpartition(".")[0]
+        transposed = bool(w) and (w.endswith(".weight_t") or node.op_type == "MatMul")
+        layers.append(Layer(node=node.name, op_type=node.op_type, module=module, weight=w, weight_shape=w_shape,
+                            weight_transposed=transposed, activation_input=node.input[0],
+                            output_shape=shapes[node.output[0]], macs=_macs(node.op_type, node, shapes, w_shape)))
+    return LayerMap(model_id, tuple(layers))

@@ -1,0 +1,165 @@
+"""Load a model argument (zoo name or local diffusers folder) into a :class:`LoadedModel`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import zoo
+from ..errors import ModelError
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+SUPPORTED_CLASSES = ("UNet2DModel",)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One graph input of the traced UNet: name, dtype and shape (None = dynamic batch).
+
+    Conditional UNets add inputs (encoder_hidden_states, class_labels) here rather
+    than needing a second frontend.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A UNet ready to trace: the torch module (eval mode), its configs, and where it came from."""
+
+    id: str
+    source: str  # "zoo", "preset" or a folder path
+    unet: object = field(repr=False)
+    unet_config: dict = field(repr=False)
+    scheduler_config: dict = field(repr=False)
+    seed: int | None = None  # the random-weight seed of a preset; None for trained weights
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        c = self.unet_config
+        size = c["sample_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(c["in_channels"]), int(h), int(w))
+
+    @property
+    def inputs(self) -> tuple[ModelInput, ...]:
+        return (ModelInput("sample", "float32", (None, *self.sample_shape)),
+                ModelInput("timestep", "int64", (None,)))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.unet.parameters())
+
+    def describe(self) -> dict:
+        """JSON-able description for manifests."""
+        return {"id": self.id, "source": self.source, "seed": self.seed, "class": "UNet2DModel",
+                "parameters": self.num_parameters(), "sample_shape": list(self.sample_shape),
+                "inputs": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in self.inputs],
+                "unet_config": self.unet_config}
+
+
+def _json_config(cfg) -> dict:
+    out = {}
+    for k, v in dict(cfg).items():
+        if isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return out
+
+
+def _build_unet(config: dict, what: str):
+    from diffusers import UNet2DModel
+
+    cls = config.get("_class_name", "UNet2DModel")
+    if cls not in SUPPORTED_CLASSES:
+        raise ModelError(f"{what}: model class {cls!r} is not supported yet; dmcompile handles {SUPPORTED_CLASSES}")
+    try:
+        return UNet2DModel.from_config({k: v for k, v in config.items()})
+    except Exception as e:
+        raise ModelError(f"{what}: config.json does not describe a valid UNet2DModel ({e}); fix the config") from e
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{what}: {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{what}: {path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{what}: {path} must hold a JSON object")
+    return data
+
+
+def _find_scheduler_config(folder: Path) -> Path | None:
+    for p in (folder / "scheduler_config.json", folder.parent / "scheduler" / "scheduler_config.json"):
+        if p.is_file():
+            return p
+    return None
+
+
+def load_folder(folder: Path, model_id: str | None = None, source: str | None = None) -> LoadedModel:
+    """Load a local diffusers UNet folder (or a pipeline folder with unet/ and scheduler/)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    what = f"model folder {folder}"
+    if not folder.is_dir():
+        raise ModelError(f"{what} does not exist. Pass a zoo name ({', '.join(zoo.names())}) "
+                         "or a diffusers UNet folder with config.json, safetensors weights and scheduler_config.json")
+    if (folder / "unet").is_dir() and not (folder / "config.json").exists():
+        folder = folder / "unet"
+        what = f"model folder {folder}"
+    config = _read_json(folder / "config.json", what)
+    weights = next((folder / w for w in WEIGHT_FILES if (folder / w).is_file()), None)
+    if weights is None:
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
+        hint = (f" It has {pickled}: dmcompile never loads pickled weights; convert them with "
+                "safetensors (save_pretrained(..., safe_serialization=True)).") if pickled else ""
+        raise ModelError(f"{what} has no {WEIGHT_FILES[0]}.{hint}")
+    sched_path = _find_scheduler_config(folder)
+    if sched_path is None:
+        raise ModelError(f"{what} has no scheduler_config.json (looked in the folder and in ../scheduler/); "
+                         "copy the scheduler config of the pipeline the UNet was trained with")
+    scheduler = _read_json(sched_path, what)
+    unet = _build_unet(config, what)
+    try:
+        state = load_file(str(weights))
+    except Exception as e:
+        raise ModelError(f"{what}: cannot read {weights.name} ({e}); the file is corrupt") from e
+    try:
+        unet.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ModelError(f"{what}: weights do not match config.json ({str(e).splitlines()[0]})") from e
+    unet.eval().requires_grad_(False)
+    return LoadedModel(model_id or folder.name, source or str(folder), unet, _json_config(unet.config), scheduler)
+
+
+def build_preset(name: str, seed: int = 0) -> LoadedModel:
+    """An architecture preset with seeded random weights (the global torch RNG is left untouched)."""
+    import torch
+
+    unet_cfg, sched_cfg = zoo.PRESETS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = _build_unet(dict(unet_cfg), f"preset {name}")
+    unet.eval().requires_grad_(False)
+    return LoadedModel(name, "preset", unet, _json_config(unet.config), dict(sched_cfg), seed=seed)
+
+
+def load_model(spec: str | Path | None = None, seed: int = 0) -> LoadedModel:
+    """Load a model: a zoo name (``digits16``, ``ddpm-cifar10-32``), a local folder, or None
+    for the default. ``seed`` sets a preset's random weights."""
+    spec = zoo.DEFAULT_MODEL if spec is None else spec
+    name = str(spec)
+    if name in zoo.TRAINED:
+        return load_folder(zoo.TRAINED[name], model_id=name, source="zoo")
+    if name in zoo.PRESETS:
+        return build_preset(name, seed=seed)
+    path = Path(name)
+    if not path.exists() and "/" not in name and "\\" not in name:
+        raise ModelError(f"unknown model {name!r}: not a zoo name ({', '.join(zoo.names())}) "
+                         "and no such folder. Pass a zoo name or a local diffusers UNet folder")
+    return load_folder(path)

@@ -1,0 +1,20 @@
+"""Embedded models: the trained default ``digits16`` and random-weight architecture presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .architectures import DDPM_CIFAR10_32_UNET, DDPM_LINEAR_SCHEDULER
+
+ZOO_DIR = Path(__file__).resolve().parent
+DEFAULT_MODEL = "digits16"
+
+# name -> folder with config.json + safetensors + scheduler_config.json (trained weights)
+TRAINED = {"digits16": ZOO_DIR / "digits16"}
+# name -> (UNet2DModel config, scheduler config); weights are random, seeded
+PRESETS = {"ddpm-cifar10-32": (DDPM_CIFAR10_32_UNET, DDPM_LINEAR_SCHEDULER)}
+CLASSIFIER_DIR = ZOO_DIR / "classifier"
+
+
+def names() -> list[str]:
+    return sorted([*TRAINED, *PRESETS])

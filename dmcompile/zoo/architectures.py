@@ -1,0 +1,52 @@
+"""UNet architecture configs for the embedded model and the presets.
+
+Each is the keyword set for ``diffusers.UNet2DModel``; values are plain JSON types so
+they can be written to a diffusers ``config.json`` unchanged.
+"""
+
+from __future__ import annotations
+
+DIGITS16_UNET = {
+    "sample_size": 16,
+    "in_channels": 1,
+    "out_channels": 1,
+    "layers_per_block": 2,
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 16,
+    "attention_head_dim": 32,
+}
+
+# Exact architecture of google/ddpm-cifar10-32 (its config.json), 35.7 M parameters.
+DDPM_CIFAR10_32_UNET = {
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 2,
+    "block_out_channels": [128, 256, 256, 256],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "act_fn": "silu",
+    "attention_head_dim": None,
+    "center_input_sample": False,
+    "downsample_padding": 0,
+    "flip_sin_to_cos": False,
+    "freq_shift": 1,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "time_embedding_type": "positional",
+}
+
+# The DDPM linear schedule of Ho et al. (2020), as google/ddpm-cifar10-32 ships it.
+DDPM_LINEAR_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "clip_sample": True,
+    "prediction_type": "epsilon",
+    "variance_type": "fixed_small",
+}

@@ -1,0 +1,149 @@
+"""Reading and validating a bundle: manifest.json plus the engines it lists."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .engine import OnnxEngine
+from .errors import BundleError, InputError
+from .schedule import NoiseSchedule
+
+MANIFEST = "manifest.json"
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+BUNDLE_KIND = "dmcompile-bundle"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Group:
+    """A range [t_start, t_end) of training timesteps served by one engine."""
+
+    index: int
+    t_start: int
+    t_end: int
+    engine: str
+
+
+def group_lookup(groups: list[Group] | tuple[Group, ...], num_train_timesteps: int) -> np.ndarray:
+    """Table t -> group index for t in [0, T); raises BundleError unless groups partition [0, T)."""
+    table = np.full(num_train_timesteps, -1, dtype=np.int64)
+    for g in groups:
+        if not 0 <= g.t_start < g.t_end <= num_train_timesteps:
+            raise BundleError(f"group {g.index} has range [{g.t_start}, {g.t_end}) outside [0, {num_train_timesteps})")
+        if (table[g.t_start:g.t_end] >= 0).any():
+            raise BundleError(f"group {g.index} overlaps another group")
+        table[g.t_start:g.t_end] = g.index
+    if (table < 0).any():
+        raise BundleError(f"groups leave timestep {int(np.argmax(table < 0))} uncovered")
+    return table
+
+
+class Bundle:
+    """A compiled model on disk: manifest, noise schedule and one engine per timestep group.
+
+    Use :meth:`open`; then ``bundle.predict(x, t)`` runs the engine of the group holding t.
+    """
+
+    def __init__(self, root: Path, manifest: dict, threads: int = 0):
+        self.root = root
+        self.manifest = manifest
+        model = manifest["model"]
+        self.sample_shape = tuple(int(s) for s in model["sample_shape"])
+        self.scheduler_config = manifest["scheduler"]
+        self.schedule = NoiseSchedule.from_config(self.scheduler_config)
+        self.groups = tuple(Group(int(g["index"]), int(g["t_start"]), int(g["t_end"]), g["engine"])
+                            for g in manifest["groups"])
+        self._lookup = group_lookup(self.groups, self.schedule.num_train_timesteps)
+        engines = {}
+        for g in self.groups:
+            if g.engine not in engines:
+                engines[g.engine] = OnnxEngine(root / g.engine, self.sample_shape, threads=threads)
+        self._engines = engines
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = True, threads: int = 0) -> "Bundle":
+        """Open and validate a bundle folder.
+
+        Checks the schema version, that every listed file stays inside the folder, exists
+        and (with ``verify``) matches its sha256, and that the groups partition the training
+        timesteps. Raises :class:`BundleError` with what is wrong otherwise.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise BundleError(f"bundle folder {root} does not exist; build or export one first")
+        mpath = root / MANIFEST
+        try:
+            manifest = json.loads(mpath.read_text())
+        except FileNotFoundError:
+            raise BundleError(f"{root} has no {MANIFEST}: not a bundle (an interrupted build leaves none)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{mpath} is not valid JSON ({e}); rebuild the bundle") from None
+        validate_manifest(manifest, root, verify=verify)
+        return cls(root.resolve(), manifest, threads=threads)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.schedule.num_train_timesteps
+
+    def group_of(self, t: int) -> Group:
+        """The group whose [t_start, t_end) holds training timestep t."""
+        if not 0 <= int(t) < self.num_train_timesteps:
+            raise InputError(f"timestep {t} outside [0, {self.num_train_timesteps})")
+        return self.groups[int(self._lookup[int(t)])]
+
+    def engine_for(self, t: int) -> OnnxEngine:
+        return self._engines[self.group_of(t).engine]
+
+    def predict(self, sample: np.ndarray, t: int) -> np.ndarray:
+        """Model output for a batch at training timestep t, from t's group engine."""
+        return self.engine_for(t).predict(sample, t)
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise BundleError(msg)
+
+
+def validate_manifest(manifest: dict, root: Path, verify: bool = True) -> None:
+    """Raise BundleError unless ``manifest`` describes a readable bundle rooted at ``root``."""
+    _require(isinstance(manifest, dict), "manifest.json must hold a JSON object")
+    version = manifest.get("schema_version")
+    _require(version in SUPPORTED_SCHEMA_VERSIONS,
+             f"manifest schema_version {version!r} is not supported by this dmruntime "
+             f"(supports {list(SUPPORTED_SCHEMA_VERSIONS)}); upgrade dmruntime or rebuild the bundle")
+    _require(manifest.get("kind") == BUNDLE_KIND, f"manifest kind must be {BUNDLE_KIND!r}")
+    for key in ("model", "scheduler", "groups", "files"):
+        _require(key in manifest, f"manifest lacks the {key!r} entry; rebuild the bundle")
+    _require(isinstance(manifest["model"].get("sample_shape"), list), "manifest model.sample_shape must be a list")
+    files = manifest["files"]
+    _require(isinstance(files, dict) and files, "manifest 'files' must map file names to {sha256, bytes}")
+    root_abs = root.resolve()
+    for name, info in files.items():
+        p = (root / name).resolve()
+        _require(Path(name).is_absolute() is False and p.is_relative_to(root_abs),
+                 f"manifest lists {name!r}, a path outside the bundle; refusing to read it")
+        _require(p.is_file(), f"bundle file {name} is missing; rebuild the bundle")
+        if verify:
+            _require(p.stat().st_size == info.get("bytes"),
+                     f"bundle file {name} has {p.stat().st_size} bytes, manifest says {info.get('bytes')}: "
+                     "truncated or replaced; rebuild the bundle")
+            _require(sha256_file(p) == info.get("sha256"),
+                     f"bundle file {name} does not match its sha256 in the manifest: corrupt or modified; "
+                     "rebuild the bundle")
+    groups = manifest["groups"]
+    _require(isinstance(groups, list) and groups, "manifest 'groups' must be a non-empty list")
+    for g in groups:
+        _require(g.get("engine") in files, f"group {g.get('index')} names engine {g.get('engine')!r}, "
+                 "which the manifest's files do not list")

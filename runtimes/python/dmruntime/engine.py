@@ -1,0 +1,56 @@
+"""One ONNX Runtime engine: a UNet that maps (sample, timestep) to the model output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError, InputError
+
+
+class OnnxEngine:
+    """An ONNX Runtime session over one engine file, created on first use and then reused.
+
+    Inputs: ``sample`` float32 [B, C, H, W], ``timestep`` int64 [B]; output 0 is the
+    model output (eps for epsilon-prediction models).
+    """
+
+    def __init__(self, path: str | Path, sample_shape: tuple[int, ...], threads: int = 0,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+        self.path = Path(path)
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.threads = threads
+        self.providers = providers
+        self._session = None
+
+    @property
+    def session(self):
+        if self._session is None:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+            try:
+                self._session = ort.InferenceSession(str(self.path), opts, providers=list(self.providers))
+            except Exception as e:  # ORT raises several private types for unreadable models
+                raise BundleError(f"cannot load engine {self.path}: {e}. The file is corrupt or truncated; "
+                                  "rebuild the bundle.") from e
+        return self._session
+
+    def predict(self, sample: np.ndarray, timestep: int | np.ndarray) -> np.ndarray:
+        """Run the UNet once. ``timestep`` is one training timestep or one per batch row."""
+        check_sample(sample, self.sample_shape)
+        ts = np.broadcast_to(np.asarray(timestep, dtype=np.int64), (sample.shape[0],)).copy()
+        return self.session.run(None, {"sample": sample, "timestep": ts})[0]
+
+
+def check_sample(sample, sample_shape: tuple[int, ...]) -> None:
+    """Raise InputError unless ``sample`` is a float32 array of shape [B, *sample_shape]."""
+    if not isinstance(sample, np.ndarray):
+        raise InputError(f"sample must be a numpy array, got {type(sample).__name__}")
+    if sample.dtype != np.float32:
+        raise InputError(f"sample must be float32, got {sample.dtype}; use sample.astype(np.float32)")
+    if sample.ndim != 1 + len(sample_shape) or tuple(sample.shape[1:]) != tuple(sample_shape):
+        raise InputError(f"sample must have shape [B, {', '.join(map(str, sample_shape))}], got {list(sample.shape)}")
