@@ -50,7 +50,7 @@ def cmd_export(args) -> int:
 def _sample_config(args, n_default: int):
     from .config import SampleConfig
 
-    return SampleConfig(n=args.n or n_default, steps=args.steps, eta=args.eta, seed=args.seed,
+    return SampleConfig(n=n_default if args.n is None else args.n, steps=args.steps, eta=args.eta, seed=args.seed,
                         batch_size=args.batch_size)
 
 

@@ -172,3 +172,12 @@ def test_runtime_works_without_torch_or_diffusers(tiny_export, tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+def test_runtime_package_declares_no_torch():
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "runtimes" / "python" / "pyproject.toml").read_text())
+    deps = " ".join(meta["project"]["dependencies"]).lower()
+    assert "numpy" in deps and "onnxruntime" in deps
+    assert "torch" not in deps and "diffusers" not in deps

@@ -11,10 +11,12 @@ from dmruntime import to_uint8
 
 
 def save_grid(images: np.ndarray, path: Path, cols: int | None = None, scale: int = 2, pad: int = 1) -> Path:
-    """Write [N, C, H, W] images in [-1, 1] as one PNG grid (grey for C=1, RGB for C=3)."""
+    """Write [N, C, H, W] images in [-1, 1] as one PNG grid: grey for C = 1 or 2 (channel 0),
+    RGB from the first three channels for C >= 3."""
     from PIL import Image
 
     imgs = to_uint8(np.asarray(images))
+    imgs = imgs[:, :3] if imgs.shape[1] >= 3 else imgs[:, :1]
     n, c, h, w = imgs.shape
     cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
@@ -23,8 +25,7 @@ def save_grid(images: np.ndarray, path: Path, cols: int | None = None, scale: in
         r, q = divmod(i, cols)
         y, x = pad + r * (h + pad), pad + q * (w + pad)
         canvas[y:y + h, x:x + w] = imgs[i].transpose(1, 2, 0)
-    mode = "L" if c == 1 else "RGB"
-    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas, mode)
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -72,9 +72,6 @@ def _json_config(cfg) -> dict:
 def _build_unet(config: dict, what: str):
     from diffusers import UNet2DModel
 
-    cls = config.get("_class_name", "UNet2DModel")
-    if cls not in SUPPORTED_CLASSES:
-        raise ModelError(f"{what}: model class {cls!r} is not supported yet; dmcompile handles {SUPPORTED_CLASSES}")
     try:
         return UNet2DModel.from_config({k: v for k, v in config.items()})
     except Exception as e:
@@ -113,6 +110,9 @@ def load_folder(folder: Path, model_id: str | None = None, source: str | None = 
         folder = folder / "unet"
         what = f"model folder {folder}"
     config = _read_json(folder / "config.json", what)
+    cls = config.get("_class_name", "UNet2DModel")
+    if cls not in SUPPORTED_CLASSES:
+        raise ModelError(f"{what}: model class {cls!r} is not supported yet; dmcompile handles {SUPPORTED_CLASSES}")
     weights = next((folder / w for w in WEIGHT_FILES if (folder / w).is_file()), None)
     if weights is None:
         pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]

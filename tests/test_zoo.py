@@ -1,0 +1,45 @@
+"""The shipped models: digits16 and its classifier load offline and do their job."""
+
+import numpy as np
+import pytest
+
+from dmcompile import api, zoo
+from dmcompile.eval.classifier import DigitScorer
+from dmcompile.zoo.data import load_digits16
+
+
+def test_digits16_architecture():
+    m = api.load_model("digits16")
+    assert 1_000_000 <= m.num_parameters() <= 2_000_000
+    assert m.sample_shape == (1, 16, 16)
+    kinds = {type(mod).__name__ for mod in m.unet.modules()}
+    assert {"ResnetBlock2D", "GroupNorm", "SiLU", "Attention"} <= kinds
+    s = m.scheduler_config
+    assert (s["num_train_timesteps"], s["beta_schedule"], s["beta_start"], s["beta_end"]) == (1000, "linear", 1e-4, 0.02)
+    assert (zoo.TRAINED["digits16"] / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_classifier_held_out_accuracy():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "train_classifier", Path(__file__).resolve().parents[1] / "benchmarks" / "train_classifier.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    x, y = load_digits16()
+    scorer = DigitScorer()
+    _, test = mod.split(y, scorer.info["seed"])
+    _, probs = scorer(x[test])
+    acc = float((probs.argmax(1) == y[test]).mean())
+    assert acc >= 0.97
+    assert acc == pytest.approx(scorer.info["held_out_accuracy"], abs=1e-6)
+
+
+def test_digits16_samples_are_digits():
+    """64 DDIM-50 samples of the shipped model, through dmruntime: mostly confident digits."""
+    images = api.sample("digits16", api.SampleConfig(n=64, steps=50, seed=0), fp=True)
+    assert images.shape == (64, 1, 16, 16)
+    scores = api.digit_scores(images)
+    assert scores["confident_rate"] >= 0.85
+    assert sum(1 for c in scores["class_histogram"] if c > 0) >= 8  # not collapsed onto a few classes
