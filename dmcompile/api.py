@@ -19,13 +19,13 @@ import numpy as np
 from dmruntime import Bundle, DDIMSampler
 
 from . import __version__
-from .config import EvalConfig, ExportConfig, SampleConfig
+from .config import BuildConfig, CalibrationConfig, EvalConfig, ExportConfig, SampleConfig
 from .errors import ModelError
 from .frontend.export import ExportResult, export_model
 from .frontend.load import LoadedModel, load_model
 from .frontend.torch_model import TorchEpsModel
 
-__all__ = ["EvalConfig", "EvalResult", "ExportConfig", "SampleConfig", "cache_dir", "digit_scores", "evaluate", "export",
+__all__ = ["BuildConfig", "BuildResult", "CalibrationConfig", "EvalConfig", "EvalResult", "build", "calibrate", "ExportConfig", "SampleConfig", "cache_dir", "digit_scores", "evaluate", "export",
            "fp_bundle", "load_model", "open_bundle", "reference_model", "sample", "sample_model"]
 
 
@@ -170,3 +170,100 @@ floor) and confident-class rates.
             "class_histogram": mine["class_histogram"],
         }
     return EvalResult(report, got)
+
+
+def calibrate(model: LoadedModel | str | Path | None, config: CalibrationConfig = CalibrationConfig(),
+              progress=None):
+    """Per-group activation statistics along DDIM trajectories of the fp32 model; cached on
+    disk by model and config (``cache_dir()/calib``), so rebuilding with other lowering
+    options does not recalibrate."""
+    from .calibration.trajectory import CalibrationResult
+    from .calibration.trajectory import calibrate as run_calibration
+    from .frontend.layermap import LayerMap
+
+    fp = fp_bundle(model)
+    key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir() / "calib" / f"{fp.name}-{key}"
+    if (path / "calibration.json").is_file():
+        return CalibrationResult.load(path)
+    manifest = json.loads((fp / "manifest.json").read_text())
+    result = run_calibration(fp / "model.onnx", LayerMap.load(fp / "layer_map.json"), manifest["scheduler"],
+                             config, progress=progress)
+    result.save(path)
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildResult:
+    """The bundle folder and what the build measured."""
+
+    path: Path
+    manifest: dict
+
+
+def build(model: LoadedModel | str | Path | None, out: str | Path, config: BuildConfig = BuildConfig(),
+          progress=None) -> BuildResult:
+    """Compile a model into a bundle: one int8 ONNX Runtime model per timestep group, each with
+    the activation scales calibrated on that group's inputs, weights quantized once and stored
+    once. The folder is written to a temporary path and renamed when complete."""
+    import time
+
+    import onnx
+
+    from .artifacts import atomic_dir, write_manifest
+    from .backends.onnxruntime import fusion_report, save_group_models
+    from .frontend.layermap import LayerMap
+    from .lowering.precision import quantized_nodes
+    from .lowering.profiles import PROFILES
+    from .lowering.qdq import lower_group, quantize_weights
+
+    t0 = time.perf_counter()
+    if not isinstance(model, LoadedModel):
+        model = load_model(model, seed=config.seed)
+    fp = fp_bundle(model)
+    layer_map = LayerMap.load(fp / "layer_map.json")
+    qnodes = quantized_nodes(layer_map, config.float_layers)
+    profile = PROFILES[config.profile]
+    calib = calibrate(model, config.calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)))
+    ranges = calib.ranges()
+    fp_proto = onnx.load(str(fp / "model.onnx"))
+    weights = quantize_weights(fp_proto, [l for l in layer_map.layers if l.node in qnodes])
+    groups = calib.groups
+    models = []
+    for g in groups:
+        models.append(lower_group(fp_proto, layer_map, qnodes, weights, ranges[g.index], profile))
+        if progress:
+            progress("lower", g.index + 1, len(groups))
+    K = len(groups)
+    with atomic_dir(Path(out)) as tmp:
+        files = save_group_models(models, [g.engine for g in groups], tmp)
+        fusion = fusion_report(tmp / groups[0].engine)
+        body = {
+            "format": config.format, "profile": profile.name,
+            "model": model.describe(), "scheduler": model.scheduler_config,
+            "groups": [{"index": g.index, "t_start": g.t_start, "t_end": g.t_end, "engine": g.engine} for g in groups],
+            "precision": {"activation_dtype": profile.activation_dtype, "layers": [
+                {"node": l.node, "module": l.module, "op_type": l.op_type,
+                 "weight_bits": [8] * K if (l.node in qnodes and l.weight) else None,
+                 "activation": profile.activation_dtype if l.node in qnodes else "float",
+                 "macs": l.macs, "params": l.params} for l in layer_map.layers]},
+            "calibration": calib.config.to_dict(),
+            "build": {"config": config.to_dict(), "fusion_group0": fusion},
+        }
+        write_manifest(tmp, body, files)
+        if config.eval_samples:
+            body["fidelity"] = _build_fidelity(tmp, fp, config.eval_samples, config.seed)
+        body["build"]["seconds"] = round(time.perf_counter() - t0, 2)
+        manifest = write_manifest(tmp, body, files)
+    return BuildResult(Path(out), manifest)
+
+
+def _build_fidelity(bundle_dir: Path, fp_dir: Path, n: int, seed: int) -> dict:
+    """Paired PSNR/SSIM of the bundle against the fp32 export: DDIM 50 steps, eta 0, same seeds."""
+    from .eval.metrics import psnr, ssim
+
+    cfg = SampleConfig(n=n, steps=50, seed=seed)
+    got = sample_model(Bundle.open(bundle_dir), cfg)
+    want = sample_model(Bundle.open(fp_dir), cfg)
+    return {"samples": n, "steps": 50, "eta": 0.0, "seed": seed, "reference": "fp32 ONNX export",
+            "psnr_db_mean": float(np.mean(np.minimum(psnr(got, want), 200.0))), "ssim_mean": float(np.mean(ssim(got, want)))}

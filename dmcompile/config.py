@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
@@ -87,4 +87,76 @@ class EvalConfig(_Versioned):
         d = dict(d)
         if isinstance(d.get("sample"), dict):
             d["sample"] = SampleConfig.from_dict(d["sample"])
+        return super().from_dict(d)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig(_Versioned):
+    """Calibration along DDIM trajectories of the full-precision model.
+
+    size trajectories x steps DDIM steps from seeded noise; statistics per timestep group
+    (``groups`` equal ranges of the training timesteps; 1 = one scale for all timesteps).
+    observer: how a tensor's clipping range is chosen (minmax, percentile, mse).
+    timesteps: ``trajectory`` records every step; ``ptq4dm`` records each trajectory at
+    one timestep drawn from a normal distribution (PTQ4DM's calibration).
+    """
+
+    size: int = 64
+    steps: int = 50
+    seed: int = 0
+    groups: int = 10
+    observer: str = "mse"
+    percentile: float = 99.99
+    timesteps: str = "trajectory"
+    batch_size: int = 64
+    bins: int = 2048
+    sample_per_tensor: int = 65536
+
+    def __post_init__(self):
+        _check(self.size >= 1, f"calib size must be >= 1, got {self.size}")
+        _check(1 <= self.steps <= 1000, f"calib steps must be in [1, 1000], got {self.steps}")
+        _check(1 <= self.groups <= 1000, f"groups must be in [1, 1000], got {self.groups}")
+        _check(self.observer in ("minmax", "percentile", "mse"),
+               f"observer must be minmax, percentile or mse, got {self.observer!r}")
+        _check(50 < self.percentile < 100, f"percentile must be in (50, 100), got {self.percentile}")
+        _check(self.timesteps in ("trajectory", "ptq4dm"),
+               f"calibration timesteps must be trajectory or ptq4dm, got {self.timesteps!r}")
+        _check(self.batch_size >= 1 and self.bins >= 16 and self.sample_per_tensor >= 1024,
+               "batch_size >= 1, bins >= 16 and sample_per_tensor >= 1024 are required")
+
+
+FORMATS = ("w8a8",)
+
+
+@dataclass(frozen=True)
+class BuildConfig(_Versioned):
+    """Compiling a model into a bundle.
+
+    format: the precision recipe (w8a8: int8 weights, uint8/int8 activations per profile).
+    profile: the target profile (ort-cpu). float_layers: layers kept in float, each a node
+    name, torch module name (or prefix, e.g. ``time_embedding``), op type (``Gemm``), or the
+    aliases ``first_conv`` / ``last_conv``. eval_samples: samples for the fidelity check
+    recorded in the manifest (0 skips it).
+    """
+
+    format: str = "w8a8"
+    profile: str = "ort-cpu"
+    float_layers: tuple[str, ...] = ()
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    eval_samples: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        from .lowering.profiles import PROFILES
+
+        _check(self.format in FORMATS, f"format must be one of {FORMATS}, got {self.format!r}")
+        _check(self.profile in PROFILES, f"profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
+        _check(self.eval_samples >= 0, f"eval_samples must be >= 0, got {self.eval_samples}")
+        object.__setattr__(self, "float_layers", tuple(self.float_layers))
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        d = dict(d)
+        if isinstance(d.get("calibration"), dict):
+            d["calibration"] = CalibrationConfig.from_dict(d["calibration"])
         return super().from_dict(d)

@@ -1,0 +1,143 @@
+"""Bounded-memory activation statistics and the clipping ranges chosen from them.
+
+One :class:`HistogramObserver` per (timestep group, tensor): exact running min/max plus a
+fixed-size histogram whose bin width doubles as the range grows. Memory is ``bins`` counts
+whatever the number of calibration samples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+OBSERVERS = ("minmax", "percentile", "mse")
+
+
+class HistogramObserver:
+    """Running min/max and an adaptive histogram of the values seen."""
+
+    def __init__(self, bins: int = 2048):
+        self.bins = bins
+        self.lo = np.inf
+        self.hi = -np.inf
+        self.origin = 0.0
+        self.width = 0.0
+        self.hist = np.zeros(bins, np.float64)
+        self.count = 0
+
+    def update(self, values: np.ndarray, subsample: np.ndarray | None = None) -> None:
+        """Add values: min/max from all of them, the histogram from ``subsample`` (default all)."""
+        v = np.asarray(values).ravel()
+        if v.size == 0:
+            return
+        self.lo = min(self.lo, float(v.min()))
+        self.hi = max(self.hi, float(v.max()))
+        h = v if subsample is None else np.asarray(subsample).ravel()
+        self._cover(self.lo, self.hi)
+        idx = np.clip(((h - self.origin) / self.width).astype(np.int64), 0, self.bins - 1)
+        self.hist += np.bincount(idx, minlength=self.bins)[: self.bins] * (v.size / h.size)
+        self.count += v.size
+
+    def _cover(self, lo: float, hi: float) -> None:
+        if self.width == 0.0:
+            span = max(hi - lo, 1e-8)
+            self.origin, self.width = lo, span / self.bins
+            return
+        end = self.origin + self.width * self.bins
+        if lo >= self.origin and hi <= end:
+            return
+        new_origin = min(lo, self.origin)
+        width = self.width
+        while new_origin + width * self.bins < max(hi, end):
+            width *= 2
+        centers = self.origin + (np.arange(self.bins) + 0.5) * self.width
+        idx = np.clip(((centers - new_origin) / width).astype(np.int64), 0, self.bins - 1)
+        hist = np.zeros(self.bins, np.float64)
+        np.add.at(hist, idx, self.hist)
+        self.origin, self.width, self.hist = new_origin, width, hist
+
+    def centers(self) -> np.ndarray:
+        return self.origin + (np.arange(self.bins) + 0.5) * self.width
+
+    def state(self) -> dict:
+        return {"lo": self.lo, "hi": self.hi, "origin": self.origin, "width": self.width, "count": self.count,
+                "hist": self.hist}
+
+    @classmethod
+    def from_state(cls, s: dict) -> "HistogramObserver":
+        o = cls(len(s["hist"]))
+        o.lo, o.hi, o.origin, o.width, o.count = (float(s["lo"]), float(s["hi"]), float(s["origin"]),
+                                                  float(s["width"]), int(s["count"]))
+        o.hist = np.asarray(s["hist"], np.float64)
+        return o
+
+    # ---- ranges -------------------------------------------------------------------------
+    def range_minmax(self) -> tuple[float, float]:
+        return _with_zero(self.lo, self.hi)
+
+    def range_percentile(self, pct: float = 99.99) -> tuple[float, float]:
+        """Clip the lowest and highest (100 - pct)% of values."""
+        cdf = np.cumsum(self.hist) / max(self.hist.sum(), 1.0)
+        c = self.centers()
+        tail = (100.0 - pct) / 100.0
+        lo = c[min(np.searchsorted(cdf, tail), self.bins - 1)]
+        hi = c[min(np.searchsorted(cdf, 1.0 - tail), self.bins - 1)]
+        return _with_zero(max(lo, self.lo), min(hi, self.hi))
+
+    def range_mse(self, bits: int = 8, symmetric: bool = False) -> tuple[float, float]:
+        """The clipping range that minimises the expected squared quantization error of the
+        recorded values: a search over shrunk upper ends, then shrunk lower ends, on the
+        histogram (bin centres weighted by counts)."""
+        lo0, hi0 = self.range_minmax()
+        keep = self.hist > 0
+        c, w = self.centers()[keep], self.hist[keep]
+
+        def best_of(cands: np.ndarray) -> tuple[float, float]:
+            errs = [float(np.dot(w, (c - fake_quant(c, lo, hi, bits, symmetric)) ** 2)) for lo, hi in cands]
+            return tuple(cands[int(np.argmin(errs))])
+
+        fracs = np.linspace(0.2, 1.0, 81)
+        if symmetric:
+            m = max(-lo0, hi0)
+            return _with_zero(*best_of(np.stack([-m * fracs, m * fracs], 1)))
+        _, hi = best_of(np.stack([np.full_like(fracs, lo0), hi0 * fracs], 1))
+        lo, _ = best_of(np.stack([lo0 * fracs, np.full_like(fracs, hi)], 1))
+        return _with_zero(lo, hi)
+
+    def range(self, kind: str, bits: int = 8, percentile: float = 99.99, symmetric: bool = False):
+        if kind == "minmax":
+            return self.range_minmax()
+        if kind == "percentile":
+            return self.range_percentile(percentile)
+        if kind == "mse":
+            return self.range_mse(bits, symmetric)
+        raise ValueError(f"unknown observer {kind!r}; use one of {OBSERVERS}")
+
+
+def _with_zero(lo: float, hi: float) -> tuple[float, float]:
+    """Quantized ranges must hold 0 exactly (zero padding, ReLU-like zeros)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if hi - lo < 1e-8:
+        hi = lo + 1e-8
+    return lo, hi
+
+
+def qparams(lo: float, hi: float, bits: int = 8, symmetric: bool = False) -> tuple[float, int]:
+    """(scale, zero_point) of an affine grid over [lo, hi]: unsigned [0, 2^b - 1] when
+    asymmetric, signed [-(2^(b-1) - 1), 2^(b-1) - 1] with zero point 0 when symmetric."""
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        return max(-lo, hi) / qmax, 0
+    qmax = 2**bits - 1
+    scale = (hi - lo) / qmax
+    zp = int(np.clip(np.round(-lo / scale), 0, qmax))
+    return scale, zp
+
+
+def fake_quant(x: np.ndarray, lo: float, hi: float, bits: int = 8, symmetric: bool = False) -> np.ndarray:
+    """Quantize-dequantize ``x`` on the grid of ``qparams(lo, hi)``."""
+    scale, zp = qparams(lo, hi, bits, symmetric)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        return np.clip(np.round(x / scale), -qmax, qmax) * scale
+    q = np.clip(np.round(x / scale) + zp, 0, 2**bits - 1)
+    return (q - zp) * scale

@@ -1,0 +1,164 @@
+"""Calibration along the sampling trajectory, statistics bucketed by timestep group.
+
+The fp32 ONNX model is run with every quantized tensor exposed as an extra output; the
+runtime's own DDIM sampler drives it from seeded noise, so the UNet sees exactly the inputs
+it sees when sampling. Each call's tensors go to the observers of the group holding t.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from dmruntime import DDIMSampler, Group, NoiseSchedule, group_lookup
+
+from ..artifacts import atomic_dir, write_json
+from ..config import CalibrationConfig
+from ..frontend.layermap import LayerMap
+from .observers import HistogramObserver
+
+CALIB_SCHEMA_VERSION = 1
+
+
+def equal_groups(num_train_timesteps: int, k: int) -> tuple[Group, ...]:
+    """K contiguous groups of (nearly) equal length partitioning [0, T)."""
+    edges = [round(num_train_timesteps * g / k) for g in range(k + 1)]
+    return tuple(Group(g, edges[g], edges[g + 1], f"group_{g:02d}.onnx") for g in range(k))
+
+
+def quantized_tensors(model: onnx.ModelProto, layer_map: LayerMap) -> list[str]:
+    """Activation tensors that may get quantized: input 0 of every Conv/Gemm/MatMul, input 1 of
+    MatMuls whose second operand is an activation (attention), and every Conv output (ONNX
+    Runtime fuses DQ -> Conv -> Q into QLinearConv only with the output quantized)."""
+    nodes = {n.name: n for n in model.graph.node}
+    names: list[str] = []
+    for layer in layer_map.layers:
+        node = nodes[layer.node]
+        ins = [node.input[0]] if layer.weight else [node.input[0], node.input[1]]
+        if node.op_type == "Conv":
+            ins.append(node.output[0])
+        names.extend(i for i in ins if i not in names)
+    return names
+
+
+class _RecordingModel:
+    """The runtime's model interface over the exposed-tensor session; feeds observers."""
+
+    def __init__(self, session, names, schedule, groups, observers, record_steps, rng, sample_per_tensor, total):
+        self.session = session
+        self.names = names
+        self.schedule = schedule
+        self.sample_shape = tuple(session.get_inputs()[0].shape[1:])
+        self.lookup = group_lookup(groups, schedule.num_train_timesteps)
+        self.observers = observers
+        self.record_steps = record_steps  # t -> row mask (None: all rows)
+        self.rng = rng
+        self.sample_per_tensor = sample_per_tensor
+        self.total = total  # rows per step: the sampler walks them in batch order
+        self.offset = 0
+
+    def predict(self, sample: np.ndarray, t: int) -> np.ndarray:
+        fetch = ["eps", *(n for n in self.names if n != "eps")]
+        got = dict(zip(fetch, self.session.run(fetch, {"sample": sample,
+                                                       "timestep": np.full(len(sample), t, np.int64)})))
+        rows = slice(self.offset, self.offset + len(sample))
+        self.offset = (self.offset + len(sample)) % self.total
+        mask = self.record_steps(t)[rows] if self.record_steps else None
+        if mask is None or mask.any():
+            obs = self.observers[int(self.lookup[t])]
+            for name in self.names:
+                value = got[name]
+                if mask is not None:
+                    value = value[mask]
+                flat = value.ravel()
+                sub = None
+                if flat.size > self.sample_per_tensor:
+                    sub = flat[self.rng.integers(0, flat.size, self.sample_per_tensor)]
+                obs[name].update(flat, sub)
+        return got["eps"]
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Per-group observers of every quantized tensor, and what produced them."""
+
+    config: CalibrationConfig
+    groups: tuple[Group, ...]
+    tensors: tuple[str, ...]
+    observers: tuple[dict, ...]  # group index -> {tensor: HistogramObserver}
+
+    def ranges(self, kind: str | None = None, bits: int = 8) -> list[dict[str, tuple[float, float]]]:
+        kind = kind or self.config.observer
+        return [{n: obs[n].range(kind, bits, self.config.percentile) for n in self.tensors} for obs in self.observers]
+
+    def save(self, folder: Path) -> None:
+        """calibration.json (settings, groups, chosen ranges) + histograms.npz, atomically."""
+        with atomic_dir(Path(folder)) as tmp:
+            arrays = {}
+            for g, obs in enumerate(self.observers):
+                for i, n in enumerate(self.tensors):
+                    for k, v in obs[n].state().items():
+                        arrays[f"g{g}_t{i}_{k}"] = np.asarray(v)
+            np.savez_compressed(tmp / "histograms.npz", **arrays)
+            ranges = self.ranges()
+            write_json(tmp / "calibration.json", {
+                "schema_version": CALIB_SCHEMA_VERSION, "config": self.config.to_dict(),
+                "groups": [{"index": g.index, "t_start": g.t_start, "t_end": g.t_end} for g in self.groups],
+                "tensors": list(self.tensors),
+                "ranges": [{n: list(r[n]) for n in self.tensors} for r in ranges],
+                "counts": [{n: obs[n].count for n in self.tensors} for obs in self.observers],
+            })
+
+    @classmethod
+    def load(cls, folder: Path) -> "CalibrationResult":
+        meta = json.loads((Path(folder) / "calibration.json").read_text())
+        if meta.get("schema_version") != CALIB_SCHEMA_VERSION:
+            raise ValueError(f"calibration schema_version {meta.get('schema_version')} != {CALIB_SCHEMA_VERSION}")
+        arrays = np.load(Path(folder) / "histograms.npz")
+        tensors = tuple(meta["tensors"])
+        observers = []
+        for g in range(len(meta["groups"])):
+            observers.append({n: HistogramObserver.from_state(
+                {k: arrays[f"g{g}_t{i}_{k}"] for k in ("lo", "hi", "origin", "width", "count", "hist")})
+                for i, n in enumerate(tensors)})
+        groups = tuple(Group(d["index"], d["t_start"], d["t_end"], f"group_{d['index']:02d}.onnx")
+                       for d in meta["groups"])
+        return cls(CalibrationConfig.from_dict(meta["config"]), groups, tensors, tuple(observers))
+
+
+def _ptq4dm_mask(timesteps: np.ndarray, n: int, T: int, rng: np.random.Generator):
+    """PTQ4DM's normally distributed time-step calibration: each trajectory is recorded at the
+    one step nearest a timestep drawn from N(0.4 T, 0.2 T) (clipped to [0, T))."""
+    target = np.clip(rng.normal(0.4 * T, 0.2 * T, n), 0, T - 1)
+    chosen = timesteps[np.abs(timesteps[None, :] - target[:, None]).argmin(1)]
+    return lambda t: chosen == t
+
+
+def calibrate(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, config: CalibrationConfig,
+              progress=None) -> CalibrationResult:
+    """Run ``config.size`` DDIM trajectories of ``config.steps`` steps through the fp32 ONNX
+    model and return per-group statistics of every quantized tensor."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(fp_model_path))
+    names = quantized_tensors(model, layer_map)
+    have = {o.name for o in model.graph.output}
+    for n in names:
+        if n not in have:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    schedule = NoiseSchedule.from_config(scheduler_config)
+    groups = equal_groups(schedule.num_train_timesteps, config.groups)
+    observers = tuple({n: HistogramObserver(config.bins) for n in names} for _ in groups)
+    rng = np.random.default_rng(config.seed + 7)
+    timesteps = schedule.ddim_timesteps(config.steps)
+    mask = None
+    if config.timesteps == "ptq4dm":
+        mask = _ptq4dm_mask(timesteps, config.size, schedule.num_train_timesteps, rng)
+    rec = _RecordingModel(sess, names, schedule, groups, observers, mask, rng, config.sample_per_tensor, config.size)
+    sampler = DDIMSampler(rec, steps=config.steps, eta=0.0, batch_size=config.batch_size)
+    sampler.sample(config.size, seed=config.seed, progress=progress)
+    return CalibrationResult(config, groups, tuple(names), observers)

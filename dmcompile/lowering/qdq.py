@@ -1,0 +1,177 @@
+"""A small QDQ insertion pass written on the onnx protobuf API.
+
+Why our own pass rather than driving ``onnxruntime.quantization.quantize_static``: the
+scales come from our per-group calibration, weights must be quantized once and shared
+byte-for-byte by every group model, ORT's quantizer renames shared initializers into names
+that collide with exported tensor names (DESIGN.md), and the fusion rules we need are few
+and explicit:
+
+- every quantized tensor gets one QuantizeLinear; every quantized consumer gets its own
+  DequantizeLinear (ORT does not fuse a node whose DQ is shared), float consumers share one;
+- Conv outputs are quantized too: ORT fuses DQ -> Conv -> Q into QLinearConv only with Q;
+- MatMul / Gemm outputs stay float: ORT fuses them into MatMulIntegerToFloat / QGemm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..calibration.observers import qparams
+from ..frontend.layermap import Layer, LayerMap
+from ..frontend.passes import check_graph
+from .profiles import TargetProfile
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """An int8 weight with symmetric per-channel scales along ``axis`` (the output channels)."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    axis: int
+    bits: int
+
+
+def quantize_weight(w: np.ndarray, axis: int, bits: int = 8) -> QuantWeight:
+    """Symmetric per-channel quantization: scale_c = max|w_c| / (2^(b-1) - 1)."""
+    qmax = 2 ** (bits - 1) - 1
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.max(np.abs(w), axis=red)
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
+    return QuantWeight(q, scale, axis, bits)
+
+
+def weight_axis(layer: Layer) -> int:
+    """Output-channel axis of the weight as stored in the graph."""
+    return 1 if layer.op_type == "MatMul" else 0  # MatMul weights are [in, out]; Conv/Gemm(transB) [out, ...]
+
+
+def quantize_weights(model: onnx.ModelProto, layers: list[Layer], bits: int = 8) -> dict[str, QuantWeight]:
+    """Quantize the weights of ``layers`` once; every group model shares the result."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for layer in layers:
+        if layer.weight:
+            out[layer.weight] = quantize_weight(numpy_helper.to_array(inits[layer.weight]), weight_axis(layer), bits)
+    return out
+
+
+def _scalar(name: str, value, dtype) -> TensorProto:
+    return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+
+
+def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[str],
+                weights: dict[str, QuantWeight], ranges: dict[str, tuple[float, float]],
+                profile: TargetProfile) -> onnx.ModelProto:
+    """The QDQ model of one timestep group: ``ranges`` holds that group's activation ranges."""
+    model = onnx.ModelProto()
+    model.CopyFrom(fp)
+    g = model.graph
+    layers = {l.node: l for l in layer_map.layers if l.node in quantized_nodes}
+    inits = {i.name: i for i in g.initializer}
+    act_dtype = np.uint8 if profile.activation_dtype == "uint8" else np.int8
+    sym = profile.activation_symmetric
+    new_inits: list[TensorProto] = []
+
+    # Which tensors are quantized and which (node, input index) read them quantized.
+    quant_inputs: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in g.node:
+        layer = layers.get(node.name)
+        if layer is None:
+            continue
+        idxs = [0] if layer.weight else [0, 1]
+        for i in idxs:
+            quant_inputs.setdefault(node.input[i], []).append((node, i))
+        if node.op_type == "Conv":
+            quant_inputs.setdefault(node.output[0], [])
+    missing = [t for t in quant_inputs if t not in ranges]
+    assert not missing, f"no calibration range for {missing[:3]}"
+
+    act_params = {}
+    for t in quant_inputs:
+        scale, zp = qparams(*ranges[t], bits=8, symmetric=sym)
+        act_params[t] = (scale, zp)
+        new_inits += [_scalar(f"{t}.q_scale", scale, np.float32), _scalar(f"{t}.q_zero_point", zp, act_dtype)]
+
+    graph_outputs = {o.name for o in g.output}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in g.node:
+        for i, v in enumerate(node.input):
+            consumers.setdefault(v, []).append((node, i))
+
+    def qdq_nodes(t: str) -> list[onnx.NodeProto]:
+        """Q for tensor t, a dedicated DQ per quantized consumer, one shared DQ for the rest."""
+        src = t
+        out = []
+        if t in graph_outputs:  # the producer writes t.float; the shared DQ writes t again
+            src = f"{t}.float"
+        out.append(helper.make_node("QuantizeLinear", [src, f"{t}.q_scale", f"{t}.q_zero_point"], [f"{t}.q"],
+                                    name=f"{t}.Q"))
+        quantized = {(id(n), i) for n, i in quant_inputs[t]}
+        float_users = []
+        qin = [f"{t}.q", f"{t}.q_scale", f"{t}.q_zero_point"]
+        for j, (n, i) in enumerate(consumers.get(t, [])):
+            if (id(n), i) in quantized:  # short names: they repeat in every group model
+                out.append(helper.make_node("DequantizeLinear", qin, [f"{t}.dq{j}"], name=f"{t}.DQ{j}"))
+                n.input[i] = f"{t}.dq{j}"
+            else:
+                float_users.append((n, i))
+        if float_users or t in graph_outputs:
+            dq = t if t in graph_outputs else f"{t}.dq"
+            out.append(helper.make_node("DequantizeLinear", qin, [dq], name=f"{t}.DQ"))
+            for n, i in float_users:
+                n.input[i] = dq
+        return out
+
+    orig_input0 = {n.name: n.input[0] for n in g.node if n.name in layers}
+    new_nodes: list[onnx.NodeProto] = []
+    for t in [i.name for i in g.input if i.name in quant_inputs]:
+        new_nodes += qdq_nodes(t)
+    # Snapshot the original order; qdq_nodes edits consumers' inputs in place.
+    for node in list(g.node):
+        layer = layers.get(node.name)
+        if layer is not None and layer.weight:
+            qw = weights[layer.weight]
+            w = layer.weight
+            new_nodes.append(helper.make_node("DequantizeLinear", [f"{w}.q", f"{w}.scale", f"{w}.zero_point"],
+                                              [f"{w}.dq"], name=f"{w}.DQ", axis=qw.axis))
+            node.input[1] = f"{w}.dq"
+            if len(node.input) > 2 and node.input[2] and node.input[2] in inits:
+                b = node.input[2]
+                s_x = act_params[orig_input0[node.name]][0]
+                bias_scale = (s_x * qw.scale).astype(np.float32)
+                bq = np.round(numpy_helper.to_array(inits[b]) / bias_scale).astype(np.int32)
+                new_inits += [numpy_helper.from_array(bq, f"{b}.q"), numpy_helper.from_array(bias_scale, f"{b}.scale"),
+                              numpy_helper.from_array(np.zeros_like(bq), f"{b}.zero_point")]
+                new_nodes.append(helper.make_node("DequantizeLinear", [f"{b}.q", f"{b}.scale", f"{b}.zero_point"],
+                                                  [f"{b}.dq"], name=f"{b}.DQ", axis=0))
+                node.input[2] = f"{b}.dq"
+        if node.output and node.output[0] in quant_inputs and node.output[0] in graph_outputs:
+            node.output[0] = f"{node.output[0]}.float"
+        new_nodes.append(node)
+        for o in node.output:
+            t = o[: -len(".float")] if o.endswith(".float") and o[: -len(".float")] in graph_outputs else o
+            if t in quant_inputs:
+                new_nodes += qdq_nodes(t)
+
+    for layer in layers.values():
+        if layer.weight:
+            qw = weights[layer.weight]
+            new_inits += [numpy_helper.from_array(qw.q, f"{layer.weight}.q"),
+                          numpy_helper.from_array(qw.scale, f"{layer.weight}.scale"),
+                          numpy_helper.from_array(np.zeros(qw.scale.shape, np.int8), f"{layer.weight}.zero_point")]
+    del g.node[:]
+    g.node.extend(new_nodes)
+    used = {v for n in g.node for v in n.input}
+    kept = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept + [i for i in new_inits if i.name in used])
+    check_graph(model, "lower_group")
+    return model
