@@ -236,12 +236,13 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
             progress("lower", g.index + 1, len(groups))
     K = len(groups)
     with atomic_dir(Path(out)) as tmp:
-        files = save_group_models(models, [g.engine for g in groups], tmp)
+        files, shared = save_group_models(models, [g.engine for g in groups], tmp)
         fusion = fusion_report(tmp / groups[0].engine)
         body = {
             "format": config.format, "profile": profile.name,
             "model": model.describe(), "scheduler": model.scheduler_config,
             "groups": [{"index": g.index, "t_start": g.t_start, "t_end": g.t_end, "engine": g.engine} for g in groups],
+            "shared_weights": shared,
             "precision": {"activation_dtype": profile.activation_dtype, "layers": [
                 {"node": l.node, "module": l.module, "op_type": l.op_type,
                  "weight_bits": [8] * K if (l.node in qnodes and l.weight) else None,

@@ -106,6 +106,37 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_build(args) -> int:
+    from . import api
+    from .config import BuildConfig, CalibrationConfig
+
+    calib = CalibrationConfig(size=args.calib_size, steps=args.calib_steps, seed=args.seed, groups=args.groups,
+                              observer=args.observer, timesteps=args.calib_timesteps)
+    cfg = BuildConfig(format=args.format, float_layers=tuple(args.float_layer), calibration=calib,
+                      eval_samples=args.eval_samples, seed=args.seed)
+    out = args.output or Path("build") / f"{Path(str(args.model)).name}-{args.format}"
+    res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
+    m = res.manifest
+    sizes = sum(f["bytes"] for f in m["files"].values())
+    fusion = m["build"]["fusion_group0"]
+    print(f"wrote {res.path}: {len(m['groups'])} group engine(s), {sizes / 1e6:.2f} MB, "
+          f"{fusion['ratio']:.0%} of Conv/Gemm/MatMul on integer kernels, {m['build']['seconds']:.1f} s")
+    if "fidelity" in m:
+        f = m["fidelity"]
+        print(f"fidelity vs fp32 ({f['samples']} samples, DDIM {f['steps']}): PSNR {f['psnr_db_mean']:.2f} dB, "
+              f"SSIM {f['ssim_mean']:.4f}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from . import api
+    from .inspect import bundle_report, format_report
+
+    bundle = api.open_bundle(args.bundle)
+    print(format_report(bundle_report(bundle, fusion=not args.no_fusion)))
+    return 0
+
+
 def _add_sampling(p: argparse.ArgumentParser, n_help: str) -> None:
     p.add_argument("-n", type=int, default=None, help=n_help)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
@@ -130,6 +161,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--seed", type=int, default=0, help="random-weight seed of presets, parity inputs")
     e.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("build", help="compile a model into a per-timestep-group int8 bundle",
+                       description="Calibrate along DDIM trajectories of the full-precision model, quantize "
+                       "(W8A8: int8 per-channel weights, uint8 per-tensor activations with per-group scales), "
+                       f"write one ONNX Runtime model per timestep group. MODEL: {models} or a folder.")
+    b.add_argument("model", nargs="?", default=zoo.DEFAULT_MODEL, help=f"default {zoo.DEFAULT_MODEL}")
+    b.add_argument("-o", "--output", type=Path, default=None, help="bundle folder (default build/MODEL-FORMAT)")
+    b.add_argument("--format", default="w8a8", choices=["w8a8"])
+    b.add_argument("--groups", type=int, default=10, help="timestep groups K (1: one scale for all timesteps)")
+    b.add_argument("--calib-size", type=int, default=64, help="calibration trajectories (default 64)")
+    b.add_argument("--calib-steps", type=int, default=50, help="DDIM steps per trajectory (default 50)")
+    b.add_argument("--observer", default="mse", choices=["minmax", "percentile", "mse"])
+    b.add_argument("--calib-timesteps", default="trajectory", choices=["trajectory", "ptq4dm"],
+                   help="record every step, or PTQ4DM's normally distributed timesteps")
+    b.add_argument("--float-layer", action="append", default=[], metavar="NAME",
+                   help="keep in float: node/module name or prefix, op type, first_conv, last_conv (repeatable)")
+    b.add_argument("--eval-samples", type=int, default=16, help="samples for the fidelity check (0: skip)")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_build)
+
+    i = sub.add_parser("inspect", help="groups, per-layer precision, fusion, MACs and size of a bundle")
+    i.add_argument("bundle")
+    i.add_argument("--no-fusion", action="store_true", help="skip the ONNX Runtime fusion check (faster)")
+    i.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("sample", help="DDIM-sample a bundle (or with --fp a model) into a PNG grid",
                        description="Sample through dmruntime and write a PNG grid. TARGET: a bundle or export "

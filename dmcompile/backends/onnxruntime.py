@@ -27,11 +27,14 @@ def shared_initializers(models: list[onnx.ModelProto]) -> list[str]:
     return shared
 
 
-def save_group_models(models: list[onnx.ModelProto], names: list[str], folder: Path) -> list[str]:
+def save_group_models(models: list[onnx.ModelProto], names: list[str], folder: Path) -> tuple[list[str], dict]:
     """Save models as ``names`` in ``folder``; initializers shared by all of them go once into
-    weights.bin, referenced by offset from each model. Returns the files written."""
+    weights.bin, referenced by offset from each model. Returns the files written and the
+    manifest's ``shared_weights`` entry (name, dtype, shape, offset, length of each tensor),
+    from which the runtime builds one set of weights for all its sessions without parsing ONNX."""
     shared = shared_initializers(models)
     offsets: dict[str, tuple[int, int]] = {}
+    table = []
     with open(folder / WEIGHTS_FILE, "wb") as f:
         inits = {i.name: i for i in models[0].graph.initializer}
         for name in shared:
@@ -39,6 +42,9 @@ def save_group_models(models: list[onnx.ModelProto], names: list[str], folder: P
             pad = (-f.tell()) % ALIGN
             f.write(b"\0" * pad)
             offsets[name] = (f.tell(), len(raw))
+            arr = numpy_helper.to_array(inits[name])
+            table.append({"name": name, "dtype": str(arr.dtype), "shape": list(arr.shape),
+                          "offset": f.tell(), "length": len(raw)})
             f.write(raw)
     for model, fname in zip(models, names):
         for init in model.graph.initializer:
@@ -52,7 +58,10 @@ def save_group_models(models: list[onnx.ModelProto], names: list[str], folder: P
                     init.external_data.add(key=k, value=v)
                 init.data_location = onnx.TensorProto.EXTERNAL
         onnx.save(model, str(folder / fname))
-    return [*names, WEIGHTS_FILE] if shared else list(names)
+    if not shared:
+        (folder / WEIGHTS_FILE).unlink()
+        return list(names), {}
+    return [*names, WEIGHTS_FILE], {"file": WEIGHTS_FILE, "tensors": table}
 
 
 INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger"}

@@ -94,10 +94,8 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
     missing = [t for t in quant_inputs if t not in ranges]
     assert not missing, f"no calibration range for {missing[:3]}"
 
-    act_params = {}
     for t in quant_inputs:
         scale, zp = qparams(*ranges[t], bits=8, symmetric=sym)
-        act_params[t] = (scale, zp)
         new_inits += [_scalar(f"{t}.q_scale", scale, np.float32), _scalar(f"{t}.q_zero_point", zp, act_dtype)]
 
     graph_outputs = {o.name for o in g.output}
@@ -144,14 +142,18 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
                                               [f"{w}.dq"], name=f"{w}.DQ", axis=qw.axis))
             node.input[1] = f"{w}.dq"
             if len(node.input) > 2 and node.input[2] and node.input[2] in inits:
+                # int32 bias with scale s_x * s_w, computed in the graph from the shared float
+                # bias and weight scales and this group's s_x: ONNX Runtime folds these constants
+                # at load, so the per-group files carry only activation scales (smaller bundle).
                 b = node.input[2]
-                s_x = act_params[orig_input0[node.name]][0]
-                bias_scale = (s_x * qw.scale).astype(np.float32)
-                bq = np.round(numpy_helper.to_array(inits[b]) / bias_scale).astype(np.int32)
-                new_inits += [numpy_helper.from_array(bq, f"{b}.q"), numpy_helper.from_array(bias_scale, f"{b}.scale"),
-                              numpy_helper.from_array(np.zeros_like(bq), f"{b}.zero_point")]
-                new_nodes.append(helper.make_node("DequantizeLinear", [f"{b}.q", f"{b}.scale", f"{b}.zero_point"],
-                                                  [f"{b}.dq"], name=f"{b}.DQ", axis=0))
+                s_x = f"{orig_input0[node.name]}.q_scale"
+                new_nodes += [
+                    helper.make_node("Mul", [s_x, f"{w}.scale"], [f"{b}.scale"], name=f"{b}.Scale"),
+                    helper.make_node("Div", [b, f"{b}.scale"], [f"{b}.div"], name=f"{b}.Div"),
+                    helper.make_node("Round", [f"{b}.div"], [f"{b}.round"], name=f"{b}.Round"),
+                    helper.make_node("Cast", [f"{b}.round"], [f"{b}.q"], name=f"{b}.Cast", to=TensorProto.INT32),
+                    helper.make_node("DequantizeLinear", [f"{b}.q", f"{b}.scale"], [f"{b}.dq"], name=f"{b}.DQ", axis=0),
+                ]
                 node.input[2] = f"{b}.dq"
         if node.output and node.output[0] in quant_inputs and node.output[0] in graph_outputs:
             node.output[0] = f"{node.output[0]}.float"

@@ -56,7 +56,7 @@ class Bundle:
     Use :meth:`open`; then ``bundle.predict(x, t)`` runs the engine of the group holding t.
     """
 
-    def __init__(self, root: Path, manifest: dict, threads: int = 0):
+    def __init__(self, root: Path, manifest: dict, threads: int = 0, share_weights: bool = True):
         self.root = root
         self.manifest = manifest
         model = manifest["model"]
@@ -66,19 +66,25 @@ class Bundle:
         self.groups = tuple(Group(int(g["index"]), int(g["t_start"]), int(g["t_end"]), g["engine"])
                             for g in manifest["groups"])
         self._lookup = group_lookup(self.groups, self.schedule.num_train_timesteps)
+        shared = load_shared_weights(root, manifest) if share_weights and len(self.groups) > 1 else None
         engines = {}
         for g in self.groups:
             if g.engine not in engines:
-                engines[g.engine] = OnnxEngine(root / g.engine, self.sample_shape, threads=threads)
+                engines[g.engine] = OnnxEngine(root / g.engine, self.sample_shape, threads=threads,
+                                               initializers=shared)
         self._engines = engines
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True, threads: int = 0) -> "Bundle":
+    def open(cls, path: str | Path, verify: bool = True, threads: int = 0, share_weights: bool = True) -> "Bundle":
         """Open and validate a bundle folder.
 
         Checks the schema version, that every listed file stays inside the folder, exists
         and (with ``verify``) matches its sha256, and that the groups partition the training
         timesteps. Raises :class:`BundleError` with what is wrong otherwise.
+
+        With ``share_weights`` (default) the group engines of a multi-group bundle use one
+        memory-mapped copy of the shared weights instead of one copy each; sessions are
+        created on first use and reused.
         """
         root = Path(path)
         if not root.is_dir():
@@ -91,7 +97,7 @@ class Bundle:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{mpath} is not valid JSON ({e}); rebuild the bundle") from None
         validate_manifest(manifest, root, verify=verify)
-        return cls(root.resolve(), manifest, threads=threads)
+        return cls(root.resolve(), manifest, threads=threads, share_weights=share_weights)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -109,6 +115,29 @@ class Bundle:
     def predict(self, sample: np.ndarray, t: int) -> np.ndarray:
         """Model output for a batch at training timestep t, from t's group engine."""
         return self.engine_for(t).predict(sample, t)
+
+
+SHARED_DTYPES = {"int8", "uint8", "int32", "int64", "float32", "float16"}
+
+
+def load_shared_weights(root: Path, manifest: dict) -> dict | None:
+    """OrtValues over a memory map of the bundle's shared weights file, one per tensor."""
+    entry = manifest.get("shared_weights") or {}
+    if not entry:
+        return None
+    import onnxruntime as ort
+
+    fname = entry.get("file")
+    _require(fname in manifest["files"], f"shared_weights file {fname!r} is not listed in the manifest's files")
+    data = np.memmap(root / fname, dtype=np.uint8, mode="r")
+    values = {}
+    for t in entry["tensors"]:
+        off, length = int(t["offset"]), int(t["length"])
+        _require(t["dtype"] in SHARED_DTYPES and 0 <= off and off + length <= data.size,
+                 f"shared weight {t.get('name')!r} has a bad dtype or lies outside {fname}; rebuild the bundle")
+        arr = data[off:off + length].view(t["dtype"]).reshape(t["shape"])
+        values[t["name"]] = ort.OrtValue.ortvalue_from_numpy(arr)
+    return values
 
 
 def _require(cond: bool, msg: str) -> None:

@@ -17,11 +17,12 @@ class OnnxEngine:
     """
 
     def __init__(self, path: str | Path, sample_shape: tuple[int, ...], threads: int = 0,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), initializers: dict | None = None):
         self.path = Path(path)
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.threads = threads
         self.providers = providers
+        self.initializers = initializers  # name -> OrtValue shared with other engines (see Bundle)
         self._session = None
 
     @property
@@ -32,6 +33,16 @@ class OnnxEngine:
             opts = ort.SessionOptions()
             if self.threads:
                 opts.intra_op_num_threads = self.threads
+            if self.initializers:
+                # One copy of the weights for all sessions: ORT uses these OrtValues in place.
+                # Prepacking would give every session its own repacked copy, and the Python API
+                # has no shared prepacked-weights container, so it is off; activations come
+                # from one process-wide arena instead of one per session.
+                for name, value in self.initializers.items():
+                    opts.add_initializer(name, value)
+                opts.add_session_config_entry("session.disable_prepacking", "1")
+                opts.add_session_config_entry("session.use_env_allocators", "1")
+                _register_env_allocator()
             try:
                 self._session = ort.InferenceSession(str(self.path), opts, providers=list(self.providers))
             except Exception as e:  # ORT raises several private types for unreadable models
@@ -54,3 +65,17 @@ def check_sample(sample, sample_shape: tuple[int, ...]) -> None:
         raise InputError(f"sample must be float32, got {sample.dtype}; use sample.astype(np.float32)")
     if sample.ndim != 1 + len(sample_shape) or tuple(sample.shape[1:]) != tuple(sample_shape):
         raise InputError(f"sample must have shape [B, {', '.join(map(str, sample_shape))}], got {list(sample.shape)}")
+
+
+_ENV_ALLOCATOR = []
+
+
+def _register_env_allocator() -> None:
+    """Register one CPU arena in ONNX Runtime's environment (once per process)."""
+    if _ENV_ALLOCATOR:
+        return
+    import onnxruntime as ort
+
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, None)
+    _ENV_ALLOCATOR.append(info)
