@@ -95,7 +95,7 @@ class HistogramObserver:
             errs = [float(np.dot(w, (c - fake_quant(c, lo, hi, bits, symmetric)) ** 2)) for lo, hi in cands]
             return tuple(cands[int(np.argmin(errs))])
 
-        fracs = np.linspace(0.2, 1.0, 81)
+        fracs = np.geomspace(0.01, 1.0, 121)  # outliers can sit 100x beyond the bulk
         if symmetric:
             m = max(-lo0, hi0)
             return _with_zero(*best_of(np.stack([-m * fracs, m * fracs], 1)))
