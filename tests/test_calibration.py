@@ -36,6 +36,17 @@ def test_histogram_observer_tracks_range_and_quantiles():
     assert hi == pytest.approx(np.percentile(allv, 99.0), abs=3 * width)
 
 
+def test_histogram_resolution_survives_many_range_extensions():
+    """Regression: the window once doubled on every extension (1e7x too wide after 50 updates)."""
+    rng = np.random.default_rng(3)
+    obs = HistogramObserver(bins=2048)
+    for i in range(50):
+        obs.update(rng.standard_normal(10000) * (0.1 + 0.05 * i))
+    assert obs.width * obs.bins <= 4 * (obs.hi - obs.lo)
+    lo, hi = obs.range_percentile(99.0)
+    assert -7 < lo < -2 and 2 < hi < 7
+
+
 def test_subsampled_updates_keep_counts():
     rng = np.random.default_rng(1)
     v = rng.standard_normal(100000)

@@ -45,9 +45,11 @@ class HistogramObserver:
         end = self.origin + self.width * self.bins
         if lo >= self.origin and hi <= end:
             return
+        # Cover the data range [lo, hi] only: old bins past hi are empty, and covering the old
+        # window's end instead compounds (the window grew ~2x per extension, 1e7x over 50 updates).
         new_origin = min(lo, self.origin)
         width = self.width
-        while new_origin + width * self.bins < max(hi, end):
+        while new_origin + width * self.bins < hi:
             width *= 2
         centers = self.origin + (np.arange(self.bins) + 0.5) * self.width
         idx = np.clip(((centers - new_origin) / width).astype(np.int64), 0, self.bins - 1)
@@ -83,11 +85,15 @@ class HistogramObserver:
         hi = c[min(np.searchsorted(cdf, 1.0 - tail), self.bins - 1)]
         return _with_zero(max(lo, self.lo), min(hi, self.hi))
 
-    def range_mse(self, bits: int = 8, symmetric: bool = False) -> tuple[float, float]:
+    def range_mse(self, bits: int = 8, symmetric: bool = False, max_clip_pct: float = 99.99) -> tuple[float, float]:
         """The clipping range that minimises the expected squared quantization error of the
         recorded values: a search over shrunk upper ends, then shrunk lower ends, on the
-        histogram (bin centres weighted by counts)."""
+        histogram (bin centres weighted by counts). It never clips more than the
+        ``max_clip_pct`` percentile range would: a guard against clipping away a rare but
+        important mode (the wide activations of the noisiest timesteps when one scale
+        serves all timesteps)."""
         lo0, hi0 = self.range_minmax()
+        lo_min, hi_min = self.range_percentile(max_clip_pct)
         keep = self.hist > 0
         c, w = self.centers()[keep], self.hist[keep]
 
@@ -98,9 +104,12 @@ class HistogramObserver:
         fracs = np.geomspace(0.01, 1.0, 121)  # outliers can sit 100x beyond the bulk
         if symmetric:
             m = max(-lo0, hi0)
-            return _with_zero(*best_of(np.stack([-m * fracs, m * fracs], 1)))
-        _, hi = best_of(np.stack([np.full_like(fracs, lo0), hi0 * fracs], 1))
-        lo, _ = best_of(np.stack([lo0 * fracs, np.full_like(fracs, hi)], 1))
+            m_min = max(-lo_min, hi_min)
+            return _with_zero(*best_of(np.stack([-np.maximum(m * fracs, m_min), np.maximum(m * fracs, m_min)], 1)))
+        his = np.maximum(hi0 * fracs, hi_min)
+        _, hi = best_of(np.stack([np.full_like(fracs, lo0), his], 1))
+        los = np.minimum(lo0 * fracs, lo_min)
+        lo, _ = best_of(np.stack([los, np.full_like(fracs, hi)], 1))
         return _with_zero(lo, hi)
 
     def range(self, kind: str, bits: int = 8, percentile: float = 99.99, symmetric: bool = False):
@@ -109,7 +118,7 @@ class HistogramObserver:
         if kind == "percentile":
             return self.range_percentile(percentile)
         if kind == "mse":
-            return self.range_mse(bits, symmetric)
+            return self.range_mse(bits, symmetric, percentile)
         raise ValueError(f"unknown observer {kind!r}; use one of {OBSERVERS}")
 
 

@@ -91,8 +91,13 @@ class CalibrationResult:
     observers: tuple[dict, ...]  # group index -> {tensor: HistogramObserver}
 
     def ranges(self, kind: str | None = None, bits: int = 8) -> list[dict[str, tuple[float, float]]]:
+        """Per group, tensor -> (lo, hi). A group that recorded nothing for a tensor (PTQ4DM's
+        timestep sampling can miss a group) takes the min-max range over all groups."""
         kind = kind or self.config.observer
-        return [{n: obs[n].range(kind, bits, self.config.percentile) for n in self.tensors} for obs in self.observers]
+        pooled = {n: (min(o[n].lo for o in self.observers), max(o[n].hi for o in self.observers))
+                  for n in self.tensors}
+        return [{n: obs[n].range(kind, bits, self.config.percentile) if obs[n].count else
+                 (min(pooled[n][0], 0.0), max(pooled[n][1], 0.0)) for n in self.tensors} for obs in self.observers]
 
     def save(self, folder: Path) -> None:
         """calibration.json (settings, groups, chosen ranges) + histograms.npz, atomically."""
