@@ -211,7 +211,7 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     import onnx
 
     from .artifacts import atomic_dir, write_manifest
-    from .backends.onnxruntime import fusion_report, save_group_models
+    from .backends.onnxruntime import ENGINE_FILE, fusion_report, merge_groups, optimize_for_cpu, save_engine
     from .frontend.layermap import LayerMap
     from .lowering.precision import quantized_nodes
     from .lowering.profiles import PROFILES
@@ -229,27 +229,31 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     fp_proto = onnx.load(str(fp / "model.onnx"))
     weights = quantize_weights(fp_proto, [l for l in layer_map.layers if l.node in qnodes])
     groups = calib.groups
-    models = []
+    fused = []
     for g in groups:
-        models.append(lower_group(fp_proto, layer_map, qnodes, weights, ranges[g.index], profile))
+        fused.append(optimize_for_cpu(lower_group(fp_proto, layer_map, qnodes, weights, ranges[g.index], profile)))
         if progress:
             progress("lower", g.index + 1, len(groups))
+    merged, params = merge_groups(fused)
     K = len(groups)
+    group_files = [f"group_{g.index:02d}.npz" for g in groups]
     with atomic_dir(Path(out)) as tmp:
-        files, shared = save_group_models(models, [g.engine for g in groups], tmp)
-        fusion = fusion_report(tmp / groups[0].engine)
+        files = save_engine(tmp, merged, params, group_files)
+        fusion = fusion_report(tmp / ENGINE_FILE)
         body = {
             "format": config.format, "profile": profile.name,
             "model": model.describe(), "scheduler": model.scheduler_config,
-            "groups": [{"index": g.index, "t_start": g.t_start, "t_end": g.t_end, "engine": g.engine} for g in groups],
-            "shared_weights": shared,
+            "groups": [{"index": g.index, "t_start": g.t_start, "t_end": g.t_end, "engine": ENGINE_FILE,
+                        "inputs": f} for g, f in zip(groups, group_files)],
+            "engine": {"file": ENGINE_FILE, "runtime": "onnxruntime", "onnxruntime_version": _ort_version(),
+                       "group_inputs": sorted(params[0])},
             "precision": {"activation_dtype": profile.activation_dtype, "layers": [
                 {"node": l.node, "module": l.module, "op_type": l.op_type,
                  "weight_bits": [8] * K if (l.node in qnodes and l.weight) else None,
                  "activation": profile.activation_dtype if l.node in qnodes else "float",
                  "macs": l.macs, "params": l.params} for l in layer_map.layers]},
             "calibration": calib.config.to_dict(),
-            "build": {"config": config.to_dict(), "fusion_group0": fusion},
+            "build": {"config": config.to_dict(), "fusion": fusion},
         }
         write_manifest(tmp, body, files)
         if config.eval_samples:
@@ -257,6 +261,12 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
         body["build"]["seconds"] = round(time.perf_counter() - t0, 2)
         manifest = write_manifest(tmp, body, files)
     return BuildResult(Path(out), manifest)
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def _build_fidelity(bundle_dir: Path, fp_dir: Path, n: int, seed: int) -> dict:

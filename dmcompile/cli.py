@@ -118,7 +118,7 @@ def cmd_build(args) -> int:
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
     m = res.manifest
     sizes = sum(f["bytes"] for f in m["files"].values())
-    fusion = m["build"]["fusion_group0"]
+    fusion = m["build"]["fusion"]
     print(f"wrote {res.path}: {len(m['groups'])} group engine(s), {sizes / 1e6:.2f} MB, "
           f"{fusion['ratio']:.0%} of Conv/Gemm/MatMul on integer kernels, {m['build']['seconds']:.1f} s")
     if "fidelity" in m:

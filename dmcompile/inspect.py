@@ -24,7 +24,7 @@ def bundle_report(bundle: Bundle, fusion: bool = True) -> dict:
         "fidelity": m.get("fidelity"),
     }
     if fusion:
-        report["fusion"] = {g.engine: fusion_report(bundle.root / g.engine) for g in bundle.groups}
+        report["fusion"] = {e: fusion_report(bundle.root / e) for e in sorted({g.engine for g in bundle.groups})}
     return report
 
 
@@ -47,7 +47,8 @@ def format_report(r: dict) -> str:
         macs = sum(l["macs"] for l in r["layers"])
         lines.append(f"MACs per sample: {macs / 1e6:.1f} M")
     if "fusion" in r:
-        lines.append("integer kernels after ONNX Runtime optimisation (per group engine):")
+        lines.append("integer kernels after ONNX Runtime optimisation (per engine file; groups feed it their "
+                     "own scales):")
         for engine, f in r["fusion"].items():
             ints = ", ".join(f"{k} {v}" for k, v in sorted(f["integer"].items()))
             flt = ", ".join(f"{k} {v}" for k, v in sorted(f["float"].items())) or "none"

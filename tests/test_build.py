@@ -25,59 +25,71 @@ def tiny_bundle(tiny_model_dir, tmp_path_factory):
 
 def test_bundle_layout_and_manifest(tiny_bundle):
     assert sorted(p.name for p in tiny_bundle.iterdir()) == [
-        "group_00.onnx", "group_01.onnx", "group_02.onnx", "manifest.json", "weights.bin"]
+        "group_00.npz", "group_01.npz", "group_02.npz", "manifest.json", "unet.onnx"]
     m = json.loads((tiny_bundle / "manifest.json").read_text())
     assert m["schema_version"] == 1 and m["format"] == "w8a8" and m["profile"] == "ort-cpu"
     assert [(g["t_start"], g["t_end"]) for g in m["groups"]] == [(0, 333), (333, 667), (667, 1000)]
+    assert {g["engine"] for g in m["groups"]} == {"unet.onnx"}
     assert m["calibration"]["groups"] == 3 and m["calibration"]["size"] == 4
     layers = m["precision"]["layers"]
     assert layers and all(l["activation"] == "uint8" for l in layers)
     assert all(l["weight_bits"] == [8, 8, 8] for l in layers if l["params"])
     assert 0 < m["fidelity"]["ssim_mean"] <= 1
-    assert set(m["files"]) == {"group_00.onnx", "group_01.onnx", "group_02.onnx", "weights.bin"}
+    assert set(m["files"]) == {"unet.onnx", "group_00.npz", "group_01.npz", "group_02.npz"}
 
 
-def test_every_group_runs_integer_kernels(tiny_bundle):
-    for g in range(3):
-        rep = fusion_report(tiny_bundle / f"group_{g:02d}.onnx")
-        assert rep["float"] == {} and rep["ratio"] == 1.0
-        assert rep["integer"]["QLinearConv"] > 0 and rep["integer"].get("QGemm", 0) > 0
+def test_engine_runs_integer_kernels(tiny_bundle):
+    rep = fusion_report(tiny_bundle / "unet.onnx")
+    assert rep["float"] == {} and rep["ratio"] == 1.0
+    assert rep["integer"]["QLinearConv"] > 0 and rep["integer"].get("QGemm", 0) > 0
 
 
-def test_groups_have_own_scales_and_share_weights(tiny_bundle):
-    models = [onnx.load(str(tiny_bundle / f"group_{g:02d}.onnx"), load_external_data=False) for g in range(3)]
-    scales = [{i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer if i.name.endswith(".q_scale")}
-              for m in models]
-    assert scales[0].keys() == scales[2].keys()
-    assert any(not np.allclose(scales[0][k], scales[2][k]) for k in scales[0])  # per-group calibration
-    m = json.loads((tiny_bundle / "manifest.json").read_text())
-    shared = {t["name"] for t in m["shared_weights"]["tensors"]}
-    for model in models:
-        ext = {i.name for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
-        assert ext == shared  # every group reads the same bytes of weights.bin
-    int8 = [t for t in m["shared_weights"]["tensors"] if t["dtype"] == "int8"]
-    assert len(int8) == sum(1 for l in m["precision"]["layers"] if l["params"])
+def test_groups_feed_own_parameters_to_one_engine(tiny_bundle):
+    model = onnx.load(str(tiny_bundle / "unet.onnx"))
+    extra = {i.name for i in model.graph.input} - {"sample", "timestep"}
+    params = [dict(np.load(tiny_bundle / f"group_{g:02d}.npz")) for g in range(3)]
+    assert all(set(p) == extra for p in params)
+    # Only activation scales, zero points and int32 biases differ per group: small tensors.
+    assert all(v.dtype in (np.float32, np.uint8, np.int32) and v.size <= 64 for v in params[0].values())
+    assert any(not np.array_equal(params[0][k], params[2][k]) for k in extra)  # per-group calibration
+    # The int8 weights live once, in the engine.
+    assert sum(1 for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8) > 0
 
 
-def test_runtime_switches_engines_by_group(tiny_bundle):
+def test_one_engine_matches_each_groups_own_qdq_model(tiny_model_dir, tiny_bundle):
+    """The merged engine fed group g's inputs equals group g's own QDQ model, bit for bit."""
+    import onnxruntime as ort
+
+    from dmcompile.frontend.layermap import LayerMap
+    from dmcompile.lowering.profiles import ORT_CPU
+    from dmcompile.lowering.qdq import lower_group, quantize_weights
+
+    fp = api.fp_bundle(str(tiny_model_dir))
+    lm = LayerMap.load(fp / "layer_map.json")
+    proto = onnx.load(str(fp / "model.onnx"))
+    ranges = api.calibrate(str(tiny_model_dir), SMALL).ranges()
+    nodes = {l.node for l in lm.layers}
+    weights = quantize_weights(proto, list(lm.layers))
     b = Bundle.open(tiny_bundle)
     x = np.random.default_rng(0).standard_normal((2, 2, 8, 8), dtype=np.float32)
-    assert b.group_of(332).engine == "group_00.onnx" and b.group_of(333).engine == "group_01.onnx"
-    for t in (0, 500, 999):
-        own = b.engine_for(t).predict(x, t)
-        np.testing.assert_array_equal(b.predict(x, t), own)
-    # A group's engine is calibrated for its own timesteps: running t=999 through group 0's
-    # engine differs from running it through group 2's.
-    assert not np.array_equal(b.engine_for(0).predict(x, 999), b.predict(x, 999))
+    for g, t in ((0, 100), (1, 500), (2, 999)):
+        qdq = lower_group(proto, lm, nodes, weights, ranges[g], ORT_CPU)
+        sess = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"])
+        want = sess.run(None, {"sample": x, "timestep": np.full(2, t, np.int64)})[0]
+        np.testing.assert_array_equal(b.predict(x, t), want)
+
+
+def test_runtime_switches_group_inputs(tiny_bundle):
+    b = Bundle.open(tiny_bundle)
+    x = np.random.default_rng(0).standard_normal((2, 2, 8, 8), dtype=np.float32)
+    assert b.group_of(332).index == 0 and b.group_of(333).index == 1
+    engine = b._engines["unet.onnx"]
+    # A group's parameters are calibrated for its own timesteps: t=999 with group 0's
+    # parameters differs from t=999 with group 2's.
+    assert not np.array_equal(engine.predict(x, 999, b.group_inputs(0)), b.predict(x, 999))
     fp = Bundle.open(api.fp_bundle(str(b.manifest["model"]["source"])))
     rel = np.linalg.norm(b.predict(x, 999) - fp.predict(x, 999)) / np.linalg.norm(fp.predict(x, 999))
     assert rel < 0.1
-
-
-def test_shared_and_private_sessions_agree(tiny_bundle):
-    a = DDIMSampler(Bundle.open(tiny_bundle, share_weights=True), steps=8).sample(3, seed=1)
-    b = DDIMSampler(Bundle.open(tiny_bundle, share_weights=False), steps=8).sample(3, seed=1)
-    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_build_is_deterministic(tiny_model_dir, tiny_bundle, tmp_path):
@@ -93,7 +105,7 @@ def test_float_layers(tiny_model_dir, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     floats = [l for l in m["precision"]["layers"] if l["activation"] == "float"]
     assert {l["module"] for l in floats} == {"conv_out", "time_embedding.linear_1", "time_embedding.linear_2"}
-    rep = fusion_report(out / "group_00.onnx")
+    rep = fusion_report(out / "unet.onnx")
     assert rep["float"] == {"Conv": 1, "Gemm": 2}
     with pytest.raises(ConfigError, match="matches no Conv/Gemm/MatMul layer"):
         api.build(str(tiny_model_dir), tmp_path / "g", BuildConfig(calibration=SMALL, float_layers=("nope",)))
@@ -103,13 +115,13 @@ def test_float_layers(tiny_model_dir, tmp_path):
 def test_interrupted_build_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     import dmcompile.backends.onnxruntime as backend
 
-    real = backend.save_group_models
+    real = backend.save_engine
 
-    def interrupted(models, names, folder):
-        real(models[:1], names[:1], folder)
+    def interrupted(folder, merged, params, names):
+        real(folder, merged, params[:1], names[:1])  # half the files are on disk
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(backend, "save_group_models", interrupted)
+    monkeypatch.setattr(backend, "save_engine", interrupted)
     with pytest.raises(KeyboardInterrupt):
         api.build(str(tiny_model_dir), tmp_path / "out", BuildConfig(calibration=SMALL, eval_samples=0))
     assert list(tmp_path.iterdir()) == []
@@ -122,7 +134,7 @@ def test_cli_build_inspect_sample(tiny_model_dir, tmp_path, capsys):
     assert "100% of Conv/Gemm/MatMul on integer kernels" in capsys.readouterr().out
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert text.count("100.0% integer") == 2 and "groups: 2" in text
+    assert text.count("100.0% integer") == 1 and "groups: 2" in text
     assert main(["sample", str(out), "-n", "4", "--steps", "5", "-o", str(tmp_path / "g.png")]) == 0
     assert (tmp_path / "g.png").is_file()
     assert main(["build", str(tiny_model_dir), "-o", str(tmp_path / "x"), "--groups", "0"]) == 2
@@ -131,8 +143,8 @@ def test_cli_build_inspect_sample(tiny_model_dir, tmp_path, capsys):
 
 def test_corrupt_group_engine_fails_clearly(tiny_bundle, tmp_path, capsys):
     b = shutil.copytree(tiny_bundle, tmp_path / "bad")
-    data = (b / "group_01.onnx").read_bytes()
-    (b / "group_01.onnx").write_bytes(data[: len(data) // 2])
+    data = (b / "group_01.npz").read_bytes()
+    (b / "group_01.npz").write_bytes(data[: len(data) // 2])
     assert main(["sample", str(b), "-n", "2", "--steps", "3", "-o", str(tmp_path / "g.png")]) == 2
     assert "truncated" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
@@ -143,8 +155,8 @@ def test_corrupt_group_engine_fails_clearly(tiny_bundle, tmp_path, capsys):
 def test_full_integer_fusion_on_shipped_models(name, tmp_path):
     cfg = BuildConfig(calibration=CalibrationConfig(size=2, steps=4, groups=2, batch_size=2), eval_samples=0)
     out = api.build(name, tmp_path / name, cfg).path
-    for g in ("group_00.onnx", "group_01.onnx"):
-        rep = fusion_report(out / g)
-        assert rep["float"] == {} and rep["ratio"] == 1.0
-        ops = json.loads((api.fp_bundle(name) / "manifest.json").read_text())["export"]["op_counts"]
-        assert rep["integer"]["QLinearConv"] == ops["Conv"] and rep["integer"]["QGemm"] == ops["Gemm"]
+    rep = fusion_report(out / "unet.onnx")
+    assert rep["float"] == {} and rep["ratio"] == 1.0
+    ops = json.loads((api.fp_bundle(name) / "manifest.json").read_text())["export"]["op_counts"]
+    assert rep["integer"]["QLinearConv"] == ops["Conv"] and rep["integer"]["QGemm"] == ops["Gemm"]
+    assert rep["integer"].get("QLinearMatMul", 0) + rep["integer"].get("MatMulIntegerToFloat", 0) == ops["MatMul"]

@@ -56,7 +56,7 @@ class Bundle:
     Use :meth:`open`; then ``bundle.predict(x, t)`` runs the engine of the group holding t.
     """
 
-    def __init__(self, root: Path, manifest: dict, threads: int = 0, share_weights: bool = True):
+    def __init__(self, root: Path, manifest: dict, threads: int = 0):
         self.root = root
         self.manifest = manifest
         model = manifest["model"]
@@ -66,25 +66,21 @@ class Bundle:
         self.groups = tuple(Group(int(g["index"]), int(g["t_start"]), int(g["t_end"]), g["engine"])
                             for g in manifest["groups"])
         self._lookup = group_lookup(self.groups, self.schedule.num_train_timesteps)
-        shared = load_shared_weights(root, manifest) if share_weights and len(self.groups) > 1 else None
-        engines = {}
+        # Groups may share one engine and differ only in the inputs they feed it.
+        self._inputs = [load_group_inputs(root, g["inputs"]) if g.get("inputs") else None for g in manifest["groups"]]
+        self._engines = {}
         for g in self.groups:
-            if g.engine not in engines:
-                engines[g.engine] = OnnxEngine(root / g.engine, self.sample_shape, threads=threads,
-                                               initializers=shared)
-        self._engines = engines
+            if g.engine not in self._engines:
+                self._engines[g.engine] = OnnxEngine(root / g.engine, self.sample_shape, threads=threads)
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True, threads: int = 0, share_weights: bool = True) -> "Bundle":
+    def open(cls, path: str | Path, verify: bool = True, threads: int = 0) -> "Bundle":
         """Open and validate a bundle folder.
 
         Checks the schema version, that every listed file stays inside the folder, exists
         and (with ``verify``) matches its sha256, and that the groups partition the training
-        timesteps. Raises :class:`BundleError` with what is wrong otherwise.
-
-        With ``share_weights`` (default) the group engines of a multi-group bundle use one
-        memory-mapped copy of the shared weights instead of one copy each; sessions are
-        created on first use and reused.
+        timesteps. Raises :class:`BundleError` with what is wrong otherwise. Engine sessions
+        are created on first use and reused; groups that share an engine share its session.
         """
         root = Path(path)
         if not root.is_dir():
@@ -97,7 +93,7 @@ class Bundle:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{mpath} is not valid JSON ({e}); rebuild the bundle") from None
         validate_manifest(manifest, root, verify=verify)
-        return cls(root.resolve(), manifest, threads=threads, share_weights=share_weights)
+        return cls(root.resolve(), manifest, threads=threads)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -109,35 +105,23 @@ class Bundle:
             raise InputError(f"timestep {t} outside [0, {self.num_train_timesteps})")
         return self.groups[int(self._lookup[int(t)])]
 
-    def engine_for(self, t: int) -> OnnxEngine:
-        return self._engines[self.group_of(t).engine]
+    def group_inputs(self, t: int) -> dict | None:
+        """The extra engine inputs (quantization parameters) of t's group, if any."""
+        return self._inputs[self.group_of(t).index]
 
     def predict(self, sample: np.ndarray, t: int) -> np.ndarray:
-        """Model output for a batch at training timestep t, from t's group engine."""
-        return self.engine_for(t).predict(sample, t)
+        """Model output for a batch at training timestep t, from t's group engine and inputs."""
+        g = self.group_of(t)
+        return self._engines[g.engine].predict(sample, t, self._inputs[g.index])
 
 
-SHARED_DTYPES = {"int8", "uint8", "int32", "int64", "float32", "float16"}
-
-
-def load_shared_weights(root: Path, manifest: dict) -> dict | None:
-    """OrtValues over a memory map of the bundle's shared weights file, one per tensor."""
-    entry = manifest.get("shared_weights") or {}
-    if not entry:
-        return None
-    import onnxruntime as ort
-
-    fname = entry.get("file")
-    _require(fname in manifest["files"], f"shared_weights file {fname!r} is not listed in the manifest's files")
-    data = np.memmap(root / fname, dtype=np.uint8, mode="r")
-    values = {}
-    for t in entry["tensors"]:
-        off, length = int(t["offset"]), int(t["length"])
-        _require(t["dtype"] in SHARED_DTYPES and 0 <= off and off + length <= data.size,
-                 f"shared weight {t.get('name')!r} has a bad dtype or lies outside {fname}; rebuild the bundle")
-        arr = data[off:off + length].view(t["dtype"]).reshape(t["shape"])
-        values[t["name"]] = ort.OrtValue.ortvalue_from_numpy(arr)
-    return values
+def load_group_inputs(root: Path, name: str) -> dict[str, np.ndarray]:
+    """A group's extra engine inputs from its .npz (no pickles allowed)."""
+    try:
+        with np.load(root / name, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError) as e:  # zipfile errors are OSError/ValueError subclasses
+        raise BundleError(f"cannot read group inputs {name}: {e}; the file is corrupt, rebuild the bundle") from e
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -174,5 +158,7 @@ def validate_manifest(manifest: dict, root: Path, verify: bool = True) -> None:
     groups = manifest["groups"]
     _require(isinstance(groups, list) and groups, "manifest 'groups' must be a non-empty list")
     for g in groups:
-        _require(g.get("engine") in files, f"group {g.get('index')} names engine {g.get('engine')!r}, "
-                 "which the manifest's files do not list")
+        for key in ("engine", "inputs"):
+            if key == "engine" or g.get(key) is not None:
+                _require(g.get(key) in files, f"group {g.get('index')} names {key} {g.get(key)!r}, "
+                         "which the manifest's files do not list")

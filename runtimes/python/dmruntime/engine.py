@@ -12,17 +12,16 @@ from .errors import BundleError, InputError
 class OnnxEngine:
     """An ONNX Runtime session over one engine file, created on first use and then reused.
 
-    Inputs: ``sample`` float32 [B, C, H, W], ``timestep`` int64 [B]; output 0 is the
-    model output (eps for epsilon-prediction models).
+    Inputs: ``sample`` float32 [B, C, H, W], ``timestep`` int64 [B], and for quantized
+    bundles the current group's parameters; output ``eps`` is the model output.
     """
 
     def __init__(self, path: str | Path, sample_shape: tuple[int, ...], threads: int = 0,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",), initializers: dict | None = None):
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
         self.path = Path(path)
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.threads = threads
         self.providers = providers
-        self.initializers = initializers  # name -> OrtValue shared with other engines (see Bundle)
         self._session = None
 
     @property
@@ -33,16 +32,6 @@ class OnnxEngine:
             opts = ort.SessionOptions()
             if self.threads:
                 opts.intra_op_num_threads = self.threads
-            if self.initializers:
-                # One copy of the weights for all sessions: ORT uses these OrtValues in place.
-                # Prepacking would give every session its own repacked copy, and the Python API
-                # has no shared prepacked-weights container, so it is off; activations come
-                # from one process-wide arena instead of one per session.
-                for name, value in self.initializers.items():
-                    opts.add_initializer(name, value)
-                opts.add_session_config_entry("session.disable_prepacking", "1")
-                opts.add_session_config_entry("session.use_env_allocators", "1")
-                _register_env_allocator()
             try:
                 self._session = ort.InferenceSession(str(self.path), opts, providers=list(self.providers))
             except Exception as e:  # ORT raises several private types for unreadable models
@@ -50,11 +39,15 @@ class OnnxEngine:
                                   "rebuild the bundle.") from e
         return self._session
 
-    def predict(self, sample: np.ndarray, timestep: int | np.ndarray) -> np.ndarray:
-        """Run the UNet once. ``timestep`` is one training timestep or one per batch row."""
+    def predict(self, sample: np.ndarray, timestep: int | np.ndarray, extra: dict | None = None) -> np.ndarray:
+        """Run the UNet once. ``timestep`` is one training timestep or one per batch row;
+        ``extra`` holds further inputs (a timestep group's quantization parameters)."""
         check_sample(sample, self.sample_shape)
         ts = np.broadcast_to(np.asarray(timestep, dtype=np.int64), (sample.shape[0],)).copy()
-        return self.session.run(None, {"sample": sample, "timestep": ts})[0]
+        feeds = {"sample": sample, "timestep": ts}
+        if extra:
+            feeds.update(extra)
+        return self.session.run(["eps"], feeds)[0]
 
 
 def check_sample(sample, sample_shape: tuple[int, ...]) -> None:
@@ -66,16 +59,3 @@ def check_sample(sample, sample_shape: tuple[int, ...]) -> None:
     if sample.ndim != 1 + len(sample_shape) or tuple(sample.shape[1:]) != tuple(sample_shape):
         raise InputError(f"sample must have shape [B, {', '.join(map(str, sample_shape))}], got {list(sample.shape)}")
 
-
-_ENV_ALLOCATOR = []
-
-
-def _register_env_allocator() -> None:
-    """Register one CPU arena in ONNX Runtime's environment (once per process)."""
-    if _ENV_ALLOCATOR:
-        return
-    import onnxruntime as ort
-
-    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    ort.create_and_register_allocator(info, None)
-    _ENV_ALLOCATOR.append(info)
