@@ -160,3 +160,17 @@ def test_full_integer_fusion_on_shipped_models(name, tmp_path):
     ops = json.loads((api.fp_bundle(name) / "manifest.json").read_text())["export"]["op_counts"]
     assert rep["integer"]["QLinearConv"] == ops["Conv"] and rep["integer"]["QGemm"] == ops["Gemm"]
     assert rep["integer"].get("QLinearMatMul", 0) + rep["integer"].get("MatMulIntegerToFloat", 0) == ops["MatMul"]
+
+
+def test_corrupt_files_without_hash_check_still_fail_clearly(tiny_bundle, tmp_path):
+    from dmruntime import BundleError
+
+    b = shutil.copytree(tiny_bundle, tmp_path / "npz")
+    (b / "group_02.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(BundleError, match="cannot read group inputs group_02.npz"):
+        Bundle.open(b, verify=False)
+    b = shutil.copytree(tiny_bundle, tmp_path / "engine")
+    data = (b / "unet.onnx").read_bytes()
+    (b / "unet.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="corrupt or truncated"):
+        Bundle.open(b, verify=False).predict(np.zeros((1, 2, 8, 8), np.float32), 5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +121,7 @@ def load_group_inputs(root: Path, name: str) -> dict[str, np.ndarray]:
     try:
         with np.load(root / name, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError) as e:  # zipfile errors are OSError/ValueError subclasses
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise BundleError(f"cannot read group inputs {name}: {e}; the file is corrupt, rebuild the bundle") from e
 
 
