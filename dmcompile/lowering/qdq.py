@@ -142,9 +142,9 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
                                               [f"{w}.dq"], name=f"{w}.DQ", axis=qw.axis))
             node.input[1] = f"{w}.dq"
             if len(node.input) > 2 and node.input[2] and node.input[2] in inits:
-                # int32 bias with scale s_x * s_w, computed in the graph from the shared float
-                # bias and weight scales and this group's s_x: ONNX Runtime folds these constants
-                # at load, so the per-group files carry only activation scales (smaller bundle).
+                # int32 bias with scale s_x * s_w, computed in the graph from the float bias, the
+                # weight scales and this group's s_x; ONNX Runtime's constant folding turns it
+                # into the fused kernel's int32 bias, one definition for every group.
                 b = node.input[2]
                 s_x = f"{orig_input0[node.name]}.q_scale"
                 new_nodes += [
