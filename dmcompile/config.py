@@ -27,9 +27,13 @@ class _Versioned:
         version = d.pop("schema_version", CONFIG_SCHEMA_VERSION)
         _check(version == CONFIG_SCHEMA_VERSION,
                f"{cls.__name__} schema_version {version} is not supported (expected {CONFIG_SCHEMA_VERSION})")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        _check(not unknown, f"{cls.__name__} has no option(s) {unknown}; known: {sorted(names)}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        _check(not unknown, f"{cls.__name__} has no option(s) {unknown}; known: {sorted(fields)}")
+        for name, f in fields.items():  # nested stage configs come back as their dataclass
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if isinstance(default, _Versioned) and isinstance(d.get(name), dict):
+                d[name] = type(default).from_dict(d[name])
         return cls(**d)
 
 
@@ -82,12 +86,6 @@ class EvalConfig(_Versioned):
         _check(0 < self.confident_threshold < 1, "confident_threshold must be in (0, 1)")
         _check(self.floor_seed_offset != 0, "floor_seed_offset must not be 0 (the floor needs other seeds)")
 
-    @classmethod
-    def from_dict(cls, d: dict):
-        d = dict(d)
-        if isinstance(d.get("sample"), dict):
-            d["sample"] = SampleConfig.from_dict(d["sample"])
-        return super().from_dict(d)
 
 
 @dataclass(frozen=True)
@@ -153,10 +151,3 @@ class BuildConfig(_Versioned):
         _check(self.profile in PROFILES, f"profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
         _check(self.eval_samples >= 0, f"eval_samples must be >= 0, got {self.eval_samples}")
         object.__setattr__(self, "float_layers", tuple(self.float_layers))
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        d = dict(d)
-        if isinstance(d.get("calibration"), dict):
-            d["calibration"] = CalibrationConfig.from_dict(d["calibration"])
-        return super().from_dict(d)

@@ -83,3 +83,14 @@ def test_calibration_config_errors():
     with pytest.raises(ConfigError, match="groups"):
         CalibrationConfig(groups=0)
     assert CalibrationConfig.from_dict(CalibrationConfig(groups=3).to_dict()) == CalibrationConfig(groups=3)
+
+
+def test_stage_configs_roundtrip():
+    from dmcompile.config import BuildConfig, EvalConfig, SampleConfig
+
+    b = BuildConfig(float_layers=("last_conv",), calibration=CalibrationConfig(groups=4, observer="minmax"))
+    assert BuildConfig.from_dict(b.to_dict()) == b
+    e = EvalConfig(sample=SampleConfig(n=7, eta=0.5))
+    assert EvalConfig.from_dict(e.to_dict()) == e
+    with pytest.raises(ConfigError, match="has no option"):
+        BuildConfig.from_dict({"groups": 3})
