@@ -174,3 +174,12 @@ def test_corrupt_files_without_hash_check_still_fail_clearly(tiny_bundle, tmp_pa
     (b / "unet.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(BundleError, match="corrupt or truncated"):
         Bundle.open(b, verify=False).predict(np.zeros((1, 2, 8, 8), np.float32), 5)
+
+
+def test_older_onnxruntime_is_warned_about(tiny_bundle, tmp_path):
+    b = shutil.copytree(tiny_bundle, tmp_path / "v")
+    m = json.loads((b / "manifest.json").read_text())
+    m["engine"]["onnxruntime_version"] = "99.0.0"
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.warns(UserWarning, match="fused by onnxruntime 99.0.0"):
+        Bundle.open(b)

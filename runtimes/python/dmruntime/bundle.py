@@ -94,6 +94,7 @@ class Bundle:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{mpath} is not valid JSON ({e}); rebuild the bundle") from None
         validate_manifest(manifest, root, verify=verify)
+        _warn_if_older_onnxruntime(manifest)
         return cls(root.resolve(), manifest, threads=threads)
 
     @property
@@ -114,6 +115,25 @@ class Bundle:
         """Model output for a batch at training timestep t, from t's group engine and inputs."""
         g = self.group_of(t)
         return self._engines[g.engine].predict(sample, t, self._inputs[g.index])
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+def _warn_if_older_onnxruntime(manifest: dict) -> None:
+    """Fused engines hold ONNX Runtime's own contrib ops (QGemm, MatMulIntegerToFloat, ...),
+    written by the ONNX Runtime that built the bundle; an older one may not know them."""
+    built = (manifest.get("engine") or {}).get("onnxruntime_version")
+    if not built:
+        return
+    import warnings
+
+    import onnxruntime
+
+    if _version(onnxruntime.__version__) < _version(built):
+        warnings.warn(f"bundle engines were fused by onnxruntime {built}; this is {onnxruntime.__version__}. "
+                      "If loading fails, install onnxruntime>={built} or rebuild the bundle here.", stacklevel=3)
 
 
 def load_group_inputs(root: Path, name: str) -> dict[str, np.ndarray]:
