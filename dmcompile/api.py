@@ -107,16 +107,21 @@ def sample(target: str | Path, config: SampleConfig = SampleConfig(), fp: bool =
     return sample_model(bundle, config, progress=progress)
 
 
+def real_digit_features():
+    """Classifier features of the 1797 real digits."""
+    from .eval.classifier import DigitScorer
+    from .zoo.data import load_digits16
+
+    return DigitScorer()(load_digits16()[0])[0]
+
+
 def digit_scores(images: np.ndarray, threshold: float = 0.9) -> dict:
     """FD to the real digits, confident-class rate and class histogram of [N, 1, 16, 16] samples."""
     from .eval.classifier import DigitScorer
     from .eval.metrics import confident_rate, frechet_distance
-    from .zoo.data import load_digits16
 
-    scorer = DigitScorer()
-    feats, probs = scorer(images)
-    real_feats, _ = scorer(load_digits16()[0])
-    return {"fd_to_real": frechet_distance(feats, real_feats),
+    feats, probs = DigitScorer()(images)
+    return {"fd_to_real": frechet_distance(feats, real_digit_features()),
             "confident_rate": confident_rate(probs, threshold),
             "class_histogram": np.bincount(probs.argmax(1), minlength=10).tolist(),
             "features": feats}
@@ -162,9 +167,13 @@ floor) and confident-class rates.
         mine = digit_scores(got, config.confident_threshold)
         fp = digit_scores(want, config.confident_threshold)
         fp2 = digit_scores(other, config.confident_threshold)
+        real = real_digit_features()
+        halves = np.random.default_rng(sc.seed).permutation(len(real))
         report["digits"] = {
             "fd_to_real": mine["fd_to_real"], "fp_fd_to_real": fp["fd_to_real"],
             "noise_floor_fd": frechet_distance(fp["features"], fp2["features"]),
+            # The real set's own sampling noise: FD between two random halves of the real digits.
+            "real_halves_fd": frechet_distance(real[halves[::2]], real[halves[1::2]]),
             "fd_to_fp": frechet_distance(mine["features"], fp2["features"]),
             "confident_rate": mine["confident_rate"], "fp_confident_rate": fp["confident_rate"],
             "class_histogram": mine["class_histogram"],

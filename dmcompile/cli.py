@@ -85,7 +85,8 @@ def cmd_eval(args) -> int:
     d = r.get("digits")
     if d:
         print(f"FD to real digits: {d['fd_to_real']:.3f}   (FP: {d['fp_fd_to_real']:.3f})")
-        print(f"FD to an FP set of other seeds: {d['fd_to_fp']:.3f}   noise floor (FP vs FP): {d['noise_floor_fd']:.3f}")
+        print(f"FD to an FP set of other seeds: {d['fd_to_fp']:.3f}   noise floor (FP vs FP): {d['noise_floor_fd']:.3f}"
+              f"   (real digits, half vs half: {d['real_halves_fd']:.3f})")
         print(f"confident-class rate (max p >= {cfg.confident_threshold}): {d['confident_rate']:.1%}   "
               f"(FP: {d['fp_confident_rate']:.1%}); classes {d['class_histogram']}")
     if args.out:

@@ -43,3 +43,16 @@ def test_digits16_samples_are_digits():
     scores = api.digit_scores(images)
     assert scores["confident_rate"] >= 0.85
     assert sum(1 for c in scores["class_histogram"] if c > 0) >= 8  # not collapsed onto a few classes
+
+
+def test_eval_report_on_digits16_export():
+    res = api.evaluate(api.fp_bundle("digits16"), api.EvalConfig(sample=api.SampleConfig(n=48, steps=10)))
+    r = res.report
+    assert res.images.shape == (48, 1, 16, 16)
+    assert r["paired_vs_fp"]["psnr_db_median"] > 60  # the fp32 export follows PyTorch's trajectories
+    d = r["digits"]
+    for key in ("fd_to_real", "fp_fd_to_real", "noise_floor_fd", "fd_to_fp", "real_halves_fd"):
+        assert np.isfinite(d[key]) and d[key] >= 0
+    assert d["fd_to_real"] == pytest.approx(d["fp_fd_to_real"], rel=1e-3)
+    assert d["real_halves_fd"] < d["noise_floor_fd"]
+    assert sum(d["class_histogram"]) == 48
