@@ -10,7 +10,8 @@ import numpy as np
 from dmruntime import to_uint8
 
 
-def save_grid(images: np.ndarray, path: Path, cols: int | None = None, scale: int = 2, pad: int = 1) -> Path:
+def save_grid(images: np.ndarray, path: Path, cols: int | None = None, scale: int | None = None,
+              pad: int = 1) -> Path:
     """Write [N, C, H, W] images in [-1, 1] as one PNG grid: grey for C = 1 or 2 (channel 0),
     RGB from the first three channels for C >= 3."""
     from PIL import Image
@@ -26,6 +27,7 @@ def save_grid(images: np.ndarray, path: Path, cols: int | None = None, scale: in
         y, x = pad + r * (h + pad), pad + q * (w + pad)
         canvas[y:y + h, x:x + w] = imgs[i].transpose(1, 2, 0)
     img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    scale = scale or max(1, round(512 / img.width))  # small images: enlarge to about 512 px
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
