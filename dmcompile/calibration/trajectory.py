@@ -21,6 +21,7 @@ from ..frontend.layermap import LayerMap
 from .observers import HistogramObserver
 
 CALIB_SCHEMA_VERSION = 1
+CALIB_STREAM = 0xCA11B
 
 
 def equal_groups(num_train_timesteps: int, k: int) -> tuple[Group, ...]:
@@ -165,5 +166,7 @@ def calibrate(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, 
         mask = _ptq4dm_mask(timesteps, config.size, schedule.num_train_timesteps, rng)
     rec = _RecordingModel(sess, names, schedule, groups, observers, mask, rng, config.sample_per_tensor, config.size)
     sampler = DDIMSampler(rec, steps=config.steps, eta=0.0, batch_size=config.batch_size)
-    sampler.sample(config.size, seed=config.seed, progress=progress)
+    # A stream of its own: with seed=N, sampling draws from default_rng(N), so calibrating on
+    # default_rng(N) too would make an evaluation's first samples the calibration trajectories.
+    sampler.sample(config.size, seed=[config.seed, CALIB_STREAM], progress=progress)
     return CalibrationResult(config, groups, tuple(names), observers)

@@ -39,12 +39,13 @@ class DDIMSampler:
         self.batch_size = int(batch_size)
         self.timesteps = model.schedule.ddim_timesteps(steps)
 
-    def initial_noise(self, n: int, seed: int) -> tuple[np.ndarray, np.random.Generator]:
+    def initial_noise(self, n: int, seed: int | list[int]) -> tuple[np.ndarray, np.random.Generator]:
         rng = np.random.default_rng(seed)
         return rng.standard_normal((n, *self.model.sample_shape), dtype=np.float32), rng
 
-    def sample(self, n: int, seed: int = 0, progress=None) -> np.ndarray:
-        """Draw ``n`` samples; returns float32 [n, C, H, W], nominally in [-1, 1]."""
+    def sample(self, n: int, seed: int | list[int] = 0, progress=None) -> np.ndarray:
+        """Draw ``n`` samples; returns float32 [n, C, H, W], nominally in [-1, 1].
+        ``seed``: anything ``numpy.random.default_rng`` takes (an int, or a list of ints)."""
         if n < 1:
             raise InputError(f"n must be >= 1, got {n}")
         x, rng = self.initial_noise(n, seed)
