@@ -120,7 +120,8 @@ def cmd_build(args) -> int:
     m = res.manifest
     sizes = sum(f["bytes"] for f in m["files"].values())
     fusion = m["build"]["fusion"]
-    print(f"wrote {res.path}: {len(m['groups'])} group engine(s), {sizes / 1e6:.2f} MB, "
+    engines = len({g["engine"] for g in m["groups"]})
+    print(f"wrote {res.path}: {len(m['groups'])} timestep group(s), {engines} engine(s), {sizes / 1e6:.2f} MB, "
           f"{fusion['ratio']:.0%} of Conv/Gemm/MatMul on integer kernels, {m['build']['seconds']:.1f} s")
     if "fidelity" in m:
         f = m["fidelity"]
