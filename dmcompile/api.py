@@ -212,9 +212,10 @@ class BuildResult:
 
 def build(model: LoadedModel | str | Path | None, out: str | Path, config: BuildConfig = BuildConfig(),
           progress=None) -> BuildResult:
-    """Compile a model into a bundle: one int8 ONNX Runtime model per timestep group, each with
-    the activation scales calibrated on that group's inputs, weights quantized once and stored
-    once. The folder is written to a temporary path and renamed when complete."""
+    """Compile a model into a bundle: per timestep group, activation scales calibrated on the
+    inputs that group sees; weights quantized once. All groups share one fused integer ONNX
+    Runtime engine and feed it their own scales, zero points and int32 biases (group_XX.npz).
+    The folder is written to a temporary path and renamed when complete."""
     import time
 
     import onnx

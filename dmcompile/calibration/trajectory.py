@@ -25,9 +25,10 @@ CALIB_STREAM = 0xCA11B
 
 
 def equal_groups(num_train_timesteps: int, k: int) -> tuple[Group, ...]:
-    """K contiguous groups of (nearly) equal length partitioning [0, T)."""
+    """K contiguous groups of (nearly) equal length partitioning [0, T); the backend names
+    their engines later, so ``engine`` is empty here."""
     edges = [round(num_train_timesteps * g / k) for g in range(k + 1)]
-    return tuple(Group(g, edges[g], edges[g + 1], f"group_{g:02d}.onnx") for g in range(k))
+    return tuple(Group(g, edges[g], edges[g + 1], "") for g in range(k))
 
 
 def quantized_tensors(model: onnx.ModelProto, layer_map: LayerMap) -> list[str]:
@@ -130,8 +131,7 @@ class CalibrationResult:
             observers.append({n: HistogramObserver.from_state(
                 {k: arrays[f"g{g}_t{i}_{k}"] for k in ("lo", "hi", "origin", "width", "count", "hist")})
                 for i, n in enumerate(tensors)})
-        groups = tuple(Group(d["index"], d["t_start"], d["t_end"], f"group_{d['index']:02d}.onnx")
-                       for d in meta["groups"])
+        groups = tuple(Group(d["index"], d["t_start"], d["t_end"], "") for d in meta["groups"])
         return cls(CalibrationConfig.from_dict(meta["config"]), groups, tensors, tuple(observers))
 
 
