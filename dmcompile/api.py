@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -25,7 +26,8 @@ from .frontend.export import ExportResult, export_model
 from .frontend.load import LoadedModel, load_model
 from .frontend.torch_model import TorchEpsModel
 
-__all__ = ["BuildConfig", "BuildResult", "CalibrationConfig", "EvalConfig", "EvalResult", "build", "calibrate", "ExportConfig", "SampleConfig", "cache_dir", "digit_scores", "evaluate", "export",
+__all__ = ["BuildConfig", "BuildResult", "CalibrationConfig", "EvalConfig", "EvalResult", "ExportConfig",
+           "SampleConfig", "build", "cache_dir", "calibrate", "digit_scores", "evaluate", "export",
            "fp_bundle", "load_model", "open_bundle", "reference_model", "sample", "sample_model"]
 
 
@@ -107,20 +109,26 @@ def sample(target: str | Path, config: SampleConfig = SampleConfig(), fp: bool =
     return sample_model(bundle, config, progress=progress)
 
 
-def real_digit_features():
-    """Classifier features of the 1797 real digits."""
-    from .eval.classifier import DigitScorer
+@functools.cache
+def real_digit_features() -> np.ndarray:
+    """Classifier features of the 1797 real digits (computed once per process)."""
     from .zoo.data import load_digits16
 
-    return DigitScorer()(load_digits16()[0])[0]
+    return _scorer()(load_digits16()[0])[0]
+
+
+@functools.cache
+def _scorer():
+    from .eval.classifier import DigitScorer
+
+    return DigitScorer()
 
 
 def digit_scores(images: np.ndarray, threshold: float = 0.9) -> dict:
     """FD to the real digits, confident-class rate and class histogram of [N, 1, 16, 16] samples."""
-    from .eval.classifier import DigitScorer
     from .eval.metrics import confident_rate, frechet_distance
 
-    feats, probs = DigitScorer()(images)
+    feats, probs = _scorer()(images)
     return {"fd_to_real": frechet_distance(feats, real_digit_features()),
             "confident_rate": confident_rate(probs, threshold),
             "class_histogram": np.bincount(probs.argmax(1), minlength=10).tolist(),
@@ -186,11 +194,14 @@ def calibrate(model: LoadedModel | str | Path | None, config: CalibrationConfig 
     """Per-group activation statistics along DDIM trajectories of the fp32 model; cached on
     disk by model and config (``cache_dir()/calib``), so rebuilding with other lowering
     options does not recalibrate."""
+    return _calibrate(fp_bundle(model), config, progress)
+
+
+def _calibrate(fp: Path, config: CalibrationConfig, progress=None):
     from .calibration.trajectory import CalibrationResult
     from .calibration.trajectory import calibrate as run_calibration
     from .frontend.layermap import LayerMap
 
-    fp = fp_bundle(model)
     key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir() / "calib" / f"{fp.name}-{key}"
     if (path / "calibration.json").is_file():
@@ -234,7 +245,7 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     layer_map = LayerMap.load(fp / "layer_map.json")
     qnodes = quantized_nodes(layer_map, config.float_layers)
     profile = PROFILES[config.profile]
-    calib = calibrate(model, config.calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)))
+    calib = _calibrate(fp, config.calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)))
     ranges = calib.ranges()
     fp_proto = onnx.load(str(fp / "model.onnx"))
     weights = quantize_weights(fp_proto, [l for l in layer_map.layers if l.node in qnodes])

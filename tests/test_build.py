@@ -12,7 +12,7 @@ from dmcompile.backends.onnxruntime import fusion_report
 from dmcompile.cli import main
 from dmcompile.config import BuildConfig, CalibrationConfig
 from dmcompile.errors import ConfigError
-from dmruntime import Bundle, DDIMSampler
+from dmruntime import Bundle
 
 SMALL = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4)
 

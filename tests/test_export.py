@@ -1,7 +1,6 @@
 """Frontend: tracing to ONNX, parity, the layer map, atomic output."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
