@@ -20,13 +20,13 @@ import numpy as np
 from dmruntime import Bundle, DDIMSampler
 
 from . import __version__
-from .config import BuildConfig, CalibrationConfig, EvalConfig, ExportConfig, SampleConfig
+from .config import AnalysisConfig, BuildConfig, CalibrationConfig, EvalConfig, ExportConfig, SampleConfig
 from .errors import ModelError
 from .frontend.export import ExportResult, export_model
 from .frontend.load import LoadedModel, load_model
 from .frontend.torch_model import TorchEpsModel
 
-__all__ = ["BuildConfig", "BuildResult", "CalibrationConfig", "EvalConfig", "EvalResult", "ExportConfig",
+__all__ = ["AnalysisConfig", "analyze", "BuildConfig", "BuildResult", "CalibrationConfig", "EvalConfig", "EvalResult", "ExportConfig",
            "SampleConfig", "build", "cache_dir", "calibrate", "digit_scores", "evaluate", "export",
            "fp_bundle", "load_model", "open_bundle", "reference_model", "sample", "sample_model"]
 
@@ -213,6 +213,49 @@ def _calibrate(fp: Path, config: CalibrationConfig, progress=None):
     return result
 
 
+def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = AnalysisConfig(),
+            calibration: CalibrationConfig = CalibrationConfig(), out: str | Path | None = None, progress=None):
+    """Rate-distortion curves per timestep group (RDCurves), cached by model, calibration and
+    analysis config under ``cache_dir()/rd`` and resumable; copied to ``out`` when given."""
+    if not isinstance(model, LoadedModel):
+        model = load_model(model)
+    fp = fp_bundle(model)
+    calib = _calibrate(fp, calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)))
+    curves = _analyze(fp, calib, config, progress)
+    if out is not None:
+        curves.save(Path(out))
+    return curves
+
+
+def _analyze(fp: Path, calib, config: AnalysisConfig, progress=None):
+    import onnx
+
+    from .analysis.probe import make_probe
+    from .analysis.rd import RDCurves, analyze as run_analysis, group_inputs
+    from .calibration.trajectory import quantized_tensors
+    from .frontend.layermap import LayerMap
+
+    key = hashlib.sha256(json.dumps([calib.config.to_dict(), config.to_dict()], sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir() / "rd" / f"{fp.name}-{key}"
+    if (path / "curves.json").is_file():
+        return RDCurves.load(path)
+    layer_map = LayerMap.load(fp / "layer_map.json")
+    proto = onnx.load(str(fp / "model.onnx"))
+    bundle = Bundle.open(fp)
+    probe = make_probe(proto, layer_map, quantized_tensors(proto, layer_map), bundle.sample_shape)
+    X, T = group_inputs(bundle, calib.groups, config, calib.config.steps, config.seed)
+    ranges = {b: calib.ranges(bits=b) for b in config.act_bits}
+    curves = run_analysis(probe, X, T, ranges, config, state_dir=path.with_name(path.name + ".partial"),
+                          progress=progress)
+    curves.groups = [(g.t_start, g.t_end) for g in calib.groups]
+    curves.config = {"analysis": config.to_dict(), "calibration": calib.config.to_dict()}
+    curves.save(path)
+    import shutil
+
+    shutil.rmtree(path.with_name(path.name + ".partial"), ignore_errors=True)
+    return curves
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildResult:
     """The bundle folder and what the build measured."""
@@ -224,7 +267,9 @@ class BuildResult:
 def build(model: LoadedModel | str | Path | None, out: str | Path, config: BuildConfig = BuildConfig(),
           progress=None) -> BuildResult:
     """Compile a model into a bundle: per timestep group, activation scales calibrated on the
-    inputs that group sees; weights quantized once. All groups share one fused integer ONNX
+    inputs that group sees. ``w8a8``: int8 weights everywhere. ``mixed``: per-layer weight
+    widths chosen by rate-distortion allocation under ``config.budget`` (or given explicitly),
+    4-bit weights stored packed. Groups with the same weights share one fused integer ONNX
     Runtime engine and feed it their own scales, zero points and int32 biases (group_XX.npz).
     The folder is written to a temporary path and renamed when complete."""
     import time
@@ -232,11 +277,13 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     import onnx
 
     from .artifacts import atomic_dir, write_manifest
-    from .backends.onnxruntime import ENGINE_FILE, fusion_report, merge_groups, optimize_for_cpu, save_engine
+    from .backends import onnxruntime as backend
+    from .backends.onnxruntime import (ENGINE_FILE, WEIGHTS_FILE, externalize_weights, fusion_report, merge_groups,
+                                       optimize_for_cpu)
     from .frontend.layermap import LayerMap
     from .lowering.precision import quantized_nodes
     from .lowering.profiles import PROFILES
-    from .lowering.qdq import lower_group, quantize_weights
+    from .lowering.qdq import lower_group, quantize_weight, weight_axis
 
     t0 = time.perf_counter()
     if not isinstance(model, LoadedModel):
@@ -248,40 +295,163 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     calib = _calibrate(fp, config.calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)))
     ranges = calib.ranges()
     fp_proto = onnx.load(str(fp / "model.onnx"))
-    weights = quantize_weights(fp_proto, [l for l in layer_map.layers if l.node in qnodes])
+    wlayers = [l for l in layer_map.layers if l.node in qnodes and l.weight]
     groups = calib.groups
+    K = len(groups)
+    plan = None
+    if config.format == "mixed":
+        bits, plan = _mixed_bits(fp, layer_map, wlayers, qnodes, calib, config, profile, progress)
+    else:
+        bits = np.full((K, len(wlayers)), 8)
+    inits = {i.name: i for i in fp_proto.graph.initializer}
+    qcache = {}
+
+    def weights_of(g: int) -> dict:
+        out = {}
+        for l, b in zip(wlayers, bits[g]):
+            if (l.weight, int(b)) not in qcache:
+                w = onnx.numpy_helper.to_array(inits[l.weight])
+                qcache[(l.weight, int(b))] = quantize_weight(w, weight_axis(l), int(b))
+            out[l.weight] = qcache[(l.weight, int(b))]
+        return out
+
     fused = []
     for g in groups:
-        fused.append(optimize_for_cpu(lower_group(fp_proto, layer_map, qnodes, weights, ranges[g.index], profile)))
+        fused.append(optimize_for_cpu(lower_group(fp_proto, layer_map, qnodes, weights_of(g.index),
+                                                  ranges[g.index], profile)))
         if progress:
-            progress("lower", g.index + 1, len(groups))
-    merged, params = merge_groups(fused)
-    K = len(groups)
+            progress("lower", g.index + 1, K)
+    # Groups with the same weight widths share one engine (their weights are byte-identical).
+    sets: dict[tuple, list[int]] = {}
+    for g in range(K):
+        sets.setdefault(tuple(int(b) for b in bits[g]), []).append(g)
+    engine_of, params, engines = {}, [None] * K, {}
+    for i, gids in enumerate(sets.values()):
+        merged, ps = merge_groups([fused[g] for g in gids])
+        name = ENGINE_FILE if len(sets) == 1 else f"unet_{i}.onnx"
+        engines[name] = merged
+        for g, p in zip(gids, ps):
+            engine_of[g], params[g] = name, p
     group_files = [f"group_{g.index:02d}.npz" for g in groups]
     with atomic_dir(Path(out)) as tmp:
-        files = save_engine(tmp, merged, params, group_files)
-        fusion = fusion_report(tmp / ENGINE_FILE)
+        fusion, engines_meta, weights_meta, stored = {}, {}, None, {}
+        for name, merged in engines.items():
+            fusion[name] = fusion_report(merged)
+            if config.format == "mixed":
+                gbits = dict(zip((l.weight for l in wlayers), bits[sets_first(engine_of, name)]))
+                engines_meta[name] = {"external_weights": externalize_weights(merged, gbits, stored)}
+        files = backend.save_engine(tmp, engines, params, group_files)
+        if config.format == "mixed":
+            weights_meta = _save_weights(tmp / WEIGHTS_FILE, stored)
+            files.append(WEIGHTS_FILE)
+        from dmruntime.weights import storage_bits
+
         body = {
             "format": config.format, "profile": profile.name,
             "model": model.describe(), "scheduler": model.scheduler_config,
-            "groups": [{"index": g.index, "t_start": g.t_start, "t_end": g.t_end, "engine": ENGINE_FILE,
+            "groups": [{"index": g.index, "t_start": g.t_start, "t_end": g.t_end, "engine": engine_of[g.index],
                         "inputs": f} for g, f in zip(groups, group_files)],
-            "engine": {"file": ENGINE_FILE, "runtime": "onnxruntime", "onnxruntime_version": _ort_version(),
+            "engine": {"file": sorted(engines)[0], "runtime": "onnxruntime", "onnxruntime_version": _ort_version(),
                        "group_inputs": sorted(params[0])},
-            "precision": {"activation_dtype": profile.activation_dtype, "layers": [
-                {"node": l.node, "module": l.module, "op_type": l.op_type,
-                 "weight_bits": [8] * K if (l.node in qnodes and l.weight) else None,
-                 "activation": profile.activation_dtype if l.node in qnodes else "float",
-                 "macs": l.macs, "params": l.params} for l in layer_map.layers]},
+            "precision": {"activation_dtype": profile.activation_dtype, "layers": _precision_layers(
+                layer_map, qnodes, wlayers, bits, profile, storage_bits)},
             "calibration": calib.config.to_dict(),
-            "build": {"config": config.to_dict(), "fusion": fusion},
+            "build": {"config": config.to_dict(), "fusion": fusion if len(fusion) > 1 else fusion[sorted(fusion)[0]]},
         }
+        if engines_meta:
+            body["engines"] = engines_meta
+            body["weights"] = weights_meta
+        if plan:
+            body["plan"] = plan
         write_manifest(tmp, body, files)
         if config.eval_samples:
             body["fidelity"] = _build_fidelity(tmp, fp, config.eval_samples, config.seed)
         body["build"]["seconds"] = round(time.perf_counter() - t0, 2)
         manifest = write_manifest(tmp, body, files)
     return BuildResult(Path(out), manifest)
+
+
+def sets_first(engine_of: dict, name: str) -> int:
+    """The first group served by engine ``name``."""
+    return min(g for g, e in engine_of.items() if e == name)
+
+
+def _save_weights(path: Path, stored: dict) -> dict:
+    from dmruntime.weights import encode
+
+    arrays, tensors = {}, {}
+    for key, (q, b) in sorted(stored.items()):
+        arrays[key], tensors[key] = encode(q, b)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return {"file": path.name, "tensors": tensors}
+
+
+def _precision_layers(layer_map, qnodes, wlayers, bits, profile, storage_bits) -> list[dict]:
+    from .analysis.plan import bops
+
+    col = {l.node: i for i, l in enumerate(wlayers)}
+    out = []
+    for l in layer_map.layers:
+        q = l.node in qnodes
+        wb = [int(b) for b in bits[:, col[l.node]]] if l.node in col else None
+        out.append({"node": l.node, "module": l.module, "op_type": l.op_type, "weight": l.weight, "weight_bits": wb,
+                    "storage_bits": [storage_bits(b) for b in wb] if wb else None,
+                    "activation": profile.activation_dtype if q else "float", "activation_bits": 8 if q else None,
+                    "macs": l.macs, "params": l.params,
+                    "bops": [bops(l, b, 8 if q else None) for b in (wb or [None] * len(bits))]})
+    return out
+
+
+def _mixed_bits(fp, layer_map, wlayers, qnodes, calib, config: BuildConfig, profile, progress):
+    """Weight widths [G, L] of a mixed build and the plan record for the manifest."""
+    from .analysis.allocate import parse_budget
+    from .analysis.plan import bops, check_bits, plan_bits
+    from .lowering.precision import explicit_bits
+
+    K = len(calib.groups)
+    if config.weight_bits:
+        bits = np.tile(explicit_bits(layer_map, wlayers, config.weight_bits), (K, 1))
+        plan = {"weight_bits": dict(config.weight_bits), "share_weights": True}
+    else:
+        allowed = config.analysis.weight_bits if config.allow_simulated_bits else profile.weight_bits
+        curves = _analyze(fp, calib, config.analysis, progress)
+        idx = [curves.layers.index(l.node) for l in wlayers]
+        fixed = sum(bops(l, None, 8 if l.node in qnodes else None) for l in layer_map.layers
+                    if l not in wlayers)
+        bits, plan = plan_bits(curves.weight[:, idx], wlayers, curves.weight_bits, tuple(allowed),
+                               parse_budget(config.budget), config.allocator, config.share_weights, fixed)
+        plan["curves"] = {"config": curves.config, "seconds": curves.seconds}
+    check_bits({int(b) for b in bits.ravel()}, profile.weight_bits, config.allow_simulated_bits)
+    n = sum(l.params for l in wlayers)
+    plan["average_weight_bits"] = [float((bits[g] * [l.params for l in wlayers]).sum() / n) for g in range(K)]
+    return bits, plan
+
+
+def inspect_plots(bundle: Bundle, folder: str | Path, curves_dir: str | Path | None = None) -> list[Path]:
+    """bits_heatmap.png from the manifest; rd_curves.png from ``curves_dir`` or, for a mixed
+    bundle, from the cached curves it was planned with."""
+    from .analysis.plots import save_bits_heatmap, save_rd_curves
+    from .analysis.rd import RDCurves
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    layers = [l for l in bundle.manifest["precision"]["layers"] if l.get("weight_bits")]
+    bits = np.array([l["weight_bits"] for l in layers]).T
+    groups = [(g.t_start, g.t_end) for g in bundle.groups]
+    out = [save_bits_heatmap([l["node"] for l in layers], bits, groups, folder / "bits_heatmap.png")]
+    curves = None
+    if curves_dir:
+        curves = RDCurves.load(Path(curves_dir))
+    else:
+        cfg = ((bundle.manifest.get("plan") or {}).get("curves") or {}).get("config")
+        if cfg:
+            key = hashlib.sha256(json.dumps([cfg["calibration"], cfg["analysis"]], sort_keys=True).encode()).hexdigest()[:12]
+            hits = sorted((cache_dir() / "rd").glob(f"*-{key}/curves.json"))
+            curves = RDCurves.load(hits[0].parent) if hits else None
+    if curves is not None:
+        out.append(save_rd_curves(curves, folder / "rd_curves.png"))
+    return out
 
 
 def _ort_version() -> str:

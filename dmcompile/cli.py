@@ -114,7 +114,9 @@ def cmd_build(args) -> int:
     calib = CalibrationConfig(size=args.calib_size, steps=args.calib_steps, seed=args.seed, groups=args.groups,
                               observer=args.observer, timesteps=args.calib_timesteps)
     cfg = BuildConfig(format=args.format, float_layers=tuple(args.float_layer), calibration=calib,
-                      eval_samples=args.eval_samples, seed=args.seed)
+                      eval_samples=args.eval_samples, seed=args.seed, budget=args.budget, allocator=args.allocator,
+                      share_weights=args.share_weights, allow_simulated_bits=args.allow_simulated_bits,
+                      analysis=_analysis_config(args), weight_bits=_weight_bits(args.weight_bits))
     out = args.output or Path("build") / f"{Path(str(args.model)).name}-{args.format}"
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
     m = res.manifest
@@ -123,10 +125,51 @@ def cmd_build(args) -> int:
     engines = len({g["engine"] for g in m["groups"]})
     print(f"wrote {res.path}: {len(m['groups'])} timestep group(s), {engines} engine(s), {sizes / 1e6:.2f} MB, "
           f"{fusion['ratio']:.0%} of Conv/Gemm/MatMul on integer kernels, {m['build']['seconds']:.1f} s")
+    if m.get("plan"):
+        avg = m["plan"]["average_weight_bits"]
+        extra = f" under {m['plan']['budget']} ({m['plan']['allocator']})" if m["plan"].get("budget") else ""
+        print(f"weight bits: average {min(avg):.3f}-{max(avg):.3f} over the groups{extra}")
     if "fidelity" in m:
         f = m["fidelity"]
         print(f"fidelity vs fp32 ({f['samples']} samples, DDIM {f['steps']}): PSNR {f['psnr_db_mean']:.2f} dB, "
               f"SSIM {f['ssim_mean']:.4f}")
+    return 0
+
+
+def _weight_bits(spec: str | None) -> dict | None:
+    """'*=4,first_conv=8' -> {'*': 4, 'first_conv': 8}."""
+    from .errors import ConfigError
+
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(","):
+        name, _, bits = part.strip().rpartition("=")
+        if not name or not bits.isdigit():
+            raise ConfigError(f"cannot read --weight-bits entry {part!r}; write NAME=BITS, e.g. *=4,first_conv=8")
+        out[name] = int(bits)
+    return out
+
+
+def _analysis_config(args):
+    from .config import AnalysisConfig
+
+    return AnalysisConfig(samples_per_group=args.rd_samples, distortion=args.distortion, sweep=args.sweep,
+                          weight_bits=tuple(args.rd_weight_bits), act_bits=tuple(args.rd_act_bits))
+
+
+def cmd_analyze(args) -> int:
+    from . import api
+    from .analysis.plots import save_rd_curves
+    from .config import CalibrationConfig
+
+    calib = CalibrationConfig(size=args.calib_size, steps=args.calib_steps, seed=args.seed, groups=args.groups)
+    curves = api.analyze(args.model, _analysis_config(args), calib, out=args.output, progress=_progress_bar("analyze"))
+    save_rd_curves(curves, args.output / "rd_curves.png")
+    G, L, B = curves.weight.shape
+    print(f"wrote {args.output}: curves of {L} weighted layers x {len(curves.weight_bits)} weight widths and "
+          f"{len(curves.tensors)} activation tensors x {len(curves.act_bits)} widths, {G} groups, "
+          f"{curves.seconds:.1f} s measuring ({curves.config['analysis']['sweep']} sweep); rd_curves.png")
     return 0
 
 
@@ -135,8 +178,22 @@ def cmd_inspect(args) -> int:
     from .inspect import bundle_report, format_report
 
     bundle = api.open_bundle(args.bundle)
-    print(format_report(bundle_report(bundle, fusion=not args.no_fusion)))
+    report = bundle_report(bundle, fusion=not args.no_fusion)
+    print(format_report(report))
+    if args.plots:
+        for path in api.inspect_plots(bundle, args.plots, curves_dir=args.curves):
+            print(f"wrote {path}")
     return 0
+
+
+def _add_analysis(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distortion", default="ssim+mse", choices=["ssim+mse", "mse", "sqnr"],
+                   help="output distortion of the RD curves (default ssim+mse, the paper's)")
+    p.add_argument("--rd-samples", type=int, default=16, help="inputs per group for the RD curves (default 16)")
+    p.add_argument("--sweep", default="full", choices=["full", "model"],
+                   help="full: measure every width; model: measure 3 and 6 bits, fit the rest from weight noise power")
+    p.add_argument("--rd-weight-bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8])
+    p.add_argument("--rd-act-bits", type=int, nargs="+", default=[6, 8])
 
 
 def _add_sampling(p: argparse.ArgumentParser, n_help: str) -> None:
@@ -170,7 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
                        f"write one ONNX Runtime model per timestep group. MODEL: {models} or a folder.")
     b.add_argument("model", nargs="?", default=zoo.DEFAULT_MODEL, help=f"default {zoo.DEFAULT_MODEL}")
     b.add_argument("-o", "--output", type=Path, default=None, help="bundle folder (default build/MODEL-FORMAT)")
-    b.add_argument("--format", default="w8a8", choices=["w8a8"])
+    b.add_argument("--format", default="w8a8", choices=["w8a8", "mixed"],
+                   help="w8a8: int8 weights; mixed: per-layer weight bits under --budget (RD allocation)")
+    b.add_argument("--budget", default=None, help="mixed: 5.0bits (average weight bits), 20MB (weight bytes) or "
+                   "BOPs=1.5e9 (MACs x weight bits x activation bits)")
+    b.add_argument("--allocator", default="dp", choices=["dp", "lagrange"],
+                   help="dp: exact knapsack (default); lagrange: the paper's multiplier sweep")
+    b.add_argument("--share-weights", dest="share_weights", action="store_true", default=True,
+                   help="one weight allocation for all groups, weights stored once (default)")
+    b.add_argument("--per-group-weights", dest="share_weights", action="store_false",
+                   help="one allocation per group (the paper): an engine per distinct allocation")
+    b.add_argument("--allow-simulated-bits", action="store_true",
+                   help="allow widths the target cannot store natively (2, 3, 5, 6): kept in 4- or 8-bit containers")
+    b.add_argument("--weight-bits", default=None, metavar="SPEC",
+                   help="mixed without a budget: explicit widths, e.g. '*=4,first_conv=8,last_conv=8'")
     b.add_argument("--groups", type=int, default=10, help="timestep groups K (1: one scale for all timesteps)")
     b.add_argument("--calib-size", type=int, default=64, help="calibration trajectories (default 64)")
     b.add_argument("--calib-steps", type=int, default=50, help="DDIM steps per trajectory (default 50)")
@@ -181,11 +251,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep in float: node/module name or prefix, op type, first_conv, last_conv (repeatable)")
     b.add_argument("--eval-samples", type=int, default=16, help="samples for the fidelity check (0: skip)")
     b.add_argument("--seed", type=int, default=0)
+    _add_analysis(b)
     b.set_defaults(func=cmd_build)
+
+    a = sub.add_parser("analyze", help="rate-distortion curves per timestep group (cached, resumable)",
+                       description="Measure, per timestep group, the UNet output distortion when one layer's weights "
+                       "(or input activations) are quantized to each candidate width; writes curves.json, "
+                       "curves.npz and rd_curves.png. Builds with --format mixed reuse the cached curves.")
+    a.add_argument("model", nargs="?", default=zoo.DEFAULT_MODEL, help=f"default {zoo.DEFAULT_MODEL}")
+    a.add_argument("-o", "--output", required=True, type=Path, help="folder for the curves")
+    a.add_argument("--groups", type=int, default=10)
+    a.add_argument("--calib-size", type=int, default=64)
+    a.add_argument("--calib-steps", type=int, default=50)
+    a.add_argument("--seed", type=int, default=0)
+    _add_analysis(a)
+    a.set_defaults(func=cmd_analyze)
 
     i = sub.add_parser("inspect", help="groups, per-layer precision, fusion, MACs and size of a bundle")
     i.add_argument("bundle")
     i.add_argument("--no-fusion", action="store_true", help="skip the ONNX Runtime fusion check (faster)")
+    i.add_argument("--plots", type=Path, default=None, metavar="DIR",
+                   help="write bits_heatmap.png (and rd_curves.png when the curves are cached or --curves is given)")
+    i.add_argument("--curves", type=Path, default=None, help="curves folder from `dmcompile analyze`")
     i.set_defaults(func=cmd_inspect)
 
     s = sub.add_parser("sample", help="DDIM-sample a bundle (or with --fp a model) into a PNG grid",

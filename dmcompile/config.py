@@ -123,7 +123,43 @@ class CalibrationConfig(_Versioned):
                "batch_size >= 1, bins >= 16 and sample_per_tensor >= 1024 are required")
 
 
-FORMATS = ("w8a8",)
+DISTORTIONS = ("ssim+mse", "mse", "sqnr")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig(_Versioned):
+    """Rate-distortion curves: samples_per_group inputs per timestep group (from fp32 DDIM
+    trajectories), the distortion measure of the UNet output, the candidate weight and
+    activation widths, and the sweep: ``full`` measures every weight width, ``model`` measures
+    ``model_bits`` and fits the rest from the weight-quantization noise power. max_rows: rows
+    per ONNX Runtime call (memory bound)."""
+
+    samples_per_group: int = 16
+    distortion: str = "ssim+mse"
+    weight_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    act_bits: tuple[int, ...] = (6, 8)
+    sweep: str = "full"
+    model_bits: tuple[int, ...] = (3, 6)
+    max_rows: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "weight_bits", tuple(sorted(int(b) for b in self.weight_bits)))
+        object.__setattr__(self, "act_bits", tuple(sorted(int(b) for b in self.act_bits)))
+        object.__setattr__(self, "model_bits", tuple(int(b) for b in self.model_bits))
+        _check(self.samples_per_group >= 1, f"samples_per_group must be >= 1, got {self.samples_per_group}")
+        _check(self.distortion in DISTORTIONS, f"distortion must be one of {DISTORTIONS}, got {self.distortion!r}")
+        _check(all(2 <= b <= 8 for b in self.weight_bits) and self.weight_bits,
+               f"weight bits must be in [2, 8], got {self.weight_bits}")
+        _check(all(2 <= b <= 8 for b in self.act_bits), f"activation bits must be in [2, 8], got {self.act_bits}")
+        _check(self.sweep in ("full", "model"), f"sweep must be full or model, got {self.sweep!r}")
+        _check(self.sweep == "full" or len(self.model_bits) == 2 and set(self.model_bits) <= set(self.weight_bits)
+               and self.model_bits[0] != self.model_bits[1],
+               f"model_bits must be two different widths among the weight bits, got {self.model_bits}")
+        _check(self.max_rows >= 1, "max_rows must be >= 1")
+
+
+FORMATS = ("w8a8", "mixed")
 
 
 @dataclass(frozen=True)
@@ -143,6 +179,12 @@ class BuildConfig(_Versioned):
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     eval_samples: int = 16
     seed: int = 0
+    budget: str | None = None
+    allocator: str = "dp"
+    share_weights: bool = True
+    allow_simulated_bits: bool = False
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    weight_bits: dict | None = None  # explicit per-layer widths (node or module -> bits), mixed only
 
     def __post_init__(self):
         from .lowering.profiles import PROFILES
@@ -150,4 +192,13 @@ class BuildConfig(_Versioned):
         _check(self.format in FORMATS, f"format must be one of {FORMATS}, got {self.format!r}")
         _check(self.profile in PROFILES, f"profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
         _check(self.eval_samples >= 0, f"eval_samples must be >= 0, got {self.eval_samples}")
+        _check(self.allocator in ("dp", "lagrange"), f"allocator must be dp or lagrange, got {self.allocator!r}")
+        _check(self.format != "mixed" or bool(self.budget) != bool(self.weight_bits),
+               "format mixed needs exactly one of --budget (e.g. 5.0bits, 20MB, BOPs=1e9) or explicit weight bits")
+        _check(self.format == "mixed" or not (self.budget or self.weight_bits),
+               "--budget applies to --format mixed only")
+        if self.budget:
+            from .analysis.allocate import parse_budget
+
+            parse_budget(self.budget)
         object.__setattr__(self, "float_layers", tuple(self.float_layers))

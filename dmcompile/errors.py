@@ -18,3 +18,7 @@ class ConfigError(DmcompileError, ValueError):
 
 class ExportError(DmcompileError):
     """Tracing to ONNX failed or the ONNX model disagrees with PyTorch."""
+
+
+class BudgetError(DmcompileError, ValueError):
+    """A bit budget cannot be parsed or no allocation meets it."""

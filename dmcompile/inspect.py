@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dmruntime import Bundle
 
 from .backends.onnxruntime import fusion_report
@@ -23,14 +25,46 @@ def bundle_report(bundle: Bundle, fusion: bool = True) -> dict:
         "layers": layers,
         "fidelity": m.get("fidelity"),
     }
+    if layers:
+        report["accounting"] = accounting(m)
+    if m.get("plan"):
+        report["plan"] = {k: v for k, v in m["plan"].items() if k != "curves"}
     if fusion:
-        report["fusion"] = {e: fusion_report(bundle.root / e) for e in sorted({g.engine for g in bundle.groups})}
+        report["fusion"] = {e: fusion_report(bundle.root / e, bundle.engine(e).external)
+                            for e in sorted({g.engine for g in bundle.groups})}
     return report
 
 
+def accounting(manifest: dict) -> dict:
+    """Per layer: MACs, weight / storage / activation bits per group, BOPs per group, weight
+    bytes on disk; totals against fp32 (BOPs at 32 x 32 bits, weights at 4 bytes)."""
+    layers = manifest["precision"]["layers"]
+    stored = (manifest.get("weights") or {}).get("tensors", {})
+    rows, bops_total, bops_fp = [], None, 0
+    for l in layers:
+        wb = l.get("weight_bits")
+        if stored and wb:
+            keys = {k for k in stored if k.rsplit("@", 1)[0] == f"{l['weight']}.q"}
+            disk = sum(-(-math.prod(stored[k]["shape"]) * stored[k]["storage_bits"] // 8) for k in keys)
+        else:
+            disk = l["params"] if wb else (4 * l["params"] if l["params"] else 0)
+        G = len(wb) if wb else len(l.get("bops") or [0])
+        b = l.get("bops") or [l["macs"] * 32 * 32] * G
+        bops_total = b if bops_total is None else [x + y for x, y in zip(bops_total, b)]
+        bops_fp += l["macs"] * 32 * 32
+        rows.append({"node": l["node"], "op_type": l["op_type"], "macs": l["macs"], "weight_bits": wb,
+                     "storage_bits": l.get("storage_bits"), "activation_bits": l.get("activation_bits"),
+                     "bops": b, "weight_bytes_on_disk": disk})
+    disk = sum(r["weight_bytes_on_disk"] for r in rows)
+    params = sum(l["params"] for l in layers)
+    return {"layers": rows, "bops_per_group": bops_total, "bops_fp32": bops_fp,
+            "bops_reduction": [bops_fp / x for x in bops_total], "weight_bytes_on_disk": disk,
+            "weight_bytes_fp32": 4 * params, "weight_size_ratio": disk / (4 * params) if params else None}
+
+
 def format_report(r: dict) -> str:
-    lines = [f"{r['path']}: {r['model']} ({r['parameters'] / 1e6:.2f} M parameters), format {r['format']}, "
-             f"profile {r['profile']}"]
+    lines = [(f"{r['path']}: {r['model']} ({r['parameters'] / 1e6:.2f} M parameters), format {r['format']}, "
+             f"profile {r['profile']}")]
     lines.append(f"groups: {len(r['groups'])}  " + "  ".join(f"[{g['t_start']},{g['t_end']})" for g in r["groups"]))
     total, fp = r["total_bytes"], r["fp32_weight_bytes"]
     ratio = f" = {total / fp:.3f}x the fp32 weights ({fp / 1e6:.2f} MB)" if fp else ""
@@ -46,6 +80,34 @@ def format_report(r: dict) -> str:
             lines.append("  kept in float: " + ", ".join(floats))
         macs = sum(l["macs"] for l in r["layers"])
         lines.append(f"MACs per sample: {macs / 1e6:.1f} M")
+    acc = r.get("accounting")
+    if acc:
+        groups = len(r["groups"])
+        lines.append("per layer: MACs, weight bits per group (storage bits), activation bits, BOPs (group 0), "
+                     "weight bytes on disk")
+        for l in acc["layers"]:
+            wb = l["weight_bits"]
+            if l["activation_bits"] is None:
+                wtxt = "float"
+            elif not wb:
+                wtxt = "-"
+            else:
+                wtxt = str(wb[0]) if len(set(wb)) == 1 else "/".join(map(str, wb))
+            if wb and l["storage_bits"] and any(s != b for s, b in zip(l["storage_bits"], wb)):
+                wtxt += f" (stored {'/'.join(map(str, sorted(set(l['storage_bits']))))})"
+            lines.append(f"  {l['node'][-56:]:<56} {l['op_type']:<6} {l['macs'] / 1e6:8.3f} M  w{wtxt:<8} "
+                         f"a{l['activation_bits'] or 32:<3} {l['bops'][0] / 1e9:8.3f} GBOPs {l['weight_bytes_on_disk']:>9} B")
+        red = acc["bops_reduction"]
+        lines.append(f"BOPs per sample: {acc['bops_per_group'][0] / 1e9:.3f} G (group 0) vs fp32 "
+                     f"{acc['bops_fp32'] / 1e9:.3f} G = {min(red):.1f}x-{max(red):.1f}x fewer over {groups} group(s)")
+        lines.append(f"weights on disk: {acc['weight_bytes_on_disk'] / 1e6:.3f} MB vs fp32 "
+                     f"{acc['weight_bytes_fp32'] / 1e6:.3f} MB = {acc['weight_size_ratio']:.3f}x")
+    if r.get("plan") and r["plan"].get("budget"):
+        pl = r["plan"]
+        avg = pl["average_weight_bits"]
+        alloc = "one weight allocation for all groups" if pl["share_weights"] else "one allocation per group"
+        lines.append(f"plan: {pl['allocator']} allocation under {pl['budget']}, {alloc}; "
+                     f"average weight bits {min(avg):.3f}-{max(avg):.3f}")
     if "fusion" in r:
         lines.append("integer kernels after ONNX Runtime optimisation (per engine file; groups feed it their "
                      "own scales):")

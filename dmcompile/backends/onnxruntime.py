@@ -22,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 ENGINE_FILE = "unet.onnx"
+WEIGHTS_FILE = "weights.npz"
 # ConstantSharing merges initializers that happen to hold equal values (two scales that are
 # equal in one group), which makes the fused graphs of different groups differ.
 DISABLED_OPTIMIZERS = ["ConstantSharing"]
@@ -73,27 +74,65 @@ def merge_groups(models: list[onnx.ModelProto]) -> tuple[onnx.ModelProto, list[d
     return merged, [{n: v[n] for n in varying} for v in values]
 
 
-def save_engine(folder: Path, merged: onnx.ModelProto, params: list[dict[str, np.ndarray]],
+def save_engine(folder: Path, engines: dict[str, onnx.ModelProto], params: list[dict[str, np.ndarray]],
                 group_files: list[str]) -> list[str]:
-    """Write unet.onnx and one .npz of group inputs per group; returns the file names."""
-    onnx.save(merged, str(Path(folder) / ENGINE_FILE))
+    """Write the engine files and one .npz of group inputs per group; returns the file names."""
+    for name, model in engines.items():
+        onnx.save(model, str(Path(folder) / name))
     for p, name in zip(params, group_files):
         with open(Path(folder) / name, "wb") as f:
             np.savez(f, **p)
-    return [ENGINE_FILE, *group_files]
+    return [*engines, *group_files]
+
+
+def externalize_weights(model: onnx.ModelProto, bits: dict[str, int], stored: dict) -> dict[str, str]:
+    """Move the quantized weights (``<weight>.q`` for each weight in ``bits``) out of the engine:
+    the initializers keep name, type and shape but are marked external (dmruntime hands them to
+    the session from weights.npz, 4-bit ones unpacked). ``stored`` collects key -> (int8 array,
+    grid bits); a key names one weight at one width, so engines share it. Returns name -> key."""
+    from onnx.external_data_helper import set_external_data
+
+    mapping = {}
+    wanted = {f"{w}.q": b for w, b in bits.items()}
+    for init in model.graph.initializer:
+        b = wanted.get(init.name)
+        if b is None:
+            continue
+        arr = numpy_helper.to_array(init)
+        key = f"{init.name}@{int(b)}"
+        if key in stored:
+            assert np.array_equal(stored[key][0], arr), f"{key} differs between engines"
+        else:
+            stored[key] = (arr, int(b))
+        set_external_data(init, location=WEIGHTS_FILE, offset=0, length=arr.nbytes)
+        init.ClearField("raw_data")
+        init.data_location = onnx.TensorProto.EXTERNAL
+        mapping[init.name] = key
+    missing = sorted(set(wanted) - set(mapping))
+    assert not missing, f"quantized weights not found in the fused engine: {missing[:3]}"
+    return mapping
 
 
 INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger"}
 FLOAT_OPS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
 
 
-def fusion_report(model_path: Path) -> dict:
+def fusion_report(model: Path | onnx.ModelProto, external: dict | None = None) -> dict:
     """Op counts after ONNX Runtime's graph optimisation: how many quantizable nodes run as
-    integer kernels. Returns {"integer": {op: n}, "float": {op: n}, "ratio": integer / all}."""
+    integer kernels. ``external``: arrays of initializers stored outside the file.
+    Returns {"integer": {op: n}, "float": {op: n}, "ratio": integer / all}."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(model, onnx.ModelProto):
+            onnx.save(model, str(Path(tmp) / "in.onnx"))
+            model_path = Path(tmp) / "in.onnx"
+        else:
+            model_path = model
         so = ort.SessionOptions()
+        if external:
+            values = [ort.OrtValue.ortvalue_from_numpy(v) for v in external.values()]
+            so.add_external_initializers(list(external), values)
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.bin")

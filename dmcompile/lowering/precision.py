@@ -31,3 +31,23 @@ def quantized_nodes(layer_map: LayerMap, float_layers: tuple[str, ...]) -> set[s
                               f"(Conv, Gemm, MatMul) or {' / '.join(ALIASES)}")
         keep_float |= hit
     return {l.node for l in layer_map.layers} - keep_float
+
+
+def explicit_bits(layer_map: LayerMap, layers: list[Layer], spec: dict) -> list[int]:
+    """Weight widths from {entry: bits}: entries as for float layers, plus "*" for the rest;
+    a more specific entry (node > module > op type > "*") wins."""
+    convs = [l.node for l in layer_map.layers if l.op_type == "Conv"]
+    first, last = (convs[0], convs[-1]) if convs else ("", "")
+    out = []
+    for layer in layers:
+        hits = [(e, b) for e, b in spec.items() if e != "*" and _matches(e, layer, first, last)]
+        if hits:
+            out.append(int(hits[0][1]))
+        elif "*" in spec:
+            out.append(int(spec["*"]))
+        else:
+            raise ConfigError(f"no weight width for layer {layer.node}; add a '*' entry (e.g. *=4)")
+    for e in spec:
+        if e != "*" and not any(_matches(e, l, first, last) for l in layers):
+            raise ConfigError(f"weight-bits entry {e!r} matches no quantized layer with weights")
+    return out

@@ -26,7 +26,7 @@ class TargetProfile:
 ORT_CPU = TargetProfile(
     name="ort-cpu",
     activation_dtype="uint8",
-    weight_bits=(8,),
+    weight_bits=(4, 8),  # 4-bit: packed on disk, int8 grid in memory (int8 kernels)
     weight_per_channel=True,
     integer_ops={"Conv": ("QLinearConv",), "Gemm": ("QGemm",),
                  "MatMul": ("QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger")},

@@ -13,6 +13,7 @@ import numpy as np
 from .engine import OnnxEngine
 from .errors import BundleError, InputError
 from .schedule import NoiseSchedule
+from .weights import load_weights
 
 MANIFEST = "manifest.json"
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -69,10 +70,19 @@ class Bundle:
         self._lookup = group_lookup(self.groups, self.schedule.num_train_timesteps)
         # Groups may share one engine and differ only in the inputs they feed it.
         self._inputs = [load_group_inputs(root, g["inputs"]) if g.get("inputs") else None for g in manifest["groups"]]
+        # Low-bit weights stored outside the engines (4-bit packed), expanded once and shared.
+        stored = load_weights(root, manifest["weights"]) if manifest.get("weights") else {}
+        engines = manifest.get("engines") or {}
         self._engines = {}
         for g in self.groups:
             if g.engine not in self._engines:
-                self._engines[g.engine] = OnnxEngine(root / g.engine, self.sample_shape, threads=threads)
+                ext = {name: stored[key] for name, key in
+                       (engines.get(g.engine) or {}).get("external_weights", {}).items()}
+                self._engines[g.engine] = OnnxEngine(root / g.engine, self.sample_shape, threads=threads, external=ext)
+
+    def engine(self, name: str) -> OnnxEngine:
+        """The engine (and its session) behind one engine file."""
+        return self._engines[name]
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = True, threads: int = 0) -> "Bundle":
@@ -176,6 +186,17 @@ def validate_manifest(manifest: dict, root: Path, verify: bool = True) -> None:
             _require(sha256_file(p) == info.get("sha256"),
                      f"bundle file {name} does not match its sha256 in the manifest: corrupt or modified; "
                      "rebuild the bundle")
+    weights = manifest.get("weights")
+    if weights is not None:
+        _require(weights.get("file") in files, f"manifest weights file {weights.get('file')!r} is not listed in 'files'")
+        for key, t in (weights.get("tensors") or {}).items():
+            _require(t.get("storage_bits") in (4, 8) and isinstance(t.get("shape"), list),
+                     f"weight {key!r}: storage_bits must be 4 or 8 and shape a list")
+    for engine, info in (manifest.get("engines") or {}).items():
+        _require(engine in files, f"manifest engines lists {engine!r}, which 'files' does not list")
+        for name, key in (info.get("external_weights") or {}).items():
+            _require(weights is not None and key in (weights.get("tensors") or {}),
+                     f"engine {engine} takes {name!r} from stored weight {key!r}, which the manifest does not list")
     groups = manifest["groups"]
     _require(isinstance(groups, list) and groups, "manifest 'groups' must be a non-empty list")
     for g in groups:

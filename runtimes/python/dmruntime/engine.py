@@ -17,8 +17,9 @@ class OnnxEngine:
     """
 
     def __init__(self, path: str | Path, sample_shape: tuple[int, ...], threads: int = 0,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), external: dict | None = None):
         self.path = Path(path)
+        self.external = external or {}  # initializer name -> array, for initializers stored outside the file
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.threads = threads
         self.providers = providers
@@ -32,6 +33,10 @@ class OnnxEngine:
             opts = ort.SessionOptions()
             if self.threads:
                 opts.intra_op_num_threads = self.threads
+            if self.external:
+                # OrtValues wrap the arrays without copying; they must outlive the session.
+                self._values = [ort.OrtValue.ortvalue_from_numpy(v) for v in self.external.values()]
+                opts.add_external_initializers(list(self.external), self._values)
             try:
                 self._session = ort.InferenceSession(str(self.path), opts, providers=list(self.providers))
             except Exception as e:  # ORT raises several private types for unreadable models

@@ -1,0 +1,119 @@
+"""Bit allocation under a budget: each layer picks one width, the sum of its distortions is
+minimised and the sum of its costs stays within the budget (a multiple-choice knapsack).
+
+- ``lagrange``: the paper's method. For a multiplier lam each layer independently takes
+  argmin_b D(b) + lam * cost(b); lam is bisected to the cheapest that fits. It only reaches
+  allocations on the lower convex hull of the total (cost, distortion) curve.
+- ``dp``: exact dynamic programming over the budget discretised into ``resolution`` steps
+  (costs rounded up, so a DP answer always fits the real budget); reaches every feasible point.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import BudgetError
+
+UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """kind: bits (average weight bits over the allocated layers), bytes (stored weight bytes
+    of the allocated layers, scales included) or bops (MACs x weight bits x activation bits)."""
+
+    kind: str
+    value: float
+
+    def __str__(self):
+        return {"bits": f"{self.value:g} average weight bits", "bytes": f"{self.value / 1e6:.4g} MB of weights",
+                "bops": f"{self.value:.4g} BOPs"}[self.kind]
+
+
+def parse_budget(text: str) -> Budget:
+    """'5.0bits', '20MB' (also B, KB, GB, MiB), 'BOPs=1.5e9'."""
+    s = str(text).strip()
+    if m := re.fullmatch(r"([0-9.]+)\s*bits?", s, re.I):
+        v = float(m.group(1))
+        if not 1 <= v <= 32:
+            raise BudgetError(f"an average of {v} weight bits is out of range; use 2bits to 8bits")
+        return Budget("bits", v)
+    if m := re.fullmatch(r"([0-9.]+(?:e[0-9+]+)?)\s*([kmg]i?b|b)", s, re.I):
+        return Budget("bytes", float(m.group(1)) * UNITS[m.group(2).upper()])
+    if m := re.fullmatch(r"bops\s*=\s*([0-9.]+(?:e[+]?[0-9]+)?)", s, re.I):
+        return Budget("bops", float(m.group(1)))
+    raise BudgetError(f"cannot read budget {text!r}; write e.g. 5.0bits (average weight bits), 20MB (weight "
+                      "bytes) or BOPs=1.5e9 (MACs x weight bits x activation bits)")
+
+
+def lagrange(dist: np.ndarray, cost: np.ndarray, budget: float, iters: int = 100) -> np.ndarray:
+    """dist, cost: [L, B] per layer and option. Returns the chosen option per layer."""
+    def pick(lam):
+        return np.argmin(dist + lam * cost, axis=1)
+
+    rows = np.arange(len(dist))
+    if cost[rows, pick(0.0)].sum() <= budget:
+        return pick(0.0)
+    lo, hi = 0.0, 1.0
+    while cost[rows, pick(hi)].sum() > budget:
+        hi *= 4
+        if hi > 1e300:
+            break
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if cost[rows, pick(mid)].sum() <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return pick(hi)
+
+
+def dp(dist: np.ndarray, cost: np.ndarray, budget: float, resolution: int = 4000) -> np.ndarray:
+    """Exact multiple-choice knapsack over integer cost units of budget / resolution (costs
+    are rounded up; integer costs with budget <= resolution are solved exactly)."""
+    L, B = dist.shape
+    if np.all(cost == np.round(cost)) and budget <= resolution:
+        unit = 1.0
+    else:
+        unit = budget / resolution
+    c = np.ceil(cost / unit - 1e-9).astype(np.int64)
+    cap = int(np.floor(budget / unit + 1e-9))
+    best = np.zeros(cap + 1)
+    choice = np.zeros((L, cap + 1), np.int16)
+    for layer in range(L):
+        new = np.full(cap + 1, np.inf)
+        for j in range(B):
+            cj = c[layer, j]
+            if cj > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[cj:] = best[: cap + 1 - cj] + dist[layer, j]
+            better = cand < new
+            new[better] = cand[better]
+            choice[layer, better] = j
+        best = new
+    if not np.isfinite(best[cap]):
+        raise BudgetError("no allocation fits the budget")
+    out = np.zeros(L, np.int64)
+    k = cap
+    for layer in range(L - 1, -1, -1):
+        out[layer] = choice[layer, k]
+        k -= c[layer, out[layer]]
+    return out
+
+
+ALLOCATORS = {"lagrange": lagrange, "dp": dp}
+
+
+def allocate(dist: np.ndarray, cost: np.ndarray, budget: float, allocator: str = "dp",
+             fixed_cost: float = 0.0, describe=str) -> np.ndarray:
+    """Choose one option per layer. ``fixed_cost`` counts against the budget whatever is
+    chosen. Raises BudgetError naming the smallest feasible budget when none fits."""
+    least = cost.min(axis=1).sum() + fixed_cost
+    if least > budget * (1 + 1e-9):
+        raise BudgetError(f"budget {describe(budget)} is infeasible: the smallest feasible budget is "
+                          f"{describe(least)} (every layer at its narrowest allowed width)")
+    return ALLOCATORS[allocator](dist, cost, budget - fixed_cost)

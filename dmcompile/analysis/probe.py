@@ -1,0 +1,154 @@
+"""One fp32 ONNX session that can quantize any layer, at any bit width, per batch row.
+
+The probe model is the fp32 export with (a) the weights of quantizable layers overridable
+(fed fake-quantized per call) and (b) every quantized activation tensor passed through a
+float fake-quantizer whose scale, zero point, level count and on/off switch are inputs with
+one value per batch row. Rows that switch different tensors on (with different groups'
+scales) share one call: that is how the activation sweeps are batched. Fake quantization
+here rounds like the deployed QDQ graph (round half to even, clip to [0, levels]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..calibration.observers import qparams
+from ..frontend.layermap import Layer, LayerMap
+from ..lowering.qdq import quantize_weight, weight_axis
+
+SEP = "|"
+
+
+def probe_model(fp: onnx.ModelProto, weights: list[str], tensors: dict[str, int]) -> onnx.ModelProto:
+    """``weights``: initializers made overridable; ``tensors``: activation name -> rank."""
+    m = onnx.ModelProto()
+    m.CopyFrom(fp)
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    for w in weights:
+        g.input.append(helper.make_tensor_value_info(w, inits[w].data_type, list(inits[w].dims)))
+    outputs = {o.name for o in g.output}
+    new_nodes = []
+    fq = {}
+    for t, rank in tensors.items():
+        src, dst = (t + SEP + "raw", t) if t in outputs else (t, t + SEP + "fq")
+        shape = f"{t}{SEP}shape"
+        g.initializer.append(numpy_helper.from_array(np.array([-1] + [1] * (rank - 1), np.int64), shape))
+        p = {k: f"{t}{SEP}{k}" for k in ("s", "z", "n", "on")}
+        for name in p.values():
+            g.input.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["rows"]))
+        r = {k: f"{v}{SEP}r" for k, v in p.items()}
+        nodes = [helper.make_node("Reshape", [p[k], shape], [r[k]]) for k in p]
+        o = f"{t}{SEP}"
+        nodes += [
+            helper.make_node("Div", [src, r["s"]], [o + "d"]),
+            helper.make_node("Round", [o + "d"], [o + "r"]),
+            helper.make_node("Add", [o + "r", r["z"]], [o + "a"]),
+            helper.make_node("Min", [o + "a", r["n"]], [o + "hi"]),
+            helper.make_node("Relu", [o + "hi"], [o + "q"]),
+            helper.make_node("Sub", [o + "q", r["z"]], [o + "c"]),
+            helper.make_node("Mul", [o + "c", r["s"]], [o + "dq"]),
+            helper.make_node("Sub", [o + "dq", src], [o + "e"]),
+            helper.make_node("Mul", [o + "e", r["on"]], [o + "me"]),
+            helper.make_node("Add", [src, o + "me"], [dst]),
+        ]
+        fq[t] = (src, dst, nodes)
+    for node in g.node:
+        for i, v in enumerate(node.input):
+            if v in fq and v not in outputs:
+                node.input[i] = fq[v][1]
+    for node in list(g.node):
+        for j, out in enumerate(node.output):
+            if out in fq and out in outputs:
+                node.output[j] = fq[out][0]
+    pending = dict(fq)
+    for t in [i.name for i in g.input if i.name in pending]:
+        new_nodes += pending.pop(t)[2]
+    for node in g.node:
+        new_nodes.append(node)
+        for out in node.output:
+            key = out[: -len(SEP + "raw")] if out.endswith(SEP + "raw") else out
+            if key in pending:
+                new_nodes += pending.pop(key)[2]
+    assert not pending, f"tensors without a producer: {list(pending)[:3]}"
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return m
+
+
+@dataclass
+class Probe:
+    """A session over the probe model plus what is needed to feed it."""
+
+    session: object
+    layers: tuple[Layer, ...]  # quantizable layers with weights
+    weights: dict[str, np.ndarray]  # fp32 weight per layer.weight
+    tensors: tuple[str, ...]
+    ratio: dict[str, int]  # tensor -> dim0 / batch rows
+
+    def weight_feed(self, layer: Layer, bits: int | None) -> dict[str, np.ndarray]:
+        """The fake-quantized weight of one layer (``bits`` None: full precision)."""
+        w = self.weights[layer.weight]
+        if bits is None:
+            return {}
+        qw = quantize_weight(w, weight_axis(layer), bits)
+        shape = [1] * w.ndim
+        shape[qw.axis] = -1
+        return {layer.weight: (qw.q.astype(np.float32) * qw.scale.reshape(shape)).astype(np.float32)}
+
+    def run(self, x: np.ndarray, t: np.ndarray, weights: dict | None = None, acts: dict | None = None) -> np.ndarray:
+        """UNet output for rows (x, t). ``acts``: tensor -> (s, z, n, on) per-row arrays."""
+        rows = len(x)
+        feeds = {"sample": x, "timestep": t}
+        off = (np.ones(rows, np.float32), np.zeros(rows, np.float32), np.full(rows, 255.0, np.float32),
+               np.zeros(rows, np.float32))
+        for name in self.tensors:
+            vals = (acts or {}).get(name, off)
+            for k, v in zip(("s", "z", "n", "on"), vals):
+                feeds[f"{name}{SEP}{k}"] = np.repeat(np.asarray(v, np.float32), self.ratio[name])
+        feeds.update(weights or {})
+        return self.session.run(["eps"], feeds)[0]
+
+
+def act_params(lo: float, hi: float, bits: int, rows: int) -> tuple[np.ndarray, ...]:
+    """Per-row (scale, zero point, levels, on) of an asymmetric ``bits`` quantizer over [lo, hi]."""
+    s, z = qparams(lo, hi, bits=bits)
+    return (np.full(rows, s, np.float32), np.full(rows, z, np.float32), np.full(rows, 2**bits - 1, np.float32),
+            np.ones(rows, np.float32))
+
+
+def make_probe(fp: onnx.ModelProto, layer_map: LayerMap, tensors: list[str], sample_shape, threads: int = 0) -> Probe:
+    """Build the probe session; tensor ranks and batch ratios come from two shape runs."""
+    import onnxruntime as ort
+
+    layers = tuple(l for l in layer_map.layers if l.weight)
+    inits = {i.name: i for i in fp.graph.initializer}
+    weights = {l.weight: numpy_helper.to_array(inits[l.weight]).astype(np.float32) for l in layers}
+    shapes = {}
+    m = onnx.ModelProto()
+    m.CopyFrom(fp)
+    have = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in have:
+            m.graph.output.append(helper.make_empty_tensor_value_info(t))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    for b in (2, 3):
+        got = sess.run(tensors, {"sample": np.zeros((b, *sample_shape), np.float32), "timestep": np.zeros(b, np.int64)})
+        shapes[b] = {t: v.shape for t, v in zip(tensors, got)}
+    ratio, ranks = {}, {}
+    for t in tensors:
+        d2, d3 = shapes[2][t][0], shapes[3][t][0]
+        if d2 % 2 or d3 % 3 or d2 // 2 != d3 // 3:
+            raise AssertionError(f"tensor {t}: leading dimension {d2}/{d3} does not follow the batch")
+        ratio[t], ranks[t] = d2 // 2, len(shapes[2][t])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # overridable weights are intended: no warning per initializer
+    if threads:
+        so.intra_op_num_threads = threads
+    probe = probe_model(fp, [l.weight for l in layers], ranks)
+    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return Probe(session, layers, weights, tuple(tensors), ratio)

@@ -1,0 +1,282 @@
+"""Rate-distortion curves per timestep group: D_{l,g}(b), the output distortion when only
+layer l is quantized to b bits (weights; separately, its input activations), measured on
+inputs that group g sees along the fp32 model's DDIM trajectories.
+
+Cached and resumable: progress is saved every few seconds, a rerun continues where it stopped.
+``sweep="model"`` measures two weight widths per layer and fills the others from a power law
+in the layer's weight-quantization noise power (exact, cheap): D(b) = c * P(b)^alpha.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from dmruntime import DDIMSampler, group_lookup
+
+from ..artifacts import atomic_dir, write_json
+from ..config import AnalysisConfig
+from ..eval.metrics import ssim
+from ..lowering.qdq import quantize_weight, weight_axis
+from .probe import Probe, act_params
+
+RD_SCHEMA_VERSION = 1
+ANALYSIS_STREAM = 0xA1A
+
+
+def distortion(ref: np.ndarray, out: np.ndarray, kind: str) -> float:
+    """mse; sqnr (noise power / signal power, linear); ssim+mse ((1 - SSIM) + MSE, the paper's,
+    SSIM per output image over the reference's value range, averaged)."""
+    mse = float(np.mean((ref.astype(np.float64) - out) ** 2))
+    if kind == "mse":
+        return mse
+    if kind == "sqnr":
+        return mse / float(np.mean(ref.astype(np.float64) ** 2))
+    rng = float(ref.max() - ref.min()) or 1.0
+    return float(1.0 - np.mean(ssim(out, ref, data_range=rng))) + mse
+
+
+def noise_power(w: np.ndarray, axis: int, bits: int) -> float:
+    """Mean squared error of quantizing a weight to ``bits`` (per-channel symmetric)."""
+    qw = quantize_weight(w, axis, bits)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    return float(np.mean((w - qw.q * qw.scale.reshape(shape)) ** 2))
+
+
+@dataclass
+class RDCurves:
+    """weight[g, l, i]: distortion of layer l's weights at weight_bits[i] in group g;
+    act[g, j, k]: of activation tensor j at act_bits[k]. ``measured[l, i]`` says which weight
+    points were measured (the rest modelled)."""
+
+    config: dict
+    groups: list  # [(t_start, t_end)]
+    layers: list  # node names of the weighted layers
+    tensors: list
+    weight_bits: tuple
+    act_bits: tuple
+    weight: np.ndarray
+    act: np.ndarray
+    measured: np.ndarray
+    seconds: float = 0.0
+    model_error: dict | None = None
+
+    def layer_curve(self, node: str) -> np.ndarray:
+        return self.weight[:, self.layers.index(node)]
+
+    def save(self, folder: Path) -> None:
+        with atomic_dir(Path(folder)) as tmp:
+            np.savez(tmp / "curves.npz", weight=self.weight, act=self.act, measured=self.measured)
+            write_json(tmp / "curves.json", {
+                "schema_version": RD_SCHEMA_VERSION, "config": self.config, "groups": self.groups,
+                "layers": self.layers, "tensors": self.tensors, "weight_bits": list(self.weight_bits),
+                "act_bits": list(self.act_bits), "seconds": self.seconds, "model_error": self.model_error})
+
+    @classmethod
+    def load(cls, folder: Path) -> "RDCurves":
+        meta = json.loads((Path(folder) / "curves.json").read_text())
+        if meta.get("schema_version") != RD_SCHEMA_VERSION:
+            raise ValueError(f"curves schema_version {meta.get('schema_version')} != {RD_SCHEMA_VERSION}")
+        a = np.load(Path(folder) / "curves.npz")
+        return cls(meta["config"], [tuple(g) for g in meta["groups"]], meta["layers"], meta["tensors"],
+                   tuple(meta["weight_bits"]), tuple(meta["act_bits"]), a["weight"], a["act"], a["measured"],
+                   meta["seconds"], meta.get("model_error"))
+
+
+def group_inputs(fp_bundle, groups, config: AnalysisConfig, steps: int, seed: int):
+    """Per group, ``config.samples_per_group`` (x_t, t) rows from fp32 DDIM trajectories
+    (a random stream of their own), spread evenly over the group's recorded steps."""
+    lookup = group_lookup(groups, fp_bundle.num_train_timesteps)
+    per_group = max(1, round(steps * (groups[0].t_end - groups[0].t_start) / fp_bundle.num_train_timesteps))
+    n_traj = max(1, -(-config.samples_per_group // per_group))
+    rows: dict[int, list] = {g.index: [] for g in groups}
+
+    class Recorder:
+        sample_shape = fp_bundle.sample_shape
+        schedule = fp_bundle.schedule
+
+        def predict(self, x, t):
+            rows[int(lookup[t])].append((x.copy(), t))
+            return fp_bundle.predict(x, t)
+
+    DDIMSampler(Recorder(), steps=steps, eta=0.0).sample(n_traj, seed=[seed, ANALYSIS_STREAM])
+    xs, ts = [], []
+    for g in groups:
+        if not rows[g.index]:
+            raise ValueError(f"no sampling step falls in group {g.index} [{g.t_start}, {g.t_end}); use fewer groups "
+                             "or more steps")
+        x = np.concatenate([r[0] for r in rows[g.index]])
+        t = np.concatenate([np.full(len(r[0]), r[1], np.int64) for r in rows[g.index]])
+        pick = np.linspace(0, len(x) - 1, config.samples_per_group).round().astype(int)
+        xs.append(x[pick])
+        ts.append(t[pick])
+    return np.stack(xs), np.stack(ts)  # [G, n, ...], [G, n]
+
+
+def _run_chunked(probe: Probe, x, t, max_rows, weights=None, acts=None):
+    outs = []
+    for i in range(0, len(x), max_rows):
+        sl = slice(i, i + max_rows)
+        a = {k: tuple(v[sl] for v in vals) for k, vals in (acts or {}).items()}
+        outs.append(probe.run(x[sl], t[sl], weights, a))
+    return np.concatenate(outs)
+
+
+def analyze(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, config: AnalysisConfig,
+            state_dir: Path | None = None, progress=None) -> RDCurves:
+    """Measure the curves. X, T: [G, n, ...] group inputs; act_ranges[bits][g][tensor] -> (lo, hi).
+    With ``state_dir``, partial results are saved there and picked up again."""
+    t0 = time.perf_counter()
+    G, n = X.shape[:2]
+    x, t = X.reshape(G * n, *X.shape[2:]), T.reshape(-1)
+    wbits, abits = tuple(config.weight_bits), tuple(config.act_bits)
+    layers, tensors = probe.layers, probe.tensors
+    meas_bits = wbits if config.sweep == "full" else tuple(b for b in config.model_bits)
+    W = np.full((G, len(layers), len(wbits)), np.nan)
+    A = np.full((G, len(tensors), len(abits)), np.nan)
+    partial = Path(state_dir) / "partial.npz" if state_dir else None
+    elapsed0 = 0.0
+    if partial and partial.is_file():
+        p = np.load(partial)
+        if p["weight"].shape == W.shape and p["act"].shape == A.shape:
+            W, A, elapsed0 = p["weight"], p["act"], float(p["seconds"])
+    ref = _run_chunked(probe, x, t, config.max_rows)
+    refs = ref.reshape(G, n, *ref.shape[1:])
+    jobs = [("w", li, bi) for li in range(len(layers)) for bi, b in enumerate(wbits) if b in meas_bits]
+    jobs += [("a", ti, ai) for ti in range(len(tensors)) for ai in range(len(abits))]
+    todo = [j for j in jobs if np.isnan((W if j[0] == "w" else A)[0, j[1], j[2]])]
+    last_save = time.perf_counter()
+
+    def save():
+        if partial:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            tmp = partial.with_suffix(".tmp.npz")
+            np.savez(tmp, weight=W, act=A, seconds=elapsed0 + time.perf_counter() - t0)
+            tmp.replace(partial)
+
+    done = len(jobs) - len(todo)
+    # Activation jobs batch several perturbations into one call (rows carry their own switches).
+    per_call = max(1, config.max_rows // (G * n))
+    i = 0
+    try:
+        while i < len(todo):
+            kind = todo[i][0]
+            if kind == "w":
+                _, li, bi = todo[i]
+                out = _run_chunked(probe, x, t, config.max_rows, weights=probe.weight_feed(layers[li], wbits[bi]))
+                out = out.reshape(G, n, *out.shape[1:])
+                W[:, li, bi] = [distortion(refs[g], out[g], config.distortion) for g in range(G)]
+                batch = [todo[i]]
+            else:
+                batch = [j for j in todo[i:i + per_call] if j[0] == "a"]
+                rows = G * n
+                acts = {}
+                for p, (_, ti, ai) in enumerate(batch):
+                    name, bits = tensors[ti], abits[ai]
+                    vals = [np.zeros(rows * len(batch), np.float32) for _ in range(4)]
+                    vals[0][:] = 1.0
+                    vals[2][:] = 255.0
+                    if name in acts:  # a tensor twice in one call: keep both in separate slices
+                        vals = list(acts[name])
+                    for g in range(G):
+                        s, z, lv, on = act_params(*act_ranges[bits][g][name], bits, n)
+                        sl = slice(p * rows + g * n, p * rows + (g + 1) * n)
+                        vals[0][sl], vals[1][sl], vals[2][sl], vals[3][sl] = s, z, lv, on
+                    acts[name] = tuple(vals)
+                xs, ts_ = np.concatenate([x] * len(batch)), np.concatenate([t] * len(batch))
+                out = _run_chunked(probe, xs, ts_, config.max_rows, acts=acts)
+                for p, (_, ti, ai) in enumerate(batch):
+                    o = out[p * rows:(p + 1) * rows].reshape(G, n, *out.shape[1:])
+                    A[:, ti, ai] = [distortion(refs[g], o[g], config.distortion) for g in range(G)]
+            i += len(batch)
+            done += len(batch)
+            if progress:
+                progress("rd curves", done, len(jobs))
+            if time.perf_counter() - last_save > 10:
+                save()
+                last_save = time.perf_counter()
+    finally:  # an interrupted run keeps what it measured
+        save()
+    measured = np.array([[b in meas_bits for b in wbits] for _ in layers])
+    model_error = None
+    if config.sweep == "model":
+        W = _model_fill(W, probe, wbits, meas_bits)
+    curves = RDCurves(config.to_dict(), [], [l.node for l in layers], list(tensors), wbits, abits, W, A,
+                      measured, round(elapsed0 + time.perf_counter() - t0, 2), model_error)
+    return curves
+
+
+def _model_fill(W: np.ndarray, probe: Probe, wbits, meas_bits) -> np.ndarray:
+    """Fill unmeasured widths from D(b) = c * P(b)^alpha through the two measured points."""
+    W = W.copy()
+    b1, b2 = meas_bits[:2]
+    i1, i2 = wbits.index(b1), wbits.index(b2)
+    for li, layer in enumerate(probe.layers):
+        w = probe.weights[layer.weight]
+        P = {b: max(noise_power(w, weight_axis(layer), b), 1e-30) for b in wbits}
+        d1, d2 = np.maximum(W[:, li, i1], 1e-12), np.maximum(W[:, li, i2], 1e-12)
+        alpha = np.log(d1 / d2) / np.log(P[b1] / P[b2]) if P[b1] != P[b2] else np.ones_like(d1)
+        alpha = np.clip(alpha, 0.25, 4.0)
+        for bi, b in enumerate(wbits):
+            if b not in meas_bits:
+                W[:, li, bi] = d1 * (P[b] / P[b1]) ** alpha
+    return W
+
+
+def model_error(full: RDCurves, modelled: RDCurves) -> dict:
+    """How far modelled curves are from fully measured ones, on the modelled points only."""
+    mask = ~modelled.measured[None].repeat(full.weight.shape[0], 0)
+    a, b = full.weight[mask], modelled.weight[mask]
+    rel = np.abs(np.log(np.maximum(b, 1e-12) / np.maximum(a, 1e-12)))
+    from scipy.stats import spearmanr
+
+    return {"median_abs_log_ratio": float(np.median(rel)), "p90_abs_log_ratio": float(np.quantile(rel, 0.9)),
+            "spearman": float(spearmanr(a, b).statistic), "points": int(mask.sum())}
+
+
+def check_additivity(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, curves: RDCurves,
+                     allocations: int = 16, act_bits: int = 8, seed: int = 0, progress=None) -> dict:
+    """Predicted sum_l D_{l,g}(b_l) (+ every activation tensor's D at ``act_bits``) against the
+    measured distortion of the whole model quantized that way, for random weight allocations
+    (each one a random mix around a random average width). Returns per group the Spearman
+    rank correlation and the ratio measured / predicted."""
+    from scipy.stats import spearmanr
+
+    G, n = X.shape[:2]
+    x, t = X.reshape(G * n, *X.shape[2:]), T.reshape(-1)
+    rng = np.random.default_rng(seed)
+    kind = curves.config.get("analysis", curves.config).get("distortion", "ssim+mse")
+    max_rows = curves.config.get("analysis", curves.config).get("max_rows", 256)
+    ref = _run_chunked(probe, x, t, max_rows).reshape(G, n, *X.shape[2:])
+    ai = curves.act_bits.index(act_bits)
+    acts = {}
+    for ti, name in enumerate(curves.tensors):
+        vals = [np.empty(G * n, np.float32) for _ in range(4)]
+        for g in range(G):
+            for v, p in zip(vals, act_params(*act_ranges[act_bits][g][name], act_bits, n)):
+                v[g * n:(g + 1) * n] = p
+        acts[name] = tuple(vals)
+    act_pred = curves.act[:, :, ai].sum(1)
+    pred, meas = [], []
+    wb = np.array(curves.weight_bits)
+    for k in range(allocations):
+        centre = rng.uniform(wb.min(), wb.max())
+        p = np.exp(-np.abs(wb - centre))
+        choice = rng.choice(len(wb), size=len(probe.layers), p=p / p.sum())
+        feeds = {}
+        for layer, c in zip(probe.layers, choice):
+            feeds.update(probe.weight_feed(layer, int(wb[c])))
+        out = _run_chunked(probe, x, t, max_rows, weights=feeds, acts=acts).reshape(ref.shape)
+        li = [curves.layers.index(l.node) for l in probe.layers]
+        pred.append(curves.weight[:, li, choice].sum(1) + act_pred)
+        meas.append([distortion(ref[g], out[g], kind) for g in range(G)])
+        if progress:
+            progress("additivity", k + 1, allocations)
+    pred, meas = np.array(pred), np.array(meas)  # [A, G]
+    return {"spearman": [float(spearmanr(pred[:, g], meas[:, g]).statistic) for g in range(G)],
+            "measured_over_predicted": [float(np.median(meas[:, g] / pred[:, g])) for g in range(G)],
+            "predicted": pred.tolist(), "measured": meas.tolist()}

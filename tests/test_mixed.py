@@ -1,0 +1,171 @@
+"""Mixed precision: RD curves (cached, resumable), allocation into real 4-bit bundles,
+simulated widths, accounting and plots."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from dmcompile import api
+from dmcompile.backends.onnxruntime import fusion_report
+from dmcompile.cli import main
+from dmcompile.config import AnalysisConfig, BuildConfig, CalibrationConfig
+from dmcompile.errors import BudgetError
+from dmcompile.lowering.qdq import quantize_weight, weight_axis
+from dmruntime import Bundle, DDIMSampler
+
+SMALL = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4)
+ANALYSIS = AnalysisConfig(samples_per_group=2, weight_bits=(2, 4, 8), act_bits=(6, 8))
+
+
+@pytest.fixture(scope="module")
+def curves(tiny_model_dir):
+    return api.analyze(str(tiny_model_dir), ANALYSIS, SMALL)
+
+
+def mixed(tiny_model_dir, out, **kw):
+    cfg = BuildConfig(format="mixed", calibration=SMALL, eval_samples=0, analysis=ANALYSIS, **kw)
+    return api.build(str(tiny_model_dir), out, cfg)
+
+
+def test_curves_shape_and_monotone(curves):
+    G, L, B = curves.weight.shape
+    assert (G, B) == (3, 3) and L == len(curves.layers) > 5
+    assert curves.act.shape == (3, len(curves.tensors), 2)
+    assert np.isfinite(curves.weight).all() and (curves.weight >= 0).all()
+    # fewer bits distort more, for nearly every layer and group
+    assert (curves.weight[:, :, 0] > curves.weight[:, :, 2]).mean() > 0.95
+    assert (curves.act[:, :, 0] >= curves.act[:, :, 1]).mean() > 0.9
+
+
+def test_curves_resume_after_interrupt(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def stop_early(stage, i, n):
+        if stage == "rd curves":
+            calls.append(i)
+            if len(calls) == 5:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        api.analyze(str(tiny_model_dir), ANALYSIS, SMALL, progress=stop_early)
+    assert list((tmp_path / "cache" / "rd").glob("*.partial/partial.npz"))
+    seen = []
+    resumed = api.analyze(str(tiny_model_dir), ANALYSIS, SMALL,
+                          progress=lambda s, i, n: s == "rd curves" and seen.append(i))
+    assert seen[0] > 5  # picked up where it stopped
+    assert not list((tmp_path / "cache" / "rd").glob("*.partial"))
+    shutil.rmtree(tmp_path / "cache" / "rd")
+    fresh = api.analyze(str(tiny_model_dir), ANALYSIS, SMALL)
+    np.testing.assert_allclose(resumed.weight, fresh.weight, rtol=1e-6)
+    np.testing.assert_allclose(resumed.act, fresh.act, rtol=1e-6)
+
+
+def test_model_sweep_fills_unmeasured_widths(tiny_model_dir):
+    modelled = api.analyze(str(tiny_model_dir), AnalysisConfig(samples_per_group=2, weight_bits=(2, 4, 8),
+                                                                act_bits=(8,), sweep="model", model_bits=(2, 8)), SMALL)
+    assert modelled.measured[:, [0, 2]].all() and not modelled.measured[:, 1].any()
+    assert np.isfinite(modelled.weight).all()
+    mid = modelled.weight[:, :, 1]
+    assert ((mid < modelled.weight[:, :, 0]) & (mid > modelled.weight[:, :, 2])).mean() > 0.95
+
+
+def test_explicit_bits_store_4bit_packed_and_keep_int8_kernels(tiny_model_dir, tmp_path):
+    w4 = mixed(tiny_model_dir, tmp_path / "w4", weight_bits={"*": 4, "first_conv": 8}).path
+    w8 = api.build(str(tiny_model_dir), tmp_path / "w8", BuildConfig(calibration=SMALL, eval_samples=0)).path
+    m = json.loads((w4 / "manifest.json").read_text())
+    layers = [l for l in m["precision"]["layers"] if l["weight_bits"]]
+    first = next(i for i, l in enumerate(layers) if l["op_type"] == "Conv")
+    layers.insert(0, layers.pop(first))
+    assert layers[0]["weight_bits"] == [8, 8, 8] and all(l["weight_bits"] == [4, 4, 4] for l in layers[1:])
+    assert all(l["storage_bits"] == [4, 4, 4] for l in layers[1:])
+    stored = m["weights"]["tensors"]
+    assert sum(t["storage_bits"] == 4 for t in stored.values()) == len(layers) - 1
+    # the engine holds no weight bytes; the packed file is about half the int8 one
+    engine = onnx.load(str(w4 / "unet.onnx"), load_external_data=False)
+    ext = [i for i in engine.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(ext) == len(layers)
+    b = Bundle.open(w4)
+    assert fusion_report(w4 / "unet.onnx", b.engine("unet.onnx").external)["ratio"] == 1.0
+    # what the runtime hands the session is the 4-bit grid of each weight
+    fp = onnx.load(str(api.fp_bundle(str(tiny_model_dir)) / "model.onnx"))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in fp.graph.initializer}
+    from dmcompile.frontend.layermap import LayerMap
+
+    lm = {l.node: l for l in LayerMap.load(api.fp_bundle(str(tiny_model_dir)) / "layer_map.json").layers}
+    for l in layers[1:]:
+        got = b.engine("unet.onnx").external[f"{l['weight']}.q"]
+        want = quantize_weight(inits[l["weight"]], weight_axis(lm[l["node"]]), 4).q
+        assert np.array_equal(got, want) and got.min() >= -7 and got.max() <= 7
+    x = DDIMSampler(b, steps=5).sample(3, seed=1)
+    y = DDIMSampler(Bundle.open(w8), steps=5).sample(3, seed=1)
+    assert np.isfinite(x).all() and 0 < np.abs(x - y).max() < 0.5
+
+
+def test_mixed_all_8_bits_equals_w8a8(tiny_model_dir, tmp_path):
+    a = mixed(tiny_model_dir, tmp_path / "m8", weight_bits={"*": 8}).path
+    b = api.build(str(tiny_model_dir), tmp_path / "w8", BuildConfig(calibration=SMALL, eval_samples=0)).path
+    x = DDIMSampler(Bundle.open(a), steps=6).sample(4, seed=3)
+    y = DDIMSampler(Bundle.open(b), steps=6).sample(4, seed=3)
+    np.testing.assert_array_equal(x, y)
+
+
+def test_simulated_widths_need_the_flag(tiny_model_dir, tmp_path):
+    with pytest.raises(BudgetError, match="--allow-simulated-bits"):
+        mixed(tiny_model_dir, tmp_path / "s", weight_bits={"*": 2})
+    assert not (tmp_path / "s").exists()
+    out = mixed(tiny_model_dir, tmp_path / "s", weight_bits={"*": 2}, allow_simulated_bits=True).path
+    m = json.loads((out / "manifest.json").read_text())
+    assert all(t["grid_bits"] == 2 and t["storage_bits"] == 4 for t in m["weights"]["tensors"].values())
+
+
+def test_budget_build_meets_the_budget(tiny_model_dir, curves, tmp_path):
+    m = mixed(tiny_model_dir, tmp_path / "b6", budget="6bits").manifest
+    avg = m["plan"]["average_weight_bits"]
+    assert all(4 < a <= 6 for a in avg) and m["plan"]["allocator"] == "dp"
+    bits = {b for l in m["precision"]["layers"] if l["weight_bits"] for b in l["weight_bits"]}
+    assert bits == {4, 8}
+    assert len({g["engine"] for g in m["groups"]}) == 1  # shared weights: one engine
+    lag = mixed(tiny_model_dir, tmp_path / "l6", budget="6bits", allocator="lagrange").manifest
+    assert lag["plan"]["predicted_distortion"][0] >= m["plan"]["predicted_distortion"][0] - 1e-12
+    with pytest.raises(BudgetError, match="smallest feasible budget is 4.000 average weight bits"):
+        mixed(tiny_model_dir, tmp_path / "b3", budget="3bits")
+
+
+def test_per_group_allocation_and_size_budget(tiny_model_dir, curves, tmp_path):
+    m = mixed(tiny_model_dir, tmp_path / "pg", budget="5bits", share_weights=False).manifest
+    engines = {g["engine"] for g in m["groups"]}
+    per_layer = [l["weight_bits"] for l in m["precision"]["layers"] if l["weight_bits"]]
+    distinct = {tuple(col) for col in zip(*per_layer)}
+    assert len(engines) == len(distinct)
+    b = Bundle.open(tmp_path / "pg")
+    assert np.isfinite(DDIMSampler(b, steps=6).sample(2, seed=0)).all()
+    w8 = sum(4 * l["params"] for l in m["precision"]["layers"]) / 4  # int8 bytes of all weights
+    sized = mixed(tiny_model_dir, tmp_path / "sz", budget=f"{int(w8 * 0.8)}B").manifest
+    assert sized["plan"]["spent"][0] <= int(w8 * 0.8)
+
+
+def test_inspect_accounting_and_plots(tiny_model_dir, curves, tmp_path, capsys):
+    out = mixed(tiny_model_dir, tmp_path / "i", budget="6bits").path
+    assert main(["inspect", str(out), "--plots", str(tmp_path / "plots")]) == 0
+    text = capsys.readouterr().out
+    assert "BOPs per sample" in text and "weights on disk" in text and "plan: dp allocation" in text
+    assert (tmp_path / "plots" / "bits_heatmap.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "rd_curves.png").stat().st_size > 1000
+    from dmcompile.inspect import accounting
+
+    acc = accounting(json.loads((out / "manifest.json").read_text()))
+    assert acc["weight_size_ratio"] < 0.25 and all(r > 16 for r in acc["bops_reduction"])
+
+
+def test_cli_analyze_and_bad_budget(tiny_model_dir, tmp_path, capsys):
+    assert main(["analyze", str(tiny_model_dir), "-o", str(tmp_path / "c"), "--groups", "3", "--calib-size", "4",
+                 "--calib-steps", "6", "--rd-samples", "2", "--rd-weight-bits", "2", "4", "8"]) == 0
+    assert (tmp_path / "c" / "curves.json").is_file() and (tmp_path / "c" / "rd_curves.png").is_file()
+    assert main(["build", str(tiny_model_dir), "-o", str(tmp_path / "x"), "--format", "mixed",
+                 "--budget", "lots"]) == 2
+    assert "cannot read budget" in capsys.readouterr().err
