@@ -202,21 +202,21 @@ def analyze(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, config
     finally:  # an interrupted run keeps what it measured
         save()
     measured = np.array([[b in meas_bits for b in wbits] for _ in layers])
-    model_error = None
     if config.sweep == "model":
-        W = _model_fill(W, probe, wbits, meas_bits)
+        W = model_fill(W, probe.layers, probe.weights, wbits, meas_bits)
     curves = RDCurves(config.to_dict(), [], [l.node for l in layers], list(tensors), wbits, abits, W, A,
-                      measured, round(elapsed0 + time.perf_counter() - t0, 2), model_error)
+                      measured, round(elapsed0 + time.perf_counter() - t0, 2))
     return curves
 
 
-def _model_fill(W: np.ndarray, probe: Probe, wbits, meas_bits) -> np.ndarray:
-    """Fill unmeasured widths from D(b) = c * P(b)^alpha through the two measured points."""
+def model_fill(W: np.ndarray, layers, weights: dict, wbits, meas_bits) -> np.ndarray:
+    """Fill unmeasured widths from D(b) = c * P(b)^alpha through the two measured points;
+    P(b): the layer's weight-quantization noise power, ``weights``: fp32 weight per name."""
     W = W.copy()
     b1, b2 = meas_bits[:2]
     i1, i2 = wbits.index(b1), wbits.index(b2)
-    for li, layer in enumerate(probe.layers):
-        w = probe.weights[layer.weight]
+    for li, layer in enumerate(layers):
+        w = weights[layer.weight]
         P = {b: max(noise_power(w, weight_axis(layer), b), 1e-30) for b in wbits}
         d1, d2 = np.maximum(W[:, li, i1], 1e-12), np.maximum(W[:, li, i2], 1e-12)
         alpha = np.log(d1 / d2) / np.log(P[b1] / P[b2]) if P[b1] != P[b2] else np.ones_like(d1)
@@ -227,13 +227,13 @@ def _model_fill(W: np.ndarray, probe: Probe, wbits, meas_bits) -> np.ndarray:
     return W
 
 
-def model_error(full: RDCurves, modelled: RDCurves) -> dict:
+def model_error(full: RDCurves, modelled_weight: np.ndarray, measured: np.ndarray) -> dict:
     """How far modelled curves are from fully measured ones, on the modelled points only."""
-    mask = ~modelled.measured[None].repeat(full.weight.shape[0], 0)
-    a, b = full.weight[mask], modelled.weight[mask]
-    rel = np.abs(np.log(np.maximum(b, 1e-12) / np.maximum(a, 1e-12)))
     from scipy.stats import spearmanr
 
+    mask = ~measured[None].repeat(full.weight.shape[0], 0)
+    a, b = full.weight[mask], modelled_weight[mask]
+    rel = np.abs(np.log(np.maximum(b, 1e-12) / np.maximum(a, 1e-12)))
     return {"median_abs_log_ratio": float(np.median(rel)), "p90_abs_log_ratio": float(np.quantile(rel, 0.9)),
             "spearman": float(spearmanr(a, b).statistic), "points": int(mask.sum())}
 
