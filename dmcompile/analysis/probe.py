@@ -82,13 +82,35 @@ def probe_model(fp: onnx.ModelProto, weights: list[str], tensors: dict[str, int]
 
 @dataclass
 class Probe:
-    """A session over the probe model plus what is needed to feed it."""
+    """Sessions over the probe models plus what is needed to feed them. Three variants of the
+    graph, each built on first use: weights overridable only (weight sweeps), fake-quantizers
+    only (activation sweeps), both (whole-model checks); the fake-quantizers cost about as
+    much as the UNet itself, so sweeps that do not need them do not run them."""
 
-    session: object
+    fp: object  # onnx.ModelProto
     layers: tuple[Layer, ...]  # quantizable layers with weights
     weights: dict[str, np.ndarray]  # fp32 weight per layer.weight
     tensors: tuple[str, ...]
     ratio: dict[str, int]  # tensor -> dim0 / batch rows
+    ranks: dict[str, int]
+    threads: int = 0
+
+    def __post_init__(self):
+        self._sessions = {}
+
+    def session(self, with_weights: bool, with_acts: bool):
+        key = (with_weights, with_acts)
+        if key not in self._sessions:
+            import onnxruntime as ort
+
+            so = ort.SessionOptions()
+            so.log_severity_level = 3  # overridable weights are intended: no warning per initializer
+            if self.threads:
+                so.intra_op_num_threads = self.threads
+            m = probe_model(self.fp, [l.weight for l in self.layers] if with_weights else [],
+                            self.ranks if with_acts else {})
+            self._sessions[key] = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return self._sessions[key]
 
     def weight_feed(self, layer: Layer, bits: int | None) -> dict[str, np.ndarray]:
         """The fake-quantized weight of one layer (``bits`` None: full precision)."""
@@ -102,16 +124,17 @@ class Probe:
 
     def run(self, x: np.ndarray, t: np.ndarray, weights: dict | None = None, acts: dict | None = None) -> np.ndarray:
         """UNet output for rows (x, t). ``acts``: tensor -> (s, z, n, on) per-row arrays."""
-        rows = len(x)
         feeds = {"sample": x, "timestep": t}
-        off = (np.ones(rows, np.float32), np.zeros(rows, np.float32), np.full(rows, 255.0, np.float32),
-               np.zeros(rows, np.float32))
-        for name in self.tensors:
-            vals = (acts or {}).get(name, off)
-            for k, v in zip(("s", "z", "n", "on"), vals):
-                feeds[f"{name}{SEP}{k}"] = np.repeat(np.asarray(v, np.float32), self.ratio[name])
+        if acts:
+            rows = len(x)
+            off = (np.ones(rows, np.float32), np.zeros(rows, np.float32), np.full(rows, 255.0, np.float32),
+                   np.zeros(rows, np.float32))
+            for name in self.tensors:
+                vals = acts.get(name, off)
+                for k, v in zip(("s", "z", "n", "on"), vals):
+                    feeds[f"{name}{SEP}{k}"] = np.repeat(np.asarray(v, np.float32), self.ratio[name])
         feeds.update(weights or {})
-        return self.session.run(["eps"], feeds)[0]
+        return self.session(bool(weights), bool(acts)).run(["eps"], feeds)[0]
 
 
 def act_params(lo: float, hi: float, bits: int, rows: int) -> tuple[np.ndarray, ...]:
@@ -122,7 +145,7 @@ def act_params(lo: float, hi: float, bits: int, rows: int) -> tuple[np.ndarray, 
 
 
 def make_probe(fp: onnx.ModelProto, layer_map: LayerMap, tensors: list[str], sample_shape, threads: int = 0) -> Probe:
-    """Build the probe session; tensor ranks and batch ratios come from two shape runs."""
+    """The probe; tensor ranks and batch ratios come from two shape runs of the fp32 model."""
     import onnxruntime as ort
 
     layers = tuple(l for l in layer_map.layers if l.weight)
@@ -145,10 +168,4 @@ def make_probe(fp: onnx.ModelProto, layer_map: LayerMap, tensors: list[str], sam
         if d2 % 2 or d3 % 3 or d2 // 2 != d3 // 3:
             raise AssertionError(f"tensor {t}: leading dimension {d2}/{d3} does not follow the batch")
         ratio[t], ranks[t] = d2 // 2, len(shapes[2][t])
-    so = ort.SessionOptions()
-    so.log_severity_level = 3  # overridable weights are intended: no warning per initializer
-    if threads:
-        so.intra_op_num_threads = threads
-    probe = probe_model(fp, [l.weight for l in layers], ranks)
-    session = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return Probe(session, layers, weights, tuple(tensors), ratio)
+    return Probe(fp, layers, weights, tuple(tensors), ratio, ranks, threads)
