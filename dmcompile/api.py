@@ -64,13 +64,14 @@ def fp_bundle(model: LoadedModel | str | Path | None, config: ExportConfig = Exp
     return path
 
 
-def open_bundle(path: str | Path, threads: int = 0) -> Bundle:
-    """Open a bundle or export folder with dmruntime, turning a model name into a clear error."""
+def open_bundle(path: str | Path, threads: int = 0, correction: bool = True) -> Bundle:
+    """Open a bundle or export folder with dmruntime, turning a model name into a clear error.
+    ``correction``: apply the bundle's PTQD noise correction when it has one."""
     p = Path(path)
     if not (p / "manifest.json").exists() and (p.name in _zoo_names() or (p / "config.json").exists()):
         raise ModelError(f"{path} is a model, not a bundle: export or build it first, or pass --fp to sample "
                          "its full-precision model")
-    return Bundle.open(p, threads=threads)
+    return Bundle.open(p, threads=threads, correction=correction)
 
 
 def _zoo_names() -> list[str]:
@@ -93,7 +94,8 @@ def sample_model(model, config: SampleConfig = SampleConfig(), progress=None) ->
     return sampler.sample(config.n, seed=config.seed, progress=progress)
 
 
-def sample(target: str | Path, config: SampleConfig = SampleConfig(), fp: bool = False, progress=None) -> np.ndarray:
+def sample(target: str | Path, config: SampleConfig = SampleConfig(), fp: bool = False, progress=None,
+           correction: bool = True) -> np.ndarray:
     """Sample a bundle folder through dmruntime. With ``fp``, ``target`` may also be a model
     (zoo name or folder) and its cached fp32 ONNX export is sampled instead."""
     if fp:
@@ -105,7 +107,7 @@ def sample(target: str | Path, config: SampleConfig = SampleConfig(), fp: bool =
         else:
             bundle = Bundle.open(fp_bundle(str(target)))
     else:
-        bundle = open_bundle(target)
+        bundle = open_bundle(target, correction=correction)
     return sample_model(bundle, config, progress=progress)
 
 
@@ -147,7 +149,7 @@ class EvalResult:
     images: np.ndarray
 
 
-def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), progress=None) -> EvalResult:
+def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), progress=None, correction: bool = True) -> EvalResult:
     """Fidelity of a bundle against its full-precision PyTorch model, same seeds.
 
     Paired PSNR / SSIM between the bundle's and the reference's samples; for digits models
@@ -157,7 +159,7 @@ floor) and confident-class rates.
     """
     from .eval.metrics import frechet_distance, psnr, ssim
 
-    bundle = open_bundle(target)
+    bundle = open_bundle(target, correction=correction)
     ref = TorchEpsModel(reference_model(bundle))
     sc = config.sample
     got = sample_model(bundle, sc, progress=progress and (lambda i, n: progress("bundle", i, n)))
@@ -166,6 +168,7 @@ floor) and confident-class rates.
     report = {
         "schema_version": 1, "target": str(target), "format": bundle.manifest.get("format"),
         "model": bundle.manifest["model"]["id"], "config": config.to_dict(),
+        "correction": bundle.corrections is not None,
         "paired_vs_fp": {"psnr_db_mean": float(np.mean(np.minimum(p, 200.0))), "psnr_db_median": float(np.median(p)),
                          "ssim_mean": float(np.mean(s)), "max_abs_diff": float(np.max(np.abs(got - want)))},
     }
@@ -364,6 +367,13 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
         if plan:
             body["plan"] = plan
         write_manifest(tmp, body, files)
+        if config.correction:
+            from .calibration.correction import estimate_correction
+
+            body["correction"] = estimate_correction(
+                Bundle.open(tmp, correction=False), Bundle.open(fp), calib.config.steps, config.correction_size,
+                config.seed, progress=progress and (lambda i, n: progress("correction", i, n)))
+            write_manifest(tmp, body, files)
         if config.eval_samples:
             body["fidelity"] = _build_fidelity(tmp, fp, config.eval_samples, config.seed)
         body["build"]["seconds"] = round(time.perf_counter() - t0, 2)

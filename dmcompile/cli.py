@@ -59,7 +59,7 @@ def cmd_sample(args) -> int:
     from .eval.grid import save_grid
 
     cfg = _sample_config(args, 64)
-    images = api.sample(args.target, cfg, fp=args.fp, progress=_progress_bar("DDIM"))
+    images = api.sample(args.target, cfg, fp=args.fp, progress=_progress_bar("DDIM"), correction=not args.no_correction)
     save_grid(images, args.output)
     print(f"wrote {args.output}: {cfg.n} samples, DDIM {cfg.steps} steps, eta {cfg.eta}, seed {cfg.seed}")
     if api.is_digits_shape(images.shape[1:]) and cfg.n >= 2:
@@ -76,10 +76,11 @@ def cmd_eval(args) -> int:
     from .eval.grid import save_fd_figure, save_grid
 
     cfg = EvalConfig(sample=_sample_config(args, 1000))
-    res = api.evaluate(args.target, cfg, progress=_progress_bar("eval"))
+    res = api.evaluate(args.target, cfg, progress=_progress_bar("eval"), correction=not args.no_correction)
     r = res.report
     pv = r["paired_vs_fp"]
-    print(f"{r['model']} ({r['format']}), {cfg.sample.n} samples, DDIM {cfg.sample.steps} steps, eta {cfg.sample.eta}")
+    corr = ", PTQD correction on" if r["correction"] else ""
+    print(f"{r['model']} ({r['format']}), {cfg.sample.n} samples, DDIM {cfg.sample.steps} steps, eta {cfg.sample.eta}{corr}")
     print(f"paired vs full precision (same seeds): PSNR {pv['psnr_db_mean']:.2f} dB (median {pv['psnr_db_median']:.2f}), "
           f"SSIM {pv['ssim_mean']:.4f}, max |diff| {pv['max_abs_diff']:.2e}")
     d = r.get("digits")
@@ -116,7 +117,8 @@ def cmd_build(args) -> int:
     cfg = BuildConfig(format=args.format, float_layers=tuple(args.float_layer), calibration=calib,
                       eval_samples=args.eval_samples, seed=args.seed, budget=args.budget, allocator=args.allocator,
                       share_weights=args.share_weights, allow_simulated_bits=args.allow_simulated_bits,
-                      analysis=_analysis_config(args), weight_bits=_weight_bits(args.weight_bits))
+                      analysis=_analysis_config(args), weight_bits=_weight_bits(args.weight_bits),
+                      correction=not args.no_correction)
     out = args.output or Path("build") / f"{Path(str(args.model)).name}-{args.format}"
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
     m = res.manifest
@@ -251,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep in float: node/module name or prefix, op type, first_conv, last_conv (repeatable)")
     b.add_argument("--eval-samples", type=int, default=16, help="samples for the fidelity check (0: skip)")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--no-correction", action="store_true",
+                   help="skip estimating PTQD noise-correction statistics (the bundle then has none)")
     _add_analysis(b)
     b.set_defaults(func=cmd_build)
 
@@ -283,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fp", action="store_true", help="sample the full-precision model")
     s.add_argument("-o", "--output", required=True, type=Path, help="PNG grid to write")
     _add_sampling(s, "number of samples (default 64)")
+    s.add_argument("--no-correction", action="store_true", help="turn the bundle's PTQD noise correction off")
     s.set_defaults(func=cmd_sample)
 
     v = sub.add_parser("eval", help="fidelity of a bundle against its full-precision model",
@@ -293,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", type=Path, default=None, help="folder for eval.json, samples.png, fd.png")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     _add_sampling(v, "number of samples (default 1000)")
+    v.add_argument("--no-correction", action="store_true", help="turn the bundle's PTQD noise correction off")
     v.set_defaults(func=cmd_eval)
     return p
 

@@ -185,6 +185,8 @@ class BuildConfig(_Versioned):
     allow_simulated_bits: bool = False
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     weight_bits: dict | None = None  # explicit per-layer widths (node or module -> bits), mixed only
+    correction: bool = True
+    correction_size: int = 32
 
     def __post_init__(self):
         from .lowering.profiles import PROFILES
@@ -192,6 +194,7 @@ class BuildConfig(_Versioned):
         _check(self.format in FORMATS, f"format must be one of {FORMATS}, got {self.format!r}")
         _check(self.profile in PROFILES, f"profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
         _check(self.eval_samples >= 0, f"eval_samples must be >= 0, got {self.eval_samples}")
+        _check(self.correction_size >= 1, f"correction_size must be >= 1, got {self.correction_size}")
         _check(self.allocator in ("dp", "lagrange"), f"allocator must be dp or lagrange, got {self.allocator!r}")
         _check(self.format != "mixed" or bool(self.budget) != bool(self.weight_bits),
                "format mixed needs exactly one of --budget (e.g. 5.0bits, 20MB, BOPs=1e9) or explicit weight bits")

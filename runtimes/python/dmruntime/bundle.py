@@ -13,6 +13,7 @@ import numpy as np
 from .engine import OnnxEngine
 from .errors import BundleError, InputError
 from .schedule import NoiseSchedule
+from .correction import load_corrections
 from .weights import load_weights
 
 MANIFEST = "manifest.json"
@@ -58,7 +59,7 @@ class Bundle:
     Use :meth:`open`; then ``bundle.predict(x, t)`` runs the engine of the group holding t.
     """
 
-    def __init__(self, root: Path, manifest: dict, threads: int = 0):
+    def __init__(self, root: Path, manifest: dict, threads: int = 0, correction: bool = True):
         self.root = root
         self.manifest = manifest
         model = manifest["model"]
@@ -68,6 +69,8 @@ class Bundle:
         self.groups = tuple(Group(int(g["index"]), int(g["t_start"]), int(g["t_end"]), g["engine"])
                             for g in manifest["groups"])
         self._lookup = group_lookup(self.groups, self.schedule.num_train_timesteps)
+        # PTQD noise correction, on when the manifest carries its statistics (and not turned off).
+        self.corrections = load_corrections(manifest, self.sample_shape[0]) if correction else None
         # Groups may share one engine and differ only in the inputs they feed it.
         self._inputs = [load_group_inputs(root, g["inputs"]) if g.get("inputs") else None for g in manifest["groups"]]
         # Low-bit weights stored outside the engines (4-bit packed), expanded once and shared.
@@ -85,13 +88,14 @@ class Bundle:
         return self._engines[name]
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True, threads: int = 0) -> "Bundle":
+    def open(cls, path: str | Path, verify: bool = True, threads: int = 0, correction: bool = True) -> "Bundle":
         """Open and validate a bundle folder.
 
         Checks the schema version, that every listed file stays inside the folder, exists
         and (with ``verify``) matches its sha256, and that the groups partition the training
         timesteps. Raises :class:`BundleError` with what is wrong otherwise. Engine sessions
         are created on first use and reused; groups that share an engine share its session.
+        ``correction``: apply the bundle's PTQD noise correction when it has one (default).
         """
         root = Path(path)
         if not root.is_dir():
@@ -105,7 +109,7 @@ class Bundle:
             raise BundleError(f"{mpath} is not valid JSON ({e}); rebuild the bundle") from None
         validate_manifest(manifest, root, verify=verify)
         _warn_if_older_onnxruntime(manifest)
-        return cls(root.resolve(), manifest, threads=threads)
+        return cls(root.resolve(), manifest, threads=threads, correction=correction)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -122,9 +126,20 @@ class Bundle:
         return self._inputs[self.group_of(t).index]
 
     def predict(self, sample: np.ndarray, t: int) -> np.ndarray:
-        """Model output for a batch at training timestep t, from t's group engine and inputs."""
+        """Model output for a batch at training timestep t, from t's group engine and inputs
+        (noise-corrected when the bundle has a correction and it is on)."""
         g = self.group_of(t)
-        return self._engines[g.engine].predict(sample, t, self._inputs[g.index])
+        eps = self._engines[g.engine].predict(sample, t, self._inputs[g.index])
+        if self.corrections is not None:
+            eps = self.corrections[g.index].apply(eps)
+        return eps
+
+    def residual_variance(self, t: int, ndim: int) -> np.ndarray | None:
+        """Per-channel variance of the quantization residual left in eps at t (for the
+        sampler's variance schedule calibration); None without a correction."""
+        if self.corrections is None:
+            return None
+        return self.corrections[self.group_of(t).index].residual_var(ndim)
 
 
 def _version(v: str) -> tuple[int, ...]:

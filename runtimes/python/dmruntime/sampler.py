@@ -64,7 +64,10 @@ class DDIMSampler:
             for s in range(0, x.shape[0], self.batch_size):
                 eps[s:s + self.batch_size] = self.model.predict(x[s:s + self.batch_size], t)
             noise = rng.standard_normal(x.shape, dtype=np.float32) if self.eta > 0 else None
-            x = ddim_step(sched, eps, t, t - stride, x, eta=self.eta, noise=noise)
+            rv = None
+            if self.eta > 0 and hasattr(self.model, "residual_variance"):
+                rv = self.model.residual_variance(t, x.ndim)
+            x = ddim_step(sched, eps, t, t - stride, x, eta=self.eta, noise=noise, residual_var=rv)
             if progress is not None:
                 progress(i + 1, self.steps)
         return x

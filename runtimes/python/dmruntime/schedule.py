@@ -98,10 +98,13 @@ class NoiseSchedule:
 
 
 def ddim_step(schedule: NoiseSchedule, model_output: np.ndarray, t: int, prev_t: int, x: np.ndarray,
-              eta: float = 0.0, noise: np.ndarray | None = None) -> np.ndarray:
+              eta: float = 0.0, noise: np.ndarray | None = None, residual_var: np.ndarray | None = None) -> np.ndarray:
     """One DDIM update x_t -> x_{prev_t} (Song et al. 2021, eq. 12), diffusers' arithmetic.
 
     ``noise`` (standard normal, shape of ``x``) is required when ``eta > 0``.
+    ``residual_var``: variance of a noise already in ``model_output`` (epsilon prediction):
+    the part it carries into x_{prev_t} is taken out of the added noise, clamped at zero
+    (PTQD's variance schedule calibration).
     """
     a_t = np.float32(schedule.alpha(t))
     a_prev = np.float32(schedule.alpha(prev_t))
@@ -125,5 +128,10 @@ def ddim_step(schedule: NoiseSchedule, model_output: np.ndarray, t: int, prev_t:
     if eta > 0:
         if noise is None:
             raise InputError("ddim_step with eta > 0 needs a noise array")
-        prev = prev + std * noise
+        add = std
+        if residual_var is not None and schedule.prediction_type == "epsilon":
+            # coefficient of eps in prev: the direction term minus what x0 takes away
+            c_eps = np.sqrt(np.float32(1.0) - a_prev - std**2) - np.sqrt(a_prev) * np.sqrt(b_t) / np.sqrt(a_t)
+            add = np.sqrt(np.maximum(std**2 - c_eps**2 * residual_var, 0)).astype(np.float32)
+        prev = prev + add * noise
     return prev.astype(np.float32, copy=False)

@@ -1,0 +1,63 @@
+"""PTQD statistics at build time: how the quantized noise prediction relates to the fp32 one.
+
+Along seeded fp32 DDIM trajectories (a random stream of their own), both the fp32 model and
+the quantized bundle (correction off) predict eps at every step; per timestep group the
+sufficient statistics of d = eps_q - eps against eps give the correlation coefficient k
+(least squares of d on eps, per-channel intercepts), and the residual r = d - k * eps's
+per-channel mean (the bias) and variance.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from dmruntime import DDIMSampler, group_lookup
+
+CORRECTION_STREAM = 0x97D
+
+
+def estimate_correction(quantized, fp, steps: int, size: int, seed: int, batch_size: int = 64,
+                        progress=None) -> dict:
+    """The manifest's "correction" entry for ``quantized`` (a Bundle opened with correction=False)."""
+    groups = quantized.groups
+    lookup = group_lookup(groups, quantized.num_train_timesteps)
+    C = quantized.sample_shape[0]
+    keys = ("ee", "ed", "dd", "e", "d")
+    stats = [{k: np.zeros(C) for k in keys} | {"n": np.zeros(C)} for _ in groups]
+
+    class Both:
+        sample_shape = fp.sample_shape
+        schedule = fp.schedule
+
+        def predict(self, x, t):
+            e = fp.predict(x, t).astype(np.float64)
+            d = quantized.predict(x, t).astype(np.float64) - e
+            s = stats[int(lookup[t])]
+            ax = tuple(i for i in range(e.ndim) if i != 1)
+            s["ee"] += (e * e).sum(ax)
+            s["ed"] += (e * d).sum(ax)
+            s["dd"] += (d * d).sum(ax)
+            s["e"] += e.sum(ax)
+            s["d"] += d.sum(ax)
+            s["n"] += e.size / C
+            return e.astype(np.float32)  # follow the fp32 trajectory
+
+    DDIMSampler(Both(), steps=steps, eta=0.0, batch_size=batch_size).sample(
+        size, seed=[seed, CORRECTION_STREAM], progress=progress)
+    out = []
+    for g, s in zip(groups, stats):
+        if not s["n"].any():  # no step fell in this group: no correction
+            out.append({"index": g.index, "t_start": g.t_start, "t_end": g.t_end, "k": 0.0, "bias": [0.0] * C,
+                        "var": [0.0] * C, "samples": 0, "rms_error": None, "rms_error_corrected": None})
+            continue
+        n = s["n"]
+        # least squares of d on eps with a per-channel intercept (the bias), so a channel's mean
+        # error does not leak into k
+        k = float((s["ed"] - s["e"] * s["d"] / n).sum() / (s["ee"] - s["e"] ** 2 / n).sum())
+        mean = (s["d"] - k * s["e"]) / n
+        var = np.maximum((s["dd"] - 2 * k * s["ed"] + k * k * s["ee"]) / n - mean**2, 0)
+        out.append({"index": g.index, "t_start": g.t_start, "t_end": g.t_end, "k": k,
+                    "bias": mean.tolist(), "var": var.tolist(), "samples": int(n[0]),
+                    "rms_error": float(np.sqrt(s["dd"].sum() / n.sum())),
+                    # corrected eps - eps = (r - bias) / (1 + k): its rms
+                    "rms_error_corrected": float(np.sqrt(var.mean()) / abs(1 + k))})
+    return {"method": "ptqd", "steps": steps, "trajectories": size, "seed": seed, "groups": out}

@@ -1,0 +1,88 @@
+"""PTQD noise correction: estimation recovers a known distortion, the runtime undoes it,
+variance schedule calibration takes the residual out of the added noise."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dmcompile import api
+from dmcompile.calibration.correction import estimate_correction
+from dmcompile.config import BuildConfig, CalibrationConfig
+from dmruntime import Bundle, BundleError, DDIMSampler, ddim_step
+from dmruntime.correction import GroupCorrection, load_corrections
+
+SMALL = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4)
+
+
+class Distorted:
+    """The fp32 export with eps_q = (1 + k) eps + bias_c + N(0, sd^2): a stand-in quantized model."""
+
+    def __init__(self, fp, k, bias, sd):
+        self.fp, self.k, self.bias, self.sd = fp, k, np.asarray(bias, np.float32), sd
+        self.groups, self.sample_shape, self.schedule = fp.groups, fp.sample_shape, fp.schedule
+        self.num_train_timesteps = fp.num_train_timesteps
+        self.rng = np.random.default_rng(0)
+
+    def predict(self, x, t):
+        e = self.fp.predict(x, t)
+        return ((1 + self.k) * e + self.bias.reshape(1, -1, 1, 1)
+                + self.sd * self.rng.standard_normal(e.shape)).astype(np.float32)
+
+
+def test_estimation_recovers_k_bias_and_variance(tiny_export):
+    fp = Bundle.open(tiny_export)
+    q = Distorted(fp, k=0.05, bias=[0.02, -0.03], sd=0.005)  # the tiny model's eps has std 0.015
+    est = estimate_correction(q, fp, steps=10, size=16, seed=0)
+    g = est["groups"][0]
+    assert g["k"] == pytest.approx(0.05, abs=0.01)
+    np.testing.assert_allclose(g["bias"], [0.02, -0.03], atol=0.01)
+    np.testing.assert_allclose(g["var"], [2.5e-5, 2.5e-5], rtol=0.1)
+    assert g["rms_error_corrected"] < g["rms_error"]
+
+
+def test_group_correction_and_manifest_validation():
+    c = GroupCorrection(0.25, np.array([1.0, -1.0], np.float32), np.array([0.5, 0.5], np.float32))
+    eps_q = np.ones((1, 2, 2, 2), np.float32)
+    np.testing.assert_allclose(c.apply(eps_q)[0, :, 0, 0], [0.0, 1.6])
+    np.testing.assert_allclose(c.residual_var(4).ravel(), [0.32, 0.32])
+    good = {"groups": [{}], "correction": {"groups": [{"index": 0, "k": 0.1, "bias": [0, 0], "var": [1, 1]}]}}
+    assert len(load_corrections(good, 2)) == 1
+    bad = json.loads(json.dumps(good))
+    bad["correction"]["groups"][0]["bias"] = [0]
+    with pytest.raises(BundleError, match="malformed"):
+        load_corrections(bad, 2)
+    assert load_corrections({"groups": [{}]}, 2) is None
+
+
+def test_variance_schedule_calibration(tiny_export):
+    sched = Bundle.open(tiny_export).schedule
+    x = np.random.default_rng(0).standard_normal((2, 2, 8, 8), dtype=np.float32)
+    eps, noise = np.zeros_like(x), np.ones_like(x)
+    plain = ddim_step(sched, eps, 500, 480, x, eta=1.0, noise=noise)
+    same = ddim_step(sched, eps, 500, 480, x, eta=1.0, noise=noise, residual_var=np.zeros((1, 2, 1, 1), np.float32))
+    np.testing.assert_array_equal(plain, same)
+    none_added = ddim_step(sched, eps, 500, 480, x, eta=1.0, noise=np.zeros_like(x))
+    swamped = ddim_step(sched, eps, 500, 480, x, eta=1.0, noise=noise, residual_var=np.full((1, 2, 1, 1), 1e6, np.float32))
+    np.testing.assert_allclose(swamped, none_added, atol=1e-6)  # clamped at zero, not negative
+    partial = ddim_step(sched, eps, 500, 480, x, eta=1.0, noise=noise, residual_var=np.full((1, 2, 1, 1), 0.01, np.float32))
+    assert np.all(np.abs(partial - none_added) < np.abs(plain - none_added))
+
+
+def test_bundle_carries_and_applies_correction(tiny_model_dir, tmp_path):
+    out = api.build(str(tiny_model_dir), tmp_path / "c", BuildConfig(calibration=SMALL, eval_samples=0)).path
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["correction"]["method"] == "ptqd" and len(m["correction"]["groups"]) == 3
+    raw, corr = Bundle.open(out, correction=False), Bundle.open(out)
+    x = np.random.default_rng(1).standard_normal((2, 2, 8, 8), dtype=np.float32)
+    for t, g in ((10, 0), (500, 1), (990, 2)):
+        c = m["correction"]["groups"][g]
+        want = (raw.predict(x, t) - np.array(c["bias"], np.float32).reshape(1, -1, 1, 1)) / np.float32(1 + c["k"])
+        np.testing.assert_allclose(corr.predict(x, t), want, rtol=1e-6, atol=1e-7)
+    a = DDIMSampler(corr, steps=6, eta=1.0).sample(2, seed=0)
+    b = DDIMSampler(raw, steps=6, eta=1.0).sample(2, seed=0)
+    assert np.isfinite(a).all() and not np.array_equal(a, b)
+    none = api.build(str(tiny_model_dir), tmp_path / "n", BuildConfig(calibration=SMALL, eval_samples=0,
+                                                                      correction=False)).path
+    assert "correction" not in json.loads((none / "manifest.json").read_text())
+    assert Bundle.open(none).corrections is None
