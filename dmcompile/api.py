@@ -374,6 +374,9 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
                 Bundle.open(tmp, correction=False), Bundle.open(fp), calib.config.steps, config.correction_size,
                 config.seed, progress=progress and (lambda i, n: progress("correction", i, n)))
             write_manifest(tmp, body, files)
+        if config.step_aware:
+            body["step_aware_activation"] = _step_aware(fp, layer_map, wlayers, bits, calib, config, profile)
+            write_manifest(tmp, body, files)
         if config.eval_samples:
             body["fidelity"] = _build_fidelity(tmp, fp, config.eval_samples, config.seed)
         body["build"]["seconds"] = round(time.perf_counter() - t0, 2)
@@ -411,6 +414,26 @@ def _precision_layers(layer_map, qnodes, wlayers, bits, profile, storage_bits) -
                     "macs": l.macs, "params": l.params,
                     "bops": [bops(l, b, 8 if q else None) for b in (wb or [None] * len(bits))]})
     return out
+
+
+def _step_aware(fp: Path, layer_map, wlayers, bits, calib, config: BuildConfig, profile) -> dict:
+    import onnx
+
+    from .analysis.probe import make_probe
+    from .analysis.rd import group_inputs
+    from .analysis.stepaware import select_activation_bits
+    from .calibration.trajectory import quantized_tensors
+
+    proto = onnx.load(str(fp / "model.onnx"))
+    fpb = Bundle.open(fp)
+    probe = make_probe(proto, layer_map, quantized_tensors(proto, layer_map), fpb.sample_shape)
+    X, T = group_inputs(fpb, calib.groups, config.analysis, calib.config.steps, config.analysis.seed)
+    col = {l.node: i for i, l in enumerate(wlayers)}
+    wb = np.array([[bits[g, col[l.node]] if l.node in col else None for l in probe.layers]
+                   for g in range(len(calib.groups))], dtype=object)
+    cands = tuple(config.analysis.act_bits)
+    ranges = {b: calib.ranges(bits=b) for b in cands}
+    return select_activation_bits(probe, X, T, ranges, wb, fpb.schedule, calib.groups, cands, profile.activation_bits)
 
 
 def _mixed_bits(fp, layer_map, wlayers, qnodes, calib, config: BuildConfig, profile, progress):

@@ -118,7 +118,7 @@ def cmd_build(args) -> int:
                       eval_samples=args.eval_samples, seed=args.seed, budget=args.budget, allocator=args.allocator,
                       share_weights=args.share_weights, allow_simulated_bits=args.allow_simulated_bits,
                       analysis=_analysis_config(args), weight_bits=_weight_bits(args.weight_bits),
-                      correction=not args.no_correction)
+                      correction=not args.no_correction, step_aware=args.step_aware)
     out = args.output or Path("build") / f"{Path(str(args.model)).name}-{args.format}"
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
     m = res.manifest
@@ -131,6 +131,13 @@ def cmd_build(args) -> int:
         avg = m["plan"]["average_weight_bits"]
         extra = f" under {m['plan']['budget']} ({m['plan']['allocator']})" if m["plan"].get("budget") else ""
         print(f"weight bits: average {min(avg):.3f}-{max(avg):.3f} over the groups{extra}")
+    if m.get("correction"):
+        ks = [g["k"] for g in m["correction"]["groups"]]
+        print(f"PTQD correction: k from {min(ks):+.4f} to {max(ks):+.4f} over the groups")
+    if m.get("step_aware_activation"):
+        sa = m["step_aware_activation"]
+        print("step-aware activation bits per group: " + " ".join(str(g["selected_bits"]) for g in sa["groups"])
+              + f" ({sa['note']})")
     if "fidelity" in m:
         f = m["fidelity"]
         print(f"fidelity vs fp32 ({f['samples']} samples, DDIM {f['steps']}): PSNR {f['psnr_db_mean']:.2f} dB, "
@@ -255,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--no-correction", action="store_true",
                    help="skip estimating PTQD noise-correction statistics (the bundle then has none)")
+    b.add_argument("--step-aware", action="store_true",
+                   help="select activation bits per group by PTQD's SNR rule (reported in the manifest)")
     _add_analysis(b)
     b.set_defaults(func=cmd_build)
 

@@ -187,6 +187,7 @@ class BuildConfig(_Versioned):
     weight_bits: dict | None = None  # explicit per-layer widths (node or module -> bits), mixed only
     correction: bool = True
     correction_size: int = 32
+    step_aware: bool = False  # PTQD's step-aware activation width selection, reported in the manifest
 
     def __post_init__(self):
         from .lowering.profiles import PROFILES

@@ -27,6 +27,12 @@ def bundle_report(bundle: Bundle, fusion: bool = True) -> dict:
     }
     if layers:
         report["accounting"] = accounting(m)
+    if m.get("correction"):
+        report["correction"] = [{k: g[k] for k in ("index", "t_start", "t_end", "k", "rms_error", "rms_error_corrected")}
+                                | {"mean_abs_bias": sum(abs(b) for b in g["bias"]) / len(g["bias"]),
+                                   "mean_var": sum(g["var"]) / len(g["var"])} for g in m["correction"]["groups"]]
+    if m.get("step_aware_activation"):
+        report["step_aware_activation"] = m["step_aware_activation"]
     if m.get("plan"):
         report["plan"] = {k: v for k, v in m["plan"].items() if k != "curves"}
     if fusion:
@@ -108,6 +114,22 @@ def format_report(r: dict) -> str:
         alloc = "one weight allocation for all groups" if pl["share_weights"] else "one allocation per group"
         lines.append(f"plan: {pl['allocator']} allocation under {pl['budget']}, {alloc}; "
                      f"average weight bits {min(avg):.3f}-{max(avg):.3f}")
+    if r.get("correction"):
+        lines.append("PTQD correction per group (eps = (eps_q - bias) / (1 + k)): k, mean |bias|, residual variance, "
+                     "rms error of eps before -> after")
+        for g in r["correction"]:
+            if g["rms_error"] is None:
+                lines.append(f"  [{g['t_start']},{g['t_end']}): no calibration step, no correction")
+                continue
+            lines.append(f"  [{g['t_start']},{g['t_end']}): k {g['k']:+.4f}  |bias| {g['mean_abs_bias']:.2e}  "
+                         f"var {g['mean_var']:.2e}  rms {g['rms_error']:.4f} -> {g['rms_error_corrected']:.4f}")
+    if r.get("step_aware_activation"):
+        sa = r["step_aware_activation"]
+        lines.append(f"step-aware activation bits ({sa['note']}):")
+        for g in sa["groups"]:
+            q = ", ".join(f"A{b} {v:.1f} dB" for b, v in g["quantized_snr_db"].items())
+            lines.append(f"  [{g['t_start']},{g['t_end']}): schedule SNR {g['schedule_snr_db']:.1f} dB; output SNR {q}"
+                         f" -> {g['selected_bits']} bits{'' if g['meets_schedule'] else ' (none meets it)'}")
     if "fusion" in r:
         lines.append("integer kernels after ONNX Runtime optimisation (per engine file; groups feed it their "
                      "own scales):")

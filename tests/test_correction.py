@@ -86,3 +86,24 @@ def test_bundle_carries_and_applies_correction(tiny_model_dir, tmp_path):
                                                                       correction=False)).path
     assert "correction" not in json.loads((none / "manifest.json").read_text())
     assert Bundle.open(none).corrections is None
+
+
+def test_step_aware_selection_reported(tiny_model_dir, tmp_path, capsys):
+    from dmcompile.cli import main
+
+    out = tmp_path / "sa"
+    assert main(["build", str(tiny_model_dir), "-o", str(out), "--groups", "3", "--calib-size", "4",
+                 "--calib-steps", "6", "--eval-samples", "0", "--step-aware", "--rd-samples", "2"]) == 0
+    assert "step-aware activation bits per group" in capsys.readouterr().out
+    sa = json.loads((out / "manifest.json").read_text())["step_aware_activation"]
+    assert sa["applied"] is False and sa["deployable"] == [8] and len(sa["groups"]) == 3
+    for g in sa["groups"]:
+        snr = g["quantized_snr_db"]
+        assert snr["8"] > snr["6"]  # more bits, less noise
+        ok = [b for b in (6, 8) if snr[str(b)] >= g["schedule_snr_db"]]
+        assert g["selected_bits"] == (ok[0] if ok else 8)
+    # the schedule's SNR falls with t, so later groups never need more bits than earlier ones
+    assert [g["schedule_snr_db"] for g in sa["groups"]] == sorted((g["schedule_snr_db"] for g in sa["groups"]), reverse=True)
+    assert main(["inspect", str(out), "--no-fusion"]) == 0
+    text = capsys.readouterr().out
+    assert "PTQD correction per group" in text and "step-aware activation bits" in text

@@ -13,6 +13,7 @@ class TargetProfile:
     activation_dtype: str  # "uint8" (asymmetric) or "int8" (symmetric)
     weight_bits: tuple[int, ...]
     weight_per_channel: bool
+    activation_bits: tuple[int, ...]  # activation widths with integer kernels
     integer_ops: dict  # float op type -> the fused integer op types ONNX Runtime may turn it into
 
     @property
@@ -28,6 +29,7 @@ ORT_CPU = TargetProfile(
     activation_dtype="uint8",
     weight_bits=(4, 8),  # 4-bit: packed on disk, int8 grid in memory (int8 kernels)
     weight_per_channel=True,
+    activation_bits=(8,),
     integer_ops={"Conv": ("QLinearConv",), "Gemm": ("QGemm",),
                  "MatMul": ("QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger")},
 )
