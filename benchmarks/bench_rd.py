@@ -40,6 +40,13 @@ def curves_cmd(args):
     from dmcompile.frontend.layermap import LayerMap
 
     t0 = time.perf_counter()
+    if args.model_only:  # time the model sweep alone (large models)
+        m = api.analyze(args.model, AnalysisConfig(samples_per_group=args.rd_samples, sweep="model"), progress=bar)
+        G, L, _ = m.weight.shape
+        print(f"{args.model}: {G} groups x {args.rd_samples} inputs, {L} weighted layers, {len(m.tensors)} "
+              f"activation tensors; model sweep ({list(m.config['analysis']['model_bits'])} + activations "
+              f"{list(m.act_bits)}): {m.seconds:.1f} s measuring, wall incl. calibration {time.perf_counter() - t0:.1f} s")
+        return
     full = api.analyze(args.model, AnalysisConfig(samples_per_group=args.rd_samples), progress=bar)
     G, L, _ = full.weight.shape
     print(f"{args.model}: {G} groups x {args.rd_samples} inputs, {L} weighted layers, {len(full.tensors)} activation "
@@ -86,7 +93,6 @@ def additivity_cmd(args):
 
     from dmcompile.analysis.probe import make_probe
     from dmcompile.analysis.rd import check_additivity, group_inputs
-    from dmcompile.calibration.trajectory import quantized_tensors
     from dmcompile.frontend.layermap import LayerMap
     from dmruntime import Bundle
 
@@ -95,7 +101,7 @@ def additivity_cmd(args):
     fp = api.fp_bundle(args.model)
     calib = api.calibrate(args.model)
     proto, lm = onnx.load(str(fp / "model.onnx")), LayerMap.load(fp / "layer_map.json")
-    probe = make_probe(proto, lm, quantized_tensors(proto, lm), Bundle.open(fp).sample_shape)
+    probe = make_probe(proto, lm, list(curves.tensors), Bundle.open(fp).sample_shape)
     X, T = group_inputs(Bundle.open(fp), calib.groups, cfg, calib.config.steps, cfg.seed)
     res = check_additivity(probe, X, T, {8: calib.ranges(bits=8)}, curves, allocations=args.allocations,
                            progress=bar)
@@ -197,6 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--rd-samples", type=int, default=16)
     p.add_argument("--allocations", type=int, default=16)
     p.add_argument("--time-model", action="store_true", help="curves: also time a model sweep")
+    p.add_argument("--model-only", action="store_true", help="curves: time only the model sweep")
     p.add_argument("--samples", type=int, default=256)
     args = p.parse_args(argv)
     args.model = args.model or ("ddpm-cifar10-32" if args.what == "bops" else "digits16")

@@ -234,18 +234,21 @@ def _analyze(fp: Path, calib, config: AnalysisConfig, progress=None):
     import onnx
 
     from .analysis.probe import make_probe
-    from .analysis.rd import RDCurves, analyze as run_analysis, group_inputs
-    from .calibration.trajectory import quantized_tensors
+    from .analysis.rd import RDCurves, group_inputs
+    from .analysis.rd import analyze as run_analysis
+    from .calibration.trajectory import layer_input_tensors
     from .frontend.layermap import LayerMap
 
-    key = hashlib.sha256(json.dumps([calib.config.to_dict(), config.to_dict()], sort_keys=True).encode()).hexdigest()[:12]
+    key = _rd_key(calib.config.to_dict(), config.to_dict())
     path = cache_dir() / "rd" / f"{fp.name}-{key}"
     if (path / "curves.json").is_file():
         return RDCurves.load(path)
     layer_map = LayerMap.load(fp / "layer_map.json")
     proto = onnx.load(str(fp / "model.onnx"))
     bundle = Bundle.open(fp)
-    probe = make_probe(proto, layer_map, quantized_tensors(proto, layer_map), bundle.sample_shape)
+    # Activation curves are per layer input (the Conv outputs the bundle also quantizes, for
+    # fusion, are not a layer's choice).
+    probe = make_probe(proto, layer_map, layer_input_tensors(proto, layer_map), bundle.sample_shape)
     X, T = group_inputs(bundle, calib.groups, config, calib.config.steps, config.seed)
     ranges = {b: calib.ranges(bits=b) for b in config.act_bits}
     curves = run_analysis(probe, X, T, ranges, config, state_dir=path.with_name(path.name + ".partial"),
@@ -257,6 +260,12 @@ def _analyze(fp: Path, calib, config: AnalysisConfig, progress=None):
 
     shutil.rmtree(path.with_name(path.name + ".partial"), ignore_errors=True)
     return curves
+
+
+def _rd_key(calibration: dict, analysis: dict) -> str:
+    from .analysis.rd import RD_SCHEMA_VERSION
+
+    return hashlib.sha256(json.dumps([RD_SCHEMA_VERSION, calibration, analysis], sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,7 +488,7 @@ def inspect_plots(bundle: Bundle, folder: str | Path, curves_dir: str | Path | N
     else:
         cfg = ((bundle.manifest.get("plan") or {}).get("curves") or {}).get("config")
         if cfg:
-            key = hashlib.sha256(json.dumps([cfg["calibration"], cfg["analysis"]], sort_keys=True).encode()).hexdigest()[:12]
+            key = _rd_key(cfg["calibration"], cfg["analysis"])
             hits = sorted((cache_dir() / "rd").glob(f"*-{key}/curves.json"))
             curves = RDCurves.load(hits[0].parent) if hits else None
     if curves is not None:

@@ -29,7 +29,14 @@ def mixed(tiny_model_dir, out, **kw):
     return api.build(str(tiny_model_dir), out, cfg)
 
 
-def test_curves_shape_and_monotone(curves):
+def test_curves_shape_and_monotone(tiny_model_dir, curves):
+    from dmcompile.calibration.trajectory import layer_input_tensors, quantized_tensors
+    from dmcompile.frontend.layermap import LayerMap
+
+    fp = api.fp_bundle(str(tiny_model_dir))
+    proto, lm = onnx.load(str(fp / "model.onnx")), LayerMap.load(fp / "layer_map.json")
+    inputs = layer_input_tensors(proto, lm)
+    assert curves.tensors == inputs and len(inputs) < len(quantized_tensors(proto, lm))  # no Conv outputs
     G, L, B = curves.weight.shape
     assert (G, B) == (3, 3) and L == len(curves.layers) > 5
     assert curves.act.shape == (3, len(curves.tensors), 2)

@@ -23,7 +23,7 @@ from ..eval.metrics import ssim
 from ..lowering.qdq import quantize_weight, weight_axis
 from .probe import Probe, act_params
 
-RD_SCHEMA_VERSION = 1
+RD_SCHEMA_VERSION = 2  # 2: activation curves per layer input only
 ANALYSIS_STREAM = 0xA1A
 
 
@@ -245,7 +245,8 @@ def model_error(full: RDCurves, modelled_weight: np.ndarray, measured: np.ndarra
 
 def check_additivity(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, curves: RDCurves,
                      allocations: int = 16, act_bits: int = 8, seed: int = 0, progress=None) -> dict:
-    """Predicted sum_l D_{l,g}(b_l) (+ every activation tensor's D at ``act_bits``) against the
+    """Predicted sum_l D_{l,g}(b_l) (+ each of ``curves.tensors``' D at ``act_bits``; the probe
+    must fake-quantize the same tensors) against the
     measured distortion of the whole model quantized that way, for random weight allocations
     (each one a random mix around a random average width). Returns per group the Spearman
     rank correlation and the ratio measured / predicted."""

@@ -46,6 +46,18 @@ def quantized_tensors(model: onnx.ModelProto, layer_map: LayerMap) -> list[str]:
     return names
 
 
+def layer_input_tensors(model: onnx.ModelProto, layer_map: LayerMap) -> list[str]:
+    """The activation inputs of the quantizable layers (input 0, and input 1 of activation x
+    activation MatMuls): :func:`quantized_tensors` without the Conv outputs."""
+    nodes = {n.name: n for n in model.graph.node}
+    names: list[str] = []
+    for layer in layer_map.layers:
+        node = nodes[layer.node]
+        ins = [node.input[0]] if layer.weight else [node.input[0], node.input[1]]
+        names.extend(i for i in ins if i not in names)
+    return names
+
+
 class _RecordingModel:
     """The runtime's model interface over the exposed-tensor session; feeds observers."""
 
