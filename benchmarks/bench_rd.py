@@ -163,13 +163,14 @@ def fidelity_cmd(args):
         for name, kw in variants:
             cfg = BuildConfig(format="mixed", eval_samples=0, **kw)
             m = api.build("digits16", Path(tmp) / "b", cfg, progress=bar).manifest
-            got = api.sample(Path(tmp) / "b", sc)
-            sc_ = api.digit_scores(got)
             size = sum(f["bytes"] for f in m["files"].values())
-            rows.append((name, m["plan"]["average_weight_bits"][0], size,
-                         float(np.mean(np.minimum(psnr(got, want), 200))), float(np.mean(ssim(got, want))),
-                         frechet_distance(sc_["features"], fp2_f), floor, sc_["fd_to_real"], sc_["confident_rate"]))
-            print(rows[-1], file=sys.stderr, flush=True)
+            for corr in (False, True):  # the allocation alone, then with PTQD's correction
+                got = api.sample(Path(tmp) / "b", sc, correction=corr)
+                sc_ = api.digit_scores(got)
+                rows.append((name + (" + PTQD" if corr else ""), m["plan"]["average_weight_bits"][0], size,
+                             float(np.mean(np.minimum(psnr(got, want), 200))), float(np.mean(ssim(got, want))),
+                             frechet_distance(sc_["features"], fp2_f), floor, sc_["fd_to_real"], sc_["confident_rate"]))
+                print(rows[-1], file=sys.stderr, flush=True)
             shutil.rmtree(Path(tmp) / "b")
     fp_real = api.digit_scores(want)
     print(f"digits16, K = 10, A8, DDIM 50, eta 0, {args.samples} samples, seeds as `dmcompile eval`; "

@@ -350,7 +350,7 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
         for name, merged in engines.items():
             fusion[name] = fusion_report(merged)
             if config.format == "mixed":
-                gbits = dict(zip((l.weight for l in wlayers), bits[sets_first(engine_of, name)]))
+                gbits = dict(zip((l.weight for l in wlayers), bits[_first_group_of(engine_of, name)]))
                 engines_meta[name] = {"external_weights": externalize_weights(merged, gbits, stored)}
         files = backend.save_engine(tmp, engines, params, group_files)
         if config.format == "mixed":
@@ -393,7 +393,7 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     return BuildResult(Path(out), manifest)
 
 
-def sets_first(engine_of: dict, name: str) -> int:
+def _first_group_of(engine_of: dict, name: str) -> int:
     """The first group served by engine ``name``."""
     return min(g for g, e in engine_of.items() if e == name)
 
