@@ -368,7 +368,8 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
             "precision": {"activation_dtype": profile.activation_dtype, "layers": _precision_layers(
                 layer_map, qnodes, wlayers, bits, profile, storage_bits)},
             "calibration": calib.config.to_dict(),
-            "build": {"config": config.to_dict(), "fusion": fusion if len(fusion) > 1 else fusion[sorted(fusion)[0]]},
+            "build": {"config": config.to_dict(), "fusion": fusion[ENGINE_FILE] if len(fusion) == 1 else
+                      {"ratio": min(f["ratio"] for f in fusion.values()), "engines": fusion}},
         }
         if engines_meta:
             body["engines"] = engines_meta

@@ -147,6 +147,8 @@ def test_budget_build_meets_the_budget(tiny_model_dir, curves, tmp_path):
 def test_per_group_allocation_and_size_budget(tiny_model_dir, curves, tmp_path):
     m = mixed(tiny_model_dir, tmp_path / "pg", budget="5bits", share_weights=False).manifest
     engines = {g["engine"] for g in m["groups"]}
+    if len(engines) > 1:  # one fusion count per engine, and the smallest ratio on top
+        assert set(m["build"]["fusion"]["engines"]) == engines and m["build"]["fusion"]["ratio"] == 1.0
     per_layer = [l["weight_bits"] for l in m["precision"]["layers"] if l["weight_bits"]]
     distinct = {tuple(col) for col in zip(*per_layer)}
     assert len(engines) == len(distinct)
