@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dmcompile import api  # noqa: E402
-from dmcompile.config import BuildConfig, CalibrationConfig, EvalConfig, SampleConfig  # noqa: E402
+from dmcompile import api
+from dmcompile.config import BuildConfig, CalibrationConfig, EvalConfig, SampleConfig
 
 
 def main(argv=None) -> int:
@@ -29,9 +29,10 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=256)
     args = p.parse_args(argv)
 
+    from dmruntime import Bundle
+
     from dmcompile.eval.metrics import frechet_distance, psnr, ssim
     from dmcompile.frontend.torch_model import TorchEpsModel
-    from dmruntime import Bundle
 
     ev = EvalConfig(sample=SampleConfig(n=args.samples))
     ref = TorchEpsModel(api.load_model("digits16"))

@@ -21,8 +21,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dmcompile import api  # noqa: E402
-from dmcompile.config import AnalysisConfig, BuildConfig, CalibrationConfig, EvalConfig, SampleConfig  # noqa: E402
+from dmcompile import api
+from dmcompile.config import (
+    AnalysisConfig,
+    BuildConfig,
+    EvalConfig,
+    SampleConfig,
+)
 
 
 def bar(stage, i, n):
@@ -90,11 +95,11 @@ def curves_cmd(args):
 
 def additivity_cmd(args):
     import onnx
+    from dmruntime import Bundle
 
     from dmcompile.analysis.probe import make_probe
     from dmcompile.analysis.rd import check_additivity, group_inputs
     from dmcompile.frontend.layermap import LayerMap
-    from dmruntime import Bundle
 
     cfg = AnalysisConfig(samples_per_group=args.rd_samples)
     curves = api.analyze(args.model, cfg, progress=bar)

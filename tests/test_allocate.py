@@ -4,10 +4,10 @@ import itertools
 
 import numpy as np
 import pytest
+from dmruntime.weights import encode, pack_int4, unpack_int4
 
 from dmcompile.analysis.allocate import allocate, dp, lagrange, parse_budget
 from dmcompile.errors import BudgetError
-from dmruntime.weights import encode, pack_int4, unpack_int4
 
 
 def brute(dist, cost, budget):

@@ -5,12 +5,12 @@ import json
 
 import numpy as np
 import pytest
+from dmruntime import Bundle, BundleError, DDIMSampler, ddim_step
+from dmruntime.correction import GroupCorrection, load_corrections
 
 from dmcompile import api
 from dmcompile.calibration.correction import estimate_correction
 from dmcompile.config import BuildConfig, CalibrationConfig
-from dmruntime import Bundle, BundleError, DDIMSampler, ddim_step
-from dmruntime.correction import GroupCorrection, load_corrections
 
 SMALL = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4)
 

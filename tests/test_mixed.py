@@ -6,6 +6,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from dmruntime import Bundle, DDIMSampler
 
 from dmcompile import api
 from dmcompile.backends.onnxruntime import fusion_report
@@ -13,7 +14,6 @@ from dmcompile.cli import main
 from dmcompile.config import AnalysisConfig, BuildConfig, CalibrationConfig
 from dmcompile.errors import BudgetError
 from dmcompile.lowering.qdq import quantize_weight, weight_axis
-from dmruntime import Bundle, DDIMSampler
 
 SMALL = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4)
 ANALYSIS = AnalysisConfig(samples_per_group=2, weight_bits=(2, 4, 8), act_bits=(6, 8))

@@ -38,14 +38,14 @@ class Budget:
 def parse_budget(text: str) -> Budget:
     """'5.0bits', '20MB' (also B, KB, GB, MiB), 'BOPs=1.5e9'."""
     s = str(text).strip()
-    if m := re.fullmatch(r"([0-9.]+)\s*bits?", s, re.I):
+    if m := re.fullmatch(r"([0-9.]+)\s*bits?", s, re.IGNORECASE):
         v = float(m.group(1))
         if not 1 <= v <= 32:
             raise BudgetError(f"an average of {v} weight bits is out of range; use 2bits to 8bits")
         return Budget("bits", v)
-    if m := re.fullmatch(r"([0-9.]+(?:e[0-9+]+)?)\s*([kmg]i?b|b)", s, re.I):
+    if m := re.fullmatch(r"([0-9.]+(?:e[0-9+]+)?)\s*([kmg]i?b|b)", s, re.IGNORECASE):
         return Budget("bytes", float(m.group(1)) * UNITS[m.group(2).upper()])
-    if m := re.fullmatch(r"bops\s*=\s*([0-9.]+(?:e[+]?[0-9]+)?)", s, re.I):
+    if m := re.fullmatch(r"bops\s*=\s*([0-9.]+(?:e[+]?[0-9]+)?)", s, re.IGNORECASE):
         return Budget("bops", float(m.group(1)))
     raise BudgetError(f"cannot read budget {text!r}; write e.g. 5.0bits (average weight bits), 20MB (weight "
                       "bytes) or BOPs=1.5e9 (MACs x weight bits x activation bits)")

@@ -71,7 +71,7 @@ def probe_model(fp: onnx.ModelProto, weights: list[str], tensors: dict[str, int]
     for node in g.node:
         new_nodes.append(node)
         for out in node.output:
-            key = out[: -len(SEP + "raw")] if out.endswith(SEP + "raw") else out
+            key = out.removesuffix(SEP + "raw")
             if key in pending:
                 new_nodes += pending.pop(key)[2]
     assert not pending, f"tensors without a producer: {list(pending)[:3]}"

@@ -76,7 +76,7 @@ class RDCurves:
                 "act_bits": list(self.act_bits), "seconds": self.seconds})
 
     @classmethod
-    def load(cls, folder: Path) -> "RDCurves":
+    def load(cls, folder: Path) -> RDCurves:
         meta = json.loads((Path(folder) / "curves.json").read_text())
         if meta.get("schema_version") != RD_SCHEMA_VERSION:
             raise ValueError(f"curves schema_version {meta.get('schema_version')} != {RD_SCHEMA_VERSION}")

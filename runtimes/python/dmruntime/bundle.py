@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .correction import load_corrections
 from .engine import OnnxEngine
 from .errors import BundleError, InputError
 from .schedule import NoiseSchedule
-from .correction import load_corrections
 from .weights import load_weights
 
 MANIFEST = "manifest.json"
@@ -88,7 +88,7 @@ class Bundle:
         return self._engines[name]
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True, threads: int = 0, correction: bool = True) -> "Bundle":
+    def open(cls, path: str | Path, verify: bool = True, threads: int = 0, correction: bool = True) -> Bundle:
         """Open and validate a bundle folder.
 
         Checks the schema version, that every listed file stays inside the folder, exists

@@ -66,7 +66,7 @@ class NoiseSchedule:
         return int(self.alphas_cumprod.shape[0])
 
     @classmethod
-    def from_config(cls, config: dict) -> "NoiseSchedule":
+    def from_config(cls, config: dict) -> NoiseSchedule:
         cfg = {**DDIM_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
         if cfg["thresholding"]:
             raise InputError("dynamic thresholding is not supported; set thresholding=false in the scheduler config")
