@@ -179,3 +179,30 @@ def test_cli_analyze_and_bad_budget(tiny_model_dir, tmp_path, capsys):
     assert main(["build", str(tiny_model_dir), "-o", str(tmp_path / "x"), "--format", "mixed",
                  "--budget", "lots"]) == 2
     assert "cannot read budget" in capsys.readouterr().err
+
+
+def test_bad_stored_weights_are_clear_errors(tiny_model_dir, tmp_path):
+    import shutil
+
+    from dmcompile.artifacts import write_manifest
+    from dmruntime import BundleError
+
+    out = mixed(tiny_model_dir, tmp_path / "w", weight_bits={"*": 4}).path
+    m = json.loads((out / "manifest.json").read_text())
+    body = {k: v for k, v in m.items() if k not in ("schema_version", "kind", "files", "dmcompile_version")}
+
+    bad = tmp_path / "garbage"
+    shutil.copytree(out, bad)
+    (bad / "weights.npz").write_bytes(b"not a zip file")
+    write_manifest(bad, body, list(m["files"]))  # hashes match: the content is what is wrong
+    with pytest.raises(BundleError, match="cannot read weights weights.npz"):
+        Bundle.open(bad)
+
+    dangling = tmp_path / "dangling"
+    shutil.copytree(out, dangling)
+    engine = next(iter(body["engines"]))
+    name = next(iter(body["engines"][engine]["external_weights"]))
+    body["engines"][engine]["external_weights"][name] = "nope@4"
+    write_manifest(dangling, body, list(m["files"]))
+    with pytest.raises(BundleError, match="which the manifest does not list"):
+        Bundle.open(dangling)
