@@ -205,7 +205,10 @@ def _calibrate(fp: Path, config: CalibrationConfig, progress=None):
     from .calibration.trajectory import calibrate as run_calibration
     from .frontend.layermap import LayerMap
 
-    key = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    from .calibration.trajectory import CALIB_SCHEMA_VERSION
+
+    # The schema version is in the key so that calibrations cached by older code are not reused.
+    key = hashlib.sha256(json.dumps([CALIB_SCHEMA_VERSION, config.to_dict()], sort_keys=True).encode()).hexdigest()[:12]
     path = cache_dir() / "calib" / f"{fp.name}-{key}"
     if (path / "calibration.json").is_file():
         return CalibrationResult.load(path)
@@ -264,8 +267,10 @@ def _analyze(fp: Path, calib, config: AnalysisConfig, progress=None):
 
 def _rd_key(calibration: dict, analysis: dict) -> str:
     from .analysis.rd import RD_SCHEMA_VERSION
+    from .calibration.trajectory import CALIB_SCHEMA_VERSION
 
-    return hashlib.sha256(json.dumps([RD_SCHEMA_VERSION, calibration, analysis], sort_keys=True).encode()).hexdigest()[:12]
+    versions = [RD_SCHEMA_VERSION, CALIB_SCHEMA_VERSION]
+    return hashlib.sha256(json.dumps([versions, calibration, analysis], sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from ..config import CalibrationConfig
 from ..frontend.layermap import LayerMap
 from .observers import HistogramObserver
 
-CALIB_SCHEMA_VERSION = 1
+CALIB_SCHEMA_VERSION = 2  # 2: cache keys carry it (older caches may predate the histogram fix)
 CALIB_STREAM = 0xCA11B
 
 
