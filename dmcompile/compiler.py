@@ -198,7 +198,7 @@ def _step_aware(fp: Path, layer_map, wlayers, bits, calib, config: BuildConfig, 
 def _mixed_bits(fp, layer_map, wlayers, qnodes, calib, config: BuildConfig, profile, progress):
     """Weight widths [G, L] of a mixed build and the plan record for the manifest."""
     from .analysis.allocate import parse_budget
-    from .analysis.plan import bops, check_bits, plan_bits
+    from .analysis.plan import bops, check_bits, check_feasible, plan_bits
     from .lowering.precision import explicit_bits
 
     K = len(calib.groups)
@@ -207,12 +207,14 @@ def _mixed_bits(fp, layer_map, wlayers, qnodes, calib, config: BuildConfig, prof
         plan = {"weight_bits": dict(config.weight_bits), "share_weights": True}
     else:
         allowed = config.analysis.weight_bits if config.allow_simulated_bits else profile.weight_bits
-        curves = _analyze(fp, calib, config.analysis, progress)
-        idx = [curves.layers.index(l.node) for l in wlayers]
+        budget = parse_budget(config.budget)
         fixed = sum(bops(l, None, 8 if l.node in qnodes else None) for l in layer_map.layers
                     if l not in wlayers)
+        check_feasible(wlayers, tuple(allowed), budget, fixed)  # before minutes of curve measuring
+        curves = _analyze(fp, calib, config.analysis, progress)
+        idx = [curves.layers.index(l.node) for l in wlayers]
         bits, plan = plan_bits(curves.weight[:, idx], wlayers, curves.weight_bits, tuple(allowed),
-                               parse_budget(config.budget), config.allocator, config.share_weights, fixed)
+                               budget, config.allocator, config.share_weights, fixed)
         plan["curves"] = {"config": curves.config, "seconds": curves.seconds}
     check_bits({int(b) for b in bits.ravel()}, profile.weight_bits, config.allow_simulated_bits)
     n = sum(l.params for l in wlayers)

@@ -142,6 +142,16 @@ def test_budget_build_meets_the_budget(tiny_model_dir, curves, tmp_path):
     assert sum(lag["plan"]["predicted_distortion"]) >= sum(m["plan"]["predicted_distortion"]) - 1e-12
     with pytest.raises(BudgetError, match="smallest feasible budget is 4.000 average weight bits"):
         mixed(tiny_model_dir, tmp_path / "b3", budget="3bits")
+    # found before any curve is measured (a fresh cache would otherwise spend minutes first)
+    import dmcompile.compiler as compiler
+
+    def no_curves(*a, **k):
+        raise AssertionError("curves measured for an infeasible budget")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(compiler, "_analyze", no_curves)
+        with pytest.raises(BudgetError, match="infeasible"):
+            mixed(tiny_model_dir, tmp_path / "b3", budget="3bits")
 
 
 def test_per_group_allocation_and_size_budget(tiny_model_dir, curves, tmp_path):

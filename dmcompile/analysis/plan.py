@@ -75,6 +75,18 @@ def plan_bits(dist: np.ndarray, layers: list[Layer], curve_bits: tuple[int, ...]
     return bits, info
 
 
+def check_feasible(layers: list[Layer], allowed: tuple[int, ...], budget: Budget, fixed_bops: float = 0.0,
+                   act_bits: int = 8) -> None:
+    """Raise BudgetError (naming the smallest feasible budget) before any curve is measured."""
+    cost = option_costs(layers, tuple(allowed), budget.kind, act_bits)
+    fixed = fixed_bops if budget.kind == "bops" else 0.0
+    least = cost.min(axis=1).sum() + fixed
+    if least > budget_total(budget, layers) * (1 + 1e-9):
+        fmt = describe(budget, layers)
+        raise BudgetError(f"budget {fmt(budget_total(budget, layers))} is infeasible: the smallest feasible budget "
+                          f"is {fmt(least)} (every layer at its narrowest allowed width)")
+
+
 def check_bits(bits: set[int], deployable: tuple[int, ...], allow_simulated: bool) -> None:
     bad = sorted(b for b in bits if b not in deployable)
     if bad and not allow_simulated:
