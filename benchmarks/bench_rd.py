@@ -94,20 +94,13 @@ def curves_cmd(args):
 
 
 def additivity_cmd(args):
-    import onnx
-    from dmruntime import Bundle
-
-    from dmcompile.analysis.probe import make_probe
-    from dmcompile.analysis.rd import check_additivity, group_inputs
-    from dmcompile.frontend.layermap import LayerMap
+    from dmcompile.analysis.rd import check_additivity
 
     cfg = AnalysisConfig(samples_per_group=args.rd_samples)
     curves = api.analyze(args.model, cfg, progress=bar)
-    fp = api.fp_bundle(args.model)
     calib = api.calibrate(args.model)
-    proto, lm = onnx.load(str(fp / "model.onnx")), LayerMap.load(fp / "layer_map.json")
-    probe = make_probe(proto, lm, list(curves.tensors), Bundle.open(fp).sample_shape)
-    X, T = group_inputs(Bundle.open(fp), calib.groups, cfg, calib.config.steps, cfg.seed)
+    # the probe fake-quantizes exactly the tensors the curves cover
+    probe, X, T, _ = api.probe_inputs(api.fp_bundle(args.model), lambda proto, lm: list(curves.tensors), calib, cfg)
     res = check_additivity(probe, X, T, {8: calib.ranges(bits=8)}, curves, allocations=args.allocations,
                            progress=bar)
     print("| group | t range | Spearman (predicted vs measured) | median measured / predicted |")

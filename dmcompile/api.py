@@ -233,26 +233,35 @@ def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = Ana
     return curves
 
 
-def _analyze(fp: Path, calib, config: AnalysisConfig, progress=None):
+def probe_inputs(fp: Path, tensors_of, calib, config: AnalysisConfig):
+    """(probe, X, T, fp bundle) for an fp32 export: the probe fake-quantizes
+    ``tensors_of(proto, layer_map)``; X, T are each group's inputs from fp32 trajectories."""
     import onnx
 
     from .analysis.probe import make_probe
-    from .analysis.rd import RDCurves, group_inputs
+    from .analysis.rd import group_inputs
+    from .frontend.layermap import LayerMap
+
+    layer_map = LayerMap.load(fp / "layer_map.json")
+    proto = onnx.load(str(fp / "model.onnx"))
+    bundle = Bundle.open(fp)
+    probe = make_probe(proto, layer_map, tensors_of(proto, layer_map), bundle.sample_shape)
+    X, T = group_inputs(bundle, calib.groups, config, calib.config.steps, config.seed)
+    return probe, X, T, bundle
+
+
+def _analyze(fp: Path, calib, config: AnalysisConfig, progress=None):
+    from .analysis.rd import RDCurves
     from .analysis.rd import analyze as run_analysis
     from .calibration.trajectory import layer_input_tensors
-    from .frontend.layermap import LayerMap
 
     key = _rd_key(calib.config.to_dict(), config.to_dict())
     path = cache_dir() / "rd" / f"{fp.name}-{key}"
     if (path / "curves.json").is_file():
         return RDCurves.load(path)
-    layer_map = LayerMap.load(fp / "layer_map.json")
-    proto = onnx.load(str(fp / "model.onnx"))
-    bundle = Bundle.open(fp)
     # Activation curves are per layer input (the Conv outputs the bundle also quantizes, for
     # fusion, are not a layer's choice).
-    probe = make_probe(proto, layer_map, layer_input_tensors(proto, layer_map), bundle.sample_shape)
-    X, T = group_inputs(bundle, calib.groups, config, calib.config.steps, config.seed)
+    probe, X, T, _ = probe_inputs(fp, layer_input_tensors, calib, config)
     ranges = {b: calib.ranges(bits=b) for b in config.act_bits}
     curves = run_analysis(probe, X, T, ranges, config, state_dir=path.with_name(path.name + ".partial"),
                           progress=progress)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from dmruntime import Bundle
 
-from .api import _analyze, _calibrate, fp_bundle, sample_model
+from .api import _analyze, _calibrate, fp_bundle, probe_inputs, sample_model
 from .config import BuildConfig, SampleConfig
 from .frontend.load import LoadedModel, load_model
 
@@ -86,11 +86,11 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     sets: dict[tuple, list[int]] = {}
     for g in range(K):
         sets.setdefault(tuple(int(b) for b in bits[g]), []).append(g)
-    engine_of, params, engines = {}, [None] * K, {}
+    engine_of, params, engines, first_group = {}, [None] * K, {}, {}
     for i, gids in enumerate(sets.values()):
         merged, ps = merge_groups([fused[g] for g in gids])
         name = ENGINE_FILE if len(sets) == 1 else f"unet_{i}.onnx"
-        engines[name] = merged
+        engines[name], first_group[name] = merged, gids[0]
         for g, p in zip(gids, ps):
             engine_of[g], params[g] = name, p
     group_files = [f"group_{g.index:02d}.npz" for g in groups]
@@ -99,7 +99,7 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
         for name, merged in engines.items():
             fusion[name] = fusion_report(merged)
             if config.format == "mixed":
-                gbits = dict(zip((l.weight for l in wlayers), bits[_first_group_of(engine_of, name)]))
+                gbits = dict(zip((l.weight for l in wlayers), bits[first_group[name]]))
                 engines_meta[name] = {"external_weights": externalize_weights(merged, gbits, stored)}
         files = backend.save_engine(tmp, engines, params, group_files)
         if config.format == "mixed":
@@ -143,11 +143,6 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     return BuildResult(Path(out), manifest)
 
 
-def _first_group_of(engine_of: dict, name: str) -> int:
-    """The first group served by engine ``name``."""
-    return min(g for g, e in engine_of.items() if e == name)
-
-
 def _save_weights(path: Path, stored: dict) -> dict:
     from dmruntime.weights import encode
 
@@ -176,17 +171,11 @@ def _precision_layers(layer_map, qnodes, wlayers, bits, profile, storage_bits) -
 
 
 def _step_aware(fp: Path, layer_map, wlayers, bits, calib, config: BuildConfig, profile) -> dict:
-    import onnx
-
-    from .analysis.probe import make_probe
-    from .analysis.rd import group_inputs
     from .analysis.stepaware import select_activation_bits
     from .calibration.trajectory import quantized_tensors
 
-    proto = onnx.load(str(fp / "model.onnx"))
-    fpb = Bundle.open(fp)
-    probe = make_probe(proto, layer_map, quantized_tensors(proto, layer_map), fpb.sample_shape)
-    X, T = group_inputs(fpb, calib.groups, config.analysis, calib.config.steps, config.analysis.seed)
+    # every tensor the bundle quantizes, Conv outputs included: this judges the whole engine
+    probe, X, T, fpb = probe_inputs(fp, quantized_tensors, calib, config.analysis)
     col = {l.node: i for i, l in enumerate(wlayers)}
     wb = np.array([[bits[g, col[l.node]] if l.node in col else None for l in probe.layers]
                    for g in range(len(calib.groups))], dtype=object)

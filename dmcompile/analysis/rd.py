@@ -64,9 +64,6 @@ class RDCurves:
     measured: np.ndarray
     seconds: float = 0.0
 
-    def layer_curve(self, node: str) -> np.ndarray:
-        return self.weight[:, self.layers.index(node)]
-
     def save(self, folder: Path) -> None:
         with atomic_dir(Path(folder)) as tmp:
             np.savez(tmp / "curves.npz", weight=self.weight, act=self.act, measured=self.measured)
