@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 
 from . import __version__, zoo
+from .config import (ALLOCATORS, CALIB_TIMESTEPS, DISTORTIONS, OBSERVERS, RECIPES, SWEEPS, AnalysisConfig, BuildConfig,
+                     CalibrationConfig, EvalConfig, ExportConfig, MixedRecipe, SampleConfig, default)
+from .targets import PROFILES
 
 EXIT_USER_ERROR = 2
 
@@ -48,17 +51,17 @@ def cmd_export(args) -> int:
 
 
 def _sample_config(args, n_default: int):
-    from .config import SampleConfig
-
     return SampleConfig(n=n_default if args.n is None else args.n, steps=args.steps, eta=args.eta, seed=args.seed,
                         batch_size=args.batch_size)
 
 
 def cmd_sample(args) -> int:
     from . import api
+    from .artifacts import check_file_replaceable
     from .eval.grid import save_grid
 
-    cfg = _sample_config(args, 64)
+    cfg = _sample_config(args, default(SampleConfig, "n"))
+    check_file_replaceable(args.output)  # before sampling: never overwrite a file we did not write
     images = api.sample(args.target, cfg, fp=args.fp, progress=_progress_bar("DDIM"), correction=not args.no_correction)
     save_grid(images, args.output)
     print(f"wrote {args.output}: {cfg.n} samples, DDIM {cfg.steps} steps, eta {cfg.eta}, seed {cfg.seed}")
@@ -71,11 +74,12 @@ def cmd_sample(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import api
-    from .artifacts import write_json
+    from .artifacts import EVAL, check_replaceable
     from .config import EvalConfig
-    from .eval.grid import save_fd_figure, save_grid
 
-    cfg = EvalConfig(sample=_sample_config(args, 1000))
+    cfg = EvalConfig(sample=_sample_config(args, default(EvalConfig, "sample").n))
+    if args.out:
+        check_replaceable(args.out, EVAL)  # before minutes of sampling
     res = api.evaluate(args.target, cfg, progress=_progress_bar("eval"), correction=not args.no_correction)
     r = res.report
     pv = r["paired_vs_fp"]
@@ -91,33 +95,40 @@ def cmd_eval(args) -> int:
         print(f"confident-class rate (max p >= {cfg.confident_threshold}): {d['confident_rate']:.1%}   "
               f"(FP: {d['fp_confident_rate']:.1%}); classes {d['class_histogram']}")
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "eval.json", r)
-        save_grid(res.images[:64], out / "samples.png")
-        written = ["eval.json", "samples.png"]
-        if d:
-            save_fd_figure({"model vs real": d["fd_to_real"], "FP vs real": d["fp_fd_to_real"],
-                            "model vs FP": d["fd_to_fp"], "FP noise floor": d["noise_floor_fd"]},
-                           out / "fd.png", f"{r['model']} {r['format']}: {cfg.sample.n} samples, "
-                           f"DDIM {cfg.sample.steps}")
-            written.append("fd.png")
-        print(f"wrote {', '.join(str(out / w) for w in written)}")
+        written = api.write_eval(res, args.out)
+        print(f"wrote {', '.join(str(w) for w in written)}")
     if args.json:
         print(json.dumps(r, indent=2))
     return 0
 
 
+def _recipe(args):
+    """The recipe of ``build``'s options: --format picks the class, the rest fill it."""
+    from .config import MixedRecipe, Override, W8A8Recipe, parse_overrides
+    from .errors import ConfigError
+
+    overrides = tuple(Override(n, "float") for n in args.float_layer) + parse_overrides(args.weight_bits)
+    if args.format == MixedRecipe.name:
+        return MixedRecipe(budget=args.budget, allocator=args.allocator, share_weights=args.share_weights,
+                           allow_simulated_bits=args.allow_simulated_bits, overrides=overrides)
+    if args.budget:
+        raise ConfigError("--budget applies to --format mixed only")
+    return W8A8Recipe(overrides=overrides)
+
+
+def _calibration_config(args):
+    from .config import CalibrationConfig
+
+    return CalibrationConfig(size=args.calib_size, steps=args.calib_steps, seed=args.seed, groups=args.groups,
+                             observer=args.observer, timesteps=args.calib_timesteps)
+
+
 def cmd_build(args) -> int:
     from . import api
-    from .config import BuildConfig, CalibrationConfig
+    from .config import BuildConfig
 
-    calib = CalibrationConfig(size=args.calib_size, steps=args.calib_steps, seed=args.seed, groups=args.groups,
-                              observer=args.observer, timesteps=args.calib_timesteps)
-    cfg = BuildConfig(format=args.format, float_layers=tuple(args.float_layer), calibration=calib,
-                      eval_samples=args.eval_samples, seed=args.seed, budget=args.budget, allocator=args.allocator,
-                      share_weights=args.share_weights, allow_simulated_bits=args.allow_simulated_bits,
-                      analysis=_analysis_config(args), weight_bits=_weight_bits(args.weight_bits),
+    cfg = BuildConfig(recipe=_recipe(args), profile=args.target, calibration=_calibration_config(args),
+                      analysis=_analysis_config(args), eval_samples=args.eval_samples, seed=args.seed,
                       correction=not args.no_correction, step_aware=args.step_aware)
     out = args.output or Path("build") / f"{Path(str(args.model)).name}-{args.format}"
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
@@ -145,36 +156,16 @@ def cmd_build(args) -> int:
     return 0
 
 
-def _weight_bits(spec: str | None) -> dict | None:
-    """'*=4,first_conv=8' -> {'*': 4, 'first_conv': 8}."""
-    from .errors import ConfigError
-
-    if not spec:
-        return None
-    out = {}
-    for part in spec.split(","):
-        name, _, bits = part.strip().rpartition("=")
-        if not name or not bits.isdigit():
-            raise ConfigError(f"cannot read --weight-bits entry {part!r}; write NAME=BITS, e.g. *=4,first_conv=8")
-        out[name] = int(bits)
-    return out
-
-
 def _analysis_config(args):
-    from .config import AnalysisConfig
-
     return AnalysisConfig(samples_per_group=args.rd_samples, distortion=args.distortion, sweep=args.sweep,
                           weight_bits=tuple(args.rd_weight_bits), act_bits=tuple(args.rd_act_bits))
 
 
 def cmd_analyze(args) -> int:
     from . import api
-    from .analysis.plots import save_rd_curves
-    from .config import CalibrationConfig
 
-    calib = CalibrationConfig(size=args.calib_size, steps=args.calib_steps, seed=args.seed, groups=args.groups)
-    curves = api.analyze(args.model, _analysis_config(args), calib, out=args.output, progress=_progress_bar("analyze"))
-    save_rd_curves(curves, args.output / "rd_curves.png")
+    curves = api.analyze(args.model, _analysis_config(args), _calibration_config(args), out=args.output,
+                         progress=_progress_bar("analyze"))
     G, L, B = curves.weight.shape
     print(f"wrote {args.output}: curves of {L} weighted layers x {len(curves.weight_bits)} weight widths and "
           f"{len(curves.tensors)} activation tensors x {len(curves.act_bits)} widths, {G} groups, "
@@ -196,21 +187,40 @@ def cmd_inspect(args) -> int:
 
 
 def _add_analysis(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--distortion", default="ssim+mse", choices=["ssim+mse", "mse", "sqnr"],
-                   help="output distortion of the RD curves (default ssim+mse, the paper's)")
-    p.add_argument("--rd-samples", type=int, default=16, help="inputs per group for the RD curves (default 16)")
-    p.add_argument("--sweep", default="full", choices=["full", "model"],
-                   help="full: measure every width; model: measure 3 and 6 bits, fit the rest from weight noise power")
-    p.add_argument("--rd-weight-bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8])
-    p.add_argument("--rd-act-bits", type=int, nargs="+", default=[6, 8])
+    A = AnalysisConfig
+    p.add_argument("--distortion", default=default(A, "distortion"), choices=DISTORTIONS,
+                   help=f"output distortion of the RD curves (default {default(A, 'distortion')}, the paper's)")
+    p.add_argument("--rd-samples", type=int, default=default(A, "samples_per_group"),
+                   help=f"inputs per group for the RD curves (default {default(A, 'samples_per_group')})")
+    p.add_argument("--sweep", default=default(A, "sweep"), choices=SWEEPS,
+                   help="full: measure every width; model: measure two widths, fit the rest from weight noise power")
+    p.add_argument("--rd-weight-bits", type=int, nargs="+", default=list(default(A, "weight_bits")))
+    p.add_argument("--rd-act-bits", type=int, nargs="+", default=list(default(A, "act_bits")))
 
 
-def _add_sampling(p: argparse.ArgumentParser, n_help: str) -> None:
-    p.add_argument("-n", type=int, default=None, help=n_help)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic (default), 1 DDPM-like")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
-    p.add_argument("--batch-size", type=int, default=256, help="UNet batch size (default 256)")
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    C = CalibrationConfig
+    p.add_argument("--groups", type=int, default=default(C, "groups"),
+                   help=f"timestep groups K (default {default(C, 'groups')}; 1: one scale for all timesteps)")
+    p.add_argument("--calib-size", type=int, default=default(C, "size"),
+                   help=f"calibration trajectories (default {default(C, 'size')})")
+    p.add_argument("--calib-steps", type=int, default=default(C, "steps"),
+                   help=f"DDIM steps per trajectory (default {default(C, 'steps')})")
+    p.add_argument("--observer", default=default(C, "observer"), choices=OBSERVERS,
+                   help=f"how a clipping range is chosen (default {default(C, 'observer')})")
+    p.add_argument("--calib-timesteps", default=default(C, "timesteps"), choices=CALIB_TIMESTEPS,
+                   help="record every step (trajectory), or PTQ4DM's normally distributed timesteps (ptq4dm)")
+    p.add_argument("--seed", type=int, default=default(BuildConfig, "seed"))
+
+
+def _add_sampling(p: argparse.ArgumentParser, n_default: int) -> None:
+    S = SampleConfig
+    p.add_argument("-n", type=int, default=None, help=f"number of samples (default {n_default})")
+    p.add_argument("--steps", type=int, default=default(S, "steps"), help=f"DDIM steps (default {default(S, 'steps')})")
+    p.add_argument("--eta", type=float, default=default(S, "eta"), help="DDIM eta: 0 deterministic (default), 1 DDPM-like")
+    p.add_argument("--seed", type=int, default=default(S, "seed"), help="seed of the initial noise (default 0)")
+    p.add_argument("--batch-size", type=int, default=default(S, "batch_size"),
+                   help=f"UNet batch size (default {default(S, 'batch_size')})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,41 +235,46 @@ def build_parser() -> argparse.ArgumentParser:
                        f"check parity with PyTorch, write model.onnx, layer_map.json and manifest.json. "
                        f"MODEL: a zoo name ({models}) or a local diffusers UNet folder.")
     e.add_argument("model", nargs="?", default=zoo.DEFAULT_MODEL, help=f"default {zoo.DEFAULT_MODEL}")
-    e.add_argument("-o", "--output", required=True, type=Path, help="output folder (written atomically)")
-    e.add_argument("--opset", type=int, default=17)
-    e.add_argument("--seed", type=int, default=0, help="random-weight seed of presets, parity inputs")
+    e.add_argument("-o", "--output", required=True, type=Path,
+                   help="output folder (written atomically); must be absent, empty or an earlier export or bundle")
+    e.add_argument("--opset", type=int, default=default(ExportConfig, "opset"))
+    e.add_argument("--seed", type=int, default=default(ExportConfig, "seed"),
+                   help="random-weight seed of presets, parity inputs")
     e.set_defaults(func=cmd_export)
 
     b = sub.add_parser("build", help="compile a model into a per-timestep-group int8 bundle",
                        description="Calibrate along DDIM trajectories of the full-precision model, quantize "
-                       "(W8A8: int8 per-channel weights, uint8 per-tensor activations with per-group scales), "
-                       f"write one ONNX Runtime model per timestep group. MODEL: {models} or a folder.")
+                       "(W8A8: int8 per-channel weights, uint8 per-tensor activations with per-group scales; mixed: "
+                       "per-layer weight widths by RD allocation), write the engines and per-group inputs. "
+                       f"MODEL: {models} or a folder.")
     b.add_argument("model", nargs="?", default=zoo.DEFAULT_MODEL, help=f"default {zoo.DEFAULT_MODEL}")
-    b.add_argument("-o", "--output", type=Path, default=None, help="bundle folder (default build/MODEL-FORMAT)")
-    b.add_argument("--format", default="w8a8", choices=["w8a8", "mixed"],
+    b.add_argument("-o", "--output", type=Path, default=None,
+                   help="bundle folder (default build/MODEL-FORMAT); must be absent, empty or an earlier bundle")
+    b.add_argument("--format", default=default(BuildConfig, "recipe").name, choices=sorted(RECIPES),
                    help="w8a8: int8 weights; mixed: per-layer weight bits under --budget (RD allocation)")
+    b.add_argument("--target", default=default(BuildConfig, "profile"), choices=sorted(PROFILES),
+                   help=f"target profile (default {default(BuildConfig, 'profile')})")
     b.add_argument("--budget", default=None, help="mixed: 5.0bits (average weight bits), 20MB (weight bytes) or "
                    "BOPs=1.5e9 (MACs x weight bits x activation bits)")
-    b.add_argument("--allocator", default="dp", choices=["dp", "lagrange"],
+    b.add_argument("--allocator", default=default(MixedRecipe, "allocator"), choices=ALLOCATORS,
                    help="dp: exact knapsack (default); lagrange: the paper's multiplier sweep")
-    b.add_argument("--share-weights", dest="share_weights", action="store_true", default=True,
+    b.add_argument("--share-weights", dest="share_weights", action="store_true",
+                   default=default(MixedRecipe, "share_weights"),
                    help="one weight allocation for all groups, weights stored once (default)")
     b.add_argument("--per-group-weights", dest="share_weights", action="store_false",
                    help="one allocation per group (the paper): an engine per distinct allocation")
     b.add_argument("--allow-simulated-bits", action="store_true",
                    help="allow widths the target cannot store natively (2, 3, 5, 6): kept in 4- or 8-bit containers")
     b.add_argument("--weight-bits", default=None, metavar="SPEC",
-                   help="mixed without a budget: explicit widths, e.g. '*=4,first_conv=8,last_conv=8'")
-    b.add_argument("--groups", type=int, default=10, help="timestep groups K (1: one scale for all timesteps)")
-    b.add_argument("--calib-size", type=int, default=64, help="calibration trajectories (default 64)")
-    b.add_argument("--calib-steps", type=int, default=50, help="DDIM steps per trajectory (default 50)")
-    b.add_argument("--observer", default="mse", choices=["minmax", "percentile", "mse"])
-    b.add_argument("--calib-timesteps", default="trajectory", choices=["trajectory", "ptq4dm"],
-                   help="record every step, or PTQ4DM's normally distributed timesteps")
+                   help="per-layer rules PATTERN=BITS|float, e.g. '*=4,first_conv=8,time_embedding=float'; the most "
+                   "specific pattern wins (node > module > module prefix > op type > *); with --budget, the "
+                   "layers they name are pinned and the rest allocated")
     b.add_argument("--float-layer", action="append", default=[], metavar="NAME",
-                   help="keep in float: node/module name or prefix, op type, first_conv, last_conv (repeatable)")
-    b.add_argument("--eval-samples", type=int, default=16, help="samples for the fidelity check (0: skip)")
-    b.add_argument("--seed", type=int, default=0)
+                   help="keep in float (the rule NAME=float): node/module name or prefix, op type, first_conv, "
+                   "last_conv (repeatable)")
+    _add_calibration(b)
+    b.add_argument("--eval-samples", type=int, default=default(BuildConfig, "eval_samples"),
+                   help=f"samples for the fidelity check (default {default(BuildConfig, 'eval_samples')}; 0: skip)")
     b.add_argument("--no-correction", action="store_true",
                    help="skip estimating PTQD noise-correction statistics (the bundle then has none)")
     b.add_argument("--step-aware", action="store_true",
@@ -272,11 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(or input activations) are quantized to each candidate width; writes curves.json, "
                        "curves.npz and rd_curves.png. Builds with --format mixed reuse the cached curves.")
     a.add_argument("model", nargs="?", default=zoo.DEFAULT_MODEL, help=f"default {zoo.DEFAULT_MODEL}")
-    a.add_argument("-o", "--output", required=True, type=Path, help="folder for the curves")
-    a.add_argument("--groups", type=int, default=10)
-    a.add_argument("--calib-size", type=int, default=64)
-    a.add_argument("--calib-steps", type=int, default=50)
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("-o", "--output", required=True, type=Path,
+                   help="folder for the curves; must be absent, empty or earlier curves")
+    _add_calibration(a)
     _add_analysis(a)
     a.set_defaults(func=cmd_analyze)
 
@@ -294,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "cached under $DMCOMPILE_CACHE (default ~/.cache/dmcompile).")
     s.add_argument("target")
     s.add_argument("--fp", action="store_true", help="sample the full-precision model")
-    s.add_argument("-o", "--output", required=True, type=Path, help="PNG grid to write")
-    _add_sampling(s, "number of samples (default 64)")
+    s.add_argument("-o", "--output", required=True, type=Path,
+                   help="PNG grid to write (an existing file is replaced only if dmcompile wrote it)")
+    _add_sampling(s, default(SampleConfig, "n"))
     s.add_argument("--no-correction", action="store_true", help="turn the bundle's PTQD noise correction off")
     s.set_defaults(func=cmd_sample)
 
@@ -304,9 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "report paired PSNR/SSIM and, for digits models, FD to real digits, the FP noise floor "
                        "and the confident-class rate.")
     v.add_argument("target", help="bundle or export folder")
-    v.add_argument("--out", type=Path, default=None, help="folder for eval.json, samples.png, fd.png")
+    v.add_argument("--out", type=Path, default=None, help="folder for eval.json, samples.png, fd.png "
+                   "(must be absent, empty or an earlier evaluation)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
-    _add_sampling(v, "number of samples (default 1000)")
+    _add_sampling(v, default(EvalConfig, "sample").n)
     v.add_argument("--no-correction", action="store_true", help="turn the bundle's PTQD noise correction off")
     v.set_defaults(func=cmd_eval)
     return p

@@ -1,228 +1,351 @@
-"""Compiling a model into a bundle: calibration, allocation, lowering, engines, corrections.
+"""Compiling a model into a bundle, as a short list of named steps (see :func:`build`).
 
-``dmcompile.api.build`` is :func:`build`; the stage functions it uses (fp32 export, calibration,
-RD curves) live in :mod:`dmcompile.api`.
+Each step takes and returns typed values; only the last one writes the manifest. The stages
+it runs (fp32 export, calibration, RD curves) come from :mod:`dmcompile.stages`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 from dmruntime import Bundle
 
-from .api import _analyze, _calibrate, fp_bundle, probe_inputs, sample_model
-from .config import BuildConfig, SampleConfig
-from .frontend.load import LoadedModel, load_model
+from . import stages
+from .artifacts import BUNDLE, atomic_dir, check_replaceable, write_manifest
+from .calibration.trajectory import CalibrationResult, groups_without_steps
+from .config import BuildConfig, MixedRecipe, SampleConfig
+from .errors import ConfigError
+from .frontend.layermap import Layer, LayerMap
+from .frontend.load import LoadedModel
+from .lowering.precision import LayerPrecision, resolve
+from .targets import TargetProfile, get_profile
+
+__all__ = ["BuildResult", "build"]
 
 
 @dataclasses.dataclass(frozen=True)
 class BuildResult:
-    """The bundle folder and what the build measured."""
+    """The bundle folder and its manifest."""
 
     path: Path
     manifest: dict
 
 
+@dataclasses.dataclass(frozen=True)
+class Workspace:
+    """What every step works on: the model, its fp32 export and layer map, the target
+    profile, and the resolved per-layer precision."""
+
+    model: LoadedModel
+    fp: Path
+    layer_map: LayerMap
+    profile: TargetProfile
+    precision: LayerPrecision
+
+    @property
+    def weight_layers(self) -> list[Layer]:
+        """Quantized layers with weights, in graph order: the columns of a WeightPlan."""
+        return self.precision.weight_layers(self.layer_map)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightPlan:
+    """bits[g, l]: weight width of ``Workspace.weight_layers[l]`` in timestep group g;
+    record: the manifest's "plan" entry (None for W8A8)."""
+
+    bits: np.ndarray
+    record: dict | None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSet:
+    """Fused engines by file name; per group, its engine and the inputs it feeds it."""
+
+    engines: dict[str, onnx.ModelProto]
+    engine_of: tuple[str, ...]
+    params: tuple[dict, ...]
+    first_group: dict[str, int]  # engine -> a group it serves (all its groups share weights)
+    fusion: dict[str, dict]  # engine -> integer-kernel counts after ONNX Runtime's optimisation
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredWeights:
+    """Quantized weights kept outside the engines (weights.npz): key -> (int8 array, grid
+    bits), and per engine the initializers it takes from there."""
+
+    tensors: dict[str, tuple[np.ndarray, int]]
+    external: dict[str, dict[str, str]]
+
+
 def build(model: LoadedModel | str | Path | None, out: str | Path, config: BuildConfig = BuildConfig(),
           progress=None) -> BuildResult:
     """Compile a model into a bundle: per timestep group, activation scales calibrated on the
-    inputs that group sees. ``w8a8``: int8 weights everywhere. ``mixed``: per-layer weight
-    widths chosen by rate-distortion allocation under ``config.budget`` (or given explicitly),
-    4-bit weights stored packed. Groups with the same weights share one fused integer ONNX
-    Runtime engine and feed it their own scales, zero points and int32 biases (group_XX.npz).
-    The folder is written to a temporary path and renamed when complete."""
-    import time
-
-    import onnx
-
-    from .artifacts import atomic_dir, write_manifest
-    from .backends import onnxruntime as backend
-    from .backends.onnxruntime import (ENGINE_FILE, WEIGHTS_FILE, externalize_weights, fusion_report, merge_groups,
-                                       optimize_for_cpu)
-    from .frontend.layermap import LayerMap
-    from .lowering.precision import quantized_nodes
-    from .lowering.profiles import PROFILES
-    from .lowering.qdq import lower_group, quantize_weight, weight_axis
-
+    inputs that group sees. ``W8A8Recipe``: int8 weights everywhere. ``MixedRecipe``: per-layer
+    weight widths chosen by rate-distortion allocation under a budget (or pinned by
+    overrides), 4-bit weights stored packed. Groups with the same weights share one fused
+    integer ONNX Runtime engine and feed it their own scales, zero points and int32 biases
+    (group_XX.npz). ``out`` must be absent, empty or an earlier bundle; it is written to a
+    temporary folder and renamed when complete."""
     t0 = time.perf_counter()
-    if not isinstance(model, LoadedModel):
-        model = load_model(model, seed=config.seed)
-    fp = fp_bundle(model)
-    layer_map = LayerMap.load(fp / "layer_map.json")
-    qnodes = quantized_nodes(layer_map, config.float_layers)
-    profile = PROFILES[config.profile]
-    calib = _calibrate(fp, config.calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)))
-    ranges = calib.ranges()
-    fp_proto = onnx.load(str(fp / "model.onnx"))
-    wlayers = [l for l in layer_map.layers if l.node in qnodes and l.weight]
-    groups = calib.groups
-    K = len(groups)
-    plan = None
-    if config.format == "mixed":
-        bits, plan = _mixed_bits(fp, layer_map, wlayers, qnodes, calib, config, profile, progress)
-    else:
-        bits = np.full((K, len(wlayers)), 8)
-    inits = {i.name: i for i in fp_proto.graph.initializer}
-    qcache = {}
-
-    def weights_of(g: int) -> dict:
-        out = {}
-        for l, b in zip(wlayers, bits[g]):
-            if (l.weight, int(b)) not in qcache:
-                w = onnx.numpy_helper.to_array(inits[l.weight])
-                qcache[(l.weight, int(b))] = quantize_weight(w, weight_axis(l), int(b))
-            out[l.weight] = qcache[(l.weight, int(b))]
-        return out
-
-    fused = []
-    for g in groups:
-        fused.append(optimize_for_cpu(lower_group(fp_proto, layer_map, qnodes, weights_of(g.index),
-                                                  ranges[g.index], profile)))
-        if progress:
-            progress("lower", g.index + 1, K)
-    # Groups with the same weight widths share one engine (their weights are byte-identical).
-    sets: dict[tuple, list[int]] = {}
-    for g in range(K):
-        sets.setdefault(tuple(int(b) for b in bits[g]), []).append(g)
-    engine_of, params, engines, first_group = {}, [None] * K, {}, {}
-    for i, gids in enumerate(sets.values()):
-        merged, ps = merge_groups([fused[g] for g in gids])
-        name = ENGINE_FILE if len(sets) == 1 else f"unet_{i}.onnx"
-        engines[name], first_group[name] = merged, gids[0]
-        for g, p in zip(gids, ps):
-            engine_of[g], params[g] = name, p
-    group_files = [f"group_{g.index:02d}.npz" for g in groups]
-    with atomic_dir(Path(out)) as tmp:
-        fusion, engines_meta, weights_meta, stored = {}, {}, None, {}
-        for name, merged in engines.items():
-            fusion[name] = fusion_report(merged)
-            if config.format == "mixed":
-                gbits = dict(zip((l.weight for l in wlayers), bits[first_group[name]]))
-                engines_meta[name] = {"external_weights": externalize_weights(merged, gbits, stored)}
-        files = backend.save_engine(tmp, engines, params, group_files)
-        if config.format == "mixed":
-            weights_meta = _save_weights(tmp / WEIGHTS_FILE, stored)
-            files.append(WEIGHTS_FILE)
-        from dmruntime.weights import storage_bits
-
-        body = {
-            "format": config.format, "profile": profile.name,
-            "model": model.describe(), "scheduler": model.scheduler_config,
-            "groups": [{"index": g.index, "t_start": g.t_start, "t_end": g.t_end, "engine": engine_of[g.index],
-                        "inputs": f} for g, f in zip(groups, group_files)],
-            "engine": {"file": sorted(engines)[0], "runtime": "onnxruntime", "onnxruntime_version": _ort_version(),
-                       "group_inputs": sorted(params[0])},
-            "precision": {"activation_dtype": profile.activation_dtype, "layers": _precision_layers(
-                layer_map, qnodes, wlayers, bits, profile, storage_bits)},
-            "calibration": calib.config.to_dict(),
-            "build": {"config": config.to_dict(), "fusion": fusion[ENGINE_FILE] if len(fusion) == 1 else
-                      {"ratio": min(f["ratio"] for f in fusion.values()), "engines": fusion}},
-        }
-        if engines_meta:
-            body["engines"] = engines_meta
-            body["weights"] = weights_meta
-        if plan:
-            body["plan"] = plan
-        write_manifest(tmp, body, files)
+    check_replaceable(Path(out), BUNDLE)  # before minutes of work; atomic_dir checks again at the end
+    ws = prepare(model, config)
+    calib = calibrate(ws, config, progress)
+    plan = allocate(ws, calib, config, progress)
+    engines = fuse_and_merge(lower(ws, calib, plan, progress))
+    stored = externalize_weights(ws, engines, plan) if isinstance(config.recipe, MixedRecipe) else None
+    with atomic_dir(Path(out), BUNDLE) as tmp:
+        files = write_engines(tmp, engines, stored)
+        body = describe(ws, calib, plan, engines, stored, config)
         if config.correction:
-            from .calibration.correction import estimate_correction
-
-            body["correction"] = estimate_correction(
-                Bundle.open(tmp, correction=False), Bundle.open(fp), calib.config.steps, config.correction_size,
-                config.seed, progress=progress and (lambda i, n: progress("correction", i, n)))
-            write_manifest(tmp, body, files)
+            body["correction"] = estimate_corrections(tmp, body, ws, calib, config, progress)
         if config.step_aware:
-            body["step_aware_activation"] = _step_aware(fp, layer_map, wlayers, bits, calib, config, profile)
-            write_manifest(tmp, body, files)
+            body["step_aware_activation"] = step_aware(ws, calib, plan, config)
         if config.eval_samples:
-            body["fidelity"] = _build_fidelity(tmp, fp, config.eval_samples, config.seed)
+            body["fidelity"] = check_fidelity(tmp, body, ws, config)
         body["build"]["seconds"] = round(time.perf_counter() - t0, 2)
         manifest = write_manifest(tmp, body, files)
     return BuildResult(Path(out), manifest)
 
 
-def _save_weights(path: Path, stored: dict) -> dict:
-    from dmruntime.weights import encode
+def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Workspace:
+    """Load the model, export it (cached), resolve the overrides; fail early on options that
+    cannot work with this model (before minutes of calibration)."""
+    model = stages.as_model(model, seed=config.seed)
+    fp = stages.fp_bundle(model)
+    layer_map = stages.load_layer_map(fp)
+    ws = Workspace(model, fp, layer_map, get_profile(config.profile), resolve(layer_map, config.overrides))
+    recipe = config.recipe
+    if config.step_aware or (isinstance(recipe, MixedRecipe) and recipe.budget is not None):
+        from dmruntime import NoiseSchedule
 
-    arrays, tensors = {}, {}
-    for key, (q, b) in sorted(stored.items()):
-        arrays[key], tensors[key] = encode(q, b)
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
-    return {"file": path.name, "tensors": tensors}
-
-
-def _precision_layers(layer_map, qnodes, wlayers, bits, profile, storage_bits) -> list[dict]:
-    from .analysis.plan import bops
-
-    col = {l.node: i for i, l in enumerate(wlayers)}
-    out = []
-    for l in layer_map.layers:
-        q = l.node in qnodes
-        wb = [int(b) for b in bits[:, col[l.node]]] if l.node in col else None
-        out.append({"node": l.node, "module": l.module, "op_type": l.op_type, "weight": l.weight, "weight_bits": wb,
-                    "storage_bits": [storage_bits(b) for b in wb] if wb else None,
-                    "activation": profile.activation_dtype if q else "float", "activation_bits": 8 if q else None,
-                    "macs": l.macs, "params": l.params,
-                    "bops": [bops(l, b, 8 if q else None) for b in (wb or [None] * len(bits))]})
-    return out
+        empty = groups_without_steps(NoiseSchedule.from_config(model.scheduler_config), config.calibration)
+        if empty:
+            g = empty[0]
+            raise ConfigError(f"no step of a {config.calibration.steps}-step DDIM run falls in timestep group "
+                              f"{g.index} [{g.t_start}, {g.t_end}) ({len(empty)} of {config.calibration.groups} "
+                              "groups are empty), so RD curves and the step-aware check have no inputs there; "
+                              "use fewer groups (--groups) or more calibration steps (--calib-steps)")
+    return ws
 
 
-def _step_aware(fp: Path, layer_map, wlayers, bits, calib, config: BuildConfig, profile) -> dict:
+def calibrate(ws: Workspace, config: BuildConfig, progress=None) -> CalibrationResult:
+    """Per-group activation statistics of every tensor the profile quantizes (cached)."""
+    return stages.calibrate(ws.fp, config.calibration, ws.profile,
+                            progress=progress and (lambda i, n: progress("calibrate", i, n)))
+
+
+def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progress=None) -> WeightPlan:
+    """Weight widths per group and layer: 8 everywhere (W8A8), the overrides' widths, or an
+    RD allocation under the budget with pinned layers fixed."""
+    from .analysis.plan import bops, check_bits, check_feasible, plan_bits
+
+    layers = ws.weight_layers
+    K, recipe = len(calib.groups), config.recipe
+    if not isinstance(recipe, MixedRecipe):
+        return WeightPlan(np.full((K, len(layers)), 8), None)
+    pinned = {i: ws.precision.pinned_bits[l.node] for i, l in enumerate(layers) if l.node in ws.precision.pinned_bits}
+    if recipe.budget is None:
+        free = [l.node for i, l in enumerate(layers) if i not in pinned]
+        if free:
+            raise ConfigError(f"no weight width for layer {free[0]} ({len(free)} layers have none); add a '*' rule "
+                              "(e.g. --weight-bits '*=4,first_conv=8') or pass --budget to allocate the rest")
+        bits = np.tile([pinned[i] for i in range(len(layers))], (K, 1))
+        record = {"overrides": [str(o) for o in recipe.overrides], "share_weights": True}
+    else:
+        allowed = tuple(config.analysis.weight_bits if recipe.allow_simulated_bits else ws.profile.weight_bits)
+        quantized = ws.precision.quantized
+        fixed = sum(bops(l, None, 8 if l.node in quantized else None) for l in ws.layer_map.layers
+                    if l not in layers)
+        check_feasible(layers, allowed, recipe.budget, fixed, pinned=pinned)  # before minutes of curve measuring
+        curves = stages.analyze(ws.fp, calib, config.analysis, ws.profile, progress)
+        idx = [curves.layers.index(l.node) for l in layers]
+        bits, record = plan_bits(curves.weight[:, idx], layers, curves.weight_bits, allowed, recipe.budget,
+                                 recipe.allocator, recipe.share_weights, fixed, pinned=pinned)
+        record["overrides"] = [str(o) for o in recipe.overrides]
+        record["curves"] = {"config": curves.config, "seconds": curves.seconds}
+    check_bits({int(b) for b in bits.ravel()}, ws.profile.weight_bits, recipe.allow_simulated_bits)
+    n = sum(l.params for l in layers)
+    record["average_weight_bits"] = [float((bits[g] * [l.params for l in layers]).sum() / n) for g in range(K)]
+    return WeightPlan(bits, record)
+
+
+def lower(ws: Workspace, calib: CalibrationResult, plan: WeightPlan,
+          progress=None) -> Iterator[tuple[int, tuple[int, ...], onnx.ModelProto]]:
+    """Per group: (group index, its weight widths, its QDQ graph with that group's activation
+    ranges), yielded one at a time so that only one unfused graph is held."""
+    from .lowering.qdq import lower_group
+    from .quant import quantize_weight, weight_axis
+
+    fp_proto = onnx.load(str(ws.fp / "model.onnx"))
+    inits = {i.name: i for i in fp_proto.graph.initializer}
+    ranges = calib.ranges()
+    cache: dict[tuple[str, int], object] = {}  # each weight quantized once per width
+    for g in calib.groups:
+        weights = {}
+        for layer, b in zip(ws.weight_layers, plan.bits[g.index]):
+            key = (layer.weight, int(b))
+            if key not in cache:
+                cache[key] = quantize_weight(onnx.numpy_helper.to_array(inits[layer.weight]), weight_axis(layer),
+                                             int(b))
+            weights[layer.weight] = cache[key]
+        yield g.index, tuple(int(b) for b in plan.bits[g.index]), lower_group(
+            fp_proto, ws.layer_map, set(ws.precision.quantized), weights, ranges[g.index], ws.profile)
+        if progress:
+            progress("lower", g.index + 1, len(calib.groups))
+
+
+def fuse_and_merge(lowered) -> EngineSet:
+    """Fuse each group's QDQ graph with ONNX Runtime; groups with the same weight widths (so
+    byte-identical weights) become one engine whose per-group constants are inputs; count
+    the integer kernels of each engine."""
+    from .backends.onnxruntime import ENGINE_FILE, fusion_report, merge_groups, optimize_for_cpu
+
+    sets: dict[tuple, list[tuple[int, onnx.ModelProto]]] = {}
+    for g, widths, model in lowered:
+        sets.setdefault(widths, []).append((g, optimize_for_cpu(model)))
+    engines, engine_of, params, first = {}, {}, {}, {}
+    for i, members in enumerate(sets.values()):
+        merged, ps = merge_groups([m for _, m in members])
+        name = ENGINE_FILE if len(sets) == 1 else f"unet_{i}.onnx"
+        engines[name], first[name] = merged, members[0][0]
+        for (g, _), p in zip(members, ps):
+            engine_of[g], params[g] = name, p
+    K = len(engine_of)
+    fusion = {name: fusion_report(model) for name, model in engines.items()}
+    return EngineSet(engines, tuple(engine_of[g] for g in range(K)), tuple(params[g] for g in range(K)), first, fusion)
+
+
+def externalize_weights(ws: Workspace, engines: EngineSet, plan: WeightPlan) -> StoredWeights:
+    """Take the quantized weights out of the engines (marked external, no bytes) into one
+    store that the runtime expands (4-bit ones unpacked) and hands every engine."""
+    from .backends.onnxruntime import externalize_weights as externalize
+
+    tensors: dict = {}
+    external = {}
+    for name, model in engines.engines.items():
+        widths = dict(zip((l.weight for l in ws.weight_layers), plan.bits[engines.first_group[name]]))
+        external[name] = externalize(model, widths, tensors)
+    return StoredWeights(tensors, external)
+
+
+def write_engines(folder: Path, engines: EngineSet, stored: StoredWeights | None) -> list[str]:
+    """Engine files, one group_XX.npz of engine inputs per group, weights.npz; their names."""
+    from .backends.onnxruntime import WEIGHTS_FILE, save_engine
+
+    files = save_engine(folder, engines.engines, list(engines.params), group_files(len(engines.engine_of)))
+    if stored is not None:
+        _save_weights(folder / WEIGHTS_FILE, stored.tensors)
+        files.append(WEIGHTS_FILE)
+    return files
+
+
+def group_files(k: int) -> list[str]:
+    return [f"group_{g:02d}.npz" for g in range(k)]
+
+
+def describe(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, engines: EngineSet,
+             stored: StoredWeights | None, config: BuildConfig) -> dict:
+    """The manifest body (everything but measurements and file hashes)."""
+    fusion = engines.fusion
+    names = group_files(len(calib.groups))
+    body = {
+        "format": config.format, "profile": ws.profile.name,
+        "model": ws.model.describe(), "scheduler": ws.model.scheduler_config,
+        "groups": [{"index": g.index, "t_start": g.t_start, "t_end": g.t_end, "engine": engines.engine_of[g.index],
+                    "inputs": f} for g, f in zip(calib.groups, names)],
+        "engine": {"file": sorted(engines.engines)[0], "runtime": ws.profile.backend,
+                   "onnxruntime_version": _ort_version(), "group_inputs": sorted(engines.params[0])},
+        "precision": {"activation_dtype": ws.profile.activation_dtype, "layers": _precision_layers(ws, plan)},
+        "calibration": calib.config.to_dict(),
+        "build": {"config": config.to_dict(), "fusion": next(iter(fusion.values())) if len(fusion) == 1 else
+                  {"ratio": min(f["ratio"] for f in fusion.values()), "engines": fusion}},
+    }
+    if stored is not None:
+        from .backends.onnxruntime import WEIGHTS_FILE
+
+        body["engines"] = {name: {"external_weights": ext} for name, ext in stored.external.items()}
+        body["weights"] = _weights_entry(WEIGHTS_FILE, stored.tensors)
+    if plan.record:
+        body["plan"] = plan.record
+    return body
+
+
+def estimate_corrections(folder: Path, body: dict, ws: Workspace, calib: CalibrationResult, config: BuildConfig,
+                         progress=None) -> dict:
+    """PTQD statistics of the written engines (read through the runtime, correction off)."""
+    from .calibration.correction import estimate_correction
+
+    return estimate_correction(Bundle(Path(folder), body, correction=False), Bundle.open(ws.fp),
+                               calib.config.steps, config.correction_size, config.seed,
+                               progress=progress and (lambda i, n: progress("correction", i, n)))
+
+
+def step_aware(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config: BuildConfig) -> dict:
+    """PTQD's step-aware activation widths per group (a report on ort-cpu)."""
     from .analysis.stepaware import select_activation_bits
-    from .calibration.trajectory import quantized_tensors
 
     # every tensor the bundle quantizes, Conv outputs included: this judges the whole engine
-    probe, X, T, fpb = probe_inputs(fp, quantized_tensors, calib, config.analysis)
-    col = {l.node: i for i, l in enumerate(wlayers)}
-    wb = np.array([[bits[g, col[l.node]] if l.node in col else None for l in probe.layers]
+    probe, X, T, fpb = stages.probe_inputs(ws.fp, ws.profile.quantized_tensors, calib, config.analysis)
+    col = {l.node: i for i, l in enumerate(ws.weight_layers)}
+    wb = np.array([[plan.bits[g, col[l.node]] if l.node in col else None for l in probe.layers]
                    for g in range(len(calib.groups))], dtype=object)
     cands = tuple(config.analysis.act_bits)
     ranges = {b: calib.ranges(bits=b) for b in cands}
-    return select_activation_bits(probe, X, T, ranges, wb, fpb.schedule, calib.groups, cands, profile.activation_bits)
+    return select_activation_bits(probe, X, T, ranges, wb, fpb.schedule, calib.groups, cands,
+                                  ws.profile.activation_bits)
 
 
-def _mixed_bits(fp, layer_map, wlayers, qnodes, calib, config: BuildConfig, profile, progress):
-    """Weight widths [G, L] of a mixed build and the plan record for the manifest."""
-    from .analysis.allocate import parse_budget
-    from .analysis.plan import bops, check_bits, check_feasible, plan_bits
-    from .lowering.precision import explicit_bits
+def check_fidelity(folder: Path, body: dict, ws: Workspace, config: BuildConfig) -> dict:
+    """Paired PSNR/SSIM of the bundle (as the runtime runs it) against the fp32 export:
+    DDIM 50 steps, eta 0, same seeds."""
+    from .eval.metrics import psnr, ssim
 
-    K = len(calib.groups)
-    if config.weight_bits:
-        bits = np.tile(explicit_bits(layer_map, wlayers, config.weight_bits), (K, 1))
-        plan = {"weight_bits": dict(config.weight_bits), "share_weights": True}
-    else:
-        allowed = config.analysis.weight_bits if config.allow_simulated_bits else profile.weight_bits
-        budget = parse_budget(config.budget)
-        fixed = sum(bops(l, None, 8 if l.node in qnodes else None) for l in layer_map.layers
-                    if l not in wlayers)
-        check_feasible(wlayers, tuple(allowed), budget, fixed)  # before minutes of curve measuring
-        curves = _analyze(fp, calib, config.analysis, progress)
-        idx = [curves.layers.index(l.node) for l in wlayers]
-        bits, plan = plan_bits(curves.weight[:, idx], wlayers, curves.weight_bits, tuple(allowed),
-                               budget, config.allocator, config.share_weights, fixed)
-        plan["curves"] = {"config": curves.config, "seconds": curves.seconds}
-    check_bits({int(b) for b in bits.ravel()}, profile.weight_bits, config.allow_simulated_bits)
-    n = sum(l.params for l in wlayers)
-    plan["average_weight_bits"] = [float((bits[g] * [l.params for l in wlayers]).sum() / n) for g in range(K)]
-    return bits, plan
+    n, seed = config.eval_samples, config.seed
+    cfg = SampleConfig(n=n, steps=50, seed=seed)
+    got = stages.sample_model(Bundle(Path(folder), body), cfg)
+    want = stages.sample_model(Bundle.open(ws.fp), cfg)
+    return {"samples": n, "steps": 50, "eta": 0.0, "seed": seed, "reference": "fp32 ONNX export",
+            "psnr_db_mean": float(np.mean(np.minimum(psnr(got, want), 200.0))), "ssim_mean": float(np.mean(ssim(got, want)))}
+
+
+def _save_weights(path: Path, tensors: dict) -> None:
+    from .quant import encode
+
+    arrays = {key: encode(q, b)[0] for key, (q, b) in sorted(tensors.items())}
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _weights_entry(name: str, tensors: dict) -> dict:
+    from .quant import encode
+
+    return {"file": name, "tensors": {key: encode(q, b)[1] for key, (q, b) in sorted(tensors.items())}}
+
+
+def _precision_layers(ws: Workspace, plan: WeightPlan) -> list[dict]:
+    from .analysis.plan import bops
+    from .quant import storage_bits
+
+    col = {l.node: i for i, l in enumerate(ws.weight_layers)}
+    bits = plan.bits
+    out = []
+    for l in ws.layer_map.layers:
+        q = l.node in ws.precision.quantized
+        wb = [int(b) for b in bits[:, col[l.node]]] if l.node in col else None
+        out.append({"node": l.node, "module": l.module, "op_type": l.op_type, "weight": l.weight, "weight_bits": wb,
+                    "storage_bits": [storage_bits(b) for b in wb] if wb else None,
+                    "activation": ws.profile.activation_dtype if q else "float", "activation_bits": 8 if q else None,
+                    "macs": l.macs, "params": l.params,
+                    "bops": [bops(l, b, 8 if q else None) for b in (wb or [None] * len(bits))]})
+    return out
 
 
 def _ort_version() -> str:
     import onnxruntime
 
     return onnxruntime.__version__
-
-
-def _build_fidelity(bundle_dir: Path, fp_dir: Path, n: int, seed: int) -> dict:
-    """Paired PSNR/SSIM of the bundle against the fp32 export: DDIM 50 steps, eta 0, same seeds."""
-    from .eval.metrics import psnr, ssim
-
-    cfg = SampleConfig(n=n, steps=50, seed=seed)
-    got = sample_model(Bundle.open(bundle_dir), cfg)
-    want = sample_model(Bundle.open(fp_dir), cfg)
-    return {"samples": n, "steps": 50, "eta": 0.0, "seed": seed, "reference": "fp32 ONNX export",
-            "psnr_db_mean": float(np.mean(np.minimum(psnr(got, want), 200.0))), "ssim_mean": float(np.mean(ssim(got, want)))}

@@ -1,13 +1,35 @@
-"""Frozen, validated configuration of each stage, versioned to and from plain dicts."""
+"""Frozen, validated configuration of each stage, versioned to and from plain dicts.
+
+Every option has one definition here: its type, default, allowed values and check. The CLI
+reads its choices and defaults from these classes (:func:`default`), never repeats them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
+from .budget import Budget, parse_budget
 from .errors import ConfigError
+from .quant import MAX_WEIGHT_BITS, MIN_WEIGHT_BITS
+from .targets import PROFILES
 
+# Each config class carries its own SCHEMA_VERSION (1 unless its fields changed); see
+# BuildConfig for the history of the one that changed.
 CONFIG_SCHEMA_VERSION = 1
+
+OBSERVERS = ("mse", "minmax", "percentile")
+CALIB_TIMESTEPS = ("trajectory", "ptq4dm")
+DISTORTIONS = ("ssim+mse", "mse", "sqnr")
+SWEEPS = ("full", "model")
+ALLOCATORS = ("dp", "lagrange")
+
+
+def default(cls, name: str):
+    """The default of option ``name`` of config class ``cls`` (for the CLI's help and flags)."""
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -18,15 +40,18 @@ def _check(cond: bool, msg: str) -> None:
 class _Versioned:
     """to_dict / from_dict with a schema_version, shared by the stage configs."""
 
+    SCHEMA_VERSION = CONFIG_SCHEMA_VERSION
+
     def to_dict(self) -> dict:
-        return {"schema_version": CONFIG_SCHEMA_VERSION, **dataclasses.asdict(self)}
+        return {"schema_version": self.SCHEMA_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict):
         d = dict(d)
-        version = d.pop("schema_version", CONFIG_SCHEMA_VERSION)
-        _check(version == CONFIG_SCHEMA_VERSION,
-               f"{cls.__name__} schema_version {version} is not supported (expected {CONFIG_SCHEMA_VERSION})")
+        version = d.pop("schema_version", cls.SCHEMA_VERSION)
+        _check(version == cls.SCHEMA_VERSION,
+               f"{cls.__name__} schema_version {version} is not supported (expected {cls.SCHEMA_VERSION}); "
+               "it was written by another dmcompile version: rebuild or re-run that stage")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(fields))
         _check(not unknown, f"{cls.__name__} has no option(s) {unknown}; known: {sorted(fields)}")
@@ -114,16 +139,12 @@ class CalibrationConfig(_Versioned):
         _check(self.size >= 1, f"calib size must be >= 1, got {self.size}")
         _check(1 <= self.steps <= 1000, f"calib steps must be in [1, 1000], got {self.steps}")
         _check(1 <= self.groups <= 1000, f"groups must be in [1, 1000], got {self.groups}")
-        _check(self.observer in ("minmax", "percentile", "mse"),
-               f"observer must be minmax, percentile or mse, got {self.observer!r}")
+        _check(self.observer in OBSERVERS, f"observer must be one of {OBSERVERS}, got {self.observer!r}")
         _check(50 < self.percentile < 100, f"percentile must be in (50, 100), got {self.percentile}")
-        _check(self.timesteps in ("trajectory", "ptq4dm"),
-               f"calibration timesteps must be trajectory or ptq4dm, got {self.timesteps!r}")
+        _check(self.timesteps in CALIB_TIMESTEPS,
+               f"calibration timesteps must be one of {CALIB_TIMESTEPS}, got {self.timesteps!r}")
         _check(self.batch_size >= 1 and self.bins >= 16 and self.sample_per_tensor >= 1024,
                "batch_size >= 1, bins >= 16 and sample_per_tensor >= 1024 are required")
-
-
-DISTORTIONS = ("ssim+mse", "mse", "sqnr")
 
 
 @dataclass(frozen=True)
@@ -149,60 +170,258 @@ class AnalysisConfig(_Versioned):
         object.__setattr__(self, "model_bits", tuple(int(b) for b in self.model_bits))
         _check(self.samples_per_group >= 1, f"samples_per_group must be >= 1, got {self.samples_per_group}")
         _check(self.distortion in DISTORTIONS, f"distortion must be one of {DISTORTIONS}, got {self.distortion!r}")
-        _check(all(2 <= b <= 8 for b in self.weight_bits) and self.weight_bits,
-               f"weight bits must be in [2, 8], got {self.weight_bits}")
+        _check(all(MIN_WEIGHT_BITS <= b <= MAX_WEIGHT_BITS for b in self.weight_bits) and self.weight_bits,
+               f"weight bits must be in [{MIN_WEIGHT_BITS}, {MAX_WEIGHT_BITS}], got {self.weight_bits}")
         _check(all(2 <= b <= 8 for b in self.act_bits), f"activation bits must be in [2, 8], got {self.act_bits}")
-        _check(self.sweep in ("full", "model"), f"sweep must be full or model, got {self.sweep!r}")
+        _check(self.sweep in SWEEPS, f"sweep must be one of {SWEEPS}, got {self.sweep!r}")
         _check(self.sweep == "full" or len(self.model_bits) == 2 and set(self.model_bits) <= set(self.weight_bits)
                and self.model_bits[0] != self.model_bits[1],
                f"model_bits must be two different widths among the weight bits, got {self.model_bits}")
         _check(self.max_rows >= 1, "max_rows must be >= 1")
 
 
-FORMATS = ("w8a8", "mixed")
+
+@dataclass(frozen=True)
+class Override:
+    """One per-layer precision rule. ``pattern``: a node name, a torch module name or prefix
+    (``time_embedding`` covers ``time_embedding.linear_1``), an op type (Conv, Gemm, MatMul),
+    ``first_conv`` / ``last_conv``, or ``*`` (every layer). ``precision``: weight bits
+    (2-8) or ``"float"`` (the layer is not quantized). When several rules match a layer the
+    most specific wins: node name (or alias) > module name > module prefix (longer first) >
+    op type > ``*`` (coremltools' OptimizationConfig, torchao's FqnToConfig)."""
+
+    pattern: str
+    precision: int | str
+
+    def __post_init__(self):
+        _check(isinstance(self.pattern, str) and self.pattern.strip() and not any(c in self.pattern for c in "=,"),
+               f"override pattern must be a layer name, module prefix, op type, first_conv, last_conv or *, "
+               f"got {self.pattern!r}")
+        p = self.precision
+        if isinstance(p, str) and p.strip().isdigit():
+            p = int(p)
+        if isinstance(p, str):
+            _check(p.strip().lower() == "float",
+                   f"override {self.pattern}={p}: precision must be weight bits "
+                   f"({MIN_WEIGHT_BITS}-{MAX_WEIGHT_BITS}) or float")
+            p = "float"
+        else:
+            _check(isinstance(p, int) and not isinstance(p, bool) and MIN_WEIGHT_BITS <= p <= MAX_WEIGHT_BITS,
+                   f"override {self.pattern}={p}: weight bits must be in [{MIN_WEIGHT_BITS}, {MAX_WEIGHT_BITS}] "
+                   "(weights are stored in int8 containers), or float")
+        object.__setattr__(self, "pattern", self.pattern.strip())
+        object.__setattr__(self, "precision", p)
+
+    def __str__(self):
+        return f"{self.pattern}={self.precision}"
+
+
+def parse_overrides(spec: str | None, default_precision: int | str | None = None) -> tuple[Override, ...]:
+    """'*=4,first_conv=8,time_embedding=float' -> Overrides. Entries without '=' take
+    ``default_precision`` (so ``--float-layer conv_out`` is ``conv_out=float``)."""
+    if not spec:
+        return ()
+    out = []
+    for part in str(spec).split(","):
+        name, eq, value = part.strip().rpartition("=")
+        if not eq:
+            name, value = value, default_precision
+        _check(bool(name) and value not in (None, ""),
+               f"cannot read override {part!r}; write NAME=BITS or NAME=float, e.g. *=4,first_conv=8")
+        out.append(Override(name, value))
+    return tuple(out)
+
+
+def _overrides(value) -> tuple[Override, ...]:
+    """Overrides from a tuple of Override, dicts, 'NAME=VALUE' strings or a {NAME: VALUE} dict."""
+    if isinstance(value, dict):
+        return tuple(Override(k, v) for k, v in value.items())
+    out = []
+    for o in value or ():
+        if isinstance(o, Override):
+            out.append(o)
+        elif isinstance(o, dict):
+            out.append(Override(o["pattern"], o["precision"]))
+        else:
+            out.extend(parse_overrides(str(o)))
+    _check(not any(o.pattern == "*" and o.precision == "float" for o in out),
+           "override *=float keeps every layer float; for an fp32 bundle use `dmcompile export`")
+    patterns = [o.pattern for o in out]
+    dup = sorted({p for p in patterns if patterns.count(p) > 1})
+    _check(not dup, f"override pattern(s) {dup} given more than once; keep one rule per pattern")
+    return tuple(out)
 
 
 @dataclass(frozen=True)
-class BuildConfig(_Versioned):
-    """Compiling a model into a bundle.
+class W8A8Recipe(_Versioned):
+    """Every quantizable layer at 8-bit weights and 8-bit activations, except where an
+    override keeps it in float (an override of 8 bits is allowed and changes nothing)."""
 
-    format: the precision recipe (w8a8: int8 weights, uint8/int8 activations per profile).
-    profile: the target profile (ort-cpu). float_layers: layers kept in float, each a node
-    name, torch module name (or prefix, e.g. ``time_embedding``), op type (``Gemm``), or the
-    aliases ``first_conv`` / ``last_conv``. eval_samples: samples for the fidelity check
-    recorded in the manifest (0 skips it).
-    """
+    overrides: tuple[Override, ...] = ()
+    name = "w8a8"
 
-    format: str = "w8a8"
-    profile: str = "ort-cpu"
-    float_layers: tuple[str, ...] = ()
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    eval_samples: int = 16
-    seed: int = 0
-    budget: str | None = None
+    def __post_init__(self):
+        object.__setattr__(self, "overrides", _overrides(self.overrides))
+        bad = [str(o) for o in self.overrides if o.precision not in ("float", 8)]
+        _check(not bad, f"w8a8 quantizes every weight to 8 bits, so {bad} cannot apply; "
+               "use --format mixed for other widths")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **super().to_dict()}
+
+
+@dataclass(frozen=True)
+class MixedRecipe(_Versioned):
+    """Per-layer weight widths (8-bit activations): chosen by rate-distortion allocation under
+    ``budget``, with layers that an override names pinned (or kept float); without a budget
+    every weighted layer needs a width from the overrides (e.g. ``*=4``).
+
+    allocator: ``dp`` (exact knapsack, default) or ``lagrange`` (the paper's multiplier
+    sweep). share_weights: one allocation for all timestep groups (weights stored once, one
+    engine) or one per group. allow_simulated_bits: allow widths the target cannot store
+    natively (kept in 4- or 8-bit containers with the narrower grid)."""
+
+    budget: Budget | None = None
     allocator: str = "dp"
     share_weights: bool = True
     allow_simulated_bits: bool = False
-    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
-    weight_bits: dict | None = None  # explicit per-layer widths (node or module -> bits), mixed only
-    correction: bool = True
-    correction_size: int = 32
-    step_aware: bool = False  # PTQD's step-aware activation width selection, reported in the manifest
+    overrides: tuple[Override, ...] = ()
+    name = "mixed"
 
     def __post_init__(self):
-        from .lowering.profiles import PROFILES
+        if self.budget is not None and not isinstance(self.budget, Budget):
+            b = self.budget
+            b = Budget(b["kind"], float(b["value"]), b.get("text", "")) if isinstance(b, dict) else parse_budget(b)
+            object.__setattr__(self, "budget", b)
+        object.__setattr__(self, "overrides", _overrides(self.overrides))
+        _check(self.allocator in ALLOCATORS, f"allocator must be one of {ALLOCATORS}, got {self.allocator!r}")
+        widths = [o for o in self.overrides if o.precision != "float"]
+        _check(self.budget is not None or widths,
+               "format mixed needs --budget (e.g. 5.0bits, 20MB, BOPs=1e9) or explicit weight widths "
+               "(e.g. --weight-bits '*=4,first_conv=8')")
+        star = next((o for o in self.overrides if o.pattern == "*"), None)
+        _check(self.budget is None or star is None,
+               f"override {star} fixes every layer, leaving nothing for the budget to allocate; drop one of them")
 
-        _check(self.format in FORMATS, f"format must be one of {FORMATS}, got {self.format!r}")
+    def to_dict(self) -> dict:
+        return {"name": self.name, **super().to_dict()}
+
+
+RECIPES = {r.name: r for r in (W8A8Recipe, MixedRecipe)}
+# BuildConfig keywords of config schema 1, still accepted (deprecated) by its constructor
+LEGACY_BUILD_KEYS = ("format", "float_layers", "budget", "allocator", "share_weights", "allow_simulated_bits",
+                     "weight_bits")
+
+
+def recipe_from_dict(d: dict):
+    """A recipe from its to_dict form ({"name": "w8a8" | "mixed", ...})."""
+    d = dict(d)
+    name = d.pop("name", None)
+    _check(name in RECIPES, f"recipe must be one of {sorted(RECIPES)}, got {name!r}")
+    cls = RECIPES[name]
+    d.pop("schema_version", None)
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    _check(not unknown, f"{cls.__name__} has no option(s) {unknown}")
+    return cls(**d)
+
+
+def _legacy_recipe(legacy: dict):
+    """The recipe a schema-1 BuildConfig (format, float_layers, weight_bits, budget, ...) meant."""
+    overrides = tuple(Override(n, "float") for n in legacy.get("float_layers") or ())
+    overrides += tuple(Override(k, v) for k, v in (legacy.get("weight_bits") or {}).items())
+    fmt = legacy.get("format", "w8a8")
+    if fmt == "mixed":
+        return MixedRecipe(budget=legacy.get("budget"), allocator=legacy.get("allocator", "dp"),
+                           share_weights=legacy.get("share_weights", True),
+                           allow_simulated_bits=legacy.get("allow_simulated_bits", False), overrides=overrides)
+    _check(fmt == "w8a8", f"format must be one of {sorted(RECIPES)}, got {fmt!r}")
+    _check(not legacy.get("budget") and not legacy.get("weight_bits"), "--budget applies to --format mixed only")
+    return W8A8Recipe(overrides=overrides)
+
+
+@dataclass(frozen=True, init=False)
+class BuildConfig(_Versioned):
+    """Compiling a model into a bundle.
+
+    recipe: W8A8Recipe (default) or MixedRecipe, each with its overrides. profile: the
+    target profile (``ort-cpu``). calibration: how activation statistics are gathered.
+    analysis: RD curves (mixed allocation) and the step-aware check's inputs.
+    eval_samples: samples of the fidelity check in the manifest (0 skips it).
+    correction: estimate PTQD noise-correction statistics (correction_size trajectories).
+    step_aware: report PTQD's step-aware activation widths per group.
+
+    Schema history: 1 (dmcompile 0.1): flat ``format``, ``float_layers``, ``weight_bits``,
+    ``budget``, ``allocator``, ``share_weights``, ``allow_simulated_bits``; 2: ``recipe``.
+    Those schema-1 keywords are still accepted by the constructor and ``from_dict``
+    (deprecated, removed in the next release).
+    """
+
+    recipe: W8A8Recipe | MixedRecipe = W8A8Recipe()
+    profile: str = "ort-cpu"
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    eval_samples: int = 16
+    seed: int = 0
+    correction: bool = True
+    correction_size: int = 32
+    step_aware: bool = False
+    SCHEMA_VERSION = 2
+
+    def __init__(self, *, recipe=None, profile: str = "ort-cpu", calibration: CalibrationConfig | None = None,
+                 analysis: AnalysisConfig | None = None, eval_samples: int = 16, seed: int = 0,
+                 correction: bool = True, correction_size: int = 32, step_aware: bool = False, **legacy):
+        unknown = sorted(set(legacy) - set(LEGACY_BUILD_KEYS))
+        if unknown:
+            raise TypeError(f"BuildConfig got unexpected keyword(s) {unknown}")
+        if legacy:
+            warnings.warn(f"BuildConfig({', '.join(sorted(legacy))}=...) is deprecated; pass "
+                          "recipe=W8A8Recipe(...) or MixedRecipe(...)", DeprecationWarning, stacklevel=2)
+            _check(recipe is None, "pass either recipe= or the deprecated format/budget/... keywords, not both")
+            recipe = _legacy_recipe(legacy)
+        if isinstance(recipe, dict):
+            recipe = recipe_from_dict(recipe)
+        values = dict(recipe=recipe if recipe is not None else W8A8Recipe(), profile=profile,
+                      calibration=calibration if calibration is not None else CalibrationConfig(),
+                      analysis=analysis if analysis is not None else AnalysisConfig(), eval_samples=eval_samples,
+                      seed=seed, correction=correction, correction_size=correction_size, step_aware=step_aware)
+        for k, v in values.items():
+            object.__setattr__(self, k, v)
+        self.__post_init__()
+
+    def __post_init__(self):
+        _check(isinstance(self.recipe, tuple(RECIPES.values())),
+               f"recipe must be a W8A8Recipe or MixedRecipe, got {type(self.recipe).__name__}")
         _check(self.profile in PROFILES, f"profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
         _check(self.eval_samples >= 0, f"eval_samples must be >= 0, got {self.eval_samples}")
         _check(self.correction_size >= 1, f"correction_size must be >= 1, got {self.correction_size}")
-        _check(self.allocator in ("dp", "lagrange"), f"allocator must be dp or lagrange, got {self.allocator!r}")
-        _check(self.format != "mixed" or bool(self.budget) != bool(self.weight_bits),
-               "format mixed needs exactly one of --budget (e.g. 5.0bits, 20MB, BOPs=1e9) or explicit weight bits")
-        _check(self.format == "mixed" or not (self.budget or self.weight_bits),
-               "--budget applies to --format mixed only")
-        if self.budget:
-            from .analysis.allocate import parse_budget
 
-            parse_budget(self.budget)
-        object.__setattr__(self, "float_layers", tuple(self.float_layers))
+    @property
+    def format(self) -> str:
+        """The recipe's name: ``w8a8`` or ``mixed``."""
+        return self.recipe.name
+
+    @property
+    def overrides(self) -> tuple[Override, ...]:
+        return self.recipe.overrides
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["recipe"] = self.recipe.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BuildConfig:
+        """Schema 2, or schema 1 (flat format / float_layers / budget / ...) translated."""
+        d = dict(d)
+        version = d.pop("schema_version", cls.SCHEMA_VERSION)
+        _check(version in (1, cls.SCHEMA_VERSION),
+               f"BuildConfig schema_version {version} is not supported (reads 1 and {cls.SCHEMA_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)} | (set(LEGACY_BUILD_KEYS) if version == 1 else set())
+        unknown = sorted(set(d) - known)
+        _check(not unknown, f"BuildConfig has no option(s) {unknown}; known: {sorted(known)}")
+        if version == 1:
+            d["recipe"] = _legacy_recipe({k: d.pop(k) for k in LEGACY_BUILD_KEYS if k in d})
+        for name, sub in (("calibration", CalibrationConfig), ("analysis", AnalysisConfig)):
+            if isinstance(d.get(name), dict):
+                d[name] = sub.from_dict(d[name])
+        return cls(**d)

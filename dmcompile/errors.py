@@ -22,3 +22,8 @@ class ExportError(DmcompileError):
 
 class BudgetError(DmcompileError, ValueError):
     """A bit budget cannot be parsed or no allocation meets it."""
+
+
+class ArtifactError(DmcompileError):
+    """A stored artefact (curves, calibration, layer map) is corrupt or was written by a
+    dmcompile of another schema version."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 from dmruntime import Bundle
 
 from .backends.onnxruntime import fusion_report
@@ -142,3 +144,35 @@ def format_report(r: dict) -> str:
         lines.append(f"fidelity at build vs {f['reference']}: PSNR {f['psnr_db_mean']:.2f} dB, SSIM {f['ssim_mean']:.4f} "
                      f"({f['samples']} samples, DDIM {f['steps']})")
     return "\n".join(lines)
+
+
+def inspect_plots(bundle: Bundle, folder: str | Path, curves_dir: str | Path | None = None) -> list[Path]:
+    """Write bits_heatmap.png from the manifest and rd_curves.png from ``curves_dir`` or, for a
+    mixed bundle, from the cached curves it was planned with, into ``folder`` (atomically;
+    ``folder`` must be absent, empty or an earlier plots folder). Returns the files written."""
+    from . import stages
+    from .analysis.plots import save_bits_heatmap, save_rd_curves
+    from .analysis.rd import RDCurves
+    from .artifacts import PLOTS, atomic_dir, write_marker
+    from .targets import PROFILES
+
+    folder = Path(folder)
+    curves = None
+    if curves_dir:
+        curves = RDCurves.load(Path(curves_dir))
+    else:
+        record = ((bundle.manifest.get("plan") or {}).get("curves") or {}).get("config")
+        profile = PROFILES.get(bundle.manifest.get("profile"))
+        if record and profile:
+            curves = stages.cached_curves(record, profile)
+    layers = [l for l in bundle.manifest["precision"]["layers"] if l.get("weight_bits")]
+    bits = np.array([l["weight_bits"] for l in layers]).T
+    groups = [(g.t_start, g.t_end) for g in bundle.groups]
+    with atomic_dir(folder, PLOTS) as tmp:
+        save_bits_heatmap([l["node"] for l in layers], bits, groups, tmp / "bits_heatmap.png")
+        files = ["bits_heatmap.png"]
+        if curves is not None:
+            save_rd_curves(curves, tmp / "rd_curves.png")
+            files.append("rd_curves.png")
+        write_marker(tmp, PLOTS, {"schema_version": 1, "bundle": str(bundle.root)}, files)
+    return [folder / f for f in files]

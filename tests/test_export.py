@@ -96,12 +96,19 @@ def test_export_error_leaves_no_folder(tiny_model_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no temporary leftovers either
 
 
-def test_reexport_replaces_folder(tiny_model_dir, tmp_path):
+def test_reexport_replaces_only_our_own_folder(tiny_model_dir, tmp_path):
+    from dmcompile.errors import ConfigError
+
     out = tmp_path / "x"
     api.export(str(tiny_model_dir), out)
-    (out / "stale.txt").write_text("old")
-    api.export(str(tiny_model_dir), out)
-    assert not (out / "stale.txt").exists()
+    first = (out / "manifest.json").stat().st_mtime_ns
+    api.export(str(tiny_model_dir), out)  # an earlier export: replaced
+    assert (out / "manifest.json").stat().st_mtime_ns != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+    (out / "notes.txt").write_text("mine")  # the user's file inside it: nothing is touched
+    with pytest.raises(ConfigError, match="notes.txt, which dmcompile did not write"):
+        api.export(str(tiny_model_dir), out)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
 
 

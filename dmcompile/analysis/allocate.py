@@ -12,43 +12,10 @@ minimised and the sum of its costs stays within the budget (a multiple-choice kn
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import numpy as np
 
+from ..budget import Budget, parse_budget  # noqa: F401  (deprecated location of both)
 from ..errors import BudgetError
-
-UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """kind: bits (average weight bits over the allocated layers), bytes (stored weight bytes
-    of the allocated layers, scales included) or bops (MACs x weight bits x activation bits)."""
-
-    kind: str
-    value: float
-
-    def __str__(self):
-        return {"bits": f"{self.value:g} average weight bits", "bytes": f"{self.value / 1e6:.4g} MB of weights",
-                "bops": f"{self.value:.4g} BOPs"}[self.kind]
-
-
-def parse_budget(text: str) -> Budget:
-    """'5.0bits', '20MB' (also B, KB, GB, MiB), 'BOPs=1.5e9'."""
-    s = str(text).strip()
-    if m := re.fullmatch(r"([0-9.]+)\s*bits?", s, re.IGNORECASE):
-        v = float(m.group(1))
-        if not 1 <= v <= 32:
-            raise BudgetError(f"an average of {v} weight bits is out of range; use 2bits to 8bits")
-        return Budget("bits", v)
-    if m := re.fullmatch(r"([0-9.]+(?:e[0-9+]+)?)\s*([kmg]i?b|b)", s, re.IGNORECASE):
-        return Budget("bytes", float(m.group(1)) * UNITS[m.group(2).upper()])
-    if m := re.fullmatch(r"bops\s*=\s*([0-9.]+(?:e[+]?[0-9]+)?)", s, re.IGNORECASE):
-        return Budget("bops", float(m.group(1)))
-    raise BudgetError(f"cannot read budget {text!r}; write e.g. 5.0bits (average weight bits), 20MB (weight "
-                      "bytes) or BOPs=1.5e9 (MACs x weight bits x activation bits)")
 
 
 def lagrange(dist: np.ndarray, cost: np.ndarray, budget: float, iters: int = 100) -> np.ndarray:
@@ -134,10 +101,7 @@ def allocate(dist: np.ndarray, cost: np.ndarray, budget: float, allocator: str =
              fixed_cost: float = 0.0, describe=str) -> np.ndarray:
     """Choose one option per layer. ``fixed_cost`` counts against the budget whatever is
     chosen. Raises BudgetError naming the smallest feasible budget when none fits."""
-    least = cost.min(axis=1).sum() + fixed_cost
-    if least > budget * (1 + 1e-9):
-        raise BudgetError(f"budget {describe(budget)} is infeasible: the smallest feasible budget is "
-                          f"{describe(least)} (every layer at its narrowest allowed width)")
+    require_feasible(cost, budget, fixed_cost, describe)
     budget -= fixed_cost
     pick = ALLOCATORS[allocator](dist, cost, budget)
     if allocator == "dp":  # the discretised DP can trail the exact-budget Lagrangian by a rounding margin
@@ -146,3 +110,12 @@ def allocate(dist: np.ndarray, cost: np.ndarray, budget: float, allocator: str =
         if dist[rows, lag].sum() < dist[rows, pick].sum():
             pick = lag
     return pick
+
+
+def require_feasible(cost: np.ndarray, budget: float, fixed_cost: float = 0.0, describe=str) -> None:
+    """Raise BudgetError, naming the smallest feasible budget, unless every layer at its
+    cheapest option plus ``fixed_cost`` fits ``budget``."""
+    least = float(cost.min(axis=1).sum()) + fixed_cost if len(cost) else fixed_cost
+    if least > budget * (1 + 1e-9):
+        raise BudgetError(f"budget {describe(budget)} is infeasible: the smallest feasible budget is "
+                          f"{describe(least)} (every layer at its narrowest allowed width)")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from dmruntime.weights import storage_bits
 
+from ..budget import Budget
 from ..errors import BudgetError, ConfigError
 from ..frontend.layermap import Layer
-from ..lowering.qdq import weight_axis
-from .allocate import Budget, allocate
+from ..quant import storage_bits, weight_axis
+from .allocate import allocate, require_feasible
 
 
 def weight_bytes(layer: Layer, bits: int) -> int:
@@ -20,10 +20,10 @@ def weight_bytes(layer: Layer, bits: int) -> int:
 def option_costs(layers: list[Layer], bits: tuple[int, ...], kind: str, act_bits: int = 8) -> np.ndarray:
     """[L, len(bits)] cost of each width for each weighted layer under a budget kind."""
     if kind == "bits":
-        return np.array([[b * l.params for b in bits] for l in layers], np.float64)
+        return np.array([[b * l.params for b in bits] for l in layers], np.float64).reshape(len(layers), len(bits))
     if kind == "bytes":
-        return np.array([[weight_bytes(l, b) for b in bits] for l in layers], np.float64)
-    return np.array([[l.macs * b * act_bits for b in bits] for l in layers], np.float64)
+        return np.array([[weight_bytes(l, b) for b in bits] for l in layers], np.float64).reshape(len(layers), len(bits))
+    return np.array([[l.macs * b * act_bits for b in bits] for l in layers], np.float64).reshape(len(layers), len(bits))
 
 
 def bops(layer: Layer, weight_bits: int | None, act_bits: int | None) -> int:
@@ -33,6 +33,7 @@ def bops(layer: Layer, weight_bits: int | None, act_bits: int | None) -> int:
 
 
 def budget_total(budget: Budget, layers: list[Layer]) -> float:
+    """The budget in cost units; an average-bits budget is over all ``layers``."""
     if budget.kind == "bits":
         return budget.value * sum(l.params for l in layers)
     return budget.value
@@ -47,18 +48,39 @@ def describe(budget: Budget, layers: list[Layer]):
     return lambda v: f"BOPs={v:.4g}"
 
 
+def fixed_cost(budget: Budget, layers: list[Layer], pinned: dict[int, int], fixed_bops: float = 0.0,
+               act_bits: int = 8) -> float:
+    """What the budget spends whatever the allocator picks: pinned layers at their widths
+    (``pinned``: index into ``layers`` -> bits) and, for BOPs, the layers without weights."""
+    pin = sum(float(option_costs([layers[i]], (b,), budget.kind, act_bits)[0, 0]) for i, b in pinned.items())
+    return pin + (fixed_bops if budget.kind == "bops" else 0.0)
+
+
+def check_feasible(layers: list[Layer], allowed: tuple[int, ...], budget: Budget, fixed_bops: float = 0.0,
+                   act_bits: int = 8, pinned: dict[int, int] | None = None) -> None:
+    """Raise BudgetError (naming the smallest feasible budget) before any curve is measured."""
+    pinned = pinned or {}
+    free = [l for i, l in enumerate(layers) if i not in pinned]
+    require_feasible(option_costs(free, tuple(allowed), budget.kind, act_bits), budget_total(budget, layers),
+                     fixed_cost(budget, layers, pinned, fixed_bops, act_bits), describe(budget, layers))
+
+
 def plan_bits(dist: np.ndarray, layers: list[Layer], curve_bits: tuple[int, ...], allowed: tuple[int, ...],
-              budget: Budget, allocator: str, share: bool, fixed_bops: float = 0.0, act_bits: int = 8):
-    """dist: [G, L, len(curve_bits)] distortions of ``layers``. Returns (bits [G, L], info)."""
+              budget: Budget, allocator: str, share: bool, fixed_bops: float = 0.0, act_bits: int = 8,
+              pinned: dict[int, int] | None = None):
+    """dist: [G, L, len(curve_bits)] distortions of ``layers``; ``pinned``: layer index -> bits
+    fixed by an override (spent from the budget, not allocated). Returns (bits [G, L], info)."""
+    pinned = pinned or {}
     cols = [curve_bits.index(b) for b in allowed if b in curve_bits]
     missing = [b for b in allowed if b not in curve_bits]
     if missing:
         raise ConfigError(f"the curves have no points at {missing} bits; analyze with those weight bits")
     opts = tuple(curve_bits[c] for c in cols)
-    d = dist[:, :, cols]
-    cost = option_costs(layers, opts, budget.kind, act_bits)
+    free = [i for i in range(len(layers)) if i not in pinned]
+    d = dist[:, free][:, :, cols]
+    cost = option_costs([layers[i] for i in free], opts, budget.kind, act_bits)
     total = budget_total(budget, layers)
-    fixed = fixed_bops if budget.kind == "bops" else 0.0
+    fixed = fixed_cost(budget, layers, pinned, fixed_bops, act_bits)
     fmt = describe(budget, layers)
     G = d.shape[0]
     if share:
@@ -66,28 +88,24 @@ def plan_bits(dist: np.ndarray, layers: list[Layer], curve_bits: tuple[int, ...]
         picks = np.tile(pick, (G, 1))
     else:
         picks = np.stack([allocate(d[g], cost, total, allocator, fixed, fmt) for g in range(G)])
-    bits = np.array(opts)[picks]
-    rows = np.arange(len(layers))
+    bits = np.zeros((G, len(layers)), np.int64)
+    bits[:, free] = np.array(opts)[picks]
+    for i, b in pinned.items():
+        bits[:, i] = b
+    rows = np.arange(len(free))
     spent = [float(cost[rows, picks[g]].sum() + fixed) for g in range(G)]
+    # predicted: sum of the curves at the chosen widths (a pinned width the curves lack adds 0)
+    known = [i for i in range(len(layers)) if all(int(bits[g, i]) in curve_bits for g in range(G))]
+    idx = np.array([[curve_bits.index(int(bits[g, i])) for i in known] for g in range(G)], np.int64)
+    predicted = [float(dist[g, known, idx[g]].sum()) for g in range(G)]
     info = {"budget": str(budget), "budget_value": total + 0.0, "allocator": allocator, "share_weights": share,
-            "allowed_bits": list(opts), "spent": spent, "spent_readable": [fmt(s) for s in spent],
-            "predicted_distortion": [float(d[g, rows, picks[g]].sum()) for g in range(G)]}
+            "allowed_bits": list(opts), "pinned": {layers[i].node: int(b) for i, b in pinned.items()},
+            "spent": spent, "spent_readable": [fmt(s) for s in spent], "predicted_distortion": predicted}
     return bits, info
 
 
-def check_feasible(layers: list[Layer], allowed: tuple[int, ...], budget: Budget, fixed_bops: float = 0.0,
-                   act_bits: int = 8) -> None:
-    """Raise BudgetError (naming the smallest feasible budget) before any curve is measured."""
-    cost = option_costs(layers, tuple(allowed), budget.kind, act_bits)
-    fixed = fixed_bops if budget.kind == "bops" else 0.0
-    least = cost.min(axis=1).sum() + fixed
-    if least > budget_total(budget, layers) * (1 + 1e-9):
-        fmt = describe(budget, layers)
-        raise BudgetError(f"budget {fmt(budget_total(budget, layers))} is infeasible: the smallest feasible budget "
-                          f"is {fmt(least)} (every layer at its narrowest allowed width)")
-
-
 def check_bits(bits: set[int], deployable: tuple[int, ...], allow_simulated: bool) -> None:
+    """Raise BudgetError for widths the target cannot store unless simulated widths are allowed."""
     bad = sorted(b for b in bits if b not in deployable)
     if bad and not allow_simulated:
         raise BudgetError(f"weight widths {bad} have no native storage on this target (it stores "

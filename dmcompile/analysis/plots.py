@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..artifacts import PNG_SOFTWARE
+
 
 def _plt():
     import matplotlib
@@ -38,7 +40,7 @@ def save_rd_curves(curves, path: Path, n: int = 4) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"output distortion ({curves.config.get('analysis', {}).get('distortion', '')})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Software": PNG_SOFTWARE})
     plt.close(fig)
     return Path(path)
 
@@ -55,6 +57,6 @@ def save_bits_heatmap(layers: list[str], bits: np.ndarray, groups: list, path: P
     fig.colorbar(im, ax=ax, label="weight bits")
     ax.set_title("weight bits per layer and group")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Software": PNG_SOFTWARE})
     plt.close(fig)
     return Path(path)

@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..calibration.observers import qparams
+from ..errors import ModelError
 from ..frontend.layermap import Layer, LayerMap
-from ..lowering.qdq import quantize_weight, weight_axis
+from ..quant import dequantize, qparams, quantize_weight, weight_axis
 
 SEP = "|"
 
@@ -117,10 +117,7 @@ class Probe:
         w = self.weights[layer.weight]
         if bits is None:
             return {}
-        qw = quantize_weight(w, weight_axis(layer), bits)
-        shape = [1] * w.ndim
-        shape[qw.axis] = -1
-        return {layer.weight: (qw.q.astype(np.float32) * qw.scale.reshape(shape)).astype(np.float32)}
+        return {layer.weight: dequantize(quantize_weight(w, weight_axis(layer), bits))}
 
     def run(self, x: np.ndarray, t: np.ndarray, weights: dict | None = None, acts: dict | None = None) -> np.ndarray:
         """UNet output for rows (x, t). ``acts``: tensor -> (s, z, n, on) per-row arrays."""
@@ -166,6 +163,8 @@ def make_probe(fp: onnx.ModelProto, layer_map: LayerMap, tensors: list[str], sam
     for t in tensors:
         d2, d3 = shapes[2][t][0], shapes[3][t][0]
         if d2 % 2 or d3 % 3 or d2 // 2 != d3 // 3:
-            raise AssertionError(f"tensor {t}: leading dimension {d2}/{d3} does not follow the batch")
+            raise ModelError(f"activation tensor {t} has leading dimension {d2} at batch 2 and {d3} at batch 3: it "
+                             "does not scale with the batch, which per-row quantization of the probe needs; this "
+                             "model is not supported for RD analysis (report its config)")
         ratio[t], ranks[t] = d2 // 2, len(shapes[2][t])
     return Probe(fp, layers, weights, tuple(tensors), ratio, ranks, threads)

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 from dmruntime import DDIMSampler, group_lookup
 
-from ..artifacts import atomic_dir, write_json
+from ..artifacts import CURVES, atomic_dir, write_marker
 from ..config import AnalysisConfig
+from ..errors import ArtifactError, ConfigError
 from ..eval.metrics import ssim
-from ..lowering.qdq import quantize_weight, weight_axis
+from ..quant import noise_power, weight_axis
 from .probe import Probe, act_params
 
 RD_SCHEMA_VERSION = 2  # 2: activation curves per layer input only
@@ -37,14 +38,6 @@ def distortion(ref: np.ndarray, out: np.ndarray, kind: str) -> float:
         return mse / float(np.mean(ref.astype(np.float64) ** 2))
     rng = float(ref.max() - ref.min()) or 1.0
     return float(1.0 - np.mean(ssim(out, ref, data_range=rng))) + mse
-
-
-def noise_power(w: np.ndarray, axis: int, bits: int) -> float:
-    """Mean squared error of quantizing a weight to ``bits`` (per-channel symmetric)."""
-    qw = quantize_weight(w, axis, bits)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    return float(np.mean((w - qw.q * qw.scale.reshape(shape)) ** 2))
 
 
 @dataclass
@@ -64,20 +57,31 @@ class RDCurves:
     measured: np.ndarray
     seconds: float = 0.0
 
-    def save(self, folder: Path) -> None:
-        with atomic_dir(Path(folder)) as tmp:
+    def save(self, folder: Path, plot=None) -> None:
+        """curves.json + curves.npz, atomically; ``plot(curves, path)``, when given, also writes
+        rd_curves.png into the folder."""
+        with atomic_dir(Path(folder), CURVES) as tmp:
             np.savez(tmp / "curves.npz", weight=self.weight, act=self.act, measured=self.measured)
-            write_json(tmp / "curves.json", {
+            files = ["curves.json", "curves.npz"]
+            if plot is not None:
+                plot(self, tmp / "rd_curves.png")
+                files.append("rd_curves.png")
+            write_marker(tmp, CURVES, {
                 "schema_version": RD_SCHEMA_VERSION, "config": self.config, "groups": self.groups,
                 "layers": self.layers, "tensors": self.tensors, "weight_bits": list(self.weight_bits),
-                "act_bits": list(self.act_bits), "seconds": self.seconds})
+                "act_bits": list(self.act_bits), "seconds": self.seconds}, files)
 
     @classmethod
     def load(cls, folder: Path) -> RDCurves:
-        meta = json.loads((Path(folder) / "curves.json").read_text())
+        """Read saved curves; ArtifactError if they are missing, corrupt or of another schema."""
+        try:
+            meta = json.loads((Path(folder) / "curves.json").read_text())
+            a = np.load(Path(folder) / "curves.npz")
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"cannot read RD curves in {folder}: {e}; run `dmcompile analyze` to write them") from e
         if meta.get("schema_version") != RD_SCHEMA_VERSION:
-            raise ValueError(f"curves schema_version {meta.get('schema_version')} != {RD_SCHEMA_VERSION}")
-        a = np.load(Path(folder) / "curves.npz")
+            raise ArtifactError(f"RD curves in {folder} have schema_version {meta.get('schema_version')}, this "
+                                f"dmcompile reads {RD_SCHEMA_VERSION}; measure them again with `dmcompile analyze`")
         return cls(meta["config"], [tuple(g) for g in meta["groups"]], meta["layers"], meta["tensors"],
                    tuple(meta["weight_bits"]), tuple(meta["act_bits"]), a["weight"], a["act"], a["measured"],
                    meta["seconds"])
@@ -103,8 +107,9 @@ def group_inputs(fp_bundle, groups, config: AnalysisConfig, steps: int, seed: in
     xs, ts = [], []
     for g in groups:
         if not rows[g.index]:
-            raise ValueError(f"no sampling step falls in group {g.index} [{g.t_start}, {g.t_end}); use fewer groups "
-                             "or more steps")
+            raise ConfigError(f"no sampling step of a {steps}-step DDIM run falls in timestep group {g.index} "
+                              f"[{g.t_start}, {g.t_end}), so it has no inputs for RD curves; use fewer groups "
+                              "(--groups) or more calibration steps (--calib-steps)")
         x = np.concatenate([r[0] for r in rows[g.index]])
         t = np.concatenate([np.full(len(r[0]), r[1], np.int64) for r in rows[g.index]])
         pick = np.linspace(0, len(x) - 1, config.samples_per_group).round().astype(int)
@@ -123,8 +128,9 @@ def _run_chunked(probe: Probe, x, t, max_rows, weights=None, acts=None):
 
 
 def analyze(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, config: AnalysisConfig,
-            state_dir: Path | None = None, progress=None) -> RDCurves:
-    """Measure the curves. X, T: [G, n, ...] group inputs; act_ranges[bits][g][tensor] -> (lo, hi).
+            groups: list, record: dict, state_dir: Path | None = None, progress=None) -> RDCurves:
+    """Measure the curves. X, T: [G, n, ...] group inputs; act_ranges[bits][g][tensor] -> (lo, hi);
+    groups: [(t_start, t_end)] of the G groups; record: the configs stored with the curves.
     With ``state_dir``, partial results are saved there and picked up again."""
     t0 = time.perf_counter()
     G, n = X.shape[:2]
@@ -208,9 +214,8 @@ def analyze(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, config
     measured = np.array([[b in meas_bits for b in wbits] for _ in layers])
     if config.sweep == "model":
         W = model_fill(W, probe.layers, probe.weights, wbits, meas_bits)
-    curves = RDCurves(config.to_dict(), [], [l.node for l in layers], list(tensors), wbits, abits, W, A,
-                      measured, round(elapsed0 + time.perf_counter() - t0, 2))
-    return curves
+    return RDCurves(record, [tuple(g) for g in groups], [l.node for l in layers], list(tensors), wbits, abits, W,
+                    A, measured, round(elapsed0 + time.perf_counter() - t0, 2))
 
 
 def model_fill(W: np.ndarray, layers, weights: dict, wbits, meas_bits) -> np.ndarray:

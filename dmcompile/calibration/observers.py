@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-OBSERVERS = ("minmax", "percentile", "mse")
+from ..config import OBSERVERS
+from ..quant import fake_quant, qparams  # noqa: F401  (qparams: deprecated location)
+
 
 
 class HistogramObserver:
@@ -128,25 +130,3 @@ def _with_zero(lo: float, hi: float) -> tuple[float, float]:
     if hi - lo < 1e-8:
         hi = lo + 1e-8
     return lo, hi
-
-
-def qparams(lo: float, hi: float, bits: int = 8, symmetric: bool = False) -> tuple[float, int]:
-    """(scale, zero_point) of an affine grid over [lo, hi]: unsigned [0, 2^b - 1] when
-    asymmetric, signed [-(2^(b-1) - 1), 2^(b-1) - 1] with zero point 0 when symmetric."""
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        return max(-lo, hi) / qmax, 0
-    qmax = 2**bits - 1
-    scale = (hi - lo) / qmax
-    zp = int(np.clip(np.round(-lo / scale), 0, qmax))
-    return scale, zp
-
-
-def fake_quant(x: np.ndarray, lo: float, hi: float, bits: int = 8, symmetric: bool = False) -> np.ndarray:
-    """Quantize-dequantize ``x`` on the grid of ``qparams(lo, hi)``."""
-    scale, zp = qparams(lo, hi, bits, symmetric)
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        return np.clip(np.round(x / scale), -qmax, qmax) * scale
-    q = np.clip(np.round(x / scale) + zp, 0, 2**bits - 1)
-    return (q - zp) * scale

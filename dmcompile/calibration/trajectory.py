@@ -8,54 +8,61 @@ it sees when sampling. Each call's tensors go to the observers of the group hold
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from dmruntime import DDIMSampler, Group, NoiseSchedule, group_lookup
+from dmruntime import DDIMSampler, NoiseSchedule, group_lookup
 
-from ..artifacts import atomic_dir, write_json
+from ..artifacts import CALIBRATION, atomic_dir, write_marker
 from ..config import CalibrationConfig
+from ..errors import ArtifactError
 from ..frontend.layermap import LayerMap
+from ..targets import ORT_CPU, TargetProfile
 from .observers import HistogramObserver
 
 CALIB_SCHEMA_VERSION = 2  # 2: cache keys carry it (older caches may predate the histogram fix)
 CALIB_STREAM = 0xCA11B
 
 
-def equal_groups(num_train_timesteps: int, k: int) -> tuple[Group, ...]:
-    """K contiguous groups of (nearly) equal length partitioning [0, T); the backend names
-    their engines later, so ``engine`` is empty here."""
+@dataclass(frozen=True)
+class TimestepGroup:
+    """A range [t_start, t_end) of training timesteps that shares activation statistics.
+    Engines are assigned to groups when the bundle is written, not here."""
+
+    index: int
+    t_start: int
+    t_end: int
+
+
+def equal_groups(num_train_timesteps: int, k: int) -> tuple[TimestepGroup, ...]:
+    """K contiguous groups of (nearly) equal length partitioning [0, T)."""
     edges = [round(num_train_timesteps * g / k) for g in range(k + 1)]
-    return tuple(Group(g, edges[g], edges[g + 1], "") for g in range(k))
+    return tuple(TimestepGroup(g, edges[g], edges[g + 1]) for g in range(k))
+
+
+def groups_without_steps(schedule: NoiseSchedule, config: CalibrationConfig) -> list[TimestepGroup]:
+    """The groups of ``config`` that no step of a ``config.steps``-step DDIM run visits."""
+    groups = equal_groups(schedule.num_train_timesteps, config.groups)
+    lookup = group_lookup(groups, schedule.num_train_timesteps)
+    seen = {int(lookup[t]) for t in schedule.ddim_timesteps(config.steps)}
+    return [g for g in groups if g.index not in seen]
 
 
 def quantized_tensors(model: onnx.ModelProto, layer_map: LayerMap) -> list[str]:
-    """Activation tensors that may get quantized: input 0 of every Conv/Gemm/MatMul, input 1 of
-    MatMuls whose second operand is an activation (attention), and every Conv output (ONNX
-    Runtime fuses DQ -> Conv -> Q into QLinearConv only with the output quantized)."""
-    nodes = {n.name: n for n in model.graph.node}
-    names: list[str] = []
-    for layer in layer_map.layers:
-        node = nodes[layer.node]
-        ins = [node.input[0]] if layer.weight else [node.input[0], node.input[1]]
-        if node.op_type == "Conv":
-            ins.append(node.output[0])
-        names.extend(i for i in ins if i not in names)
-    return names
+    """Deprecated (use ``TargetProfile.quantized_tensors``): the ort-cpu profile's tensors."""
+    warnings.warn("calibration.trajectory.quantized_tensors is deprecated; use "
+                  "dmcompile.targets.ORT_CPU.quantized_tensors", DeprecationWarning, stacklevel=2)
+    return ORT_CPU.quantized_tensors(model, layer_map.layers)
 
 
 def layer_input_tensors(model: onnx.ModelProto, layer_map: LayerMap) -> list[str]:
-    """The activation inputs of the quantizable layers (input 0, and input 1 of activation x
-    activation MatMuls): :func:`quantized_tensors` without the Conv outputs."""
-    nodes = {n.name: n for n in model.graph.node}
-    names: list[str] = []
-    for layer in layer_map.layers:
-        node = nodes[layer.node]
-        ins = [node.input[0]] if layer.weight else [node.input[0], node.input[1]]
-        names.extend(i for i in ins if i not in names)
-    return names
+    """Deprecated (use ``TargetProfile.layer_input_tensors``): the ort-cpu profile's inputs."""
+    warnings.warn("calibration.trajectory.layer_input_tensors is deprecated; use "
+                  "dmcompile.targets.ORT_CPU.layer_input_tensors", DeprecationWarning, stacklevel=2)
+    return ORT_CPU.layer_input_tensors(model, layer_map.layers)
 
 
 class _RecordingModel:
@@ -100,7 +107,7 @@ class CalibrationResult:
     """Per-group observers of every quantized tensor, and what produced them."""
 
     config: CalibrationConfig
-    groups: tuple[Group, ...]
+    groups: tuple[TimestepGroup, ...]
     tensors: tuple[str, ...]
     observers: tuple[dict, ...]  # group index -> {tensor: HistogramObserver}
 
@@ -115,7 +122,7 @@ class CalibrationResult:
 
     def save(self, folder: Path) -> None:
         """calibration.json (settings, groups, chosen ranges) + histograms.npz, atomically."""
-        with atomic_dir(Path(folder)) as tmp:
+        with atomic_dir(Path(folder), CALIBRATION) as tmp:
             arrays = {}
             for g, obs in enumerate(self.observers):
                 for i, n in enumerate(self.tensors):
@@ -123,27 +130,32 @@ class CalibrationResult:
                         arrays[f"g{g}_t{i}_{k}"] = np.asarray(v)
             np.savez_compressed(tmp / "histograms.npz", **arrays)
             ranges = self.ranges()
-            write_json(tmp / "calibration.json", {
+            write_marker(tmp, CALIBRATION, {
                 "schema_version": CALIB_SCHEMA_VERSION, "config": self.config.to_dict(),
                 "groups": [{"index": g.index, "t_start": g.t_start, "t_end": g.t_end} for g in self.groups],
                 "tensors": list(self.tensors),
                 "ranges": [{n: list(r[n]) for n in self.tensors} for r in ranges],
                 "counts": [{n: obs[n].count for n in self.tensors} for obs in self.observers],
-            })
+            }, ["calibration.json", "histograms.npz"])
 
     @classmethod
     def load(cls, folder: Path) -> "CalibrationResult":
-        meta = json.loads((Path(folder) / "calibration.json").read_text())
+        """Read a saved calibration; ArtifactError if it is corrupt or of another schema version."""
+        try:
+            meta = json.loads((Path(folder) / "calibration.json").read_text())
+            arrays = np.load(Path(folder) / "histograms.npz")
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"cannot read calibration {folder}: {e}; delete the folder to recalibrate") from e
         if meta.get("schema_version") != CALIB_SCHEMA_VERSION:
-            raise ValueError(f"calibration schema_version {meta.get('schema_version')} != {CALIB_SCHEMA_VERSION}")
-        arrays = np.load(Path(folder) / "histograms.npz")
+            raise ArtifactError(f"calibration {folder} has schema_version {meta.get('schema_version')}, this "
+                                f"dmcompile reads {CALIB_SCHEMA_VERSION}; delete the folder to recalibrate")
         tensors = tuple(meta["tensors"])
         observers = []
         for g in range(len(meta["groups"])):
             observers.append({n: HistogramObserver.from_state(
                 {k: arrays[f"g{g}_t{i}_{k}"] for k in ("lo", "hi", "origin", "width", "count", "hist")})
                 for i, n in enumerate(tensors)})
-        groups = tuple(Group(d["index"], d["t_start"], d["t_end"], "") for d in meta["groups"])
+        groups = tuple(TimestepGroup(d["index"], d["t_start"], d["t_end"]) for d in meta["groups"])
         return cls(CalibrationConfig.from_dict(meta["config"]), groups, tensors, tuple(observers))
 
 
@@ -156,13 +168,14 @@ def _ptq4dm_mask(timesteps: np.ndarray, n: int, T: int, rng: np.random.Generator
 
 
 def calibrate(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, config: CalibrationConfig,
-              progress=None) -> CalibrationResult:
+              profile: TargetProfile = ORT_CPU, progress=None) -> CalibrationResult:
     """Run ``config.size`` DDIM trajectories of ``config.steps`` steps through the fp32 ONNX
-    model and return per-group statistics of every quantized tensor."""
+    model and return per-group statistics of every tensor ``profile`` may quantize (for all
+    quantizable layers, so that builds which keep some layers float reuse the calibration)."""
     import onnxruntime as ort
 
     model = onnx.load(str(fp_model_path))
-    names = quantized_tensors(model, layer_map)
+    names = profile.quantized_tensors(model, layer_map.layers)
     have = {o.name for o in model.graph.output}
     for n in names:
         if n not in have:

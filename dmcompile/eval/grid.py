@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 from dmruntime import to_uint8
 
+from ..artifacts import PNG_SOFTWARE
+
 
 def save_grid(images: np.ndarray, path: Path, cols: int | None = None, scale: int | None = None,
               pad: int = 1) -> Path:
     """Write [N, C, H, W] images in [-1, 1] as one PNG grid: grey for C = 1 or 2 (channel 0),
     RGB from the first three channels for C >= 3."""
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
     imgs = to_uint8(np.asarray(images))
     imgs = imgs[:, :3] if imgs.shape[1] >= 3 else imgs[:, :1]
@@ -32,7 +34,9 @@ def save_grid(images: np.ndarray, path: Path, cols: int | None = None, scale: in
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
-    img.save(tmp)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)  # marks the file as ours: a later run may replace it
+    img.save(tmp, pnginfo=info)
     os.replace(tmp, path)
     return path
 
@@ -54,7 +58,7 @@ def save_fd_figure(values: dict[str, float], path: Path, title: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
+    fig.savefig(tmp, metadata={"Software": PNG_SOFTWARE})
     plt.close(fig)
     os.replace(tmp, path)
     return path

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..artifacts import atomic_dir, write_manifest
+from ..artifacts import BUNDLE, atomic_dir, write_manifest
 from ..config import ExportConfig
 from ..errors import ExportError
 from .layermap import LayerMap, build_layer_map
@@ -105,7 +105,7 @@ def export_model(model: LoadedModel, out: Path, config: ExportConfig = ExportCon
     Raises ExportError when ONNX Runtime and PyTorch differ by more than ``config.parity_tol``.
     """
     t0 = time.perf_counter()
-    with atomic_dir(Path(out)) as tmp:
+    with atomic_dir(Path(out), BUNDLE) as tmp:
         proto = trace_to_onnx(model, tmp / ENGINE_FILE, config)
         err = parity_error(model, tmp / ENGINE_FILE, config)
         if not err <= config.parity_tol:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..errors import ArtifactError
 from .passes import module_of_node
 
 LAYER_MAP_SCHEMA_VERSION = 1
@@ -53,7 +54,8 @@ class LayerMap:
     @classmethod
     def from_dict(cls, d: dict) -> "LayerMap":
         if d.get("schema_version") != LAYER_MAP_SCHEMA_VERSION:
-            raise ValueError(f"layer map schema_version {d.get('schema_version')} != {LAYER_MAP_SCHEMA_VERSION}")
+            raise ArtifactError(f"layer map schema_version {d.get('schema_version')!r} is not supported (this "
+                                f"dmcompile reads {LAYER_MAP_SCHEMA_VERSION}); export the model again")
         return cls(d["model_id"], tuple(Layer(**l) for l in d["layers"]))
 
     def save(self, path: Path) -> None:
@@ -61,7 +63,11 @@ class LayerMap:
 
     @classmethod
     def load(cls, path: Path) -> "LayerMap":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read layer_map.json; ArtifactError if it is missing, corrupt or of another schema."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ArtifactError(f"cannot read layer map {path}: {e}; export the model again") from e
 
     @property
     def total_macs(self) -> int:

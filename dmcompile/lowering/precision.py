@@ -1,53 +1,101 @@
-"""Which layers are quantized: per-layer overrides resolve in one place, layer name first,
-then module name (or prefix), then op type, then the global default (quantize)."""
+"""Per-layer precision: the one place overrides are resolved against a layer map.
+
+A rule's pattern matches a layer by node name (or the aliases ``first_conv`` / ``last_conv``),
+by torch module name, by module prefix, by op type, or ``*``. When several rules match a layer
+the most specific wins, whatever their order: node > module > module prefix (the longer prefix
+first) > op type > ``*``; two different rules equally specific for one layer are an error.
+"""
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+
+from ..config import Override
 from ..errors import ConfigError
 from ..frontend.layermap import Layer, LayerMap
 
 ALIASES = ("first_conv", "last_conv")
 
 
-def _matches(entry: str, layer: Layer, first_conv: str, last_conv: str) -> bool:
-    if entry == "first_conv":
-        return layer.node == first_conv
-    if entry == "last_conv":
-        return layer.node == last_conv
-    return (entry == layer.node or entry == layer.module or layer.module.startswith(entry + ".")
-            or entry == layer.op_type)
+def _aliases(layer_map: LayerMap) -> dict[str, str]:
+    convs = [l.node for l in layer_map.layers if l.op_type == "Conv"]
+    return {"first_conv": convs[0], "last_conv": convs[-1]} if convs else {}
+
+
+def specificity(pattern: str, layer: Layer, aliases: dict[str, str]) -> tuple[int, int] | None:
+    """How specifically ``pattern`` names ``layer`` (higher wins), or None if it does not."""
+    if pattern in ALIASES:
+        return (4, 0) if aliases.get(pattern) == layer.node else None
+    if pattern == layer.node:
+        return (4, 0)
+    if pattern == layer.module:
+        return (3, 0)
+    if layer.module.startswith(pattern + "."):
+        return (2, len(pattern))
+    if pattern == layer.op_type:
+        return (1, 0)
+    if pattern == "*":
+        return (0, 0)
+    return None
+
+
+@dataclass(frozen=True)
+class LayerPrecision:
+    """Resolved precision of every layer of a layer map: which nodes are quantized, and the
+    weight width a rule pins for a weighted layer (absent: the recipe decides)."""
+
+    quantized: frozenset[str]
+    pinned_bits: dict  # node -> bits, for quantized layers with weights that a rule names
+
+    def weight_layers(self, layer_map: LayerMap) -> list[Layer]:
+        """The quantized layers with weights, in graph order."""
+        return [l for l in layer_map.layers if l.node in self.quantized and l.weight]
+
+
+def resolve(layer_map: LayerMap, overrides: tuple[Override, ...]) -> LayerPrecision:
+    """Apply ``overrides`` to every layer. Raises ConfigError for a rule that matches no layer
+    and for two different rules that name a layer equally specifically."""
+    aliases = _aliases(layer_map)
+    used: set[str] = set()
+    quantized, pinned = set(), {}
+    for layer in layer_map.layers:
+        best, winner = None, None
+        for o in overrides:
+            s = specificity(o.pattern, layer, aliases)
+            if s is None:
+                continue
+            used.add(o.pattern)
+            if best is None or s > best:
+                best, winner = s, o
+            elif s == best and o.precision != winner.precision:
+                raise ConfigError(f"overrides {winner} and {o} name layer {layer.node} equally specifically; "
+                                  "keep one, or name the layer itself")
+        if winner is not None and winner.precision == "float":
+            continue
+        quantized.add(layer.node)
+        if winner is not None and layer.weight:
+            pinned[layer.node] = int(winner.precision)
+    unused = [str(o) for o in overrides if o.pattern not in used]
+    if unused:
+        example = layer_map.layers[0].module if layer_map.layers else "conv_in"
+        raise ConfigError(f"override {unused[0]} matches no Conv/Gemm/MatMul layer; use a node or module name "
+                          f"from layer_map.json (e.g. {example!r}), a module prefix, an op type (Conv, Gemm, "
+                          f"MatMul), {' / '.join(ALIASES)} or *")
+    return LayerPrecision(frozenset(quantized), pinned)
 
 
 def quantized_nodes(layer_map: LayerMap, float_layers: tuple[str, ...]) -> set[str]:
-    """Node names to quantize. Raises ConfigError for an entry that matches no layer."""
-    convs = [l.node for l in layer_map.layers if l.op_type == "Conv"]
-    first, last = (convs[0], convs[-1]) if convs else ("", "")
-    keep_float = set()
-    for entry in float_layers:
-        hit = {l.node for l in layer_map.layers if _matches(entry, l, first, last)}
-        if not hit:
-            raise ConfigError(f"--float-layer {entry!r} matches no Conv/Gemm/MatMul layer; use a node or module "
-                              f"name from layer_map.json (e.g. {layer_map.layers[0].module!r}), an op type "
-                              f"(Conv, Gemm, MatMul) or {' / '.join(ALIASES)}")
-        keep_float |= hit
-    return {l.node for l in layer_map.layers} - keep_float
+    """Deprecated: ``resolve(layer_map, overrides).quantized`` with NAME=float rules."""
+    warnings.warn("lowering.precision.quantized_nodes is deprecated; use resolve()", DeprecationWarning, stacklevel=2)
+    return set(resolve(layer_map, tuple(Override(f, "float") for f in float_layers)).quantized)
 
 
 def explicit_bits(layer_map: LayerMap, layers: list[Layer], spec: dict) -> list[int]:
-    """Weight widths from {entry: bits}: entries as for float layers, plus "*" for the rest;
-    a more specific entry (node > module > op type > "*") wins."""
-    convs = [l.node for l in layer_map.layers if l.op_type == "Conv"]
-    first, last = (convs[0], convs[-1]) if convs else ("", "")
-    out = []
-    for layer in layers:
-        hits = [(e, b) for e, b in spec.items() if e != "*" and _matches(e, layer, first, last)]
-        if hits:
-            out.append(int(hits[0][1]))
-        elif "*" in spec:
-            out.append(int(spec["*"]))
-        else:
-            raise ConfigError(f"no weight width for layer {layer.node}; add a '*' entry (e.g. *=4)")
-    for e in spec:
-        if e != "*" and not any(_matches(e, l, first, last) for l in layers):
-            raise ConfigError(f"weight-bits entry {e!r} matches no quantized layer with weights")
-    return out
+    """Deprecated: weight widths of ``layers`` from {pattern: bits} (most specific wins)."""
+    warnings.warn("lowering.precision.explicit_bits is deprecated; use resolve()", DeprecationWarning, stacklevel=2)
+    pinned = resolve(layer_map, tuple(Override(k, v) for k, v in spec.items())).pinned_bits
+    missing = [l.node for l in layers if l.node not in pinned]
+    if missing:
+        raise ConfigError(f"no weight width for layer {missing[0]}; add a '*' entry (e.g. *=4)")
+    return [pinned[l.node] for l in layers]

@@ -3,54 +3,28 @@
 Why our own pass rather than driving ``onnxruntime.quantization.quantize_static``: the
 scales come from our per-group calibration, weights must be quantized once and shared
 byte-for-byte by every group model, ORT's quantizer renames shared initializers into names
-that collide with exported tensor names (DESIGN.md), and the fusion rules we need are few
-and explicit:
+that collide with exported tensor names, and the fusion rules we need are few and explicit:
 
-- every quantized tensor gets one QuantizeLinear; every quantized consumer gets its own
-  DequantizeLinear (ORT does not fuse a node whose DQ is shared), float consumers share one;
-- Conv outputs are quantized too: ORT fuses DQ -> Conv -> Q into QLinearConv only with Q;
+- the target profile's placement names the quantized tensors and their quantized readers
+  (the same rule calibration used to choose what to record);
+- every quantized tensor gets one QuantizeLinear; every quantized reader gets its own
+  DequantizeLinear (ORT does not fuse a node whose DQ is shared), float readers share one;
+- ort-cpu quantizes Conv outputs too: ORT fuses DQ -> Conv -> Q into QLinearConv only with Q;
 - MatMul / Gemm outputs stay float: ORT fuses them into MatMulIntegerToFloat / QGemm.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..calibration.observers import qparams
 from ..frontend.layermap import Layer, LayerMap
 from ..frontend.passes import check_graph
-from .profiles import TargetProfile
+from ..quant import QuantWeight, qparams, quantize_weight, weight_axis
+from ..targets import TargetProfile
 
-
-@dataclass(frozen=True)
-class QuantWeight:
-    """An int8 weight with symmetric per-channel scales along ``axis`` (the output channels)."""
-
-    q: np.ndarray
-    scale: np.ndarray
-    axis: int
-    bits: int
-
-
-def quantize_weight(w: np.ndarray, axis: int, bits: int = 8) -> QuantWeight:
-    """Symmetric per-channel quantization: scale_c = max|w_c| / (2^(b-1) - 1)."""
-    qmax = 2 ** (bits - 1) - 1
-    red = tuple(i for i in range(w.ndim) if i != axis)
-    amax = np.max(np.abs(w), axis=red)
-    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
-    return QuantWeight(q, scale, axis, bits)
-
-
-def weight_axis(layer: Layer) -> int:
-    """Output-channel axis of the weight as stored in the graph."""
-    return 1 if layer.op_type == "MatMul" else 0  # MatMul weights are [in, out]; Conv/Gemm(transB) [out, ...]
+__all__ = ["QuantWeight", "lower_group", "quantize_weight", "quantize_weights", "weight_axis"]
 
 
 def quantize_weights(model: onnx.ModelProto, layers: list[Layer], bits: int = 8) -> dict[str, QuantWeight]:
@@ -80,19 +54,10 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
     sym = profile.activation_symmetric
     new_inits: list[TensorProto] = []
 
-    # Which tensors are quantized and which (node, input index) read them quantized.
-    quant_inputs: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in g.node:
-        layer = layers.get(node.name)
-        if layer is None:
-            continue
-        idxs = [0] if layer.weight else [0, 1]
-        for i in idxs:
-            quant_inputs.setdefault(node.input[i], []).append((node, i))
-        if node.op_type == "Conv":
-            quant_inputs.setdefault(node.output[0], [])
+    # Which tensors are quantized and which (node name, input index) read them quantized.
+    quant_inputs = profile.placement(model, list(layers.values()))
     missing = [t for t in quant_inputs if t not in ranges]
-    assert not missing, f"no calibration range for {missing[:3]}"
+    assert not missing, f"no calibration range for {missing[:3]} (calibration and placement disagree)"
 
     for t in quant_inputs:
         scale, zp = qparams(*ranges[t], bits=8, symmetric=sym)
@@ -112,11 +77,11 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
             src = f"{t}.float"
         out.append(helper.make_node("QuantizeLinear", [src, f"{t}.q_scale", f"{t}.q_zero_point"], [f"{t}.q"],
                                     name=f"{t}.Q"))
-        quantized = {(id(n), i) for n, i in quant_inputs[t]}
+        quantized = set(quant_inputs[t])
         float_users = []
         qin = [f"{t}.q", f"{t}.q_scale", f"{t}.q_zero_point"]
         for j, (n, i) in enumerate(consumers.get(t, [])):
-            if (id(n), i) in quantized:  # short names: they repeat in every group model
+            if (n.name, i) in quantized:  # short names: they repeat in every group model
                 out.append(helper.make_node("DequantizeLinear", qin, [f"{t}.dq{j}"], name=f"{t}.DQ{j}"))
                 n.input[i] = f"{t}.dq{j}"
             else:

@@ -1,0 +1,190 @@
+"""The pipeline's stages over an fp32 export folder, each artefact in and artefact out, with
+their on-disk caches. Below both the public API (:mod:`dmcompile.api`) and the build
+(:mod:`dmcompile.compiler`), which call these and never each other.
+
+Cache layout (``cache_dir()``, default ``~/.cache/dmcompile``, or ``$DMCOMPILE_CACHE``):
+
+    exports/<model id>-<key>/      fp32 export: key = dmcompile version, model id, seed,
+                                   UNet and scheduler configs, export config, every weight
+    calib/<export>-<key>/          calibration: key = calibration schema, config, profile
+    rd/<export>-<key>/             RD curves: key = RD + calibration schemas, both configs,
+                                   profile; ``<...>.partial/`` holds an interrupted run
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from dmruntime import Bundle, DDIMSampler
+
+from . import __version__
+from .config import AnalysisConfig, CalibrationConfig, ExportConfig, SampleConfig
+from .errors import ArtifactError, ModelError
+from .frontend.export import export_model
+from .frontend.load import LoadedModel, load_model
+from .targets import ORT_CPU, TargetProfile
+
+
+def cache_dir() -> Path:
+    """Where cached artefacts live: $DMCOMPILE_CACHE or ~/.cache/dmcompile."""
+    return Path(os.environ.get("DMCOMPILE_CACHE", Path.home() / ".cache" / "dmcompile"))
+
+
+def as_model(model: LoadedModel | str | Path | None, seed: int = 0) -> LoadedModel:
+    """A LoadedModel from a LoadedModel, a zoo name, a folder, or None (the default model)."""
+    return model if isinstance(model, LoadedModel) else load_model(model, seed=seed)
+
+
+def _digest(*parts) -> str:
+    return hashlib.sha256(json.dumps(list(parts), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_key(model: LoadedModel, config: ExportConfig) -> str:
+    """Cache key of a model's fp32 export: configs, version and every weight's bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps([__version__, model.id, model.seed, model.unet_config, model.scheduler_config,
+                         config.to_dict()], sort_keys=True, default=str).encode())
+    for name, p in sorted(model.unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def fp_bundle(model: LoadedModel | str | Path | None, config: ExportConfig = ExportConfig()) -> Path:
+    """The fp32 export folder of a model, exported once and cached by weights and config."""
+    model = as_model(model, seed=config.seed)
+    path = cache_dir() / "exports" / f"{model.id.replace('/', '_')}-{model_key(model, config)}"
+    if not (path / "manifest.json").is_file():
+        export_model(model, path, config)
+    return path
+
+
+def open_bundle(path: str | Path, *, threads: int = 0, correction: bool = True) -> Bundle:
+    """Open a bundle or export folder with dmruntime, turning a model name into a clear error.
+    ``correction``: apply the bundle's PTQD noise correction when it has one."""
+    from . import zoo
+
+    p = Path(path)
+    if not (p / "manifest.json").exists() and (p.name in zoo.names() or (p / "config.json").exists()):
+        raise ModelError(f"{path} is a model, not a bundle: export or build it first, or pass --fp to sample "
+                         "its full-precision model")
+    return Bundle.open(p, threads=threads, correction=correction)
+
+
+def reference_model(bundle: Bundle) -> LoadedModel:
+    """The full-precision PyTorch model a bundle was compiled from (from its manifest)."""
+    m = bundle.manifest["model"]
+    if m["source"] in ("zoo", "preset"):
+        return load_model(m["id"], seed=m.get("seed") or 0)
+    return load_model(m["source"])
+
+
+def sample_model(model, config: SampleConfig = SampleConfig(), progress=None) -> np.ndarray:
+    """DDIM samples from anything with the runtime's model interface (Bundle, TorchEpsModel)."""
+    sampler = DDIMSampler(model, steps=config.steps, eta=config.eta, batch_size=config.batch_size)
+    return sampler.sample(config.n, seed=config.seed, progress=progress)
+
+
+def calibration_key(config: CalibrationConfig, profile: TargetProfile) -> str:
+    from .calibration.trajectory import CALIB_SCHEMA_VERSION
+
+    # The schema version is in the key so that calibrations cached by older code are not reused.
+    return _digest(CALIB_SCHEMA_VERSION, config.to_dict(), *_profile_part(profile))[:12]
+
+
+def _profile_part(profile: TargetProfile) -> list:
+    # ort-cpu keys stay what they were before profiles were part of them (caches stay valid)
+    return [] if profile == ORT_CPU else [profile.name]
+
+
+def calibrate(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_CPU, progress=None):
+    """Per-group activation statistics of an fp32 export (CalibrationResult), cached under
+    ``cache_dir()/calib``; a cached entry that cannot be read is measured again."""
+    from .calibration.trajectory import CalibrationResult
+    from .calibration.trajectory import calibrate as run_calibration
+    from .frontend.layermap import LayerMap
+
+    path = cache_dir() / "calib" / f"{fp.name}-{calibration_key(config, profile)}"
+    if (path / "calibration.json").is_file():
+        try:
+            return CalibrationResult.load(path)
+        except ArtifactError:
+            shutil.rmtree(path, ignore_errors=True)  # our own cache entry, unreadable: measure again
+    manifest = json.loads((fp / "manifest.json").read_text())
+    result = run_calibration(fp / "model.onnx", load_layer_map(fp), manifest["scheduler"], config, profile,
+                             progress=progress)
+    result.save(path)
+    return result
+
+
+def load_layer_map(fp: Path):
+    """The layer map of an export folder."""
+    from .frontend.layermap import LayerMap
+
+    return LayerMap.load(fp / "layer_map.json")
+
+
+def probe_inputs(fp: Path, tensors_of, calib, config: AnalysisConfig):
+    """(probe, X, T, fp bundle) for an fp32 export: the probe fake-quantizes
+    ``tensors_of(proto, layers)``; X, T are each group's inputs from fp32 trajectories."""
+    import onnx
+
+    from .analysis.probe import make_probe
+    from .analysis.rd import group_inputs
+
+    layer_map = load_layer_map(fp)
+    proto = onnx.load(str(fp / "model.onnx"))
+    bundle = Bundle.open(fp)
+    probe = make_probe(proto, layer_map, tensors_of(proto, layer_map.layers), bundle.sample_shape)
+    X, T = group_inputs(bundle, calib.groups, config, calib.config.steps, config.seed)
+    return probe, X, T, bundle
+
+
+def rd_key(calibration: dict, analysis: dict, profile: TargetProfile = ORT_CPU) -> str:
+    """Cache key of RD curves from the calibration and analysis configs (as dicts)."""
+    from .analysis.rd import RD_SCHEMA_VERSION
+    from .calibration.trajectory import CALIB_SCHEMA_VERSION
+
+    return _digest([RD_SCHEMA_VERSION, CALIB_SCHEMA_VERSION], calibration, analysis, *_profile_part(profile))[:12]
+
+
+def analyze(fp: Path, calib, config: AnalysisConfig, profile: TargetProfile = ORT_CPU, progress=None):
+    """RD curves of an fp32 export (RDCurves), cached under ``cache_dir()/rd`` and resumable."""
+    from .analysis.rd import RDCurves
+    from .analysis.rd import analyze as run_analysis
+
+    path = cache_dir() / "rd" / f"{fp.name}-{rd_key(calib.config.to_dict(), config.to_dict(), profile)}"
+    if (path / "curves.json").is_file():
+        try:
+            return RDCurves.load(path)
+        except ArtifactError:
+            shutil.rmtree(path, ignore_errors=True)
+    # Activation curves are per layer input (the Conv outputs the bundle also quantizes, for
+    # fusion, are not a layer's choice).
+    probe, X, T, _ = probe_inputs(fp, profile.layer_input_tensors, calib, config)
+    ranges = {b: calib.ranges(bits=b) for b in config.act_bits}
+    state = path.with_name(path.name + ".partial")
+    curves = run_analysis(probe, X, T, ranges, config, groups=[(g.t_start, g.t_end) for g in calib.groups],
+                          record={"analysis": config.to_dict(), "calibration": calib.config.to_dict()},
+                          state_dir=state, progress=progress)
+    curves.save(path)
+    shutil.rmtree(state, ignore_errors=True)
+    return curves
+
+
+def cached_curves(record: dict, profile: TargetProfile = ORT_CPU):
+    """The cached RD curves a plan record ({"calibration": ..., "analysis": ...}) names, or None."""
+    from .analysis.rd import RDCurves
+
+    key = rd_key(record["calibration"], record["analysis"], profile)
+    for hit in sorted((cache_dir() / "rd").glob(f"*-{key}/curves.json")):
+        try:
+            return RDCurves.load(hit.parent)
+        except ArtifactError:
+            continue
+    return None
