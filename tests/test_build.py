@@ -10,7 +10,7 @@ import pytest
 from dmcompile import api
 from dmcompile.backends.onnxruntime import fusion_report
 from dmcompile.cli import main
-from dmcompile.config import BuildConfig, CalibrationConfig
+from dmcompile.config import BuildConfig, CalibrationConfig, W8A8Recipe, parse_overrides
 from dmcompile.errors import ConfigError
 from dmruntime import Bundle
 
@@ -34,7 +34,15 @@ def test_bundle_layout_and_manifest(tiny_bundle):
     layers = m["precision"]["layers"]
     assert layers and all(l["activation"] == "uint8" for l in layers)
     assert all(l["weight_bits"] == [8, 8, 8] for l in layers if l["params"])
-    assert 0 < m["fidelity"]["ssim_mean"] <= 1
+    # the fidelity check is what sampling the bundle and the fp32 export with the same seeds gives
+    from dmcompile.eval.metrics import psnr, ssim
+
+    cfg = api.SampleConfig(n=4, steps=50, seed=0)
+    got = api.sample_model(Bundle.open(tiny_bundle), cfg)
+    want = api.sample_model(Bundle.open(api.fp_bundle(m["model"]["source"])), cfg)
+    assert m["fidelity"]["samples"] == 4
+    assert m["fidelity"]["ssim_mean"] == pytest.approx(float(np.mean(ssim(got, want))), rel=1e-6)
+    assert m["fidelity"]["psnr_db_mean"] == pytest.approx(float(np.mean(np.minimum(psnr(got, want), 200))), rel=1e-6)
     assert set(m["files"]) == {"unet.onnx", "group_00.npz", "group_01.npz", "group_02.npz"}
 
 
@@ -61,8 +69,8 @@ def test_one_engine_matches_each_groups_own_qdq_model(tiny_model_dir, tiny_bundl
     import onnxruntime as ort
 
     from dmcompile.frontend.layermap import LayerMap
-    from dmcompile.lowering.profiles import ORT_CPU
     from dmcompile.lowering.qdq import lower_group, quantize_weights
+    from dmcompile.targets import ORT_CPU
 
     fp = api.fp_bundle(str(tiny_model_dir))
     lm = LayerMap.load(fp / "layer_map.json")
@@ -92,23 +100,41 @@ def test_runtime_switches_group_inputs(tiny_bundle):
     assert rel < 0.1
 
 
-def test_build_is_deterministic(tiny_model_dir, tiny_bundle, tmp_path):
-    again = api.build(str(tiny_model_dir), tmp_path / "again", BuildConfig(calibration=SMALL, eval_samples=4)).path
-    m1 = json.loads((tiny_bundle / "manifest.json").read_text())
-    m2 = json.loads((again / "manifest.json").read_text())
+def _without_timings(d):
+    if isinstance(d, dict):
+        return {k: _without_timings(v) for k, v in d.items() if k != "seconds"}
+    if isinstance(d, list):
+        return [_without_timings(v) for v in d]
+    return d
+
+
+def test_build_is_deterministic_from_cold_caches(tiny_model_dir, tmp_path, monkeypatch):
+    """Two builds, each with an empty cache of its own (export, calibration, correction all
+    recomputed), give byte-identical files and the same manifest up to timings."""
+    out = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / f"cache-{name}"))
+        out.append(api.build(str(tiny_model_dir), tmp_path / name, BuildConfig(calibration=SMALL, eval_samples=4)).path)
+        assert (tmp_path / f"cache-{name}" / "calib").is_dir()  # it really calibrated into its own cache
+    m1, m2 = (json.loads((o / "manifest.json").read_text()) for o in out)
     assert m1["files"] == m2["files"]
+    for f in m1["files"]:
+        assert (out[0] / f).read_bytes() == (out[1] / f).read_bytes()
+    assert _without_timings(m1) == _without_timings(m2)
 
 
 def test_float_layers(tiny_model_dir, tmp_path):
     out = api.build(str(tiny_model_dir), tmp_path / "f",
-                    BuildConfig(calibration=SMALL, eval_samples=0, float_layers=("last_conv", "time_embedding"))).path
+                    BuildConfig(recipe=W8A8Recipe(overrides=parse_overrides("last_conv,time_embedding", "float")),
+                                calibration=SMALL, eval_samples=0)).path
     m = json.loads((out / "manifest.json").read_text())
     floats = [l for l in m["precision"]["layers"] if l["activation"] == "float"]
     assert {l["module"] for l in floats} == {"conv_out", "time_embedding.linear_1", "time_embedding.linear_2"}
     rep = fusion_report(out / "unet.onnx")
     assert rep["float"] == {"Conv": 1, "Gemm": 2}
     with pytest.raises(ConfigError, match="matches no Conv/Gemm/MatMul layer"):
-        api.build(str(tiny_model_dir), tmp_path / "g", BuildConfig(calibration=SMALL, float_layers=("nope",)))
+        api.build(str(tiny_model_dir), tmp_path / "g",
+                  BuildConfig(recipe=W8A8Recipe(overrides=parse_overrides("nope=float")), calibration=SMALL))
     assert not (tmp_path / "g").exists()
 
 

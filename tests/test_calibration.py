@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from dmcompile.calibration.observers import HistogramObserver, fake_quant, qparams
+from dmcompile.calibration.observers import HistogramObserver
+from dmcompile.quant import fake_quant, qparams
 from dmcompile.calibration.trajectory import equal_groups
 from dmcompile.config import CalibrationConfig
 from dmcompile.errors import ConfigError
@@ -88,9 +89,86 @@ def test_calibration_config_errors():
 def test_stage_configs_roundtrip():
     from dmcompile.config import BuildConfig, EvalConfig, SampleConfig
 
-    b = BuildConfig(float_layers=("last_conv",), calibration=CalibrationConfig(groups=4, observer="minmax"))
+    from dmcompile.config import MixedRecipe, Override, W8A8Recipe
+
+    b = BuildConfig(recipe=W8A8Recipe(overrides=(Override("last_conv", "float"),)),
+                    calibration=CalibrationConfig(groups=4, observer="minmax"))
+    assert BuildConfig.from_dict(b.to_dict()) == b
+    b = BuildConfig(recipe=MixedRecipe(budget="20MB", allocator="lagrange", overrides=(Override("conv_in", 8),)))
     assert BuildConfig.from_dict(b.to_dict()) == b
     e = EvalConfig(sample=SampleConfig(n=7, eta=0.5))
     assert EvalConfig.from_dict(e.to_dict()) == e
     with pytest.raises(ConfigError, match="has no option"):
         BuildConfig.from_dict({"groups": 3})
+
+
+CAL = CalibrationConfig(size=3, steps=6, groups=3, batch_size=3)
+
+
+def test_steps_are_bucketed_into_the_right_groups(tiny_export):
+    """Independent of equal_groups / group_lookup: run the same DDIM trajectories, bucket each
+    step by hand (K = 3 over T = 1000: [0, 333), [333, 667), [667, 1000)), and compare what
+    calibration recorded for the UNet input per group: value counts and exact min / max."""
+    from dmcompile import stages
+    from dmcompile.calibration.trajectory import CALIB_STREAM
+    from dmruntime import Bundle, DDIMSampler
+
+    fp = Bundle.open(tiny_export)
+    seen = {0: [], 1: [], 2: []}
+
+    class Recorder:
+        sample_shape, schedule = fp.sample_shape, fp.schedule
+
+        def predict(self, x, t):
+            seen[0 if t < 333 else 1 if t < 667 else 2].append((t, x.copy()))
+            return fp.predict(x, t)
+
+    DDIMSampler(Recorder(), steps=CAL.steps, eta=0.0, batch_size=CAL.batch_size).sample(CAL.size, seed=[CAL.seed,
+                                                                                                       CALIB_STREAM])
+    # leading spacing, 6 steps: 830, 664, 498, 332, 166, 0
+    assert {g: sorted(t for t, _ in v) for g, v in seen.items()} == {0: [0, 166, 332], 1: [498, 664], 2: [830]}
+    calib = stages.calibrate(tiny_export, CAL)
+    per_row = int(np.prod(fp.sample_shape))
+    for g, obs in enumerate(calib.observers):
+        xs = np.concatenate([x for _, x in seen[g]])
+        assert obs["sample"].count == len(seen[g]) * CAL.size * per_row
+        np.testing.assert_allclose([obs["sample"].lo, obs["sample"].hi], [xs.min(), xs.max()], rtol=1e-5)
+
+
+def test_ptq4dm_records_one_step_per_trajectory(tiny_export):
+    from dmcompile import stages
+
+    cal = CalibrationConfig(size=8, steps=10, groups=10, batch_size=8, timesteps="ptq4dm")
+    calib = stages.calibrate(tiny_export, cal)
+    counts = [obs["sample"].count for obs in calib.observers]
+    per_row = 2 * 8 * 8
+    assert sum(counts) == cal.size * per_row  # one recorded step per trajectory, not 10
+    # draws from N(0.4 T, 0.2 T): the middle groups get them, some groups none
+    assert counts.index(max(counts)) in range(2, 7) and 0 in counts
+    # an empty group falls back to the range pooled over all groups
+    ranges = calib.ranges()
+    empty = counts.index(0)
+    pooled = (min(o["sample"].lo for o in calib.observers), max(o["sample"].hi for o in calib.observers))
+    assert ranges[empty]["sample"] == (min(pooled[0], 0.0), max(pooled[1], 0.0))
+
+
+@pytest.mark.parametrize("observer", ["percentile", "minmax"])
+def test_observer_choice_reaches_the_bundle(tiny_model_dir, tmp_path, observer):
+    """End to end: the scale a bundle feeds for the UNet input in each group is the chosen
+    observer's range of that group, on the 8-bit asymmetric grid."""
+    from dmcompile import api
+    from dmcompile.config import BuildConfig
+
+    cal = CalibrationConfig(size=3, steps=6, groups=3, batch_size=3, observer=observer)
+    out = api.build(str(tiny_model_dir), tmp_path / observer, BuildConfig(calibration=cal, eval_samples=0,
+                                                                          correction=False)).path
+    calib = api.calibrate(str(tiny_model_dir), cal)
+    mse = api.calibrate(str(tiny_model_dir), CalibrationConfig(size=3, steps=6, groups=3, batch_size=3))
+    for g in range(3):
+        got = np.load(out / f"group_{g:02d}.npz")
+        lo, hi = calib.observers[g]["sample"].range(observer, 8, cal.percentile)
+        scale, zp = qparams(lo, hi)
+        assert got["sample.q_scale"] == pytest.approx(scale, rel=1e-6) and int(got["sample.q_zero_point"]) == zp
+        assert (lo, hi) == calib.ranges()[g]["sample"]
+    differ = [t for t in calib.tensors for g in range(3) if calib.ranges()[g][t] != mse.ranges()[g][t]]
+    assert len(differ) > len(calib.tensors) // 2  # the observer changed the ranges

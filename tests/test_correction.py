@@ -107,3 +107,37 @@ def test_step_aware_selection_reported(tiny_model_dir, tmp_path, capsys):
     assert main(["inspect", str(out), "--no-fusion"]) == 0
     text = capsys.readouterr().out
     assert "PTQD correction per group" in text and "step-aware activation bits" in text
+
+
+def test_variance_correction_matches_hand_computed_values():
+    """DDIM eta = 1 from t = 500 to 480, no clipping. By hand (float64, from the DDIM update
+    x_prev = sqrt(a') x0 + sqrt(1 - a' - s^2) eps + s z with x0 = (x - sqrt(1 - a) eps) / sqrt(a)):
+    eps carries a residual of variance v into x_prev with coefficient
+    c = sqrt(1 - a' - s^2) - sqrt(a') sqrt(1 - a) / sqrt(a), so the added noise must shrink to
+    sqrt(s^2 - c^2 v). Then the total variance of x_prev is s^2, as without quantization noise;
+    a wrong sign would give s^2 + 2 c^2 v."""
+    from dmruntime import NoiseSchedule
+
+    from dmcompile.zoo.architectures import DDPM_LINEAR_SCHEDULER
+
+    sched = NoiseSchedule.from_config({**DDPM_LINEAR_SCHEDULER, "clip_sample": False})
+    a, ap = float(sched.alphas_cumprod[500]), float(sched.alphas_cumprod[480])
+    s2 = (1 - ap) / (1 - a) * (1 - a / ap)
+    c = np.sqrt(1 - ap - s2) - np.sqrt(ap) * np.sqrt(1 - a) / np.sqrt(a)
+    v = 0.5 * s2 / c**2  # half the noise budget is already in eps
+    # one element, noise 1, eps 0: the step adds exactly sqrt(s^2 - c^2 v)
+    x = np.full((1, 1, 1, 1), 0.3, np.float32)
+    got = ddim_step(sched, np.zeros_like(x), 500, 480, x, eta=1.0, noise=np.ones_like(x),
+                    residual_var=np.full((1, 1, 1, 1), v, np.float32))
+    want = np.sqrt(ap) * 0.3 / np.sqrt(a) + np.sqrt(s2 - c**2 * v)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    # statistically: eps = r ~ N(0, v), z ~ N(0, 1): Var(x_prev) = s^2 with the correction
+    rng = np.random.default_rng(0)
+    n = 400_000
+    x = np.zeros((n, 1, 1, 1), np.float32)
+    r = (np.sqrt(v) * rng.standard_normal(x.shape)).astype(np.float32)
+    z = rng.standard_normal(x.shape).astype(np.float32)
+    corrected = ddim_step(sched, r, 500, 480, x, eta=1.0, noise=z, residual_var=np.full((1, 1, 1, 1), v, np.float32))
+    plain = ddim_step(sched, r, 500, 480, x, eta=1.0, noise=z)
+    assert np.var(corrected) == pytest.approx(s2, rel=0.01)
+    assert np.var(plain) == pytest.approx(s2 + c**2 * v, rel=0.01)  # 1.5 s^2: what the correction removes
