@@ -66,8 +66,8 @@ def main(argv=None) -> int:
 
     from dmcompile import api
     from dmcompile.frontend.layermap import LayerMap
-    from dmcompile.lowering.profiles import ORT_CPU
     from dmcompile.lowering.qdq import lower_group, quantize_weights
+    from dmcompile.targets import ORT_CPU
 
     model = api.load_model(args.model)
     fp = api.fp_bundle(model)

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dmcompile import api
-from dmcompile.config import BuildConfig, CalibrationConfig, EvalConfig, SampleConfig
+from dmcompile.config import BuildConfig, CalibrationConfig, EvalConfig, MixedRecipe, SampleConfig
 
 
 def main(argv=None) -> int:
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         print(f"FP eta {eta}: noise floor {fps[eta][3]:.2f}, FD to real {fps[eta][4]:.2f}", file=sys.stderr, flush=True)
     variants = [("W8A8 K=1", BuildConfig(eval_samples=0, calibration=CalibrationConfig(groups=1))),
                 ("W8A8 K=10", BuildConfig(eval_samples=0)),
-                ("mixed 5 bits (RD, 4/8) K=10", BuildConfig(format="mixed", budget="5bits", eval_samples=0))]
+                ("mixed 5 bits (RD, 4/8) K=10", BuildConfig(recipe=MixedRecipe(budget="5bits"), eval_samples=0))]
     rows, stats = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg in variants:

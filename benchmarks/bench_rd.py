@@ -26,7 +26,9 @@ from dmcompile.config import (
     AnalysisConfig,
     BuildConfig,
     EvalConfig,
+    MixedRecipe,
     SampleConfig,
+    parse_overrides,
 )
 
 
@@ -67,7 +69,7 @@ def curves_cmd(args):
     layers = {l.node: l for l in LayerMap.load(fp / "layer_map.json").layers}
     ordered = [layers[n] for n in full.layers]
     print()
-    from dmcompile.analysis.allocate import Budget
+    from dmcompile.budget import Budget
     from dmcompile.analysis.plan import plan_bits
 
     print("| model bits | median abs log ratio (modelled / measured) | p90 | Spearman | points | "
@@ -110,7 +112,7 @@ def additivity_cmd(args):
 
 
 def allocators_cmd(args):
-    from dmcompile.analysis.allocate import Budget
+    from dmcompile.budget import Budget
     from dmcompile.analysis.plan import plan_bits
     from dmcompile.frontend.layermap import LayerMap
 
@@ -151,15 +153,16 @@ def fidelity_cmd(args):
     variants = []
     for avg in (5, 6):
         variants += [
-            (f"RD dp, widths 4/8, {avg} bits", dict(budget=f"{avg}bits")),
-            (f"uniform {avg} bits (simulated)", dict(weight_bits={"*": avg}, allow_simulated_bits=True)),
+            (f"RD dp, widths 4/8, {avg} bits", MixedRecipe(budget=f"{avg}bits")),
+            (f"uniform {avg} bits (simulated)", MixedRecipe(overrides=parse_overrides(f"*={avg}"),
+                                                            allow_simulated_bits=True)),
         ]
-    variants.append(("first+last conv 8, rest 4", dict(weight_bits={"*": 4, "first_conv": 8, "last_conv": 8})))
-    variants.append(("RD dp, widths 2-8 (simulated), 5 bits", dict(budget="5bits", allow_simulated_bits=True)))
+    variants.append(("first+last conv 8, rest 4", MixedRecipe(overrides=parse_overrides("*=4,first_conv=8,last_conv=8"))))
+    variants.append(("RD dp, widths 2-8 (simulated), 5 bits", MixedRecipe(budget="5bits", allow_simulated_bits=True)))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kw in variants:
-            cfg = BuildConfig(format="mixed", eval_samples=0, **kw)
+        for name, recipe in variants:
+            cfg = BuildConfig(recipe=recipe, eval_samples=0)
             m = api.build("digits16", Path(tmp) / "b", cfg, progress=bar).manifest
             size = sum(f["bytes"] for f in m["files"].values())
             for corr in (False, True):  # the allocation alone, then with PTQD's correction

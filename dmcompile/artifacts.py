@@ -85,8 +85,9 @@ def check_replaceable(out: Path, kind: ArtifactKind) -> None:
                           "or empty the folder yourself")
     extra = [e for e in entries if e not in owned]
     if extra:
-        raise ConfigError(f"output folder {out} holds a dmcompile {kind.what} and also {_listing(extra)}, which dmcompile "
-                          "did not write; refusing to replace it: move those files or choose another output path")
+        raise ConfigError(f"output folder {out} holds a dmcompile {kind.what} and also {_listing(extra)}, which "
+                          "dmcompile did not write; refusing to replace it: move those files or choose another "
+                          "output path")
 
 
 def _listing(names: list[str], n: int = 4) -> str:

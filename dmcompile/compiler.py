@@ -310,7 +310,8 @@ def check_fidelity(folder: Path, body: dict, ws: Workspace, config: BuildConfig)
     got = stages.sample_model(Bundle(Path(folder), body), cfg)
     want = stages.sample_model(Bundle.open(ws.fp), cfg)
     return {"samples": n, "steps": 50, "eta": 0.0, "seed": seed, "reference": "fp32 ONNX export",
-            "psnr_db_mean": float(np.mean(np.minimum(psnr(got, want), 200.0))), "ssim_mean": float(np.mean(ssim(got, want)))}
+            "psnr_db_mean": float(np.mean(np.minimum(psnr(got, want), 200.0))),
+            "ssim_mean": float(np.mean(ssim(got, want)))}
 
 
 def _save_weights(path: Path, tensors: dict) -> None:

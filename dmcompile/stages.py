@@ -107,7 +107,6 @@ def calibrate(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_
     ``cache_dir()/calib``; a cached entry that cannot be read is measured again."""
     from .calibration.trajectory import CalibrationResult
     from .calibration.trajectory import calibrate as run_calibration
-    from .frontend.layermap import LayerMap
 
     path = cache_dir() / "calib" / f"{fp.name}-{calibration_key(config, profile)}"
     if (path / "calibration.json").is_file():

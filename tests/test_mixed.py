@@ -37,7 +37,8 @@ def test_curves_shape_and_monotone(tiny_model_dir, curves):
     fp = api.fp_bundle(str(tiny_model_dir))
     proto, lm = onnx.load(str(fp / "model.onnx")), LayerMap.load(fp / "layer_map.json")
     inputs = ORT_CPU.layer_input_tensors(proto, lm.layers)
-    assert curves.tensors == inputs and len(inputs) < len(ORT_CPU.quantized_tensors(proto, lm.layers))  # no Conv outputs
+    # no reader-less Conv outputs among them
+    assert curves.tensors == inputs and len(inputs) < len(ORT_CPU.quantized_tensors(proto, lm.layers))
     assert curves.groups == [(0, 333), (333, 667), (667, 1000)] and curves.config["calibration"]["groups"] == 3
     G, L, B = curves.weight.shape
     assert (G, B) == (3, 3) and L == len(curves.layers) > 5

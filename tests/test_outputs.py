@@ -18,7 +18,8 @@ def user_folder(path):
 
 
 def untouched(path):
-    return sorted(p.name for p in path.iterdir()) == ["thesis.txt"] and (path / "thesis.txt").read_text() == "years of work"
+    names = sorted(p.name for p in path.iterdir())
+    return names == ["thesis.txt"] and (path / "thesis.txt").read_text() == "years of work"
 
 
 @pytest.fixture(scope="module")

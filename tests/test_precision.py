@@ -47,7 +47,8 @@ def test_most_specific_rule_wins_in_any_order(layer_map):
         mods = {l.node: l.module for l in layer_map.layers}
         assert b[node(layer_map, f"{resnet}.conv1")] == 6
         assert b[node(layer_map, f"{resnet}.conv2")] == 5
-        assert all(v == 4 for n, v in b.items() if mods[n].startswith("down_blocks.") and not mods[n].startswith(resnet))
+        assert all(v == 4 for n, v in b.items()
+                   if mods[n].startswith("down_blocks.") and not mods[n].startswith(resnet))
         assert b[conv_in] == 3 and b[node(layer_map, "time_embedding.linear_1")] == 2
     name = next(l.node for l in layer_map.layers if l.module == "conv_in")
     assert bits_of(layer_map, f"conv_in=4,{name}=8")[conv_in] == 8  # node name beats module name
@@ -63,8 +64,8 @@ def test_equally_specific_conflicts_and_unmatched_rules_are_errors(layer_map):
         W8A8Recipe(overrides=parse_overrides("conv_in=float,conv_in=8"))
     # float keeps a layer out of quantization entirely; the most specific rule decides that too
     p = resolve(layer_map, parse_overrides("Conv=float,conv_in=8"))
-    assert conv_in in p.quantized and not any(n in p.quantized for n in
-                                             (l.node for l in layer_map.layers if l.op_type == "Conv" and l.node != conv_in))
+    other_convs = [l.node for l in layer_map.layers if l.op_type == "Conv" and l.node != conv_in]
+    assert conv_in in p.quantized and not any(n in p.quantized for n in other_convs)
 
 
 def test_build_applies_the_most_specific_width(tiny_model_dir, tmp_path):

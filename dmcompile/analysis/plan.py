@@ -20,10 +20,12 @@ def weight_bytes(layer: Layer, bits: int) -> int:
 def option_costs(layers: list[Layer], bits: tuple[int, ...], kind: str, act_bits: int = 8) -> np.ndarray:
     """[L, len(bits)] cost of each width for each weighted layer under a budget kind."""
     if kind == "bits":
-        return np.array([[b * l.params for b in bits] for l in layers], np.float64).reshape(len(layers), len(bits))
-    if kind == "bytes":
-        return np.array([[weight_bytes(l, b) for b in bits] for l in layers], np.float64).reshape(len(layers), len(bits))
-    return np.array([[l.macs * b * act_bits for b in bits] for l in layers], np.float64).reshape(len(layers), len(bits))
+        rows = [[b * l.params for b in bits] for l in layers]
+    elif kind == "bytes":
+        rows = [[weight_bytes(l, b) for b in bits] for l in layers]
+    else:
+        rows = [[l.macs * b * act_bits for b in bits] for l in layers]
+    return np.array(rows, np.float64).reshape(len(layers), len(bits))  # reshape: no layers is [0, B]
 
 
 def bops(layer: Layer, weight_bits: int | None, act_bits: int | None) -> int:
