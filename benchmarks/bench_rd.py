@@ -86,7 +86,7 @@ def curves_cmd(args):
         for avg in (5.0, 6.0):
             true = {}
             for name, curves_w in (("model", modelled), ("full", full.weight)):
-                bits, _ = plan_bits(curves_w, ordered, wb, wb, Budget("bits", avg), "dp", True)
+                bits, _ = plan_bits(curves_w, ordered, wb, wb, Budget("bits", avg), "dp", share=True)
                 cols = np.array([[wb.index(b) for b in row] for row in bits])
                 true[name] = sum(full.weight[g, np.arange(L), cols[g]].sum() for g in range(G))
             regret.append(true["model"] / true["full"])
@@ -130,7 +130,7 @@ def allocators_cmd(args):
             for share in (True, False):
                 r = {}
                 for alloc in ("dp", "lagrange"):
-                    _, info = plan_bits(d, layers, curves.weight_bits, allowed, Budget("bits", avg), alloc, share)
+                    _, info = plan_bits(d, layers, curves.weight_bits, allowed, Budget("bits", avg), alloc, share=share)
                     r[alloc] = sum(info["predicted_distortion"])
                 print(f"| {list(allowed)} | {avg} | {'shared' if share else 'per group'} | {r['dp']:.5f} | "
                       f"{r['lagrange']:.5f} | {r['lagrange'] / r['dp']:.4f} |")

@@ -165,10 +165,10 @@ def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progr
         curves = stages.analyze(ws.fp, calib, config.analysis, ws.profile, progress)
         idx = [curves.layers.index(l.node) for l in layers]
         bits, record = plan_bits(curves.weight[:, idx], layers, curves.weight_bits, allowed, recipe.budget,
-                                 recipe.allocator, recipe.share_weights, fixed, pinned=pinned)
+                                 recipe.allocator, share=recipe.share_weights, fixed_bops=fixed, pinned=pinned)
         record["overrides"] = [str(o) for o in recipe.overrides]
         record["curves"] = {"config": curves.config, "seconds": curves.seconds}
-    check_bits({int(b) for b in bits.ravel()}, ws.profile.weight_bits, recipe.allow_simulated_bits)
+    check_bits({int(b) for b in bits.ravel()}, ws.profile.weight_bits, allow_simulated=recipe.allow_simulated_bits)
     n = sum(l.params for l in layers)
     record["average_weight_bits"] = [float((bits[g] * [l.params for l in layers]).sum() / n) for g in range(K)]
     return WeightPlan(bits, record)

@@ -11,7 +11,7 @@ from dmruntime import Bundle
 from .backends.onnxruntime import fusion_report
 
 
-def bundle_report(bundle: Bundle, fusion: bool = True) -> dict:
+def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
     """A JSON-able summary of a bundle (fusion per group engine when ``fusion``)."""
     m = bundle.manifest
     files = m["files"]

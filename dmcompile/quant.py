@@ -19,7 +19,7 @@ __all__ = ["MAX_WEIGHT_BITS", "MIN_WEIGHT_BITS", "QuantWeight", "dequantize", "e
 MIN_WEIGHT_BITS, MAX_WEIGHT_BITS = 2, 8
 
 
-def qparams(lo: float, hi: float, bits: int = 8, symmetric: bool = False) -> tuple[float, int]:
+def qparams(lo: float, hi: float, bits: int = 8, *, symmetric: bool = False) -> tuple[float, int]:
     """(scale, zero_point) of an affine grid over [lo, hi]: unsigned [0, 2^b - 1] when
     asymmetric, signed [-(2^(b-1) - 1), 2^(b-1) - 1] with zero point 0 when symmetric."""
     if symmetric:
@@ -31,9 +31,9 @@ def qparams(lo: float, hi: float, bits: int = 8, symmetric: bool = False) -> tup
     return scale, zp
 
 
-def fake_quant(x: np.ndarray, lo: float, hi: float, bits: int = 8, symmetric: bool = False) -> np.ndarray:
+def fake_quant(x: np.ndarray, lo: float, hi: float, bits: int = 8, *, symmetric: bool = False) -> np.ndarray:
     """Quantize-dequantize ``x`` on the grid of ``qparams(lo, hi)``."""
-    scale, zp = qparams(lo, hi, bits, symmetric)
+    scale, zp = qparams(lo, hi, bits, symmetric=symmetric)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
         return np.clip(np.round(x / scale), -qmax, qmax) * scale

@@ -68,7 +68,7 @@ def check_feasible(layers: list[Layer], allowed: tuple[int, ...], budget: Budget
 
 
 def plan_bits(dist: np.ndarray, layers: list[Layer], curve_bits: tuple[int, ...], allowed: tuple[int, ...],
-              budget: Budget, allocator: str, share: bool, fixed_bops: float = 0.0, act_bits: int = 8,
+              budget: Budget, allocator: str, *, share: bool, fixed_bops: float = 0.0, act_bits: int = 8,
               pinned: dict[int, int] | None = None):
     """dist: [G, L, len(curve_bits)] distortions of ``layers``; ``pinned``: layer index -> bits
     fixed by an override (spent from the budget, not allocated). Returns (bits [G, L], info)."""
@@ -106,7 +106,7 @@ def plan_bits(dist: np.ndarray, layers: list[Layer], curve_bits: tuple[int, ...]
     return bits, info
 
 
-def check_bits(bits: set[int], deployable: tuple[int, ...], allow_simulated: bool) -> None:
+def check_bits(bits: set[int], deployable: tuple[int, ...], *, allow_simulated: bool) -> None:
     """Raise BudgetError for widths the target cannot store unless simulated widths are allowed."""
     bad = sorted(b for b in bits if b not in deployable)
     if bad and not allow_simulated:

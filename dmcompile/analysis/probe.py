@@ -98,7 +98,7 @@ class Probe:
     def __post_init__(self):
         self._sessions = {}
 
-    def session(self, with_weights: bool, with_acts: bool):
+    def session(self, *, with_weights: bool, with_acts: bool):
         key = (with_weights, with_acts)
         if key not in self._sessions:
             import onnxruntime as ort
@@ -131,7 +131,7 @@ class Probe:
                 for k, v in zip(("s", "z", "n", "on"), vals):
                     feeds[f"{name}{SEP}{k}"] = np.repeat(np.asarray(v, np.float32), self.ratio[name])
         feeds.update(weights or {})
-        return self.session(bool(weights), bool(acts)).run(["eps"], feeds)[0]
+        return self.session(with_weights=bool(weights), with_acts=bool(acts)).run(["eps"], feeds)[0]
 
 
 def act_params(lo: float, hi: float, bits: int, rows: int) -> tuple[np.ndarray, ...]:

@@ -87,7 +87,7 @@ class HistogramObserver:
         hi = c[min(np.searchsorted(cdf, 1.0 - tail), self.bins - 1)]
         return _with_zero(max(lo, self.lo), min(hi, self.hi))
 
-    def range_mse(self, bits: int = 8, symmetric: bool = False, max_clip_pct: float = 99.99) -> tuple[float, float]:
+    def range_mse(self, bits: int = 8, *, symmetric: bool = False, max_clip_pct: float = 99.99) -> tuple[float, float]:
         """The clipping range that minimises the expected squared quantization error of the
         recorded values: a search over shrunk upper ends, then shrunk lower ends, on the
         histogram (bin centres weighted by counts). It never clips more than the
@@ -100,7 +100,7 @@ class HistogramObserver:
         c, w = self.centers()[keep], self.hist[keep]
 
         def best_of(cands: np.ndarray) -> tuple[float, float]:
-            errs = [float(np.dot(w, (c - fake_quant(c, lo, hi, bits, symmetric)) ** 2)) for lo, hi in cands]
+            errs = [float(np.dot(w, (c - fake_quant(c, lo, hi, bits, symmetric=symmetric)) ** 2)) for lo, hi in cands]
             return tuple(cands[int(np.argmin(errs))])
 
         fracs = np.geomspace(0.01, 1.0, 121)  # outliers can sit 100x beyond the bulk
@@ -114,13 +114,13 @@ class HistogramObserver:
         lo, _ = best_of(np.stack([los, np.full_like(fracs, hi)], 1))
         return _with_zero(lo, hi)
 
-    def range(self, kind: str, bits: int = 8, percentile: float = 99.99, symmetric: bool = False):
+    def range(self, kind: str, bits: int = 8, percentile: float = 99.99, *, symmetric: bool = False):
         if kind == "minmax":
             return self.range_minmax()
         if kind == "percentile":
             return self.range_percentile(percentile)
         if kind == "mse":
-            return self.range_mse(bits, symmetric, percentile)
+            return self.range_mse(bits, symmetric=symmetric, max_clip_pct=percentile)
         raise ValueError(f"unknown observer {kind!r}; use one of {OBSERVERS}")
 
 

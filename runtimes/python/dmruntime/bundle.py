@@ -59,7 +59,7 @@ class Bundle:
     Use :meth:`open`; then ``bundle.predict(x, t)`` runs the engine of the group holding t.
     """
 
-    def __init__(self, root: Path, manifest: dict, threads: int = 0, correction: bool = True):
+    def __init__(self, root: Path, manifest: dict, *, threads: int = 0, correction: bool = True):
         self.root = root
         self.manifest = manifest
         model = manifest["model"]
@@ -88,7 +88,7 @@ class Bundle:
         return self._engines[name]
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True, threads: int = 0, correction: bool = True) -> Bundle:
+    def open(cls, path: str | Path, *, verify: bool = True, threads: int = 0, correction: bool = True) -> Bundle:
         """Open and validate a bundle folder.
 
         Checks the schema version, that every listed file stays inside the folder, exists
@@ -175,7 +175,7 @@ def _require(cond: bool, msg: str) -> None:
         raise BundleError(msg)
 
 
-def validate_manifest(manifest: dict, root: Path, verify: bool = True) -> None:
+def validate_manifest(manifest: dict, root: Path, *, verify: bool = True) -> None:
     """Raise BundleError unless ``manifest`` describes a readable bundle rooted at ``root``."""
     _require(isinstance(manifest, dict), "manifest.json must hold a JSON object")
     version = manifest.get("schema_version")
