@@ -163,12 +163,13 @@ def test_observer_choice_reaches_the_bundle(tiny_model_dir, tmp_path, observer):
     out = api.build(str(tiny_model_dir), tmp_path / observer, BuildConfig(calibration=cal, eval_samples=0,
                                                                           correction=False)).path
     calib = api.calibrate(str(tiny_model_dir), cal)
-    mse = api.calibrate(str(tiny_model_dir), CalibrationConfig(size=3, steps=6, groups=3, batch_size=3))
+    ranges = calib.ranges()
+    mse = api.calibrate(str(tiny_model_dir), CalibrationConfig(size=3, steps=6, groups=3, batch_size=3)).ranges()
     for g in range(3):
         got = np.load(out / f"group_{g:02d}.npz")
         lo, hi = calib.observers[g]["sample"].range(observer, 8, cal.percentile)
         scale, zp = qparams(lo, hi)
         assert got["sample.q_scale"] == pytest.approx(scale, rel=1e-6) and int(got["sample.q_zero_point"]) == zp
-        assert (lo, hi) == calib.ranges()[g]["sample"]
-    differ = [t for t in calib.tensors for g in range(3) if calib.ranges()[g][t] != mse.ranges()[g][t]]
+        assert (lo, hi) == ranges[g]["sample"]
+    differ = [t for t in calib.tensors for g in range(3) if ranges[g][t] != mse[g][t]]
     assert len(differ) > len(calib.tensors) // 2  # the observer changed the ranges

@@ -96,3 +96,21 @@ def test_bad_sample_arguments(tiny_export, tmp_path, capsys):
     assert "n must be >= 1" in capsys.readouterr().err
     assert main(["sample", str(tiny_export), "--steps", "0", "-o", str(tmp_path / "g.png")]) == 2
     assert not (tmp_path / "g.png").exists()
+
+
+def test_cli_defaults_are_the_configs_defaults():
+    """The CLI takes its defaults and choices from the config classes: parsing `build` and
+    `sample` with no options gives the default configs."""
+    from dmcompile.cli import _analysis_config, _calibration_config, _recipe, _sample_config, build_parser
+    from dmcompile.config import OBSERVERS, BuildConfig, SampleConfig
+
+    args = build_parser().parse_args(["build"])
+    cfg = BuildConfig(recipe=_recipe(args), profile=args.target, calibration=_calibration_config(args),
+                      analysis=_analysis_config(args), eval_samples=args.eval_samples, seed=args.seed,
+                      correction=not args.no_correction, step_aware=args.step_aware)
+    assert cfg == BuildConfig()
+    args = build_parser().parse_args(["sample", "x", "-o", "g.png"])
+    assert _sample_config(args, SampleConfig().n) == SampleConfig()
+    build = next(a for a in build_parser()._subparsers._group_actions[0].choices["build"]._actions
+                 if a.dest == "observer")
+    assert tuple(build.choices) == OBSERVERS
