@@ -42,9 +42,11 @@ def export(model: LoadedModel | str | Path | None, out: str | Path,
 
 
 def sample(target: str | Path, config: SampleConfig = SampleConfig(), *, fp: bool = False, progress=None,
-           correction: bool = True) -> np.ndarray:
+           correction: bool = True, cond: dict | None = None) -> np.ndarray:
     """Sample a bundle folder through dmruntime. With ``fp``, ``target`` may also be a model
-    (zoo name or folder) and its cached fp32 ONNX export is sampled instead."""
+    (zoo name or folder) and its cached fp32 ONNX export is sampled instead. ``cond``: the
+    conditions of a conditional model ({"class_labels": ...} or {"encoder_hidden_states": ...},
+    one row per sample or one for all); ``config.guidance_scale`` turns guidance on."""
     if fp:
         p = Path(target)
         if (p / "manifest.json").is_file():
@@ -55,7 +57,10 @@ def sample(target: str | Path, config: SampleConfig = SampleConfig(), *, fp: boo
             bundle = Bundle.open(fp_bundle(str(target)))
     else:
         bundle = open_bundle(target, correction=correction)
-    return sample_model(bundle, config, progress=progress)
+    null = None
+    if fp and config.guidance_scale is not None and (Path(target) / "manifest.json").is_file():
+        null = Bundle.open(Path(target)).conditioning.null  # the fp export has none: the bundle's
+    return sample_model(bundle, config, progress=progress, cond=cond, null_cond=null)
 
 
 @functools.cache
@@ -97,7 +102,7 @@ class EvalResult:
 
 
 def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=None,
-             correction: bool = True) -> EvalResult:
+             correction: bool = True, cond: dict | None = None) -> EvalResult:
     """Fidelity of a bundle against its full-precision PyTorch model, same seeds.
 
     Paired PSNR / SSIM between the bundle's and the reference's samples; for digits models
@@ -108,10 +113,10 @@ floor) and confident-class rates.
     from .eval.metrics import frechet_distance, psnr, ssim
 
     bundle = open_bundle(target, correction=correction)
-    ref = TorchEpsModel(reference_model(bundle))
+    ref = TorchEpsModel(reference_model(bundle), null=bundle.conditioning.null)
     sc = config.sample
-    got = sample_model(bundle, sc, progress=progress and (lambda i, n: progress("bundle", i, n)))
-    want = sample_model(ref, sc, progress=progress and (lambda i, n: progress("fp reference", i, n)))
+    got = sample_model(bundle, sc, progress=progress and (lambda i, n: progress("bundle", i, n)), cond=cond)
+    want = sample_model(ref, sc, progress=progress and (lambda i, n: progress("fp reference", i, n)), cond=cond)
     p, s = psnr(got, want), ssim(got, want)
     report = {
         "schema_version": 1, "target": str(target), "format": bundle.manifest.get("format"),
@@ -122,7 +127,8 @@ floor) and confident-class rates.
     }
     if is_digits_shape(bundle.sample_shape):
         floor_cfg = dataclasses.replace(sc, seed=sc.seed + config.floor_seed_offset)
-        other = sample_model(ref, floor_cfg, progress=progress and (lambda i, n: progress("fp noise floor", i, n)))
+        other = sample_model(ref, floor_cfg, progress=progress and (lambda i, n: progress("fp noise floor", i, n)),
+                             cond=cond)
         mine = digit_scores(got, config.confident_threshold)
         fp = digit_scores(want, config.confident_threshold)
         fp2 = digit_scores(other, config.confident_threshold)
@@ -170,6 +176,9 @@ def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = Ana
         raise ConfigError(f"no step of a {calibration.steps}-step DDIM run falls in timestep group {empty[0].index} "
                           f"[{empty[0].t_start}, {empty[0].t_end}), so it has no inputs for RD curves; use fewer "
                           "groups (--groups) or more calibration steps (--calib-steps)")
+    if model.condition_inputs:
+        raise ConfigError("RD curves do not feed conditioning yet; build conditional models with --format w8a8 "
+                          "or explicit --weight-bits")
     fp = fp_bundle(model)
     calib = stages.calibrate(fp, calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)))
     curves = stages.analyze(fp, calib, config, progress=progress)

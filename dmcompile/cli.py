@@ -52,7 +52,39 @@ def cmd_export(args) -> int:
 
 def _sample_config(args, n_default: int):
     return SampleConfig(n=n_default if args.n is None else args.n, steps=args.steps, eta=args.eta, seed=args.seed,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, guidance_scale=args.guidance)
+
+
+def _conditions(args, n: int) -> dict | None:
+    """Conditions from --class / --conditions; for a class-conditional bundle without either,
+    the classes in turn (the null class left out). None for unconditional targets."""
+    import numpy as np
+    from dmruntime import Bundle
+
+    from .errors import ConfigError
+    from .stages import load_conditions
+
+    target = Path(args.target)
+    spec = Bundle.open(target).conditioning if (target / "manifest.json").is_file() else None
+    if args.class_label is not None and args.conditions:
+        raise ConfigError("pass either --class or --conditions, not both")
+    if not spec:
+        if args.class_label is not None or args.conditions or args.guidance is not None:
+            raise ConfigError(f"{target} is not a conditional bundle: --class, --conditions and --guidance do not apply")
+        return None
+    if args.conditions:
+        rows, _ = load_conditions(Path(args.conditions), spec)
+        if len(next(iter(rows.values()))) not in (1, n):
+            raise ConfigError(f"--conditions holds {len(next(iter(rows.values())))} rows for {n} samples; give one row "
+                              "per sample or one row for all")
+        return rows
+    if "class_labels" not in spec.names:
+        raise ConfigError(f"this bundle needs {', '.join(spec.describe())}: pass them with --conditions FILE.npz")
+    if args.class_label is not None:
+        return {"class_labels": np.full(n, args.class_label, np.int64)}
+    null = None if not spec.null else int(spec.null["class_labels"])
+    classes = [c for c in range(spec.num_classes) if c != null]
+    return {"class_labels": np.array([classes[i % len(classes)] for i in range(n)], np.int64)}
 
 
 def cmd_sample(args) -> int:
@@ -62,7 +94,9 @@ def cmd_sample(args) -> int:
 
     cfg = _sample_config(args, default(SampleConfig, "n"))
     check_file_replaceable(args.output)  # before sampling: never overwrite a file we did not write
-    images = api.sample(args.target, cfg, fp=args.fp, progress=_progress_bar("DDIM"), correction=not args.no_correction)
+    cond = _conditions(args, cfg.n)
+    images = api.sample(args.target, cfg, fp=args.fp, progress=_progress_bar("DDIM"), correction=not args.no_correction,
+                        cond=cond)
     save_grid(images, args.output)
     print(f"wrote {args.output}: {cfg.n} samples, DDIM {cfg.steps} steps, eta {cfg.eta}, seed {cfg.seed}")
     if api.is_digits_shape(images.shape[1:]) and cfg.n >= 2:
@@ -80,7 +114,8 @@ def cmd_eval(args) -> int:
     cfg = EvalConfig(sample=_sample_config(args, default(EvalConfig, "sample").n))
     if args.out:
         check_replaceable(args.out, EVAL)  # before minutes of sampling
-    res = api.evaluate(args.target, cfg, progress=_progress_bar("eval"), correction=not args.no_correction)
+    res = api.evaluate(args.target, cfg, progress=_progress_bar("eval"), correction=not args.no_correction,
+                       cond=_conditions(args, cfg.sample.n))
     r = res.report
     pv = r["paired_vs_fp"]
     corr = ", PTQD correction on" if r["correction"] else ""
@@ -120,7 +155,8 @@ def _calibration_config(args):
     from .config import CalibrationConfig
 
     return CalibrationConfig(size=args.calib_size, steps=args.calib_steps, seed=args.seed, groups=args.groups,
-                             observer=args.observer, timesteps=args.calib_timesteps)
+                             observer=args.observer, timesteps=args.calib_timesteps, guidance_scale=args.guidance,
+                             conditions=args.calib_conditions and str(args.calib_conditions))
 
 
 def cmd_build(args) -> int:
@@ -129,7 +165,7 @@ def cmd_build(args) -> int:
 
     cfg = BuildConfig(recipe=_recipe(args), profile=args.target, calibration=_calibration_config(args),
                       analysis=_analysis_config(args), eval_samples=args.eval_samples, seed=args.seed,
-                      correction=not args.no_correction, step_aware=args.step_aware)
+                      correction=not args.no_correction, step_aware=args.step_aware, null_class=args.null_class)
     out = args.output or Path("build") / f"{Path(str(args.model)).name}-{args.format}"
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
     m = res.manifest
@@ -210,6 +246,14 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
                    help=f"how a clipping range is chosen (default {default(C, 'observer')})")
     p.add_argument("--calib-timesteps", default=default(C, "timesteps"), choices=CALIB_TIMESTEPS,
                    help="record every step (trajectory), or PTQ4DM's normally distributed timesteps (ptq4dm)")
+    p.add_argument("--calib-conditions", type=Path, default=None, metavar="FILE.npz",
+                   help="conditional models: calibration conditions by input name, one row per trajectory (cycled), "
+                   "and null_<name> for guidance's null condition; default: class labels drawn uniformly")
+    p.add_argument("--guidance", type=float, default=default(C, "guidance_scale"), metavar="S",
+                   help="conditional models: calibrate on the guided sampler at scale S (both branches recorded)")
+    p.add_argument("--null-class", type=int, default=None, metavar="K",
+                   help="class-conditional models: class label K is the null condition of guidance (stored in "
+                   "the bundle)")
     p.add_argument("--seed", type=int, default=default(BuildConfig, "seed"))
 
 
@@ -221,6 +265,13 @@ def _add_sampling(p: argparse.ArgumentParser, n_default: int) -> None:
     p.add_argument("--seed", type=int, default=default(S, "seed"), help="seed of the initial noise (default 0)")
     p.add_argument("--batch-size", type=int, default=default(S, "batch_size"),
                    help=f"UNet batch size (default {default(S, 'batch_size')})")
+    p.add_argument("--class", dest="class_label", type=int, default=None, metavar="K",
+                   help="class-conditional bundles: sample class K (default: the classes in turn)")
+    p.add_argument("--conditions", type=Path, default=None, metavar="FILE.npz",
+                   help="conditional bundles: conditions by input name (class_labels, encoder_hidden_states), "
+                   "one row per sample or one for all")
+    p.add_argument("--guidance", type=float, default=default(S, "guidance_scale"), metavar="S",
+                   help="classifier-free guidance scale (needs a bundle with a null condition); default: none")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from dmruntime import Bundle
+from dmruntime.conditioning import NULL_FILE, Conditioning
 
 from . import stages
 from .artifacts import BUNDLE, atomic_dir, check_replaceable, write_manifest
@@ -46,6 +47,8 @@ class Workspace:
     layer_map: LayerMap
     profile: TargetProfile
     precision: LayerPrecision
+    conditioning: Conditioning  # the model's conditioning inputs and the null condition (none: unconditional)
+    conditions: dict | None  # calibration conditions, one row per trajectory
 
     @property
     def weight_layers(self) -> list[Layer]:
@@ -99,7 +102,7 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     engines = fuse_and_merge(lower(ws, calib, plan, progress))
     stored = externalize_weights(ws, engines, plan) if isinstance(config.recipe, MixedRecipe) else None
     with atomic_dir(Path(out), BUNDLE) as tmp:
-        files = write_engines(tmp, engines, stored)
+        files = write_engines(tmp, engines, stored, ws.conditioning.null)
         body = describe(ws, calib, plan, engines, stored, config)
         if config.correction:
             body["correction"] = estimate_corrections(tmp, body, ws, calib, config, progress)
@@ -118,8 +121,13 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
     model = stages.as_model(model, seed=config.seed)
     fp = stages.fp_bundle(model)
     layer_map = stages.load_layer_map(fp)
-    ws = Workspace(model, fp, layer_map, get_profile(config.profile), resolve(layer_map, config.overrides))
+    spec, rows = stages.conditioning(fp, config.calibration, config.null_class)
+    ws = Workspace(model, fp, layer_map, get_profile(config.profile), resolve(layer_map, config.overrides), spec,
+                   rows)
     recipe = config.recipe
+    if spec and (config.step_aware or (isinstance(recipe, MixedRecipe) and recipe.budget is not None)):
+        raise ConfigError("RD curves and the step-aware check do not feed conditioning yet: build conditional "
+                          "models with --format w8a8 or explicit --weight-bits, without --step-aware")
     if config.step_aware or (isinstance(recipe, MixedRecipe) and recipe.budget is not None):
         from dmruntime import NoiseSchedule
 
@@ -136,7 +144,7 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
 def calibrate(ws: Workspace, config: BuildConfig, progress=None) -> CalibrationResult:
     """Per-group activation statistics of every tensor the profile quantizes (cached)."""
     return stages.calibrate(ws.fp, config.calibration, ws.profile,
-                            progress=progress and (lambda i, n: progress("calibrate", i, n)))
+                            progress=progress and (lambda i, n: progress("calibrate", i, n)), null_class=config.null_class)
 
 
 def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progress=None) -> WeightPlan:
@@ -233,14 +241,19 @@ def externalize_weights(ws: Workspace, engines: EngineSet, plan: WeightPlan) -> 
     return StoredWeights(tensors, external)
 
 
-def write_engines(folder: Path, engines: EngineSet, stored: StoredWeights | None) -> list[str]:
-    """Engine files, one group_XX.npz of engine inputs per group, weights.npz; their names."""
+def write_engines(folder: Path, engines: EngineSet, stored: StoredWeights | None, null: dict | None = None) -> list[str]:
+    """Engine files, one group_XX.npz of engine inputs per group, weights.npz, the null
+    condition of guidance; their names."""
     from .backends.onnxruntime import WEIGHTS_FILE, save_engine
 
     files = save_engine(folder, engines.engines, list(engines.params), group_files(len(engines.engine_of)))
     if stored is not None:
         _save_weights(folder / WEIGHTS_FILE, stored.tensors)
         files.append(WEIGHTS_FILE)
+    if null:
+        with open(folder / NULL_FILE, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in sorted(null.items())})
+        files.append(NULL_FILE)
     return files
 
 
@@ -272,6 +285,9 @@ def describe(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, engines:
         body["weights"] = _weights_entry(WEIGHTS_FILE, stored.tensors)
     if plan.record:
         body["plan"] = plan.record
+    if ws.conditioning:
+        body["conditioning"] = ws.conditioning.to_manifest(NULL_FILE if ws.conditioning.null else None)
+        body["conditioning"]["calibration_guidance_scale"] = calib.config.guidance_scale
     return body
 
 
@@ -282,7 +298,9 @@ def estimate_corrections(folder: Path, body: dict, ws: Workspace, calib: Calibra
 
     return estimate_correction(Bundle(Path(folder), body, correction=False), Bundle.open(ws.fp),
                                calib.config.steps, config.correction_size, config.seed,
-                               progress=progress and (lambda i, n: progress("correction", i, n)))
+                               progress=progress and (lambda i, n: progress("correction", i, n)),
+                               cond=stages.cycle_rows(ws.conditions, config.correction_size),
+                               guidance_scale=calib.config.guidance_scale)
 
 
 def step_aware(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config: BuildConfig) -> dict:
@@ -306,10 +324,13 @@ def check_fidelity(folder: Path, body: dict, ws: Workspace, config: BuildConfig)
     from .eval.metrics import psnr, ssim
 
     n, seed = config.eval_samples, config.seed
-    cfg = SampleConfig(n=n, steps=50, seed=seed)
-    got = stages.sample_model(Bundle(Path(folder), body), cfg)
-    want = stages.sample_model(Bundle.open(ws.fp), cfg)
-    return {"samples": n, "steps": 50, "eta": 0.0, "seed": seed, "reference": "fp32 ONNX export",
+    guidance = config.calibration.guidance_scale
+    cfg = SampleConfig(n=n, steps=50, seed=seed, guidance_scale=guidance)
+    cond, null = stages.cycle_rows(ws.conditions, n), ws.conditioning.null
+    got = stages.sample_model(Bundle(Path(folder), body), cfg, cond=cond)
+    want = stages.sample_model(Bundle.open(ws.fp), cfg, cond=cond, null_cond=null)
+    return {"samples": n, "steps": 50, "eta": 0.0, "seed": seed, "guidance_scale": guidance,
+            "reference": "fp32 ONNX export",
             "psnr_db_mean": float(np.mean(np.minimum(psnr(got, want), 200.0))),
             "ssim_mean": float(np.mean(ssim(got, want)))}
 

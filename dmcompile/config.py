@@ -68,34 +68,43 @@ class ExportConfig(_Versioned):
 
     opset: ONNX opset of the exported graph. parity_tol: the largest max-abs difference
     between ONNX Runtime and PyTorch accepted at export. parity_batch: rows in the parity check.
+    sequence_length: for cross-attention UNets, the length L of encoder_hidden_states
+    [B, L, D] used for the parity check, the layer map's MACs and default conditions (the
+    engine itself takes any L); 77 is CLIP's.
     """
 
     opset: int = 17
     parity_tol: float = 1e-4
     parity_batch: int = 2
     seed: int = 0
+    sequence_length: int = 77
 
     def __post_init__(self):
         _check(13 <= self.opset <= 23, f"opset must be in [13, 23], got {self.opset}")
         _check(self.parity_tol > 0, f"parity_tol must be > 0, got {self.parity_tol}")
         _check(self.parity_batch >= 1, f"parity_batch must be >= 1, got {self.parity_batch}")
+        _check(self.sequence_length >= 1, f"sequence_length must be >= 1, got {self.sequence_length}")
 
 
 @dataclass(frozen=True)
 class SampleConfig(_Versioned):
-    """DDIM sampling: number of images, steps, eta, seed and the UNet batch size."""
+    """DDIM sampling: number of images, steps, eta, seed, the UNet batch size, and for
+    conditional models the classifier-free guidance scale (None: no guidance)."""
 
     n: int = 64
     steps: int = 50
     eta: float = 0.0
     seed: int = 0
     batch_size: int = 256
+    guidance_scale: float | None = None
 
     def __post_init__(self):
         _check(self.n >= 1, f"n must be >= 1, got {self.n}")
         _check(1 <= self.steps <= 1000, f"steps must be in [1, 1000], got {self.steps}")
         _check(self.eta >= 0, f"eta must be >= 0, got {self.eta}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.guidance_scale is None or self.guidance_scale > 0,
+               f"guidance scale must be > 0, got {self.guidance_scale}")
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,11 @@ class CalibrationConfig(_Versioned):
     observer: how a tensor's clipping range is chosen (minmax, percentile, mse).
     timesteps: ``trajectory`` records every step; ``ptq4dm`` records each trajectory at
     one timestep drawn from a normal distribution (PTQ4DM's calibration).
+    guidance_scale: conditional models only: run the classifier-free guided sampler (both
+    branches recorded) at this scale; None runs the conditional branch alone.
+    conditions: conditional models only: an .npz of conditions, one row per trajectory
+    (cycled), keyed by input name (class_labels, encoder_hidden_states), optionally with the
+    null condition as null_<name>; None draws class labels uniformly (embeddings: normal).
     """
 
     size: int = 64
@@ -134,6 +148,8 @@ class CalibrationConfig(_Versioned):
     batch_size: int = 64
     bins: int = 2048
     sample_per_tensor: int = 65536
+    guidance_scale: float | None = None
+    conditions: str | None = None
 
     def __post_init__(self):
         _check(self.size >= 1, f"calib size must be >= 1, got {self.size}")
@@ -145,6 +161,12 @@ class CalibrationConfig(_Versioned):
                f"calibration timesteps must be one of {CALIB_TIMESTEPS}, got {self.timesteps!r}")
         _check(self.batch_size >= 1 and self.bins >= 16 and self.sample_per_tensor >= 1024,
                "batch_size >= 1, bins >= 16 and sample_per_tensor >= 1024 are required")
+        _check(self.guidance_scale is None or (self.guidance_scale == self.guidance_scale and self.guidance_scale > 0),
+               f"guidance_scale must be > 0, got {self.guidance_scale}")
+        _check(self.guidance_scale is None or self.timesteps == "trajectory",
+               "PTQ4DM timestep sampling with guidance is not supported; use --calib-timesteps trajectory")
+        if self.conditions is not None:
+            object.__setattr__(self, "conditions", str(self.conditions))
 
 
 @dataclass(frozen=True)
@@ -349,6 +371,9 @@ class BuildConfig(_Versioned):
     eval_samples: samples of the fidelity check in the manifest (0 skips it).
     correction: estimate PTQD noise-correction statistics (correction_size trajectories).
     step_aware: report PTQD's step-aware activation widths per group.
+    null_class: class-conditional models: the class label that means "no class", stored in the
+    bundle as the null condition of classifier-free guidance (embeddings: null_<name> in the
+    calibration's conditions file).
 
     Schema history: 1 (dmcompile 0.1): flat ``format``, ``float_layers``, ``weight_bits``,
     ``budget``, ``allocator``, ``share_weights``, ``allow_simulated_bits``; 2: ``recipe``.
@@ -365,11 +390,13 @@ class BuildConfig(_Versioned):
     correction: bool = True
     correction_size: int = 32
     step_aware: bool = False
+    null_class: int | None = None
     SCHEMA_VERSION = 2
 
     def __init__(self, *, recipe=None, profile: str = "ort-cpu", calibration: CalibrationConfig | None = None,
                  analysis: AnalysisConfig | None = None, eval_samples: int = 16, seed: int = 0,
-                 correction: bool = True, correction_size: int = 32, step_aware: bool = False, **legacy):
+                 correction: bool = True, correction_size: int = 32, step_aware: bool = False,
+                 null_class: int | None = None, **legacy):
         unknown = sorted(set(legacy) - set(LEGACY_BUILD_KEYS))
         if unknown:
             raise TypeError(f"BuildConfig got unexpected keyword(s) {unknown}")
@@ -383,7 +410,8 @@ class BuildConfig(_Versioned):
         values = dict(recipe=recipe if recipe is not None else W8A8Recipe(), profile=profile,
                       calibration=calibration if calibration is not None else CalibrationConfig(),
                       analysis=analysis if analysis is not None else AnalysisConfig(), eval_samples=eval_samples,
-                      seed=seed, correction=correction, correction_size=correction_size, step_aware=step_aware)
+                      seed=seed, correction=correction, correction_size=correction_size, step_aware=step_aware,
+                      null_class=null_class)
         for k, v in values.items():
             object.__setattr__(self, k, v)
         self.__post_init__()
@@ -394,6 +422,8 @@ class BuildConfig(_Versioned):
         _check(self.profile in PROFILES, f"profile must be one of {sorted(PROFILES)}, got {self.profile!r}")
         _check(self.eval_samples >= 0, f"eval_samples must be >= 0, got {self.eval_samples}")
         _check(self.correction_size >= 1, f"correction_size must be >= 1, got {self.correction_size}")
+        _check(self.null_class is None or (isinstance(self.null_class, int) and self.null_class >= 0),
+               f"null_class must be a class label >= 0, got {self.null_class!r}")
 
     @property
     def format(self) -> str:

@@ -13,6 +13,7 @@ Cache layout (``cache_dir()``, default ``~/.cache/dmcompile``, or ``$DMCOMPILE_C
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -84,17 +85,120 @@ def reference_model(bundle: Bundle) -> LoadedModel:
     return load_model(m["source"])
 
 
-def sample_model(model, config: SampleConfig = SampleConfig(), progress=None) -> np.ndarray:
-    """DDIM samples from anything with the runtime's model interface (Bundle, TorchEpsModel)."""
-    sampler = DDIMSampler(model, steps=config.steps, eta=config.eta, batch_size=config.batch_size)
-    return sampler.sample(config.n, seed=config.seed, progress=progress)
+def sample_model(model, config: SampleConfig = SampleConfig(), progress=None, cond: dict | None = None,
+                 null_cond: dict | None = None) -> np.ndarray:
+    """DDIM samples from anything with the runtime's model interface (Bundle, TorchEpsModel);
+    ``cond``: conditions of a conditional model, guided when ``config.guidance_scale`` is set."""
+    sampler = DDIMSampler(model, steps=config.steps, eta=config.eta, batch_size=config.batch_size,
+                          guidance_scale=config.guidance_scale, null_cond=null_cond)
+    return sampler.sample(config.n, seed=config.seed, progress=progress, cond=cond)
 
 
-def calibration_key(config: CalibrationConfig, profile: TargetProfile) -> str:
+def cycle_rows(cond: dict | None, n: int) -> dict | None:
+    """``n`` rows taken cyclically from ``cond``."""
+    if cond is None:
+        return None
+    idx = np.arange(n) % len(next(iter(cond.values())))
+    return {k: v[idx] for k, v in cond.items()}
+
+
+def calibration_key(config: CalibrationConfig, profile: TargetProfile, conditions: dict | None = None,
+                    null: dict | None = None) -> str:
     from .calibration.trajectory import CALIB_SCHEMA_VERSION
 
-    # The schema version is in the key so that calibrations cached by older code are not reused.
-    return _digest(CALIB_SCHEMA_VERSION, config.to_dict(), *_profile_part(profile))[:12]
+    # The schema version is in the key so that calibrations cached by older code are not reused;
+    # conditional calibrations also key on the conditions and the null condition themselves.
+    extra = [] if conditions is None else [_arrays_digest(conditions), _arrays_digest(null or {})]
+    return _digest(CALIB_SCHEMA_VERSION, config.to_dict(), *_profile_part(profile), *extra)[:12]
+
+
+def _arrays_digest(arrays: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        a = np.ascontiguousarray(arrays[k])
+        h.update(f"{k}:{a.dtype}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def conditioning(fp: Path, config: CalibrationConfig, null_class: int | None = None):
+    """(Conditioning with its null condition, calibration conditions: one row per trajectory)
+    of an export; (Conditioning.none(), None) for an unconditional model. Raises ConfigError
+    for conditions that do not fit the model."""
+    from dmruntime.conditioning import COND_STREAM, Conditioning
+
+    from .errors import ConfigError
+
+    base = Conditioning.from_manifest(json.loads((fp / "manifest.json").read_text()))
+    if not base:
+        given = [n for n, v in (("--calib-conditions", config.conditions), ("--null-class", null_class),
+                               ("guidance", config.guidance_scale)) if v is not None]
+        if given:
+            raise ConfigError(f"this model is unconditional: {', '.join(given)} do(es) not apply")
+        return base, None
+    rows, null = load_conditions(Path(config.conditions), base) if config.conditions else (None, None)
+    if null_class is not None:
+        if "class_labels" not in base.names:
+            raise ConfigError("--null-class applies to class-conditional models; this one takes "
+                              f"{', '.join(base.describe())}")
+        if not 0 <= null_class < (base.num_classes or 0):
+            raise ConfigError(f"--null-class {null_class} is outside the model's classes [0, {base.num_classes})")
+        null = {**(null or {}), "class_labels": np.asarray(null_class, np.int64)}
+    if null is not None:
+        missing = [n for n in base.names if n not in null]
+        if missing:
+            raise ConfigError(f"the null condition lacks {missing}; give null_{missing[0]} in --calib-conditions"
+                              + (" or --null-class" if missing == ["class_labels"] else ""))
+        null = {k: v[0] for k, v in _checked(base, {k: np.asarray(v)[None] for k, v in null.items()}, 1,
+                                             "the null condition").items()}
+    spec = dataclasses.replace(base, null=null)
+    if config.guidance_scale is not None and null is None:
+        raise ConfigError("calibrating with guidance needs a null condition: pass --null-class (class labels) or "
+                          "put null_<input> arrays in --calib-conditions")
+    if rows is None:
+        rows = spec.random(config.size, np.random.default_rng([config.seed, COND_STREAM]))
+    else:
+        idx = np.arange(config.size) % len(next(iter(rows.values())))
+        rows = {k: v[idx] for k, v in rows.items()}
+    return spec, rows
+
+
+def load_conditions(path: Path, spec) -> tuple[dict, dict | None]:
+    """(rows, null condition or None) from an .npz keyed by input name (null_<name> for the
+    null condition). Raises ConfigError for a missing, unreadable or ill-fitting file."""
+    import zipfile
+
+    from .errors import ConfigError
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"cannot read conditions {path}: {e}; write it with numpy.savez") from None
+    known = set(spec.names) | {f"null_{n}" for n in spec.names}
+    unknown = sorted(set(arrays) - known)
+    if unknown:
+        raise ConfigError(f"conditions file {path} has array(s) {unknown}; this model takes "
+                          f"{', '.join(spec.describe())} (and null_<name> for the null condition)")
+    rows = {k: v for k, v in arrays.items() if not k.startswith("null_")}
+    null = {k[len("null_"):]: v for k, v in arrays.items() if k.startswith("null_")} or None
+    if not rows:
+        raise ConfigError(f"conditions file {path} holds no conditions (arrays named {list(spec.names)})")
+    n = {len(v) if v.ndim else 0 for v in rows.values()}
+    if len(n) != 1 or 0 in n:
+        raise ConfigError(f"conditions file {path}: every array needs the same number of rows, got {sorted(n)}")
+    return _checked(spec, rows, n.pop(), f"conditions file {path}"), null
+
+
+def _checked(spec, cond: dict, n: int, what: str) -> dict:
+    from dmruntime import InputError
+
+    from .errors import ConfigError
+
+    try:
+        return spec.check(cond, n)
+    except InputError as e:
+        raise ConfigError(f"{what}: {e}") from None
 
 
 def _profile_part(profile: TargetProfile) -> list:
@@ -102,13 +206,16 @@ def _profile_part(profile: TargetProfile) -> list:
     return [] if profile == ORT_CPU else [profile.name]
 
 
-def calibrate(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_CPU, progress=None):
+def calibrate(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_CPU, progress=None,
+              null_class: int | None = None):
     """Per-group activation statistics of an fp32 export (CalibrationResult), cached under
-    ``cache_dir()/calib``; a cached entry that cannot be read is measured again."""
+    ``cache_dir()/calib``; a cached entry that cannot be read is measured again. Conditional
+    models are calibrated on ``config``'s conditions (see :func:`conditioning`)."""
     from .calibration.trajectory import CalibrationResult
     from .calibration.trajectory import calibrate as run_calibration
 
-    path = cache_dir() / "calib" / f"{fp.name}-{calibration_key(config, profile)}"
+    spec, rows = conditioning(fp, config, null_class)
+    path = cache_dir() / "calib" / f"{fp.name}-{calibration_key(config, profile, rows, spec.null)}"
     if (path / "calibration.json").is_file():
         try:
             return CalibrationResult.load(path)
@@ -116,7 +223,7 @@ def calibrate(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_
             shutil.rmtree(path, ignore_errors=True)  # our own cache entry, unreadable: measure again
     manifest = json.loads((fp / "manifest.json").read_text())
     result = run_calibration(fp / "model.onnx", load_layer_map(fp), manifest["scheduler"], config, profile,
-                             progress=progress)
+                             progress=progress, conditioning=spec, conditions=rows)
     result.save(path)
     return result
 

@@ -61,3 +61,51 @@ def tiny_export(tiny_model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "tiny-fp"
     api.export(str(tiny_model_dir), out)
     return out
+
+
+# A tiny Stable-Diffusion-shaped UNet: cross-attention (dim 12) in the down and up blocks.
+TINY_COND_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [8, 16],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "norm_num_groups": 4,
+    "cross_attention_dim": 12,
+    "attention_head_dim": 4,
+}
+# A tiny class-conditional UNet2DModel: 5 class embeddings (class 4 serves as the null class).
+TINY_CLASS_UNET = {**TINY_UNET, "num_class_embeds": 5}
+
+
+def make_model_folder(path: Path, config: dict, seed: int = 0) -> Path:
+    """A seeded diffusers UNet folder of any supported class, with a DDPM scheduler config."""
+    import diffusers
+    import torch
+
+    from dmcompile.zoo.architectures import DDPM_LINEAR_SCHEDULER
+
+    cfg = dict(config)
+    cls = getattr(diffusers, cfg.pop("_class_name", "UNet2DModel"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = cls(**cfg)
+        with torch.no_grad():  # contract like a trained denoiser (see make_unet_folder)
+            unet.conv_out.weight.mul_(0.05)
+            unet.conv_out.bias.mul_(0.05)
+    unet.save_pretrained(path, safe_serialization=True)
+    (path / "scheduler_config.json").write_text(json.dumps(DDPM_LINEAR_SCHEDULER))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cond_dir(tmp_path_factory) -> Path:
+    return make_model_folder(tmp_path_factory.mktemp("tinycond") / "unet", TINY_COND_UNET)
+
+
+@pytest.fixture(scope="session")
+def tiny_class_dir(tmp_path_factory) -> Path:
+    return make_model_folder(tmp_path_factory.mktemp("tinyclass") / "unet", TINY_CLASS_UNET)

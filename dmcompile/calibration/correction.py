@@ -16,8 +16,10 @@ CORRECTION_STREAM = 0x97D
 
 
 def estimate_correction(quantized, fp, steps: int, size: int, seed: int, batch_size: int = 64,
-                        progress=None) -> dict:
-    """The manifest's "correction" entry for ``quantized`` (a Bundle opened with correction=False)."""
+                        progress=None, cond: dict | None = None, guidance_scale: float | None = None) -> dict:
+    """The manifest's "correction" entry for ``quantized`` (a Bundle opened with correction=False).
+    Conditional models: ``cond`` drives the trajectories; with ``guidance_scale`` both branches
+    of every guided call count (the correction is applied per branch, before combining)."""
     groups = quantized.groups
     lookup = group_lookup(groups, quantized.num_train_timesteps)
     C = quantized.sample_shape[0]
@@ -27,10 +29,12 @@ def estimate_correction(quantized, fp, steps: int, size: int, seed: int, batch_s
     class Both:
         sample_shape = fp.sample_shape
         schedule = fp.schedule
+        conditioning = getattr(quantized, "conditioning", None)
 
-        def predict(self, x, t):
-            e = fp.predict(x, t).astype(np.float64)
-            d = quantized.predict(x, t).astype(np.float64) - e
+        def predict(self, x, t, cond=None):
+            e = fp.predict(x, t, cond) if cond else fp.predict(x, t)
+            d = (quantized.predict(x, t, cond) if cond else quantized.predict(x, t)).astype(np.float64) - e
+            e = e.astype(np.float64)
             s = stats[int(lookup[t])]
             ax = tuple(i for i in range(e.ndim) if i != 1)
             s["ee"] += (e * e).sum(ax)
@@ -41,8 +45,8 @@ def estimate_correction(quantized, fp, steps: int, size: int, seed: int, batch_s
             s["n"] += e.size / C
             return e.astype(np.float32)  # follow the fp32 trajectory
 
-    DDIMSampler(Both(), steps=steps, eta=0.0, batch_size=batch_size).sample(
-        size, seed=[seed, CORRECTION_STREAM], progress=progress)
+    DDIMSampler(Both(), steps=steps, eta=0.0, batch_size=batch_size, guidance_scale=guidance_scale).sample(
+        size, seed=[seed, CORRECTION_STREAM], progress=progress, cond=cond)
     out = []
     for g, s in zip(groups, stats):
         if not s["n"].any():  # no step fell in this group: no correction

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from dmruntime import DDIMSampler, NoiseSchedule, group_lookup
+from dmruntime.conditioning import Conditioning
 
 from ..artifacts import CALIBRATION, atomic_dir, write_marker
 from ..config import CalibrationConfig
@@ -81,10 +82,10 @@ class _RecordingModel:
         self.total = total  # rows per step: the sampler walks them in batch order
         self.offset = 0
 
-    def predict(self, sample: np.ndarray, t: int) -> np.ndarray:
+    def predict(self, sample: np.ndarray, t: int, cond: dict | None = None) -> np.ndarray:
         fetch = ["eps", *(n for n in self.names if n != "eps")]
-        got = dict(zip(fetch, self.session.run(fetch, {"sample": sample,
-                                                       "timestep": np.full(len(sample), t, np.int64)})))
+        feeds = {"sample": sample, "timestep": np.full(len(sample), t, np.int64), **(cond or {})}
+        got = dict(zip(fetch, self.session.run(fetch, feeds)))
         rows = slice(self.offset, self.offset + len(sample))
         self.offset = (self.offset + len(sample)) % self.total
         mask = self.record_steps(t)[rows] if self.record_steps else None
@@ -168,10 +169,13 @@ def _ptq4dm_mask(timesteps: np.ndarray, n: int, T: int, rng: np.random.Generator
 
 
 def calibrate(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, config: CalibrationConfig,
-              profile: TargetProfile = ORT_CPU, progress=None) -> CalibrationResult:
+              profile: TargetProfile = ORT_CPU, progress=None, conditioning: Conditioning | None = None,
+              conditions: dict | None = None) -> CalibrationResult:
     """Run ``config.size`` DDIM trajectories of ``config.steps`` steps through the fp32 ONNX
     model and return per-group statistics of every tensor ``profile`` may quantize (for all
-    quantizable layers, so that builds which keep some layers float reuse the calibration)."""
+    quantizable layers, so that builds which keep some layers float reuse the calibration).
+    Conditional models: ``conditions`` (one row per trajectory) drive the trajectories, and with
+    ``config.guidance_scale`` the guided sampler runs both branches, so both are recorded."""
     import onnxruntime as ort
 
     model = onnx.load(str(fp_model_path))
@@ -189,9 +193,13 @@ def calibrate(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, 
     mask = None
     if config.timesteps == "ptq4dm":
         mask = _ptq4dm_mask(timesteps, config.size, schedule.num_train_timesteps, rng)
-    rec = _RecordingModel(sess, names, schedule, groups, observers, mask, rng, config.sample_per_tensor, config.size)
-    sampler = DDIMSampler(rec, steps=config.steps, eta=0.0, batch_size=config.batch_size)
+    guided = config.guidance_scale is not None
+    rows = config.size * (2 if guided else 1)
+    rec = _RecordingModel(sess, names, schedule, groups, observers, mask, rng, config.sample_per_tensor, rows)
+    rec.conditioning = conditioning or Conditioning.none()
+    sampler = DDIMSampler(rec, steps=config.steps, eta=0.0, batch_size=config.batch_size,
+                          guidance_scale=config.guidance_scale)
     # A stream of its own: with seed=N, sampling draws from default_rng(N), so calibrating on
     # default_rng(N) too would make an evaluation's first samples the calibration trajectories.
-    sampler.sample(config.size, seed=[config.seed, CALIB_STREAM], progress=progress)
+    sampler.sample(config.size, seed=[config.seed, CALIB_STREAM], progress=progress, cond=conditions)
     return CalibrationResult(config, groups, tuple(names), observers)

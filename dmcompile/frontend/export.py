@@ -26,6 +26,12 @@ from ..errors import ExportError
 from .layermap import LayerMap, build_layer_map
 from .load import LoadedModel
 from .passes import check_graph, name_anonymous_weights, strip_wrapper_prefix
+from .torch_model import conditioning_of
+
+
+def _dummy_conditions(model: LoadedModel, sequence_length: int) -> dict[str, np.ndarray]:
+    """One row of each conditioning input (shape probing at batch 1)."""
+    return conditioning_of(model, sequence_length=sequence_length).dummy(1)
 
 ENGINE_FILE = "model.onnx"
 LAYER_MAP_FILE = "layer_map.json"
@@ -43,7 +49,7 @@ class ExportResult:
     layer_map: LayerMap
 
 
-def _wrapper(unet):
+def _wrapper(unet, cond_names: tuple[str, ...]):
     import torch
 
     class EpsWrapper(torch.nn.Module):
@@ -51,10 +57,26 @@ def _wrapper(unet):
             super().__init__()
             setattr(self, WRAPPER_ATTR, unet)
 
-        def forward(self, sample, timestep):
-            return getattr(self, WRAPPER_ATTR)(sample, timestep, return_dict=False)[0]
+        def forward(self, sample, timestep, *conds):
+            kw = dict(zip(cond_names, conds))
+            return getattr(self, WRAPPER_ATTR)(sample, timestep, return_dict=False, **kw)[0]
 
     return EpsWrapper(unet).eval()
+
+
+def example_inputs(model: LoadedModel, n: int, seed: int, sequence_length: int) -> dict[str, np.ndarray]:
+    """Seeded inputs of every engine input: noise, timesteps spread over [0, T), class labels
+    over the classes, standard-normal embeddings of ``sequence_length`` tokens."""
+    rng = np.random.default_rng(seed)
+    T = int(model.scheduler_config.get("num_train_timesteps", 1000))
+    out = {"sample": rng.standard_normal((n, *model.sample_shape), dtype=np.float32),
+           "timestep": np.linspace(0, T - 1, n).round().astype(np.int64)}
+    for i in model.condition_inputs:
+        if i.name == "class_labels":
+            out[i.name] = rng.integers(0, model.num_classes, n).astype(np.int64)
+        else:
+            out[i.name] = rng.standard_normal((n, sequence_length, i.shape[-1]), dtype=np.float32)
+    return out
 
 
 def trace_to_onnx(model: LoadedModel, path: Path, config: ExportConfig):
@@ -62,14 +84,17 @@ def trace_to_onnx(model: LoadedModel, path: Path, config: ExportConfig):
     import onnx
     import torch
 
-    g = torch.Generator().manual_seed(config.seed)
-    x = torch.randn((2, *model.sample_shape), generator=g)
-    t = torch.tensor([10, 500], dtype=torch.int64)
-    dyn = {"sample": {0: "batch"}, "timestep": {0: "batch"}, "eps": {0: "batch"}}
+    names = [i.name for i in model.inputs]
+    ex = example_inputs(model, 2, config.seed, config.sequence_length)
+    args = tuple(torch.from_numpy(ex[n]) for n in names)
+    dyn = {"sample": {0: "batch"}, "timestep": {0: "batch"}, "eps": {0: "batch"},
+           "encoder_hidden_states": {0: "batch", 1: "sequence"}, "class_labels": {0: "batch"}}
+    dyn = {k: v for k, v in dyn.items() if k in names or k == "eps"}
+    cond_names = tuple(names[2:])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TracerWarnings from diffusers' shape asserts
         try:
-            torch.onnx.export(_wrapper(model.unet), (x, t), str(path), input_names=["sample", "timestep"],
+            torch.onnx.export(_wrapper(model.unet, cond_names), args, str(path), input_names=names,
                               output_names=["eps"], dynamic_axes=dyn, opset_version=config.opset,
                               do_constant_folding=True, dynamo=False)
         except Exception as e:
@@ -87,15 +112,15 @@ def parity_error(model: LoadedModel, onnx_path: Path, config: ExportConfig) -> f
     import onnxruntime as ort
     import torch
 
-    rng = np.random.default_rng(config.seed + 1)
     n = config.parity_batch + 1  # a batch size other than the traced one proves the dynamic axis
-    T = int(model.scheduler_config.get("num_train_timesteps", 1000))
-    x = rng.standard_normal((n, *model.sample_shape), dtype=np.float32)
-    t = np.linspace(0, T - 1, n).round().astype(np.int64)
+    # and a sequence length other than the traced one proves the free L axis
+    feeds = example_inputs(model, n, config.seed + 1, config.sequence_length + 1)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"sample": x, "timestep": t})[0]
+    got = sess.run(None, feeds)[0]
+    kw = {k: torch.from_numpy(v) for k, v in feeds.items() if k not in ("sample", "timestep")}
     with torch.no_grad():
-        want = model.unet(torch.from_numpy(x), torch.from_numpy(t), return_dict=False)[0].numpy()
+        want = model.unet(torch.from_numpy(feeds["sample"]), torch.from_numpy(feeds["timestep"]),
+                          return_dict=False, **kw)[0].numpy()
     return float(np.max(np.abs(got - want)))
 
 
@@ -112,7 +137,8 @@ def export_model(model: LoadedModel, out: Path, config: ExportConfig = ExportCon
             raise ExportError(f"ONNX export of {model.id} differs from PyTorch by {err:.3g} "
                               f"(> parity_tol {config.parity_tol}); report this model config")
         module_names = {n for n, _ in model.unet.named_modules()}
-        layer_map = build_layer_map(proto, model.id, model.sample_shape, module_names)
+        layer_map = build_layer_map(proto, model.id, model.sample_shape, module_names,
+                                    extra_feeds=_dummy_conditions(model, config.sequence_length))
         layer_map.save(tmp / LAYER_MAP_FILE)
         seconds = time.perf_counter() - t0
         T = int(model.scheduler_config.get("num_train_timesteps", 1000))
@@ -124,6 +150,8 @@ def export_model(model: LoadedModel, out: Path, config: ExportConfig = ExportCon
             "export": {"config": config.to_dict(), "parity_max_abs_err": err, "seconds": round(seconds, 2),
                        "op_counts": layer_map.counts(), "total_macs_per_sample": layer_map.total_macs},
         }
+        if model.condition_inputs:
+            body["conditioning"] = conditioning_of(model, sequence_length=config.sequence_length).to_manifest(None)
         write_manifest(tmp, body, [ENGINE_FILE, LAYER_MAP_FILE])
         nbytes = (tmp / ENGINE_FILE).stat().st_size
     return ExportResult(Path(out), err, seconds, nbytes, layer_map)

@@ -10,7 +10,16 @@ from .. import zoo
 from ..errors import ModelError
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
-SUPPORTED_CLASSES = ("UNet2DModel",)
+SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+# Config keys whose features need inputs beyond sample, timestep, class_labels and
+# encoder_hidden_states: each is refused with a message naming what it would need.
+UNSUPPORTED = {
+    "addition_embed_type": "added conditions (added_cond_kwargs: SDXL's text_embeds and time_ids, or image_embeds)",
+    "encoder_hid_dim_type": "a projected encoder input (encoder_hid_proj: image or text projection embeddings)",
+    "time_cond_proj_dim": "a timestep_cond input (a guidance-scale embedding, as in LCM)",
+    "class_embed_type": "float class conditioning (class_embed_type timestep / identity / projection)",
+    "encoder_hid_dim": "a projected encoder input (encoder_hid_proj from encoder_hid_dim)",
+}
 
 
 @dataclass(frozen=True)
@@ -36,6 +45,17 @@ class LoadedModel:
     unet_config: dict = field(repr=False)
     scheduler_config: dict = field(repr=False)
     seed: int | None = None  # the random-weight seed of a preset; None for trained weights
+    cls: str = "UNet2DModel"
+
+    @property
+    def num_classes(self) -> int | None:
+        """Class labels the UNet embeds (``num_class_embeds``), or None."""
+        return self.unet_config.get("num_class_embeds") or None
+
+    @property
+    def cross_attention_dim(self) -> int | None:
+        """Width D of encoder_hidden_states [B, L, D] for UNet2DConditionModel, else None."""
+        return int(self.unet_config["cross_attention_dim"]) if self.cls == "UNet2DConditionModel" else None
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -47,14 +67,25 @@ class LoadedModel:
     @property
     def inputs(self) -> tuple[ModelInput, ...]:
         return (ModelInput("sample", "float32", (None, *self.sample_shape)),
-                ModelInput("timestep", "int64", (None,)))
+                ModelInput("timestep", "int64", (None,)), *self.condition_inputs)
+
+    @property
+    def condition_inputs(self) -> tuple[ModelInput, ...]:
+        """Conditioning inputs in the order the engine takes them: encoder_hidden_states
+        [B, L, D] (L free), then class_labels [B]."""
+        out = []
+        if self.cross_attention_dim:
+            out.append(ModelInput("encoder_hidden_states", "float32", (None, None, self.cross_attention_dim)))
+        if self.num_classes:
+            out.append(ModelInput("class_labels", "int64", (None,)))
+        return tuple(out)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.unet.parameters())
 
     def describe(self) -> dict:
         """JSON-able description for manifests."""
-        return {"id": self.id, "source": self.source, "seed": self.seed, "class": "UNet2DModel",
+        return {"id": self.id, "source": self.source, "seed": self.seed, "class": self.cls,
                 "parameters": self.num_parameters(), "sample_shape": list(self.sample_shape),
                 "inputs": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in self.inputs],
                 "unet_config": self.unet_config}
@@ -69,13 +100,30 @@ def _json_config(cfg) -> dict:
     return out
 
 
-def _build_unet(config: dict, what: str):
-    from diffusers import UNet2DModel
+def check_supported(cls: str, config: dict, what: str) -> None:
+    """Raise ModelError for a UNet class or feature the frontend cannot export."""
+    if cls not in SUPPORTED_CLASSES:
+        raise ModelError(f"{what}: model class {cls!r} is not supported yet; dmcompile handles {SUPPORTED_CLASSES}")
+    for key, need in UNSUPPORTED.items():
+        if config.get(key) is not None:
+            raise ModelError(f"{what}: {key}={config[key]!r} makes the UNet need {need}, which dmcompile does not "
+                             "support; supported inputs are sample, timestep, encoder_hidden_states and "
+                             "class_labels (num_class_embeds)")
+    if cls == "UNet2DConditionModel":
+        dim = config.get("cross_attention_dim", 1280)
+        if not isinstance(dim, int):
+            raise ModelError(f"{what}: cross_attention_dim {dim!r} differs per block; dmcompile supports one "
+                             "width (the SD 1.x / 2.x family)")
 
+
+def _build_unet(config: dict, what: str, cls: str = "UNet2DModel"):
+    import diffusers
+
+    check_supported(cls, config, what)
     try:
-        return UNet2DModel.from_config({k: v for k, v in config.items()})
+        return getattr(diffusers, cls).from_config({k: v for k, v in config.items()})
     except Exception as e:
-        raise ModelError(f"{what}: config.json does not describe a valid UNet2DModel ({e}); fix the config") from e
+        raise ModelError(f"{what}: config.json does not describe a valid {cls} ({e}); fix the config") from e
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -111,8 +159,7 @@ def load_folder(folder: Path, model_id: str | None = None, source: str | None = 
         what = f"model folder {folder}"
     config = _read_json(folder / "config.json", what)
     cls = config.get("_class_name", "UNet2DModel")
-    if cls not in SUPPORTED_CLASSES:
-        raise ModelError(f"{what}: model class {cls!r} is not supported yet; dmcompile handles {SUPPORTED_CLASSES}")
+    check_supported(cls, config, what)
     weights = next((folder / w for w in WEIGHT_FILES if (folder / w).is_file()), None)
     if weights is None:
         pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
@@ -124,7 +171,7 @@ def load_folder(folder: Path, model_id: str | None = None, source: str | None = 
         raise ModelError(f"{what} has no scheduler_config.json (looked in the folder and in ../scheduler/); "
                          "copy the scheduler config of the pipeline the UNet was trained with")
     scheduler = _read_json(sched_path, what)
-    unet = _build_unet(config, what)
+    unet = _build_unet(config, what, cls)
     try:
         state = load_file(str(weights))
     except Exception as e:
@@ -134,7 +181,8 @@ def load_folder(folder: Path, model_id: str | None = None, source: str | None = 
     except RuntimeError as e:
         raise ModelError(f"{what}: weights do not match config.json ({str(e).splitlines()[0]})") from e
     unet.eval().requires_grad_(False)
-    return LoadedModel(model_id or folder.name, source or str(folder), unet, _json_config(unet.config), scheduler)
+    return LoadedModel(model_id or folder.name, source or str(folder), unet, _json_config(unet.config), scheduler,
+                       cls=cls)
 
 
 def build_preset(name: str, seed: int = 0) -> LoadedModel:
@@ -142,11 +190,12 @@ def build_preset(name: str, seed: int = 0) -> LoadedModel:
     import torch
 
     unet_cfg, sched_cfg = zoo.PRESETS[name]
+    cls = unet_cfg.get("_class_name", "UNet2DModel")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = _build_unet(dict(unet_cfg), f"preset {name}")
+        unet = _build_unet({k: v for k, v in unet_cfg.items() if k != "_class_name"}, f"preset {name}", cls)
     unet.eval().requires_grad_(False)
-    return LoadedModel(name, "preset", unet, _json_config(unet.config), dict(sched_cfg), seed=seed)
+    return LoadedModel(name, "preset", unet, _json_config(unet.config), dict(sched_cfg), seed=seed, cls=cls)
 
 
 def load_model(spec: str | Path | None = None, seed: int = 0) -> LoadedModel:

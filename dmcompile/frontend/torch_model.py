@@ -5,23 +5,36 @@ from __future__ import annotations
 
 import numpy as np
 from dmruntime import NoiseSchedule
+from dmruntime.conditioning import CondInput, Conditioning
 from dmruntime.engine import check_sample
 
 from .load import LoadedModel
 
 
 class TorchEpsModel:
-    """Runs a LoadedModel's UNet on numpy arrays; same interface as ``dmruntime.Bundle``."""
+    """Runs a LoadedModel's UNet on numpy arrays; same interface as ``dmruntime.Bundle``
+    (``conditioning`` validates conditions; ``null`` is the guidance's null condition)."""
 
-    def __init__(self, model: LoadedModel):
+    def __init__(self, model: LoadedModel, null: dict | None = None):
         self.model = model
         self.schedule = NoiseSchedule.from_config(model.scheduler_config)
         self.sample_shape = model.sample_shape
+        self.conditioning = conditioning_of(model, null)
 
-    def predict(self, sample: np.ndarray, t: int) -> np.ndarray:
+    def predict(self, sample: np.ndarray, t: int, cond: dict | None = None) -> np.ndarray:
         import torch
 
         check_sample(sample, self.sample_shape)
+        cond = self.conditioning.check(cond, len(sample)) if (cond or self.conditioning) else {}
         ts = torch.full((sample.shape[0],), int(t), dtype=torch.int64)
+        kw = {k: torch.from_numpy(v) for k, v in cond.items()}
         with torch.no_grad():
-            return self.model.unet(torch.from_numpy(sample), ts, return_dict=False)[0].numpy()
+            return self.model.unet(torch.from_numpy(sample), ts, return_dict=False, **kw)[0].numpy()
+
+
+def conditioning_of(model: LoadedModel, null: dict | None = None, sequence_length: int | None = None) -> Conditioning:
+    """The runtime's description of a model's conditioning inputs (plus a null condition)."""
+    inputs = tuple(CondInput(i.name, i.dtype, i.shape) for i in model.condition_inputs)
+    if not inputs:
+        return Conditioning.none()
+    return Conditioning(inputs, model.num_classes, sequence_length, null)

@@ -5,6 +5,7 @@
 """
 
 from .bundle import Bundle, Group, group_lookup, sha256_file, validate_manifest
+from .conditioning import Conditioning
 from .engine import OnnxEngine
 from .errors import BundleError, DmRuntimeError, InputError
 from .sampler import DDIMSampler, EpsModel, to_uint8
@@ -13,7 +14,7 @@ from .schedule import NoiseSchedule, ddim_step
 __version__ = "0.1.0"
 
 __all__ = [
-    "Bundle", "BundleError", "DDIMSampler", "DmRuntimeError", "EpsModel", "Group", "InputError",
+    "Bundle", "BundleError", "Conditioning", "DDIMSampler", "DmRuntimeError", "EpsModel", "Group", "InputError",
     "NoiseSchedule", "OnnxEngine", "ddim_step", "group_lookup", "sha256_file", "to_uint8",
     "validate_manifest",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .conditioning import Conditioning
 from .correction import load_corrections
 from .engine import OnnxEngine
 from .errors import BundleError, InputError
@@ -69,6 +70,8 @@ class Bundle:
         self.groups = tuple(Group(int(g["index"]), int(g["t_start"]), int(g["t_end"]), g["engine"])
                             for g in manifest["groups"])
         self._lookup = group_lookup(self.groups, self.schedule.num_train_timesteps)
+        # Class labels / cross-attention embeddings the UNet reads, and the null condition of guidance.
+        self.conditioning = Conditioning.from_manifest(manifest, root)
         # PTQD noise correction, on when the manifest carries its statistics (and not turned off).
         self.corrections = load_corrections(manifest, self.sample_shape[0]) if correction else None
         # Groups may share one engine and differ only in the inputs they feed it.
@@ -125,11 +128,13 @@ class Bundle:
         """The extra engine inputs (quantization parameters) of t's group, if any."""
         return self._inputs[self.group_of(t).index]
 
-    def predict(self, sample: np.ndarray, t: int) -> np.ndarray:
+    def predict(self, sample: np.ndarray, t: int, cond: dict | None = None) -> np.ndarray:
         """Model output for a batch at training timestep t, from t's group engine and inputs
-        (noise-corrected when the bundle has a correction and it is on)."""
+        (noise-corrected when the bundle has a correction and it is on). ``cond``: the
+        conditioning inputs of a conditional model (``bundle.conditioning`` lists them)."""
         g = self.group_of(t)
-        eps = self._engines[g.engine].predict(sample, t, self._inputs[g.index])
+        cond = self.conditioning.check(cond, len(sample)) if (cond or self.conditioning) else None
+        eps = self._engines[g.engine].predict(sample, t, self._inputs[g.index], cond=cond)
         if self.corrections is not None:
             eps = self.corrections[g.index].apply(eps)
         return eps
@@ -201,6 +206,9 @@ def validate_manifest(manifest: dict, root: Path, *, verify: bool = True) -> Non
             _require(sha256_file(p) == info.get("sha256"),
                      f"bundle file {name} does not match its sha256 in the manifest: corrupt or modified; "
                      "rebuild the bundle")
+    null = (manifest.get("conditioning") or {}).get("null")
+    if null:
+        _require(null.get("file") in files, f"the null condition file {null.get('file')!r} is not listed in 'files'")
     weights = manifest.get("weights")
     if weights is not None:
         _require(weights.get("file") in files, f"manifest weights file {weights.get('file')!r} is not listed in 'files'")

@@ -44,12 +44,16 @@ class OnnxEngine:
                                   "rebuild the bundle.") from e
         return self._session
 
-    def predict(self, sample: np.ndarray, timestep: int | np.ndarray, extra: dict | None = None) -> np.ndarray:
+    def predict(self, sample: np.ndarray, timestep: int | np.ndarray, extra: dict | None = None,
+                cond: dict | None = None) -> np.ndarray:
         """Run the UNet once. ``timestep`` is one training timestep or one per batch row;
-        ``extra`` holds further inputs (a timestep group's quantization parameters)."""
+        ``extra`` holds further inputs (a timestep group's quantization parameters);
+        ``cond`` the conditioning inputs (validated by the caller), one row per sample."""
         check_sample(sample, self.sample_shape)
         ts = np.broadcast_to(np.asarray(timestep, dtype=np.int64), (sample.shape[0],)).copy()
         feeds = {"sample": sample, "timestep": ts}
+        if cond:
+            feeds.update(cond)
         if extra:
             feeds.update(extra)
         return self.session.run(["eps"], feeds)[0]
