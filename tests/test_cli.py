@@ -36,7 +36,7 @@ def test_console_script_error_exit_code(tmp_path):
     (lambda d: (d.mkdir(), (d / "config.json").write_text('{"_class_name": "UNet2DModel", "block_out_channels": 5}'),
                 (d / "diffusion_pytorch_model.safetensors").write_bytes(b""),
                 (d / "scheduler_config.json").write_text("{}")), "not describe a valid UNet2DModel"),
-    (lambda d: (d.mkdir(), (d / "config.json").write_text('{"_class_name": "UNet2DConditionModel"}')),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text('{"_class_name": "UNet3DConditionModel"}')),
      "not supported yet"),
     (lambda d: (d.mkdir(), (d / "config.json").write_text("{}"), (d / "diffusion_pytorch_model.bin").write_bytes(b"x")),
      "never loads pickled weights"),
