@@ -60,7 +60,8 @@ def sample(target: str | Path, config: SampleConfig = SampleConfig(), *, fp: boo
     null = None
     if fp and config.guidance_scale is not None and (Path(target) / "manifest.json").is_file():
         null = Bundle.open(Path(target)).conditioning.null  # the fp export has none: the bundle's
-    return sample_model(bundle, config, progress=progress, cond=cond, null_cond=null)
+    out = sample_model(bundle, config, progress=progress, cond=cond, null_cond=null)
+    return bundle.decode(out) if bundle.decoder is not None else out
 
 
 @functools.cache
@@ -117,6 +118,8 @@ floor) and confident-class rates.
     sc = config.sample
     got = sample_model(bundle, sc, progress=progress and (lambda i, n: progress("bundle", i, n)), cond=cond)
     want = sample_model(ref, sc, progress=progress and (lambda i, n: progress("fp reference", i, n)), cond=cond)
+    if bundle.decoder is not None:  # latent models are judged on decoded images (the same fp32 decoder)
+        got, want = bundle.decode(got), bundle.decode(want)
     p, s = psnr(got, want), ssim(got, want)
     report = {
         "schema_version": 1, "target": str(target), "format": bundle.manifest.get("format"),
@@ -125,10 +128,12 @@ floor) and confident-class rates.
         "paired_vs_fp": {"psnr_db_mean": float(np.mean(np.minimum(p, 200.0))), "psnr_db_median": float(np.median(p)),
                          "ssim_mean": float(np.mean(s)), "max_abs_diff": float(np.max(np.abs(got - want)))},
     }
-    if is_digits_shape(bundle.sample_shape):
+    if is_digits_shape(got.shape[1:]):
         floor_cfg = dataclasses.replace(sc, seed=sc.seed + config.floor_seed_offset)
         other = sample_model(ref, floor_cfg, progress=progress and (lambda i, n: progress("fp noise floor", i, n)),
                              cond=cond)
+        if bundle.decoder is not None:
+            other = bundle.decode(other)
         mine = digit_scores(got, config.confident_threshold)
         fp = digit_scores(want, config.confident_threshold)
         fp2 = digit_scores(other, config.confident_threshold)

@@ -7,6 +7,7 @@ it runs (fp32 export, calibration, RD curves) come from :mod:`dmcompile.stages`.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,7 +103,7 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     engines = fuse_and_merge(lower(ws, calib, plan, progress))
     stored = externalize_weights(ws, engines, plan) if isinstance(config.recipe, MixedRecipe) else None
     with atomic_dir(Path(out), BUNDLE) as tmp:
-        files = write_engines(tmp, engines, stored, ws.conditioning.null)
+        files = write_engines(tmp, engines, stored, ws.conditioning.null, _decoder(ws))
         body = describe(ws, calib, plan, engines, stored, config)
         if config.correction:
             body["correction"] = estimate_corrections(tmp, body, ws, calib, config, progress)
@@ -241,9 +242,10 @@ def externalize_weights(ws: Workspace, engines: EngineSet, plan: WeightPlan) -> 
     return StoredWeights(tensors, external)
 
 
-def write_engines(folder: Path, engines: EngineSet, stored: StoredWeights | None, null: dict | None = None) -> list[str]:
+def write_engines(folder: Path, engines: EngineSet, stored: StoredWeights | None, null: dict | None = None,
+                  decoder: tuple | None = None) -> list[str]:
     """Engine files, one group_XX.npz of engine inputs per group, weights.npz, the null
-    condition of guidance; their names."""
+    condition of guidance, the decoder ((export folder, its manifest entry)); their names."""
     from .backends.onnxruntime import WEIGHTS_FILE, save_engine
 
     files = save_engine(folder, engines.engines, list(engines.params), group_files(len(engines.engine_of)))
@@ -254,6 +256,9 @@ def write_engines(folder: Path, engines: EngineSet, stored: StoredWeights | None
         with open(folder / NULL_FILE, "wb") as f:
             np.savez(f, **{k: np.asarray(v) for k, v in sorted(null.items())})
         files.append(NULL_FILE)
+    if decoder:  # latent models: the fp32 decoder of the export, as it is
+        shutil.copyfile(Path(decoder[0]) / decoder[1]["file"], folder / decoder[1]["file"])
+        files.append(decoder[1]["file"])
     return files
 
 
@@ -285,6 +290,8 @@ def describe(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, engines:
         body["weights"] = _weights_entry(WEIGHTS_FILE, stored.tensors)
     if plan.record:
         body["plan"] = plan.record
+    if _decoder(ws):
+        body["decoder"] = _decoder(ws)[1]
     if ws.conditioning:
         body["conditioning"] = ws.conditioning.to_manifest(NULL_FILE if ws.conditioning.null else None)
         body["conditioning"]["calibration_guidance_scale"] = calib.config.guidance_scale
@@ -333,6 +340,14 @@ def check_fidelity(folder: Path, body: dict, ws: Workspace, config: BuildConfig)
             "reference": "fp32 ONNX export",
             "psnr_db_mean": float(np.mean(np.minimum(psnr(got, want), 200.0))),
             "ssim_mean": float(np.mean(ssim(got, want)))}
+
+
+def _decoder(ws: Workspace) -> tuple | None:
+    """(export folder, the export's decoder entry) of a latent model, else None."""
+    import json
+
+    entry = json.loads((ws.fp / "manifest.json").read_text()).get("decoder")
+    return (ws.fp, entry) if entry else None
 
 
 def _save_weights(path: Path, tensors: dict) -> None:

@@ -53,6 +53,11 @@ def model_key(model: LoadedModel, config: ExportConfig) -> str:
     for name, p in sorted(model.unet.state_dict().items()):
         h.update(name.encode())
         h.update(p.detach().contiguous().numpy().tobytes())
+    if model.vae is not None:  # latent models: the decoder is part of the export
+        h.update(json.dumps(model.vae_config, sort_keys=True, default=str).encode())
+        for name, p in sorted(model.vae.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

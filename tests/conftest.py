@@ -109,3 +109,36 @@ def tiny_cond_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_class_dir(tmp_path_factory) -> Path:
     return make_model_folder(tmp_path_factory.mktemp("tinyclass") / "unet", TINY_CLASS_UNET)
+
+
+TINY_VAE = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"], "block_out_channels": [8, 8],
+    "latent_channels": 4, "norm_num_groups": 4, "sample_size": 16,
+}
+
+
+def make_pipeline_folder(root: Path, unet_config: dict = TINY_COND_UNET, vae_config: dict = TINY_VAE,
+                         seed: int = 0) -> Path:
+    """A latent pipeline folder: model_index.json, unet/, scheduler/, vae/ (seeded weights)."""
+    import diffusers
+    import torch
+
+    make_model_folder(root / "unet", unet_config, seed)
+    (root / "scheduler").mkdir(parents=True)
+    (root / "unet" / "scheduler_config.json").rename(root / "scheduler" / "scheduler_config.json")
+    cfg = dict(vae_config)
+    cls = cfg.pop("_class_name")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        getattr(diffusers, cls)(**cfg).save_pretrained(root / "vae", safe_serialization=True)
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "LDMTextToImagePipeline",
+                                                       "unet": ["diffusers", unet_config["_class_name"]],
+                                                       "vae": ["diffusers", cls]}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_dir(tmp_path_factory) -> Path:
+    return make_pipeline_folder(tmp_path_factory.mktemp("latent") / "pipe")

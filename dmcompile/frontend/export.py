@@ -34,6 +34,7 @@ def _dummy_conditions(model: LoadedModel, sequence_length: int) -> dict[str, np.
     return conditioning_of(model, sequence_length=sequence_length).dummy(1)
 
 ENGINE_FILE = "model.onnx"
+DECODER_FILE = "decoder.onnx"
 LAYER_MAP_FILE = "layer_map.json"
 WRAPPER_ATTR = "unet"
 
@@ -152,6 +153,52 @@ def export_model(model: LoadedModel, out: Path, config: ExportConfig = ExportCon
         }
         if model.condition_inputs:
             body["conditioning"] = conditioning_of(model, sequence_length=config.sequence_length).to_manifest(None)
-        write_manifest(tmp, body, [ENGINE_FILE, LAYER_MAP_FILE])
+        files = [ENGINE_FILE, LAYER_MAP_FILE]
+        if model.vae is not None:
+            body["decoder"] = export_decoder(model, tmp / DECODER_FILE, config)
+            files.append(DECODER_FILE)
+        write_manifest(tmp, body, files)
         nbytes = (tmp / ENGINE_FILE).stat().st_size
     return ExportResult(Path(out), err, seconds, nbytes, layer_map)
+
+
+def export_decoder(model: LoadedModel, path: Path, config: ExportConfig) -> dict:
+    """Trace the VAE's decoder (input ``latents`` [B, C, h, w] in the UNet's latent space,
+    divided by the scaling factor inside the graph; output ``image`` [B, 3, H, W] in [-1, 1])
+    to ``path``, check parity, return the manifest's "decoder" entry."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    s = model.scaling_factor
+
+    class Decoder(torch.nn.Module):
+        def __init__(self, vae):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latents):
+            return self.vae.decode(latents / s).sample
+
+    rng = np.random.default_rng(config.seed + 2)
+    z = rng.standard_normal((2, *model.sample_shape), dtype=np.float32)
+    dec = Decoder(model.vae).eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(dec, (torch.from_numpy(z),), str(path), input_names=["latents"], output_names=["image"],
+                              dynamic_axes={"latents": {0: "batch"}, "image": {0: "batch"}},
+                              opset_version=config.opset, do_constant_folding=True, dynamo=False)
+        except Exception as e:
+            raise ExportError(f"tracing the decoder of {model.id} to ONNX failed: {e}") from e
+        check_graph(onnx.load(str(path)), "export decoder")
+        z3 = rng.standard_normal((3, *model.sample_shape), dtype=np.float32)
+        want = dec(torch.from_numpy(z3)).numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"latents": z3})[0]
+    err = float(np.max(np.abs(got - want)))
+    if not err <= config.parity_tol:
+        raise ExportError(f"ONNX export of the decoder of {model.id} differs from PyTorch by {err:.3g} "
+                          f"(> parity_tol {config.parity_tol})")
+    return {"file": path.name, "class": model.vae_config.get("_class_name"), "scaling_factor": s,
+            "latent_shape": list(model.sample_shape), "image_shape": list(want.shape[1:]), "parity_max_abs_err": err,
+            "precision": "fp32"}

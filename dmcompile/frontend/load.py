@@ -46,6 +46,13 @@ class LoadedModel:
     scheduler_config: dict = field(repr=False)
     seed: int | None = None  # the random-weight seed of a preset; None for trained weights
     cls: str = "UNet2DModel"
+    vae: object = field(default=None, repr=False)  # latent models: the autoencoder whose decoder makes images
+    vae_config: dict | None = field(default=None, repr=False)
+
+    @property
+    def scaling_factor(self) -> float | None:
+        """Latents are the VAE's latents times this (decode divides by it); None without a VAE."""
+        return float(self.vae_config.get("scaling_factor", 0.18215)) if self.vae_config else None
 
     @property
     def num_classes(self) -> int | None:
@@ -86,6 +93,7 @@ class LoadedModel:
     def describe(self) -> dict:
         """JSON-able description for manifests."""
         return {"id": self.id, "source": self.source, "seed": self.seed, "class": self.cls,
+                "vae": (self.vae_config or {}).get("_class_name") if self.vae is not None else None,
                 "parameters": self.num_parameters(), "sample_shape": list(self.sample_shape),
                 "inputs": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in self.inputs],
                 "unet_config": self.unet_config}
@@ -154,8 +162,9 @@ def load_folder(folder: Path, model_id: str | None = None, source: str | None = 
     if not folder.is_dir():
         raise ModelError(f"{what} does not exist. Pass a zoo name ({', '.join(zoo.names())}) "
                          "or a diffusers UNet folder with config.json, safetensors weights and scheduler_config.json")
+    root = None
     if (folder / "unet").is_dir() and not (folder / "config.json").exists():
-        folder = folder / "unet"
+        root, folder = folder, folder / "unet"
         what = f"model folder {folder}"
     config = _read_json(folder / "config.json", what)
     cls = config.get("_class_name", "UNet2DModel")
@@ -181,8 +190,41 @@ def load_folder(folder: Path, model_id: str | None = None, source: str | None = 
     except RuntimeError as e:
         raise ModelError(f"{what}: weights do not match config.json ({str(e).splitlines()[0]})") from e
     unet.eval().requires_grad_(False)
-    return LoadedModel(model_id or folder.name, source or str(folder), unet, _json_config(unet.config), scheduler,
-                       cls=cls)
+    vae, vae_config = load_vae(root / "vae", _json_config(unet.config)) if root and (root / "vae").is_dir() else (None,
+                                                                                                                None)
+    return LoadedModel(model_id or (root or folder).name, source or str(root or folder), unet, _json_config(unet.config),
+                       scheduler, cls=cls, vae=vae, vae_config=vae_config)
+
+
+VAE_CLASSES = ("AutoencoderKL", "VQModel")
+
+
+def load_vae(folder: Path, unet_config: dict):
+    """The pipeline's autoencoder (AutoencoderKL or VQModel) from ``folder``; ModelError when
+    it cannot be read or its latents do not fit the UNet."""
+    import diffusers
+    from safetensors.torch import load_file
+
+    what = f"VAE folder {folder}"
+    config = _read_json(folder / "config.json", what)
+    cls = config.get("_class_name", "AutoencoderKL")
+    if cls not in VAE_CLASSES:
+        raise ModelError(f"{what}: autoencoder class {cls!r} is not supported; dmcompile handles {VAE_CLASSES}")
+    weights = next((folder / w for w in WEIGHT_FILES if (folder / w).is_file()), None)
+    if weights is None:
+        raise ModelError(f"{what} has no {WEIGHT_FILES[0]} (dmcompile reads safetensors only)")
+    try:
+        vae = getattr(diffusers, cls).from_config(config)
+        vae.load_state_dict(load_file(str(weights)), strict=True)
+    except Exception as e:
+        raise ModelError(f"{what}: cannot load the {cls} ({str(e).splitlines()[0]}); fix its config or weights") from e
+    latent = int(vae.config.latent_channels)
+    if latent != int(unet_config["in_channels"]) or latent != int(unet_config["out_channels"]):
+        raise ModelError(f"the pipeline's parts disagree: the VAE has {latent} latent channels, the UNet takes "
+                         f"{unet_config['in_channels']} and predicts {unet_config['out_channels']}; use a VAE and "
+                         "UNet trained together")
+    vae.eval().requires_grad_(False)
+    return vae, _json_config(vae.config)
 
 
 def build_preset(name: str, seed: int = 0) -> LoadedModel:

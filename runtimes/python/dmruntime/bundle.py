@@ -12,7 +12,7 @@ import numpy as np
 
 from .conditioning import Conditioning
 from .correction import load_corrections
-from .engine import OnnxEngine
+from .engine import Decoder, OnnxEngine
 from .errors import BundleError, InputError
 from .schedule import NoiseSchedule
 from .weights import load_weights
@@ -72,6 +72,9 @@ class Bundle:
         self._lookup = group_lookup(self.groups, self.schedule.num_train_timesteps)
         # Class labels / cross-attention embeddings the UNet reads, and the null condition of guidance.
         self.conditioning = Conditioning.from_manifest(manifest, root)
+        # Latent models: the VAE decoder that turns sampled latents into images.
+        dec = manifest.get("decoder")
+        self.decoder = Decoder(root / dec["file"], self.sample_shape, threads=threads) if dec else None
         # PTQD noise correction, on when the manifest carries its statistics (and not turned off).
         self.corrections = load_corrections(manifest, self.sample_shape[0]) if correction else None
         # Groups may share one engine and differ only in the inputs they feed it.
@@ -138,6 +141,12 @@ class Bundle:
         if self.corrections is not None:
             eps = self.corrections[g.index].apply(eps)
         return eps
+
+    def decode(self, latents: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Images [B, 3, H, W] in [-1, 1] from sampled latents (latent bundles only)."""
+        if self.decoder is None:
+            raise InputError("this bundle has no decoder: its samples are images already")
+        return self.decoder.decode(latents, batch_size)
 
     def residual_variance(self, t: int, ndim: int) -> np.ndarray | None:
         """Per-channel variance of the quantization residual left in eps at t (for the
@@ -206,6 +215,9 @@ def validate_manifest(manifest: dict, root: Path, *, verify: bool = True) -> Non
             _require(sha256_file(p) == info.get("sha256"),
                      f"bundle file {name} does not match its sha256 in the manifest: corrupt or modified; "
                      "rebuild the bundle")
+    dec = manifest.get("decoder")
+    if dec:
+        _require(dec.get("file") in files, f"the decoder file {dec.get('file')!r} is not listed in 'files'")
     null = (manifest.get("conditioning") or {}).get("null")
     if null:
         _require(null.get("file") in files, f"the null condition file {null.get('file')!r} is not listed in 'files'")

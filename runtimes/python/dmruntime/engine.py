@@ -68,3 +68,17 @@ def check_sample(sample, sample_shape: tuple[int, ...]) -> None:
     if sample.ndim != 1 + len(sample_shape) or tuple(sample.shape[1:]) != tuple(sample_shape):
         raise InputError(f"sample must have shape [B, {', '.join(map(str, sample_shape))}], got {list(sample.shape)}")
 
+
+
+class Decoder:
+    """The VAE decoder of a latent bundle: ``latents`` [B, C, h, w] (the UNet's space) to
+    ``image`` [B, 3, H, W] in [-1, 1], one ONNX Runtime session created on first use."""
+
+    def __init__(self, path: str | Path, latent_shape: tuple[int, ...], threads: int = 0):
+        self.engine = OnnxEngine(path, latent_shape, threads=threads)
+
+    def decode(self, latents: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        check_sample(latents, self.engine.sample_shape)
+        out = [self.engine.session.run(["image"], {"latents": latents[i:i + batch_size]})[0]
+               for i in range(0, len(latents), batch_size)]
+        return np.concatenate(out)

@@ -1,0 +1,93 @@
+"""Latent pipelines: the VAE decoder exported next to the UNet, shipped in the bundle with its
+scaling factor, and used by dmruntime to turn sampled latents into images."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dmcompile import api
+from dmcompile.cli import main
+from dmcompile.config import BuildConfig, CalibrationConfig
+from dmcompile.errors import ModelError
+from dmruntime import Bundle, DDIMSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+COND = {"encoder_hidden_states": np.random.default_rng(0).standard_normal((1, 5, 12)).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def latent_bundle(tiny_latent_dir, tmp_path_factory):
+    return api.build(str(tiny_latent_dir), tmp_path_factory.mktemp("lb") / "b",
+                     BuildConfig(calibration=CalibrationConfig(size=2, steps=6, groups=2, batch_size=2),
+                                 eval_samples=2)).path
+
+
+def test_pipeline_folder_loads_the_vae(tiny_latent_dir):
+    m = api.load_model(str(tiny_latent_dir))
+    assert m.vae is not None and m.scaling_factor == pytest.approx(0.18215) and m.sample_shape == (4, 8, 8)
+    assert m.source == str(tiny_latent_dir)  # the reference model reloads the whole pipeline
+
+
+def test_decoder_in_export_and_bundle(tiny_latent_dir, latent_bundle, tmp_path):
+    exp = api.export(str(tiny_latent_dir), tmp_path / "e").path
+    dec = json.loads((exp / "manifest.json").read_text())["decoder"]
+    assert dec["parity_max_abs_err"] <= 1e-4 and dec["image_shape"] == [3, 16, 16] and dec["class"] == "AutoencoderKL"
+    m = json.loads((latent_bundle / "manifest.json").read_text())
+    assert m["decoder"]["file"] == "decoder.onnx" and "decoder.onnx" in m["files"]
+    # the runtime's decode is the VAE's decode of latents / scaling_factor
+    b = Bundle.open(latent_bundle)
+    z = np.random.default_rng(1).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    vae = api.load_model(str(tiny_latent_dir)).vae
+    with torch.no_grad():
+        want = vae.decode(torch.from_numpy(z) / 0.18215).sample.numpy()
+    np.testing.assert_allclose(b.decode(z), want, atol=1e-4)
+
+
+def test_sample_and_eval_decode_images(latent_bundle, tmp_path, capsys):
+    np.savez(tmp_path / "c.npz", **COND)
+    images = api.sample(latent_bundle, api.SampleConfig(n=2, steps=3), cond=COND)
+    assert images.shape == (2, 3, 16, 16)
+    assert main(["eval", str(latent_bundle), "-n", "2", "--steps", "3", "--conditions", str(tmp_path / "c.npz"),
+                 "--json"]) == 0
+    assert '"psnr_db_mean"' in capsys.readouterr().out
+
+
+def test_runtime_decodes_without_torch(latent_bundle, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "diffusers"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import numpy as np
+        from dmruntime import Bundle, DDIMSampler
+        b = Bundle.open({str(latent_bundle)!r})
+        e = np.random.default_rng(0).standard_normal((1, 5, 12)).astype(np.float32)
+        z = DDIMSampler(b, steps=4).sample(2, seed=0, cond={{"encoder_hidden_states": e}})
+        img = b.decode(z)
+        assert img.shape == (2, 3, 16, 16) and np.isfinite(img).all()
+        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "dmcompile")]
+        print("ok")
+    """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "runtimes" / "python")}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
+
+
+def test_disagreeing_pipeline_parts_are_an_error(tmp_path, capsys):
+    from conftest import TINY_COND_UNET, TINY_VAE, make_pipeline_folder
+
+    pipe = make_pipeline_folder(tmp_path / "p", TINY_COND_UNET, {**TINY_VAE, "latent_channels": 3})
+    with pytest.raises(ModelError, match="the VAE has 3 latent channels, the UNet takes 4"):
+        api.load_model(str(pipe))
+    assert main(["build", str(pipe), "-o", str(tmp_path / "o")]) == 2
+    assert "parts disagree" in capsys.readouterr().err and not (tmp_path / "o").exists()
