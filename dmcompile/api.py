@@ -148,7 +148,17 @@ floor) and confident-class rates.
             "confident_rate": mine["confident_rate"], "fp_confident_rate": fp["confident_rate"],
             "class_histogram": mine["class_histogram"],
         }
+        labels = (bundle.conditioning.check(cond, sc.n) if cond else {}).get("class_labels")
+        if labels is not None:  # class-conditional digits: does the sample show the class asked for?
+            report["digits"]["class_accuracy"] = class_accuracy(got, labels)
+            report["digits"]["fp_class_accuracy"] = class_accuracy(want, labels)
     return EvalResult(report, got)
+
+
+def class_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
+    """Share of digit images the classifier assigns to the requested class."""
+    _, probs = _scorer()(images)
+    return float(np.mean(probs.argmax(1) == np.asarray(labels)))
 
 
 def calibrate(model: LoadedModel | str | Path | None, config: CalibrationConfig = CalibrationConfig(),

@@ -129,6 +129,9 @@ def cmd_eval(args) -> int:
               f"   (real digits, half vs half: {d['real_halves_fd']:.3f})")
         print(f"confident-class rate (max p >= {cfg.confident_threshold}): {d['confident_rate']:.1%}   "
               f"(FP: {d['fp_confident_rate']:.1%}); classes {d['class_histogram']}")
+        if "class_accuracy" in d:
+            print(f"class accuracy (classifier agrees with the requested class): {d['class_accuracy']:.1%}   "
+                  f"(FP: {d['fp_class_accuracy']:.1%})")
     if args.out:
         written = api.write_eval(res, args.out)
         print(f"wrote {', '.join(str(w) for w in written)}")

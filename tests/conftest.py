@@ -142,3 +142,35 @@ def make_pipeline_folder(root: Path, unet_config: dict = TINY_COND_UNET, vae_con
 @pytest.fixture(scope="session")
 def tiny_latent_dir(tmp_path_factory) -> Path:
     return make_pipeline_folder(tmp_path_factory.mktemp("latent") / "pipe")
+
+
+def run_without_torch(body: str, cwd: Path) -> None:
+    """Run ``body`` (Python, dedented) in a fresh interpreter that sees only dmruntime and where
+    importing torch or diffusers fails; afterwards neither they nor dmcompile may be loaded."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = "\n".join([
+        "import sys",
+        "class Block:",
+        "    def find_spec(self, name, path=None, target=None):",
+        "        if name.split('.')[0] in ('torch', 'diffusers'):",
+        "            raise ImportError('blocked: ' + name)",
+        "sys.meta_path.insert(0, Block())",
+        textwrap.dedent(body),
+        "try:",
+        "    import torch",
+        "except ImportError:",
+        "    pass",
+        "else:",
+        "    raise SystemExit('torch import was not blocked')",
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'dmcompile')]",
+        "assert not bad, bad",
+        "print('ok')",
+    ])
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "runtimes" / "python")}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("ok")

@@ -2,23 +2,20 @@
 build and the runtime; classifier-free guidance against diffusers' arithmetic; bad input."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_without_torch
 from diffusers import DDIMScheduler
+from dmruntime import Bundle, DDIMSampler, InputError
 
 from dmcompile import api
 from dmcompile.backends.onnxruntime import fusion_report
 from dmcompile.cli import main
 from dmcompile.config import BuildConfig, CalibrationConfig
 from dmcompile.errors import ConfigError, ModelError
-from dmruntime import Bundle, DDIMSampler, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 L, D = 5, 12  # sequence length and width of the tiny model's embeddings
@@ -150,13 +147,7 @@ def test_calibration_records_both_guided_branches(tiny_class_dir):
 
 
 def test_runtime_samples_conditional_bundles_without_torch(cond_bundle, class_bundle, tmp_path):
-    script = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "diffusers"):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
+    run_without_torch(f"""
         import numpy as np
         from dmruntime import Bundle, DDIMSampler
         e = np.random.default_rng(0).standard_normal((1, {L}, {D})).astype(np.float32)
@@ -165,14 +156,7 @@ def test_runtime_samples_conditional_bundles_without_torch(cond_bundle, class_bu
         y = DDIMSampler(Bundle.open({str(class_bundle)!r}), steps=5, eta=1.0, guidance_scale=2.0).sample(
             3, seed=0, cond={{"class_labels": np.array([0, 1, 2])}})
         assert x.shape == (2, 4, 8, 8) and y.shape == (3, 2, 8, 8) and np.isfinite(x).all() and np.isfinite(y).all()
-        bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "dmcompile")]
-        assert not bad, bad
-        print("ok")
-    """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "runtimes" / "python")}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "ok"
+    """, tmp_path)
 
 
 def test_bad_conditioning_is_a_clear_error(cond_bundle, class_bundle, tiny_export):
@@ -256,3 +240,27 @@ def test_unconditional_models_refuse_conditions(tiny_model_dir, tmp_path):
         api.build(str(tiny_model_dir), tmp_path / "o", BuildConfig(null_class=1, calibration=CalibrationConfig(
             size=2, steps=3, groups=1)))
     assert not (tmp_path / "o").exists()
+
+
+def test_class_accuracy_counts_requested_classes(monkeypatch):
+    """class_accuracy compares the classifier's top class with the requested labels."""
+    from dmcompile import api as dm
+
+    probs = np.eye(10)[[3, 3, 7, 1]]
+    monkeypatch.setattr(dm, "_scorer", lambda: (lambda images: (None, probs)))
+    assert dm.class_accuracy(np.zeros((4, 1, 16, 16), np.float32), np.array([3, 2, 7, 1])) == 0.75
+
+
+def test_eval_reports_class_accuracy_for_class_conditional_digits(tmp_path):
+    """A 16x16 one-channel class-conditional model is scored by the digit classifier."""
+    from conftest import make_model_folder
+
+    cfg = {"sample_size": 16, "in_channels": 1, "out_channels": 1, "layers_per_block": 1,
+           "block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "DownBlock2D"],
+           "up_block_types": ["UpBlock2D", "UpBlock2D"], "norm_num_groups": 4, "num_class_embeds": 11}
+    folder = make_model_folder(tmp_path / "m", cfg)
+    exp = api.export(str(folder), tmp_path / "e").path
+    res = api.evaluate(exp, api.EvalConfig(sample=api.SampleConfig(n=4, steps=2)),
+                       cond={"class_labels": np.array([0, 1, 2, 3])})
+    d = res.report["digits"]
+    assert 0.0 <= d["class_accuracy"] <= 1.0 and d["class_accuracy"] == d["fp_class_accuracy"]

@@ -2,21 +2,18 @@
 scaling factor, and used by dmruntime to turn sampled latents into images."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_without_torch
+from dmruntime import Bundle
 
 from dmcompile import api
 from dmcompile.cli import main
 from dmcompile.config import BuildConfig, CalibrationConfig
 from dmcompile.errors import ModelError
-from dmruntime import Bundle, DDIMSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 COND = {"encoder_hidden_states": np.random.default_rng(0).standard_normal((1, 5, 12)).astype(np.float32)}
@@ -60,13 +57,7 @@ def test_sample_and_eval_decode_images(latent_bundle, tmp_path, capsys):
 
 
 def test_runtime_decodes_without_torch(latent_bundle, tmp_path):
-    script = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "diffusers"):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
+    run_without_torch(f"""
         import numpy as np
         from dmruntime import Bundle, DDIMSampler
         b = Bundle.open({str(latent_bundle)!r})
@@ -74,13 +65,7 @@ def test_runtime_decodes_without_torch(latent_bundle, tmp_path):
         z = DDIMSampler(b, steps=4).sample(2, seed=0, cond={{"encoder_hidden_states": e}})
         img = b.decode(z)
         assert img.shape == (2, 3, 16, 16) and np.isfinite(img).all()
-        assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "dmcompile")]
-        print("ok")
-    """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "runtimes" / "python")}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "ok"
+    """, tmp_path)
 
 
 def test_disagreeing_pipeline_parts_are_an_error(tmp_path, capsys):

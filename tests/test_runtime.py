@@ -1,20 +1,17 @@
 """dmruntime: sampling parity with diffusers, determinism, bundle validation, no torch."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_without_torch
 from diffusers import DDIMScheduler
+from dmruntime import Bundle, BundleError, DDIMSampler, InputError
 
 from dmcompile import api
-from dmruntime import Bundle, BundleError, DDIMSampler, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,31 +144,12 @@ def test_bad_bundles_are_refused(tiny_export, tmp_path):
 
 def test_runtime_works_without_torch_or_diffusers(tiny_export, tmp_path):
     """Run dmruntime in a fresh interpreter where importing torch or diffusers fails."""
-    script = textwrap.dedent(f"""
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("torch", "diffusers"):
-                    raise ImportError("blocked: " + name)
-        sys.meta_path.insert(0, Block())
+    run_without_torch(f"""
         import numpy as np
         from dmruntime import Bundle, DDIMSampler
         x = DDIMSampler(Bundle.open({str(tiny_export)!r}), steps=5, eta=1.0).sample(3, seed=0)
         assert x.shape == (3, 2, 8, 8) and np.isfinite(x).all()
-        try:
-            import torch
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("torch import was not blocked")
-        bad = [m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "dmcompile")]
-        assert not bad, bad
-        print("ok")
-    """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "runtimes" / "python")}
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "ok"
+    """, tmp_path)
 
 
 def test_runtime_package_declares_no_torch():
