@@ -148,7 +148,7 @@ floor) and confident-class rates.
             "confident_rate": mine["confident_rate"], "fp_confident_rate": fp["confident_rate"],
             "class_histogram": mine["class_histogram"],
         }
-        labels = (bundle.conditioning.check(cond, sc.n) if cond else {}).get("class_labels")
+        labels = None if not cond or "class_labels" not in cond else np.broadcast_to(cond["class_labels"], (sc.n,))
         if labels is not None:  # class-conditional digits: does the sample show the class asked for?
             report["digits"]["class_accuracy"] = class_accuracy(got, labels)
             report["digits"]["fp_class_accuracy"] = class_accuracy(want, labels)

@@ -51,8 +51,18 @@ def cmd_export(args) -> int:
 
 
 def _sample_config(args, n_default: int):
+    """The sampling options; without --guidance, a bundle calibrated with guidance samples at
+    that scale (its manifest says which)."""
+    guidance = args.guidance
+    target = Path(getattr(args, "target", ""))
+    if guidance is None and (target / "manifest.json").is_file():
+        try:
+            guidance = (json.loads((target / "manifest.json").read_text()).get("conditioning") or {}).get(
+                "calibration_guidance_scale")
+        except ValueError:
+            guidance = None  # Bundle.open reports the broken manifest
     return SampleConfig(n=n_default if args.n is None else args.n, steps=args.steps, eta=args.eta, seed=args.seed,
-                        batch_size=args.batch_size, guidance_scale=args.guidance)
+                        batch_size=args.batch_size, guidance_scale=guidance)
 
 
 def _conditions(args, n: int) -> dict | None:
@@ -73,17 +83,20 @@ def _conditions(args, n: int) -> dict | None:
             raise ConfigError(f"{target} is not a conditional bundle: --class, --conditions and --guidance do not apply")
         return None
     if args.conditions:
-        rows, _ = load_conditions(Path(args.conditions), spec)
+        rows, _, _ = load_conditions(Path(args.conditions), spec)
+        if rows is None:
+            raise ConfigError(f"--conditions {args.conditions} holds no conditions (arrays named {list(spec.names)})")
         if len(next(iter(rows.values()))) not in (1, n):
             raise ConfigError(f"--conditions holds {len(next(iter(rows.values())))} rows for {n} samples; give one row "
                               "per sample or one row for all")
         return rows
-    if "class_labels" not in spec.names:
+    if "class_labels" not in spec.names and not spec.embedded_classes:
         raise ConfigError(f"this bundle needs {', '.join(spec.describe())}: pass them with --conditions FILE.npz")
     if args.class_label is not None:
         return {"class_labels": np.full(n, args.class_label, np.int64)}
-    null = None if not spec.null else int(spec.null["class_labels"])
-    classes = [c for c in range(spec.num_classes) if c != null]
+    null = int(spec.null["class_labels"]) if spec.null and "class_labels" in spec.null else None
+    k = len(spec.class_table) if spec.embedded_classes else spec.num_classes
+    classes = [c for c in range(k) if c != null]
     return {"class_labels": np.array([classes[i % len(classes)] for i in range(n)], np.int64)}
 
 
@@ -98,7 +111,8 @@ def cmd_sample(args) -> int:
     images = api.sample(args.target, cfg, fp=args.fp, progress=_progress_bar("DDIM"), correction=not args.no_correction,
                         cond=cond)
     save_grid(images, args.output)
-    print(f"wrote {args.output}: {cfg.n} samples, DDIM {cfg.steps} steps, eta {cfg.eta}, seed {cfg.seed}")
+    guided = f", guidance {cfg.guidance_scale:g}" if cfg.guidance_scale is not None else ""
+    print(f"wrote {args.output}: {cfg.n} samples, DDIM {cfg.steps} steps, eta {cfg.eta}, seed {cfg.seed}{guided}")
     if api.is_digits_shape(images.shape[1:]) and cfg.n >= 2:
         s = api.digit_scores(images)
         print(f"FD to real digits: {s['fd_to_real']:.3f} ({cfg.n} samples; small sets read high, "
@@ -119,7 +133,9 @@ def cmd_eval(args) -> int:
     r = res.report
     pv = r["paired_vs_fp"]
     corr = ", PTQD correction on" if r["correction"] else ""
-    print(f"{r['model']} ({r['format']}), {cfg.sample.n} samples, DDIM {cfg.sample.steps} steps, eta {cfg.sample.eta}{corr}")
+    guided = f", guidance {cfg.sample.guidance_scale:g}" if cfg.sample.guidance_scale is not None else ""
+    print(f"{r['model']} ({r['format']}), {cfg.sample.n} samples, DDIM {cfg.sample.steps} steps, eta {cfg.sample.eta}"
+          f"{guided}{corr}")
     print(f"paired vs full precision (same seeds): PSNR {pv['psnr_db_mean']:.2f} dB (median {pv['psnr_db_median']:.2f}), "
           f"SSIM {pv['ssim_mean']:.4f}, max |diff| {pv['max_abs_diff']:.2e}")
     d = r.get("digits")
@@ -274,7 +290,8 @@ def _add_sampling(p: argparse.ArgumentParser, n_default: int) -> None:
                    help="conditional bundles: conditions by input name (class_labels, encoder_hidden_states), "
                    "one row per sample or one for all")
     p.add_argument("--guidance", type=float, default=default(S, "guidance_scale"), metavar="S",
-                   help="classifier-free guidance scale (needs a bundle with a null condition); default: none")
+                   help="classifier-free guidance scale (needs a bundle with a null condition); default: the scale "
+                   "the bundle was calibrated with, else none")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from dmruntime import Bundle
-from dmruntime.conditioning import NULL_FILE, Conditioning
+from dmruntime.conditioning import NULL_FILE, TABLE_FILE, Conditioning
 
 from . import stages
 from .artifacts import BUNDLE, atomic_dir, check_replaceable, write_manifest
@@ -103,7 +103,7 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     engines = fuse_and_merge(lower(ws, calib, plan, progress))
     stored = externalize_weights(ws, engines, plan) if isinstance(config.recipe, MixedRecipe) else None
     with atomic_dir(Path(out), BUNDLE) as tmp:
-        files = write_engines(tmp, engines, stored, ws.conditioning.null, _decoder(ws))
+        files = write_engines(tmp, engines, stored, ws.conditioning.null, _decoder(ws), ws.conditioning.class_table)
         body = describe(ws, calib, plan, engines, stored, config)
         if config.correction:
             body["correction"] = estimate_corrections(tmp, body, ws, calib, config, progress)
@@ -243,7 +243,7 @@ def externalize_weights(ws: Workspace, engines: EngineSet, plan: WeightPlan) -> 
 
 
 def write_engines(folder: Path, engines: EngineSet, stored: StoredWeights | None, null: dict | None = None,
-                  decoder: tuple | None = None) -> list[str]:
+                  decoder: tuple | None = None, table: np.ndarray | None = None) -> list[str]:
     """Engine files, one group_XX.npz of engine inputs per group, weights.npz, the null
     condition of guidance, the decoder ((export folder, its manifest entry)); their names."""
     from .backends.onnxruntime import WEIGHTS_FILE, save_engine
@@ -256,6 +256,10 @@ def write_engines(folder: Path, engines: EngineSet, stored: StoredWeights | None
         with open(folder / NULL_FILE, "wb") as f:
             np.savez(f, **{k: np.asarray(v) for k, v in sorted(null.items())})
         files.append(NULL_FILE)
+    if table is not None:
+        with open(folder / TABLE_FILE, "wb") as f:
+            np.savez(f, class_table=table)
+        files.append(TABLE_FILE)
     if decoder:  # latent models: the fp32 decoder of the export, as it is
         shutil.copyfile(Path(decoder[0]) / decoder[1]["file"], folder / decoder[1]["file"])
         files.append(decoder[1]["file"])
@@ -293,7 +297,8 @@ def describe(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, engines:
     if _decoder(ws):
         body["decoder"] = _decoder(ws)[1]
     if ws.conditioning:
-        body["conditioning"] = ws.conditioning.to_manifest(NULL_FILE if ws.conditioning.null else None)
+        body["conditioning"] = ws.conditioning.to_manifest(
+            NULL_FILE if ws.conditioning.null else None, TABLE_FILE if ws.conditioning.class_table is not None else None)
         body["conditioning"]["calibration_guidance_scale"] = calib.config.guidance_scale
     return body
 

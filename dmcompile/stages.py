@@ -127,21 +127,24 @@ def _arrays_digest(arrays: dict) -> str:
 
 
 def conditioning(fp: Path, config: CalibrationConfig, null_class: int | None = None):
-    """(Conditioning with its null condition, calibration conditions: one row per trajectory)
-    of an export; (Conditioning.none(), None) for an unconditional model. Raises ConfigError
-    for conditions that do not fit the model."""
+    """(Conditioning with its null condition and class table, calibration conditions: one
+    row per trajectory) of an export; (Conditioning.none(), None) for an unconditional model.
+    The export's own defaults (a zoo pipeline's conditions.npz) apply unless ``config.conditions``
+    or ``null_class`` replace them. Raises ConfigError for conditions that do not fit."""
     from dmruntime.conditioning import COND_STREAM, Conditioning
 
     from .errors import ConfigError
 
-    base = Conditioning.from_manifest(json.loads((fp / "manifest.json").read_text()))
+    base = Conditioning.from_manifest(json.loads((fp / "manifest.json").read_text()), fp)
     if not base:
         given = [n for n, v in (("--calib-conditions", config.conditions), ("--null-class", null_class),
                                ("guidance", config.guidance_scale)) if v is not None]
         if given:
             raise ConfigError(f"this model is unconditional: {', '.join(given)} do(es) not apply")
         return base, None
-    rows, null = load_conditions(Path(config.conditions), base) if config.conditions else (None, None)
+    rows, null, table = load_conditions(Path(config.conditions), base) if config.conditions else (None, None, None)
+    null = null if null is not None else base.null
+    table = table if table is not None else base.class_table
     if null_class is not None:
         if "class_labels" not in base.names:
             raise ConfigError("--null-class applies to class-conditional models; this one takes "
@@ -149,14 +152,14 @@ def conditioning(fp: Path, config: CalibrationConfig, null_class: int | None = N
         if not 0 <= null_class < (base.num_classes or 0):
             raise ConfigError(f"--null-class {null_class} is outside the model's classes [0, {base.num_classes})")
         null = {**(null or {}), "class_labels": np.asarray(null_class, np.int64)}
+        null = {k: v[0] for k, v in _checked(base, {k: np.asarray(v)[None] for k, v in null.items()}, 1,
+                                             "the null condition").items()}
     if null is not None:
         missing = [n for n in base.names if n not in null]
         if missing:
             raise ConfigError(f"the null condition lacks {missing}; give null_{missing[0]} in --calib-conditions"
                               + (" or --null-class" if missing == ["class_labels"] else ""))
-        null = {k: v[0] for k, v in _checked(base, {k: np.asarray(v)[None] for k, v in null.items()}, 1,
-                                             "the null condition").items()}
-    spec = dataclasses.replace(base, null=null)
+    spec = dataclasses.replace(base, null=null, class_table=table)
     if config.guidance_scale is not None and null is None:
         raise ConfigError("calibrating with guidance needs a null condition: pass --null-class (class labels) or "
                           "put null_<input> arrays in --calib-conditions")
@@ -168,31 +171,18 @@ def conditioning(fp: Path, config: CalibrationConfig, null_class: int | None = N
     return spec, rows
 
 
-def load_conditions(path: Path, spec) -> tuple[dict, dict | None]:
-    """(rows, null condition or None) from an .npz keyed by input name (null_<name> for the
-    null condition). Raises ConfigError for a missing, unreadable or ill-fitting file."""
-    import zipfile
+def load_conditions(path: Path, spec) -> tuple[dict | None, dict | None, np.ndarray | None]:
+    """(rows, null condition, class table) from a conditions .npz (dmruntime's format);
+    ConfigError when it cannot be read or does not fit the model."""
+    from dmruntime import InputError
+    from dmruntime.conditioning import read_conditions
 
     from .errors import ConfigError
 
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise ConfigError(f"cannot read conditions {path}: {e}; write it with numpy.savez") from None
-    known = set(spec.names) | {f"null_{n}" for n in spec.names}
-    unknown = sorted(set(arrays) - known)
-    if unknown:
-        raise ConfigError(f"conditions file {path} has array(s) {unknown}; this model takes "
-                          f"{', '.join(spec.describe())} (and null_<name> for the null condition)")
-    rows = {k: v for k, v in arrays.items() if not k.startswith("null_")}
-    null = {k[len("null_"):]: v for k, v in arrays.items() if k.startswith("null_")} or None
-    if not rows:
-        raise ConfigError(f"conditions file {path} holds no conditions (arrays named {list(spec.names)})")
-    n = {len(v) if v.ndim else 0 for v in rows.values()}
-    if len(n) != 1 or 0 in n:
-        raise ConfigError(f"conditions file {path}: every array needs the same number of rows, got {sorted(n)}")
-    return _checked(spec, rows, n.pop(), f"conditions file {path}"), null
+        return read_conditions(path, spec)
+    except InputError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _checked(spec, cond: dict, n: int, what: str) -> dict:

@@ -183,8 +183,12 @@ def test_bad_conditioning_is_a_clear_error(cond_bundle, class_bundle, tiny_expor
 
 
 def test_cli_conditional_sampling_and_errors(cond_bundle, class_bundle, tiny_export, tmp_path, capsys):
-    assert main(["sample", str(class_bundle), "--class", "3", "--guidance", "2.0", "-n", "2", "--steps", "3",
+    assert main(["sample", str(class_bundle), "--class", "3", "--guidance", "2.5", "-n", "2", "--steps", "3",
                  "-o", str(tmp_path / "k.png")]) == 0
+    assert "guidance 2.5" in capsys.readouterr().out
+    assert main(["sample", str(class_bundle), "--class", "3", "-n", "2", "--steps", "3",
+                 "-o", str(tmp_path / "k.png")]) == 0
+    assert "guidance 2" in capsys.readouterr().out  # the scale the bundle was calibrated with
     np.savez(tmp_path / "e.npz", encoder_hidden_states=embeddings(1))
     assert main(["sample", str(cond_bundle), "--conditions", str(tmp_path / "e.npz"), "--guidance", "3", "-n", "2",
                  "--steps", "3", "-o", str(tmp_path / "c.png")]) == 0

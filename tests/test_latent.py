@@ -76,3 +76,26 @@ def test_disagreeing_pipeline_parts_are_an_error(tmp_path, capsys):
         api.load_model(str(pipe))
     assert main(["build", str(pipe), "-o", str(tmp_path / "o")]) == 2
     assert "parts disagree" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_pipeline_class_table_serves_class_labels(tmp_path, capsys):
+    """A cross-attention pipeline shipping conditions.npz (a class table and the null row) is
+    sampled by class: class k means the table's embedding k, guided against the null row."""
+    from conftest import make_pipeline_folder
+
+    pipe = make_pipeline_folder(tmp_path / "p")
+    table = np.random.default_rng(3).standard_normal((3, 1, 12)).astype(np.float32)
+    np.savez(pipe / "conditions.npz", class_table=table, null_encoder_hidden_states=np.zeros((1, 12), np.float32))
+    out = tmp_path / "b"
+    assert main(["build", str(pipe), "-o", str(out), "--groups", "2", "--calib-size", "3", "--calib-steps", "4",
+                 "--guidance", "2", "--eval-samples", "0"]) == 0
+    b = Bundle.open(out)
+    assert b.conditioning.embedded_classes and len(b.conditioning.class_table) == 3
+    z = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    np.testing.assert_array_equal(b.predict(z, 500, {"class_labels": np.array([2, 0])}),
+                                  b.predict(z, 500, {"encoder_hidden_states": table[[2, 0]]}))
+    capsys.readouterr()
+    assert main(["sample", str(out), "--class", "1", "-n", "2", "--steps", "3", "-o", str(tmp_path / "g.png")]) == 0
+    assert "guidance 2" in capsys.readouterr().out
+    assert main(["sample", str(out), "--class", "3", "-n", "2", "--steps", "3", "-o", str(tmp_path / "h.png")]) == 2
+    assert "class labels must be in [0, 3)" in capsys.readouterr().err

@@ -29,6 +29,29 @@ from .passes import check_graph, name_anonymous_weights, strip_wrapper_prefix
 from .torch_model import conditioning_of
 
 
+def _conditioning_entry(model: LoadedModel, folder: Path, config: ExportConfig) -> tuple[dict, list[str]]:
+    """The manifest's "conditioning" entry and the files it names: a pipeline's own
+    conditions.npz gives the null condition and a class table (stored as the bundle stores them)."""
+    from dmruntime import InputError
+    from dmruntime.conditioning import NULL_FILE, TABLE_FILE, read_conditions
+
+    spec = conditioning_of(model, sequence_length=config.sequence_length)
+    null = table = None
+    if model.default_conditions:
+        try:
+            _, null, table = read_conditions(model.default_conditions, spec)
+        except InputError as e:
+            raise ExportError(f"{model.default_conditions}: {e}") from None
+    files = []
+    if null:
+        np.savez(folder / NULL_FILE, **{k: np.asarray(v) for k, v in sorted(null.items())})
+        files.append(NULL_FILE)
+    if table is not None:
+        np.savez(folder / TABLE_FILE, class_table=table)
+        files.append(TABLE_FILE)
+    return spec.to_manifest(NULL_FILE if null else None, TABLE_FILE if table is not None else None), files
+
+
 def _dummy_conditions(model: LoadedModel, sequence_length: int) -> dict[str, np.ndarray]:
     """One row of each conditioning input (shape probing at batch 1)."""
     return conditioning_of(model, sequence_length=sequence_length).dummy(1)
@@ -151,9 +174,10 @@ def export_model(model: LoadedModel, out: Path, config: ExportConfig = ExportCon
             "export": {"config": config.to_dict(), "parity_max_abs_err": err, "seconds": round(seconds, 2),
                        "op_counts": layer_map.counts(), "total_macs_per_sample": layer_map.total_macs},
         }
-        if model.condition_inputs:
-            body["conditioning"] = conditioning_of(model, sequence_length=config.sequence_length).to_manifest(None)
         files = [ENGINE_FILE, LAYER_MAP_FILE]
+        if model.condition_inputs:
+            body["conditioning"], extra = _conditioning_entry(model, tmp, config)
+            files += extra
         if model.vae is not None:
             body["decoder"] = export_decoder(model, tmp / DECODER_FILE, config)
             files.append(DECODER_FILE)

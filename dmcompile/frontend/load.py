@@ -48,6 +48,7 @@ class LoadedModel:
     cls: str = "UNet2DModel"
     vae: object = field(default=None, repr=False)  # latent models: the autoencoder whose decoder makes images
     vae_config: dict | None = field(default=None, repr=False)
+    default_conditions: Path | None = None  # a pipeline's conditions.npz (null condition, class table)
 
     @property
     def scaling_factor(self) -> float | None:
@@ -192,8 +193,9 @@ def load_folder(folder: Path, model_id: str | None = None, source: str | None = 
     unet.eval().requires_grad_(False)
     vae, vae_config = load_vae(root / "vae", _json_config(unet.config)) if root and (root / "vae").is_dir() else (None,
                                                                                                                 None)
+    conds = root / "conditions.npz" if root and (root / "conditions.npz").is_file() else None
     return LoadedModel(model_id or (root or folder).name, source or str(root or folder), unet, _json_config(unet.config),
-                       scheduler, cls=cls, vae=vae, vae_config=vae_config)
+                       scheduler, cls=cls, vae=vae, vae_config=vae_config, default_conditions=conds)
 
 
 VAE_CLASSES = ("AutoencoderKL", "VQModel")

@@ -50,3 +50,29 @@ DDPM_LINEAR_SCHEDULER = {
     "prediction_type": "epsilon",
     "variance_type": "fixed_small",
 }
+
+# digits-ldm: Stable Diffusion in miniature (benchmarks/train_ldm.py). The autoencoder maps
+# 1x16x16 digits to 4x8x8 latents; the UNet's cross-attention reads a learned class embedding.
+DIGITS_LDM_VAE = {
+    "in_channels": 1,
+    "out_channels": 1,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 16,
+    "sample_size": 16,
+}
+DIGITS_LDM_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [48, 96],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "norm_num_groups": 16,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+}

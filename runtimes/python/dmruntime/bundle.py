@@ -218,9 +218,10 @@ def validate_manifest(manifest: dict, root: Path, *, verify: bool = True) -> Non
     dec = manifest.get("decoder")
     if dec:
         _require(dec.get("file") in files, f"the decoder file {dec.get('file')!r} is not listed in 'files'")
-    null = (manifest.get("conditioning") or {}).get("null")
-    if null:
-        _require(null.get("file") in files, f"the null condition file {null.get('file')!r} is not listed in 'files'")
+    for key in ("null", "class_table"):
+        entry = (manifest.get("conditioning") or {}).get(key)
+        if entry:
+            _require(entry.get("file") in files, f"the conditioning file {entry.get('file')!r} is not listed in 'files'")
     weights = manifest.get("weights")
     if weights is not None:
         _require(weights.get("file") in files, f"manifest weights file {weights.get('file')!r} is not listed in 'files'")

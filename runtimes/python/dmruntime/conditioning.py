@@ -8,7 +8,11 @@ A bundle's manifest describes them::
                                 {"name": "encoder_hidden_states", "dtype": "float32",
                                  "shape": [null, null, 768]}],
                      "num_classes": 10 | null, "sequence_length": 77 | null,
-                     "null": {"file": "null_condition.npz"} | null}
+                     "null": {"file": "null_condition.npz"} | null,
+                     "class_table": {"file": "class_table.npz"} | null}
+
+A class table ([K, L, D], one embedding per class) lets a cross-attention model be asked for a
+class: ``{"class_labels": [3, 1]}`` becomes ``{"encoder_hidden_states": table[[3, 1]]}``.
 
 Conditions are dicts of arrays keyed by input name with one row per sample; one row (batch
 axis 1) is repeated for every sample, and class labels may also be one scalar.
@@ -26,6 +30,7 @@ from .errors import BundleError, InputError
 
 COND_STREAM = 0xC0D  # default calibration conditions: a random stream of their own
 NULL_FILE = "null_condition.npz"
+TABLE_FILE = "class_table.npz"
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class Conditioning:
     num_classes: int | None = None
     sequence_length: int | None = None
     null: dict | None = None  # input name -> one row (no batch axis): the guidance's null condition
+    class_table: np.ndarray | None = None  # [K, L, D] embeddings of K classes, for the one float input
 
     @classmethod
     def none(cls) -> Conditioning:
@@ -70,15 +76,35 @@ class Conditioning:
             inputs = tuple(CondInput(i["name"], i["dtype"], tuple(i["shape"])) for i in c["inputs"])
         except (KeyError, TypeError) as e:
             raise BundleError(f"manifest conditioning is malformed ({e}); rebuild the bundle") from None
-        null = None
-        if c.get("null"):
-            null = _load_npz(Path(root) / c["null"]["file"]) if root is not None else None
-        return cls(inputs, c.get("num_classes"), c.get("sequence_length"), null)
+        null = table = None
+        if c.get("null") and root is not None:
+            null = _load_npz(Path(root) / c["null"]["file"])
+        if c.get("class_table") and root is not None:
+            table = _load_npz(Path(root) / c["class_table"]["file"]).get("class_table")
+        return cls(inputs, c.get("num_classes"), c.get("sequence_length"), null, table)
 
-    def to_manifest(self, null_file: str | None) -> dict:
+    def to_manifest(self, null_file: str | None, table_file: str | None = None) -> dict:
         return {"inputs": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in self.inputs],
                 "num_classes": self.num_classes, "sequence_length": self.sequence_length,
-                "null": {"file": null_file} if null_file else None}
+                "null": {"file": null_file} if null_file else None,
+                "class_table": {"file": table_file} if table_file else None}
+
+    @property
+    def embedded_classes(self) -> bool:
+        """Whether class labels are looked up in a class table (no class_labels input)."""
+        return self.class_table is not None and "class_labels" not in self.names
+
+    def _from_classes(self, cond: dict) -> dict:
+        """{"class_labels": ...} -> the class table's embeddings for the float input."""
+        labels = np.asarray(cond["class_labels"])
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(f"class_labels must hold integers, got {labels.dtype}")
+        k = len(self.class_table)
+        if labels.size and (labels.min() < 0 or labels.max() >= k):
+            raise InputError(f"class labels must be in [0, {k}), got [{labels.min()}, {labels.max()}]")
+        name = next(i.name for i in self.inputs if i.dtype != "int64")
+        rows = self.class_table[labels.astype(np.int64)]
+        return {**{k_: v for k_, v in cond.items() if k_ != "class_labels"}, name: rows}
 
     def check(self, cond: dict | None, n: int) -> dict:
         """Validated conditions for ``n`` rows (single rows repeated). Raises InputError with
@@ -90,6 +116,8 @@ class Conditioning:
         if cond is None:
             raise InputError(f"this model needs conditioning: {', '.join(self.describe())}; pass them "
                              "(e.g. class_labels=... or encoder_hidden_states=...)")
+        if self.embedded_classes and "class_labels" in cond:
+            cond = self._from_classes(cond)
         unknown = sorted(set(cond) - set(self.names))
         if unknown:
             raise InputError(f"unknown conditioning input(s) {unknown}; this model takes {', '.join(self.describe())}")
@@ -147,6 +175,8 @@ class Conditioning:
     def random(self, n: int, rng: np.random.Generator) -> dict:
         """Default calibration conditions: class labels uniform over the classes (the null
         class excluded), embeddings standard normal of the reference sequence length."""
+        if self.embedded_classes:
+            return self._from_classes({"class_labels": rng.integers(0, len(self.class_table), n)})
         out = {}
         for spec in self.inputs:
             if spec.dtype == "int64":
@@ -161,6 +191,42 @@ class Conditioning:
     def dummy(self, n: int) -> dict:
         """Zeros of the right shapes and dtypes for ``n`` rows (shape probing)."""
         return {s.name: np.zeros((n, *s.row_shape(self.sequence_length)), np.dtype(s.dtype)) for s in self.inputs}
+
+
+def read_conditions(path: Path, spec: Conditioning) -> tuple[dict | None, dict | None, np.ndarray | None]:
+    """(rows, null condition, class table) from an .npz: arrays named by input (one row per
+    sample), ``null_<name>`` (the null condition, no batch axis) and ``class_table`` ([K, L, D]
+    embeddings per class). Raises InputError saying what does not fit ``spec``."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"cannot read conditions {path}: {e}; write it with numpy.savez") from None
+    known = set(spec.names) | {f"null_{n}" for n in spec.names} | {"class_table"}
+    unknown = sorted(set(arrays) - known)
+    if unknown:
+        raise InputError(f"conditions file {path} has array(s) {unknown}; this model takes "
+                         f"{', '.join(spec.describe())} (and null_<name>, class_table)")
+    rows = {k: v for k, v in arrays.items() if k in spec.names} or None
+    null = {k[len("null_"):]: v for k, v in arrays.items() if k.startswith("null_")} or None
+    table = arrays.get("class_table")
+    if table is not None:
+        floats = [i for i in spec.inputs if i.dtype != "int64"]
+        if len(floats) != 1:
+            raise InputError(f"conditions file {path}: a class_table needs a model with one embedding input")
+        spec._check_one(floats[0], table, len(table))  # [K, L, D] like K rows of the input
+        table = table.astype(np.float32)
+    if rows is not None:
+        n = {len(v) if v.ndim else 0 for v in rows.values()}
+        if len(n) != 1 or 0 in n:
+            raise InputError(f"conditions file {path}: every array needs the same number of rows, got {sorted(n)}")
+        rows = spec.check(rows, n.pop())
+    if null is not None:
+        missing = [i for i in spec.names if i not in null]
+        if missing:
+            raise InputError(f"conditions file {path}: the null condition lacks null_{missing[0]}")
+        null = {k: v[0] for k, v in spec.check({k: np.asarray(v)[None] for k, v in null.items()}, 1).items()}
+    return rows, null, table
 
 
 def take_rows(cond: dict | None, rows: slice | np.ndarray) -> dict | None:
