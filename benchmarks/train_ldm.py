@@ -112,7 +112,8 @@ def train_vae(args, data: torch.Tensor):
         rec = torch.cat([vae.decode(mean[i:i + 256]).sample for i in range(0, len(mean), 256)])
     scale = float(1.0 / mean.std())
     vae.register_to_config(scaling_factor=scale)
-    print(f"vae: final loss {avg:.5f}; reconstruction mse {torch.mean((rec - data) ** 2).item():.5f}; "
+    loss_txt = "resumed complete" if avg is None else f"{avg:.5f}"
+    print(f"vae: final loss {loss_txt}; reconstruction mse {torch.mean((rec - data) ** 2).item():.5f}; "
           f"latent std {mean.std().item():.4f} -> scaling_factor {scale:.4f}")
     return vae, mean * scale
 
@@ -165,7 +166,7 @@ def train_unet(args, latents: torch.Tensor, labels: torch.Tensor):
         if step % args.ckpt_every == 0 or step == args.unet_steps:
             _save(ckpt, {"unet": unet, "ema": ema, "table": table, "opt": opt}, gen, step)
     bar.close()
-    print(f"unet: final loss (EMA of batches) {avg:.5f}")
+    print(f"unet: final loss (EMA of batches) {'resumed complete' if avg is None else f'{avg:.5f}'}")
     return ema, table.weight.detach().view(NULL + 1, SEQ, DIM).numpy().astype(np.float32)
 
 

@@ -114,7 +114,8 @@ floor) and confident-class rates.
     from .eval.metrics import frechet_distance, psnr, ssim
 
     bundle = open_bundle(target, correction=correction)
-    ref = TorchEpsModel(reference_model(bundle), null=bundle.conditioning.null)
+    ref = TorchEpsModel(reference_model(bundle), null=bundle.conditioning.null,
+                        class_table=bundle.conditioning.class_table)
     sc = config.sample
     got = sample_model(bundle, sc, progress=progress and (lambda i, n: progress("bundle", i, n)), cond=cond)
     want = sample_model(ref, sc, progress=progress and (lambda i, n: progress("fp reference", i, n)), cond=cond)

@@ -53,3 +53,19 @@ def test_digits_data():
     want = torch.nn.functional.interpolate(torch.from_numpy(img)[:, None], scale_factor=2, mode="bilinear",
                                            align_corners=False)[:, 0].numpy()
     np.testing.assert_allclose(upsample2x_bilinear(img), want, atol=1e-12)
+
+
+def test_train_ldm_few_steps_and_resume(tmp_path):
+    """digits-ldm's script: both stages, a resume, and a pipeline folder dmcompile loads (with
+    its class table and null row)."""
+    script = ROOT / "benchmarks" / "train_ldm.py"
+    common = ["--work", tmp_path / "work", "--out", tmp_path / "model", "--batch", "8", "--ckpt-every", "1",
+              "--threads", "1", "--vae-steps", "2"]
+    out = _run(script, "--unet-steps", "2", *common)
+    assert "wall time" in out and "scaling_factor" in out
+    out = _run(script, "--unet-steps", "3", *common)
+    assert "unet.pt at step 2" in out
+    model = api.load_model(str(tmp_path / "model"))
+    assert model.cls == "UNet2DConditionModel" and model.vae is not None and model.sample_shape == (4, 8, 8)
+    conds = np.load(tmp_path / "model" / "conditions.npz")
+    assert conds["class_table"].shape == (10, 1, 32) and conds["null_encoder_hidden_states"].shape == (1, 32)

@@ -15,11 +15,11 @@ class TorchEpsModel:
     """Runs a LoadedModel's UNet on numpy arrays; same interface as ``dmruntime.Bundle``
     (``conditioning`` validates conditions; ``null`` is the guidance's null condition)."""
 
-    def __init__(self, model: LoadedModel, null: dict | None = None):
+    def __init__(self, model: LoadedModel, null: dict | None = None, class_table=None):
         self.model = model
         self.schedule = NoiseSchedule.from_config(model.scheduler_config)
         self.sample_shape = model.sample_shape
-        self.conditioning = conditioning_of(model, null)
+        self.conditioning = conditioning_of(model, null, class_table=class_table)
 
     def predict(self, sample: np.ndarray, t: int, cond: dict | None = None) -> np.ndarray:
         import torch
@@ -32,9 +32,11 @@ class TorchEpsModel:
             return self.model.unet(torch.from_numpy(sample), ts, return_dict=False, **kw)[0].numpy()
 
 
-def conditioning_of(model: LoadedModel, null: dict | None = None, sequence_length: int | None = None) -> Conditioning:
-    """The runtime's description of a model's conditioning inputs (plus a null condition)."""
+def conditioning_of(model: LoadedModel, null: dict | None = None, sequence_length: int | None = None,
+                    class_table=None) -> Conditioning:
+    """The runtime's description of a model's conditioning inputs (plus a null condition and
+    a class table)."""
     inputs = tuple(CondInput(i.name, i.dtype, i.shape) for i in model.condition_inputs)
     if not inputs:
         return Conditioning.none()
-    return Conditioning(inputs, model.num_classes, sequence_length, null)
+    return Conditioning(inputs, model.num_classes, sequence_length, null, class_table)
