@@ -177,7 +177,9 @@ def write_pipeline(out: Path, vae, unet, table: np.ndarray) -> None:
     vae.save_pretrained(tmp / "vae", safe_serialization=True)
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
     (tmp / "scheduler").mkdir()
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(DDPM_LINEAR_SCHEDULER, indent=2) + "\n")
+    # latents are not in [-1, 1]: DDIM must not clip its x0 estimate (the pixel models' default)
+    sched = {**DDPM_LINEAR_SCHEDULER, "clip_sample": False}
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
     (tmp / "model_index.json").write_text(json.dumps({"_class_name": "LDMTextToImagePipeline",
                                                       "unet": ["diffusers", "UNet2DConditionModel"],
                                                       "vae": ["diffusers", "AutoencoderKL"],

@@ -177,9 +177,11 @@ def test_corrupt_group_engine_fails_clearly(tiny_bundle, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["digits16", "ddpm-cifar10-32"])
+@pytest.mark.parametrize("name", ["digits16", "ddpm-cifar10-32", "digits-ldm"])
 def test_full_integer_fusion_on_shipped_models(name, tmp_path):
-    cfg = BuildConfig(calibration=CalibrationConfig(size=2, steps=4, groups=2, batch_size=2), eval_samples=0)
+    guidance = 2.0 if name == "digits-ldm" else None  # the conditional model: guided calibration
+    cfg = BuildConfig(calibration=CalibrationConfig(size=2, steps=4, groups=2, batch_size=2, guidance_scale=guidance),
+                      eval_samples=0)
     out = api.build(name, tmp_path / name, cfg).path
     rep = fusion_report(out / "unet.onnx")
     assert rep["float"] == {} and rep["ratio"] == 1.0

@@ -1,4 +1,6 @@
-"""Embedded models: the trained default ``digits16`` and random-weight architecture presets."""
+"""Embedded models: the trained default ``digits16``, the conditional latent ``digits-ldm``
+(a diffusers pipeline folder: vae/, unet/, scheduler/, conditions.npz) and random-weight
+architecture presets."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ ZOO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = "digits16"
 
 # name -> folder with config.json + safetensors + scheduler_config.json (trained weights)
-TRAINED = {"digits16": ZOO_DIR / "digits16"}
+TRAINED = {"digits16": ZOO_DIR / "digits16", "digits-ldm": ZOO_DIR / "digits-ldm"}
 # name -> (UNet2DModel config, scheduler config); weights are random, seeded
 PRESETS = {"ddpm-cifar10-32": (DDPM_CIFAR10_32_UNET, DDPM_LINEAR_SCHEDULER)}
 CLASSIFIER_DIR = ZOO_DIR / "classifier"
