@@ -101,6 +101,8 @@ def _conditions(args, n: int) -> dict | None:
 
 
 def cmd_sample(args) -> int:
+    import numpy as np
+
     from . import api
     from .artifacts import check_file_replaceable
     from .eval.grid import save_grid
@@ -113,7 +115,11 @@ def cmd_sample(args) -> int:
     save_grid(images, args.output)
     guided = f", guidance {cfg.guidance_scale:g}" if cfg.guidance_scale is not None else ""
     print(f"wrote {args.output}: {cfg.n} samples, DDIM {cfg.steps} steps, eta {cfg.eta}, seed {cfg.seed}{guided}")
-    if api.is_digits_shape(images.shape[1:]) and cfg.n >= 2:
+    if api.is_digits_shape(images.shape[1:]) and cond and "class_labels" in cond:
+        # samples of chosen classes: FD against all digits would mislead; say whether they are those digits
+        acc = api.class_accuracy(images, np.broadcast_to(cond["class_labels"], (len(images),)))
+        print(f"class accuracy (the digit classifier agrees with the requested class): {acc:.1%}")
+    elif api.is_digits_shape(images.shape[1:]) and cfg.n >= 2:
         s = api.digit_scores(images)
         print(f"FD to real digits: {s['fd_to_real']:.3f} ({cfg.n} samples; small sets read high, "
               f"see `dmcompile eval` for the noise floor); confident-class rate {s['confident_rate']:.1%}")

@@ -72,3 +72,15 @@ def test_digits_ldm_draws_the_requested_digits():
     images = b.decode(z)
     assert images.shape == (50, 1, 16, 16)
     assert api.class_accuracy(images, labels) >= 0.8
+
+
+def test_sampling_a_class_reports_class_accuracy(tmp_path, capsys):
+    from dmcompile.cli import main
+
+    out = tmp_path / "b"
+    assert main(["build", "digits-ldm", "-o", str(out), "--groups", "2", "--calib-size", "4", "--calib-steps", "10",
+                 "--guidance", "2", "--eval-samples", "0", "--no-correction"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(out), "--class", "3", "-n", "10", "--steps", "20", "-o", str(tmp_path / "g.png")]) == 0
+    text = capsys.readouterr().out
+    assert "class accuracy" in text and "FD to real" not in text and "guidance 2" in text
