@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dmcompile.zoo.architectures import DDPM_LINEAR_SCHEDULER, DIGITS_LDM_UNET, DIGITS_LDM_VAE  # noqa: E402
 from dmcompile.zoo.data import load_digits16  # noqa: E402
+from train_reference import ema_update, linear_alphas_cumprod  # noqa: E402  (this folder: the same recipe)
 
 NULL = 10  # index of the null (unconditional) row of the class table
 SEQ, DIM = 1, DIGITS_LDM_UNET["cross_attention_dim"]
@@ -133,9 +134,7 @@ def train_unet(args, latents: torch.Tensor, labels: torch.Tensor):
     gen = torch.Generator().manual_seed(args.seed + 1)
     ckpt = args.work / "unet.pt"
     step = _load(ckpt, {"unet": unet, "ema": ema, "table": table, "opt": opt}, gen)
-    betas = torch.linspace(DDPM_LINEAR_SCHEDULER["beta_start"], DDPM_LINEAR_SCHEDULER["beta_end"], 1000,
-                           dtype=torch.float64)
-    acp = torch.cumprod(1 - betas, 0).float()
+    acp = linear_alphas_cumprod(DDPM_LINEAR_SCHEDULER)
     bar = tqdm(total=args.unet_steps, initial=step, desc="train unet", unit="step")
     avg = None
     unet.train()
@@ -155,10 +154,7 @@ def train_unet(args, latents: torch.Tensor, labels: torch.Tensor):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():
-            decay = min(args.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), unet.parameters()):
-                pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+        ema_update(ema, unet, step, args.ema)
         step += 1
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         bar.update(1)

@@ -54,6 +54,14 @@ def lr_at(step: int, args) -> float:
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
 
 
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    """EMA of the weights, with the usual warm-up: decay min(decay, (1 + step) / (10 + step))."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.mul_(d).add_(pm.detach(), alpha=1 - d)
+
+
 def save_model_folder(ema: torch.nn.Module, out: Path) -> None:
     """Write a diffusers folder atomically (temp folder, then rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,10 +128,7 @@ def main(argv=None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            decay = min(args.ema, (1 + step) / (10 + step))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.mul_(decay).add_(pm.detach(), alpha=1 - decay)
+        ema_update(ema, model, step, args.ema)
         step += 1
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         bar.update(1)

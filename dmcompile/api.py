@@ -47,19 +47,18 @@ def sample(target: str | Path, config: SampleConfig = SampleConfig(), *, fp: boo
     (zoo name or folder) and its cached fp32 ONNX export is sampled instead. ``cond``: the
     conditions of a conditional model ({"class_labels": ...} or {"encoder_hidden_states": ...},
     one row per sample or one for all); ``config.guidance_scale`` turns guidance on."""
+    null = None
     if fp:
         p = Path(target)
         if (p / "manifest.json").is_file():
             bundle = Bundle.open(p)
             if bundle.manifest.get("format") != "fp32":
+                null = bundle.conditioning.null  # the fp export may have none: guide with the bundle's
                 bundle = Bundle.open(fp_bundle(reference_model(bundle)))
         else:
             bundle = Bundle.open(fp_bundle(str(target)))
     else:
         bundle = open_bundle(target, correction=correction)
-    null = None
-    if fp and config.guidance_scale is not None and (Path(target) / "manifest.json").is_file():
-        null = Bundle.open(Path(target)).conditioning.null  # the fp export has none: the bundle's
     out = sample_model(bundle, config, progress=progress, cond=cond, null_cond=null)
     return bundle.decode(out) if bundle.decoder is not None else out
 

@@ -47,7 +47,6 @@ CALIBRATION = ArtifactKind("dmcompile-calibration", "calibration.json", "calibra
 EVAL = ArtifactKind("dmcompile-eval", "eval.json", "evaluation folder",
                     ("eval.json", "samples.png", "fd.png"), ("paired_vs_fp",))
 PLOTS = ArtifactKind("dmcompile-plots", "plots.json", "inspect plots folder")
-KINDS = {k.kind: k for k in (BUNDLE, CURVES, CALIBRATION, EVAL, PLOTS)}
 
 
 def _owned_files(folder: Path, kind: ArtifactKind) -> set[str] | None:

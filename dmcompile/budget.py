@@ -31,11 +31,6 @@ class Budget:
         return {"bits": f"{self.value:g} average weight bits", "bytes": f"{self.value / 1e6:.4g} MB of weights",
                 "bops": f"{self.value:.4g} BOPs"}[self.kind]
 
-    @classmethod
-    def parse(cls, text: str) -> Budget:
-        """'5.0bits', '20MB' (also B, KB, GB, KiB, MiB, GiB), 'BOPs=1.5e9'."""
-        return parse_budget(text)
-
 
 def parse_budget(text: str) -> Budget:
     """'5.0bits', '20MB' (also B, KB, GB, KiB, MiB, GiB), 'BOPs=1.5e9'. Raises BudgetError."""

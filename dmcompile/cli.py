@@ -54,28 +54,33 @@ def _sample_config(args, n_default: int):
     """The sampling options; without --guidance, a bundle calibrated with guidance samples at
     that scale (its manifest says which)."""
     guidance = args.guidance
-    target = Path(getattr(args, "target", ""))
-    if guidance is None and (target / "manifest.json").is_file():
-        try:
-            guidance = (json.loads((target / "manifest.json").read_text()).get("conditioning") or {}).get(
-                "calibration_guidance_scale")
-        except ValueError:
-            guidance = None  # Bundle.open reports the broken manifest
+    if guidance is None:
+        guidance = (_manifest(Path(getattr(args, "target", ""))).get("conditioning") or {}).get(
+            "calibration_guidance_scale")
     return SampleConfig(n=n_default if args.n is None else args.n, steps=args.steps, eta=args.eta, seed=args.seed,
                         batch_size=args.batch_size, guidance_scale=guidance)
+
+
+def _manifest(target: Path) -> dict:
+    """A target folder's manifest ({} for a model name or an unreadable manifest: opening the
+    bundle reports what is wrong with it)."""
+    try:
+        return json.loads((target / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _conditions(args, n: int) -> dict | None:
     """Conditions from --class / --conditions; for a class-conditional bundle without either,
     the classes in turn (the null class left out). None for unconditional targets."""
     import numpy as np
-    from dmruntime import Bundle
+    from dmruntime import Conditioning
 
     from .errors import ConfigError
     from .stages import load_conditions
 
     target = Path(args.target)
-    spec = Bundle.open(target).conditioning if (target / "manifest.json").is_file() else None
+    spec = Conditioning.from_manifest(_manifest(target), target)  # the manifest only: the bundle is opened once
     if args.class_label is not None and args.conditions:
         raise ConfigError("pass either --class or --conditions, not both")
     if not spec:

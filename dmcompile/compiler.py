@@ -7,6 +7,7 @@ it runs (fp32 export, calibration, RD curves) come from :mod:`dmcompile.stages`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -50,6 +51,7 @@ class Workspace:
     precision: LayerPrecision
     conditioning: Conditioning  # the model's conditioning inputs and the null condition (none: unconditional)
     conditions: dict | None  # calibration conditions, one row per trajectory
+    decoder: dict | None  # latent models: the export's decoder entry (decoder.onnx in ``fp``)
 
     @property
     def weight_layers(self) -> list[Layer]:
@@ -103,7 +105,7 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     engines = fuse_and_merge(lower(ws, calib, plan, progress))
     stored = externalize_weights(ws, engines, plan) if isinstance(config.recipe, MixedRecipe) else None
     with atomic_dir(Path(out), BUNDLE) as tmp:
-        files = write_engines(tmp, engines, stored, ws.conditioning.null, _decoder(ws), ws.conditioning.class_table)
+        files = write_engines(tmp, engines, stored, ws)
         body = describe(ws, calib, plan, engines, stored, config)
         if config.correction:
             body["correction"] = estimate_corrections(tmp, body, ws, calib, config, progress)
@@ -123,8 +125,9 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
     fp = stages.fp_bundle(model)
     layer_map = stages.load_layer_map(fp)
     spec, rows = stages.conditioning(fp, config.calibration, config.null_class)
+    decoder = json.loads((fp / "manifest.json").read_text()).get("decoder")
     ws = Workspace(model, fp, layer_map, get_profile(config.profile), resolve(layer_map, config.overrides), spec,
-                   rows)
+                   rows, decoder)
     recipe = config.recipe
     if spec and (config.step_aware or (isinstance(recipe, MixedRecipe) and recipe.budget is not None)):
         raise ConfigError("RD curves and the step-aware check do not feed conditioning yet: build conditional "
@@ -145,7 +148,8 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
 def calibrate(ws: Workspace, config: BuildConfig, progress=None) -> CalibrationResult:
     """Per-group activation statistics of every tensor the profile quantizes (cached)."""
     return stages.calibrate(ws.fp, config.calibration, ws.profile,
-                            progress=progress and (lambda i, n: progress("calibrate", i, n)), null_class=config.null_class)
+                            progress=progress and (lambda i, n: progress("calibrate", i, n)),
+                            conditions=(ws.conditioning, ws.conditions))
 
 
 def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progress=None) -> WeightPlan:
@@ -242,16 +246,16 @@ def externalize_weights(ws: Workspace, engines: EngineSet, plan: WeightPlan) -> 
     return StoredWeights(tensors, external)
 
 
-def write_engines(folder: Path, engines: EngineSet, stored: StoredWeights | None, null: dict | None = None,
-                  decoder: tuple | None = None, table: np.ndarray | None = None) -> list[str]:
+def write_engines(folder: Path, engines: EngineSet, stored: StoredWeights | None, ws: Workspace) -> list[str]:
     """Engine files, one group_XX.npz of engine inputs per group, weights.npz, the null
-    condition of guidance, the decoder ((export folder, its manifest entry)); their names."""
+    condition of guidance and the class table, the export's decoder; their names."""
     from .backends.onnxruntime import WEIGHTS_FILE, save_engine
 
     files = save_engine(folder, engines.engines, list(engines.params), group_files(len(engines.engine_of)))
     if stored is not None:
         _save_weights(folder / WEIGHTS_FILE, stored.tensors)
         files.append(WEIGHTS_FILE)
+    null, table = ws.conditioning.null, ws.conditioning.class_table
     if null:
         with open(folder / NULL_FILE, "wb") as f:
             np.savez(f, **{k: np.asarray(v) for k, v in sorted(null.items())})
@@ -260,9 +264,9 @@ def write_engines(folder: Path, engines: EngineSet, stored: StoredWeights | None
         with open(folder / TABLE_FILE, "wb") as f:
             np.savez(f, class_table=table)
         files.append(TABLE_FILE)
-    if decoder:  # latent models: the fp32 decoder of the export, as it is
-        shutil.copyfile(Path(decoder[0]) / decoder[1]["file"], folder / decoder[1]["file"])
-        files.append(decoder[1]["file"])
+    if ws.decoder:  # latent models: the fp32 decoder of the export, as it is
+        shutil.copyfile(ws.fp / ws.decoder["file"], folder / ws.decoder["file"])
+        files.append(ws.decoder["file"])
     return files
 
 
@@ -294,8 +298,8 @@ def describe(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, engines:
         body["weights"] = _weights_entry(WEIGHTS_FILE, stored.tensors)
     if plan.record:
         body["plan"] = plan.record
-    if _decoder(ws):
-        body["decoder"] = _decoder(ws)[1]
+    if ws.decoder:
+        body["decoder"] = ws.decoder
     if ws.conditioning:
         body["conditioning"] = ws.conditioning.to_manifest(
             NULL_FILE if ws.conditioning.null else None, TABLE_FILE if ws.conditioning.class_table is not None else None)
@@ -345,14 +349,6 @@ def check_fidelity(folder: Path, body: dict, ws: Workspace, config: BuildConfig)
             "reference": "fp32 ONNX export",
             "psnr_db_mean": float(np.mean(np.minimum(psnr(got, want), 200.0))),
             "ssim_mean": float(np.mean(ssim(got, want)))}
-
-
-def _decoder(ws: Workspace) -> tuple | None:
-    """(export folder, the export's decoder entry) of a latent model, else None."""
-    import json
-
-    entry = json.loads((ws.fp / "manifest.json").read_text()).get("decoder")
-    return (ws.fp, entry) if entry else None
 
 
 def _save_weights(path: Path, tensors: dict) -> None:

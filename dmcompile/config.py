@@ -393,27 +393,24 @@ class BuildConfig(_Versioned):
     null_class: int | None = None
     SCHEMA_VERSION = 2
 
-    def __init__(self, *, recipe=None, profile: str = "ort-cpu", calibration: CalibrationConfig | None = None,
-                 analysis: AnalysisConfig | None = None, eval_samples: int = 16, seed: int = 0,
-                 correction: bool = True, correction_size: int = 32, step_aware: bool = False,
-                 null_class: int | None = None, **legacy):
-        unknown = sorted(set(legacy) - set(LEGACY_BUILD_KEYS))
+    def __init__(self, **options):
+        # Keyword-only, defaults from the fields above; the schema-1 keywords build the recipe.
+        names = {f.name for f in dataclasses.fields(self)}
+        legacy = {k: options.pop(k) for k in LEGACY_BUILD_KEYS if k in options}
+        unknown = sorted(set(options) - names)
         if unknown:
             raise TypeError(f"BuildConfig got unexpected keyword(s) {unknown}")
         if legacy:
             warnings.warn(f"BuildConfig({', '.join(sorted(legacy))}=...) is deprecated; pass "
                           "recipe=W8A8Recipe(...) or MixedRecipe(...)", DeprecationWarning, stacklevel=2)
-            _check(recipe is None, "pass either recipe= or the deprecated format/budget/... keywords, not both")
-            recipe = _legacy_recipe(legacy)
-        if isinstance(recipe, dict):
-            recipe = recipe_from_dict(recipe)
-        values = dict(recipe=recipe if recipe is not None else W8A8Recipe(), profile=profile,
-                      calibration=calibration if calibration is not None else CalibrationConfig(),
-                      analysis=analysis if analysis is not None else AnalysisConfig(), eval_samples=eval_samples,
-                      seed=seed, correction=correction, correction_size=correction_size, step_aware=step_aware,
-                      null_class=null_class)
-        for k, v in values.items():
-            object.__setattr__(self, k, v)
+            _check(options.get("recipe") is None, "pass either recipe= or the deprecated format/budget/... "
+                   "keywords, not both")
+            options["recipe"] = _legacy_recipe(legacy)
+        if isinstance(options.get("recipe"), dict):
+            options["recipe"] = recipe_from_dict(options["recipe"])
+        for name in names:
+            value = options.get(name)
+            object.__setattr__(self, name, default(type(self), name) if value is None else value)
         self.__post_init__()
 
     def __post_init__(self):

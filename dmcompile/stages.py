@@ -164,11 +164,8 @@ def conditioning(fp: Path, config: CalibrationConfig, null_class: int | None = N
         raise ConfigError("calibrating with guidance needs a null condition: pass --null-class (class labels) or "
                           "put null_<input> arrays in --calib-conditions")
     if rows is None:
-        rows = spec.random(config.size, np.random.default_rng([config.seed, COND_STREAM]))
-    else:
-        idx = np.arange(config.size) % len(next(iter(rows.values())))
-        rows = {k: v[idx] for k, v in rows.items()}
-    return spec, rows
+        return spec, spec.random(config.size, np.random.default_rng([config.seed, COND_STREAM]))
+    return spec, cycle_rows(rows, config.size)
 
 
 def load_conditions(path: Path, spec) -> tuple[dict | None, dict | None, np.ndarray | None]:
@@ -202,14 +199,15 @@ def _profile_part(profile: TargetProfile) -> list:
 
 
 def calibrate(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_CPU, progress=None,
-              null_class: int | None = None):
+              null_class: int | None = None, conditions: tuple | None = None):
     """Per-group activation statistics of an fp32 export (CalibrationResult), cached under
     ``cache_dir()/calib``; a cached entry that cannot be read is measured again. Conditional
-    models are calibrated on ``config``'s conditions (see :func:`conditioning`)."""
+    models are calibrated on ``conditions`` ((Conditioning, rows), as :func:`conditioning`
+    returns them; worked out from ``config`` and ``null_class`` when not given)."""
     from .calibration.trajectory import CalibrationResult
     from .calibration.trajectory import calibrate as run_calibration
 
-    spec, rows = conditioning(fp, config, null_class)
+    spec, rows = conditions if conditions is not None else conditioning(fp, config, null_class)
     path = cache_dir() / "calib" / f"{fp.name}-{calibration_key(config, profile, rows, spec.null)}"
     if (path / "calibration.json").is_file():
         try:

@@ -30,23 +30,8 @@ def pytest_configure(config):
 
 
 def make_unet_folder(path: Path, unet_config: dict = TINY_UNET, seed: int = 0) -> Path:
-    import torch
-    from diffusers import UNet2DModel
-
-    from dmcompile.zoo.architectures import DDPM_LINEAR_SCHEDULER
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DModel(**unet_config)
-        # A random UNet's eps is large and erratic, so 50 DDIM steps amplify float32 rounding
-        # differences chaotically (0.2 apart after 50 steps between two PyTorch runs with
-        # reordered arithmetic). A small output layer makes it contract like a trained denoiser.
-        with torch.no_grad():
-            unet.conv_out.weight.mul_(0.05)
-            unet.conv_out.bias.mul_(0.05)
-    unet.save_pretrained(path, safe_serialization=True)
-    (path / "scheduler_config.json").write_text(json.dumps(DDPM_LINEAR_SCHEDULER))
-    return path
+    """A seeded UNet2DModel folder (see make_model_folder)."""
+    return make_model_folder(path, unet_config, seed)
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +78,10 @@ def make_model_folder(path: Path, config: dict, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = cls(**cfg)
-        with torch.no_grad():  # contract like a trained denoiser (see make_unet_folder)
+        # A random UNet's eps is large and erratic, so 50 DDIM steps amplify float32 rounding
+        # differences chaotically (0.2 apart after 50 steps between two PyTorch runs with
+        # reordered arithmetic). A small output layer makes it contract like a trained denoiser.
+        with torch.no_grad():
             unet.conv_out.weight.mul_(0.05)
             unet.conv_out.bias.mul_(0.05)
     unet.save_pretrained(path, safe_serialization=True)

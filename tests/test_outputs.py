@@ -67,8 +67,9 @@ def test_empty_folders_and_earlier_outputs_are_replaced(command, tiny_model_dir,
     marker = next(p for p in out.iterdir() if p.suffix == ".json" and p.name != "layer_map.json")
     meta = json.loads(marker.read_text())
     assert meta["kind"].startswith("dmcompile-") and set(meta["files"]) <= set(before)
-    assert main(argv(out)) == 0  # an earlier output of the same kind: replaced
-    assert sorted(p.name for p in out.iterdir()) == before
+    inode = out.stat().st_ino
+    assert main(argv(out)) == 0  # an earlier output of the same kind: replaced (a new folder renamed in)
+    assert out.stat().st_ino != inode and sorted(p.name for p in out.iterdir()) == before
     (out / "extra.txt").write_text("mine")  # the user added a file: no longer ours to replace
     assert main(argv(out)) == 2
     assert (out / "extra.txt").read_text() == "mine"

@@ -147,14 +147,14 @@ class Conditioning:
         if spec.dtype == "int64":
             if not np.issubdtype(a.dtype, np.integer):
                 raise InputError(f"{spec.name} must hold integers (int64), got {a.dtype}")
-            a = a.astype(np.int64)
+            a = a.astype(np.int64, copy=False)  # no copy per call when it already fits (the sampler's hot path)
             if self.num_classes is not None and spec.name == "class_labels" and a.size and (
                     a.min() < 0 or a.max() >= self.num_classes):
                 raise InputError(f"class labels must be in [0, {self.num_classes}), got [{a.min()}, {a.max()}]")
         else:
             if not np.issubdtype(a.dtype, np.floating):
                 raise InputError(f"{spec.name} must be float32, got {a.dtype}")
-            a = a.astype(np.float32)
+            a = a.astype(np.float32, copy=False)
         return np.ascontiguousarray(a)
 
     def _describe(self, spec: CondInput) -> str:
