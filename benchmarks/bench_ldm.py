@@ -1,7 +1,9 @@
-"""digits-ldm (conditional latent model): W8A8 bundles K = 1 and K = 10 against full precision,
-with and without classifier-free guidance.
+"""digits-ldm (conditional latent model): W8A8 bundles K = 1 and K = 10 and a mixed-precision
+K = 10 plan (RD allocation under a bit budget) against full precision, with and without
+classifier-free guidance.
 
     python benchmarks/bench_ldm.py -n 500 --guidance 2.0 --grid docs/digits_ldm_classes.png
+    python benchmarks/bench_ldm.py -n 500 --variants mixed --budget 5bits
 
 Each bundle is calibrated on the guided sampler (both branches recorded) and evaluated with
 `dmcompile eval`'s metrics on decoded images: paired PSNR / SSIM against the PyTorch pipeline
@@ -29,31 +31,43 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--calib-size", type=int, default=64)
     p.add_argument("--grid", type=Path, default=None, help="PNG: one row per class from the K = 10 bundle")
+    p.add_argument("--variants", nargs="+", default=["k1", "k10", "mixed"], choices=["k1", "k10", "mixed"])
+    p.add_argument("--budget", default="5bits", help="budget of the mixed plan (RD curves on guided trajectories)")
     args = p.parse_args(argv)
 
     from dmcompile import api
-    from dmcompile.config import BuildConfig, CalibrationConfig, EvalConfig, SampleConfig
+    from dmcompile.config import BuildConfig, CalibrationConfig, EvalConfig, MixedRecipe, SampleConfig
     from dmcompile.eval.grid import save_grid
 
     labels = {"class_labels": np.arange(args.n) % 10}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         bundles = {}
-        for k in (1, 10):
+        for v in args.variants:
+            k = 1 if v == "k1" else 10
             cal = CalibrationConfig(size=args.calib_size, groups=k, guidance_scale=args.guidance)
-            bundles[k] = api.build("digits-ldm", Path(tmp) / f"k{k}", BuildConfig(calibration=cal)).path
-        for k, path in bundles.items():
+            cfg = BuildConfig(calibration=cal)
+            name = f"W8A8 K={k}"
+            if v == "mixed":
+                cfg = BuildConfig(calibration=cal, recipe=MixedRecipe(budget=args.budget))
+            res = api.build("digits-ldm", Path(tmp) / v, cfg, progress=None)
+            if v == "mixed":
+                avg = res.manifest["plan"]["average_weight_bits"]
+                name = f"mixed {args.budget} K={k} (avg {min(avg):.2f}-{max(avg):.2f} bits)"
+            bundles[name] = res.path
+            print(f"built {name} in {res.manifest['build']['seconds']} s", file=sys.stderr, flush=True)
+        for name, path in bundles.items():
             for guidance in (args.guidance, None):
                 cfg = EvalConfig(sample=SampleConfig(n=args.n, steps=args.steps, guidance_scale=guidance))
                 r = api.evaluate(path, cfg, cond=labels).report
                 d, pv = r["digits"], r["paired_vs_fp"]
-                rows.append((f"W8A8 K={k}", "none" if guidance is None else f"{guidance:g}", pv["psnr_db_mean"],
+                rows.append((name, "none" if guidance is None else f"{guidance:g}", pv["psnr_db_mean"],
                              pv["ssim_mean"], d["fd_to_real"], d["fp_fd_to_real"], d["fd_to_fp"], d["noise_floor_fd"],
                              d["class_accuracy"], d["fp_class_accuracy"], d["confident_rate"]))
                 print(rows[-1], file=sys.stderr, flush=True)
-        if args.grid:
+        if args.grid and "W8A8 K=10" in bundles:
             order = {"class_labels": np.repeat(np.arange(10), 8)}
-            images = api.sample(bundles[10], SampleConfig(n=80, steps=args.steps, guidance_scale=args.guidance),
+            images = api.sample(bundles["W8A8 K=10"], SampleConfig(n=80, steps=args.steps, guidance_scale=args.guidance),
                                 cond=order)
             save_grid(images, args.grid, cols=8)
             print(f"wrote {args.grid}", file=sys.stderr)

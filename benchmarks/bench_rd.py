@@ -102,9 +102,10 @@ def additivity_cmd(args):
     curves = api.analyze(args.model, cfg, progress=bar)
     calib = api.calibrate(args.model)
     # the probe fake-quantizes exactly the tensors the curves cover
-    probe, X, T, _ = api.probe_inputs(api.fp_bundle(args.model), lambda proto, lm: list(curves.tensors), calib, cfg)
+    probe, X, T, C, _ = api.probe_inputs(api.fp_bundle(args.model), lambda proto, lm: list(curves.tensors), calib,
+                                         cfg)
     res = check_additivity(probe, X, T, {8: calib.ranges(bits=8)}, curves, allocations=args.allocations,
-                           progress=bar)
+                           progress=bar, C=C)
     print("| group | t range | Spearman (predicted vs measured) | median measured / predicted |")
     print("|---|---|---|---|")
     for g, (a, b) in enumerate(curves.groups):

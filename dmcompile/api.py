@@ -162,20 +162,25 @@ def class_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
 
 
 def calibrate(model: LoadedModel | str | Path | None, config: CalibrationConfig = CalibrationConfig(),
-              progress=None):
+              progress=None, null_class: int | None = None):
     """Per-group activation statistics along DDIM trajectories of the fp32 model (for the
     default ort-cpu profile); cached on disk by model and config (``cache_dir()/calib``), so
-    rebuilding with other lowering options does not recalibrate."""
+    rebuilding with other lowering options does not recalibrate. Conditional models: see
+    :class:`CalibrationConfig` (conditions, guidance) and ``null_class`` (the guidance's null
+    class of a class-conditional model)."""
     from . import stages
 
-    return stages.calibrate(fp_bundle(model), config, progress=progress)
+    return stages.calibrate(fp_bundle(model), config, progress=progress, null_class=null_class)
 
 
 def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = AnalysisConfig(),
-            calibration: CalibrationConfig = CalibrationConfig(), out: str | Path | None = None, progress=None):
+            calibration: CalibrationConfig = CalibrationConfig(), out: str | Path | None = None, progress=None,
+            null_class: int | None = None):
     """Rate-distortion curves per timestep group (RDCurves), cached by model, calibration and
     analysis config under ``cache_dir()/rd`` and resumable. With ``out``, also written there
-    (curves.json, curves.npz, rd_curves.png); ``out`` must be absent, empty or earlier curves."""
+    (curves.json, curves.npz, rd_curves.png); ``out`` must be absent, empty or earlier curves.
+    Conditional models are measured on the calibration's conditions, guided like it (both
+    branches), with ``null_class`` as in :func:`calibrate`."""
     from dmruntime import NoiseSchedule
 
     from . import stages
@@ -191,12 +196,11 @@ def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = Ana
         raise ConfigError(f"no step of a {calibration.steps}-step DDIM run falls in timestep group {empty[0].index} "
                           f"[{empty[0].t_start}, {empty[0].t_end}), so it has no inputs for RD curves; use fewer "
                           "groups (--groups) or more calibration steps (--calib-steps)")
-    if model.condition_inputs:
-        raise ConfigError("RD curves do not feed conditioning yet; build conditional models with --format w8a8 "
-                          "or explicit --weight-bits")
     fp = fp_bundle(model)
-    calib = stages.calibrate(fp, calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)))
-    curves = stages.analyze(fp, calib, config, progress=progress)
+    conditions = stages.conditioning(fp, calibration, null_class)
+    calib = stages.calibrate(fp, calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)),
+                             conditions=conditions)
+    curves = stages.analyze(fp, calib, config, progress=progress, conditions=conditions)
     if out is not None:
         from .analysis.plots import save_rd_curves
 

@@ -231,7 +231,7 @@ def cmd_analyze(args) -> int:
     from . import api
 
     curves = api.analyze(args.model, _analysis_config(args), _calibration_config(args), out=args.output,
-                         progress=_progress_bar("analyze"))
+                         progress=_progress_bar("analyze"), null_class=args.null_class)
     G, L, B = curves.weight.shape
     print(f"wrote {args.output}: curves of {L} weighted layers x {len(curves.weight_bits)} weight widths and "
           f"{len(curves.tensors)} activation tensors x {len(curves.act_bits)} widths, {G} groups, "

@@ -129,9 +129,6 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
     ws = Workspace(model, fp, layer_map, get_profile(config.profile), resolve(layer_map, config.overrides), spec,
                    rows, decoder)
     recipe = config.recipe
-    if spec and (config.step_aware or (isinstance(recipe, MixedRecipe) and recipe.budget is not None)):
-        raise ConfigError("RD curves and the step-aware check do not feed conditioning yet: build conditional "
-                          "models with --format w8a8 or explicit --weight-bits, without --step-aware")
     if config.step_aware or (isinstance(recipe, MixedRecipe) and recipe.budget is not None):
         from dmruntime import NoiseSchedule
 
@@ -175,7 +172,8 @@ def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progr
         fixed = sum(bops(l, None, 8 if l.node in quantized else None) for l in ws.layer_map.layers
                     if l not in layers)
         check_feasible(layers, allowed, recipe.budget, fixed, pinned=pinned)  # before minutes of curve measuring
-        curves = stages.analyze(ws.fp, calib, config.analysis, ws.profile, progress)
+        curves = stages.analyze(ws.fp, calib, config.analysis, ws.profile, progress,
+                                conditions=(ws.conditioning, ws.conditions))
         idx = [curves.layers.index(l.node) for l in layers]
         bits, record = plan_bits(curves.weight[:, idx], layers, curves.weight_bits, allowed, recipe.budget,
                                  recipe.allocator, share=recipe.share_weights, fixed_bops=fixed, pinned=pinned)
@@ -324,14 +322,15 @@ def step_aware(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config
     from .analysis.stepaware import select_activation_bits
 
     # every tensor the bundle quantizes, Conv outputs included: this judges the whole engine
-    probe, X, T, fpb = stages.probe_inputs(ws.fp, ws.profile.quantized_tensors, calib, config.analysis)
+    probe, X, T, C, fpb = stages.probe_inputs(ws.fp, ws.profile.quantized_tensors, calib, config.analysis,
+                                              (ws.conditioning, ws.conditions))
     col = {l.node: i for i, l in enumerate(ws.weight_layers)}
     wb = np.array([[plan.bits[g, col[l.node]] if l.node in col else None for l in probe.layers]
                    for g in range(len(calib.groups))], dtype=object)
     cands = tuple(config.analysis.act_bits)
     ranges = {b: calib.ranges(bits=b) for b in cands}
     return select_activation_bits(probe, X, T, ranges, wb, fpb.schedule, calib.groups, cands,
-                                  ws.profile.activation_bits)
+                                  ws.profile.activation_bits, C=C)
 
 
 def check_fidelity(folder: Path, body: dict, ws: Workspace, config: BuildConfig) -> dict:

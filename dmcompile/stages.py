@@ -228,36 +228,59 @@ def load_layer_map(fp: Path):
     return LayerMap.load(fp / "layer_map.json")
 
 
-def probe_inputs(fp: Path, tensors_of, calib, config: AnalysisConfig):
-    """(probe, X, T, fp bundle) for an fp32 export: the probe fake-quantizes
-    ``tensors_of(proto, layers)``; X, T are each group's inputs from fp32 trajectories."""
+def probe_inputs(fp: Path, tensors_of, calib, config: AnalysisConfig, conditions: tuple | None = None):
+    """(probe, X, T, C, fp bundle) for an fp32 export: the probe fake-quantizes
+    ``tensors_of(proto, layers)``; X, T (C: conditions, None for unconditional models) are each
+    group's inputs from fp32 trajectories, guided like the calibration's. ``conditions``:
+    (Conditioning, rows) as :func:`conditioning` returns them (worked out from the calibration's
+    config when not given)."""
     import onnx
 
     from .analysis.probe import make_probe
     from .analysis.rd import group_inputs
 
+    spec, rows = conditions if conditions is not None else conditioning(fp, calib.config)
     layer_map = load_layer_map(fp)
     proto = onnx.load(str(fp / "model.onnx"))
     bundle = Bundle.open(fp)
-    probe = make_probe(proto, layer_map, tensors_of(proto, layer_map.layers), bundle.sample_shape)
-    X, T = group_inputs(bundle, calib.groups, config, calib.config.steps, config.seed)
-    return probe, X, T, bundle
+    probe = make_probe(proto, layer_map, tensors_of(proto, layer_map.layers), bundle.sample_shape,
+                       conditioning=spec)
+    X, T, C = group_inputs(bundle, calib.groups, config, calib.config.steps, config.seed, conditioning=spec,
+                           cond=rows, guidance_scale=calib.config.guidance_scale)
+    return probe, X, T, C, bundle
 
 
-def rd_key(calibration: dict, analysis: dict, profile: TargetProfile = ORT_CPU) -> str:
-    """Cache key of RD curves from the calibration and analysis configs (as dicts)."""
+def rd_record(calib, config: AnalysisConfig, conditions: tuple | None = None) -> dict:
+    """What RD curves are measured from (stored with them, and in a mixed bundle's plan):
+    both configs and, for conditional models, a digest of the conditions and null condition."""
+    record = {"analysis": config.to_dict(), "calibration": calib.config.to_dict()}
+    if conditions is not None and conditions[0]:
+        spec, rows = conditions
+        record["conditions"] = _digest(_arrays_digest(rows), _arrays_digest(spec.null or {}))[:16]
+    return record
+
+
+def rd_key(record: dict, profile: TargetProfile = ORT_CPU) -> str:
+    """Cache key of RD curves from their record (:func:`rd_record`)."""
     from .analysis.rd import RD_SCHEMA_VERSION
     from .calibration.trajectory import CALIB_SCHEMA_VERSION
 
-    return _digest([RD_SCHEMA_VERSION, CALIB_SCHEMA_VERSION], calibration, analysis, *_profile_part(profile))[:12]
+    extra = [record["conditions"]] if "conditions" in record else []
+    return _digest([RD_SCHEMA_VERSION, CALIB_SCHEMA_VERSION], record["calibration"], record["analysis"],
+                   *_profile_part(profile), *extra)[:12]
 
 
-def analyze(fp: Path, calib, config: AnalysisConfig, profile: TargetProfile = ORT_CPU, progress=None):
-    """RD curves of an fp32 export (RDCurves), cached under ``cache_dir()/rd`` and resumable."""
+def analyze(fp: Path, calib, config: AnalysisConfig, profile: TargetProfile = ORT_CPU, progress=None,
+            conditions: tuple | None = None):
+    """RD curves of an fp32 export (RDCurves), cached under ``cache_dir()/rd`` and resumable.
+    Conditional models are measured on ``conditions`` ((Conditioning, rows), see
+    :func:`conditioning`; worked out from the calibration's config when not given)."""
     from .analysis.rd import RDCurves
     from .analysis.rd import analyze as run_analysis
 
-    path = cache_dir() / "rd" / f"{fp.name}-{rd_key(calib.config.to_dict(), config.to_dict(), profile)}"
+    conditions = conditions if conditions is not None else conditioning(fp, calib.config)
+    record = rd_record(calib, config, conditions)
+    path = cache_dir() / "rd" / f"{fp.name}-{rd_key(record, profile)}"
     if (path / "curves.json").is_file():
         try:
             return RDCurves.load(path)
@@ -265,12 +288,11 @@ def analyze(fp: Path, calib, config: AnalysisConfig, profile: TargetProfile = OR
             shutil.rmtree(path, ignore_errors=True)
     # Activation curves are per layer input (the Conv outputs the bundle also quantizes, for
     # fusion, are not a layer's choice).
-    probe, X, T, _ = probe_inputs(fp, profile.layer_input_tensors, calib, config)
+    probe, X, T, C, _ = probe_inputs(fp, profile.layer_input_tensors, calib, config, conditions)
     ranges = {b: calib.ranges(bits=b) for b in config.act_bits}
     state = path.with_name(path.name + ".partial")
     curves = run_analysis(probe, X, T, ranges, config, groups=[(g.t_start, g.t_end) for g in calib.groups],
-                          record={"analysis": config.to_dict(), "calibration": calib.config.to_dict()},
-                          state_dir=state, progress=progress)
+                          record=record, state_dir=state, progress=progress, C=C)
     curves.save(path)
     shutil.rmtree(state, ignore_errors=True)
     return curves
@@ -280,7 +302,7 @@ def cached_curves(record: dict, profile: TargetProfile = ORT_CPU):
     """The cached RD curves a plan record ({"calibration": ..., "analysis": ...}) names, or None."""
     from .analysis.rd import RDCurves
 
-    key = rd_key(record["calibration"], record["analysis"], profile)
+    key = rd_key(record, profile)
     for hit in sorted((cache_dir() / "rd").glob(f"*-{key}/curves.json")):
         try:
             return RDCurves.load(hit.parent)

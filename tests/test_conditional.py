@@ -217,10 +217,71 @@ def test_cli_build_rejects_bad_conditions(tiny_cond_dir, tiny_class_dir, tmp_pat
     assert "needs a null condition" in capsys.readouterr().err
     assert main(["build", str(tiny_class_dir), "-o", str(tmp_path / "c"), "--null-class", "9", *base]) == 2
     assert "outside the model's classes [0, 5)" in capsys.readouterr().err
-    assert main(["build", str(tiny_class_dir), "-o", str(tmp_path / "d"), "--format", "mixed", "--budget", "5bits",
-                 *base]) == 2
-    assert "do not feed conditioning yet" in capsys.readouterr().err
-    assert not any((tmp_path / f).exists() for f in "abcd")
+    assert not any((tmp_path / f).exists() for f in "abc")
+
+
+def test_rd_inputs_carry_both_guided_branches_and_are_fed(tiny_class_dir):
+    """RD curves and the step-aware check see the conditions the guided sampler produces
+    ([null; cond] rows), and the probe really feeds them: its fp32 output on those rows is the
+    export's output for the same conditions, not for some other class."""
+    from dmcompile import stages
+    from dmcompile.config import AnalysisConfig
+    from dmcompile.targets import ORT_CPU
+
+    cal = CalibrationConfig(size=3, steps=6, groups=2, batch_size=4, guidance_scale=2.0)
+    fp = api.fp_bundle(str(tiny_class_dir))
+    conditions = stages.conditioning(fp, cal, null_class=4)
+    calib = stages.calibrate(fp, cal, conditions=conditions)
+    probe, X, T, C, bundle = stages.probe_inputs(fp, ORT_CPU.layer_input_tensors, calib,
+                                                 AnalysisConfig(samples_per_group=6), conditions)
+    labels = C["class_labels"]
+    assert labels.shape == X.shape[:2] == T.shape
+    assert 4 in labels and set(np.unique(labels)) - {4}  # both branches: the null class and the asked ones
+    x, t, c = X[0], T[0], {"class_labels": labels[0]}
+    out = probe.run(x, t, cond=c)
+    want = np.concatenate([bundle.predict(x[i:i + 1], int(t[i]), {"class_labels": c["class_labels"][i:i + 1]})
+                           for i in range(len(x))])
+    np.testing.assert_allclose(out, want, atol=1e-5)
+    other = probe.run(x, t, cond={"class_labels": (c["class_labels"] + 1) % 5})
+    assert np.abs(other - out).max() > 1e-3
+    with pytest.raises(ModelError, match="takes conditioning"):
+        probe.run(x, t)
+
+
+def test_rd_cache_keys_on_the_conditions(tiny_class_dir):
+    from dmcompile import stages
+    from dmcompile.config import AnalysisConfig
+
+    cal = CalibrationConfig(size=3, steps=6, groups=2, guidance_scale=2.0)
+    fp = api.fp_bundle(str(tiny_class_dir))
+    calib = type("C", (), {"config": cal})()
+    a = stages.rd_record(calib, AnalysisConfig(), stages.conditioning(fp, cal, null_class=4))
+    b = stages.rd_record(calib, AnalysisConfig(), stages.conditioning(fp, cal, null_class=3))
+    assert a["conditions"] != b["conditions"] and stages.rd_key(a) != stages.rd_key(b)
+    plain = stages.rd_record(calib, AnalysisConfig(), None)
+    assert "conditions" not in plain
+
+
+def test_mixed_and_step_aware_builds_of_a_guided_cross_attention_model(tiny_cond_dir, cond_file, tmp_path):
+    """RD allocation under a budget and PTQD's step-aware check on a guided conditional model:
+    the plan meets the budget, the cross-attention projections get widths, it samples."""
+    cal = CalibrationConfig(size=4, steps=6, groups=2, batch_size=4, guidance_scale=3.0, conditions=str(cond_file))
+    from dmcompile.config import AnalysisConfig, MixedRecipe
+
+    cfg = BuildConfig(calibration=cal, recipe=MixedRecipe(budget="6bits"), step_aware=True, eval_samples=0,
+                      correction=False, analysis=AnalysisConfig(samples_per_group=4))
+    res = api.build(str(tiny_cond_dir), tmp_path / "b", cfg)
+    m = res.manifest
+    assert max(m["plan"]["average_weight_bits"]) <= 6.0 + 1e-9
+    assert "conditions" in m["plan"]["curves"]["config"]
+    kv = [l for l in m["precision"]["layers"] if l["node"].endswith(("to_k/MatMul", "to_v/MatMul"))
+          and "attn2" in l["node"]]
+    assert kv and all(set(l["weight_bits"]) <= {4, 8} for l in kv)
+    sa = m["step_aware_activation"]["groups"]
+    assert len(sa) == 2 and all(np.isfinite(float(v)) for g in sa for v in g["quantized_snr_db"].values())
+    b = Bundle.open(res.path)
+    x = DDIMSampler(b, steps=4, guidance_scale=3.0).sample(2, cond={"encoder_hidden_states": embeddings(2)})
+    assert x.shape == (2, *b.sample_shape) and np.isfinite(x).all()
 
 
 @pytest.mark.parametrize("key,value,needle", [

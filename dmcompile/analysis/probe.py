@@ -94,6 +94,7 @@ class Probe:
     ratio: dict[str, int]  # tensor -> dim0 / batch rows
     ranks: dict[str, int]
     threads: int = 0
+    cond_names: tuple[str, ...] = ()  # conditioning inputs fed with every call
 
     def __post_init__(self):
         self._sessions = {}
@@ -119,9 +120,13 @@ class Probe:
             return {}
         return {layer.weight: dequantize(quantize_weight(w, weight_axis(layer), bits))}
 
-    def run(self, x: np.ndarray, t: np.ndarray, weights: dict | None = None, acts: dict | None = None) -> np.ndarray:
-        """UNet output for rows (x, t). ``acts``: tensor -> (s, z, n, on) per-row arrays."""
-        feeds = {"sample": x, "timestep": t}
+    def run(self, x: np.ndarray, t: np.ndarray, weights: dict | None = None, acts: dict | None = None,
+            cond: dict | None = None) -> np.ndarray:
+        """UNet output for rows (x, t) and, for conditional models, their conditions ``cond``
+        (input name -> one row per row of x). ``acts``: tensor -> (s, z, n, on) per-row arrays."""
+        if set(cond or {}) != set(self.cond_names):
+            raise ModelError(f"the probe takes conditioning {list(self.cond_names)}, got {sorted(cond or {})}")
+        feeds = {"sample": x, "timestep": t, **(cond or {})}
         if acts:
             rows = len(x)
             off = (np.ones(rows, np.float32), np.zeros(rows, np.float32), np.full(rows, 255.0, np.float32),
@@ -141,8 +146,11 @@ def act_params(lo: float, hi: float, bits: int, rows: int) -> tuple[np.ndarray, 
             np.ones(rows, np.float32))
 
 
-def make_probe(fp: onnx.ModelProto, layer_map: LayerMap, tensors: list[str], sample_shape, threads: int = 0) -> Probe:
-    """The probe; tensor ranks and batch ratios come from two shape runs of the fp32 model."""
+def make_probe(fp: onnx.ModelProto, layer_map: LayerMap, tensors: list[str], sample_shape, threads: int = 0,
+               conditioning=None) -> Probe:
+    """The probe; tensor ranks and batch ratios come from two shape runs of the fp32 model.
+    ``conditioning`` (dmruntime's Conditioning): the model's conditioning inputs, fed dummies
+    in the shape runs and the recorded conditions in every later call."""
     import onnxruntime as ort
 
     layers = tuple(l for l in layer_map.layers if l.weight)
@@ -157,7 +165,9 @@ def make_probe(fp: onnx.ModelProto, layer_map: LayerMap, tensors: list[str], sam
             m.graph.output.append(helper.make_empty_tensor_value_info(t))
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     for b in (2, 3):
-        got = sess.run(tensors, {"sample": np.zeros((b, *sample_shape), np.float32), "timestep": np.zeros(b, np.int64)})
+        feeds = {"sample": np.zeros((b, *sample_shape), np.float32), "timestep": np.zeros(b, np.int64),
+                 **(conditioning.dummy(b) if conditioning else {})}
+        got = sess.run(tensors, feeds)
         shapes[b] = {t: v.shape for t, v in zip(tensors, got)}
     ratio, ranks = {}, {}
     for t in tensors:
@@ -167,4 +177,5 @@ def make_probe(fp: onnx.ModelProto, layer_map: LayerMap, tensors: list[str], sam
                              "does not scale with the batch, which per-row quantization of the probe needs; this "
                              "model is not supported for RD analysis (report its config)")
         ratio[t], ranks[t] = d2 // 2, len(shapes[2][t])
-    return Probe(fp, layers, weights, tuple(tensors), ratio, ranks, threads)
+    return Probe(fp, layers, weights, tuple(tensors), ratio, ranks, threads,
+                 conditioning.names if conditioning else ())

@@ -87,9 +87,14 @@ class RDCurves:
                    meta["seconds"])
 
 
-def group_inputs(fp_bundle, groups, config: AnalysisConfig, steps: int, seed: int):
-    """Per group, ``config.samples_per_group`` (x_t, t) rows from fp32 DDIM trajectories
-    (a random stream of their own), spread evenly over the group's recorded steps."""
+def group_inputs(fp_bundle, groups, config: AnalysisConfig, steps: int, seed: int, conditioning=None,
+                 cond: dict | None = None, guidance_scale: float | None = None):
+    """Per group, ``config.samples_per_group`` rows (x_t, t, condition) from fp32 DDIM
+    trajectories (a random stream of their own), spread evenly over the group's recorded steps.
+    Conditional models: ``cond`` (rows, cycled over the trajectories) drives them under
+    ``conditioning`` (dmruntime's Conditioning, with its null condition); with
+    ``guidance_scale`` the guided sampler runs both branches and both are recorded, as
+    calibration records them. Returns X [G, n, ...], T [G, n], C (input -> [G, n, ...], or None)."""
     lookup = group_lookup(groups, fp_bundle.num_train_timesteps)
     per_group = max(1, round(steps * (groups[0].t_end - groups[0].t_start) / fp_bundle.num_train_timesteps))
     n_traj = max(1, -(-config.samples_per_group // per_group))
@@ -99,42 +104,67 @@ def group_inputs(fp_bundle, groups, config: AnalysisConfig, steps: int, seed: in
         sample_shape = fp_bundle.sample_shape
         schedule = fp_bundle.schedule
 
-        def predict(self, x, t):
-            rows[int(lookup[t])].append((x.copy(), t))
-            return fp_bundle.predict(x, t)
+        def predict(self, x, t, c=None):
+            rows[int(lookup[t])].append((x.copy(), t, c))
+            return fp_bundle.predict(x, t, c)
 
-    DDIMSampler(Recorder(), steps=steps, eta=0.0).sample(n_traj, seed=[seed, ANALYSIS_STREAM])
-    xs, ts = [], []
+    rec = Recorder()
+    rec.conditioning = conditioning if conditioning else fp_bundle.conditioning
+    if cond is not None:
+        idx = np.arange(n_traj) % len(next(iter(cond.values())))
+        cond = {k: v[idx] for k, v in cond.items()}
+    DDIMSampler(rec, steps=steps, eta=0.0, guidance_scale=guidance_scale).sample(
+        n_traj, seed=[seed, ANALYSIS_STREAM], cond=cond)
+    xs, ts, cs = [], [], []
     for g in groups:
         if not rows[g.index]:
             raise ConfigError(f"no sampling step of a {steps}-step DDIM run falls in timestep group {g.index} "
                               f"[{g.t_start}, {g.t_end}), so it has no inputs for RD curves; use fewer groups "
                               "(--groups) or more calibration steps (--calib-steps)")
-        x = np.concatenate([r[0] for r in rows[g.index]])
-        t = np.concatenate([np.full(len(r[0]), r[1], np.int64) for r in rows[g.index]])
+        got = rows[g.index]
+        x = np.concatenate([r[0] for r in got])
+        t = np.concatenate([np.full(len(r[0]), r[1], np.int64) for r in got])
         pick = np.linspace(0, len(x) - 1, config.samples_per_group).round().astype(int)
         xs.append(x[pick])
         ts.append(t[pick])
-    return np.stack(xs), np.stack(ts)  # [G, n, ...], [G, n]
+        if got[0][2]:
+            cs.append({k: np.concatenate([r[2][k] for r in got])[pick] for k in got[0][2]})
+    C = {k: np.stack([c[k] for c in cs]) for k in cs[0]} if cs else None
+    return np.stack(xs), np.stack(ts), C  # [G, n, ...], [G, n], {input: [G, n, ...]} | None
 
 
-def _run_chunked(probe: Probe, x, t, max_rows, weights=None, acts=None):
+def flat_rows(C: dict | None) -> dict | None:
+    """Group-major conditions {input: [G, n, ...]} as rows {input: [G * n, ...]}."""
+    return None if C is None else {k: v.reshape(-1, *v.shape[2:]) for k, v in C.items()}
+
+
+def _take(cond: dict | None, sl) -> dict | None:
+    return None if cond is None else {k: v[sl] for k, v in cond.items()}
+
+
+def _tile(cond: dict | None, times: int) -> dict | None:
+    return None if cond is None else {k: np.concatenate([v] * times) for k, v in cond.items()}
+
+
+def _run_chunked(probe: Probe, x, t, max_rows, weights=None, acts=None, cond=None):
     outs = []
     for i in range(0, len(x), max_rows):
         sl = slice(i, i + max_rows)
         a = {k: tuple(v[sl] for v in vals) for k, vals in (acts or {}).items()}
-        outs.append(probe.run(x[sl], t[sl], weights, a))
+        outs.append(probe.run(x[sl], t[sl], weights, a, _take(cond, sl)))
     return np.concatenate(outs)
 
 
 def analyze(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, config: AnalysisConfig,
-            groups: list, record: dict, state_dir: Path | None = None, progress=None) -> RDCurves:
-    """Measure the curves. X, T: [G, n, ...] group inputs; act_ranges[bits][g][tensor] -> (lo, hi);
+            groups: list, record: dict, state_dir: Path | None = None, progress=None,
+            C: dict | None = None) -> RDCurves:
+    """Measure the curves. X, T (C: conditions, or None): [G, n, ...] group inputs, as
+    :func:`group_inputs` returns them; act_ranges[bits][g][tensor] -> (lo, hi);
     groups: [(t_start, t_end)] of the G groups; record: the configs stored with the curves.
     With ``state_dir``, partial results are saved there and picked up again."""
     t0 = time.perf_counter()
     G, n = X.shape[:2]
-    x, t = X.reshape(G * n, *X.shape[2:]), T.reshape(-1)
+    x, t, c = X.reshape(G * n, *X.shape[2:]), T.reshape(-1), flat_rows(C)
     wbits, abits = tuple(config.weight_bits), tuple(config.act_bits)
     layers, tensors = probe.layers, probe.tensors
     meas_bits = wbits if config.sweep == "full" else tuple(b for b in config.model_bits)
@@ -149,12 +179,12 @@ def analyze(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, config
     # References from the same session variants as the sweeps (fp32 values fed, switches off),
     # so a distortion holds quantization error only, not graph-optimisation differences.
     w0 = probe.layers[0].weight
-    ref_w = _run_chunked(probe, x, t, config.max_rows, weights={w0: probe.weights[w0]})
+    ref_w = _run_chunked(probe, x, t, config.max_rows, weights={w0: probe.weights[w0]}, cond=c)
     ref_w = ref_w.reshape(G, n, *ref_w.shape[1:])
     rows_all = G * n
     off = (np.ones(rows_all, np.float32), np.zeros(rows_all, np.float32), np.full(rows_all, 255.0, np.float32),
            np.zeros(rows_all, np.float32))
-    ref_a = _run_chunked(probe, x, t, config.max_rows, acts={tensors[0]: off})
+    ref_a = _run_chunked(probe, x, t, config.max_rows, acts={tensors[0]: off}, cond=c)
     ref_a = ref_a.reshape(G, n, *ref_a.shape[1:])
     jobs = [("w", li, bi) for li in range(len(layers)) for bi, b in enumerate(wbits) if b in meas_bits]
     jobs += [("a", ti, ai) for ti in range(len(tensors)) for ai in range(len(abits))]
@@ -177,7 +207,8 @@ def analyze(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, config
             kind = todo[i][0]
             if kind == "w":
                 _, li, bi = todo[i]
-                out = _run_chunked(probe, x, t, config.max_rows, weights=probe.weight_feed(layers[li], wbits[bi]))
+                out = _run_chunked(probe, x, t, config.max_rows, weights=probe.weight_feed(layers[li], wbits[bi]),
+                                   cond=c)
                 out = out.reshape(G, n, *out.shape[1:])
                 W[:, li, bi] = [distortion(ref_w[g], out[g], config.distortion) for g in range(G)]
                 batch = [todo[i]]
@@ -198,7 +229,7 @@ def analyze(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, config
                         vals[0][sl], vals[1][sl], vals[2][sl], vals[3][sl] = s, z, lv, on
                     acts[name] = tuple(vals)
                 xs, ts_ = np.concatenate([x] * len(batch)), np.concatenate([t] * len(batch))
-                out = _run_chunked(probe, xs, ts_, config.max_rows, acts=acts)
+                out = _run_chunked(probe, xs, ts_, config.max_rows, acts=acts, cond=_tile(c, len(batch)))
                 for p, (_, ti, ai) in enumerate(batch):
                     o = out[p * rows:(p + 1) * rows].reshape(G, n, *out.shape[1:])
                     A[:, ti, ai] = [distortion(ref_a[g], o[g], config.distortion) for g in range(G)]
@@ -246,7 +277,8 @@ def model_error(full: RDCurves, modelled_weight: np.ndarray, measured: np.ndarra
 
 
 def check_additivity(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, curves: RDCurves,
-                     allocations: int = 16, act_bits: int = 8, seed: int = 0, progress=None) -> dict:
+                     allocations: int = 16, act_bits: int = 8, seed: int = 0, progress=None,
+                     C: dict | None = None) -> dict:
     """Predicted sum_l D_{l,g}(b_l) (+ each of ``curves.tensors``' D at ``act_bits``; the probe
     must fake-quantize the same tensors) against the
     measured distortion of the whole model quantized that way, for random weight allocations
@@ -255,7 +287,7 @@ def check_additivity(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dic
     from scipy.stats import spearmanr
 
     G, n = X.shape[:2]
-    x, t = X.reshape(G * n, *X.shape[2:]), T.reshape(-1)
+    x, t, c = X.reshape(G * n, *X.shape[2:]), T.reshape(-1), flat_rows(C)
     rng = np.random.default_rng(seed)
     kind = curves.config.get("analysis", curves.config).get("distortion", "ssim+mse")
     max_rows = curves.config.get("analysis", curves.config).get("max_rows", 256)
@@ -270,7 +302,8 @@ def check_additivity(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dic
     act_pred = curves.act[:, :, ai].sum(1)
     w0 = probe.layers[0].weight
     off = {k: (v[0], v[1], v[2], np.zeros_like(v[3])) for k, v in acts.items()}
-    ref = _run_chunked(probe, x, t, max_rows, weights={w0: probe.weights[w0]}, acts=off).reshape(G, n, *X.shape[2:])
+    ref = _run_chunked(probe, x, t, max_rows, weights={w0: probe.weights[w0]}, acts=off,
+                       cond=c).reshape(G, n, *X.shape[2:])
     pred, meas = [], []
     wb = np.array(curves.weight_bits)
     for k in range(allocations):
@@ -280,7 +313,7 @@ def check_additivity(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dic
         feeds = {}
         for layer, c in zip(probe.layers, choice):
             feeds.update(probe.weight_feed(layer, int(wb[c])))
-        out = _run_chunked(probe, x, t, max_rows, weights=feeds, acts=acts).reshape(ref.shape)
+        out = _run_chunked(probe, x, t, max_rows, weights=feeds, acts=acts, cond=c).reshape(ref.shape)
         li = [curves.layers.index(l.node) for l in probe.layers]
         pred.append(curves.weight[:, li, choice].sum(1) + act_pred)
         meas.append([distortion(ref[g], out[g], kind) for g in range(G)])

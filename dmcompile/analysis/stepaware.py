@@ -16,11 +16,14 @@ from .probe import Probe, act_params
 
 
 def select_activation_bits(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, weight_bits: np.ndarray,
-                           schedule, groups, candidates: tuple[int, ...], deployable: tuple[int, ...]) -> dict:
-    """weight_bits: [G, L] widths of probe.layers per group. Returns the manifest record."""
+                           schedule, groups, candidates: tuple[int, ...], deployable: tuple[int, ...],
+                           C: dict | None = None) -> dict:
+    """weight_bits: [G, L] widths of probe.layers per group; X, T, C: group inputs (C: their
+    conditions, or None). Returns the manifest record."""
     out = []
     for g in groups:
         x, t = X[g.index], T[g.index]
+        c = None if C is None else {k: v[g.index] for k, v in C.items()}
         n = len(x)
         feeds = {}
         for layer, b in zip(probe.layers, weight_bits[g.index]):
@@ -28,11 +31,11 @@ def select_activation_bits(probe: Probe, X: np.ndarray, T: np.ndarray, act_range
         w0 = probe.layers[0].weight
         off = {name: (np.ones(n, np.float32), np.zeros(n, np.float32), np.full(n, 255.0, np.float32),
                       np.zeros(n, np.float32)) for name in probe.tensors}
-        ref = probe.run(x, t, weights={w0: probe.weights[w0]}, acts=off).astype(np.float64)
+        ref = probe.run(x, t, weights={w0: probe.weights[w0]}, acts=off, cond=c).astype(np.float64)
         snr = {}
         for b in candidates:
             acts = {name: act_params(*act_ranges[b][g.index][name], b, n) for name in probe.tensors}
-            q = probe.run(x, t, weights=feeds, acts=acts).astype(np.float64)
+            q = probe.run(x, t, weights=feeds, acts=acts, cond=c).astype(np.float64)
             snr[b] = float(10 * np.log10(np.sum(ref**2) / max(np.sum((q - ref) ** 2), 1e-30)))
         a = schedule.alpha(g.t_start)
         sched = float(10 * np.log10(a / (1 - a)))
