@@ -18,7 +18,7 @@ import onnx
 from dmruntime import Bundle
 from dmruntime.conditioning import NULL_FILE, TABLE_FILE, Conditioning
 
-from . import stages
+from . import onnxio, stages
 from .artifacts import BUNDLE, atomic_dir, check_replaceable, write_manifest
 from .calibration.trajectory import CalibrationResult, groups_without_steps
 from .config import BuildConfig, MixedRecipe, SampleConfig
@@ -192,7 +192,8 @@ def lower(ws: Workspace, calib: CalibrationResult, plan: WeightPlan,
     from .lowering.qdq import lower_group
     from .quant import quantize_weight, weight_axis
 
-    fp_proto = onnx.load(str(ws.fp / "model.onnx"))
+    # The graph only: a big model's weights stay on disk until quantized one at a time.
+    fp_proto = onnxio.load(ws.fp / "model.onnx", weights=False)
     inits = {i.name: i for i in fp_proto.graph.initializer}
     ranges = calib.ranges()
     cache: dict[tuple[str, int], object] = {}  # each weight quantized once per width
@@ -201,11 +202,10 @@ def lower(ws: Workspace, calib: CalibrationResult, plan: WeightPlan,
         for layer, b in zip(ws.weight_layers, plan.bits[g.index]):
             key = (layer.weight, int(b))
             if key not in cache:
-                cache[key] = quantize_weight(onnx.numpy_helper.to_array(inits[layer.weight]), weight_axis(layer),
-                                             int(b))
+                cache[key] = quantize_weight(onnxio.array(inits[layer.weight], ws.fp), weight_axis(layer), int(b))
             weights[layer.weight] = cache[key]
         yield g.index, tuple(int(b) for b in plan.bits[g.index]), lower_group(
-            fp_proto, ws.layer_map, set(ws.precision.quantized), weights, ranges[g.index], ws.profile)
+            fp_proto, ws.layer_map, set(ws.precision.quantized), weights, ranges[g.index], ws.profile, ws.fp)
         if progress:
             progress("lower", g.index + 1, len(calib.groups))
 
@@ -214,17 +214,20 @@ def fuse_and_merge(lowered) -> EngineSet:
     """Fuse each group's QDQ graph with ONNX Runtime; groups with the same weight widths (so
     byte-identical weights) become one engine whose per-group constants are inputs; count
     the integer kernels of each engine."""
-    from .backends.onnxruntime import ENGINE_FILE, fusion_report, merge_groups, optimize_for_cpu
+    from .backends.onnxruntime import ENGINE_FILE, GroupMerger, fusion_report, optimize_for_cpu
 
-    sets: dict[tuple, list[tuple[int, onnx.ModelProto]]] = {}
+    sets: dict[tuple, tuple[GroupMerger, list[int]]] = {}
     for g, widths, model in lowered:
-        sets.setdefault(widths, []).append((g, optimize_for_cpu(model)))
+        merger, members = sets.setdefault(widths, (GroupMerger(), []))
+        merger.add(optimize_for_cpu(model))
+        members.append(g)
+        del model
     engines, engine_of, params, first = {}, {}, {}, {}
-    for i, members in enumerate(sets.values()):
-        merged, ps = merge_groups([m for _, m in members])
+    for i, (merger, members) in enumerate(sets.values()):
+        merged, ps = merger.result()
         name = ENGINE_FILE if len(sets) == 1 else f"unet_{i}.onnx"
-        engines[name], first[name] = merged, members[0][0]
-        for (g, _), p in zip(members, ps):
+        engines[name], first[name] = merged, members[0]
+        for g, p in zip(members, ps):
             engine_of[g], params[g] = name, p
     K = len(engine_of)
     fusion = {name: fusion_report(model) for name, model in engines.items()}

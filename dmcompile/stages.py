@@ -234,17 +234,16 @@ def probe_inputs(fp: Path, tensors_of, calib, config: AnalysisConfig, conditions
     group's inputs from fp32 trajectories, guided like the calibration's. ``conditions``:
     (Conditioning, rows) as :func:`conditioning` returns them (worked out from the calibration's
     config when not given)."""
-    import onnx
-
+    from . import onnxio
     from .analysis.probe import make_probe
     from .analysis.rd import group_inputs
 
     spec, rows = conditions if conditions is not None else conditioning(fp, calib.config)
     layer_map = load_layer_map(fp)
-    proto = onnx.load(str(fp / "model.onnx"))
+    proto = onnxio.load(fp / "model.onnx", weights=False)
     bundle = Bundle.open(fp)
     probe = make_probe(proto, layer_map, tensors_of(proto, layer_map.layers), bundle.sample_shape,
-                       conditioning=spec)
+                       conditioning=spec, base_dir=fp)
     X, T, C = group_inputs(bundle, calib.groups, config, calib.config.steps, config.seed, conditioning=spec,
                            cond=rows, guidance_scale=calib.config.guidance_scale)
     return probe, X, T, C, bundle

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .. import onnxio
 from ..errors import ModelError
 from ..frontend.layermap import Layer, LayerMap
 from ..quant import dequantize, qparams, quantize_weight, weight_axis
@@ -95,6 +96,7 @@ class Probe:
     ranks: dict[str, int]
     threads: int = 0
     cond_names: tuple[str, ...] = ()  # conditioning inputs fed with every call
+    base_dir: object = None  # folder of ``fp``'s external data, if it has any
 
     def __post_init__(self):
         self._sessions = {}
@@ -110,7 +112,7 @@ class Probe:
                 so.intra_op_num_threads = self.threads
             m = probe_model(self.fp, [l.weight for l in self.layers] if with_weights else [],
                             self.ranks if with_acts else {})
-            self._sessions[key] = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+            self._sessions[key] = onnxio.session(m, so, base_dir=self.base_dir)
         return self._sessions[key]
 
     def weight_feed(self, layer: Layer, bits: int | None) -> dict[str, np.ndarray]:
@@ -147,15 +149,14 @@ def act_params(lo: float, hi: float, bits: int, rows: int) -> tuple[np.ndarray, 
 
 
 def make_probe(fp: onnx.ModelProto, layer_map: LayerMap, tensors: list[str], sample_shape, threads: int = 0,
-               conditioning=None) -> Probe:
+               conditioning=None, base_dir=None) -> Probe:
     """The probe; tensor ranks and batch ratios come from two shape runs of the fp32 model.
     ``conditioning`` (dmruntime's Conditioning): the model's conditioning inputs, fed dummies
-    in the shape runs and the recorded conditions in every later call."""
-    import onnxruntime as ort
-
+    in the shape runs and the recorded conditions in every later call. ``base_dir``: where
+    ``fp``'s external data is, if it leaves its weights on disk."""
     layers = tuple(l for l in layer_map.layers if l.weight)
     inits = {i.name: i for i in fp.graph.initializer}
-    weights = {l.weight: numpy_helper.to_array(inits[l.weight]).astype(np.float32) for l in layers}
+    weights = {l.weight: onnxio.array(inits[l.weight], base_dir).astype(np.float32) for l in layers}
     shapes = {}
     m = onnx.ModelProto()
     m.CopyFrom(fp)
@@ -163,7 +164,7 @@ def make_probe(fp: onnx.ModelProto, layer_map: LayerMap, tensors: list[str], sam
     for t in tensors:
         if t not in have:
             m.graph.output.append(helper.make_empty_tensor_value_info(t))
-    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = onnxio.session(m, base_dir=base_dir)
     for b in (2, 3):
         feeds = {"sample": np.zeros((b, *sample_shape), np.float32), "timestep": np.zeros(b, np.int64),
                  **(conditioning.dummy(b) if conditioning else {})}
@@ -178,4 +179,4 @@ def make_probe(fp: onnx.ModelProto, layer_map: LayerMap, tensors: list[str], sam
                              "model is not supported for RD analysis (report its config)")
         ratio[t], ranks[t] = d2 // 2, len(shapes[2][t])
     return Probe(fp, layers, weights, tuple(tensors), ratio, ranks, threads,
-                 conditioning.names if conditioning else ())
+                 conditioning.names if conditioning else (), base_dir)

@@ -21,6 +21,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .. import onnxio
+
 ENGINE_FILE = "unet.onnx"
 WEIGHTS_FILE = "weights.npz"
 # ConstantSharing merges initializers that happen to hold equal values (two scales that are
@@ -35,13 +37,14 @@ def optimize_for_cpu(model: onnx.ModelProto) -> onnx.ModelProto:
 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "opt.onnx"
-        onnx.save(model, str(src))
+        onnxio.save(model, src)
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(dst)
         so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.bin")
+        # inline unless the graph is past protobuf's limit (then read back from opt.bin)
         so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                    str(1 << 40))
+                                    str(1 << 40 if onnxio.fits(model) else 1024))
         ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"], disabled_optimizers=DISABLED_OPTIMIZERS)
         return onnx.load(str(dst))
 
@@ -51,38 +54,72 @@ def _structure(model: onnx.ModelProto) -> list:
             for n in model.graph.node]
 
 
+class GroupMerger:
+    """One graph for the groups that share weights, taken one fused graph at a time: the
+    first is kept whole, each later one only for the initializers whose values differ from
+    the first's (so K groups of an SD-sized engine do not sit in memory together)."""
+
+    def __init__(self):
+        self.first: onnx.ModelProto | None = None
+        self.diffs: list[dict[str, np.ndarray]] = []
+
+    def add(self, model: onnx.ModelProto) -> None:
+        if self.first is None:
+            self.first, self._shape = model, _structure(model)
+            self._inits = {i.name: i for i in model.graph.initializer}
+            self.diffs.append({})
+            return
+        if _structure(model) != self._shape:
+            raise AssertionError(f"fused graph of group {len(self.diffs)} differs in structure from group 0")
+        assert [i.name for i in model.graph.initializer] == list(self._inits)
+        diff = {}
+        for i in model.graph.initializer:
+            base = self._inits[i.name]
+            if i.raw_data and i.data_type == base.data_type and i.raw_data == base.raw_data:
+                continue  # same bytes: the common case, without converting big weights
+            a = numpy_helper.to_array(i)
+            if not np.array_equal(a, numpy_helper.to_array(base)):
+                diff[i.name] = a
+        self.diffs.append(diff)
+
+    def result(self) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
+        """The merged graph (varying initializers turned into graph inputs, in the first
+        graph's order) and, per group, the values to feed."""
+        varying = [n for n in self._inits if any(n in d for d in self.diffs)]
+        base = {n: numpy_helper.to_array(self._inits[n]) for n in varying}
+        merged = self.first
+        g = merged.graph
+        for name in varying:
+            i = self._inits[name]
+            g.input.append(onnx.helper.make_tensor_value_info(name, i.data_type, list(i.dims)))
+        kept = [i for i in g.initializer if i.name not in set(varying)]
+        del g.initializer[:]
+        g.initializer.extend(kept)
+        return merged, [{n: d.get(n, base[n]) for n in varying} for d in self.diffs]
+
+
 def merge_groups(models: list[onnx.ModelProto]) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
     """One graph for all groups: initializers whose values differ between groups become graph
     inputs; returns the graph and, per group, the values to feed."""
-    first = models[0]
-    shape = _structure(first)
-    for g, m in enumerate(models[1:], 1):
-        if _structure(m) != shape:
-            raise AssertionError(f"fused graph of group {g} differs in structure from group 0")
-    values = [{i.name: numpy_helper.to_array(i) for i in m.graph.initializer} for m in models]
-    assert all(v.keys() == values[0].keys() for v in values)
-    varying = [n for n in values[0] if any(not np.array_equal(values[0][n], v[n]) for v in values[1:])]
-    merged = onnx.ModelProto()
-    merged.CopyFrom(first)
-    g = merged.graph
-    inits = {i.name: i for i in g.initializer}
-    for name in varying:
-        g.input.append(onnx.helper.make_tensor_value_info(name, inits[name].data_type, list(inits[name].dims)))
-    kept = [i for i in g.initializer if i.name not in set(varying)]
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    return merged, [{n: v[n] for n in varying} for v in values]
+    merger = GroupMerger()
+    first = onnx.ModelProto()
+    first.CopyFrom(models[0])  # the caller's first graph stays as it was
+    for m in [first, *models[1:]]:
+        merger.add(m)
+    return merger.result()
 
 
 def save_engine(folder: Path, engines: dict[str, onnx.ModelProto], params: list[dict[str, np.ndarray]],
                 group_files: list[str]) -> list[str]:
-    """Write the engine files and one .npz of group inputs per group; returns the file names."""
+    """Write the engine files (with external data past protobuf's limit) and one .npz of group
+    inputs per group; returns the file names."""
+    files = []
     for name, model in engines.items():
-        onnx.save(model, str(Path(folder) / name))
+        files += onnxio.save(model, Path(folder) / name)
     for p, name in zip(params, group_files):
         with open(Path(folder) / name, "wb") as f:
             np.savez(f, **p)
-    return [*engines, *group_files]
+    return [*files, *group_files]
 
 
 def externalize_weights(model: onnx.ModelProto, bits: dict[str, int], stored: dict) -> dict[str, str]:
@@ -125,7 +162,7 @@ def fusion_report(model: Path | onnx.ModelProto, external: dict | None = None) -
 
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(model, onnx.ModelProto):
-            onnx.save(model, str(Path(tmp) / "in.onnx"))
+            onnxio.save(model, Path(tmp) / "in.onnx")
             model_path = Path(tmp) / "in.onnx"
         else:
             model_path = model

@@ -176,15 +176,16 @@ def calibrate(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, 
     quantizable layers, so that builds which keep some layers float reuse the calibration).
     Conditional models: ``conditions`` (one row per trajectory) drive the trajectories, and with
     ``config.guidance_scale`` the guided sampler runs both branches, so both are recorded."""
-    import onnxruntime as ort
+    from .. import onnxio
 
-    model = onnx.load(str(fp_model_path))
+    model = onnxio.load(fp_model_path, weights=False)  # the weights stay on disk (big models)
     names = profile.quantized_tensors(model, layer_map.layers)
     have = {o.name for o in model.graph.output}
     for n in names:
         if n not in have:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = onnxio.session(model, base_dir=Path(fp_model_path).parent)
+    del model
     schedule = NoiseSchedule.from_config(scheduler_config)
     groups = equal_groups(schedule.num_train_timesteps, config.groups)
     observers = tuple({n: HistogramObserver(config.bins) for n in names} for _ in groups)

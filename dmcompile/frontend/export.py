@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import onnxio
 from ..artifacts import BUNDLE, atomic_dir, write_manifest
 from ..config import ExportConfig
 from ..errors import ExportError
@@ -104,8 +105,10 @@ def example_inputs(model: LoadedModel, n: int, seed: int, sequence_length: int) 
 
 
 def trace_to_onnx(model: LoadedModel, path: Path, config: ExportConfig):
-    """Export to ``path``; returns the cleaned onnx.ModelProto (also saved there)."""
-    import onnx
+    """Export to ``path`` (its weights in ``<name>.data`` past protobuf's 2 GB limit); returns
+    the cleaned onnx.ModelProto's graph with the weights left on disk (see :mod:`onnxio`)."""
+    import tempfile
+
     import torch
 
     names = [i.name for i in model.inputs]
@@ -115,20 +118,26 @@ def trace_to_onnx(model: LoadedModel, path: Path, config: ExportConfig):
            "encoder_hidden_states": {0: "batch", 1: "sequence"}, "class_labels": {0: "batch"}}
     dyn = {k: v for k, v in dyn.items() if k in names or k == "eps"}
     cond_names = tuple(names[2:])
-    with warnings.catch_warnings(), torch.no_grad():
+    # The exporter writes a big model's weights as one file per tensor: trace into a scratch
+    # folder, then write the cleaned graph (and one data file) to ``path``.
+    with warnings.catch_warnings(), torch.no_grad(), tempfile.TemporaryDirectory(prefix="dmcompile-trace-") as d:
         warnings.simplefilter("ignore")  # TracerWarnings from diffusers' shape asserts
+        traced = Path(d) / "traced.onnx"
         try:
-            torch.onnx.export(_wrapper(model.unet, cond_names), args, str(path), input_names=names,
+            torch.onnx.export(_wrapper(model.unet, cond_names), args, str(traced), input_names=names,
                               output_names=["eps"], dynamic_axes=dyn, opset_version=config.opset,
                               do_constant_folding=True, dynamo=False)
         except Exception as e:
             raise ExportError(f"tracing {model.id} to ONNX failed: {e}") from e
-    proto = onnx.load(str(path))
-    check_graph(proto, "export")
+        proto = onnxio.load(traced)
+        check_graph(proto, "export", traced)
     proto = strip_wrapper_prefix(proto, WRAPPER_ATTR)
     proto = name_anonymous_weights(proto)
-    onnx.save(proto, str(path))
-    return proto
+    onnxio.save(proto, path)
+    del proto  # 3.4 GB for SD: the later stages read the weights from disk when they need them
+    graph = onnxio.load(path, weights=False)
+    check_graph(graph, "clean", path)
+    return graph
 
 
 def parity_error(model: LoadedModel, onnx_path: Path, config: ExportConfig) -> float:
@@ -141,6 +150,7 @@ def parity_error(model: LoadedModel, onnx_path: Path, config: ExportConfig) -> f
     feeds = example_inputs(model, n, config.seed + 1, config.sequence_length + 1)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = sess.run(None, feeds)[0]
+    del sess
     kw = {k: torch.from_numpy(v) for k, v in feeds.items() if k not in ("sample", "timestep")}
     with torch.no_grad():
         want = model.unet(torch.from_numpy(feeds["sample"]), torch.from_numpy(feeds["timestep"]),
@@ -162,7 +172,7 @@ def export_model(model: LoadedModel, out: Path, config: ExportConfig = ExportCon
                               f"(> parity_tol {config.parity_tol}); report this model config")
         module_names = {n for n, _ in model.unet.named_modules()}
         layer_map = build_layer_map(proto, model.id, model.sample_shape, module_names,
-                                    extra_feeds=_dummy_conditions(model, config.sequence_length))
+                                    extra_feeds=_dummy_conditions(model, config.sequence_length), base_dir=tmp)
         layer_map.save(tmp / LAYER_MAP_FILE)
         seconds = time.perf_counter() - t0
         T = int(model.scheduler_config.get("num_train_timesteps", 1000))
@@ -174,7 +184,7 @@ def export_model(model: LoadedModel, out: Path, config: ExportConfig = ExportCon
             "export": {"config": config.to_dict(), "parity_max_abs_err": err, "seconds": round(seconds, 2),
                        "op_counts": layer_map.counts(), "total_macs_per_sample": layer_map.total_macs},
         }
-        files = [ENGINE_FILE, LAYER_MAP_FILE]
+        files = [*onnxio.files_of(tmp / ENGINE_FILE), LAYER_MAP_FILE]
         if model.condition_inputs:
             body["conditioning"], extra = _conditioning_entry(model, tmp, config)
             files += extra
@@ -182,7 +192,7 @@ def export_model(model: LoadedModel, out: Path, config: ExportConfig = ExportCon
             body["decoder"] = export_decoder(model, tmp / DECODER_FILE, config)
             files.append(DECODER_FILE)
         write_manifest(tmp, body, files)
-        nbytes = (tmp / ENGINE_FILE).stat().st_size
+        nbytes = sum((tmp / f).stat().st_size for f in onnxio.files_of(tmp / ENGINE_FILE))
     return ExportResult(Path(out), err, seconds, nbytes, layer_map)
 
 

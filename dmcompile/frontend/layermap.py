@@ -80,9 +80,12 @@ class LayerMap:
         return out
 
 
-def _probe_shapes(model: onnx.ModelProto, names: list[str], feeds: dict) -> dict[str, list[int]]:
-    """Run the graph once with ``names`` added as outputs; return their shapes."""
+def _probe_shapes(model: onnx.ModelProto, names: list[str], feeds: dict, base_dir=None) -> dict[str, list[int]]:
+    """Run the graph once with ``names`` added as outputs; return their shapes. ``base_dir``:
+    where the model's external data lives, if it has any."""
     import onnxruntime as ort
+
+    from .. import onnxio
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
@@ -93,7 +96,7 @@ def _probe_shapes(model: onnx.ModelProto, names: list[str], feeds: dict) -> dict
             existing.add(n)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = onnxio.session(probe, opts, base_dir=base_dir)
     out_names = [o.name for o in sess.get_outputs()]
     values = sess.run(out_names, feeds)
     return {n: list(v.shape) for n, v in zip(out_names, values)}
@@ -113,16 +116,18 @@ def _macs(op: str, node: onnx.NodeProto, shapes: dict, w_shape: list[int] | None
 
 
 def build_layer_map(model: onnx.ModelProto, model_id: str, sample_shape: tuple[int, ...],
-                    module_names: set[str] | None = None, extra_feeds: dict | None = None) -> LayerMap:
+                    module_names: set[str] | None = None, extra_feeds: dict | None = None,
+                    base_dir=None) -> LayerMap:
     """Layer map of an exported UNet (inputs ``sample``, ``timestep`` and ``extra_feeds``: the
-    conditioning at batch 1), shapes at batch 1."""
+    conditioning at batch 1), shapes at batch 1. ``base_dir``: the folder of the model's
+    external data, if it has any."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     targets = [n for n in g.node if n.op_type in QUANTIZABLE_OPS]
     probe_names = sorted({v for n in targets for v in (n.input[0], n.input[1], n.output[0]) if v not in inits})
     feeds = {"sample": np.zeros((1, *sample_shape), np.float32), "timestep": np.array([500], np.int64),
              **(extra_feeds or {})}
-    shapes = _probe_shapes(model, probe_names, feeds)
+    shapes = _probe_shapes(model, probe_names, feeds, base_dir)
     layers = []
     for node in targets:
         w = node.input[1] if node.input[1] in inits else None

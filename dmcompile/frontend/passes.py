@@ -9,11 +9,17 @@ import onnx
 from ..errors import ExportError
 
 
-def check_graph(model: onnx.ModelProto, what: str) -> None:
+def check_graph(model: onnx.ModelProto, what: str, path=None) -> None:
     """Invariants every pass must keep: the ONNX checker passes, names are unique,
-    and every node input is a graph input, an initializer or an earlier node's output."""
+    and every node input is a graph input, an initializer or an earlier node's output.
+    A model past protobuf's 2 GB limit is checked from its file ``path`` (external data)."""
+    from .. import onnxio
+
     try:
-        onnx.checker.check_model(model)
+        if path is not None and (not onnxio.fits(model) or onnxio.external_files(model)):
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise ExportError(f"after pass {what}: ONNX checker failed: {e}") from e
     g = model.graph

@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .. import onnxio
+
 from ..frontend.layermap import Layer, LayerMap
 from ..frontend.passes import check_graph
 from ..quant import QuantWeight, qparams, quantize_weight, weight_axis
@@ -43,8 +45,10 @@ def _scalar(name: str, value, dtype) -> TensorProto:
 
 def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[str],
                 weights: dict[str, QuantWeight], ranges: dict[str, tuple[float, float]],
-                profile: TargetProfile) -> onnx.ModelProto:
-    """The QDQ model of one timestep group: ``ranges`` holds that group's activation ranges."""
+                profile: TargetProfile, base_dir=None) -> onnx.ModelProto:
+    """The QDQ model of one timestep group: ``ranges`` holds that group's activation ranges.
+    ``fp`` may leave its weights on disk (external data in ``base_dir``): the float tensors the
+    QDQ model keeps are read in, the quantized ones come from ``weights``."""
     model = onnx.ModelProto()
     model.CopyFrom(fp)
     g = model.graph
@@ -140,5 +144,7 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
     kept = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(kept + [i for i in new_inits if i.name in used])
+    if base_dir is not None:
+        onnxio.load_data(model, base_dir)
     check_graph(model, "lower_group")
     return model

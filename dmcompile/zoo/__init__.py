@@ -6,15 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .architectures import DDPM_CIFAR10_32_UNET, DDPM_LINEAR_SCHEDULER
+from .architectures import DDPM_CIFAR10_32_UNET, DDPM_LINEAR_SCHEDULER, SD15_UNET, SD_SCALED_LINEAR_SCHEDULER
 
 ZOO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = "digits16"
 
 # name -> folder with config.json + safetensors + scheduler_config.json (trained weights)
 TRAINED = {"digits16": ZOO_DIR / "digits16", "digits-ldm": ZOO_DIR / "digits-ldm"}
-# name -> (UNet2DModel config, scheduler config); weights are random, seeded
-PRESETS = {"ddpm-cifar10-32": (DDPM_CIFAR10_32_UNET, DDPM_LINEAR_SCHEDULER)}
+# name -> (UNet config, scheduler config); weights are random, seeded. sd15-unet is for
+# benchmarks (859.5 M parameters), not CI.
+PRESETS = {"ddpm-cifar10-32": (DDPM_CIFAR10_32_UNET, DDPM_LINEAR_SCHEDULER),
+           "sd15-unet": (SD15_UNET, SD_SCALED_LINEAR_SCHEDULER)}
 CLASSIFIER_DIR = ZOO_DIR / "classifier"
 
 

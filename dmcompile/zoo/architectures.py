@@ -51,6 +51,43 @@ DDPM_LINEAR_SCHEDULER = {
     "variance_type": "fixed_small",
 }
 
+# Exact UNet of Stable Diffusion 1.5 (its unet/config.json), 859.5 M parameters: 3.4 GB of
+# fp32 weights, past protobuf's 2 GB limit, so it travels as ONNX external data.
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
+# Stable Diffusion 1.x's schedule (its scheduler_config.json; sampled here with DDIM).
+SD_SCALED_LINEAR_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
 # digits-ldm: Stable Diffusion in miniature (benchmarks/train_ldm.py). The autoencoder maps
 # 1x16x16 digits to 4x8x8 latents; the UNet's cross-attention reads a learned class embedding.
 DIGITS_LDM_VAE = {

@@ -1,0 +1,189 @@
+"""The Stable Diffusion 1.5 UNet at full size (preset ``sd15-unet``: the exact SD-1.5 config,
+859.5 M parameters, seeded random weights): export, a W8A8 K = 10 build, size, integer-kernel
+share and per-call latency against ONNX Runtime fp32 and ONNX Runtime's quantize_static.
+
+    python benchmarks/bench_sd15.py                       # every phase, each in its own process
+    python benchmarks/bench_sd15.py --phase latency --repeats 7
+
+Phases (each a fresh subprocess, so its peak resident memory is its own):
+  export   trace to ONNX (3.4 GB of fp32 weights: external data), parity vs PyTorch
+  build    W8A8, K = 10 groups, calibrated on a few guided trajectories with random text
+           embeddings (CFG scale 7.5; the null condition is a fixed random stand-in for the
+           empty-prompt embedding); no PTQD statistics and no fidelity run (those sample
+           50 steps with the fp32 model: hours on 2 cores)
+  qs       ONNX Runtime's quantize_static on the fp32 export (QDQ, per-channel int8 weights,
+           uint8 activations, MinMax on one guided batch)
+  latency  one guided DDIM step (batch 2: [null; cond]) at latent 64x64, the three engines
+           interleaved in one process, medians
+Outputs go to --work (default /tmp/dmcompile-sd15); the fp32 export is cached as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.machine import cpu_line  # noqa: E402
+
+MODEL = "sd15-unet"
+GUIDANCE = 7.5
+L, D = 77, 768
+
+
+def peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file())
+
+
+def conditions_file(work: Path, n: int) -> Path:
+    """Random text embeddings (n rows) and a fixed null row: stand-ins for CLIP outputs."""
+    path = work / "conditions.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, encoder_hidden_states=rng.standard_normal((n, L, D), dtype=np.float32),
+             null_encoder_hidden_states=rng.standard_normal((L, D), dtype=np.float32) * 0.5)
+    return path
+
+
+def phase_export(args) -> dict:
+    from dmcompile import api
+
+    t0 = time.perf_counter()
+    model = api.load_model(MODEL)
+    load_s = time.perf_counter() - t0
+    params = sum(p.numel() for p in model.unet.parameters())
+    fp = api.fp_bundle(model)
+    m = json.loads((fp / "manifest.json").read_text())
+    return {"params": params, "load_seconds": load_s, "export_seconds": m["export"]["seconds"],
+            "parity_max_abs_err": m["export"]["parity_max_abs_err"], "export_bytes": folder_bytes(fp),
+            "files": sorted(f.name for f in fp.iterdir()), "total_macs_per_sample": m["export"]["total_macs_per_sample"],
+            "fp": str(fp), "peak_gb": peak_gb(), "wall_seconds": time.perf_counter() - t0}
+
+
+def phase_build(args) -> dict:
+    from dmcompile import api
+    from dmcompile.cli import _progress_bar
+
+    work = Path(args.work)
+    cal = api.CalibrationConfig(size=args.calib_size, steps=args.calib_steps, groups=10, batch_size=1,
+                                guidance_scale=GUIDANCE, conditions=str(conditions_file(work, args.calib_size)))
+    t0 = time.perf_counter()
+    res = api.build(MODEL, work / "bundle", api.BuildConfig(calibration=cal, eval_samples=0, correction=False),
+                    progress=_progress_bar("build"))
+    fusion = res.manifest["build"]["fusion"]
+    return {"build_seconds": res.manifest["build"]["seconds"], "wall_seconds": time.perf_counter() - t0,
+            "bundle_bytes": folder_bytes(res.path), "files": sorted(f.name for f in res.path.iterdir()),
+            "fusion": fusion, "peak_gb": peak_gb()}
+
+
+def _guided_feeds(b: int = 2, hw: int = 64, t: int = 500) -> dict:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((b // 2, 4, hw, hw), dtype=np.float32)
+    emb = rng.standard_normal((b, L, D), dtype=np.float32)
+    return {"sample": np.concatenate([x, x]), "timestep": np.full(b, t, np.int64), "encoder_hidden_states": emb}
+
+
+def phase_qs(args) -> dict:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    from dmcompile import api
+
+    fp = api.fp_bundle(MODEL)
+    feeds = [_guided_feeds()]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    out = Path(args.work) / "ort_qs"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    quantize_static(str(fp / "model.onnx"), str(out / "model.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+                    extra_options={"CalibMaxIntermediateOutputs": 1})
+    return {"seconds": time.perf_counter() - t0, "bytes": folder_bytes(out), "peak_gb": peak_gb()}
+
+
+def phase_latency(args) -> dict:
+    import onnxruntime as ort
+    from dmruntime import Bundle
+
+    from dmcompile import api
+
+    def session(path):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = args.threads
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+    work = Path(args.work)
+    variants = {"ORT fp32": session(api.fp_bundle(MODEL) / "model.onnx"),
+                "ORT quantize_static": session(work / "ort_qs" / "model.onnx"),
+                "dmcompile W8A8 K=10": Bundle.open(work / "bundle", threads=args.threads)}
+    feeds = _guided_feeds()
+    ts = [999, 800, 600, 400, 200, 1]
+    times = {v: [] for v in variants}
+    for r in range(args.repeats + 1):  # round 0 warms up
+        for v, obj in variants.items():
+            t = ts[r % len(ts)]
+            t0 = time.perf_counter()
+            if isinstance(obj, Bundle):
+                obj.predict(feeds["sample"], t, {"encoder_hidden_states": feeds["encoder_hidden_states"]})
+            else:
+                obj.run(None, {**feeds, "timestep": np.full(2, t, np.int64)})
+            if r:
+                times[v].append(time.perf_counter() - t0)
+    base = statistics.median(times["ORT fp32"])
+    return {v: {"median_s": statistics.median(x), "vs_fp32": statistics.median(x) / base, "runs": x}
+            for v, x in times.items()} | {"peak_gb": peak_gb()}
+
+
+PHASES = {"export": phase_export, "build": phase_build, "qs": phase_qs, "latency": phase_latency}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--phase", choices=["all", *PHASES], default="all")
+    p.add_argument("--work", default="/tmp/dmcompile-sd15")
+    p.add_argument("--calib-size", type=int, default=2, help="guided trajectories (2 rows per call)")
+    p.add_argument("--calib-steps", type=int, default=10, help="DDIM steps per trajectory (one per group at K=10)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    if args.phase != "all":
+        out = PHASES[args.phase](args)
+        print("RESULT " + json.dumps(out, default=str), flush=True)
+        return 0
+    print(cpu_line(), flush=True)
+    results = {}
+    for phase in PHASES:
+        cmd = [sys.executable, __file__, "--phase", phase, "--work", args.work, "--calib-size", str(args.calib_size),
+               "--calib-steps", str(args.calib_steps), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode or not line:
+            print(f"phase {phase} failed (exit {proc.returncode})", file=sys.stderr)
+            return 1
+        results[phase] = json.loads(line[-1][7:])
+        print(f"{phase}: {json.dumps(results[phase], default=str)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
