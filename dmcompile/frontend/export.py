@@ -129,12 +129,13 @@ def trace_to_onnx(model: LoadedModel, path: Path, config: ExportConfig):
                               do_constant_folding=True, dynamo=False)
         except Exception as e:
             raise ExportError(f"tracing {model.id} to ONNX failed: {e}") from e
-        proto = onnxio.load(traced)
-        check_graph(proto, "export", traced)
-    proto = strip_wrapper_prefix(proto, WRAPPER_ATTR)
-    proto = name_anonymous_weights(proto)
-    onnxio.save(proto, path)
-    del proto  # 3.4 GB for SD: the later stages read the weights from disk when they need them
+        check_graph(onnxio.load(traced, weights=False), "export", traced)
+        # the passes rename; they run on the graph, the weights stay on disk until written once
+        proto = onnxio.load(traced, weights=False)
+        proto = strip_wrapper_prefix(proto, WRAPPER_ATTR)
+        proto = name_anonymous_weights(proto)
+        onnxio.save(onnxio.load_data(proto, d), path)
+        del proto  # 3.4 GB for SD: the later stages read the weights from disk when they need them
     graph = onnxio.load(path, weights=False)
     check_graph(graph, "clean", path)
     return graph

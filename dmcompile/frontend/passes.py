@@ -12,13 +12,16 @@ from ..errors import ExportError
 def check_graph(model: onnx.ModelProto, what: str, path=None) -> None:
     """Invariants every pass must keep: the ONNX checker passes, names are unique,
     and every node input is a graph input, an initializer or an earlier node's output.
-    A model past protobuf's 2 GB limit is checked from its file ``path`` (external data)."""
+    A model whose weights are (or must be) external data is checked by the ONNX checker from
+    its file ``path``; without one, such a graph gets the structural checks only (export
+    checks the finished file)."""
     from .. import onnxio
 
+    big = not onnxio.fits(model) or bool(onnxio.external_files(model))
     try:
-        if path is not None and (not onnxio.fits(model) or onnxio.external_files(model)):
+        if big and path is not None:
             onnx.checker.check_model(str(path))
-        else:
+        elif not big:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         raise ExportError(f"after pass {what}: ONNX checker failed: {e}") from e
