@@ -195,7 +195,8 @@ def cmd_build(args) -> int:
 
     cfg = BuildConfig(recipe=_recipe(args), profile=args.target, calibration=_calibration_config(args),
                       analysis=_analysis_config(args), eval_samples=args.eval_samples, seed=args.seed,
-                      correction=not args.no_correction, step_aware=args.step_aware, null_class=args.null_class)
+                      correction=not args.no_correction, step_aware=args.step_aware, null_class=args.null_class,
+                      decoder=args.decoder)
     out = args.output or Path("build") / f"{Path(str(args.model)).name}-{args.format}"
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
     m = res.manifest
@@ -361,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip estimating PTQD noise-correction statistics (the bundle then has none)")
     b.add_argument("--step-aware", action="store_true",
                    help="select activation bits per group by PTQD's SNR rule (reported in the manifest)")
+    b.add_argument("--decoder", choices=["fp32", "w8a8"], default=BuildConfig().decoder,
+                   help="latent models: ship the VAE decoder in fp32 (default) or W8A8, calibrated on latents "
+                   "the fp32 model samples (its PSNR against fp32 goes in the manifest)")
     _add_analysis(b)
     b.set_defaults(func=cmd_build)
 

@@ -104,9 +104,10 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     plan = allocate(ws, calib, config, progress)
     engines = fuse_and_merge(lower(ws, calib, plan, progress))
     stored = externalize_weights(ws, engines, plan) if isinstance(config.recipe, MixedRecipe) else None
+    decoder = lower_decoder(ws, config, progress) if config.decoder == "w8a8" else None
     with atomic_dir(Path(out), BUNDLE) as tmp:
-        files = write_engines(tmp, engines, stored, ws)
-        body = describe(ws, calib, plan, engines, stored, config)
+        files = write_engines(tmp, engines, stored, ws, decoder)
+        body = describe(ws, calib, plan, engines, stored, config, decoder)
         if config.correction:
             body["correction"] = estimate_corrections(tmp, body, ws, calib, config, progress)
         if config.step_aware:
@@ -128,6 +129,9 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
     decoder = json.loads((fp / "manifest.json").read_text()).get("decoder")
     ws = Workspace(model, fp, layer_map, get_profile(config.profile), resolve(layer_map, config.overrides), spec,
                    rows, decoder)
+    if config.decoder != "fp32" and not decoder:
+        raise ConfigError(f"--decoder {config.decoder} applies to latent models (a pipeline folder with vae/); "
+                          f"{model.id} has no decoder")
     recipe = config.recipe
     if config.step_aware or (isinstance(recipe, MixedRecipe) and recipe.budget is not None):
         from dmruntime import NoiseSchedule
@@ -247,9 +251,11 @@ def externalize_weights(ws: Workspace, engines: EngineSet, plan: WeightPlan) -> 
     return StoredWeights(tensors, external)
 
 
-def write_engines(folder: Path, engines: EngineSet, stored: StoredWeights | None, ws: Workspace) -> list[str]:
+def write_engines(folder: Path, engines: EngineSet, stored: StoredWeights | None, ws: Workspace,
+                  decoder: DecoderEngine | None = None) -> list[str]:
     """Engine files, one group_XX.npz of engine inputs per group, weights.npz, the null
-    condition of guidance and the class table, the export's decoder; their names."""
+    condition of guidance and the class table, the decoder (the export's fp32 one, or
+    ``decoder``'s int8 one); their names."""
     from .backends.onnxruntime import WEIGHTS_FILE, save_engine
 
     files = save_engine(folder, engines.engines, list(engines.params), group_files(len(engines.engine_of)))
@@ -265,10 +271,57 @@ def write_engines(folder: Path, engines: EngineSet, stored: StoredWeights | None
         with open(folder / TABLE_FILE, "wb") as f:
             np.savez(f, class_table=table)
         files.append(TABLE_FILE)
-    if ws.decoder:  # latent models: the fp32 decoder of the export, as it is
+    if decoder is not None:
+        files += onnxio.save(decoder.model, folder / ws.decoder["file"])
+    elif ws.decoder:  # latent models: the fp32 decoder of the export, as it is
         shutil.copyfile(ws.fp / ws.decoder["file"], folder / ws.decoder["file"])
         files.append(ws.decoder["file"])
     return files
+
+
+DECODER_STREAM = 0xDEC
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderEngine:
+    """The int8 decoder and its manifest record (calibration, fidelity against fp32, fusion)."""
+
+    model: onnx.ModelProto
+    record: dict
+
+
+def lower_decoder(ws: Workspace, config: BuildConfig, progress=None) -> DecoderEngine:
+    """W8A8 decoder: activation ranges from ``config.decoder_calib_size`` latents the fp32 model
+    samples (guided and conditioned like the calibration); PSNR against the fp32 decoder on as
+    many latents of another random stream."""
+    from dmruntime import DDIMSampler
+
+    from .backends.onnxruntime import fusion_report
+    from .eval.metrics import psnr
+    from .lowering.decoder import lower_decoder as lower
+
+    cal = config.calibration
+    fpb = Bundle.open(ws.fp)
+    n = config.decoder_calib_size
+
+    def latents(stream: int) -> np.ndarray:
+        sampler = DDIMSampler(fpb, steps=cal.steps, batch_size=cal.batch_size, guidance_scale=cal.guidance_scale,
+                              null_cond=ws.conditioning.null)
+        return sampler.sample(n, seed=[config.seed, DECODER_STREAM, stream], cond=stages.cycle_rows(ws.conditions, n))
+
+    calib, held_out = latents(0), latents(1)
+    if progress:
+        progress("decoder", 1, 2)
+    model, layers = lower(ws.fp / ws.decoder["file"], calib, ws.profile, cal.observer, cal.percentile, cal.bins)
+    want = fpb.decode(held_out)
+    got = onnxio.session(model).run(["image"], {"latents": held_out})[0]
+    if progress:
+        progress("decoder", 2, 2)
+    return DecoderEngine(model, {
+        "calibration": {"latents": n, "steps": cal.steps, "guidance_scale": cal.guidance_scale,
+                        "observer": cal.observer},
+        "layers": layers, "fusion": fusion_report(model),
+        "psnr_db_vs_fp32": float(np.mean(psnr(got, want))), "max_abs_err_vs_fp32": float(np.abs(got - want).max())})
 
 
 def group_files(k: int) -> list[str]:
@@ -276,7 +329,7 @@ def group_files(k: int) -> list[str]:
 
 
 def describe(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, engines: EngineSet,
-             stored: StoredWeights | None, config: BuildConfig) -> dict:
+             stored: StoredWeights | None, config: BuildConfig, decoder: DecoderEngine | None = None) -> dict:
     """The manifest body (everything but measurements and file hashes)."""
     fusion = engines.fusion
     names = group_files(len(calib.groups))
@@ -300,7 +353,8 @@ def describe(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, engines:
     if plan.record:
         body["plan"] = plan.record
     if ws.decoder:
-        body["decoder"] = ws.decoder
+        body["decoder"] = ws.decoder if decoder is None else {**ws.decoder, "precision": "w8a8",
+                                                               "w8a8": decoder.record}
     if ws.conditioning:
         body["conditioning"] = ws.conditioning.to_manifest(
             NULL_FILE if ws.conditioning.null else None, TABLE_FILE if ws.conditioning.class_table is not None else None)

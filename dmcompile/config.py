@@ -374,6 +374,9 @@ class BuildConfig(_Versioned):
     null_class: class-conditional models: the class label that means "no class", stored in the
     bundle as the null condition of classifier-free guidance (embeddings: null_<name> in the
     calibration's conditions file).
+    decoder: latent models: the VAE decoder in the bundle, ``fp32`` (the export's, as it is) or
+    ``w8a8`` (the same lowering as the UNet, calibrated on latents the fp32 model samples;
+    decoder_calib_size of them).
 
     Schema history: 1 (dmcompile 0.1): flat ``format``, ``float_layers``, ``weight_bits``,
     ``budget``, ``allocator``, ``share_weights``, ``allow_simulated_bits``; 2: ``recipe``.
@@ -391,6 +394,8 @@ class BuildConfig(_Versioned):
     correction_size: int = 32
     step_aware: bool = False
     null_class: int | None = None
+    decoder: str = "fp32"
+    decoder_calib_size: int = 32
     SCHEMA_VERSION = 2
 
     def __init__(self, **options):
@@ -421,6 +426,8 @@ class BuildConfig(_Versioned):
         _check(self.correction_size >= 1, f"correction_size must be >= 1, got {self.correction_size}")
         _check(self.null_class is None or (isinstance(self.null_class, int) and self.null_class >= 0),
                f"null_class must be a class label >= 0, got {self.null_class!r}")
+        _check(self.decoder in ("fp32", "w8a8"), f"decoder must be 'fp32' or 'w8a8', got {self.decoder!r}")
+        _check(self.decoder_calib_size >= 1, f"decoder_calib_size must be >= 1, got {self.decoder_calib_size}")
 
     @property
     def format(self) -> str:

@@ -99,3 +99,34 @@ def test_pipeline_class_table_serves_class_labels(tmp_path, capsys):
     assert "guidance 2" in capsys.readouterr().out
     assert main(["sample", str(out), "--class", "3", "-n", "2", "--steps", "3", "-o", str(tmp_path / "h.png")]) == 2
     assert "class labels must be in [0, 3)" in capsys.readouterr().err
+
+
+def test_w8a8_decoder_is_integer_and_tracks_fp32(tiny_latent_dir, latent_bundle, tmp_path):
+    """--decoder w8a8: the decoder's Conv/MatMul run as integer kernels, its manifest record
+    says how far it is from fp32 (measured on latents it was not calibrated on), and the runtime
+    decodes with it close to the fp32 decoder."""
+    from dmcompile.backends.onnxruntime import fusion_report
+
+    cfg = BuildConfig(calibration=CalibrationConfig(size=2, steps=6, groups=2, batch_size=2), eval_samples=0,
+                      correction=False, decoder="w8a8", decoder_calib_size=4)
+    path = api.build(str(tiny_latent_dir), tmp_path / "q", cfg).path
+    m = json.loads((path / "manifest.json").read_text())
+    dec = m["decoder"]
+    assert dec["precision"] == "w8a8" and dec["w8a8"]["layers"] > 0
+    assert dec["w8a8"]["fusion"]["ratio"] == 1.0 and fusion_report(path / "decoder.onnx")["ratio"] == 1.0
+    assert 20 < dec["w8a8"]["psnr_db_vs_fp32"] < 200
+    z = np.random.default_rng(2).standard_normal((3, 4, 8, 8)).astype(np.float32) * 0.2
+    fp, q = Bundle.open(latent_bundle).decode(z), Bundle.open(path).decode(z)
+    err = np.abs(fp - q).max()
+    assert 0 < err < 0.25 * np.abs(fp).max()
+    # the UNet engines are the fp32-decoder build's: only the decoder changed
+    base = json.loads((latent_bundle / "manifest.json").read_text())
+    assert m["files"]["unet.onnx"]["sha256"] == base["files"]["unet.onnx"]["sha256"]
+    assert m["files"]["decoder.onnx"]["sha256"] != base["files"]["decoder.onnx"]["sha256"]
+
+
+def test_w8a8_decoder_needs_a_latent_model(tiny_model_dir, tmp_path, capsys):
+    assert main(["build", str(tiny_model_dir), "-o", str(tmp_path / "b"), "--decoder", "w8a8", "--groups", "2",
+                 "--calib-size", "2", "--calib-steps", "3", "--eval-samples", "0"]) == 2
+    assert "applies to latent models" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

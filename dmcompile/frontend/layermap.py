@@ -117,16 +117,18 @@ def _macs(op: str, node: onnx.NodeProto, shapes: dict, w_shape: list[int] | None
 
 def build_layer_map(model: onnx.ModelProto, model_id: str, sample_shape: tuple[int, ...],
                     module_names: set[str] | None = None, extra_feeds: dict | None = None,
-                    base_dir=None) -> LayerMap:
+                    base_dir=None, feeds: dict | None = None) -> LayerMap:
     """Layer map of an exported UNet (inputs ``sample``, ``timestep`` and ``extra_feeds``: the
     conditioning at batch 1), shapes at batch 1. ``base_dir``: the folder of the model's
-    external data, if it has any."""
+    external data, if it has any. ``feeds``: every input at batch 1, for other graphs (the
+    VAE decoder)."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     targets = [n for n in g.node if n.op_type in QUANTIZABLE_OPS]
     probe_names = sorted({v for n in targets for v in (n.input[0], n.input[1], n.output[0]) if v not in inits})
-    feeds = {"sample": np.zeros((1, *sample_shape), np.float32), "timestep": np.array([500], np.int64),
-             **(extra_feeds or {})}
+    if feeds is None:
+        feeds = {"sample": np.zeros((1, *sample_shape), np.float32), "timestep": np.array([500], np.int64),
+                 **(extra_feeds or {})}
     shapes = _probe_shapes(model, probe_names, feeds, base_dir)
     layers = []
     for node in targets:
