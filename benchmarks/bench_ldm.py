@@ -4,6 +4,7 @@ classifier-free guidance.
 
     python benchmarks/bench_ldm.py -n 500 --guidance 2.0 --grid docs/digits_ldm_classes.png
     python benchmarks/bench_ldm.py -n 500 --variants mixed --budget 5bits
+    python benchmarks/bench_ldm.py -n 500 --variants k10 k10-dec8     # the W8A8 decoder: fidelity and time
 
 Each bundle is calibrated on the guided sampler (both branches recorded) and evaluated with
 `dmcompile eval`'s metrics on decoded images: paired PSNR / SSIM against the PyTorch pipeline
@@ -24,6 +25,35 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def time_decoders(fp_bundle: Path, q_bundle: Path, batch: int = 64, repeats: int = 20) -> None:
+    """Decoder latency fp32 vs W8A8 (batch of latents), interleaved, medians; and the manifest's
+    PSNR of the W8A8 decoder against fp32."""
+    import json
+    import statistics
+    import time
+
+    from dmruntime import Bundle
+
+    from benchmarks.machine import cpu_line
+
+    decs = {"fp32": Bundle.open(fp_bundle, threads=2), "w8a8": Bundle.open(q_bundle, threads=2)}
+    z = np.random.default_rng(0).standard_normal((batch, *decs["fp32"].sample_shape)).astype(np.float32)
+    times = {k: [] for k in decs}
+    for r in range(repeats + 1):
+        for k, b in decs.items():
+            t0 = time.perf_counter()
+            b.decode(z)
+            if r:
+                times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rec = json.loads((q_bundle / "manifest.json").read_text())["decoder"]["w8a8"]
+    print(cpu_line(), file=sys.stderr)
+    print(f"decoder, batch {batch}, {repeats} interleaved rounds: fp32 {med['fp32'] * 1e3:.2f} ms, w8a8 "
+          f"{med['w8a8'] * 1e3:.2f} ms, w8a8 / fp32 = {med['w8a8'] / med['fp32']:.2f}; manifest: PSNR vs fp32 "
+          f"{rec['psnr_db_vs_fp32']:.2f} dB on held-out latents, integer share {rec['fusion']['ratio']:.0%}",
+          file=sys.stderr)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=500, help="samples per evaluation")
@@ -31,7 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--calib-size", type=int, default=64)
     p.add_argument("--grid", type=Path, default=None, help="PNG: one row per class from the K = 10 bundle")
-    p.add_argument("--variants", nargs="+", default=["k1", "k10", "mixed"], choices=["k1", "k10", "mixed"])
+    p.add_argument("--variants", nargs="+", default=["k1", "k10", "mixed"], choices=["k1", "k10", "mixed", "k10-dec8"])
     p.add_argument("--budget", default="5bits", help="budget of the mixed plan (RD curves on guided trajectories)")
     args = p.parse_args(argv)
 
@@ -46,8 +76,8 @@ def main(argv=None) -> int:
         for v in args.variants:
             k = 1 if v == "k1" else 10
             cal = CalibrationConfig(size=args.calib_size, groups=k, guidance_scale=args.guidance)
-            cfg = BuildConfig(calibration=cal)
-            name = f"W8A8 K={k}"
+            cfg = BuildConfig(calibration=cal, decoder="w8a8" if v == "k10-dec8" else "fp32")
+            name = f"W8A8 K={k}" + (" + W8A8 decoder" if v == "k10-dec8" else "")
             if v == "mixed":
                 cfg = BuildConfig(calibration=cal, recipe=MixedRecipe(budget=args.budget))
             res = api.build("digits-ldm", Path(tmp) / v, cfg, progress=None)
@@ -65,6 +95,8 @@ def main(argv=None) -> int:
                              pv["ssim_mean"], d["fd_to_real"], d["fp_fd_to_real"], d["fd_to_fp"], d["noise_floor_fd"],
                              d["class_accuracy"], d["fp_class_accuracy"], d["confident_rate"]))
                 print(rows[-1], file=sys.stderr, flush=True)
+        if "W8A8 K=10 + W8A8 decoder" in bundles and "W8A8 K=10" in bundles:
+            time_decoders(bundles["W8A8 K=10"], bundles["W8A8 K=10 + W8A8 decoder"])
         if args.grid and "W8A8 K=10" in bundles:
             order = {"class_labels": np.repeat(np.arange(10), 8)}
             images = api.sample(bundles["W8A8 K=10"], SampleConfig(n=80, steps=args.steps, guidance_scale=args.guidance),
