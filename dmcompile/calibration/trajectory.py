@@ -184,7 +184,14 @@ def calibrate(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, 
     for n in names:
         if n not in have:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
-    sess = onnxio.session(model, base_dir=Path(fp_model_path).parent)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    # Every quantized tensor is an output here (GBs per call for SD 1.5 at 64x64): without the
+    # arena and memory patterns that memory goes back after each call instead of staying reserved.
+    so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = False
+    sess = onnxio.session(model, so, base_dir=Path(fp_model_path).parent)
     del model
     schedule = NoiseSchedule.from_config(scheduler_config)
     groups = equal_groups(schedule.num_train_timesteps, config.groups)
