@@ -71,16 +71,19 @@ def load(path: str | Path, *, weights: bool = True) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=weights)
 
 
-def save(model: onnx.ModelProto, path: str | Path) -> list[str]:
+def save(model: onnx.ModelProto, path: str | Path, *, keep: bool = True) -> list[str]:
     """Write ``model`` to ``path``; past protobuf's limit its weights go to ``<name>.data`` next
-    to it. Returns the file names written. The in-memory model is left as it was."""
+    to it. Returns the file names written. The in-memory model is left as it was unless
+    ``keep=False`` (then a big model's bytes move to disk without a second copy in memory)."""
     path = Path(path)
     if fits(model) or external_files(model):
         onnx.save(model, str(path))
         return [path.name]
     data = path.name + DATA_SUFFIX
-    m = onnx.ModelProto()
-    m.CopyFrom(model)  # onnx's writer moves the bytes out of the message it saves
+    m = model
+    if keep:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)  # onnx's writer moves the bytes out of the message it saves
     onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
                     size_threshold=1024)
     return [path.name, data]

@@ -123,6 +123,29 @@ def test_build_is_deterministic_from_cold_caches(tiny_model_dir, tmp_path, monke
     assert _without_timings(m1) == _without_timings(m2)
 
 
+def test_cache_keys_and_configs_do_not_depend_on_the_hash_seed(tiny_model_dir, tmp_path):
+    """diffusers builds ``_use_default_values`` from a set: two interpreters with different hash
+    seeds must still give the same config and so the same export cache key (they did not, and
+    every process re-exported the model under a new key)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "m")  # a config that leaves options to their defaults
+    cfg = json.loads((folder / "config.json").read_text())
+    for k in ("dropout", "add_attention", "downsample_type", "upsample_type", "time_embedding_dim",
+              "resnet_time_scale_shift", "attn_norm_num_groups", "class_embed_type", "num_class_embeds"):
+        cfg.pop(k, None)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    code = ("import json; from dmcompile import stages; from dmcompile.config import ExportConfig; "
+            f"m = stages.as_model({str(folder)!r}); "
+            "print(stages.model_key(m, ExportConfig()), json.dumps(m.unet_config, sort_keys=True))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(outs) == 1 and "_use_default_values" in next(iter(outs))
+
+
 def test_float_layers(tiny_model_dir, tmp_path):
     out = api.build(str(tiny_model_dir), tmp_path / "f",
                     BuildConfig(recipe=W8A8Recipe(overrides=parse_overrides("last_conv,time_embedding", "float")),

@@ -35,6 +35,9 @@ def test_onnxio_saves_loads_and_opens_big_models(nothing_fits, tmp_path):
     m = _matmul_model(w)
     assert onnxio.save(m, tmp_path / "a.onnx") == ["a.onnx", "a.onnx.data"]
     assert len(m.graph.initializer[0].raw_data) == w.nbytes  # the caller's model keeps its bytes
+    moved = _matmul_model(w)
+    assert onnxio.save(moved, tmp_path / "b.onnx", keep=False) == ["b.onnx", "b.onnx.data"]
+    assert onnxio.data_bytes(moved) == 0  # no second copy: the bytes went to disk
     assert onnxio.files_of(tmp_path / "a.onnx") == ["a.onnx", "a.onnx.data"]
     lean = onnxio.load(tmp_path / "a.onnx", weights=False)
     assert onnxio.external_files(lean) == ["a.onnx.data"] and onnxio.data_bytes(lean) == 0

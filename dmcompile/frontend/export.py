@@ -134,7 +134,7 @@ def trace_to_onnx(model: LoadedModel, path: Path, config: ExportConfig):
         proto = onnxio.load(traced, weights=False)
         proto = strip_wrapper_prefix(proto, WRAPPER_ATTR)
         proto = name_anonymous_weights(proto)
-        onnxio.save(onnxio.load_data(proto, d), path)
+        onnxio.save(onnxio.load_data(proto, d), path, keep=False)
         del proto  # 3.4 GB for SD: the later stages read the weights from disk when they need them
     graph = onnxio.load(path, weights=False)
     check_graph(graph, "clean", path)

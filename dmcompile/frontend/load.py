@@ -101,10 +101,15 @@ class LoadedModel:
 
 
 def _json_config(cfg) -> dict:
+    """A diffusers config as plain JSON values. diffusers builds ``_use_default_values`` from a
+    set, so its order changes with the interpreter's hash seed: sorted here, or cache keys and
+    manifests would differ from one process to the next."""
     out = {}
     for k, v in dict(cfg).items():
         if isinstance(v, tuple):
             v = list(v)
+        if k == "_use_default_values" and isinstance(v, list):
+            v = sorted(v)
         out[k] = v
     return out
 
