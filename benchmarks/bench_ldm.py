@@ -66,7 +66,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from dmcompile import api
-    from dmcompile.config import BuildConfig, CalibrationConfig, EvalConfig, MixedRecipe, SampleConfig
+    from dmcompile.config import (
+        BuildConfig,
+        CalibrationConfig,
+        EvalConfig,
+        MixedRecipe,
+        SampleConfig,
+    )
     from dmcompile.eval.grid import save_grid
 
     labels = {"class_labels": np.arange(args.n) % 10}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from dmruntime import Bundle, DDIMSampler
+from dmruntime.conditioning import cycle_rows  # stages.cycle_rows: the build uses it
 
 from . import __version__
 from .config import AnalysisConfig, CalibrationConfig, ExportConfig, SampleConfig
@@ -97,14 +98,6 @@ def sample_model(model, config: SampleConfig = SampleConfig(), progress=None, co
     sampler = DDIMSampler(model, steps=config.steps, eta=config.eta, batch_size=config.batch_size,
                           guidance_scale=config.guidance_scale, null_cond=null_cond)
     return sampler.sample(config.n, seed=config.seed, progress=progress, cond=cond)
-
-
-def cycle_rows(cond: dict | None, n: int) -> dict | None:
-    """``n`` rows taken cyclically from ``cond``."""
-    if cond is None:
-        return None
-    idx = np.arange(n) % len(next(iter(cond.values())))
-    return {k: v[idx] for k, v in cond.items()}
 
 
 def calibration_key(config: CalibrationConfig, profile: TargetProfile, conditions: dict | None = None,

@@ -6,13 +6,13 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+from dmruntime import Bundle
 
 from dmcompile import api
 from dmcompile.backends.onnxruntime import fusion_report
 from dmcompile.cli import main
 from dmcompile.config import BuildConfig, CalibrationConfig, W8A8Recipe, parse_overrides
 from dmcompile.errors import ConfigError
-from dmruntime import Bundle
 
 SMALL = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4)
 

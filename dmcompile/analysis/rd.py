@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from dmruntime import DDIMSampler, group_lookup
+from dmruntime.conditioning import cycle_rows, take_rows
 
 from ..artifacts import CURVES, atomic_dir, write_marker
 from ..config import AnalysisConfig
@@ -110,11 +111,8 @@ def group_inputs(fp_bundle, groups, config: AnalysisConfig, steps: int, seed: in
 
     rec = Recorder()
     rec.conditioning = conditioning if conditioning else fp_bundle.conditioning
-    if cond is not None:
-        idx = np.arange(n_traj) % len(next(iter(cond.values())))
-        cond = {k: v[idx] for k, v in cond.items()}
     DDIMSampler(rec, steps=steps, eta=0.0, guidance_scale=guidance_scale).sample(
-        n_traj, seed=[seed, ANALYSIS_STREAM], cond=cond)
+        n_traj, seed=[seed, ANALYSIS_STREAM], cond=cycle_rows(cond, n_traj))
     xs, ts, cs = [], [], []
     for g in groups:
         if not rows[g.index]:
@@ -138,10 +136,6 @@ def flat_rows(C: dict | None) -> dict | None:
     return None if C is None else {k: v.reshape(-1, *v.shape[2:]) for k, v in C.items()}
 
 
-def _take(cond: dict | None, sl) -> dict | None:
-    return None if cond is None else {k: v[sl] for k, v in cond.items()}
-
-
 def _tile(cond: dict | None, times: int) -> dict | None:
     return None if cond is None else {k: np.concatenate([v] * times) for k, v in cond.items()}
 
@@ -151,7 +145,7 @@ def _run_chunked(probe: Probe, x, t, max_rows, weights=None, acts=None, cond=Non
     for i in range(0, len(x), max_rows):
         sl = slice(i, i + max_rows)
         a = {k: tuple(v[sl] for v in vals) for k, vals in (acts or {}).items()}
-        outs.append(probe.run(x[sl], t[sl], weights, a, _take(cond, sl)))
+        outs.append(probe.run(x[sl], t[sl], weights, a, take_rows(cond, sl)))
     return np.concatenate(outs)
 
 

@@ -20,7 +20,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import onnxio
-
 from ..frontend.layermap import Layer, LayerMap
 from ..frontend.passes import check_graph
 from ..quant import QuantWeight, qparams, quantize_weight, weight_axis

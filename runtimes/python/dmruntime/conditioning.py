@@ -234,6 +234,13 @@ def take_rows(cond: dict | None, rows: slice | np.ndarray) -> dict | None:
     return None if cond is None else {k: v[rows] for k, v in cond.items()}
 
 
+def cycle_rows(cond: dict | None, n: int) -> dict | None:
+    """``n`` rows taken cyclically from ``cond``."""
+    if cond is None:
+        return None
+    return take_rows(cond, np.arange(n) % len(next(iter(cond.values()))))
+
+
 def concat_rows(a: dict, b: dict) -> dict:
     """Conditions of ``a``'s rows followed by ``b``'s."""
     return {k: np.concatenate([a[k], b[k]]) for k in a}
