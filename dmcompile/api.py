@@ -118,8 +118,8 @@ floor) and confident-class rates.
     sc = config.sample
     got = sample_model(bundle, sc, progress=progress and (lambda i, n: progress("bundle", i, n)), cond=cond)
     want = sample_model(ref, sc, progress=progress and (lambda i, n: progress("fp reference", i, n)), cond=cond)
-    if bundle.decoder is not None:  # latent models are judged on decoded images (the same fp32 decoder)
-        got, want = bundle.decode(got), bundle.decode(want)
+    if bundle.decoder is not None:  # latent models are judged on images: the bundle's decoder, and the
+        got, want = bundle.decode(got), ref.decode(want)  # PyTorch VAE for the reference (a W8A8 decoder counts)
     p, s = psnr(got, want), ssim(got, want)
     report = {
         "schema_version": 1, "target": str(target), "format": bundle.manifest.get("format"),
@@ -133,7 +133,7 @@ floor) and confident-class rates.
         other = sample_model(ref, floor_cfg, progress=progress and (lambda i, n: progress("fp noise floor", i, n)),
                              cond=cond)
         if bundle.decoder is not None:
-            other = bundle.decode(other)
+            other = ref.decode(other)
         mine = digit_scores(got, config.confident_threshold)
         fp = digit_scores(want, config.confident_threshold)
         fp2 = digit_scores(other, config.confident_threshold)

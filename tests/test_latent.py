@@ -130,3 +130,26 @@ def test_w8a8_decoder_needs_a_latent_model(tiny_model_dir, tmp_path, capsys):
                  "--calib-size", "2", "--calib-steps", "3", "--eval-samples", "0"]) == 2
     assert "applies to latent models" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_eval_decodes_the_reference_with_the_pytorch_vae(tiny_latent_dir, latent_bundle, monkeypatch):
+    """A bundle's decoder may be int8: the FP reference's latents must go through the fp32
+    (PyTorch) VAE, not through the bundle's decoder, or the decoder's error would cancel out."""
+    from dmcompile.config import EvalConfig, SampleConfig
+    from dmcompile.frontend.torch_model import TorchEpsModel
+
+    calls = []
+    real = TorchEpsModel.decode
+
+    def spy(self, latents, batch_size=64):
+        calls.append(len(latents))
+        return real(self, latents, batch_size)
+
+    monkeypatch.setattr(TorchEpsModel, "decode", spy)
+    api.evaluate(latent_bundle, EvalConfig(sample=SampleConfig(n=2, steps=3)), cond=COND)
+    assert calls == [2]
+    z = np.random.default_rng(3).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    vae = api.load_model(str(tiny_latent_dir)).vae
+    with torch.no_grad():
+        want = vae.decode(torch.from_numpy(z) / 0.18215).sample.numpy()
+    np.testing.assert_allclose(real(TorchEpsModel(api.load_model(str(tiny_latent_dir))), z), want, atol=1e-6)

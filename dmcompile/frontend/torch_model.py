@@ -31,6 +31,18 @@ class TorchEpsModel:
         with torch.no_grad():
             return self.model.unet(torch.from_numpy(sample), ts, return_dict=False, **kw)[0].numpy()
 
+    def decode(self, latents: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Latent models: images from the PyTorch VAE (``latents`` / scaling factor), the fp32
+        reference for whatever decoder a bundle ships."""
+        import torch
+
+        if self.model.vae is None:
+            raise ValueError(f"{self.model.id} has no VAE: its samples are images already")
+        s = self.model.scaling_factor
+        with torch.no_grad():
+            return np.concatenate([self.model.vae.decode(torch.from_numpy(latents[i:i + batch_size]) / s).sample.numpy()
+                                   for i in range(0, len(latents), batch_size)])
+
 
 def conditioning_of(model: LoadedModel, null: dict | None = None, sequence_length: int | None = None,
                     class_table=None) -> Conditioning:
