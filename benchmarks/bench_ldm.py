@@ -5,6 +5,7 @@ classifier-free guidance.
     python benchmarks/bench_ldm.py -n 500 --guidance 2.0 --grid docs/digits_ldm_classes.png
     python benchmarks/bench_ldm.py -n 500 --variants mixed --budget 5bits
     python benchmarks/bench_ldm.py -n 500 --variants k10 k10-dec8     # the W8A8 decoder: fidelity and time
+    python benchmarks/bench_ldm.py -n 500 --variants --floor-sets 5    # spread of the FP noise floor
 
 Each bundle is calibrated on the guided sampler (both branches recorded) and evaluated with
 `dmcompile eval`'s metrics on decoded images: paired PSNR / SSIM against the PyTorch pipeline
@@ -54,6 +55,29 @@ def time_decoders(fp_bundle: Path, q_bundle: Path, batch: int = 64, repeats: int
           file=sys.stderr)
 
 
+def floor_spread(n: int, sets: int, steps: int, guidance: float | None) -> list[float]:
+    """FD to the FP reference set (the seeds `eval` uses for its floor) of ``sets`` FP sets of
+    seeds 0, 1, ... (the fp32 export sampled; seed 0 is `eval`'s own floor): how much the
+    FP-vs-FP floor itself moves at this sample count."""
+    from dmruntime import Bundle
+
+    from dmcompile import api
+    from dmcompile.config import EvalConfig, SampleConfig
+    from dmcompile.api import digit_scores
+    from dmcompile.eval.metrics import frechet_distance
+
+    fp = Bundle.open(api.fp_bundle("digits-ldm"))
+    labels = {"class_labels": np.arange(n) % 10}
+    ref_seed = EvalConfig().floor_seed_offset
+
+    def features(seed: int):
+        z = api.sample_model(fp, SampleConfig(n=n, steps=steps, guidance_scale=guidance, seed=seed), cond=labels)
+        return digit_scores(fp.decode(z), 0.9)["features"]
+
+    ref = features(ref_seed)
+    return [frechet_distance(features(k), ref) for k in range(sets)]  # seed 0: eval's own floor
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=500, help="samples per evaluation")
@@ -61,7 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--calib-size", type=int, default=64)
     p.add_argument("--grid", type=Path, default=None, help="PNG: one row per class from the K = 10 bundle")
-    p.add_argument("--variants", nargs="+", default=["k1", "k10", "mixed"], choices=["k1", "k10", "mixed", "k10-dec8"])
+    p.add_argument("--variants", nargs="*", default=["k1", "k10", "mixed"], choices=["k1", "k10", "mixed", "k10-dec8"])
+    p.add_argument("--floor-sets", type=int, default=0,
+                   help="FD of this many independent FP sets to the FP reference set (the floor's spread)")
     p.add_argument("--budget", default="5bits", help="budget of the mixed plan (RD curves on guided trajectories)")
     args = p.parse_args(argv)
 
@@ -101,6 +127,11 @@ def main(argv=None) -> int:
                              pv["ssim_mean"], d["fd_to_real"], d["fp_fd_to_real"], d["fd_to_fp"], d["noise_floor_fd"],
                              d["class_accuracy"], d["fp_class_accuracy"], d["confident_rate"]))
                 print(rows[-1], file=sys.stderr, flush=True)
+        for guidance in (args.guidance, None) if args.floor_sets else ():
+            fds = floor_spread(args.n, args.floor_sets, args.steps, guidance)
+            print(f"FP noise floor spread, guidance {guidance}: FD of {args.floor_sets} FP sets (seeds 0..) to the FP "
+                  f"reference set: {', '.join(f'{v:.3f}' for v in fds)}; min {min(fds):.3f}, max {max(fds):.3f}",
+                  file=sys.stderr, flush=True)
         if "W8A8 K=10 + W8A8 decoder" in bundles and "W8A8 K=10" in bundles:
             time_decoders(bundles["W8A8 K=10"], bundles["W8A8 K=10 + W8A8 decoder"])
         if args.grid and "W8A8 K=10" in bundles:
