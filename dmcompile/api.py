@@ -108,7 +108,8 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
     Paired PSNR / SSIM between the bundle's and the reference's samples; for digits models
     also FD to the real digits, the FP noise floor (FD between two FP sample sets with
     different seeds), FD of the bundle's samples to that second FP set (comparable with the
-floor) and confident-class rates.
+    floor) and confident-class rates. Latent models are judged on images: the bundle's decoder
+    for its samples, the PyTorch VAE for the reference's.
     """
     from .eval.metrics import frechet_distance, psnr, ssim
 
