@@ -8,7 +8,6 @@ medians and the ratio ORT / PyTorch (shared, noisy machines: compare ratios, not
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -18,17 +17,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import ort_session, timing_parser
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["digits16", "ddpm-cifar10-32"])
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
+    args = timing_parser(__doc__, repeats=15).parse_args(argv)
 
-    import onnxruntime as ort
     import torch
 
     from dmcompile import api
@@ -39,9 +33,7 @@ def main(argv=None) -> int:
         model = api.load_model(name)
         with tempfile.TemporaryDirectory() as tmp:
             res = api.export(model, Path(tmp) / name)
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = args.threads
-            sess = ort.InferenceSession(str(res.path / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+            sess = ort_session(res.path / "model.onnx", args.threads)
             for b in args.batches:
                 x = np.random.default_rng(0).standard_normal((b, *model.sample_shape), dtype=np.float32)
                 t = np.full((b,), 500, np.int64)

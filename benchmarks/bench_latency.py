@@ -13,7 +13,6 @@ Bundles are built into a temporary folder (calibration is cached under $DMCOMPIL
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -23,40 +22,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def ort_quantize_static(fp_model: Path, out: Path, inputs: list[dict]) -> Path:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(inputs)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(str(fp_model), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
-    return out
-
-
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+from benchmarks.common import ort_quantize_static, ort_session, timing_parser
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["digits16", "ddpm-cifar10-32"])
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--repeats", type=int, default=10)
+    p = timing_parser(__doc__, repeats=10)
     p.add_argument("--sampling-repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--calib-size", type=int, default=None, help="default: 64 for digits16, 16 for presets")
     args = p.parse_args(argv)
 
@@ -83,8 +54,8 @@ def main(argv=None) -> int:
             qs = ort_quantize_static(fp / "model.onnx", tmp / "ort_qs.onnx", calib_inputs)
             variants = {
                 "torch fp32": None,
-                "ORT fp32": session(fp / "model.onnx", args.threads),
-                "ORT quantize_static": session(qs, args.threads),
+                "ORT fp32": ort_session(fp / "model.onnx", args.threads),
+                "ORT quantize_static": ort_session(qs, args.threads),
                 "dmcompile K=1": Bundle.open(bundles[1], threads=args.threads),
                 "dmcompile K=10": Bundle.open(bundles[10], threads=args.threads),
             }

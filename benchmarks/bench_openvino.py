@@ -13,7 +13,6 @@ ratios to ORT fp32 at batch 1 and 8, and each int8 variant's relative output err
 
 from __future__ import annotations
 
-import argparse
 import collections
 import statistics
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import ort_session, timing_parser
 from benchmarks.machine import cpu_line
 
 MAC_OPS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
@@ -41,15 +41,9 @@ def runtime_precisions(compiled) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="+", default=["digits16", "ddpm-cifar10-32"])
-    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
+    args = timing_parser(__doc__, repeats=15).parse_args(argv)
 
     import onnx
-    import onnxruntime as ort
     import openvino as ov
     from dmruntime import Bundle
 
@@ -76,9 +70,7 @@ def main(argv=None) -> int:
             fp_path = str(ws.fp / "model.onnx")
             ov_default = core.compile_model(core.read_model(fp_path), "CPU")
             ov_f32 = core.compile_model(core.read_model(fp_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = args.threads
-            ort_fp = ort.InferenceSession(fp_path, so, providers=["CPUExecutionProvider"])
+            ort_fp = ort_session(fp_path, args.threads)
             print(f"{name}: OpenVINO compile of the group-0 QDQ graph {compile_s:.2f} s; runtime precisions: "
                   f"QDQ {runtime_precisions(ov_q)}; fp32 default {runtime_precisions(ov_default)}", flush=True)
             t_group = bundle.groups[0].t_start  # group 0's timesteps: its scales are the QDQ graph's

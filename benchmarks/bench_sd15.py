@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import ort_quantize_static, ort_session
 from benchmarks.machine import cpu_line
 
 MODEL = "sd15-unet"
@@ -96,46 +97,26 @@ def _guided_feeds(b: int = 2, hw: int = 64, t: int = 500) -> dict:
 
 
 def phase_qs(args) -> dict:
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-
     from dmcompile import api
 
-    fp = api.fp_bundle(MODEL)
     # One row, not the guided pair: with every tensor an output, ORT's calibrator was killed at
     # 24 GB resident on the batch-2 input (this machine's memory). Its scales do not change speed.
     feeds = [{k: v[:1] for k, v in _guided_feeds().items()}]
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(feeds)
-
-        def get_next(self):
-            return next(self.it, None)
-
     out = Path(args.work) / "ort_qs"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    quantize_static(str(fp / "model.onnx"), str(out / "model.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
+    ort_quantize_static(api.fp_bundle(MODEL) / "model.onnx", out / "model.onnx", feeds, external_data=True)
     return {"seconds": time.perf_counter() - t0, "bytes": folder_bytes(out), "peak_gb": peak_gb()}
 
 
 def phase_latency(args) -> dict:
-    import onnxruntime as ort
     from dmruntime import Bundle
 
     from dmcompile import api
 
-    def session(path):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = args.threads
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
     work = Path(args.work)
-    variants = {"ORT fp32": session(api.fp_bundle(MODEL) / "model.onnx"),
-                "ORT quantize_static": session(work / "ort_qs" / "model.onnx"),
+    variants = {"ORT fp32": ort_session(api.fp_bundle(MODEL) / "model.onnx", args.threads),
+                "ORT quantize_static": ort_session(work / "ort_qs" / "model.onnx", args.threads),
                 "dmcompile W8A8 K=10": Bundle.open(work / "bundle", threads=args.threads)}
     feeds = _guided_feeds()
     ts = [999, 800, 600, 400, 200, 1]

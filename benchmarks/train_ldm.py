@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dmcompile.zoo.architectures import DDPM_LINEAR_SCHEDULER, DIGITS_LDM_UNET, DIGITS_LDM_VAE  # noqa: E402
 from dmcompile.zoo.data import load_digits16  # noqa: E402
-from train_reference import ema_update, linear_alphas_cumprod  # noqa: E402  (this folder: the same recipe)
+from train_reference import ema_update, linear_alphas_cumprod, publish_folder  # noqa: E402  (this folder: the same recipe)
 
 NULL = 10  # index of the null (unconditional) row of the class table
 SEQ, DIM = 1, DIGITS_LDM_UNET["cross_attention_dim"]
@@ -168,22 +167,21 @@ def train_unet(args, latents: torch.Tensor, labels: torch.Tensor):
 
 def write_pipeline(out: Path, vae, unet, table: np.ndarray) -> None:
     """The diffusers pipeline folder, written to a temporary sibling and renamed."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    vae.save_pretrained(tmp / "vae", safe_serialization=True)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    (tmp / "scheduler").mkdir()
-    # latents are not in [-1, 1]: DDIM must not clip its x0 estimate (the pixel models' default)
-    sched = {**DDPM_LINEAR_SCHEDULER, "clip_sample": False}
-    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
-    (tmp / "model_index.json").write_text(json.dumps({"_class_name": "LDMTextToImagePipeline",
-                                                      "unet": ["diffusers", "UNet2DConditionModel"],
-                                                      "vae": ["diffusers", "AutoencoderKL"],
-                                                      "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2) + "\n")
-    np.savez(tmp / "conditions.npz", class_table=table[:NULL], null_encoder_hidden_states=table[NULL])
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+
+    def write(tmp: Path) -> None:
+        vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        (tmp / "scheduler").mkdir()
+        # latents are not in [-1, 1]: DDIM must not clip its x0 estimate (the pixel models' default)
+        sched = {**DDPM_LINEAR_SCHEDULER, "clip_sample": False}
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2) + "\n")
+        (tmp / "model_index.json").write_text(json.dumps({"_class_name": "LDMTextToImagePipeline",
+                                                          "unet": ["diffusers", "UNet2DConditionModel"],
+                                                          "vae": ["diffusers", "AutoencoderKL"],
+                                                          "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2) + "\n")
+        np.savez(tmp / "conditions.npz", class_table=table[:NULL], null_encoder_hidden_states=table[NULL])
+
+    publish_folder(out, write)
 
 
 def main(argv=None) -> int:

@@ -62,21 +62,28 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: f
         pe.mul_(d).add_(pm.detach(), alpha=1 - d)
 
 
-def save_model_folder(ema: torch.nn.Module, out: Path) -> None:
-    """Write a diffusers folder atomically (temp folder, then rename)."""
+def publish_folder(out: Path, write) -> None:
+    """Write a folder atomically: ``write(tmp)`` fills a temporary sibling, which then replaces
+    ``out`` (a training script's own earlier output)."""
+    import shutil
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    ema.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "scheduler_config.json").write_text(json.dumps(DDPM_LINEAR_SCHEDULER, indent=2) + "\n")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def save_model_folder(ema: torch.nn.Module, out: Path) -> None:
+    """Write a diffusers folder atomically (temp folder, then rename)."""
+
+    def write(tmp: Path) -> None:
+        ema.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "scheduler_config.json").write_text(json.dumps(DDPM_LINEAR_SCHEDULER, indent=2) + "\n")
+
+    publish_folder(out, write)
 
 
 def main(argv=None) -> int:
