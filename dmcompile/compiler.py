@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from dmruntime import Bundle
-from dmruntime.conditioning import NULL_FILE, TABLE_FILE, Conditioning
+from dmruntime.conditioning import NULL_FILE, TABLE_FILE, Conditioning, cycle_rows
 
 from . import onnxio, stages
 from .artifacts import BUNDLE, atomic_dir, check_replaceable, write_manifest
@@ -54,6 +54,11 @@ class Workspace:
     conditioning: Conditioning  # the model's conditioning inputs and the null condition (none: unconditional)
     conditions: dict | None  # calibration conditions, one row per trajectory
     decoder: dict | None  # latent models: the export's decoder entry (decoder.onnx in ``fp``)
+
+    @property
+    def calibration_conditions(self) -> tuple:
+        """(Conditioning, rows): what calibration, RD curves and the step-aware check are driven by."""
+        return self.conditioning, self.conditions
 
     @property
     def weight_layers(self) -> list[Layer]:
@@ -152,7 +157,7 @@ def calibrate(ws: Workspace, config: BuildConfig, progress=None) -> CalibrationR
     """Per-group activation statistics of every tensor the profile quantizes (cached)."""
     return stages.calibrate(ws.fp, config.calibration, ws.profile,
                             progress=progress and (lambda i, n: progress("calibrate", i, n)),
-                            conditions=(ws.conditioning, ws.conditions))
+                            conditions=ws.calibration_conditions)
 
 
 def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progress=None) -> WeightPlan:
@@ -179,7 +184,7 @@ def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progr
                     if l not in layers)
         check_feasible(layers, allowed, recipe.budget, fixed, pinned=pinned)  # before minutes of curve measuring
         curves = stages.analyze(ws.fp, calib, config.analysis, ws.profile, progress,
-                                conditions=(ws.conditioning, ws.conditions))
+                                conditions=ws.calibration_conditions)
         idx = [curves.layers.index(l.node) for l in layers]
         bits, record = plan_bits(curves.weight[:, idx], layers, curves.weight_bits, allowed, recipe.budget,
                                  recipe.allocator, share=recipe.share_weights, fixed_bops=fixed, pinned=pinned)
@@ -309,7 +314,7 @@ def lower_decoder(ws: Workspace, config: BuildConfig, progress=None) -> DecoderE
     def latents(stream: int) -> np.ndarray:
         sampler = DDIMSampler(fpb, steps=cal.steps, batch_size=cal.batch_size, guidance_scale=cal.guidance_scale,
                               null_cond=ws.conditioning.null)
-        return sampler.sample(n, seed=[config.seed, DECODER_STREAM, stream], cond=stages.cycle_rows(ws.conditions, n))
+        return sampler.sample(n, seed=[config.seed, DECODER_STREAM, stream], cond=cycle_rows(ws.conditions, n))
 
     calib, held_out = latents(0), latents(1)
     if progress:
@@ -372,7 +377,7 @@ def estimate_corrections(folder: Path, body: dict, ws: Workspace, calib: Calibra
     return estimate_correction(Bundle(Path(folder), body, correction=False), Bundle.open(ws.fp),
                                calib.config.steps, config.correction_size, config.seed,
                                progress=progress and (lambda i, n: progress("correction", i, n)),
-                               cond=stages.cycle_rows(ws.conditions, config.correction_size),
+                               cond=cycle_rows(ws.conditions, config.correction_size),
                                guidance_scale=calib.config.guidance_scale)
 
 
@@ -382,7 +387,7 @@ def step_aware(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config
 
     # every tensor the bundle quantizes, Conv outputs included: this judges the whole engine
     probe, X, T, C, fpb = stages.probe_inputs(ws.fp, ws.profile.quantized_tensors, calib, config.analysis,
-                                              (ws.conditioning, ws.conditions))
+                                              ws.calibration_conditions)
     col = {l.node: i for i, l in enumerate(ws.weight_layers)}
     wb = np.array([[plan.bits[g, col[l.node]] if l.node in col else None for l in probe.layers]
                    for g in range(len(calib.groups))], dtype=object)
@@ -400,7 +405,7 @@ def check_fidelity(folder: Path, body: dict, ws: Workspace, config: BuildConfig)
     n, seed = config.eval_samples, config.seed
     guidance = config.calibration.guidance_scale
     cfg = SampleConfig(n=n, steps=50, seed=seed, guidance_scale=guidance)
-    cond, null = stages.cycle_rows(ws.conditions, n), ws.conditioning.null
+    cond, null = cycle_rows(ws.conditions, n), ws.conditioning.null
     got = stages.sample_model(Bundle(Path(folder), body), cfg, cond=cond)
     want = stages.sample_model(Bundle.open(ws.fp), cfg, cond=cond, null_cond=null)
     return {"samples": n, "steps": 50, "eta": 0.0, "seed": seed, "guidance_scale": guidance,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from dmruntime import Bundle, DDIMSampler
-from dmruntime.conditioning import cycle_rows  # stages.cycle_rows: the build uses it
+from dmruntime.conditioning import cycle_rows
 
 from . import __version__
 from .config import AnalysisConfig, CalibrationConfig, ExportConfig, SampleConfig

@@ -98,17 +98,6 @@ class GroupMerger:
         return merged, [{n: d.get(n, base[n]) for n in varying} for d in self.diffs]
 
 
-def merge_groups(models: list[onnx.ModelProto]) -> tuple[onnx.ModelProto, list[dict[str, np.ndarray]]]:
-    """One graph for all groups: initializers whose values differ between groups become graph
-    inputs; returns the graph and, per group, the values to feed."""
-    merger = GroupMerger()
-    first = onnx.ModelProto()
-    first.CopyFrom(models[0])  # the caller's first graph stays as it was
-    for m in [first, *models[1:]]:
-        merger.add(m)
-    return merger.result()
-
-
 def save_engine(folder: Path, engines: dict[str, onnx.ModelProto], params: list[dict[str, np.ndarray]],
                 group_files: list[str]) -> list[str]:
     """Write the engine files (with external data past protobuf's limit) and one .npz of group
