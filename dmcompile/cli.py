@@ -196,7 +196,7 @@ def cmd_build(args) -> int:
     cfg = BuildConfig(recipe=_recipe(args), profile=args.target, calibration=_calibration_config(args),
                       analysis=_analysis_config(args), eval_samples=args.eval_samples, seed=args.seed,
                       correction=not args.no_correction, step_aware=args.step_aware, null_class=args.null_class,
-                      decoder=args.decoder)
+                      decoder=args.decoder, max_engines=args.max_engines)
     out = args.output or Path("build") / f"{Path(str(args.model)).name}-{args.format}"
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
     m = res.manifest
@@ -336,7 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--format", default=default(BuildConfig, "recipe").name, choices=sorted(RECIPES),
                    help="w8a8: int8 weights; mixed: per-layer weight bits under --budget (RD allocation)")
     b.add_argument("--target", default=default(BuildConfig, "profile"), choices=sorted(PROFILES),
-                   help=f"target profile (default {default(BuildConfig, 'profile')})")
+                   help=f"target profile (default {default(BuildConfig, 'profile')}): ort-cpu (ONNX Runtime, one "
+                   "fused engine fed each group's scales) or openvino-cpu (OpenVINO, one compiled model per engine, "
+                   "scales compiled in; needs the openvino package)")
+    b.add_argument("--max-engines", type=int, default=default(BuildConfig, "max_engines"), metavar="N",
+                   help="openvino-cpu: at most N engines; adjacent groups with the closest activation scales share "
+                   "one (bounds resident memory: each compiled model holds its own weights)")
     b.add_argument("--budget", default=None, help="mixed: 5.0bits (average weight bits), 20MB (weight bytes) or "
                    "BOPs=1.5e9 (MACs x weight bits x activation bits)")
     b.add_argument("--allocator", default=default(MixedRecipe, "allocator"), choices=ALLOCATORS,

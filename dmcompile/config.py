@@ -377,6 +377,8 @@ class BuildConfig(_Versioned):
     decoder: latent models: the VAE decoder in the bundle, ``fp32`` (the export's, as it is) or
     ``w8a8`` (the same lowering as the UNet, calibrated on latents the fp32 model samples;
     decoder_calib_size of them).
+    max_engines: openvino-cpu: at most this many engines (compiled models); adjacent timestep
+    groups with the closest activation scales share one, with the union of their ranges.
 
     Schema history: 1 (dmcompile 0.1): flat ``format``, ``float_layers``, ``weight_bits``,
     ``budget``, ``allocator``, ``share_weights``, ``allow_simulated_bits``; 2: ``recipe``.
@@ -396,6 +398,7 @@ class BuildConfig(_Versioned):
     null_class: int | None = None
     decoder: str = "fp32"
     decoder_calib_size: int = 32
+    max_engines: int | None = None
     SCHEMA_VERSION = 2
 
     def __init__(self, **options):
@@ -428,6 +431,11 @@ class BuildConfig(_Versioned):
                f"null_class must be a class label >= 0, got {self.null_class!r}")
         _check(self.decoder in ("fp32", "w8a8"), f"decoder must be 'fp32' or 'w8a8', got {self.decoder!r}")
         _check(self.decoder_calib_size >= 1, f"decoder_calib_size must be >= 1, got {self.decoder_calib_size}")
+        _check(self.max_engines is None or (isinstance(self.max_engines, int) and self.max_engines >= 1),
+               f"max_engines must be an integer >= 1, got {self.max_engines!r}")
+        _check(self.max_engines is None or PROFILES[self.profile].backend == "openvino",
+               f"max_engines applies to --target openvino-cpu (one compiled model per engine); {self.profile} "
+               "already runs every timestep group on one engine")
 
     @property
     def format(self) -> str:

@@ -8,8 +8,6 @@ from pathlib import Path
 import numpy as np
 from dmruntime import Bundle
 
-from .backends.onnxruntime import fusion_report
-
 
 def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
     """A JSON-able summary of a bundle (fusion per group engine when ``fusion``)."""
@@ -38,9 +36,20 @@ def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
     if m.get("plan"):
         report["plan"] = {k: v for k, v in m["plan"].items() if k != "curves"}
     if fusion:
-        report["fusion"] = {e: fusion_report(bundle.root / e, bundle.engine(e).external)
-                            for e in sorted({g.engine for g in bundle.groups})}
+        report["runtime"] = bundle.runtime
+        report["fusion"] = {e: engine_fusion(bundle, e) for e in sorted({g.engine for g in bundle.groups})}
     return report
+
+
+def engine_fusion(bundle: Bundle, engine: str) -> dict:
+    """Integer-kernel counts of one engine file, as its runtime optimises / compiles it."""
+    if bundle.runtime == "openvino":
+        from .backends.openvino import fusion_report
+
+        return fusion_report(bundle.root / engine)
+    from .backends.onnxruntime import fusion_report
+
+    return fusion_report(bundle.root / engine, bundle.engine(engine).external)
 
 
 def accounting(manifest: dict) -> dict:
@@ -133,7 +142,9 @@ def format_report(r: dict) -> str:
             lines.append(f"  [{g['t_start']},{g['t_end']}): schedule SNR {g['schedule_snr_db']:.1f} dB; output SNR {q}"
                          f" -> {g['selected_bits']} bits{'' if g['meets_schedule'] else ' (none meets it)'}")
     if "fusion" in r:
-        lines.append("integer kernels after ONNX Runtime optimisation (per engine file; groups feed it their "
+        lines.append("int8 layers of OpenVINO's compiled runtime graph (per engine file; its groups' scales are "
+                     "compiled in):" if r.get("runtime") == "openvino" else
+                     "integer kernels after ONNX Runtime optimisation (per engine file; groups feed it their "
                      "own scales):")
         for engine, f in r["fusion"].items():
             ints = ", ".join(f"{k} {v}" for k, v in sorted(f["integer"].items()))

@@ -73,14 +73,15 @@ def fp_bundle(model: LoadedModel | str | Path | None, config: ExportConfig = Exp
 
 def open_bundle(path: str | Path, *, threads: int = 0, correction: bool = True) -> Bundle:
     """Open a bundle or export folder with dmruntime, turning a model name into a clear error.
-    ``correction``: apply the bundle's PTQD noise correction when it has one."""
+    ``correction``: apply the bundle's PTQD noise correction when it has one. OpenVINO bundles
+    keep their compiled engines in ``cache_dir()/openvino`` (a second run skips compiling)."""
     from . import zoo
 
     p = Path(path)
     if not (p / "manifest.json").exists() and (p.name in zoo.names() or (p / "config.json").exists()):
         raise ModelError(f"{path} is a model, not a bundle: export or build it first, or pass --fp to sample "
                          "its full-precision model")
-    return Bundle.open(p, threads=threads, correction=correction)
+    return Bundle.open(p, threads=threads, correction=correction, cache_dir=cache_dir() / "openvino")
 
 
 def reference_model(bundle: Bundle) -> LoadedModel:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ORT_CPU", "PROFILES", "TargetProfile", "get_profile"]
+__all__ = ["OPENVINO_CPU", "ORT_CPU", "PROFILES", "TargetProfile", "get_profile"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,10 @@ class TargetProfile:
     DQ -> Conv -> Q into QLinearConv only when the output is quantized).
     integer_ops: float op type -> the integer op types the backend may turn it into.
     backend: the backend module that turns lowered graphs into engines.
+    quantize_activation_matmuls: quantize the inputs of activation x activation MatMuls
+    (attention's Q.K^T and attn.V); when False they stay float.
+    packed_weight_bits: widths stored packed on disk (two 4-bit values per byte); others are
+    stored on the int8 grid, one byte per weight.
     """
 
     name: str
@@ -34,6 +38,8 @@ class TargetProfile:
     quantize_conv_outputs: bool
     integer_ops: dict
     backend: str
+    quantize_activation_matmuls: bool = True
+    packed_weight_bits: tuple[int, ...] = (4,)
 
     @property
     def activation_symmetric(self) -> bool:
@@ -45,7 +51,7 @@ class TargetProfile:
         the ONNX ``model``, in graph order. Input 0 of every layer, input 1 of activation x
         activation MatMuls (attention), and, with ``quantize_conv_outputs``, Conv outputs
         (with no quantized reader of their own unless a later layer reads them)."""
-        wanted = {l.node: l for l in layers}
+        wanted = {l.node: l for l in layers if self.quantizes(l)}
         out: dict[str, list[tuple[str, int]]] = {}
         for node in model.graph.node:
             layer = wanted.get(node.name)
@@ -56,6 +62,15 @@ class TargetProfile:
             if self.quantize_conv_outputs and node.op_type == "Conv":
                 out.setdefault(node.output[0], [])
         return out
+
+    def quantizes(self, layer) -> bool:
+        """Whether this target quantizes ``layer`` at all (weighted layers always; attention's
+        activation x activation MatMuls only with ``quantize_activation_matmuls``)."""
+        return bool(layer.weight) or self.quantize_activation_matmuls
+
+    def storage_bits(self, bits: int) -> int:
+        """Bits per weight on disk for a ``bits``-wide weight."""
+        return 4 if bits <= 4 and 4 in self.packed_weight_bits else 8
 
     def quantized_tensors(self, model, layers) -> list[str]:
         """The activation tensors :meth:`placement` quantizes, in graph order."""
@@ -85,7 +100,29 @@ ORT_CPU = TargetProfile(
     backend="onnxruntime",
 )
 
-PROFILES = {ORT_CPU.name: ORT_CPU}
+# openvino-cpu: the QDQ graph OpenVINO's low-precision transformations turn into u8 x i8
+# Convolution / FullyConnected kernels. Measured with OpenVINO 2026.4 on x86 (AVX512-VNNI,
+# ddpm-cifar10-32, benchmarks/README.md): Conv outputs not quantized (an extra FakeQuantize per
+# Conv: 0.55x -> 0.95x ORT fp32 at batch 1), attention's activation MatMuls float (quantized they
+# stay FakeQuantize + float MatMul: 0.74x slower at batch 8), uint8 activations (int8 symmetric
+# ones gave 0.74 relative error where the same graph on ONNX Runtime gives 0.27). 4-bit weights
+# run on the int8 grid: OpenVINO runs an int4 Conv weight in bf16 and an int4 MatMul weight as
+# weight-only i4 (float activations), not as int8 kernels; ONNX's packed int4 type needs opset 21,
+# so they are stored one byte each.
+OPENVINO_CPU = TargetProfile(
+    name="openvino-cpu",
+    activation_dtype="uint8",
+    weight_bits=(4, 8),
+    weight_per_channel=True,
+    activation_bits=(8,),
+    quantize_conv_outputs=False,
+    integer_ops={"Conv": ("Convolution",), "Gemm": ("FullyConnected",), "MatMul": ("FullyConnected", "MatMul")},
+    backend="openvino",
+    quantize_activation_matmuls=False,
+    packed_weight_bits=(),
+)
+
+PROFILES = {p.name: p for p in (ORT_CPU, OPENVINO_CPU)}
 
 
 def get_profile(name: str) -> TargetProfile:

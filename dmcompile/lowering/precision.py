@@ -53,9 +53,10 @@ class LayerPrecision:
         return [l for l in layer_map.layers if l.node in self.quantized and l.weight]
 
 
-def resolve(layer_map: LayerMap, overrides: tuple[Override, ...]) -> LayerPrecision:
+def resolve(layer_map: LayerMap, overrides: tuple[Override, ...], profile=None) -> LayerPrecision:
     """Apply ``overrides`` to every layer. Raises ConfigError for a rule that matches no layer
-    and for two different rules that name a layer equally specifically."""
+    and for two different rules that name a layer equally specifically. With a target
+    ``profile``, layers it does not quantize (``TargetProfile.quantizes``) stay float."""
     aliases = _aliases(layer_map)
     used: set[str] = set()
     quantized, pinned = set(), {}
@@ -71,7 +72,7 @@ def resolve(layer_map: LayerMap, overrides: tuple[Override, ...]) -> LayerPrecis
             elif s == best and o.precision != winner.precision:
                 raise ConfigError(f"overrides {winner} and {o} name layer {layer.node} equally specifically; "
                                   "keep one, or name the layer itself")
-        if winner is not None and winner.precision == "float":
+        if (winner is not None and winner.precision == "float") or (profile and not profile.quantizes(layer)):
             continue
         quantized.add(layer.node)
         if winner is not None and layer.weight:

@@ -54,13 +54,17 @@ def group_lookup(groups: list[Group] | tuple[Group, ...], num_train_timesteps: i
     return table
 
 
+RUNTIMES = ("onnxruntime", "openvino")
+
+
 class Bundle:
     """A compiled model on disk: manifest, noise schedule and one engine per timestep group.
 
     Use :meth:`open`; then ``bundle.predict(x, t)`` runs the engine of the group holding t.
     """
 
-    def __init__(self, root: Path, manifest: dict, *, threads: int = 0, correction: bool = True):
+    def __init__(self, root: Path, manifest: dict, *, threads: int = 0, correction: bool = True,
+                 cache_dir: str | Path | None = None, openvino_config: dict | None = None):
         self.root = root
         self.manifest = manifest
         model = manifest["model"]
@@ -82,19 +86,32 @@ class Bundle:
         # Low-bit weights stored outside the engines (4-bit packed), expanded once and shared.
         stored = load_weights(root, manifest["weights"]) if manifest.get("weights") else {}
         engines = manifest.get("engines") or {}
+        self.runtime = (manifest.get("engine") or {}).get("runtime", "onnxruntime")
+        if self.runtime == "openvino":
+            from .openvino_engine import OpenVinoEngine, openvino_core
+
+            core = openvino_core(threads, cache_dir)
+            precision = manifest["engine"].get("inference_precision")
+            config = {**({"INFERENCE_PRECISION_HINT": precision} if precision else {}), **(openvino_config or {})}
         self._engines = {}
         for g in self.groups:
-            if g.engine not in self._engines:
+            if g.engine in self._engines:
+                continue
+            if self.runtime == "openvino":
+                self._engines[g.engine] = OpenVinoEngine(root / g.engine, self.sample_shape, core, config)
+            else:
                 ext = {name: stored[key] for name, key in
                        (engines.get(g.engine) or {}).get("external_weights", {}).items()}
                 self._engines[g.engine] = OnnxEngine(root / g.engine, self.sample_shape, threads=threads, external=ext)
+        self._active = None  # the engine of the last call (OpenVINO: the others' activations are freed)
 
-    def engine(self, name: str) -> OnnxEngine:
-        """The engine (and its session) behind one engine file."""
+    def engine(self, name: str):
+        """The engine (OnnxEngine or OpenVinoEngine, and its session) behind one engine file."""
         return self._engines[name]
 
     @classmethod
-    def open(cls, path: str | Path, *, verify: bool = True, threads: int = 0, correction: bool = True) -> Bundle:
+    def open(cls, path: str | Path, *, verify: bool = True, threads: int = 0, correction: bool = True,
+             cache_dir: str | Path | None = None, openvino_config: dict | None = None) -> Bundle:
         """Open and validate a bundle folder.
 
         Checks the schema version, that every listed file stays inside the folder, exists
@@ -102,6 +119,10 @@ class Bundle:
         timesteps. Raises :class:`BundleError` with what is wrong otherwise. Engine sessions
         are created on first use and reused; groups that share an engine share its session.
         ``correction``: apply the bundle's PTQD noise correction when it has one (default).
+        OpenVINO bundles (target openvino-cpu): ``cache_dir`` holds OpenVINO's compile cache
+        (a second start imports the compiled models instead of compiling them);
+        ``openvino_config`` adds or replaces compile properties (e.g.
+        ``{"INFERENCE_PRECISION_HINT": "bf16"}``; the manifest's default is f32).
         """
         root = Path(path)
         if not root.is_dir():
@@ -115,7 +136,8 @@ class Bundle:
             raise BundleError(f"{mpath} is not valid JSON ({e}); rebuild the bundle") from None
         validate_manifest(manifest, root, verify=verify)
         _warn_if_older_onnxruntime(manifest)
-        return cls(root.resolve(), manifest, threads=threads, correction=correction)
+        return cls(root.resolve(), manifest, threads=threads, correction=correction, cache_dir=cache_dir,
+                   openvino_config=openvino_config)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -137,6 +159,12 @@ class Bundle:
         conditioning inputs of a conditional model (``bundle.conditioning`` lists them)."""
         g = self.group_of(t)
         cond = self.conditioning.check(cond, len(sample)) if (cond or self.conditioning) else None
+        if self._active != g.engine and self.runtime == "openvino":
+            # one engine's activation buffers resident at a time: a sampler uses each group's
+            # engine for a run of consecutive steps
+            if self._active is not None:
+                self._engines[self._active].release()
+            self._active = g.engine
         eps = self._engines[g.engine].predict(sample, t, self._inputs[g.index], cond=cond)
         if self.corrections is not None:
             eps = self.corrections[g.index].apply(eps)
@@ -163,8 +191,9 @@ def _version(v: str) -> tuple[int, ...]:
 def _warn_if_older_onnxruntime(manifest: dict) -> None:
     """Fused engines hold ONNX Runtime's own contrib ops (QGemm, MatMulIntegerToFloat, ...),
     written by the ONNX Runtime that built the bundle; an older one may not know them."""
-    built = (manifest.get("engine") or {}).get("onnxruntime_version")
-    if not built:
+    engine = manifest.get("engine") or {}
+    built = engine.get("onnxruntime_version")
+    if not built or engine.get("runtime", "onnxruntime") != "onnxruntime":
         return
     import warnings
 
@@ -199,6 +228,9 @@ def validate_manifest(manifest: dict, root: Path, *, verify: bool = True) -> Non
     _require(manifest.get("kind") == BUNDLE_KIND, f"manifest kind must be {BUNDLE_KIND!r}")
     for key in ("model", "scheduler", "groups", "files"):
         _require(key in manifest, f"manifest lacks the {key!r} entry; rebuild the bundle")
+    runtime = (manifest.get("engine") or {}).get("runtime", "onnxruntime")
+    _require(runtime in RUNTIMES, f"the bundle's engines run on {runtime!r}, which this dmruntime does not support "
+             f"(it runs {', '.join(RUNTIMES)}); upgrade dmruntime")
     _require(isinstance(manifest["model"].get("sample_shape"), list), "manifest model.sample_shape must be a list")
     files = manifest["files"]
     _require(isinstance(files, dict) and files, "manifest 'files' must map file names to {sha256, bytes}")
