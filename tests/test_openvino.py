@@ -1,0 +1,287 @@
+"""The openvino-cpu target: placement, per-engine graphs sharing weights.bin, int8 share after
+OpenVINO compiles them, the OpenVINO engine of dmruntime, --max-engines."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from dmcompile import api, stages
+from dmcompile.config import BuildConfig, CalibrationConfig, MixedRecipe, Override
+from dmcompile.errors import ConfigError
+from dmruntime import Bundle, DDIMSampler
+from dmruntime.errors import BundleError
+
+pytest.importorskip("openvino")  # an install dependency of the test setup (scripts/setup.sh); fail loudly there
+
+CAL = CalibrationConfig(size=8, steps=10, groups=4)
+
+
+def build(model, out, **kw):
+    kw.setdefault("calibration", CAL)
+    kw.setdefault("eval_samples", 0)
+    kw.setdefault("correction", False)
+    return api.build(str(model), out, BuildConfig(profile="openvino-cpu", **kw))
+
+
+@pytest.fixture(scope="module")
+def ov_bundle(tiny_model_dir, tmp_path_factory):
+    return build(tiny_model_dir, tmp_path_factory.mktemp("ov") / "b", eval_samples=4).path
+
+
+@pytest.fixture(scope="module")
+def ort_bundle(tiny_model_dir, tmp_path_factory):
+    return api.build(str(tiny_model_dir), tmp_path_factory.mktemp("ort") / "b",
+                     BuildConfig(calibration=CAL, eval_samples=4, correction=False)).path
+
+
+def _initializer_names(path):
+    return {i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer}
+
+
+def test_placement_leaves_conv_outputs_and_attention_float(ov_bundle, ort_bundle):
+    m = json.loads((ov_bundle / "manifest.json").read_text())
+    fp = onnx.load(str(ov_bundle / "unet_e00.onnx"), load_external_data=False)
+    q_inputs = {n.input[0] for n in fp.graph.node if n.op_type == "QuantizeLinear"}
+    producers = {o: n for n in fp.graph.node for o in n.output}
+    readers = {}
+    for n in fp.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    # every quantized tensor is read quantized by a Conv/Gemm/MatMul: no Conv output is quantized
+    # for its own sake (ort-cpu quantizes them all)
+    def read_quantized(t):
+        dqs = [r for r in readers[f"{t}.q"] if r.op_type == "DequantizeLinear"]
+        return any(c.op_type in ("Conv", "Gemm", "MatMul") for d in dqs for c in readers.get(d.output[0], []))
+    assert q_inputs and all(read_quantized(t) for t in q_inputs)
+    conv_outs = [n.output[0] for n in fp.graph.node if n.op_type == "Conv"]
+    assert [t for t in conv_outs if t not in q_inputs]
+    # attention's activation x activation MatMuls read float on both inputs
+    act_matmuls = [n for n in fp.graph.node if n.op_type == "MatMul"
+                   and not any(i.endswith(".dq") and ".weight" in i for i in n.input)]
+    assert act_matmuls and all(producers[i].op_type != "DequantizeLinear" for n in act_matmuls for i in n.input)
+    layers = {l["node"]: l for l in m["precision"]["layers"]}
+    assert {l["activation"] for l in layers.values() if not l["weight"]} == {"float"}
+    assert {l["activation"] for l in layers.values() if l["weight"]} == {"uint8"}
+    # the ort-cpu bundle of the same model quantizes them (a different profile, not a different model)
+    ort = json.loads((ort_bundle / "manifest.json").read_text())
+    assert {l["activation"] for l in ort["precision"]["layers"] if not l["weight"]} == {"uint8"}
+
+
+def test_engines_share_one_weights_file(ov_bundle):
+    m = json.loads((ov_bundle / "manifest.json").read_text())
+    engines = sorted({g["engine"] for g in m["groups"]})
+    assert len(engines) == 4 and all(g["inputs"] is None for g in m["groups"])
+    assert m["engine"]["runtime"] == "openvino" and "weights.bin" in m["files"]
+    refs = []
+    for e in engines:
+        model = onnx.load(str(ov_bundle / e), load_external_data=False)
+        ext = {i.name: {d.key: d.value for d in i.external_data} for i in model.graph.initializer
+               if i.data_location == onnx.TensorProto.EXTERNAL}
+        assert ext and {x["location"] for x in ext.values()} == {"weights.bin"}
+        refs.append({n: (int(x["offset"]), int(x["length"])) for n, x in ext.items()})
+    # every engine reads the same bytes of weights.bin: the weights are written once, not per engine
+    assert all(r == refs[0] for r in refs)
+    spans = sorted(set(refs[0].values()))
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no overlap
+    assert (ov_bundle / "weights.bin").stat().st_size == spans[-1][0] + spans[-1][1]
+    assert sum(n for _, n in spans) > 0.5 * (ov_bundle / "weights.bin").stat().st_size  # padding is small
+    # engines differ only in their small constants (scales): same graph, same external tensors
+    a, b = (onnx.load(str(ov_bundle / e), load_external_data=False) for e in engines[:2])
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    assert a.graph.initializer[0].name == b.graph.initializer[0].name
+
+
+def test_int8_share_after_openvino_compiles(ov_bundle, tiny_cond_dir, tmp_path):
+    from dmcompile.backends.openvino import fusion_report
+    from dmcompile.inspect import bundle_report
+
+    rep = bundle_report(Bundle.open(ov_bundle))
+    for f in rep["fusion"].values():
+        assert f["ratio"] == 1.0 and f["integer"]["Convolution"] > 0 and f["integer"]["FullyConnected"] > 0
+    # a cross-attention model: the encoder states' K/V projections run in int8 too
+    cond = build(tiny_cond_dir, tmp_path / "cond").manifest
+    fusion = cond["build"]["fusion"]["engines"]["unet_e00.onnx"]
+    assert fusion["ratio"] == 1.0 and fusion["integer"]["FullyConnected"] > 0
+    # the report reads OpenVINO's runtime graph: an fp32 graph counts as float
+    fp = fusion_report(stages.fp_bundle(str(tiny_cond_dir)) / "model.onnx")
+    assert fp["ratio"] == 0.0 and fp["float"]
+
+
+@pytest.mark.slow
+def test_digits16_runs_every_weighted_layer_in_int8(tmp_path):
+    m = build("digits16", tmp_path / "d16", calibration=CalibrationConfig(size=16, groups=10)).manifest
+    layers = [l for l in m["precision"]["layers"] if l["weight"]]
+    convs = sum(l["op_type"] == "Conv" for l in layers)
+    fusion = m["build"]["fusion"]
+    assert len(fusion["engines"]) == 10 and fusion["ratio"] == 1.0
+    for f in fusion["engines"].values():  # every Conv a u8 Convolution, every Linear a u8 FullyConnected
+        assert f["integer"] == {"Convolution": convs, "FullyConnected": len(layers) - convs}, f
+
+
+def test_openvino_engine_matches_onnxruntime_on_the_same_graph(ov_bundle, tiny_model_dir):
+    """The same QDQ engine file run by OpenVINO (its int8 kernels) and by ONNX Runtime (its own):
+    they round differently inside, so they need not agree bit for bit, but their difference must
+    be small against the quantization error itself: at most 5% of it (measured on this model: 0
+    in three groups, 2.7% in the fourth, where one rounding tie flips)."""
+    import onnxruntime as ort
+
+    b = Bundle.open(ov_bundle)
+    fp = Bundle.open(stages.fp_bundle(str(tiny_model_dir)))
+    x = np.random.default_rng(0).standard_normal((3, *b.sample_shape)).astype(np.float32)
+
+    def rel(a, ref):
+        return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
+
+    for g in b.groups:
+        t = (g.t_start + g.t_end) // 2
+        got = b.predict(x, t)
+        sess = ort.InferenceSession(str(ov_bundle / g.engine), providers=["CPUExecutionProvider"])
+        want = sess.run(["eps"], {"sample": x, "timestep": np.full(3, t, np.int64)})[0]
+        quant_error = rel(want, fp.predict(x, t))
+        assert quant_error > 0.01  # really quantized
+        assert rel(got, want) <= 0.05 * quant_error, (g.index, rel(got, want), quant_error)
+
+
+def test_group_switching_picks_the_groups_compiled_model(ov_bundle):
+    b = Bundle.open(ov_bundle)
+    x = np.random.default_rng(1).standard_normal((2, *b.sample_shape)).astype(np.float32)
+    t = 500
+    own = b.group_of(t)
+    outs = {g.engine: b.engine(g.engine).predict(x, t) for g in b.groups}
+    assert len({o.tobytes() for o in outs.values()}) == len(outs)  # the engines' scales differ
+    for g in [*b.groups, *reversed(b.groups)]:  # switching releases the others' buffers; results stay
+        b.predict(x, g.t_start)
+    np.testing.assert_array_equal(b.predict(x, t), outs[own.engine])
+    assert b._active == own.engine
+
+
+def test_samples_close_to_ort_cpu_and_deterministic(ov_bundle, ort_bundle):
+    def samples(path):
+        return DDIMSampler(Bundle.open(path), steps=10).sample(4, seed=3)
+
+    from dmcompile.eval.metrics import psnr
+
+    ov, ort = samples(ov_bundle), samples(ort_bundle)
+    np.testing.assert_array_equal(ov, samples(ov_bundle))
+    m_ov = json.loads((ov_bundle / "manifest.json").read_text())["fidelity"]["psnr_db_mean"]
+    m_ort = json.loads((ort_bundle / "manifest.json").read_text())["fidelity"]["psnr_db_mean"]
+    assert m_ov > m_ort - 1.0, (m_ov, m_ort)  # the profile costs no fidelity
+    assert np.mean(psnr(ov, ort)) > 15.0
+
+
+def test_compile_cache_and_second_start(ov_bundle, tmp_path):
+    cache = tmp_path / "ovcache"
+    x = np.zeros((1, *Bundle.open(ov_bundle).sample_shape), np.float32)
+    first = Bundle.open(ov_bundle, cache_dir=cache).predict(x, 10)
+    assert any(cache.iterdir())  # OpenVINO wrote the compiled model
+    second = Bundle.open(ov_bundle, cache_dir=cache).predict(x, 10)
+    np.testing.assert_array_equal(first, second)
+
+
+def test_runtime_runs_openvino_bundles_without_torch(ov_bundle, tmp_path):
+    from conftest import run_without_torch
+
+    run_without_torch(f"""
+        import numpy as np
+        from dmruntime import Bundle, DDIMSampler
+        b = Bundle.open({str(ov_bundle)!r}, cache_dir={str(tmp_path / 'c')!r})
+        assert b.runtime == "openvino"
+        x = DDIMSampler(b, steps=5).sample(2, seed=0)
+        assert x.shape == (2, 2, 8, 8) and np.isfinite(x).all()
+    """, tmp_path)
+
+
+def test_missing_openvino_is_a_clear_error(ov_bundle, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'openvino': raise ImportError(name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from dmruntime import Bundle\n"
+            f"Bundle.open({str(ov_bundle)!r})\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0 and "pip install 'dmruntime[openvino]'" in r.stderr
+
+
+def test_max_engines_merges_adjacent_groups(tiny_model_dir, tmp_path):
+    from dmcompile import compiler
+    from dmcompile.backends.openvino import merge_ranges
+    from dmcompile.quant import qparams
+
+    cfg = BuildConfig(profile="openvino-cpu", calibration=CAL, eval_samples=0, correction=False, max_engines=2)
+    m = build(tiny_model_dir, tmp_path / "b2", max_engines=2).manifest
+    engines = [g["engine"] for g in m["groups"]]
+    assert len(set(engines)) == 2 and engines == sorted(engines)  # contiguous runs of groups
+    assert m["engine"]["engine_groups"] == {e: [i for i, x in enumerate(engines) if x == e] for e in set(engines)}
+    # each engine's activation scales are those of the union of its groups' ranges
+    ws = compiler.prepare(str(tiny_model_dir), cfg)
+    ranges = compiler.calibrate(ws, cfg).ranges()
+    for e, members in m["engine"]["engine_groups"].items():
+        merged = merge_ranges([ranges[g] for g in members])
+        model = onnx.load(str(tmp_path / "b2" / e), load_external_data=False)
+        scales = {i.name[: -len(".q_scale")]: onnx.numpy_helper.to_array(i) for i in model.graph.initializer
+                  if i.name.endswith(".q_scale")}
+        assert scales
+        for t, s in scales.items():
+            assert np.isclose(s, qparams(*merged[t], bits=8, symmetric=False)[0], rtol=1e-6), t
+    DDIMSampler(Bundle.open(tmp_path / "b2"), steps=5).sample(2, seed=0)
+
+
+def test_cluster_groups_closest_scales_first_and_never_across_widths():
+    from dmcompile.backends.openvino import cluster_groups
+
+    r = [{"a": (0.0, s)} for s in (1.0, 1.1, 4.0, 4.2, 16.0)]
+    same = [(8,)] * 5
+    assert cluster_groups(r, same, None) == [[0], [1], [2], [3], [4]]
+    assert cluster_groups(r, same, 3) == [[0, 1], [2, 3], [4]]
+    assert cluster_groups(r, same, 1) == [[0, 1, 2, 3, 4]]
+    # groups 1 and 2 hold different weights: they never share an engine
+    assert cluster_groups(r, [(8,), (8,), (4,), (4,), (4,)], 1) == [[0, 1], [2, 3, 4]]
+
+
+def test_mixed_bundle_stores_4bit_on_the_int8_grid(tiny_model_dir, tmp_path):
+    m = build(tiny_model_dir, tmp_path / "mx",
+              recipe=MixedRecipe(overrides=(Override("*", "4"), Override("first_conv", "8")))).manifest
+    wl = [l for l in m["precision"]["layers"] if l["weight_bits"]]
+    assert {b for l in wl for b in l["weight_bits"]} == {4, 8}
+    assert {s for l in wl for s in l["storage_bits"]} == {8}  # no packed int4 on this target
+    assert m["build"]["fusion"]["ratio"] == 1.0
+    model = onnx.load(str(tmp_path / "mx" / "unet_e00.onnx"))  # with weights.bin
+    q = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith(".q")}
+    four = [l["weight"] for l in wl if l["weight_bits"][0] == 4]
+    assert four and all(np.abs(q[f"{w}.q"]).max() <= 8 for w in four)
+    DDIMSampler(Bundle.open(tmp_path / "mx"), steps=5).sample(2, seed=0)
+
+
+def test_bad_options_and_bundles(tiny_model_dir, ov_bundle, tmp_path):
+    with pytest.raises(ConfigError, match="openvino-cpu"):
+        BuildConfig(max_engines=2)  # ort-cpu runs all groups on one engine
+    with pytest.raises(ConfigError, match="max_engines"):
+        BuildConfig(profile="openvino-cpu", max_engines=0)
+    bad = tmp_path / "bad"
+    shutil.copytree(ov_bundle, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["engine"]["runtime"] = "tpu"
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="does not support"):
+        Bundle.open(bad)
+    (bad / "unet_e00.onnx").write_bytes(b"garbage")
+    m["engine"]["runtime"] = "openvino"
+    (bad / "manifest.json").write_text(json.dumps(m))
+    b = Bundle.open(bad, verify=False)
+    with pytest.raises(BundleError, match="cannot compile"):
+        b.predict(np.zeros((1, *b.sample_shape), np.float32), b.groups[0].t_start)
+
+
+def test_build_is_deterministic(tiny_model_dir, ov_bundle, tmp_path):
+    again = build(tiny_model_dir, tmp_path / "again", eval_samples=4).path
+    for name in json.loads((ov_bundle / "manifest.json").read_text())["files"]:
+        assert (again / name).read_bytes() == (ov_bundle / name).read_bytes(), name
