@@ -1,20 +1,30 @@
-"""First measurements for an OpenVINO target (issue 11): does OpenVINO run dmcompile's per-group
-QDQ graph (as `lowering/qdq.py` writes it, before ONNX Runtime's fusion) in int8, and how fast,
-against ONNX Runtime fp32, OpenVINO fp32 (default precision hint and forced f32) and the
-dmcompile ort-cpu bundle, in one process, interleaved.
+"""The openvino-cpu target against ONNX Runtime and OpenVINO's own quantizer, in one process.
 
-    pip install openvino==2026.4.0        # not a dependency of dmcompile (yet)
-    python benchmarks/bench_openvino.py [--models digits16 ddpm-cifar10-32] [--repeats 15]
+    pip install nncf          # only for the NNCF baseline (bench-only, not a dependency)
+    python benchmarks/bench_openvino.py latency  [--models digits16 ddpm-cifar10-32] [--batches 1 8]
+    python benchmarks/bench_openvino.py memory   [--models ddpm-cifar10-32]
+    python benchmarks/bench_openvino.py fidelity [--models digits16] [--samples 256]
 
-Prints the CPU line, per model: OpenVINO's runtime precision per Conv / FullyConnected / MatMul
-after compiling the QDQ graph of group 0 (from the compiled model's runtime graph), medians and
-ratios to ORT fp32 at batch 1 and 8, and each int8 variant's relative output error against fp32.
+latency: per UNet call (interleaved rounds, medians) and per 50-step DDIM run (interleaved),
+  ORT fp32, OpenVINO fp32 (default hint: bf16 where the CPU has it; f32 forced), ONNX Runtime's
+  quantize_static, NNCF's nncf.quantize of the same fp32 ONNX run by OpenVINO, dmcompile K=1 /
+  K=10 on ort-cpu and openvino-cpu; ratios to ORT fp32. quantize_static and NNCF calibrate on
+  the same 64 (x_t, t) rows of fp32 DDIM trajectories.
+memory: each variant in a fresh process: first start (compile) and second start (OpenVINO's
+  compile cache) of every engine, then one 50-step run at batch 8; proportional set size (PSS)
+  after it. openvino-cpu K=1, K=10 and K=10 with --max-engines 4/3/2 (their fidelity vs fp32),
+  ort-cpu K=10.
+fidelity: the `dmcompile eval` protocol (DDIM 50, eta 0, seed 0, PyTorch fp32 reference):
+  paired PSNR of ort-cpu K=10, openvino-cpu K=10 and NNCF int8 against FP, openvino-cpu against
+  ort-cpu, and (digits) FD to the real digits.
 """
 
 from __future__ import annotations
 
-import collections
+import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,85 +33,233 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import ort_session, timing_parser
+from benchmarks.common import ort_quantize_static, ort_session
 from benchmarks.machine import cpu_line
 
-MAC_OPS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
+
+class Runner:
+    """A bare ONNX Runtime session or OpenVINO compiled model behind the runtime's model interface
+    (predict, schedule, sample_shape), so that DDIMSampler samples with it."""
+
+    def __init__(self, fn, fp_bundle):
+        self.fn, self.schedule, self.sample_shape = fn, fp_bundle.schedule, fp_bundle.sample_shape
+        self.conditioning = None
+
+    def predict(self, x, t, cond=None):
+        return self.fn({"sample": x, "timestep": np.full(len(x), t, np.int64)})
 
 
-def runtime_precisions(compiled) -> dict:
-    """(layer type, runtime precision) -> count over the compiled model's runtime graph."""
-    c = collections.Counter()
-    for op in compiled.get_runtime_model().get_ops():
-        info = op.get_rt_info()
-        kind = info["layerType"].astype(str) if "layerType" in info else op.get_type_name()
-        if kind in MAC_OPS:
-            c[f"{kind}:{info['runtimePrecision'].astype(str) if 'runtimePrecision' in info else '?'}"] += 1
-    return dict(sorted(c.items()))
+def trajectory_rows(fp_bundle, n: int, seed: int = 0) -> list[dict]:
+    """n (x_t, t) rows, batch 1, from fp32 DDIM-50 trajectories: what quantize_static and NNCF
+    calibrate on (the inputs the UNet really sees)."""
+    from dmruntime import DDIMSampler
+
+    rows = []
+
+    class Recorder:
+        schedule, sample_shape, conditioning = fp_bundle.schedule, fp_bundle.sample_shape, None
+
+        def predict(self, x, t, cond=None):
+            rows.extend({"sample": x[i:i + 1].copy(), "timestep": np.array([t], np.int64)} for i in range(len(x)))
+            return fp_bundle.predict(x, t)
+
+    DDIMSampler(Recorder(), steps=50).sample(max(1, n // 16), seed=seed)
+    pick = np.random.default_rng(seed).choice(len(rows), size=min(n, len(rows)), replace=False)
+    return [rows[i] for i in sorted(pick)]
+
+
+def nncf_int8(fp_path: Path, rows: list[dict], core):
+    """NNCF's post-training quantization (defaults: performance preset) of the fp32 ONNX, read by OpenVINO."""
+    import nncf
+
+    model = core.read_model(str(fp_path))
+    return nncf.quantize(model, nncf.Dataset(rows), subset_size=len(rows))
+
+
+def build(model: str, out: Path, profile: str, k: int, **kw) -> Path:
+    from dmcompile import api
+    from dmcompile.config import BuildConfig, CalibrationConfig
+
+    cal = CalibrationConfig(size=64 if model == "digits16" else 16, groups=k)
+    return api.build(model, out, BuildConfig(profile=profile, calibration=cal, eval_samples=kw.pop("eval_samples", 0),
+                                             **kw)).path
+
+
+def variants(model: str, tmp: Path, threads: int) -> dict:
+    import openvino as ov
+
+    from dmcompile import api
+    from dmruntime import Bundle
+
+    fpb = Bundle.open(api.fp_bundle(model))
+    fp_path = fpb.root / "model.onnx"
+    core = ov.Core()
+    core.set_property("CPU", {"INFERENCE_NUM_THREADS": threads})
+    rows = trajectory_rows(fpb, 64)
+    qs = ort_session(ort_quantize_static(fp_path, tmp / "ort_qs.onnx", rows), threads)
+    ort_fp = ort_session(fp_path, threads)
+    out = {
+        "ORT fp32": Runner(lambda f: ort_fp.run(["eps"], f)[0], fpb),
+        "OpenVINO fp32 (default hint)": Runner(core.compile_model(core.read_model(str(fp_path)), "CPU"), fpb),
+        "OpenVINO fp32 (f32 forced)": Runner(core.compile_model(core.read_model(str(fp_path)), "CPU",
+                                                                {"INFERENCE_PRECISION_HINT": "f32"}), fpb),
+        "ORT quantize_static": Runner(lambda f: qs.run(["eps"], f)[0], fpb),
+    }
+    try:
+        nn = core.compile_model(nncf_int8(fp_path, rows, core), "CPU")
+        out["NNCF int8 (OpenVINO)"] = Runner(lambda f: nn(f)[0], fpb)
+    except ImportError:
+        print("nncf not installed: pip install nncf for its baseline", file=sys.stderr)
+    for profile in ("ort-cpu", "openvino-cpu"):
+        for k in (1, 10):
+            path = build(model, tmp / f"{profile}-k{k}", profile, k)
+            out[f"dmcompile {profile} K={k}"] = Bundle.open(path, threads=threads, cache_dir=tmp / "ovcache")
+    return out
+
+
+def cmd_latency(args) -> None:
+    from dmruntime import DDIMSampler
+
+    rows = []
+    for name in args.models:
+        with tempfile.TemporaryDirectory() as tmp:
+            vs = variants(name, Path(tmp), args.threads)
+            shape = next(iter(vs.values())).sample_shape
+            ts = [int(t) for t in next(iter(vs.values())).schedule.ddim_timesteps(50)]
+            for b in args.batches:
+                x = np.random.default_rng(b).standard_normal((b, *shape)).astype(np.float32)
+                calls = {v: [] for v in vs}
+                for r in range(args.repeats + 1):  # round 0 warms up: every engine of every bundle
+                    for v, m in vs.items():
+                        for t in (ts if r == 0 else [ts[(r * 7) % len(ts)]]):
+                            t0 = time.perf_counter()
+                            m.predict(x, t)
+                            if r:
+                                calls[v].append(time.perf_counter() - t0)
+                runs = {v: [] for v in vs}
+                for r in range(args.run_repeats):
+                    for v, m in vs.items():
+                        t0 = time.perf_counter()
+                        DDIMSampler(m, steps=50, batch_size=b).sample(b, seed=r)
+                        runs[v].append(time.perf_counter() - t0)
+                c0, r0 = statistics.median(calls["ORT fp32"]), statistics.median(runs["ORT fp32"])
+                for v in vs:
+                    c, rr = statistics.median(calls[v]), statistics.median(runs[v])
+                    rows.append((name, b, v, c * 1e3, c / c0, rr, rr / r0))
+            print(f"{name} done", file=sys.stderr, flush=True)
+    print(f"{cpu_line()}; openvino {_ov()}; {args.threads} threads, {args.repeats} interleaved rounds per call, "
+          f"{args.run_repeats} interleaved 50-step runs, medians\n")
+    print("| model | batch | variant | ms per call | vs ORT fp32 | 50-step run s | vs ORT fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, b, v, ms, cr, s, rr in rows:
+        print(f"| {name} | {b} | {v} | {ms:.2f} | {cr:.2f}x | {s:.2f} | {rr:.2f}x |")
+
+
+MEMORY_CHILD = r"""
+import json, sys, time, numpy as np
+from dmruntime import Bundle, DDIMSampler
+path, cache, threads, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+t0 = time.perf_counter()
+b = Bundle.open(path, threads=threads, cache_dir=cache)
+x = np.zeros((1, *b.sample_shape), np.float32)
+for g in b.groups:
+    b.predict(x, g.t_start)
+start = time.perf_counter() - t0
+DDIMSampler(b, steps=50, batch_size=batch).sample(batch, seed=0)
+mem = {l.split(":")[0]: int(l.split()[1]) for l in open("/proc/self/smaps_rollup").read().splitlines()[1:]}
+print(json.dumps({"start_s": start, "pss_mb": mem["Pss"] / 1024, "rss_mb": mem["Rss"] / 1024}))
+"""
+
+
+def cmd_memory(args) -> None:
+    rows = []
+    for name in args.models:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            specs = {"openvino-cpu K=1": ("openvino-cpu", 1, None), "openvino-cpu K=10": ("openvino-cpu", 10, None),
+                     **{f"openvino-cpu K=10, --max-engines {n}": ("openvino-cpu", 10, n) for n in args.max_engines},
+                     "ort-cpu K=10": ("ort-cpu", 10, None)}
+            for label, (profile, k, n) in specs.items():
+                path = build(name, tmp / label.replace(" ", "_").replace(",", ""), profile, k, max_engines=n,
+                             eval_samples=args.eval_samples)
+                fid = json.loads((path / "manifest.json").read_text())["fidelity"]["psnr_db_mean"]
+                got = []
+                for _ in range(2):  # first start compiles, the second imports from the cache
+                    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(path), str(tmp / f"cache-{label}"),
+                                          str(args.threads), "8"], capture_output=True, text=True, check=True)
+                    got.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                engines = len({g["engine"] for g in json.loads((path / "manifest.json").read_text())["groups"]})
+                rows.append((name, label, engines, got[0]["start_s"], got[1]["start_s"], got[1]["pss_mb"], fid))
+            print(f"{name} done", file=sys.stderr, flush=True)
+    print(f"{cpu_line()}; openvino {_ov()}; {args.threads} threads; each row a fresh process: start = open + first "
+          "call of every engine; PSS after a 50-step run at batch 8; fidelity = the build's check "
+          f"({args.eval_samples} samples, DDIM 50, PSNR vs the fp32 export)\n")
+    print("| model | bundle | engines | first start s | second start s | PSS MB | vs openvino-cpu K=1 | PSNR dB vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|")
+    base = {name: pss for name, label, _, _, _, pss, _ in rows if label == "openvino-cpu K=1"}
+    for name, label, e, s1, s2, pss, fid in rows:
+        print(f"| {name} | {label} | {e} | {s1:.2f} | {s2:.2f} | {pss:.0f} | {pss / base[name]:.2f}x | {fid:.2f} |")
+
+
+def cmd_fidelity(args) -> None:
+    import openvino as ov
+
+    from dmcompile import api
+    from dmcompile.api import digit_scores, is_digits_shape, reference_model
+    from dmcompile.config import SampleConfig
+    from dmcompile.eval.metrics import psnr
+    from dmcompile.frontend.torch_model import TorchEpsModel
+    from dmcompile.stages import sample_model
+    from dmruntime import Bundle
+
+    print(f"{cpu_line()}; openvino {_ov()}; DDIM 50, eta 0, seed 0, {args.samples} samples, "
+          "paired PSNR per sample (mean)\n")
+    print("| model | variant | PSNR dB vs FP | PSNR dB vs ort-cpu K=10 | FD to real (digits) |")
+    print("|---|---|---|---|---|")
+    for name in args.models:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            sc = SampleConfig(n=args.samples, steps=50, seed=0)
+            fpb = Bundle.open(api.fp_bundle(name))
+            core = ov.Core()
+            rows = trajectory_rows(fpb, 64)
+            models = {f"dmcompile {p} K=10": Bundle.open(build(name, tmp / p, p, 10), cache_dir=tmp / "c")
+                      for p in ("ort-cpu", "openvino-cpu")}
+            nn = core.compile_model(nncf_int8(fpb.root / "model.onnx", rows, core), "CPU")
+            models["NNCF int8 (OpenVINO)"] = Runner(lambda f: nn(f)[0], fpb)
+            ref = TorchEpsModel(reference_model(fpb))
+            want = sample_model(ref, sc)
+            got = {k: sample_model(m, sc) for k, m in models.items()}
+            digits = is_digits_shape(want.shape[1:])
+            for k, x in [("FP (PyTorch)", want), *got.items()]:
+                fd = digit_scores(x)["fd_to_real"] if digits else None
+                p_fp = float(np.mean(np.minimum(psnr(x, want), 200.0)))
+                p_ort = float(np.mean(np.minimum(psnr(x, got["dmcompile ort-cpu K=10"]), 200.0)))
+                print(f"| {name} | {k} | {p_fp:.2f} | {p_ort:.2f} | {'-' if fd is None else f'{fd:.2f}'} |",
+                      flush=True)
+
+
+def _ov() -> str:
+    import openvino
+
+    return openvino.__version__.split("-")[0]
 
 
 def main(argv=None) -> int:
-    args = timing_parser(__doc__, repeats=15).parse_args(argv)
-
-    import onnx
-    import openvino as ov
-    from dmruntime import Bundle
-
-    from dmcompile import api, compiler
-    from dmcompile.config import BuildConfig, CalibrationConfig
-
-    print(cpu_line(), f"; openvino {ov.__version__}", flush=True)
-    core = ov.Core()
-    core.set_property("CPU", {"INFERENCE_NUM_THREADS": args.threads})
-    rows = []
-    for name in args.models:
-        cal = CalibrationConfig(size=64 if name == "digits16" else 16, groups=10)
-        cfg = BuildConfig(calibration=cal, eval_samples=0)
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            bundle = Bundle.open(api.build(name, tmp / "b", cfg).path, threads=args.threads)
-            ws = compiler.prepare(name, cfg)
-            calib = compiler.calibrate(ws, cfg)
-            _, _, qdq = next(compiler.lower(ws, calib, compiler.allocate(ws, calib, cfg)))
-            onnx.save(qdq, str(tmp / "g0.onnx"))
-            t0 = time.perf_counter()
-            ov_q = core.compile_model(core.read_model(str(tmp / "g0.onnx")), "CPU")
-            compile_s = time.perf_counter() - t0
-            fp_path = str(ws.fp / "model.onnx")
-            ov_default = core.compile_model(core.read_model(fp_path), "CPU")
-            ov_f32 = core.compile_model(core.read_model(fp_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-            ort_fp = ort_session(fp_path, args.threads)
-            print(f"{name}: OpenVINO compile of the group-0 QDQ graph {compile_s:.2f} s; runtime precisions: "
-                  f"QDQ {runtime_precisions(ov_q)}; fp32 default {runtime_precisions(ov_default)}", flush=True)
-            t_group = bundle.groups[0].t_start  # group 0's timesteps: its scales are the QDQ graph's
-            for b in args.batches:
-                x = np.random.default_rng(b).standard_normal((b, *bundle.sample_shape)).astype(np.float32)
-                ts = np.full(b, t_group, np.int64)
-                feeds = {"sample": x, "timestep": ts}
-                variants = {
-                    "ORT fp32": lambda: ort_fp.run(None, feeds)[0],
-                    "OpenVINO fp32 (default hint)": lambda: ov_default(feeds)[0],
-                    "OpenVINO fp32 (f32 forced)": lambda: ov_f32(feeds)[0],
-                    "dmcompile ort-cpu K=10 (fused int8)": lambda: bundle.predict(x, t_group),
-                    "OpenVINO, dmcompile's QDQ graph": lambda: ov_q(feeds)[0],
-                }
-                times = {k: [] for k in variants}
-                outs = {}
-                for r in range(args.repeats + 1):  # round 0 warms up
-                    for k, fn in variants.items():
-                        t1 = time.perf_counter()
-                        outs[k] = fn()
-                        if r:
-                            times[k].append(time.perf_counter() - t1)
-                ref = outs["ORT fp32"].astype(np.float64)
-                base = statistics.median(times["ORT fp32"])
-                for k, v in times.items():
-                    err = float(np.linalg.norm(outs[k] - ref) / np.linalg.norm(ref))
-                    rows.append((name, b, k, statistics.median(v) * 1e3, statistics.median(v) / base, err))
-    print("\n| model | batch | variant | median ms | vs ORT fp32 | rel. error vs ORT fp32 |")
-    print("|---|---|---|---|---|---|")
-    for name, b, k, ms, ratio, err in rows:
-        print(f"| {name} | {b} | {k} | {ms:.2f} | {ratio:.2f}x | {err:.4f} |")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("phase", choices=["latency", "memory", "fidelity"])
+    p.add_argument("--models", nargs="+", default=None)
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--run-repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-engines", nargs="+", type=int, default=[4, 3, 2])
+    p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--samples", type=int, default=256)
+    args = p.parse_args(argv)
+    defaults = {"latency": ["digits16", "ddpm-cifar10-32"], "memory": ["ddpm-cifar10-32"], "fidelity": ["digits16"]}
+    args.models = args.models or defaults[args.phase]
+    {"latency": cmd_latency, "memory": cmd_memory, "fidelity": cmd_fidelity}[args.phase](args)
     return 0
 
 

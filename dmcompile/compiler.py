@@ -193,12 +193,14 @@ def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progr
         quantized = ws.precision.quantized
         fixed = sum(bops(l, None, 8 if l.node in quantized else None) for l in ws.layer_map.layers
                     if l not in layers)
-        check_feasible(layers, allowed, recipe.budget, fixed, pinned=pinned)  # before minutes of curve measuring
+        storage = ws.profile.storage_bits  # bytes budgets: what this target really stores
+        check_feasible(layers, allowed, recipe.budget, fixed, pinned=pinned, storage=storage)  # before the curves
         curves = stages.analyze(ws.fp, calib, config.analysis, ws.profile, progress,
                                 conditions=ws.calibration_conditions)
         idx = [curves.layers.index(l.node) for l in layers]
         bits, record = plan_bits(curves.weight[:, idx], layers, curves.weight_bits, allowed, recipe.budget,
-                                 recipe.allocator, share=recipe.share_weights, fixed_bops=fixed, pinned=pinned)
+                                 recipe.allocator, share=recipe.share_weights, fixed_bops=fixed, pinned=pinned,
+                                 storage=storage)
         record["overrides"] = [str(o) for o in recipe.overrides]
         record["curves"] = {"config": curves.config, "seconds": curves.seconds}
     check_bits({int(b) for b in bits.ravel()}, ws.profile.weight_bits, allow_simulated=recipe.allow_simulated_bits)

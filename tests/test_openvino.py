@@ -285,3 +285,37 @@ def test_build_is_deterministic(tiny_model_dir, ov_bundle, tmp_path):
     again = build(tiny_model_dir, tmp_path / "again", eval_samples=4).path
     for name in json.loads((ov_bundle / "manifest.json").read_text())["files"]:
         assert (again / name).read_bytes() == (ov_bundle / name).read_bytes(), name
+
+
+def test_bytes_budgets_count_what_the_target_stores(tiny_model_dir):
+    """openvino-cpu stores 4-bit weights one byte each: a bytes budget that packed 4-bit weights
+    meet on ort-cpu cannot be met there, and says so before any curve is measured."""
+    from dmcompile.analysis.plan import check_feasible, weight_bytes
+    from dmcompile.budget import parse_budget
+    from dmcompile.errors import BudgetError
+    from dmcompile.targets import OPENVINO_CPU, ORT_CPU
+
+    layers = [l for l in stages.load_layer_map(stages.fp_bundle(str(tiny_model_dir))).layers if l.weight]
+    for l in layers:
+        assert weight_bytes(l, 4, OPENVINO_CPU.storage_bits) == weight_bytes(l, 8, OPENVINO_CPU.storage_bits)
+        assert weight_bytes(l, 4, ORT_CPU.storage_bits) < weight_bytes(l, 8, ORT_CPU.storage_bits)
+    int8 = sum(weight_bytes(l, 8) for l in layers)
+    budget = parse_budget(f"{int(0.8 * int8)}B")
+    check_feasible(layers, (4, 8), budget, storage=ORT_CPU.storage_bits)
+    with pytest.raises(BudgetError):
+        check_feasible(layers, (4, 8), budget, storage=OPENVINO_CPU.storage_bits)
+
+
+def test_cli_builds_and_refuses_max_engines_on_ort_cpu(tiny_model_dir, tmp_path, capsys):
+    from dmcompile.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["build", str(tiny_model_dir), "-o", str(out), "--target", "openvino-cpu", "--max-engines", "2",
+                 "--groups", "4", "--calib-size", "8", "--calib-steps", "10", "--eval-samples", "0",
+                 "--no-correction"]) == 0
+    assert "4 timestep group(s), 2 engine(s)" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "profile openvino-cpu" in text and "OpenVINO's compiled runtime graph" in text and "100.0% integer" in text
+    assert main(["build", str(tiny_model_dir), "-o", str(tmp_path / "no"), "--max-engines", "2"]) == 2
+    assert "openvino-cpu" in capsys.readouterr().err and not (tmp_path / "no").exists()

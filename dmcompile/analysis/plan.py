@@ -11,18 +11,20 @@ from ..quant import storage_bits, weight_axis
 from .allocate import allocate, require_feasible
 
 
-def weight_bytes(layer: Layer, bits: int) -> int:
-    """Bytes a quantized weight takes on disk: packed values plus one fp32 scale per channel."""
+def weight_bytes(layer: Layer, bits: int, storage=storage_bits) -> int:
+    """Bytes a quantized weight takes on disk: values at ``storage(bits)`` bits each (the target
+    profile's; default: 4-bit packed) plus one fp32 scale per channel."""
     channels = layer.weight_shape[weight_axis(layer)]
-    return -(-layer.params * storage_bits(bits) // 8) + 4 * channels
+    return -(-layer.params * storage(bits) // 8) + 4 * channels
 
 
-def option_costs(layers: list[Layer], bits: tuple[int, ...], kind: str, act_bits: int = 8) -> np.ndarray:
+def option_costs(layers: list[Layer], bits: tuple[int, ...], kind: str, act_bits: int = 8,
+                 storage=storage_bits) -> np.ndarray:
     """[L, len(bits)] cost of each width for each weighted layer under a budget kind."""
     if kind == "bits":
         rows = [[b * l.params for b in bits] for l in layers]
     elif kind == "bytes":
-        rows = [[weight_bytes(l, b) for b in bits] for l in layers]
+        rows = [[weight_bytes(l, b, storage) for b in bits] for l in layers]
     else:
         rows = [[l.macs * b * act_bits for b in bits] for l in layers]
     return np.array(rows, np.float64).reshape(len(layers), len(bits))  # reshape: no layers is [0, B]
@@ -51,27 +53,28 @@ def describe(budget: Budget, layers: list[Layer]):
 
 
 def fixed_cost(budget: Budget, layers: list[Layer], pinned: dict[int, int], fixed_bops: float = 0.0,
-               act_bits: int = 8) -> float:
+               act_bits: int = 8, storage=storage_bits) -> float:
     """What the budget spends whatever the allocator picks: pinned layers at their widths
     (``pinned``: index into ``layers`` -> bits) and, for BOPs, the layers without weights."""
-    pin = sum(float(option_costs([layers[i]], (b,), budget.kind, act_bits)[0, 0]) for i, b in pinned.items())
+    pin = sum(float(option_costs([layers[i]], (b,), budget.kind, act_bits, storage)[0, 0]) for i, b in pinned.items())
     return pin + (fixed_bops if budget.kind == "bops" else 0.0)
 
 
 def check_feasible(layers: list[Layer], allowed: tuple[int, ...], budget: Budget, fixed_bops: float = 0.0,
-                   act_bits: int = 8, pinned: dict[int, int] | None = None) -> None:
+                   act_bits: int = 8, pinned: dict[int, int] | None = None, storage=storage_bits) -> None:
     """Raise BudgetError (naming the smallest feasible budget) before any curve is measured."""
     pinned = pinned or {}
     free = [l for i, l in enumerate(layers) if i not in pinned]
-    require_feasible(option_costs(free, tuple(allowed), budget.kind, act_bits), budget_total(budget, layers),
-                     fixed_cost(budget, layers, pinned, fixed_bops, act_bits), describe(budget, layers))
+    require_feasible(option_costs(free, tuple(allowed), budget.kind, act_bits, storage), budget_total(budget, layers),
+                     fixed_cost(budget, layers, pinned, fixed_bops, act_bits, storage), describe(budget, layers))
 
 
 def plan_bits(dist: np.ndarray, layers: list[Layer], curve_bits: tuple[int, ...], allowed: tuple[int, ...],
               budget: Budget, allocator: str, *, share: bool, fixed_bops: float = 0.0, act_bits: int = 8,
-              pinned: dict[int, int] | None = None):
+              pinned: dict[int, int] | None = None, storage=storage_bits):
     """dist: [G, L, len(curve_bits)] distortions of ``layers``; ``pinned``: layer index -> bits
-    fixed by an override (spent from the budget, not allocated). Returns (bits [G, L], info)."""
+    fixed by an override (spent from the budget, not allocated); ``storage``: bits on disk per
+    width (bytes budgets). Returns (bits [G, L], info)."""
     pinned = pinned or {}
     cols = [curve_bits.index(b) for b in allowed if b in curve_bits]
     missing = [b for b in allowed if b not in curve_bits]
@@ -80,9 +83,9 @@ def plan_bits(dist: np.ndarray, layers: list[Layer], curve_bits: tuple[int, ...]
     opts = tuple(curve_bits[c] for c in cols)
     free = [i for i in range(len(layers)) if i not in pinned]
     d = dist[:, free][:, :, cols]
-    cost = option_costs([layers[i] for i in free], opts, budget.kind, act_bits)
+    cost = option_costs([layers[i] for i in free], opts, budget.kind, act_bits, storage)
     total = budget_total(budget, layers)
-    fixed = fixed_cost(budget, layers, pinned, fixed_bops, act_bits)
+    fixed = fixed_cost(budget, layers, pinned, fixed_bops, act_bits, storage)
     fmt = describe(budget, layers)
     G = d.shape[0]
     if share:
