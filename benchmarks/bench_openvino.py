@@ -1,10 +1,14 @@
 """The openvino-cpu target against ONNX Runtime and OpenVINO's own quantizer, in one process.
 
     pip install nncf          # only for the NNCF baseline (bench-only, not a dependency)
+    python benchmarks/bench_openvino.py placement [--models ddpm-cifar10-32]
     python benchmarks/bench_openvino.py latency  [--models digits16 ddpm-cifar10-32] [--batches 1 8]
     python benchmarks/bench_openvino.py memory   [--models ddpm-cifar10-32]
     python benchmarks/bench_openvino.py fidelity [--models digits16] [--samples 256]
 
+placement: group 0's QDQ graph under placement variants (ort-cpu's; uint8 without quantized Conv
+  outputs, attention int8; int8 symmetric; openvino-cpu's): int8 layers after OpenVINO compiles
+  it, latency, error vs fp32 and vs ONNX Runtime running the same graph.
 latency: per UNet call (interleaved rounds, medians) and per 50-step DDIM run (interleaved),
   ORT fp32, OpenVINO fp32 (default hint: bf16 where the CPU has it; f32 forced), ONNX Runtime's
   quantize_static, NNCF's nncf.quantize of the same fp32 ONNX run by OpenVINO, dmcompile K=1 /
@@ -12,8 +16,8 @@ latency: per UNet call (interleaved rounds, medians) and per 50-step DDIM run (i
   the same 64 (x_t, t) rows of fp32 DDIM trajectories.
 memory: each variant in a fresh process: first start (compile) and second start (OpenVINO's
   compile cache) of every engine, then one 50-step run at batch 8; proportional set size (PSS)
-  after it. openvino-cpu K=1, K=10 and K=10 with --max-engines 4/3/2 (their fidelity vs fp32),
-  ort-cpu K=10.
+  after it. openvino-cpu K=1, K=10 and K=10 with --max-engines 4/3/2 (their fidelity vs fp32:
+  the build's check, 32 samples, no PTQD correction), ort-cpu K=10.
 fidelity: the `dmcompile eval` protocol (DDIM 50, eta 0, seed 0, PyTorch fp32 reference):
   paired PSNR of ort-cpu K=10, openvino-cpu K=10 and NNCF int8 against FP, openvino-cpu against
   ort-cpu, and (digits) FD to the real digits.
@@ -98,11 +102,12 @@ def variants(model: str, tmp: Path, threads: int) -> dict:
     rows = trajectory_rows(fpb, 64)
     qs = ort_session(ort_quantize_static(fp_path, tmp / "ort_qs.onnx", rows), threads)
     ort_fp = ort_session(fp_path, threads)
+    ov_default = core.compile_model(core.read_model(str(fp_path)), "CPU")
+    ov_f32 = core.compile_model(core.read_model(str(fp_path)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     out = {
         "ORT fp32": Runner(lambda f: ort_fp.run(["eps"], f)[0], fpb),
-        "OpenVINO fp32 (default hint)": Runner(core.compile_model(core.read_model(str(fp_path)), "CPU"), fpb),
-        "OpenVINO fp32 (f32 forced)": Runner(core.compile_model(core.read_model(str(fp_path)), "CPU",
-                                                                {"INFERENCE_PRECISION_HINT": "f32"}), fpb),
+        "OpenVINO fp32 (default hint)": Runner(lambda f: ov_default(f)[0], fpb),
+        "OpenVINO fp32 (f32 forced)": Runner(lambda f: ov_f32(f)[0], fpb),
         "ORT quantize_static": Runner(lambda f: qs.run(["eps"], f)[0], fpb),
     }
     try:
@@ -181,7 +186,7 @@ def cmd_memory(args) -> None:
                      "ort-cpu K=10": ("ort-cpu", 10, None)}
             for label, (profile, k, n) in specs.items():
                 path = build(name, tmp / label.replace(" ", "_").replace(",", ""), profile, k, max_engines=n,
-                             eval_samples=args.eval_samples)
+                             eval_samples=args.eval_samples, correction=False)
                 fid = json.loads((path / "manifest.json").read_text())["fidelity"]["psnr_db_mean"]
                 got = []
                 for _ in range(2):  # first start compiles, the second imports from the cache
@@ -239,6 +244,78 @@ def cmd_fidelity(args) -> None:
                       flush=True)
 
 
+def cmd_placement(args) -> None:
+    """Which QDQ placement OpenVINO turns into int8 kernels, and how fast: group 0's graph (W8A8,
+    K = 10) under placement variants, compiled by OpenVINO; int8 layers of the runtime graph,
+    latency vs ORT fp32, relative error vs fp32, and OpenVINO vs ONNX Runtime on the same graph."""
+    import dataclasses
+
+    import onnx
+    import onnxruntime as ort
+    import openvino as ov
+
+    from benchmarks.common import ort_session
+    from dmcompile import compiler
+    from dmcompile.backends.openvino import runtime_precisions
+    from dmcompile.config import BuildConfig, CalibrationConfig
+    from dmcompile.targets import OPENVINO_CPU, ORT_CPU, PROFILES
+
+    placements = {
+        "ort-cpu's (uint8, Conv outputs, attention int8)": ORT_CPU,
+        "uint8, no Conv outputs, attention int8": dataclasses.replace(OPENVINO_CPU, name="x-attn",
+                                                                      quantize_activation_matmuls=True),
+        "int8 symmetric, no Conv outputs, attention float": dataclasses.replace(OPENVINO_CPU, name="x-int8",
+                                                                                activation_dtype="int8"),
+        "openvino-cpu (uint8, no Conv outputs, attention float)": OPENVINO_CPU,
+    }
+    core = ov.Core()
+    core.set_property("CPU", {"INFERENCE_NUM_THREADS": args.threads})
+    print(f"{cpu_line()}; openvino {_ov()}; {args.threads} threads, {args.repeats} interleaved rounds, medians; "
+          "t = 500; group 0's scales\n")
+    print("| model | placement | int8 layers after compile | batch | ms | vs ORT fp32 | rel. err vs fp32 | "
+          "OpenVINO vs ORT, same graph |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.models:
+        with tempfile.TemporaryDirectory() as tmp:
+            compiled, paths, counts = {}, {}, {}
+            for label, prof in placements.items():
+                PROFILES.setdefault(prof.name, prof)
+                cfg = BuildConfig(profile=prof.name, eval_samples=0,
+                                  calibration=CalibrationConfig(size=64 if name == "digits16" else 16, groups=10))
+                ws = compiler.prepare(name, cfg)
+                calib = compiler.calibrate(ws, cfg)
+                _, _, qdq = next(compiler.lower(ws, calib, compiler.allocate(ws, calib, cfg)))
+                paths[label] = Path(tmp) / f"{prof.name}.onnx"
+                onnx.save(qdq, str(paths[label]))
+                compiled[label] = core.compile_model(str(paths[label]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+                counts[label] = ", ".join(f"{k} {p} {n}" for (k, p), n in sorted(runtime_precisions(compiled[label]).items()))
+            fp = ort_session(ws.fp / "model.onnx", args.threads)
+            no_fusion = ort.SessionOptions()
+            for b in args.batches:
+                x = np.random.default_rng(b).standard_normal((b, *ws.model["sample_shape"])).astype(np.float32)
+                feeds = {"sample": x, "timestep": np.full(b, 500, np.int64)}
+                fns = {"ORT fp32": lambda: fp.run(["eps"], feeds)[0],
+                       **{k: (lambda c=c: c(feeds)[0]) for k, c in compiled.items()}}
+                times, outs = {k: [] for k in fns}, {}
+                for r in range(args.repeats + 1):
+                    for k, fn in fns.items():
+                        t0 = time.perf_counter()
+                        outs[k] = fn()
+                        if r:
+                            times[k].append(time.perf_counter() - t0)
+                ref, base = outs["ORT fp32"], statistics.median(times["ORT fp32"])
+                for k in compiled:
+                    same = ort.InferenceSession(str(paths[k]), no_fusion, providers=["CPUExecutionProvider"])
+                    want = same.run(["eps"], feeds)[0]
+                    m = statistics.median(times[k])
+                    print(f"| {name} | {k} | {counts[k]} | {b} | {m * 1e3:.2f} | {m / base:.2f}x | "
+                          f"{_rel(outs[k], ref):.4f} | {_rel(outs[k], want):.4f} |", flush=True)
+
+
+def _rel(a, ref) -> float:
+    return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
+
+
 def _ov() -> str:
     import openvino
 
@@ -247,19 +324,21 @@ def _ov() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=["latency", "memory", "fidelity"])
+    p.add_argument("phase", choices=["placement", "latency", "memory", "fidelity"])
     p.add_argument("--models", nargs="+", default=None)
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--run-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-engines", nargs="+", type=int, default=[4, 3, 2])
-    p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--eval-samples", type=int, default=32)
     p.add_argument("--samples", type=int, default=256)
     args = p.parse_args(argv)
-    defaults = {"latency": ["digits16", "ddpm-cifar10-32"], "memory": ["ddpm-cifar10-32"], "fidelity": ["digits16"]}
+    defaults = {"placement": ["ddpm-cifar10-32"], "latency": ["digits16", "ddpm-cifar10-32"],
+                "memory": ["ddpm-cifar10-32"], "fidelity": ["digits16"]}
     args.models = args.models or defaults[args.phase]
-    {"latency": cmd_latency, "memory": cmd_memory, "fidelity": cmd_fidelity}[args.phase](args)
+    {"placement": cmd_placement, "latency": cmd_latency, "memory": cmd_memory,
+     "fidelity": cmd_fidelity}[args.phase](args)
     return 0
 
 

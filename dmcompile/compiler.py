@@ -103,9 +103,10 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     """Compile a model into a bundle: per timestep group, activation scales calibrated on the
     inputs that group sees. ``W8A8Recipe``: int8 weights everywhere. ``MixedRecipe``: per-layer
     weight widths chosen by rate-distortion allocation under a budget (or pinned by
-    overrides), 4-bit weights stored packed. Groups with the same weights share one fused
-    integer ONNX Runtime engine and feed it their own scales, zero points and int32 biases
-    (group_XX.npz). ``out`` must be absent, empty or an earlier bundle; it is written to a
+    overrides), 4-bit weights stored packed. On ort-cpu, groups with the same weights share one
+    fused integer ONNX Runtime engine and feed it their own scales, zero points and int32 biases
+    (group_XX.npz); on openvino-cpu each engine is a group's (or, with ``max_engines``, a run of
+    groups') QDQ graph with its scales in it, all engines reading one weights.bin. ``out`` must be absent, empty or an earlier bundle; it is written to a
     temporary folder and renamed when complete."""
     t0 = time.perf_counter()
     check_replaceable(Path(out), BUNDLE)  # before minutes of work; atomic_dir checks again at the end
@@ -210,7 +211,8 @@ def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progr
 
 
 def lower(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, progress=None,
-          clusters: list[list[int]] | None = None) -> Iterator[tuple[int, tuple[int, ...], onnx.ModelProto]]:
+          clusters: list[list[int]] | None = None,
+          ranges: list[dict] | None = None) -> Iterator[tuple[int, tuple[int, ...], onnx.ModelProto]]:
     """Per group: (group index, its weight widths, its QDQ graph with that group's activation
     ranges), yielded one at a time so that only one unfused graph is held. With ``clusters``
     (lists of groups with equal widths), one graph per cluster instead, with the union of its
@@ -222,7 +224,7 @@ def lower(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, progress=No
     # The graph only: a big model's weights stay on disk until quantized one at a time.
     fp_proto = onnxio.load(ws.fp / "model.onnx", weights=False)
     inits = {i.name: i for i in fp_proto.graph.initializer}
-    ranges = calib.ranges()
+    ranges = ranges or calib.ranges()  # (the caller may have them already: computing them is not free)
     clusters = clusters or [[g.index] for g in calib.groups]
     cache: dict[tuple[str, int], object] = {}  # each weight quantized once per width
     for c, members in enumerate(clusters):
@@ -249,11 +251,12 @@ def write_openvino_engines(folder: Path, ws: Workspace, calib: CalibrationResult
     from .backends.openvino import WEIGHTS_FILE, SharedWeights, cluster_groups, engine_file, fusion_report
 
     K = len(calib.groups)
-    clusters = cluster_groups(calib.ranges(), [tuple(plan.bits[g]) for g in range(K)], config.max_engines)
+    ranges = calib.ranges()
+    clusters = cluster_groups(ranges, [tuple(plan.bits[g]) for g in range(K)], config.max_engines)
     writer = SharedWeights(folder)
     engines, engine_of, first, layout = {}, {}, {}, {}
     try:
-        for c, widths, model in lower(ws, calib, plan, progress, clusters=clusters):
+        for c, widths, model in lower(ws, calib, plan, progress, clusters=clusters, ranges=ranges):
             name = writer.add(model, engine_file(c))
             del model
             engines[name], first[name] = folder / name, clusters[c][0]

@@ -366,7 +366,7 @@ class BuildConfig(_Versioned):
     """Compiling a model into a bundle.
 
     recipe: W8A8Recipe (default) or MixedRecipe, each with its overrides. profile: the
-    target profile (``ort-cpu``). calibration: how activation statistics are gathered.
+    target profile (``ort-cpu`` or ``openvino-cpu``). calibration: how activation statistics are gathered.
     analysis: RD curves (mixed allocation) and the step-aware check's inputs.
     eval_samples: samples of the fidelity check in the manifest (0 skips it).
     correction: estimate PTQD noise-correction statistics (correction_size trajectories).
