@@ -102,10 +102,11 @@ ORT_CPU = TargetProfile(
 
 # openvino-cpu: the QDQ graph OpenVINO's low-precision transformations turn into u8 x i8
 # Convolution / FullyConnected kernels. Measured with OpenVINO 2026.4 on x86 (AVX512-VNNI,
-# ddpm-cifar10-32, benchmarks/README.md): Conv outputs not quantized (an extra FakeQuantize per
-# Conv: 0.55x -> 0.95x ORT fp32 at batch 1), attention's activation MatMuls float (quantized they
-# stay FakeQuantize + float MatMul: 0.74x slower at batch 8), uint8 activations (int8 symmetric
-# ones gave 0.74 relative error where the same graph on ONNX Runtime gives 0.27). 4-bit weights
+# ddpm-cifar10-32, `bench_openvino.py placement`): Conv outputs not quantized (quantized, each
+# keeps an extra FakeQuantize: 0.73x instead of 0.53x ORT fp32 at batch 1), attention's activation
+# MatMuls float (quantized, they stay FakeQuantize + float MatMul: 0.53x instead of 0.42x at batch
+# 1), uint8 activations (with int8 symmetric ones OpenVINO's output is 0.72 away from ONNX
+# Runtime's on the same graph). 4-bit weights
 # run on the int8 grid: OpenVINO runs an int4 Conv weight in bf16 and an int4 MatMul weight as
 # weight-only i4 (float activations), not as int8 kernels; ONNX's packed int4 type needs opset 21,
 # so they are stored one byte each.
