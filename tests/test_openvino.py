@@ -107,6 +107,12 @@ def test_int8_share_after_openvino_compiles(ov_bundle, tiny_cond_dir, tmp_path):
     cond = build(tiny_cond_dir, tmp_path / "cond").manifest
     fusion = cond["build"]["fusion"]["engines"]["unet_e00.onnx"]
     assert fusion["ratio"] == 1.0 and fusion["integer"]["FullyConnected"] > 0
+    # and the OpenVINO engine takes the condition like the ONNX Runtime one
+    b = Bundle.open(tmp_path / "cond")
+    emb = np.random.default_rng(0).standard_normal((2, 3, 12)).astype(np.float32)
+    x = np.zeros((2, *b.sample_shape), np.float32)
+    a, c = b.predict(x, 10, cond={"encoder_hidden_states": emb}), b.predict(x, 10, cond={"encoder_hidden_states": -emb})
+    assert a.shape == x.shape and np.isfinite(a).all() and not np.allclose(a, c)
     # the report reads OpenVINO's runtime graph: an fp32 graph counts as float
     fp = fusion_report(stages.fp_bundle(str(tiny_cond_dir)) / "model.onnx")
     assert fp["ratio"] == 0.0 and fp["float"]
