@@ -3,6 +3,7 @@
     pip install nncf          # only for the NNCF baseline (bench-only, not a dependency)
     python benchmarks/bench_openvino.py placement [--models ddpm-cifar10-32]
     python benchmarks/bench_openvino.py latency  [--models digits16 ddpm-cifar10-32] [--batches 1 8]
+    python benchmarks/bench_openvino.py switch   [--models digits16 ddpm-cifar10-32]
     python benchmarks/bench_openvino.py memory   [--models ddpm-cifar10-32]
     python benchmarks/bench_openvino.py fidelity [--models digits16] [--samples 256]
 
@@ -15,6 +16,8 @@ latency: per UNet call (interleaved rounds, medians; the timed call follows an u
   quantize_static, NNCF's nncf.quantize of the same fp32 ONNX run by OpenVINO, dmcompile K=1 /
   K=10 on ort-cpu and openvino-cpu; ratios to ORT fp32. quantize_static and NNCF calibrate on
   the same 64 (x_t, t) rows of fp32 DDIM trajectories.
+switch: openvino-cpu K = 10, the first call after moving to another group's compiled model (the
+  previous one freed its activation buffers) against a steady call; 9 switches per 50-step run.
 memory: each variant in a fresh process: first start (compile) and second start (OpenVINO's
   compile cache) of every engine, then one 50-step run at batch 8; proportional set size (PSS)
   after it. openvino-cpu K=1, K=10 and K=10 with --max-engines 4/3/2 (their fidelity vs fp32:
@@ -317,6 +320,37 @@ def cmd_placement(args) -> None:
                           f"{_rel(outs[k], ref):.4f} | {_rel(outs[k], want):.4f} |", flush=True)
 
 
+def cmd_switch(args) -> None:
+    """What moving to another group's compiled model costs (openvino-cpu K = 10): the first call
+    after a switch against a steady call, interleaved; times the 9 switches of a 50-step run."""
+    from dmruntime import Bundle
+
+    print(f"{cpu_line()}; openvino {_ov()}; {args.threads} threads, {args.repeats} rounds, medians\n")
+    print("| model | batch | steady call ms | call after a switch ms | switch cost ms | 9 switches / 50-step run |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models:
+        with tempfile.TemporaryDirectory() as tmp:
+            b = Bundle.open(build(name, Path(tmp) / "b", "openvino-cpu", 10, correction=False), threads=args.threads)
+            t_a, t_b = b.groups[2].t_start, b.groups[7].t_start
+            for batch in args.batches:
+                x = np.random.default_rng(batch).standard_normal((batch, *b.sample_shape)).astype(np.float32)
+                for t in (t_a, t_b, t_a):  # compile both engines, allocate once
+                    b.predict(x, t)
+                steady, switched = [], []
+                for r in range(args.repeats):
+                    t_from, t_to = (t_a, t_b) if r % 2 else (t_b, t_a)
+                    b.predict(x, t_from)
+                    t0 = time.perf_counter()
+                    b.predict(x, t_to)  # a new engine: the previous one freed its buffers
+                    switched.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    b.predict(x, t_to)
+                    steady.append(time.perf_counter() - t0)
+                s_, w_ = statistics.median(steady), statistics.median(switched)
+                print(f"| {name} | {batch} | {s_ * 1e3:.2f} | {w_ * 1e3:.2f} | {(w_ - s_) * 1e3:.2f} | "
+                      f"{9 * (w_ - s_) / (50 * s_):.1%} |", flush=True)
+
+
 def _rel(a, ref) -> float:
     return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
 
@@ -329,7 +363,7 @@ def _ov() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=["placement", "latency", "memory", "fidelity"])
+    p.add_argument("phase", choices=["placement", "latency", "switch", "memory", "fidelity"])
     p.add_argument("--models", nargs="+", default=None)
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--repeats", type=int, default=15)
@@ -340,9 +374,10 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=256)
     args = p.parse_args(argv)
     defaults = {"placement": ["ddpm-cifar10-32"], "latency": ["digits16", "ddpm-cifar10-32"],
+                "switch": ["digits16", "ddpm-cifar10-32"],
                 "memory": ["ddpm-cifar10-32"], "fidelity": ["digits16"]}
     args.models = args.models or defaults[args.phase]
-    {"placement": cmd_placement, "latency": cmd_latency, "memory": cmd_memory,
+    {"placement": cmd_placement, "latency": cmd_latency, "switch": cmd_switch, "memory": cmd_memory,
      "fidelity": cmd_fidelity}[args.phase](args)
     return 0
 
