@@ -49,7 +49,8 @@ class TargetProfile:
         """Quantized activation tensor -> the (node name, input index) pairs that read it
         quantized, for the quantizable ``layers`` (objects with ``node`` and ``weight``) of
         the ONNX ``model``, in graph order. Input 0 of every layer, input 1 of activation x
-        activation MatMuls (attention), and, with ``quantize_conv_outputs``, Conv outputs
+        activation MatMuls (attention; with ``quantize_activation_matmuls``, else neither input),
+        and, with ``quantize_conv_outputs``, Conv outputs
         (with no quantized reader of their own unless a later layer reads them)."""
         wanted = {l.node: l for l in layers if self.quantizes(l)}
         out: dict[str, list[tuple[str, int]]] = {}

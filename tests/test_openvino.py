@@ -325,3 +325,14 @@ def test_cli_builds_and_refuses_max_engines_on_ort_cpu(tiny_model_dir, tmp_path,
     assert "profile openvino-cpu" in text and "OpenVINO's compiled runtime graph" in text and "100.0% integer" in text
     assert main(["build", str(tiny_model_dir), "-o", str(tmp_path / "no"), "--max-engines", "2"]) == 2
     assert "openvino-cpu" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_budgeted_mixed_plan_on_openvino(tiny_model_dir, tmp_path):
+    """RD curves and the allocator run for this target's placement (attention float): the plan
+    meets its budget and every weighted layer still compiles to int8."""
+    from dmcompile.budget import parse_budget
+
+    m = build(tiny_model_dir, tmp_path / "rd", recipe=MixedRecipe(budget=parse_budget("6bits"))).manifest
+    assert max(m["plan"]["average_weight_bits"]) <= 6.0 + 1e-9
+    assert {b for l in m["precision"]["layers"] if l["weight_bits"] for b in l["weight_bits"]} <= {4, 8}
+    assert m["build"]["fusion"]["ratio"] == 1.0
