@@ -176,8 +176,10 @@ def test_samples_close_to_ort_cpu_and_deterministic(ov_bundle, ort_bundle):
     np.testing.assert_array_equal(ov, samples(ov_bundle))
     m_ov = json.loads((ov_bundle / "manifest.json").read_text())["fidelity"]["psnr_db_mean"]
     m_ort = json.loads((ort_bundle / "manifest.json").read_text())["fidelity"]["psnr_db_mean"]
-    assert m_ov > m_ort - 1.0, (m_ov, m_ort)  # the profile costs no fidelity
-    assert np.mean(psnr(ov, ort)) > 15.0
+    # measured: 13.2 vs 12.5 dB against fp32 (a random tiny UNet), and the two targets' samples
+    # 30.7 dB apart; the profile must not cost fidelity, and the two must sample alike
+    assert m_ov > m_ort - 1.0, (m_ov, m_ort)
+    assert np.mean(psnr(ov, ort)) > 25.0
 
 
 def test_compile_cache_and_second_start(ov_bundle, tmp_path):
