@@ -16,6 +16,8 @@ Phases (each a fresh subprocess, so its peak resident memory is its own):
            calibrator is killed for memory at 24 GB)
   latency  one guided DDIM step (batch 2: [null; cond]) at latent 64x64, the three engines
            interleaved in one process, medians
+  build-ov the openvino-cpu bundle (same calibration settings, K = 10 merged into --max-engines 2)
+  latency-ov ORT fp32, OpenVINO fp32 (default hint) and the openvino-cpu bundle, one guided step
 Outputs go to --work (default /tmp/dmcompile-sd15); the fp32 export is cached as usual.
 """
 
@@ -89,6 +91,61 @@ def phase_build(args) -> dict:
             "fusion": fusion, "peak_gb": peak_gb()}
 
 
+def phase_build_ov(args) -> dict:
+    """The openvino-cpu bundle: W8A8, K = 10 groups merged into --max-engines engines."""
+    from dmcompile import api
+    from dmcompile.cli import _progress_bar
+
+    work = Path(args.work)
+    cal = api.CalibrationConfig(size=args.calib_size, steps=args.calib_steps, groups=10, batch_size=1,
+                                guidance_scale=GUIDANCE, conditions=str(conditions_file(work, args.calib_size)))
+    cfg = api.BuildConfig(profile="openvino-cpu", max_engines=args.max_engines, calibration=cal, eval_samples=0,
+                          correction=False)
+    t0 = time.perf_counter()
+    res = api.build(MODEL, work / "bundle-openvino", cfg, progress=_progress_bar("build"))
+    return {"build_seconds": res.manifest["build"]["seconds"], "wall_seconds": time.perf_counter() - t0,
+            "bundle_bytes": folder_bytes(res.path), "files": sorted(f.name for f in res.path.iterdir()),
+            "fusion": res.manifest["build"]["fusion"], "peak_gb": peak_gb()}
+
+
+def phase_latency_ov(args) -> dict:
+    """ORT fp32, OpenVINO fp32 (default hint: bf16 where the CPU has it) and the openvino-cpu
+    bundle, one guided step interleaved; compile time and resident memory of the bundle's engines."""
+    import openvino as ov
+    from dmruntime import Bundle
+
+    from dmcompile import api
+
+    work = Path(args.work)
+    fp = api.fp_bundle(MODEL) / "model.onnx"
+    core = ov.Core()
+    core.set_property("CPU", {"INFERENCE_NUM_THREADS": args.threads})
+    ov_fp = core.compile_model(str(fp), "CPU")
+    bundle = Bundle.open(work / "bundle-openvino", threads=args.threads)
+    feeds = _guided_feeds()
+    cond = {"encoder_hidden_states": feeds["encoder_hidden_states"]}
+    t0 = time.perf_counter()
+    for g in {g.engine: g for g in bundle.groups}.values():  # compile every engine once
+        bundle.predict(feeds["sample"], g.t_start, cond)
+    compile_s = time.perf_counter() - t0
+    ort_fp = ort_session(fp, args.threads)
+    variants = {"ORT fp32": lambda t: ort_fp.run(None, {**feeds, "timestep": np.full(2, t, np.int64)}),
+                "OpenVINO fp32 (default hint)": lambda t: ov_fp({**feeds, "timestep": np.full(2, t, np.int64)}),
+                "dmcompile openvino-cpu": lambda t: bundle.predict(feeds["sample"], t, cond)}
+    ts = [999, 800, 600, 400, 200, 1]
+    times = {v: [] for v in variants}
+    for r in range(args.repeats + 1):  # round 0 warms up
+        for v, fn in variants.items():
+            t = ts[r % len(ts)]
+            t1 = time.perf_counter()
+            fn(t)
+            if r:
+                times[v].append(time.perf_counter() - t1)
+    base = statistics.median(times["ORT fp32"])
+    return {v: {"median_s": statistics.median(x), "vs_fp32": statistics.median(x) / base, "runs": x}
+            for v, x in times.items()} | {"engines_first_call_s": compile_s, "peak_gb": peak_gb()}
+
+
 def _guided_feeds(b: int = 2, hw: int = 64, t: int = 500) -> dict:
     rng = np.random.default_rng(1)
     x = rng.standard_normal((b // 2, 4, hw, hw), dtype=np.float32)
@@ -136,7 +193,8 @@ def phase_latency(args) -> dict:
             for v, x in times.items()} | {"peak_gb": peak_gb()}
 
 
-PHASES = {"export": phase_export, "build": phase_build, "qs": phase_qs, "latency": phase_latency}
+PHASES = {"export": phase_export, "build": phase_build, "qs": phase_qs, "latency": phase_latency,
+          "build-ov": phase_build_ov, "latency-ov": phase_latency_ov}
 
 
 def main(argv=None) -> int:
@@ -146,6 +204,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-size", type=int, default=2, help="guided trajectories (2 rows per call)")
     p.add_argument("--calib-steps", type=int, default=10, help="DDIM steps per trajectory (one per group at K=10)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max-engines", type=int, default=2, help="build-ov: engines of the openvino-cpu bundle")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -157,7 +216,8 @@ def main(argv=None) -> int:
     results = {}
     for phase in PHASES:
         cmd = [sys.executable, __file__, "--phase", phase, "--work", args.work, "--calib-size", str(args.calib_size),
-               "--calib-steps", str(args.calib_steps), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+               "--calib-steps", str(args.calib_steps), "--repeats", str(args.repeats), "--threads", str(args.threads),
+               "--max-engines", str(args.max_engines)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
