@@ -2,6 +2,7 @@
 
     pip install nncf          # only for the NNCF baseline (bench-only, not a dependency)
     python benchmarks/bench_openvino.py placement [--models ddpm-cifar10-32]
+    python benchmarks/bench_openvino.py int4
     python benchmarks/bench_openvino.py latency  [--models digits16 ddpm-cifar10-32] [--batches 1 8]
     python benchmarks/bench_openvino.py switch   [--models digits16 ddpm-cifar10-32]
     python benchmarks/bench_openvino.py memory   [--models ddpm-cifar10-32]
@@ -10,6 +11,7 @@
 placement: group 0's QDQ graph under placement variants (ort-cpu's; uint8 without quantized Conv
   outputs, attention int8; int8 symmetric; openvino-cpu's): int8 layers after OpenVINO compiles
   it, latency, error vs fp32 and vs ONNX Runtime running the same graph.
+int4: whether 4-bit weights (ONNX INT4) compile to int8 kernels: a small Conv + MatMul QDQ graph.
 latency: per UNet call (interleaved rounds, medians; the timed call follows an untimed one at the
   same timestep, so it excludes engine switching) and per 50-step DDIM run (interleaved; includes it),
   ORT fp32, OpenVINO fp32 (default hint: bf16 where the CPU has it; f32 forced), ONNX Runtime's
@@ -351,6 +353,65 @@ def cmd_switch(args) -> None:
                       f"{9 * (w_ - s_) / (50 * s_):.1%} |", flush=True)
 
 
+def cmd_int4(args) -> None:
+    """Does OpenVINO run 4-bit weights in int8 kernels? A small QDQ graph (uint8 activations into a
+    3x3 Conv and a MatMul) with its weights as INT4 DequantizeLinear (opset 21), as INT4 + Cast to
+    int8, and as int8; the runtime precision of the Convolution / FullyConnected it compiles to."""
+    import onnx
+    import openvino as ov
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from dmcompile.backends.openvino import runtime_precisions
+
+    rng = np.random.default_rng(0)
+    W = rng.integers(-8, 8, (64, 64, 3, 3)).astype(np.int8)
+    M = rng.integers(-8, 8, (64, 64)).astype(np.int8)
+
+    def graph(kind: str) -> onnx.ModelProto:
+        inits = [nh.from_array(np.float32(0.02), "xs"), nh.from_array(np.uint8(128), "xz"),
+                 nh.from_array(np.full(64, 0.01, np.float32), "s"), nh.from_array(np.zeros(64, np.int8), "z")]
+        nodes = []
+        for name, arr, axis in (("W", W, 0), ("M", M, 1)):
+            if kind == "int8":
+                inits.append(nh.from_array(arr, name))
+                nodes.append(h.make_node("DequantizeLinear", [name, "s", "z"], [f"{name}d"], axis=axis))
+            else:
+                inits.append(h.make_tensor(name, TP.INT4, arr.shape, arr.ravel().tolist()))
+                if kind == "int4":
+                    inits.append(h.make_tensor(f"{name}z4", TP.INT4, [64], [0] * 64))
+                    nodes.append(h.make_node("DequantizeLinear", [name, "s", f"{name}z4"], [f"{name}d"], axis=axis))
+                else:
+                    nodes += [h.make_node("Cast", [name], [f"{name}8"], to=TP.INT8),
+                              h.make_node("DequantizeLinear", [f"{name}8", "s", "z"], [f"{name}d"], axis=axis)]
+        nodes += [h.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+                  h.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+                  h.make_node("Conv", ["xd", "Wd"], ["c"], pads=[1, 1, 1, 1]),
+                  h.make_node("Transpose", ["c"], ["ct"], perm=[0, 2, 3, 1]),
+                  h.make_node("QuantizeLinear", ["ct", "xs", "xz"], ["cq"]),
+                  h.make_node("DequantizeLinear", ["cq", "xs", "xz"], ["cd"]),
+                  h.make_node("MatMul", ["cd", "Md"], ["y"])]
+        g = h.make_graph(nodes, "int4", [h.make_tensor_value_info("x", TP.FLOAT, [1, 64, 16, 16])],
+                         [h.make_tensor_value_info("y", TP.FLOAT, [1, 16, 16, 64])], inits)
+        m = h.make_model(g, opset_imports=[h.make_opsetid("", 21)])
+        m.ir_version = 10
+        onnx.checker.check_model(m)
+        return m
+
+    core = ov.Core()
+    print(f"{cpu_line()}; openvino {_ov()}\n")
+    print("| weights | Convolution / FullyConnected runtime precision |")
+    print("|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind, label in (("int8", "int8 DequantizeLinear"), ("int4", "INT4 DequantizeLinear (opset 21)"),
+                            ("cast", "INT4 + Cast to int8 + DequantizeLinear (opset 21)")):
+            path = Path(tmp) / f"{kind}.onnx"
+            onnx.save(graph(kind), str(path))
+            got = runtime_precisions(core.compile_model(str(path), "CPU"))
+            print(f"| {label} | {', '.join(f'{k} {p}' for (k, p), n in sorted(got.items()))} |")
+
+
 def _rel(a, ref) -> float:
     return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
 
@@ -363,7 +424,7 @@ def _ov() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=["placement", "latency", "switch", "memory", "fidelity"])
+    p.add_argument("phase", choices=["placement", "int4", "latency", "switch", "memory", "fidelity"])
     p.add_argument("--models", nargs="+", default=None)
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     p.add_argument("--repeats", type=int, default=15)
@@ -373,11 +434,11 @@ def main(argv=None) -> int:
     p.add_argument("--eval-samples", type=int, default=32)
     p.add_argument("--samples", type=int, default=256)
     args = p.parse_args(argv)
-    defaults = {"placement": ["ddpm-cifar10-32"], "latency": ["digits16", "ddpm-cifar10-32"],
+    defaults = {"placement": ["ddpm-cifar10-32"], "int4": [], "latency": ["digits16", "ddpm-cifar10-32"],
                 "switch": ["digits16", "ddpm-cifar10-32"],
                 "memory": ["ddpm-cifar10-32"], "fidelity": ["digits16"]}
     args.models = args.models or defaults[args.phase]
-    {"placement": cmd_placement, "latency": cmd_latency, "switch": cmd_switch, "memory": cmd_memory,
+    {"placement": cmd_placement, "int4": cmd_int4, "latency": cmd_latency, "switch": cmd_switch, "memory": cmd_memory,
      "fidelity": cmd_fidelity}[args.phase](args)
     return 0
 
