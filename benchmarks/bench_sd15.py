@@ -75,7 +75,8 @@ def phase_export(args) -> dict:
             "fp": str(fp), "peak_gb": peak_gb(), "wall_seconds": time.perf_counter() - t0}
 
 
-def phase_build(args) -> dict:
+def _build(args, folder: str, **options) -> dict:
+    """W8A8, K = 10, calibrated on --calib-size guided trajectories; no PTQD and no fidelity run."""
     from dmcompile import api
     from dmcompile.cli import _progress_bar
 
@@ -83,29 +84,36 @@ def phase_build(args) -> dict:
     cal = api.CalibrationConfig(size=args.calib_size, steps=args.calib_steps, groups=10, batch_size=1,
                                 guidance_scale=GUIDANCE, conditions=str(conditions_file(work, args.calib_size)))
     t0 = time.perf_counter()
-    res = api.build(MODEL, work / "bundle", api.BuildConfig(calibration=cal, eval_samples=0, correction=False),
-                    progress=_progress_bar("build"))
-    fusion = res.manifest["build"]["fusion"]
-    return {"build_seconds": res.manifest["build"]["seconds"], "wall_seconds": time.perf_counter() - t0,
-            "bundle_bytes": folder_bytes(res.path), "files": sorted(f.name for f in res.path.iterdir()),
-            "fusion": fusion, "peak_gb": peak_gb()}
-
-
-def phase_build_ov(args) -> dict:
-    """The openvino-cpu bundle: W8A8, K = 10 groups merged into --max-engines engines."""
-    from dmcompile import api
-    from dmcompile.cli import _progress_bar
-
-    work = Path(args.work)
-    cal = api.CalibrationConfig(size=args.calib_size, steps=args.calib_steps, groups=10, batch_size=1,
-                                guidance_scale=GUIDANCE, conditions=str(conditions_file(work, args.calib_size)))
-    cfg = api.BuildConfig(profile="openvino-cpu", max_engines=args.max_engines, calibration=cal, eval_samples=0,
-                          correction=False)
-    t0 = time.perf_counter()
-    res = api.build(MODEL, work / "bundle-openvino", cfg, progress=_progress_bar("build"))
+    res = api.build(MODEL, work / folder, api.BuildConfig(calibration=cal, eval_samples=0, correction=False,
+                                                          **options), progress=_progress_bar("build"))
     return {"build_seconds": res.manifest["build"]["seconds"], "wall_seconds": time.perf_counter() - t0,
             "bundle_bytes": folder_bytes(res.path), "files": sorted(f.name for f in res.path.iterdir()),
             "fusion": res.manifest["build"]["fusion"], "peak_gb": peak_gb()}
+
+
+def phase_build(args) -> dict:
+    return _build(args, "bundle")
+
+
+def phase_build_ov(args) -> dict:
+    """The openvino-cpu bundle: K = 10 groups merged into --max-engines engines."""
+    return _build(args, "bundle-openvino", profile="openvino-cpu", max_engines=args.max_engines)
+
+
+def _interleaved(variants: dict, repeats: int) -> dict:
+    """One guided step per variant (fn(t)), interleaved over a few timesteps, round 0 warming up;
+    medians and ratios to "ORT fp32"."""
+    ts = [999, 800, 600, 400, 200, 1]
+    times = {v: [] for v in variants}
+    for r in range(repeats + 1):
+        for v, fn in variants.items():
+            t0 = time.perf_counter()
+            fn(ts[r % len(ts)])
+            if r:
+                times[v].append(time.perf_counter() - t0)
+    base = statistics.median(times["ORT fp32"])
+    return {v: {"median_s": statistics.median(x), "vs_fp32": statistics.median(x) / base, "runs": x}
+            for v, x in times.items()}
 
 
 def phase_latency_ov(args) -> dict:
@@ -132,18 +140,7 @@ def phase_latency_ov(args) -> dict:
     variants = {"ORT fp32": lambda t: ort_fp.run(None, {**feeds, "timestep": np.full(2, t, np.int64)}),
                 "OpenVINO fp32 (default hint)": lambda t: ov_fp({**feeds, "timestep": np.full(2, t, np.int64)}),
                 "dmcompile openvino-cpu": lambda t: bundle.predict(feeds["sample"], t, cond)}
-    ts = [999, 800, 600, 400, 200, 1]
-    times = {v: [] for v in variants}
-    for r in range(args.repeats + 1):  # round 0 warms up
-        for v, fn in variants.items():
-            t = ts[r % len(ts)]
-            t1 = time.perf_counter()
-            fn(t)
-            if r:
-                times[v].append(time.perf_counter() - t1)
-    base = statistics.median(times["ORT fp32"])
-    return {v: {"median_s": statistics.median(x), "vs_fp32": statistics.median(x) / base, "runs": x}
-            for v, x in times.items()} | {"engines_first_call_s": compile_s, "peak_gb": peak_gb()}
+    return _interleaved(variants, args.repeats) | {"engines_first_call_s": compile_s, "peak_gb": peak_gb()}
 
 
 def _guided_feeds(b: int = 2, hw: int = 64, t: int = 500) -> dict:
@@ -172,25 +169,18 @@ def phase_latency(args) -> dict:
     from dmcompile import api
 
     work = Path(args.work)
-    variants = {"ORT fp32": ort_session(api.fp_bundle(MODEL) / "model.onnx", args.threads),
-                "ORT quantize_static": ort_session(work / "ort_qs" / "model.onnx", args.threads),
-                "dmcompile W8A8 K=10": Bundle.open(work / "bundle", threads=args.threads)}
+    ort_fp = ort_session(api.fp_bundle(MODEL) / "model.onnx", args.threads)
+    ort_qs = ort_session(work / "ort_qs" / "model.onnx", args.threads)
+    bundle = Bundle.open(work / "bundle", threads=args.threads)
     feeds = _guided_feeds()
-    ts = [999, 800, 600, 400, 200, 1]
-    times = {v: [] for v in variants}
-    for r in range(args.repeats + 1):  # round 0 warms up
-        for v, obj in variants.items():
-            t = ts[r % len(ts)]
-            t0 = time.perf_counter()
-            if isinstance(obj, Bundle):
-                obj.predict(feeds["sample"], t, {"encoder_hidden_states": feeds["encoder_hidden_states"]})
-            else:
-                obj.run(None, {**feeds, "timestep": np.full(2, t, np.int64)})
-            if r:
-                times[v].append(time.perf_counter() - t0)
-    base = statistics.median(times["ORT fp32"])
-    return {v: {"median_s": statistics.median(x), "vs_fp32": statistics.median(x) / base, "runs": x}
-            for v, x in times.items()} | {"peak_gb": peak_gb()}
+    cond = {"encoder_hidden_states": feeds["encoder_hidden_states"]}
+
+    def run(sess):
+        return lambda t: sess.run(None, {**feeds, "timestep": np.full(2, t, np.int64)})
+
+    variants = {"ORT fp32": run(ort_fp), "ORT quantize_static": run(ort_qs),
+                "dmcompile W8A8 K=10": lambda t: bundle.predict(feeds["sample"], t, cond)}
+    return _interleaved(variants, args.repeats) | {"peak_gb": peak_gb()}
 
 
 PHASES = {"export": phase_export, "build": phase_build, "qs": phase_qs, "latency": phase_latency,

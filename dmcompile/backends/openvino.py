@@ -25,6 +25,8 @@ import numpy as np
 import onnx
 from onnx.external_data_helper import set_external_data
 
+from ..calibration.trajectory import merge_ranges
+
 WEIGHTS_FILE = "weights.bin"
 MIN_EXTERNAL_BYTES = 1024  # smaller tensors (scales, zero points) stay in the graph
 ALIGN = 64
@@ -67,11 +69,6 @@ def cluster_groups(ranges: list[dict[str, tuple[float, float]]], widths: list[tu
         clusters[i] += clusters.pop(i + 1)
         merged.pop(i + 1)
     return clusters
-
-
-def merge_ranges(ranges: list[dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
-    """The union of several groups' ranges, per tensor: what every member group's values fit in."""
-    return {n: (min(r[n][0] for r in ranges), max(r[n][1] for r in ranges)) for n in ranges[0]}
 
 
 class SharedWeights:

@@ -49,9 +49,10 @@ class OpenVinoEngine:
 
     @property
     def compiled(self):
+        """The compiled model (compiled on first use, from the path, so that OpenVINO's compile
+        cache applies)."""
         if self._compiled is None:
             try:
-                # compiled from the path, so that OpenVINO's compile cache (CACHE_DIR) applies
                 self._compiled = self.core.compile_model(str(self.path), "CPU", self.config)
             except Exception as e:  # OpenVINO raises RuntimeError subclasses for unreadable models
                 raise BundleError(f"cannot compile engine {self.path} with OpenVINO: {e}. The file may be corrupt "
@@ -67,9 +68,9 @@ class OpenVinoEngine:
         if extra:
             raise BundleError(f"{self.path.name} is an OpenVINO engine: it takes no group inputs")
         ts = np.broadcast_to(np.asarray(timestep, dtype=np.int64), (sample.shape[0],)).copy()
-        feeds = {"sample": sample, "timestep": ts, **(cond or {})}
-        self.compiled  # noqa: B018 (compiles on first use)
-        self._request.infer(feeds)
+        if self._request is None:
+            self.compiled  # noqa: B018 (compiles and creates the request)
+        self._request.infer({"sample": sample, "timestep": ts, **(cond or {})})
         # the request reuses its output buffer: copy before the next call overwrites it
         return np.array(self._request.get_tensor("eps").data, copy=True)
 
