@@ -200,7 +200,7 @@ def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = Ana
     fp = fp_bundle(model)
     conditions = stages.conditioning(fp, calibration, null_class)
     calib = stages.calibrate(fp, calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)),
-                             conditions=conditions)
+                             conditions=conditions, moments=stages.moments_needed(config.rounding, False))
     curves = stages.analyze(fp, calib, config, progress=progress, conditions=conditions)
     if out is not None:
         from .analysis.plots import save_rd_curves

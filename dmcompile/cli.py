@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from . import __version__, zoo
-from .config import (ALLOCATORS, CALIB_TIMESTEPS, DISTORTIONS, OBSERVERS, RECIPES, SWEEPS, AnalysisConfig, BuildConfig,
-                     CalibrationConfig, EvalConfig, ExportConfig, MixedRecipe, SampleConfig, default)
+from .config import (ALLOCATORS, CALIB_TIMESTEPS, DISTORTIONS, OBSERVERS, RECIPES, ROUNDINGS, SWEEPS, AnalysisConfig,
+                     BuildConfig, CalibrationConfig, EvalConfig, ExportConfig, MixedRecipe, SampleConfig, default)
 from .targets import PROFILES
 
 EXIT_USER_ERROR = 2
@@ -225,7 +225,8 @@ def cmd_build(args) -> int:
 
 def _analysis_config(args):
     return AnalysisConfig(samples_per_group=args.rd_samples, distortion=args.distortion, sweep=args.sweep,
-                          weight_bits=tuple(args.rd_weight_bits), act_bits=tuple(args.rd_act_bits))
+                          weight_bits=tuple(args.rd_weight_bits), act_bits=tuple(args.rd_act_bits),
+                          rounding=args.rounding)
 
 
 def cmd_analyze(args) -> int:
@@ -263,6 +264,10 @@ def _add_analysis(p: argparse.ArgumentParser) -> None:
                    help="full: measure every width; model: measure two widths, fit the rest from weight noise power")
     p.add_argument("--rd-weight-bits", type=int, nargs="+", default=list(default(A, "weight_bits")))
     p.add_argument("--rd-act-bits", type=int, nargs="+", default=list(default(A, "act_bits")))
+    p.add_argument("--rounding", default=default(A, "rounding"), choices=ROUNDINGS,
+                   help="how weights are rounded onto their grid, in the RD curves and the bundle: gptq "
+                        "(error-compensating on the layer inputs' second moments, gathered during calibration) "
+                        f"or rtn (round to nearest); default {default(A, 'rounding')}")
 
 
 def _add_calibration(p: argparse.ArgumentParser) -> None:

@@ -70,10 +70,22 @@ class Workspace:
 @dataclasses.dataclass(frozen=True)
 class WeightPlan:
     """bits[g, l]: weight width of ``Workspace.weight_layers[l]`` in timestep group g;
-    record: the manifest's "plan" entry (None for W8A8)."""
+    record: the manifest's "plan" entry (None for W8A8); per_group_rounding: each engine's
+    weights are rounded on its own groups' moments (GPTQ with per-group weights), so groups
+    with equal widths still hold different weights."""
 
     bits: np.ndarray
     record: dict | None
+    per_group_rounding: bool = False
+
+    def scope(self, members) -> tuple[int, ...] | None:
+        """The groups whose moments round an engine's weights (None: all, pooled)."""
+        return tuple(int(g) for g in members) if self.per_group_rounding else None
+
+
+def per_group_weights(config: BuildConfig) -> bool:
+    """Whether the recipe gives each timestep group its own weights (``--per-group-weights``)."""
+    return isinstance(config.recipe, MixedRecipe) and not config.recipe.share_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +128,7 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     openvino = ws.profile.backend == "openvino"
     engines = stored = None
     if not openvino:
-        engines = fuse_and_merge(lower(ws, calib, plan, progress))
+        engines = fuse_and_merge(lower(ws, calib, plan, progress, rounding=config.analysis.rounding))
         stored = externalize_weights(ws, engines, plan) if isinstance(config.recipe, MixedRecipe) else None
     decoder = lower_decoder(ws, config, progress) if config.decoder == "w8a8" else None
     # OpenVINO's compile cache for this build: the correction and the fidelity check open the bundle
@@ -170,7 +182,8 @@ def calibrate(ws: Workspace, config: BuildConfig, progress=None) -> CalibrationR
     """Per-group activation statistics of every tensor the profile quantizes (cached)."""
     return stages.calibrate(ws.fp, config.calibration, ws.profile,
                             progress=progress and (lambda i, n: progress("calibrate", i, n)),
-                            conditions=ws.calibration_conditions)
+                            conditions=ws.calibration_conditions,
+                            moments=stages.moments_needed(config.analysis.rounding, per_group_weights(config)))
 
 
 def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progress=None) -> WeightPlan:
@@ -180,6 +193,7 @@ def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progr
 
     layers = ws.weight_layers
     K, recipe = len(calib.groups), config.recipe
+    per_group = per_group_weights(config) and config.analysis.rounding != "rtn"
     if not isinstance(recipe, MixedRecipe):
         return WeightPlan(np.full((K, len(layers)), 8), None)
     pinned = {i: ws.precision.pinned_bits[l.node] for i, l in enumerate(layers) if l.node in ws.precision.pinned_bits}
@@ -198,7 +212,7 @@ def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progr
         storage = ws.profile.storage_bits  # bytes budgets: what this target really stores
         check_feasible(layers, allowed, recipe.budget, fixed, pinned=pinned, storage=storage)  # before the curves
         curves = stages.analyze(ws.fp, calib, config.analysis, ws.profile, progress,
-                                conditions=ws.calibration_conditions)
+                                conditions=ws.calibration_conditions, per_group=per_group)
         idx = [curves.layers.index(l.node) for l in layers]
         bits, record = plan_bits(curves.weight[:, idx], layers, curves.weight_bits, allowed, recipe.budget,
                                  recipe.allocator, share=recipe.share_weights, fixed_bops=fixed, pinned=pinned,
@@ -208,36 +222,40 @@ def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progr
     check_bits({int(b) for b in bits.ravel()}, ws.profile.weight_bits, allow_simulated=recipe.allow_simulated_bits)
     n = sum(l.params for l in layers)
     record["average_weight_bits"] = [float((bits[g] * [l.params for l in layers]).sum() / n) for g in range(K)]
-    return WeightPlan(bits, record)
+    record["rounding"] = config.analysis.rounding
+    return WeightPlan(bits, record, per_group)
 
 
 def lower(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, progress=None,
-          clusters: list[list[int]] | None = None,
-          ranges: list[dict] | None = None) -> Iterator[tuple[int, tuple[int, ...], onnx.ModelProto]]:
-    """Per group: (group index, its weight widths, its QDQ graph with that group's activation
-    ranges), yielded one at a time so that only one unfused graph is held. With ``clusters``
-    (lists of groups with equal widths), one graph per cluster instead, with the union of its
-    groups' ranges, indexed by cluster."""
+          clusters: list[list[int]] | None = None, ranges: list[dict] | None = None,
+          rounding: str = "rtn") -> Iterator[tuple[int, tuple, onnx.ModelProto]]:
+    """Per group: (group index, its weights' key: (widths, rounding scope), its QDQ graph with
+    that group's activation ranges), yielded one at a time so that only one unfused graph is
+    held; graphs with equal keys hold byte-identical weights. With ``clusters`` (lists of groups
+    with equal widths), one graph per cluster instead, with the union of its groups' ranges,
+    indexed by cluster. Weights are rounded by ``rounding`` (``calib`` carries the moments
+    GPTQ needs), each (weight, width, scope) once."""
     from .calibration.trajectory import merge_ranges
     from .lowering.qdq import lower_group
-    from .quant import quantize_weight, weight_axis
 
     # The graph only: a big model's weights stay on disk until quantized one at a time.
     fp_proto = onnxio.load(ws.fp / "model.onnx", weights=False)
     inits = {i.name: i for i in fp_proto.graph.initializer}
     ranges = ranges or calib.ranges()  # (the caller may have them already: computing them is not free)
     clusters = clusters or [[g.index] for g in calib.groups]
-    cache: dict[tuple[str, int], object] = {}  # each weight quantized once per width
+    rounder = stages.rounder(calib, rounding)
+    cache: dict[tuple, object] = {}  # each weight quantized once per width and scope
     for c, members in enumerate(clusters):
         widths = plan.bits[members[0]]
         assert all((plan.bits[g] == widths).all() for g in members), "a cluster mixes weight widths"
+        scope = plan.scope(members)
         weights = {}
         for layer, b in zip(ws.weight_layers, widths):
-            key = (layer.weight, int(b))
+            key = (layer.weight, int(b), scope)
             if key not in cache:
-                cache[key] = quantize_weight(onnxio.array(inits[layer.weight], ws.fp), weight_axis(layer), int(b))
+                cache[key] = rounder.quantize(layer, onnxio.array(inits[layer.weight], ws.fp), int(b), scope)
             weights[layer.weight] = cache[key]
-        yield c, tuple(int(b) for b in widths), lower_group(
+        yield c, (tuple(int(b) for b in widths), scope), lower_group(
             fp_proto, ws.layer_map, set(ws.precision.quantized), weights, merge_ranges([ranges[g] for g in members]),
             ws.profile, ws.fp)
         if progress:
@@ -257,7 +275,8 @@ def write_openvino_engines(folder: Path, ws: Workspace, calib: CalibrationResult
     writer = SharedWeights(folder)
     engines, engine_of, first, layout = {}, {}, {}, {}
     try:
-        for c, widths, model in lower(ws, calib, plan, progress, clusters=clusters, ranges=ranges):
+        for c, (widths, _), model in lower(ws, calib, plan, progress, clusters=clusters, ranges=ranges,
+                                           rounding=config.analysis.rounding):
             name = writer.add(model, engine_file(c))
             del model
             engines[name], first[name] = folder / name, clusters[c][0]
@@ -274,14 +293,14 @@ def write_openvino_engines(folder: Path, ws: Workspace, calib: CalibrationResult
 
 
 def fuse_and_merge(lowered) -> EngineSet:
-    """Fuse each group's QDQ graph with ONNX Runtime; groups with the same weight widths (so
-    byte-identical weights) become one engine whose per-group constants are inputs; count
-    the integer kernels of each engine."""
+    """Fuse each group's QDQ graph with ONNX Runtime; groups with the same weights (equal
+    keys from :func:`lower`: byte-identical weights) become one engine whose per-group constants
+    are inputs; count the integer kernels of each engine."""
     from .backends.onnxruntime import ENGINE_FILE, GroupMerger, fusion_report, optimize_for_cpu
 
     sets: dict[tuple, tuple[GroupMerger, list[int]]] = {}
-    for g, widths, model in lowered:
-        merger, members = sets.setdefault(widths, (GroupMerger(), []))
+    for g, key, model in lowered:
+        merger, members = sets.setdefault(key, (GroupMerger(), []))
         merger.add(optimize_for_cpu(model))
         members.append(g)
         del model
@@ -305,8 +324,10 @@ def externalize_weights(ws: Workspace, engines: EngineSet, plan: WeightPlan) -> 
     tensors: dict = {}
     external = {}
     for name, model in engines.engines.items():
-        widths = dict(zip((l.weight for l in ws.weight_layers), plan.bits[engines.first_group[name]]))
-        external[name] = externalize(model, widths, tensors)
+        first = engines.first_group[name]
+        widths = dict(zip((l.weight for l in ws.weight_layers), plan.bits[first]))
+        scope = plan.scope([first])  # per-group rounding: one engine per group, its own weights
+        external[name] = externalize(model, widths, tensors, "" if scope is None else f"/g{first}")
     return StoredWeights(tensors, external)
 
 

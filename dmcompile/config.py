@@ -24,6 +24,7 @@ CALIB_TIMESTEPS = ("trajectory", "ptq4dm")
 DISTORTIONS = ("ssim+mse", "mse", "sqnr")
 SWEEPS = ("full", "model")
 ALLOCATORS = ("dp", "lagrange")
+ROUNDINGS = ("rtn", "gptq")  # lowering.rounding.ROUNDINGS (config sits below it)
 
 
 def default(cls, name: str):
@@ -175,8 +176,13 @@ class AnalysisConfig(_Versioned):
     trajectories), the distortion measure of the UNet output, the candidate weight and
     activation widths, and the sweep: ``full`` measures every weight width, ``model`` measures
     ``model_bits`` and fits the rest from the weight-quantization noise power. max_rows: rows
-    per ONNX Runtime call (memory bound)."""
+    per ONNX Runtime call (memory bound). rounding: how weights are rounded onto their grid,
+    here and in the bundle the build writes: ``gptq`` (error-compensating, on the layer inputs'
+    second moments gathered during calibration) or ``rtn`` (round to nearest).
 
+    Schema history: 1 had no ``rounding`` (weights were rounded to nearest; read as ``rtn``)."""
+
+    SCHEMA_VERSION = 2
     samples_per_group: int = 16
     distortion: str = "ssim+mse"
     weight_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
@@ -185,9 +191,11 @@ class AnalysisConfig(_Versioned):
     model_bits: tuple[int, ...] = (3, 6)
     max_rows: int = 256
     seed: int = 0
+    rounding: str = "gptq"
 
     def __post_init__(self):
         object.__setattr__(self, "weight_bits", tuple(sorted(int(b) for b in self.weight_bits)))
+        _check(self.rounding in ROUNDINGS, f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         object.__setattr__(self, "act_bits", tuple(sorted(int(b) for b in self.act_bits)))
         object.__setattr__(self, "model_bits", tuple(int(b) for b in self.model_bits))
         _check(self.samples_per_group >= 1, f"samples_per_group must be >= 1, got {self.samples_per_group}")
@@ -200,6 +208,13 @@ class AnalysisConfig(_Versioned):
                and self.model_bits[0] != self.model_bits[1],
                f"model_bits must be two different widths among the weight bits, got {self.model_bits}")
         _check(self.max_rows >= 1, "max_rows must be >= 1")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AnalysisConfig:
+        """Schema 2, or 1 (before ``rounding``: round to nearest)."""
+        if d.get("schema_version") == 1:
+            d = {**d, "schema_version": cls.SCHEMA_VERSION, "rounding": d.get("rounding", "rtn")}
+        return super().from_dict(d)
 
 
 

@@ -6,7 +6,9 @@ Cache layout (``cache_dir()``, default ``~/.cache/dmcompile``, or ``$DMCOMPILE_C
 
     exports/<model id>-<key>/      fp32 export: key = dmcompile version, model id, seed,
                                    UNet and scheduler configs, export config, every weight
-    calib/<export>-<key>/          calibration: key = calibration schema, config, profile
+    calib/<export>-<key>/          calibration: key = calibration schema, config, profile;
+                                   ``moments/`` holds the layer inputs' second moments (GPTQ)
+    rounded/<calibration>-<key>/   GPTQ-rounded weights, one file per layer, width and scope
     rd/<export>-<key>/             RD curves: key = RD + calibration schemas, both configs,
                                    profile; ``<...>.partial/`` holds an interrupted run
 """
@@ -193,11 +195,15 @@ def _profile_part(profile: TargetProfile) -> list:
 
 
 def calibrate(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_CPU, progress=None,
-              null_class: int | None = None, conditions: tuple | None = None):
+              null_class: int | None = None, conditions: tuple | None = None, moments: str | None = None):
     """Per-group activation statistics of an fp32 export (CalibrationResult), cached under
     ``cache_dir()/calib``; a cached entry that cannot be read is measured again. Conditional
     models are calibrated on ``conditions`` ((Conditioning, rows), as :func:`conditioning`
-    returns them; worked out from ``config`` and ``null_class`` when not given)."""
+    returns them; worked out from ``config`` and ``null_class`` when not given).
+    ``moments`` (``"pooled"`` or ``"groups"``): the layer inputs' second moments are needed too
+    (GPTQ rounding); a cached calibration without them is measured again, in one pass, and
+    replaced (its ranges come out identical: the moments draw from a stream of their own)."""
+    from .calibration.hessian import Moments
     from .calibration.trajectory import CalibrationResult
     from .calibration.trajectory import calibrate as run_calibration
 
@@ -205,14 +211,18 @@ def calibrate(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_
     path = cache_dir() / "calib" / f"{fp.name}-{calibration_key(config, profile, rows, spec.null)}"
     if (path / "calibration.json").is_file():
         try:
-            return CalibrationResult.load(path)
+            cached = CalibrationResult.load(path)
+            if moments is None or (cached.moments is not None and
+                                   (moments == "pooled" or Moments(cached.moments).per_group)):
+                return cached
         except ArtifactError:
             shutil.rmtree(path, ignore_errors=True)  # our own cache entry, unreadable: measure again
     manifest = json.loads((fp / "manifest.json").read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
     result = run_calibration(fp / "model.onnx", load_layer_map(fp), manifest["scheduler"], config, profile,
-                             progress=progress, conditioning=spec, conditions=rows)
-    result.save(path)
-    return result
+                             progress=progress, conditioning=spec, conditions=rows, moments=moments,
+                             work_dir=path.parent)
+    return result.save(path)
 
 
 def load_layer_map(fp: Path):
@@ -220,6 +230,26 @@ def load_layer_map(fp: Path):
     from .frontend.layermap import LayerMap
 
     return LayerMap.load(fp / "layer_map.json")
+
+
+def rounder(calib, rounding: str):
+    """The weight rounder of ``rounding`` (``rtn`` or ``gptq``) over a calibration's second
+    moments; GPTQ results are cached under ``cache_dir()/rounded``."""
+    from .calibration.hessian import Moments
+    from .lowering.rounding import CLIP_RATIOS, WeightRounder
+
+    if rounding == "rtn":
+        return WeightRounder("rtn")
+    if calib.moments is None:
+        raise ArtifactError("gptq rounding needs a calibration with second moments (stages.calibrate(..., "
+                            "moments='pooled'))")
+    key = _digest("gptq", 1, 0.01, list(CLIP_RATIOS))[:8]  # the method's parameters (WeightRounder defaults)
+    return WeightRounder("gptq", Moments(calib.moments), cache_dir() / "rounded" / f"{calib.moments.parent.name}-{key}")
+
+
+def moments_needed(rounding: str, per_group: bool) -> str | None:
+    """What calibration must gather for ``rounding``: None, ``pooled`` or ``groups``."""
+    return None if rounding == "rtn" else ("groups" if per_group else "pooled")
 
 
 def probe_inputs(fp: Path, tensors_of, calib, config: AnalysisConfig, conditions: tuple | None = None):
@@ -237,16 +267,19 @@ def probe_inputs(fp: Path, tensors_of, calib, config: AnalysisConfig, conditions
     proto = onnxio.load(fp / "model.onnx", weights=False)
     bundle = Bundle.open(fp)
     probe = make_probe(proto, layer_map, tensors_of(proto, layer_map.layers), bundle.sample_shape,
-                       conditioning=spec, base_dir=fp)
+                       conditioning=spec, base_dir=fp, rounder=rounder(calib, config.rounding))
     X, T, C = group_inputs(bundle, calib.groups, config, calib.config.steps, config.seed, conditioning=spec,
                            cond=rows, guidance_scale=calib.config.guidance_scale)
     return probe, X, T, C, bundle
 
 
-def rd_record(calib, config: AnalysisConfig, conditions: tuple | None = None) -> dict:
+def rd_record(calib, config: AnalysisConfig, conditions: tuple | None = None, per_group: bool = False) -> dict:
     """What RD curves are measured from (stored with them, and in a mixed bundle's plan):
-    both configs and, for conditional models, a digest of the conditions and null condition."""
+    both configs, ``per_group_rounding`` when each group's weights are rounded on its own
+    moments, and, for conditional models, a digest of the conditions and null condition."""
     record = {"analysis": config.to_dict(), "calibration": calib.config.to_dict()}
+    if per_group and config.rounding != "rtn":
+        record["per_group_rounding"] = True
     if conditions is not None and conditions[0]:
         spec, rows = conditions
         record["conditions"] = _digest(_arrays_digest(rows), _arrays_digest(spec.null or {}))[:16]
@@ -259,20 +292,23 @@ def rd_key(record: dict, profile: TargetProfile = ORT_CPU) -> str:
     from .calibration.trajectory import CALIB_SCHEMA_VERSION
 
     extra = [record["conditions"]] if "conditions" in record else []
+    extra += ["per_group_rounding"] if record.get("per_group_rounding") else []
     return _digest([RD_SCHEMA_VERSION, CALIB_SCHEMA_VERSION], record["calibration"], record["analysis"],
                    *_profile_part(profile), *extra)[:12]
 
 
 def analyze(fp: Path, calib, config: AnalysisConfig, profile: TargetProfile = ORT_CPU, progress=None,
-            conditions: tuple | None = None):
+            conditions: tuple | None = None, per_group: bool = False):
     """RD curves of an fp32 export (RDCurves), cached under ``cache_dir()/rd`` and resumable.
     Conditional models are measured on ``conditions`` ((Conditioning, rows), see
-    :func:`conditioning`; worked out from the calibration's config when not given)."""
+    :func:`conditioning`; worked out from the calibration's config when not given). Weights
+    are rounded by ``config.rounding`` as the build stores them (``calib`` must carry moments
+    for gptq); ``per_group``: per-group weights, each group rounded on its own moments."""
     from .analysis.rd import RDCurves
     from .analysis.rd import analyze as run_analysis
 
     conditions = conditions if conditions is not None else conditioning(fp, calib.config)
-    record = rd_record(calib, config, conditions)
+    record = rd_record(calib, config, conditions, per_group)
     path = cache_dir() / "rd" / f"{fp.name}-{rd_key(record, profile)}"
     if (path / "curves.json").is_file():
         try:
@@ -285,7 +321,8 @@ def analyze(fp: Path, calib, config: AnalysisConfig, profile: TargetProfile = OR
     ranges = {b: calib.ranges(bits=b) for b in config.act_bits}
     state = path.with_name(path.name + ".partial")
     curves = run_analysis(probe, X, T, ranges, config, groups=[(g.t_start, g.t_end) for g in calib.groups],
-                          record=record, state_dir=state, progress=progress, C=C)
+                          record=record, state_dir=state, progress=progress, C=C,
+                          per_group=bool(record.get("per_group_rounding")))
     curves.save(path)
     shutil.rmtree(state, ignore_errors=True)
     return curves

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .. import onnxio
 from ..errors import ModelError
 from ..frontend.layermap import Layer, LayerMap
-from ..quant import dequantize, qparams, quantize_weight, weight_axis
+from ..quant import dequantize, qparams
 
 SEP = "|"
 
@@ -97,9 +97,14 @@ class Probe:
     threads: int = 0
     cond_names: tuple[str, ...] = ()  # conditioning inputs fed with every call
     base_dir: object = None  # folder of ``fp``'s external data, if it has any
+    rounder: object = None  # lowering.rounding.WeightRounder: how weights are rounded (None: to nearest)
 
     def __post_init__(self):
         self._sessions = {}
+        if self.rounder is None:
+            from ..lowering.rounding import WeightRounder
+
+            self.rounder = WeightRounder("rtn")
 
     def session(self, *, with_weights: bool, with_acts: bool):
         key = (with_weights, with_acts)
@@ -115,12 +120,16 @@ class Probe:
             self._sessions[key] = onnxio.session(m, so, base_dir=self.base_dir)
         return self._sessions[key]
 
-    def weight_feed(self, layer: Layer, bits: int | None) -> dict[str, np.ndarray]:
-        """The fake-quantized weight of one layer (``bits`` None: full precision)."""
-        w = self.weights[layer.weight]
+    def weight_feed(self, layer: Layer, bits: int | None, groups: tuple[int, ...] | None = None) -> dict:
+        """The fake-quantized weight of one layer, rounded as the build stores it (``bits``
+        None: full precision; ``groups``: the timestep groups whose moments GPTQ uses)."""
         if bits is None:
             return {}
-        return {layer.weight: dequantize(quantize_weight(w, weight_axis(layer), bits))}
+        return {layer.weight: dequantize(self.rounder.quantize(layer, self.weights[layer.weight], bits, groups))}
+
+    def error_power(self, layer: Layer, bits: int) -> float:
+        """The rounding's error power at ``bits`` (the RD model's P(b))."""
+        return self.rounder.error_power(layer, self.weights[layer.weight], bits)
 
     def run(self, x: np.ndarray, t: np.ndarray, weights: dict | None = None, acts: dict | None = None,
             cond: dict | None = None) -> np.ndarray:
@@ -149,7 +158,7 @@ def act_params(lo: float, hi: float, bits: int, rows: int) -> tuple[np.ndarray, 
 
 
 def make_probe(fp: onnx.ModelProto, layer_map: LayerMap, tensors: list[str], sample_shape, threads: int = 0,
-               conditioning=None, base_dir=None) -> Probe:
+               conditioning=None, base_dir=None, rounder=None) -> Probe:
     """The probe; tensor ranks and batch ratios come from two shape runs of the fp32 model.
     ``conditioning`` (dmruntime's Conditioning): the model's conditioning inputs, fed dummies
     in the shape runs and the recorded conditions in every later call. ``base_dir``: where
@@ -179,4 +188,4 @@ def make_probe(fp: onnx.ModelProto, layer_map: LayerMap, tensors: list[str], sam
                              "model is not supported for RD analysis (report its config)")
         ratio[t], ranks[t] = d2 // 2, len(shapes[2][t])
     return Probe(fp, layers, weights, tuple(tensors), ratio, ranks, threads,
-                 conditioning.names if conditioning else (), base_dir)
+                 conditioning.names if conditioning else (), base_dir, rounder)

@@ -151,10 +151,13 @@ def _run_chunked(probe: Probe, x, t, max_rows, weights=None, acts=None, cond=Non
 
 def analyze(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, config: AnalysisConfig,
             groups: list, record: dict, state_dir: Path | None = None, progress=None,
-            C: dict | None = None) -> RDCurves:
+            C: dict | None = None, per_group: bool = False) -> RDCurves:
     """Measure the curves. X, T (C: conditions, or None): [G, n, ...] group inputs, as
     :func:`group_inputs` returns them; act_ranges[bits][g][tensor] -> (lo, hi);
     groups: [(t_start, t_end)] of the G groups; record: the configs stored with the curves.
+    Weights are rounded by ``probe.rounder`` as the build stores them; ``per_group``: each
+    group's curve with that group's own rounding (per-group weights: GPTQ on the group's
+    moments), else one rounding for all (shared weights).
     With ``state_dir``, partial results are saved there and picked up again."""
     t0 = time.perf_counter()
     G, n = X.shape[:2]
@@ -201,8 +204,14 @@ def analyze(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, config
             kind = todo[i][0]
             if kind == "w":
                 _, li, bi = todo[i]
-                out = _run_chunked(probe, x, t, config.max_rows, weights=probe.weight_feed(layers[li], wbits[bi]),
-                                   cond=c)
+                if per_group:
+                    out = np.concatenate([_run_chunked(
+                        probe, x[g * n:(g + 1) * n], t[g * n:(g + 1) * n], config.max_rows,
+                        weights=probe.weight_feed(layers[li], wbits[bi], groups=(g,)),
+                        cond=take_rows(c, slice(g * n, (g + 1) * n))) for g in range(G)])
+                else:
+                    out = _run_chunked(probe, x, t, config.max_rows, weights=probe.weight_feed(layers[li], wbits[bi]),
+                                       cond=c)
                 out = out.reshape(G, n, *out.shape[1:])
                 W[:, li, bi] = [distortion(ref_w[g], out[g], config.distortion) for g in range(G)]
                 batch = [todo[i]]
@@ -238,20 +247,21 @@ def analyze(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, config
         save()
     measured = np.array([[b in meas_bits for b in wbits] for _ in layers])
     if config.sweep == "model":
-        W = model_fill(W, probe.layers, probe.weights, wbits, meas_bits)
+        W = model_fill(W, probe.layers, probe.weights, wbits, meas_bits, power=probe.error_power)
     return RDCurves(record, [tuple(g) for g in groups], [l.node for l in layers], list(tensors), wbits, abits, W,
                     A, measured, round(elapsed0 + time.perf_counter() - t0, 2))
 
 
-def model_fill(W: np.ndarray, layers, weights: dict, wbits, meas_bits) -> np.ndarray:
+def model_fill(W: np.ndarray, layers, weights: dict, wbits, meas_bits, power=None) -> np.ndarray:
     """Fill unmeasured widths from D(b) = c * P(b), P(b) the layer's weight-quantization noise
-    power, c fitted per group and layer through the measured points (geometric mean of D / P).
+    power (``power(layer, bits)``; default round-to-nearest's), c fitted per group and layer
+    through the measured points (geometric mean of D / P).
     Measured on digits16 this beats a two-point power law (bench_rd.py curves)."""
     W = W.copy()
     idx = [wbits.index(b) for b in meas_bits]
+    power = power or (lambda layer, b: noise_power(weights[layer.weight], weight_axis(layer), b))
     for li, layer in enumerate(layers):
-        w = weights[layer.weight]
-        P = np.array([max(noise_power(w, weight_axis(layer), b), 1e-30) for b in wbits])
+        P = np.array([max(power(layer, b), 1e-30) for b in wbits])
         logc = np.mean(np.log(np.maximum(W[:, li, idx], 1e-15)) - np.log(P[idx]), axis=1)
         for bi, b in enumerate(wbits):
             if b not in meas_bits:
@@ -305,8 +315,8 @@ def check_additivity(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dic
         p = np.exp(-np.abs(wb - centre))
         choice = rng.choice(len(wb), size=len(probe.layers), p=p / p.sum())
         feeds = {}
-        for layer, c in zip(probe.layers, choice):
-            feeds.update(probe.weight_feed(layer, int(wb[c])))
+        for layer, ci in zip(probe.layers, choice):
+            feeds.update(probe.weight_feed(layer, int(wb[ci])))
         out = _run_chunked(probe, x, t, max_rows, weights=feeds, acts=acts, cond=c).reshape(ref.shape)
         li = [curves.layers.index(l.node) for l in probe.layers]
         pred.append(curves.weight[:, li, choice].sum(1) + act_pred)

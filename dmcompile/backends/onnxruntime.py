@@ -111,11 +111,12 @@ def save_engine(folder: Path, engines: dict[str, onnx.ModelProto], params: list[
     return [*files, *group_files]
 
 
-def externalize_weights(model: onnx.ModelProto, bits: dict[str, int], stored: dict) -> dict[str, str]:
+def externalize_weights(model: onnx.ModelProto, bits: dict[str, int], stored: dict, tag: str = "") -> dict[str, str]:
     """Move the quantized weights (``<weight>.q`` for each weight in ``bits``) out of the engine:
     the initializers keep name, type and shape but are marked external (dmruntime hands them to
     the session from weights.npz, 4-bit ones unpacked). ``stored`` collects key -> (int8 array,
-    grid bits); a key names one weight at one width, so engines share it. Returns name -> key."""
+    grid bits); a key names one weight at one width (plus ``tag``: weights rounded for one
+    group only), so engines share it. Returns name -> key."""
     from onnx.external_data_helper import set_external_data
 
     mapping = {}
@@ -125,7 +126,7 @@ def externalize_weights(model: onnx.ModelProto, bits: dict[str, int], stored: di
         if b is None:
             continue
         arr = numpy_helper.to_array(init)
-        key = f"{init.name}@{int(b)}"
+        key = f"{init.name}@{int(b)}{tag}"
         if key in stored:
             assert np.array_equal(stored[key][0], arr), f"{key} differs between engines"
         else:

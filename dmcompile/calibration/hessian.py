@@ -1,15 +1,22 @@
 """Second moments of a layer's inputs, H = E[x x^T] over its input columns, for GPTQ rounding.
 
 A Conv's columns are its im2col rows (C * kh * kw values per output position, in the order of
-``lowering.rounding.weight_matrix``); a Gemm / MatMul's are the last axis. Not wired into the
-calibration pass yet (issue 12): this is the arithmetic and its checks.
+``lowering.rounding.weight_matrix``); a Gemm / MatMul's are the last axis. Gathered in the
+calibration pass by :class:`MomentRecorder` (one sweep: the calibration's), saved next to
+the histograms and read back one layer at a time by :class:`Moments`.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
-__all__ = ["SecondMoment", "im2col"]
+from ..errors import ArtifactError
+
+__all__ = ["LayerColumns", "MomentRecorder", "Moments", "SecondMoment", "im2col", "layer_columns"]
 
 
 def im2col(x: np.ndarray, kernel: tuple[int, int], strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1)) -> np.ndarray:
@@ -57,3 +64,161 @@ class SecondMoment:
         """The weighted mean of several groups' moments (e.g. by sampling steps per group)."""
         w = np.asarray(weights, np.float64)
         return sum(wi * p.matrix() for wi, p in zip(w / w.sum(), parts))
+
+
+MOMENT_ROWS = 256  # input rows per layer per call: 2 * 256 * n^2 flops, bounded for the largest layers
+MOMENTS = "moments"  # folder of the calibration cache that holds them
+MOMENTS_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerColumns:
+    """How a weighted layer's input becomes rows over its weight's input columns: the input
+    tensor, the column count ``n`` and, for a Conv, its kernel geometry (im2col)."""
+
+    node: str
+    tensor: str
+    n: int
+    conv: dict | None = None  # kernel, strides, pads, dilations
+
+    def rows(self, x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+        """``k`` rows (float32, [k, n]) drawn uniformly from every output position of ``x``."""
+        if self.conv is None:
+            flat = x.reshape(-1, self.n)
+            pick = rng.integers(0, len(flat), k) if len(flat) > k else np.arange(len(flat))
+            return np.asarray(flat[pick], np.float32)
+        (kh, kw), (sh, sw), p, (dh, dw) = (self.conv[a] for a in ("kernel", "strides", "pads", "dilations"))
+        x = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
+        B, C, H, W = x.shape
+        ho, wo = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+        total = B * ho * wo
+        pos = rng.integers(0, total, k) if total > k else np.arange(total)
+        b, r = np.divmod(pos, ho * wo)
+        oh, ow = np.divmod(r, wo)
+        ih = (oh * sh)[:, None, None] + (np.arange(kh) * dh)[None, :, None]
+        iw = (ow * sw)[:, None, None] + (np.arange(kw) * dw)[None, None, :]
+        patch = x[b[:, None, None], :, ih, iw]  # [k, kh, kw, C]
+        return np.ascontiguousarray(patch.transpose(0, 3, 1, 2), np.float32).reshape(len(pos), self.n)
+
+
+def layer_columns(model, layers) -> dict[str, LayerColumns]:
+    """Per weighted layer of ``model`` (the fp32 graph), how its input is read. A grouped Conv
+    (its H is block-diagonal per group) is left out: it keeps round-to-nearest."""
+    nodes = {n.name: n for n in model.graph.node}
+    out = {}
+    for layer in layers:
+        if not layer.weight:
+            continue
+        shape = layer.weight_shape
+        if layer.op_type == "Conv":
+            a = {at.name: (list(at.ints) or at.i) for at in nodes[layer.node].attribute}
+            if a.get("group", 1) != 1 or len(shape) != 4:
+                continue
+            conv = {"kernel": tuple(shape[2:]), "strides": tuple(a.get("strides") or (1, 1)),
+                    "pads": tuple(a.get("pads") or (0, 0, 0, 0)), "dilations": tuple(a.get("dilations") or (1, 1))}
+            out[layer.node] = LayerColumns(layer.node, layer.activation_input, int(np.prod(shape[1:])), conv)
+        else:  # Gemm [out, in] (transB), MatMul [in, out]
+            out[layer.node] = LayerColumns(layer.node, layer.activation_input,
+                                           int(shape[0] if layer.op_type == "MatMul" else shape[1]))
+    return out
+
+
+class MomentRecorder:
+    """Running sums of x x^T per layer, pooled over all groups or one per group, kept in
+    float32 ``.npy`` files memory-mapped from ``folder`` (a model's moments can exceed
+    memory: 1.5 GB per scope for ddpm-cifar10-32, 28 GB for the SD 1.5 UNet). ``finish``
+    turns the sums into means and writes ``moments.json``."""
+
+    def __init__(self, folder: Path, columns: dict[str, LayerColumns], groups: int | None, seed: int,
+                 rows: int = MOMENT_ROWS):
+        self.folder, self.columns, self.groups, self.rows = Path(folder), columns, groups, rows
+        self.rng = np.random.default_rng([seed, 0x4E55])  # its own stream: histograms stay as they were
+        self.scopes = [f"g{g}" for g in range(groups)] if groups else ["pooled"]
+        self.index = {node: i for i, node in enumerate(columns)}
+        self.counts = {s: np.zeros(len(columns), np.int64) for s in self.scopes}
+        self._open = {}
+
+    def _sum(self, scope: str, node: str) -> np.ndarray:
+        key = (scope, node)
+        if key not in self._open:
+            path = self.folder / scope / f"{self.index[node]:04d}.npy"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            n = self.columns[node].n
+            self._open[key] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, n))
+        return self._open[key]
+
+    @property
+    def tensors(self) -> set[str]:
+        return {c.tensor for c in self.columns.values()}
+
+    def add(self, group: int, values: dict[str, np.ndarray]) -> None:
+        """One call's layer inputs (tensor -> array, rows already masked) for timestep group ``group``."""
+        scope = f"g{group}" if self.groups else "pooled"
+        for node, col in self.columns.items():
+            x = values[col.tensor]
+            if not x.size:
+                continue
+            r = col.rows(x, self.rows, self.rng)
+            s = self._sum(scope, node)
+            s += r.T @ r
+            self.counts[scope][self.index[node]] += len(r)
+
+    def finish(self) -> None:
+        """Sums -> means (per scope); with groups, also the pooled mean over all their rows."""
+        if self.groups:
+            pooled = np.zeros(len(self.columns), np.int64)
+            for node, i in self.index.items():
+                total = np.zeros((self.columns[node].n,) * 2, np.float64)
+                for s in self.scopes:
+                    total += self._sum(s, node)
+                pooled[i] = sum(self.counts[s][i] for s in self.scopes)
+                path = self.folder / "pooled" / f"{i:04d}.npy"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.save(path, (total / max(pooled[i], 1)).astype(np.float32))
+            self.counts["pooled"] = pooled
+        for (scope, node), s in self._open.items():
+            s /= max(int(self.counts[scope][self.index[node]]), 1)
+            s.flush()
+        self._open.clear()
+        (self.folder / "moments.json").write_text(json.dumps({
+            "schema_version": MOMENTS_SCHEMA_VERSION, "rows_per_call": self.rows, "groups": self.groups,
+            "layers": [{"node": c.node, "tensor": c.tensor, "n": c.n, "file": f"{i:04d}.npy"}
+                       for i, c in enumerate(self.columns.values())],
+            "counts": {s: c.tolist() for s, c in self.counts.items()}}, indent=1))
+
+
+class Moments:
+    """Saved second moments (a calibration's ``moments/`` folder): ``matrix(node, groups)``
+    reads one layer's H (float64) pooled over all groups, or the count-weighted mean of the
+    groups named (per-group moments needed), one layer at a time."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        try:
+            meta = json.loads((self.folder / "moments.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"cannot read second moments in {folder}: {e}; delete the calibration to "
+                                "measure them again") from e
+        if meta.get("schema_version") != MOMENTS_SCHEMA_VERSION:
+            raise ArtifactError(f"second moments in {folder} have schema_version {meta.get('schema_version')}; "
+                                "delete the calibration to measure them again")
+        self.meta = meta
+        self.files = {l["node"]: l["file"] for l in meta["layers"]}
+        self.index = {l["node"]: i for i, l in enumerate(meta["layers"])}
+
+    @property
+    def per_group(self) -> bool:
+        return bool(self.meta["groups"])
+
+    def matrix(self, node: str, groups: tuple[int, ...] | None = None) -> np.ndarray | None:
+        """H of layer ``node`` (None when the layer has none: a grouped Conv)."""
+        if node not in self.files:
+            return None
+        if groups is None:
+            return np.load(self.folder / "pooled" / self.files[node]).astype(np.float64)
+        if not self.per_group:
+            raise ArtifactError("these moments are pooled only; per-group weights need per-group moments")
+        c = np.array([self.meta["counts"][f"g{g}"][self.index[node]] for g in groups], np.float64)
+        c = c / c.sum() if c.sum() else np.full(len(groups), 1 / len(groups))
+        return sum(w * np.load(self.folder / f"g{g}" / self.files[node]).astype(np.float64)
+                   for w, g in zip(c, groups))

@@ -7,7 +7,10 @@ it sees when sampling. Each call's tensors go to the observers of the group hold
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +25,7 @@ from ..config import CalibrationConfig
 from ..errors import ArtifactError
 from ..frontend.layermap import LayerMap
 from ..targets import ORT_CPU, TargetProfile
+from .hessian import MOMENTS, MomentRecorder, layer_columns
 from .observers import HistogramObserver
 
 CALIB_SCHEMA_VERSION = 2  # 2: cache keys carry it (older caches may predate the histogram fix)
@@ -81,9 +85,11 @@ class _RecordingModel:
         self.sample_per_tensor = sample_per_tensor
         self.total = total  # rows per step: the sampler walks them in batch order
         self.offset = 0
+        self.moments = None  # a hessian.MomentRecorder, when second moments are gathered too
 
     def predict(self, sample: np.ndarray, t: int, cond: dict | None = None) -> np.ndarray:
-        fetch = ["eps", *(n for n in self.names if n != "eps")]
+        extra = sorted(self.moments.tensors - set(self.names)) if self.moments else []
+        fetch = ["eps", *(n for n in [*self.names, *extra] if n != "eps")]
         feeds = {"sample": sample, "timestep": np.full(len(sample), t, np.int64), **(cond or {})}
         got = dict(zip(fetch, self.session.run(fetch, feeds)))
         rows = slice(self.offset, self.offset + len(sample))
@@ -100,6 +106,9 @@ class _RecordingModel:
                 if flat.size > self.sample_per_tensor:
                     sub = flat[self.rng.integers(0, flat.size, self.sample_per_tensor)]
                 obs[name].update(flat, sub)
+            if self.moments is not None:
+                self.moments.add(int(self.lookup[t]), {n: got[n] if mask is None else got[n][mask]
+                                                        for n in self.moments.tensors})
         return got["eps"]
 
 
@@ -117,6 +126,7 @@ class CalibrationResult:
     groups: tuple[TimestepGroup, ...]
     tensors: tuple[str, ...]
     observers: tuple[dict, ...]  # group index -> {tensor: HistogramObserver}
+    moments: Path | None = None  # folder of the layer inputs' second moments (hessian.Moments), if gathered
 
     def ranges(self, kind: str | None = None, bits: int = 8) -> list[dict[str, tuple[float, float]]]:
         """Per group, tensor -> (lo, hi). A group that recorded nothing for a tensor (PTQ4DM's
@@ -127,9 +137,14 @@ class CalibrationResult:
         return [{n: obs[n].range(kind, bits, self.config.percentile) if obs[n].count else
                  (min(pooled[n][0], 0.0), max(pooled[n][1], 0.0)) for n in self.tensors} for obs in self.observers]
 
-    def save(self, folder: Path) -> None:
-        """calibration.json (settings, groups, chosen ranges) + histograms.npz, atomically."""
+    def save(self, folder: Path) -> "CalibrationResult":
+        """calibration.json (settings, groups, chosen ranges) + histograms.npz (+ the second
+        moments' folder, moved in), atomically. Returns the result as saved (moments there)."""
         with atomic_dir(Path(folder), CALIBRATION) as tmp:
+            files = ["calibration.json", "histograms.npz"]
+            if self.moments is not None:
+                shutil.move(str(self.moments), tmp / MOMENTS)
+                files.append(MOMENTS)
             arrays = {}
             for g, obs in enumerate(self.observers):
                 for i, n in enumerate(self.tensors):
@@ -143,7 +158,8 @@ class CalibrationResult:
                 "tensors": list(self.tensors),
                 "ranges": [{n: list(r[n]) for n in self.tensors} for r in ranges],
                 "counts": [{n: obs[n].count for n in self.tensors} for obs in self.observers],
-            }, ["calibration.json", "histograms.npz"])
+            }, files)
+        return dataclasses.replace(self, moments=Path(folder) / MOMENTS if self.moments is not None else None)
 
     @classmethod
     def load(cls, folder: Path) -> "CalibrationResult":
@@ -163,7 +179,9 @@ class CalibrationResult:
                 {k: arrays[f"g{g}_t{i}_{k}"] for k in ("lo", "hi", "origin", "width", "count", "hist")})
                 for i, n in enumerate(tensors)})
         groups = tuple(TimestepGroup(d["index"], d["t_start"], d["t_end"]) for d in meta["groups"])
-        return cls(CalibrationConfig.from_dict(meta["config"]), groups, tensors, tuple(observers))
+        moments = Path(folder) / MOMENTS
+        return cls(CalibrationConfig.from_dict(meta["config"]), groups, tensors, tuple(observers),
+                   moments if (moments / "moments.json").is_file() else None)
 
 
 def _ptq4dm_mask(timesteps: np.ndarray, n: int, T: int, rng: np.random.Generator):
@@ -176,18 +194,29 @@ def _ptq4dm_mask(timesteps: np.ndarray, n: int, T: int, rng: np.random.Generator
 
 def calibrate(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, config: CalibrationConfig,
               profile: TargetProfile = ORT_CPU, progress=None, conditioning: Conditioning | None = None,
-              conditions: dict | None = None) -> CalibrationResult:
+              conditions: dict | None = None, moments: str | None = None,
+              work_dir: Path | None = None) -> CalibrationResult:
     """Run ``config.size`` DDIM trajectories of ``config.steps`` steps through the fp32 ONNX
     model and return per-group statistics of every tensor ``profile`` may quantize (for all
     quantizable layers, so that builds which keep some layers float reuse the calibration).
     Conditional models: ``conditions`` (one row per trajectory) drive the trajectories, and with
-    ``config.guidance_scale`` the guided sampler runs both branches, so both are recorded."""
+    ``config.guidance_scale`` the guided sampler runs both branches, so both are recorded.
+    ``moments``: also gather every weighted layer's input second moments (GPTQ rounding), in
+    the same pass: ``"pooled"`` over all recorded steps, or ``"groups"`` (one per timestep
+    group, and pooled); kept under ``work_dir`` (a temporary folder there) until saved."""
     from .. import onnxio
 
     model = onnxio.load(fp_model_path, weights=False)  # the weights stay on disk (big models)
     names = profile.quantized_tensors(model, layer_map.layers)
+    recorder = None
+    if moments is not None:
+        if moments not in ("pooled", "groups"):
+            raise ValueError(f"moments must be 'pooled' or 'groups', got {moments!r}")
+        folder = Path(tempfile.mkdtemp(prefix="moments-", dir=work_dir))
+        recorder = MomentRecorder(folder, layer_columns(model, layer_map.layers),
+                                  config.groups if moments == "groups" else None, config.seed)
     have = {o.name for o in model.graph.output}
-    for n in names:
+    for n in [*names, *sorted(recorder.tensors - set(names) if recorder else ())]:
         if n not in have:
             model.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
     import onnxruntime as ort
@@ -213,9 +242,17 @@ def calibrate(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, 
     rows = config.size * (2 if guided else 1)
     rec = _RecordingModel(sess, names, schedule, groups, observers, mask, rng, config.sample_per_tensor, rows)
     rec.conditioning = conditioning or Conditioning.none()
+    rec.moments = recorder
     sampler = DDIMSampler(rec, steps=config.steps, eta=0.0, batch_size=config.batch_size,
                           guidance_scale=config.guidance_scale)
     # A stream of its own: with seed=N, sampling draws from default_rng(N), so calibrating on
     # default_rng(N) too would make an evaluation's first samples the calibration trajectories.
-    sampler.sample(config.size, seed=[config.seed, CALIB_STREAM], progress=progress, cond=conditions)
-    return CalibrationResult(config, groups, tuple(names), observers)
+    try:
+        sampler.sample(config.size, seed=[config.seed, CALIB_STREAM], progress=progress, cond=conditions)
+        if recorder is not None:
+            recorder.finish()
+    except BaseException:
+        if recorder is not None:  # no half-measured moments left behind
+            shutil.rmtree(recorder.folder, ignore_errors=True)
+        raise
+    return CalibrationResult(config, groups, tuple(names), observers, recorder.folder if recorder else None)

@@ -8,16 +8,23 @@ through the Cholesky factor of the damped inverse of H. The per-output-channel s
 first by an H-weighted search over clipping ratios. The result is a ``QuantWeight``: same int8
 container, same symmetric per-channel grid, so storage and kernels do not change.
 
-Not wired into the build yet (issue 12): this module is the arithmetic and its checks.
+:class:`WeightRounder` is what the build and the RD curves call: one method, every width.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
+
 import numpy as np
 
-from ..quant import MAX_WEIGHT_BITS, MIN_WEIGHT_BITS, QuantWeight
+from ..config import ROUNDINGS
+from ..quant import (MAX_WEIGHT_BITS, MIN_WEIGHT_BITS, QuantWeight, dequantize, noise_power, quantize_weight,
+                     weight_axis)
 
-__all__ = ["CLIP_RATIOS", "gptq_quantize", "output_error", "weight_matrix"]
+__all__ = ["CLIP_RATIOS", "ROUNDINGS", "WeightRounder", "gptq_quantize", "hessian_factor", "output_error",
+           "weight_matrix"]
 
 CLIP_RATIOS = tuple(np.round(np.linspace(1.0, 0.5, 11), 3))
 
@@ -40,7 +47,7 @@ def _from_matrix(m: np.ndarray, shape: tuple, axis: int) -> np.ndarray:
 def output_error(w: np.ndarray, wq: np.ndarray, H: np.ndarray) -> np.ndarray:
     """Per output channel, tr-row of (W - Q) H (W - Q)^T: the expected squared output error."""
     d = (w - wq).astype(np.float64)
-    return np.einsum("oi,ij,oj->o", d, H, d)
+    return ((d @ H) * d).sum(axis=1)  # a BLAS product: einsum's three-operand loop is 600x slower
 
 
 def _round(W: np.ndarray, scale: np.ndarray, qmax: int) -> np.ndarray:
@@ -64,27 +71,39 @@ def _scales(W: np.ndarray, H: np.ndarray, qmax: int, ratios) -> np.ndarray:
     return best
 
 
-def gptq_quantize(w: np.ndarray, axis: int, bits: int, H: np.ndarray, *, damp: float = 0.01,
-                  ratios=CLIP_RATIOS, block: int = 128) -> QuantWeight:
+def hessian_factor(H: np.ndarray, damp: float = 0.01, act_order: bool = True) -> tuple:
+    """(damped H, upper Cholesky factor of its inverse, column order): what GPTQ needs of H,
+    the same at every width (so computed once per layer), both in the order the columns are
+    quantized. ``damp``: fraction of H's mean diagonal added to its diagonal (numerical
+    stability). ``act_order``: columns with the largest input energy first (GPTQ's act-order:
+    their errors still have every other column to move to). Columns that never see a nonzero
+    input (zero diagonal) get a unit diagonal: their errors then move nowhere."""
+    H = np.array(H, np.float64)
+    n = len(H)
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    H[np.diag_indices(n)] += damp * float(np.mean(np.diag(H)))
+    order = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(n)
+    H = H[np.ix_(order, order)]
+    # upper Cholesky factor of H^-1: row i holds the compensation weights of column i
+    return H, np.linalg.cholesky(np.linalg.inv(H)).T, order
+
+
+def gptq_quantize(w: np.ndarray, axis: int, bits: int, H: np.ndarray | None = None, *, damp: float = 0.01,
+                  ratios=CLIP_RATIOS, block: int = 128, factor: tuple | None = None) -> QuantWeight:
     """Quantize ``w`` (channel axis ``axis``) to ``bits`` so that the output error on inputs with
     second moment ``H`` ([in, in], in ``weight_matrix`` column order) is small, not the weight
-    error. ``damp``: fraction of H's mean diagonal added to its diagonal (numerical stability).
-    Columns that never see a nonzero input (zero diagonal) are rounded to nearest."""
+    error. ``factor``: :func:`hessian_factor` of H, when already computed (then H is not needed)."""
     if not (isinstance(bits, (int, np.integer)) and MIN_WEIGHT_BITS <= bits <= MAX_WEIGHT_BITS):
         raise ValueError(f"weight bits must be an integer in [{MIN_WEIGHT_BITS}, {MAX_WEIGHT_BITS}], got {bits!r}")
     qmax = 2 ** (int(bits) - 1) - 1
     W = weight_matrix(w, axis).astype(np.float64)
     n = W.shape[1]
-    H = np.asarray(H, np.float64)
-    if H.shape != (n, n):
-        raise ValueError(f"H must be [{n}, {n}] for a weight of shape {np.shape(w)} (axis {axis}), got {H.shape}")
-    H = H.copy()
-    dead = np.diag(H) <= 0
-    H[dead, dead] = 1.0
-    H[np.diag_indices(n)] += damp * float(np.mean(np.diag(H)))
-    scale = _scales(W, H, qmax, ratios)
-    # upper Cholesky factor of H^-1: row i holds the compensation weights of column i
-    U = np.linalg.cholesky(np.linalg.inv(H)).T
+    Hd, U, order = factor if factor is not None else hessian_factor(H, damp)
+    W = W[:, order]
+    if Hd.shape != (n, n):
+        raise ValueError(f"H must be [{n}, {n}] for a weight of shape {np.shape(w)} (axis {axis}), got {Hd.shape}")
+    scale = _scales(W, Hd, qmax, ratios)
     Q = np.zeros_like(W)
     W = W.copy()
     for b0 in range(0, n, block):
@@ -97,5 +116,67 @@ def gptq_quantize(w: np.ndarray, axis: int, bits: int, H: np.ndarray, *, damp: f
             W[:, i + 1:b1] -= np.outer(err, U[i, i + 1:b1])
             err_block[:, i - b0] = err
         W[:, b1:] -= err_block @ U[b0:b1, b1:]
+    Q[:, order] = Q.copy()
     q = _from_matrix(Q.astype(np.int8), np.shape(w), axis)
     return QuantWeight(np.ascontiguousarray(q), scale.astype(np.float32), axis, int(bits))
+
+
+class WeightRounder:
+    """The quantized weights a build stores, by rounding method: ``rtn`` (round to nearest,
+    ``quant.quantize_weight``) or ``gptq`` (:func:`gptq_quantize` on the layer's input second
+    moments, ``moments``: a ``calibration.hessian.Moments``). ``groups`` selects the moments:
+    None pools every timestep group (shared weights), a tuple the groups one engine serves.
+    GPTQ results are kept in ``cache`` (one file per layer, width and scope), so RD curves and
+    the build round each weight once. A layer without moments (a grouped Conv) is rounded to
+    nearest."""
+
+    def __init__(self, method: str = "rtn", moments=None, cache: Path | None = None, damp: float = 0.01):
+        if method not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {method!r}")
+        if method == "gptq" and moments is None:
+            raise ValueError("gptq rounding needs the layer inputs' second moments (a calibration with moments)")
+        self.method, self.moments, self.cache, self.damp = method, moments, cache, damp
+        self._factor = (None, None)  # (key, factor): the last layer's, reused across its widths
+
+    def _file(self, node: str, bits: int, groups) -> Path | None:
+        if self.cache is None:
+            return None
+        scope = "pooled" if groups is None else "g" + "-".join(str(g) for g in groups)
+        return Path(self.cache) / scope / f"{hashlib.sha1(node.encode()).hexdigest()[:16]}-{bits}.npz"
+
+    def quantize(self, layer, w: np.ndarray, bits: int, groups: tuple[int, ...] | None = None) -> QuantWeight:
+        """``layer``'s weight ``w`` on the ``bits``-bit grid, rounded by this method."""
+        axis = weight_axis(layer)
+        if self.method == "rtn":
+            return quantize_weight(w, axis, bits)
+        path = self._file(layer.node, int(bits), groups)
+        if path is not None and path.is_file():
+            try:
+                with np.load(path) as f:
+                    return QuantWeight(f["q"], f["scale"], axis, int(bits))
+            except (OSError, ValueError, KeyError):
+                pass  # a damaged cache entry: round again
+        key = (layer.node, groups)
+        if self._factor[0] != key:
+            H = self.moments.matrix(layer.node, groups)
+            self._factor = (key, None if H is None else hessian_factor(H, self.damp))
+        factor = self._factor[1]
+        qw = quantize_weight(w, axis, bits) if factor is None else gptq_quantize(w, axis, bits, factor=factor)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+            np.savez(tmp, q=qw.q, scale=qw.scale)
+            os.replace(tmp, path)
+        return qw
+
+    def error_power(self, layer, w: np.ndarray, bits: int, groups: tuple[int, ...] | None = None) -> float:
+        """What the RD model scales with width: RTN's weight-noise power, or GPTQ's H-weighted
+        output error per output channel (the quantity it minimises)."""
+        if self.method == "rtn":
+            return noise_power(w, weight_axis(layer), bits)
+        qw = self.quantize(layer, w, bits, groups)
+        H = self.moments.matrix(layer.node, groups)
+        if H is None:
+            return noise_power(w, weight_axis(layer), bits)
+        axis = weight_axis(layer)
+        return float(np.mean(output_error(weight_matrix(w, axis), weight_matrix(dequantize(qw), axis), H)))
