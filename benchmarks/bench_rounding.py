@@ -1,24 +1,154 @@
-"""GPTQ rounding against round-to-nearest on real layer inputs (issue 12 groundwork).
+"""GPTQ rounding against round-to-nearest (issue 12), in three phases.
 
-    python benchmarks/bench_rounding.py [--model digits16] [--bits 3 4] [--trajectories 8]
+    python benchmarks/bench_rounding.py layers   [--model digits16] [--bits 3 4] [--trajectories 8]
+    python benchmarks/bench_rounding.py fidelity [--model digits16] [-n 256] [--variants ...]
+    python benchmarks/bench_rounding.py pass     [--model ddpm-cifar10-32]
 
-Records every Conv / Gemm / weighted MatMul layer's input along fp32 DDIM-50 trajectories (every
-5th step, all timesteps pooled), builds H = E[x x^T] per layer (im2col rows for Conv, at most
-4096 rows per call), and prints per width the summed output error of each rounding on held-out
-rows of the same trajectories (every 5th step, offset by 2), relative to round-to-nearest's, plus
-the time of the GPTQ pass. Not a fidelity figure: the build does not use GPTQ yet.
+layers: every Conv / Gemm / weighted MatMul layer's input recorded along fp32 DDIM-50
+trajectories (every 5th step, all timesteps pooled), H = E[x x^T] per layer (im2col rows for
+Conv, at most 4096 rows per call); per width the summed output error of each rounding on
+held-out rows of the same trajectories (every 5th step, offset by 2), relative to
+round-to-nearest's, and the time of the GPTQ pass.
+
+fidelity: the `dmcompile eval` protocol (DDIM 50, eta 0, same seeds as FP) per variant and
+rounding, with and without PTQD's correction: paired PSNR / SSIM against the FP model and, for
+digits models, FD to the real digits and to a second FP set, and the confident-class rate.
+
+pass: the build's rounding work on a model, timed and its peak memory read (ru_maxrss of a
+child process per step): calibration without and with the second moments (one pass), then
+GPTQ of every weighted layer at 4 and 8 bits from the saved moments.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS = {
+    "w8a8": ("W8A8", None),
+    "w4-first-last-8": ("W4A8, first/last conv 8", "*=4,first_conv=8,last_conv=8"),
+    "w3": ("uniform 3 bits (simulated)", "*=3"),
+    "rd4.5": ("RD 4.5 bits (widths 4/8)", "4.5bits"),
+    "rd5": ("RD 5 bits (widths 4/8)", "5bits"),
+}
+
+
+def bar(stage, i, n):
+    if i == n or i % 50 == 0:
+        print(f"  {stage} {i}/{n}", file=sys.stderr, flush=True)
+
+
+def recipe_of(spec):
+    from dmcompile.config import MixedRecipe, W8A8Recipe, parse_overrides
+
+    if spec is None:
+        return W8A8Recipe()
+    if spec.endswith("bits"):
+        return MixedRecipe(budget=spec)
+    return MixedRecipe(overrides=parse_overrides(spec), allow_simulated_bits=True)
+
+
+def fidelity_cmd(args) -> int:
+    from dmcompile import api
+    from dmcompile.config import AnalysisConfig, BuildConfig, EvalConfig, SampleConfig
+    from dmcompile.eval.metrics import frechet_distance, psnr, ssim
+    from dmcompile.frontend.torch_model import TorchEpsModel
+    from machine import cpu_line
+
+    ev = EvalConfig(sample=SampleConfig(n=args.n))
+    sc = ev.sample
+    ref = TorchEpsModel(api.load_model(args.model))
+    want = api.sample_model(ref, sc)
+    digits = args.model.startswith("digits")
+    if digits:
+        other = api.sample_model(ref, SampleConfig(n=sc.n, seed=sc.seed + ev.floor_seed_offset))
+        fp_sc, fp2_f = api.digit_scores(want), api.digit_scores(other)["features"]
+        floor = frechet_distance(fp_sc["features"], fp2_f)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in args.variants:
+            name, spec = VARIANTS[v]
+            for rounding in ("rtn", "gptq"):
+                cfg = BuildConfig(recipe=recipe_of(spec), eval_samples=0, analysis=AnalysisConfig(rounding=rounding))
+                t0 = time.perf_counter()
+                m = api.build(args.model, Path(tmp) / "b", cfg, progress=bar).manifest
+                secs = time.perf_counter() - t0
+                bits = (m.get("plan") or {}).get("average_weight_bits", [8.0])[0]
+                for corr in (False, True):
+                    got = api.sample(Path(tmp) / "b", sc, correction=corr)
+                    r = [f"{name}{' + PTQD' if corr else ''}", rounding, f"{bits:.3f}",
+                         f"{np.mean(np.minimum(psnr(got, want), 200)):.2f}", f"{np.mean(ssim(got, want)):.4f}"]
+                    if digits:
+                        g = api.digit_scores(got)
+                        r += [f"{frechet_distance(g['features'], fp2_f):.2f}", f"{floor:.2f}", f"{g['fd_to_real']:.2f}",
+                              f"{g['confident_rate']:.1%}"]
+                    rows.append(r + [f"{secs:.0f}"])
+                    print(rows[-1], file=sys.stderr, flush=True)
+                shutil.rmtree(Path(tmp) / "b")
+    print(f"{args.model}, K = 10, A8, DDIM 50, eta 0, {args.n} samples, seeds as `dmcompile eval`; {cpu_line()}")
+    if digits:
+        print(f"FP: FD to real {fp_sc['fd_to_real']:.2f}, confident {fp_sc['confident_rate']:.1%}")
+    cols = ["variant", "rounding", "avg weight bits", "PSNR vs FP (dB)", "SSIM vs FP"]
+    cols += ["FD to FP set", "FP noise floor", "FD to real", "confident"] if digits else []
+    cols += ["build s"]
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    return 0
+
+
+def _child(code: str) -> tuple[float, float]:
+    """(seconds, peak resident GB) of ``code`` run in a fresh interpreter."""
+    t0 = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return time.perf_counter() - t0, max(peak, before) / 1e6
+
+
+def pass_cmd(args) -> int:
+    """Calibration (cache emptied for it) with and without moments, then the GPTQ pass."""
+    from machine import cpu_line
+
+    with tempfile.TemporaryDirectory() as cache:
+        setup = (f"import os; os.environ['DMCOMPILE_CACHE'] = {cache!r}\n"
+                 "from dmcompile import stages\n"
+                 f"fp = stages.fp_bundle({args.model!r})\n"
+                 "from dmcompile.config import CalibrationConfig\n")
+        _child(setup)  # the export, not timed
+        rows = []
+        for moments in (None, "pooled"):
+            code = setup + (f"import shutil; shutil.rmtree(stages.cache_dir() / 'calib', ignore_errors=True)\n"
+                            f"stages.calibrate(fp, CalibrationConfig(), moments={moments!r})\n")
+            secs, peak = _child(code)
+            rows.append((f"calibration, moments {moments or 'none'}", secs, peak))
+        for bits in args.bits:
+            code = setup + ("import numpy as np, onnx\n"
+                            "from dmcompile import onnxio\n"
+                            "calib = stages.calibrate(fp, CalibrationConfig(), moments='pooled')\n"
+                            "r = stages.rounder(calib, 'gptq'); r.cache = None\n"
+                            "proto = onnxio.load(fp / 'model.onnx', weights=False)\n"
+                            "inits = {i.name: i for i in proto.graph.initializer}\n"
+                            "for l in stages.load_layer_map(fp).layers:\n"
+                            "    if l.weight:\n"
+                            f"        r.quantize(l, onnxio.array(inits[l.weight], fp), {bits})\n")
+            secs, peak = _child(code)
+            rows.append((f"GPTQ pass, every layer at {bits} bits (includes loading the calibration)", secs, peak))
+    print(f"{args.model}; {cpu_line()}")
+    print("| step | seconds | peak resident GB (child process) |\n|---|---|---|")
+    for name, secs, peak in rows:
+        print(f"| {name} | {secs:.1f} | {peak:.2f} |")
+    return 0
 
 
 def layer_rows(layer, node, x: np.ndarray) -> np.ndarray:
@@ -34,10 +164,19 @@ def layer_rows(layer, node, x: np.ndarray) -> np.ndarray:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("phase", choices=("layers", "fidelity", "pass"))
     p.add_argument("--model", default="digits16")
-    p.add_argument("--bits", nargs="+", type=int, default=[3, 4])
+    p.add_argument("--bits", nargs="+", type=int, default=None)
     p.add_argument("--trajectories", type=int, default=8)
+    p.add_argument("-n", type=int, default=256)
+    p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     args = p.parse_args(argv)
+    if args.phase == "fidelity":
+        return fidelity_cmd(args)
+    if args.phase == "pass":
+        args.bits = args.bits or [4, 8]
+        return pass_cmd(args)
+    args.bits = args.bits or [3, 4]
 
     import onnx
     from dmruntime import Bundle, DDIMSampler

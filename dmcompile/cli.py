@@ -175,9 +175,10 @@ def _recipe(args):
     overrides = tuple(Override(n, "float") for n in args.float_layer) + parse_overrides(args.weight_bits)
     if args.format == MixedRecipe.name:
         return MixedRecipe(budget=args.budget, allocator=args.allocator, share_weights=args.share_weights,
-                           allow_simulated_bits=args.allow_simulated_bits, overrides=overrides)
-    if args.budget:
-        raise ConfigError("--budget applies to --format mixed only")
+                           allow_simulated_bits=args.allow_simulated_bits, overrides=overrides,
+                           allow_float=args.allow_float)
+    if args.budget or args.allow_float:
+        raise ConfigError(f"{'--budget' if args.budget else '--allow-float'} applies to --format mixed only")
     return W8A8Recipe(overrides=overrides)
 
 
@@ -358,6 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one allocation per group (the paper): an engine per distinct allocation")
     b.add_argument("--allow-simulated-bits", action="store_true",
                    help="allow widths the target cannot store natively (2, 3, 5, 6): kept in 4- or 8-bit containers")
+    b.add_argument("--allow-float", action="store_true",
+                   help="let the allocator keep a layer float in a group when that buys distortion most cheaply "
+                        "(costed as float32: 32-bit weights, 32x32 BOPs); with --per-group-weights the budget then "
+                        "bounds the step-weighted average over groups")
     b.add_argument("--weight-bits", default=None, metavar="SPEC",
                    help="per-layer rules PATTERN=BITS|float, e.g. '*=4,first_conv=8,time_embedding=float'; the most "
                    "specific pattern wins (node > module > module prefix > op type > *); with --budget, the "

@@ -216,7 +216,8 @@ def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progr
         idx = [curves.layers.index(l.node) for l in layers]
         bits, record = plan_bits(curves.weight[:, idx], layers, curves.weight_bits, allowed, recipe.budget,
                                  recipe.allocator, share=recipe.share_weights, fixed_bops=fixed, pinned=pinned,
-                                 storage=storage)
+                                 storage=storage, allow_float=recipe.allow_float,
+                                 group_weights=_step_shares(ws, calib))
         record["overrides"] = [str(o) for o in recipe.overrides]
         record["curves"] = {"config": curves.config, "seconds": curves.seconds}
     check_bits({int(b) for b in bits.ravel()}, ws.profile.weight_bits, allow_simulated=recipe.allow_simulated_bits)
@@ -224,6 +225,17 @@ def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progr
     record["average_weight_bits"] = [float((bits[g] * [l.params for l in layers]).sum() / n) for g in range(K)]
     record["rounding"] = config.analysis.rounding
     return WeightPlan(bits, record, per_group)
+
+
+def _step_shares(ws: Workspace, calib: CalibrationResult) -> np.ndarray:
+    """Each group's share of the steps of a DDIM run like the calibration's."""
+    from dmruntime import NoiseSchedule, group_lookup
+
+    schedule = NoiseSchedule.from_config(ws.scheduler)
+    lookup = group_lookup(calib.groups, schedule.num_train_timesteps)
+    steps = np.bincount([int(lookup[t]) for t in schedule.ddim_timesteps(calib.config.steps)],
+                        minlength=len(calib.groups))
+    return steps / steps.sum()
 
 
 def lower(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, progress=None,
@@ -235,6 +247,7 @@ def lower(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, progress=No
     with equal widths), one graph per cluster instead, with the union of its groups' ranges,
     indexed by cluster. Weights are rounded by ``rounding`` (``calib`` carries the moments
     GPTQ needs), each (weight, width, scope) once."""
+    from .analysis.plan import FLOAT_BITS
     from .calibration.trajectory import merge_ranges
     from .lowering.qdq import lower_group
 
@@ -250,13 +263,17 @@ def lower(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, progress=No
         assert all((plan.bits[g] == widths).all() for g in members), "a cluster mixes weight widths"
         scope = plan.scope(members)
         weights = {}
+        floats = {layer.node for layer, b in zip(ws.weight_layers, widths) if b == FLOAT_BITS}
         for layer, b in zip(ws.weight_layers, widths):
+            if b == FLOAT_BITS:  # kept in float in these groups (allow_float)
+                continue
             key = (layer.weight, int(b), scope)
             if key not in cache:
                 cache[key] = rounder.quantize(layer, onnxio.array(inits[layer.weight], ws.fp), int(b), scope)
             weights[layer.weight] = cache[key]
         yield c, (tuple(int(b) for b in widths), scope), lower_group(
-            fp_proto, ws.layer_map, set(ws.precision.quantized), weights, merge_ranges([ranges[g] for g in members]),
+            fp_proto, ws.layer_map, set(ws.precision.quantized) - floats, weights,
+            merge_ranges([ranges[g] for g in members]),
             ws.profile, ws.fp)
         if progress:
             progress("lower", c + 1, len(clusters))
@@ -318,14 +335,16 @@ def fuse_and_merge(lowered) -> EngineSet:
 
 def externalize_weights(ws: Workspace, engines: EngineSet, plan: WeightPlan) -> StoredWeights:
     """Take the quantized weights out of the engines (marked external, no bytes) into one
-    store that the runtime expands (4-bit ones unpacked) and hands every engine."""
+    store that the runtime expands (4-bit ones unpacked) and hands every engine; the float
+    weights of layers a group keeps float stay in its engine."""
+    from .analysis.plan import FLOAT_BITS
     from .backends.onnxruntime import externalize_weights as externalize
 
     tensors: dict = {}
     external = {}
     for name, model in engines.engines.items():
         first = engines.first_group[name]
-        widths = dict(zip((l.weight for l in ws.weight_layers), plan.bits[first]))
+        widths = {l.weight: b for l, b in zip(ws.weight_layers, plan.bits[first]) if b != FLOAT_BITS}
         scope = plan.scope([first])  # per-group rounding: one engine per group, its own weights
         external[name] = externalize(model, widths, tensors, "" if scope is None else f"/g{first}")
     return StoredWeights(tensors, external)
@@ -462,14 +481,15 @@ def estimate_corrections(folder: Path, body: dict, ws: Workspace, calib: Calibra
 
 def step_aware(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config: BuildConfig) -> dict:
     """PTQD's step-aware activation widths per group (a report on ort-cpu)."""
+    from .analysis.plan import FLOAT_BITS
     from .analysis.stepaware import select_activation_bits
 
     # every tensor the bundle quantizes, Conv outputs included: this judges the whole engine
     probe, X, T, C, fpb = stages.probe_inputs(ws.fp, ws.profile.quantized_tensors, calib, config.analysis,
                                               ws.calibration_conditions)
     col = {l.node: i for i, l in enumerate(ws.weight_layers)}
-    wb = np.array([[plan.bits[g, col[l.node]] if l.node in col else None for l in probe.layers]
-                   for g in range(len(calib.groups))], dtype=object)
+    wb = np.array([[plan.bits[g, col[l.node]] if l.node in col and plan.bits[g, col[l.node]] != FLOAT_BITS else None
+                    for l in probe.layers] for g in range(len(calib.groups))], dtype=object)
     cands = tuple(config.analysis.act_bits)
     ranges = {b: calib.ranges(bits=b) for b in cands}
     return select_activation_bits(probe, X, T, ranges, wb, fpb.schedule, calib.groups, cands,
@@ -508,7 +528,8 @@ def _weights_entry(name: str, tensors: dict) -> dict:
 
 
 def _precision_layers(ws: Workspace, plan: WeightPlan) -> list[dict]:
-    from .analysis.plan import bops
+    """Per layer: widths per group (32: kept float in that group, ``float_groups`` lists them)."""
+    from .analysis.plan import FLOAT_BITS, bops
 
     col = {l.node: i for i, l in enumerate(ws.weight_layers)}
     bits = plan.bits
@@ -516,11 +537,15 @@ def _precision_layers(ws: Workspace, plan: WeightPlan) -> list[dict]:
     for l in ws.layer_map.layers:
         q = l.node in ws.precision.quantized
         wb = [int(b) for b in bits[:, col[l.node]]] if l.node in col else None
-        out.append({"node": l.node, "module": l.module, "op_type": l.op_type, "weight": l.weight, "weight_bits": wb,
-                    "storage_bits": [ws.profile.storage_bits(b) for b in wb] if wb else None,
-                    "activation": ws.profile.activation_dtype if q else "float", "activation_bits": 8 if q else None,
-                    "macs": l.macs, "params": l.params,
-                    "bops": [bops(l, b, 8 if q else None) for b in (wb or [None] * len(bits))]})
+        entry = {"node": l.node, "module": l.module, "op_type": l.op_type, "weight": l.weight, "weight_bits": wb,
+                 "storage_bits": [b if b == FLOAT_BITS else ws.profile.storage_bits(b) for b in wb] if wb else None,
+                 "activation": ws.profile.activation_dtype if q else "float", "activation_bits": 8 if q else None,
+                 "macs": l.macs, "params": l.params,
+                 "bops": [bops(l, b, None if b == FLOAT_BITS else 8) if q else bops(l, b, None)
+                          for b in (wb or [None] * len(bits))]}
+        if wb and FLOAT_BITS in wb:
+            entry["float_groups"] = [g for g, b in enumerate(wb) if b == FLOAT_BITS]
+        out.append(entry)
     return out
 
 

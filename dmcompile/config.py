@@ -316,13 +316,18 @@ class MixedRecipe(_Versioned):
     allocator: ``dp`` (exact knapsack, default) or ``lagrange`` (the paper's multiplier
     sweep). share_weights: one allocation for all timestep groups (weights stored once, one
     engine) or one per group. allow_simulated_bits: allow widths the target cannot store
-    natively (kept in 4- or 8-bit containers with the narrower grid)."""
+    natively (kept in 4- or 8-bit containers with the narrower grid). allow_float: keeping a
+    layer in float is one more option per (layer, group), at no weight distortion and a float32
+    layer's cost (32-bit weights; BOPs 32 x 32); with per-group weights the allocation is then
+    joint over the groups (the budget bounds the step-weighted average), so float goes to the
+    groups that need it; groups with different choices get different engines."""
 
     budget: Budget | None = None
     allocator: str = "dp"
     share_weights: bool = True
     allow_simulated_bits: bool = False
     overrides: tuple[Override, ...] = ()
+    allow_float: bool = False
     name = "mixed"
 
     def __post_init__(self):
@@ -339,6 +344,9 @@ class MixedRecipe(_Versioned):
         star = next((o for o in self.overrides if o.pattern == "*"), None)
         _check(self.budget is None or star is None,
                f"override {star} fixes every layer, leaving nothing for the budget to allocate; drop one of them")
+        _check(not self.allow_float or self.budget is not None,
+               "allow_float lets the budget's allocator keep layers float; it needs --budget (to keep named layers "
+               "float, use an override NAME=float)")
 
     def to_dict(self) -> dict:
         return {"name": self.name, **super().to_dict()}

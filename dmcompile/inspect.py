@@ -65,6 +65,8 @@ def accounting(manifest: dict) -> dict:
             disk = sum(-(-math.prod(stored[k]["shape"]) * stored[k]["storage_bits"] // 8) for k in keys)
         else:
             disk = l["params"] if wb else (4 * l["params"] if l["params"] else 0)
+        if l.get("float_groups"):  # float32 weights in each engine that keeps the layer float
+            disk += 4 * l["params"] * len({manifest["groups"][g]["engine"] for g in l["float_groups"]})
         G = len(wb) if wb else len(l.get("bops") or [0])
         b = l.get("bops") or [l["macs"] * 32 * 32] * G
         bops_total = b if bops_total is None else [x + y for x, y in zip(bops_total, b)]
@@ -108,8 +110,9 @@ def format_report(r: dict) -> str:
                 wtxt = "float"
             elif not wb:
                 wtxt = "-"
-            else:
-                wtxt = str(wb[0]) if len(set(wb)) == 1 else "/".join(map(str, wb))
+            else:  # f: kept float in that group (allow_float)
+                names = ["f" if b == 32 else str(b) for b in wb]
+                wtxt = names[0] if len(set(wb)) == 1 else "/".join(names)
             if wb and l["storage_bits"] and any(s != b for s, b in zip(l["storage_bits"], wb)):
                 wtxt += f" (stored {'/'.join(map(str, sorted(set(l['storage_bits']))))})"
             lines.append(f"  {l['node'][-56:]:<56} {l['op_type']:<6} {l['macs'] / 1e6:8.3f} M  w{wtxt:<8} "

@@ -65,19 +65,24 @@ def test_groups_feed_own_parameters_to_one_engine(tiny_bundle):
 
 
 def test_one_engine_matches_each_groups_own_qdq_model(tiny_model_dir, tiny_bundle):
-    """The merged engine fed group g's inputs equals group g's own QDQ model, bit for bit."""
+    """The merged engine fed group g's inputs equals group g's own QDQ model, bit for bit
+    (weights GPTQ-rounded, the default, on the calibration's pooled moments)."""
     import onnxruntime as ort
 
+    from dmcompile import stages
     from dmcompile.frontend.layermap import LayerMap
-    from dmcompile.lowering.qdq import lower_group, quantize_weights
+    from dmcompile.lowering.qdq import lower_group
     from dmcompile.targets import ORT_CPU
 
     fp = api.fp_bundle(str(tiny_model_dir))
     lm = LayerMap.load(fp / "layer_map.json")
     proto = onnx.load(str(fp / "model.onnx"))
-    ranges = api.calibrate(str(tiny_model_dir), SMALL).ranges()
+    calib = stages.calibrate(fp, SMALL, moments="pooled")
+    ranges = calib.ranges()
     nodes = {l.node for l in lm.layers}
-    weights = quantize_weights(proto, list(lm.layers))
+    rounder = stages.rounder(calib, "gptq")
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    weights = {l.weight: rounder.quantize(l, inits[l.weight], 8) for l in lm.layers if l.weight}
     b = Bundle.open(tiny_bundle, correction=False)  # the raw engine output
     x = np.random.default_rng(0).standard_normal((2, 2, 8, 8), dtype=np.float32)
     for g, t in ((0, 100), (1, 500), (2, 999)):

@@ -130,27 +130,33 @@ def test_digits16_runs_every_weighted_layer_in_int8(tmp_path):
 
 
 def test_openvino_engine_matches_onnxruntime_on_the_same_graph(ov_bundle, tiny_model_dir):
-    """The same QDQ engine file run by OpenVINO (its int8 kernels) and by ONNX Runtime (its own):
-    they round differently inside, so they need not agree bit for bit, but their difference must
-    be small against the quantization error itself: at most 5% of it (measured on this model: 0
-    in three groups, 2.7% in the fourth, where one rounding tie flips)."""
+    """The same QDQ engine file run by OpenVINO (its int8 kernels) and by ONNX Runtime with graph
+    optimisation off (every QuantizeLinear / DequantizeLinear and float op executed as the graph
+    says: the exact simulation). OpenVINO rounds differently inside, so a rounding tie can flip
+    one quantum somewhere; measured on this model over 4 groups x 8 inputs: 24-26 of 32 bit-exact,
+    the rest 0.4%-2.4% of the output norm apart (the same with round-to-nearest and GPTQ weights),
+    while quantization moves the output 4%-83%."""
     import onnxruntime as ort
 
     b = Bundle.open(ov_bundle)
     fp = Bundle.open(stages.fp_bundle(str(tiny_model_dir)))
-    x = np.random.default_rng(0).standard_normal((3, *b.sample_shape)).astype(np.float32)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 
     def rel(a, ref):
         return float(np.linalg.norm(a - ref) / np.linalg.norm(ref))
 
+    diffs = []
     for g in b.groups:
+        sim = ort.InferenceSession(str(ov_bundle / g.engine), so, providers=["CPUExecutionProvider"])
         t = (g.t_start + g.t_end) // 2
-        got = b.predict(x, t)
-        sess = ort.InferenceSession(str(ov_bundle / g.engine), providers=["CPUExecutionProvider"])
-        want = sess.run(["eps"], {"sample": x, "timestep": np.full(3, t, np.int64)})[0]
-        quant_error = rel(want, fp.predict(x, t))
-        assert quant_error > 0.01  # really quantized
-        assert rel(got, want) <= 0.05 * quant_error, (g.index, rel(got, want), quant_error)
+        for seed in range(8):
+            x = np.random.default_rng(seed).standard_normal((3, *b.sample_shape)).astype(np.float32)
+            want = sim.run(["eps"], {"sample": x, "timestep": np.full(3, t, np.int64)})[0]
+            assert rel(want, fp.predict(x, t)) > 0.01  # really quantized
+            diffs.append(rel(b.predict(x, t), want))
+    diffs = np.array(diffs)
+    assert (diffs < 1e-5).mean() >= 0.6 and diffs.max() < 0.03, diffs.round(4)
 
 
 def test_group_switching_picks_the_groups_compiled_model(ov_bundle):

@@ -11,9 +11,14 @@ from ..quant import storage_bits, weight_axis
 from .allocate import allocate, require_feasible
 
 
+FLOAT_BITS = 32  # a plan's width for a layer kept in float in a group: float32 weights and activations
+
+
 def weight_bytes(layer: Layer, bits: int, storage=storage_bits) -> int:
     """Bytes a quantized weight takes on disk: values at ``storage(bits)`` bits each (the target
-    profile's; default: 4-bit packed) plus one fp32 scale per channel."""
+    profile's; default: 4-bit packed) plus one fp32 scale per channel; float: 4 per weight."""
+    if bits == FLOAT_BITS:
+        return 4 * layer.params
     channels = layer.weight_shape[weight_axis(layer)]
     return -(-layer.params * storage(bits) // 8) + 4 * channels
 
@@ -25,8 +30,8 @@ def option_costs(layers: list[Layer], bits: tuple[int, ...], kind: str, act_bits
         rows = [[b * l.params for b in bits] for l in layers]
     elif kind == "bytes":
         rows = [[weight_bytes(l, b, storage) for b in bits] for l in layers]
-    else:
-        rows = [[l.macs * b * act_bits for b in bits] for l in layers]
+    else:  # a float layer multiplies float32 weights by float32 activations
+        rows = [[l.macs * (b * act_bits if b != FLOAT_BITS else FLOAT_BITS * FLOAT_BITS) for b in bits] for l in layers]
     return np.array(rows, np.float64).reshape(len(layers), len(bits))  # reshape: no layers is [0, B]
 
 
@@ -71,10 +76,16 @@ def check_feasible(layers: list[Layer], allowed: tuple[int, ...], budget: Budget
 
 def plan_bits(dist: np.ndarray, layers: list[Layer], curve_bits: tuple[int, ...], allowed: tuple[int, ...],
               budget: Budget, allocator: str, *, share: bool, fixed_bops: float = 0.0, act_bits: int = 8,
-              pinned: dict[int, int] | None = None, storage=storage_bits):
+              pinned: dict[int, int] | None = None, storage=storage_bits, allow_float: bool = False,
+              group_weights=None):
     """dist: [G, L, len(curve_bits)] distortions of ``layers``; ``pinned``: layer index -> bits
     fixed by an override (spent from the budget, not allocated); ``storage``: bits on disk per
-    width (bytes budgets). Returns (bits [G, L], info)."""
+    width (bytes budgets). ``allow_float``: keeping a layer in float (``FLOAT_BITS``, no weight
+    distortion, float32 cost) is one more option; then per-group plans (``share`` False) are
+    allocated jointly: one knapsack over every (group, layer), distortions and costs weighted by
+    ``group_weights`` (each group's share of the sampling steps), so the budget bounds the
+    step-weighted average over groups and a group that needs float takes it from groups that do
+    not. Returns (bits [G, L], info)."""
     pinned = pinned or {}
     cols = [curve_bits.index(b) for b in allowed if b in curve_bits]
     missing = [b for b in allowed if b not in curve_bits]
@@ -83,14 +94,24 @@ def plan_bits(dist: np.ndarray, layers: list[Layer], curve_bits: tuple[int, ...]
     opts = tuple(curve_bits[c] for c in cols)
     free = [i for i in range(len(layers)) if i not in pinned]
     d = dist[:, free][:, :, cols]
+    if allow_float:
+        opts += (FLOAT_BITS,)
+        d = np.concatenate([d, np.zeros(d.shape[:2] + (1,))], axis=2)
     cost = option_costs([layers[i] for i in free], opts, budget.kind, act_bits, storage)
     total = budget_total(budget, layers)
     fixed = fixed_cost(budget, layers, pinned, fixed_bops, act_bits, storage)
     fmt = describe(budget, layers)
     G = d.shape[0]
+    joint = allow_float and not share
     if share:
         pick = allocate(d.sum(0), cost, total, allocator, fixed, fmt)
         picks = np.tile(pick, (G, 1))
+    elif joint:
+        w = np.asarray(group_weights if group_weights is not None else np.full(G, 1.0 / G), np.float64)
+        w = w / w.sum()
+        flat = allocate((d * w[:, None, None]).reshape(G * len(free), -1),
+                        (cost[None] * w[:, None, None]).reshape(G * len(free), -1), total, allocator, fixed, fmt)
+        picks = flat.reshape(G, len(free))
     else:
         picks = np.stack([allocate(d[g], cost, total, allocator, fixed, fmt) for g in range(G)])
     bits = np.zeros((G, len(layers)), np.int64)
@@ -99,19 +120,24 @@ def plan_bits(dist: np.ndarray, layers: list[Layer], curve_bits: tuple[int, ...]
         bits[:, i] = b
     rows = np.arange(len(free))
     spent = [float(cost[rows, picks[g]].sum() + fixed) for g in range(G)]
-    # predicted: sum of the curves at the chosen widths (a pinned width the curves lack adds 0)
-    known = [i for i in range(len(layers)) if all(int(bits[g, i]) in curve_bits for g in range(G))]
-    idx = np.array([[curve_bits.index(int(bits[g, i])) for i in known] for g in range(G)], np.int64)
-    predicted = [float(dist[g, known, idx[g]].sum()) for g in range(G)]
+    # predicted: sum of the curves at the chosen widths (float adds 0; so does a pinned width the
+    # curves lack)
+    predicted = [float(sum(dist[g, i, curve_bits.index(int(bits[g, i]))] for i in range(len(layers))
+                           if int(bits[g, i]) in curve_bits)) for g in range(G)]
     info = {"budget": str(budget), "budget_value": total + 0.0, "allocator": allocator, "share_weights": share,
             "allowed_bits": list(opts), "pinned": {layers[i].node: int(b) for i, b in pinned.items()},
             "spent": spent, "spent_readable": [fmt(s) for s in spent], "predicted_distortion": predicted}
+    if allow_float:
+        info["float"] = [[layers[i].node for i in range(len(layers)) if bits[g, i] == FLOAT_BITS] for g in range(G)]
+    if joint:
+        info["joint"] = True
+        info["spent_step_weighted"] = float(np.dot(w, spent))
     return bits, info
 
 
 def check_bits(bits: set[int], deployable: tuple[int, ...], *, allow_simulated: bool) -> None:
     """Raise BudgetError for widths the target cannot store unless simulated widths are allowed."""
-    bad = sorted(b for b in bits if b not in deployable)
+    bad = sorted(b for b in bits if b not in deployable and b != FLOAT_BITS)
     if bad and not allow_simulated:
         raise BudgetError(f"weight widths {bad} have no native storage on this target (it stores "
                           f"{list(deployable)} bits); pass --allow-simulated-bits to keep them in wider containers "

@@ -130,8 +130,8 @@ class MomentRecorder:
     turns the sums into means and writes ``moments.json``."""
 
     def __init__(self, folder: Path, columns: dict[str, LayerColumns], groups: int | None, seed: int,
-                 rows: int = MOMENT_ROWS):
-        self.folder, self.columns, self.groups, self.rows = Path(folder), columns, groups, rows
+                 rows: int | None = None):
+        self.folder, self.columns, self.groups, self.rows = Path(folder), columns, groups, rows or MOMENT_ROWS
         self.rng = np.random.default_rng([seed, 0x4E55])  # its own stream: histograms stay as they were
         self.scopes = [f"g{g}" for g in range(groups)] if groups else ["pooled"]
         self.index = {node: i for i, node in enumerate(columns)}
