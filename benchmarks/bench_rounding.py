@@ -2,6 +2,7 @@
 
     python benchmarks/bench_rounding.py layers   [--model digits16] [--bits 3 4] [--trajectories 8]
     python benchmarks/bench_rounding.py fidelity [--model digits16] [-n 256] [--variants ...]
+    python benchmarks/bench_rounding.py float    [--model digits16] [-n 256] [--slack 0.02 0.1]
     python benchmarks/bench_rounding.py pass     [--model ddpm-cifar10-32]
 
 layers: every Conv / Gemm / weighted MatMul layer's input recorded along fp32 DDIM-50
@@ -13,6 +14,11 @@ round-to-nearest's, and the time of the GPTQ pass.
 fidelity: the `dmcompile eval` protocol (DDIM 50, eta 0, same seeds as FP) per variant and
 rounding, with and without PTQD's correction: paired PSNR / SSIM against the FP model and, for
 digits models, FD to the real digits and to a second FP set, and the confident-class rate.
+
+float: the allocator may keep layers float per group (``--allow-float``, per-group weights, joint
+allocation), 8-bit weights otherwise, under BOPs budgets a little above the all-int8 bundle's:
+where float lands, what it buys (eval protocol as above) and what it costs (50-step runs
+interleaved with the all-int8 bundle in one process, medians).
 
 pass: the build's rounding work on a model, timed and its peak memory read (ru_maxrss of a
 child process per step): calibration without and with the second moments (one pass), then
@@ -107,6 +113,85 @@ def fidelity_cmd(args) -> int:
     return 0
 
 
+def _eval_row(got, want, digits, fp2_f):
+    from dmcompile import api
+    from dmcompile.eval.metrics import frechet_distance, psnr, ssim
+
+    r = [f"{np.mean(np.minimum(psnr(got, want), 200)):.2f}", f"{np.mean(ssim(got, want)):.4f}"]
+    if digits:
+        g = api.digit_scores(got)
+        r += [f"{frechet_distance(g['features'], fp2_f):.2f}", f"{g['fd_to_real']:.2f}", f"{g['confident_rate']:.1%}"]
+    return r
+
+
+def float_cmd(args) -> int:
+    import statistics
+
+    from dmruntime import Bundle, DDIMSampler
+
+    from dmcompile import api
+    from dmcompile.config import AnalysisConfig, BuildConfig, EvalConfig, MixedRecipe, SampleConfig, W8A8Recipe
+    from machine import cpu_line
+
+    ev = EvalConfig(sample=SampleConfig(n=args.n))
+    sc = ev.sample
+    ref = __import__("dmcompile.frontend.torch_model", fromlist=["TorchEpsModel"]).TorchEpsModel(
+        api.load_model(args.model))
+    want = api.sample_model(ref, sc)
+    digits = args.model.startswith("digits")
+    fp2_f = api.digit_scores(api.sample_model(ref, SampleConfig(n=sc.n, seed=sc.seed + ev.floor_seed_offset)))[
+        "features"] if digits else None
+    rows, where, bundles = [], [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = api.build(args.model, Path(tmp) / "int8", BuildConfig(recipe=W8A8Recipe(), eval_samples=0),
+                         progress=bar)
+        w8 = sum(l["bops"][0] for l in base.manifest["precision"]["layers"])
+        bundles["all int8 (W8A8)"] = base.path
+        for slack in args.slack:
+            recipe = MixedRecipe(budget=f"BOPs={w8 * (1 + slack):.6g}", share_weights=False, allow_float=True,
+                                 allow_simulated_bits=True)
+            cfg = BuildConfig(recipe=recipe, eval_samples=0, analysis=AnalysisConfig(weight_bits=(8,)))
+            name = f"8-bit + float, BOPs budget +{slack:.0%}"
+            b = api.build(args.model, Path(tmp) / f"f{slack}", cfg, progress=bar)
+            bundles[name] = b.path
+            plan = b.manifest["plan"]
+            where.append((name, plan["float"], plan["spent_step_weighted"] / w8,
+                          len({g["engine"] for g in b.manifest["groups"]})))
+        for name, path in bundles.items():
+            for corr in (False, True):
+                got = api.sample(path, sc, correction=corr)
+                rows.append([name + (" + PTQD" if corr else ""), *_eval_row(got, want, digits, fp2_f)])
+                print(rows[-1], file=sys.stderr, flush=True)
+        opened = {n: Bundle.open(p) for n, p in bundles.items()}
+        runs = {n: [] for n in opened}
+        for r in range(args.repeats + 1):
+            for n, b in opened.items():
+                t0 = time.perf_counter()
+                DDIMSampler(b, steps=50, batch_size=args.batch).sample(args.batch, seed=r)
+                if r:  # round 0 warms every engine up
+                    runs[n].append(time.perf_counter() - t0)
+    med = {n: statistics.median(v) for n, v in runs.items()}
+    base_s = med["all int8 (W8A8)"]
+    print(f"{args.model}, K = 10, DDIM 50, eta 0, {args.n} samples, seeds as `dmcompile eval`; {cpu_line()}")
+    print("\n| bundle | float layers per group | BOPs (step-weighted) / all-int8 | engines |\n|---|---|---|---|")
+    for name, fl, ratio, engines in where:
+        per = ", ".join(f"g{g}: {len(f)}" for g, f in enumerate(fl) if f) or "none"
+        print(f"| {name} | {per} | {ratio:.3f}x | {engines} |")
+    for name, fl, _, _ in where:
+        for g, f in enumerate(fl):
+            if f:
+                print(f"\n{name}, group {g} float: {', '.join(f)}")
+    cols = ["bundle", "PSNR vs FP (dB)", "SSIM vs FP"] + (["FD to FP set", "FD to real", "confident"] if digits else [])
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print(f"\n50-step run, batch {args.batch}, {args.repeats} interleaved runs, medians\n")
+    print("| bundle | 50-step run s | vs all int8 |\n|---|---|---|")
+    for n, v in med.items():
+        print(f"| {n} | {v:.2f} | {v / base_s:.2f}x |")
+    return 0
+
+
 def _child(code: str) -> tuple[float, float]:
     """(seconds, peak resident GB) of ``code`` run in a fresh interpreter."""
     t0 = time.perf_counter()
@@ -164,7 +249,10 @@ def layer_rows(layer, node, x: np.ndarray) -> np.ndarray:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=("layers", "fidelity", "pass"))
+    p.add_argument("phase", choices=("layers", "fidelity", "float", "pass"))
+    p.add_argument("--slack", nargs="+", type=float, default=[0.02, 0.1])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--model", default="digits16")
     p.add_argument("--bits", nargs="+", type=int, default=None)
     p.add_argument("--trajectories", type=int, default=8)
@@ -173,6 +261,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.phase == "fidelity":
         return fidelity_cmd(args)
+    if args.phase == "float":
+        return float_cmd(args)
     if args.phase == "pass":
         args.bits = args.bits or [4, 8]
         return pass_cmd(args)
