@@ -28,7 +28,6 @@ GPTQ of every weighted layer at 4 and 8 bits from the saved moments.
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import subprocess
 import sys
@@ -193,12 +192,13 @@ def float_cmd(args) -> int:
 
 
 def _child(code: str) -> tuple[float, float]:
-    """(seconds, peak resident GB) of ``code`` run in a fresh interpreter."""
+    """(seconds, peak resident GB) of ``code`` run in a fresh interpreter (its own ru_maxrss)."""
+    code += "\nimport resource; print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
     t0 = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return time.perf_counter() - t0, max(peak, before) / 1e6
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1],
+                         stdout=subprocess.PIPE, text=True).stdout
+    peak = int(next(l for l in out.splitlines() if l.startswith("PEAK_KB")).split()[1])
+    return time.perf_counter() - t0, peak / 1e6
 
 
 def pass_cmd(args) -> int:

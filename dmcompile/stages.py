@@ -243,7 +243,9 @@ def rounder(calib, rounding: str):
     if calib.moments is None:
         raise ArtifactError("gptq rounding needs a calibration with second moments (stages.calibrate(..., "
                             "moments='pooled'))")
-    key = _digest("gptq", 1, 0.01, list(CLIP_RATIOS))[:8]  # the method's parameters (WeightRounder defaults)
+    # the method's parameters (WeightRounder defaults) and which moments (pooled ones recorded alone or
+    # summed from per-group ones differ in float rounding)
+    key = _digest("gptq", 1, 0.01, list(CLIP_RATIOS), (calib.moments / "moments.json").read_text())[:8]
     return WeightRounder("gptq", Moments(calib.moments), cache_dir() / "rounded" / f"{calib.moments.parent.name}-{key}")
 
 

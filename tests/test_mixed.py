@@ -264,7 +264,7 @@ def test_float_goes_to_the_group_that_needs_it():
     assert (got == 8).all() and "float" not in info
 
 
-def test_allow_float_bundle(tiny_model_dir, curves, tmp_path):
+def test_allow_float_bundle(tiny_model_dir, curves, tmp_path, capsys):
     """A budget a little above W8A8 with float allowed: the chosen layers run float in their
     groups' engines (float Conv after fusion), the others stay integer; it samples."""
     from dmcompile.analysis.plan import FLOAT_BITS
@@ -291,5 +291,13 @@ def test_allow_float_bundle(tiny_model_dir, curves, tmp_path):
         n_float = sum(fusion[engine]["float"].values())
         assert (n_float > 0) == (floats > 0), (engine, floats, fusion[engine])
     assert np.isfinite(DDIMSampler(Bundle.open(tmp_path / "f"), steps=6).sample(2, seed=0)).all()
+    # inspect marks the groups that keep a layer float
+    assert main(["inspect", str(tmp_path / "f"), "--no-fusion"]) == 0
+    text = capsys.readouterr().out
+    name = next(n for names in plan["float"] for n in names)
+    assert any(name[-56:] in line and "f" in line.split(" w", 1)[1].split()[0] for line in text.splitlines())
     with pytest.raises(Exception, match="needs --budget"):
         MixedRecipe(overrides=parse_overrides("*=4"), allow_float=True)
+    assert main(["build", str(tiny_model_dir), "-o", str(tmp_path / "x"), "--allow-float"]) == 2
+    assert "--allow-float applies to --format mixed only" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

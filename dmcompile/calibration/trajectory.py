@@ -30,6 +30,7 @@ from .observers import HistogramObserver
 
 CALIB_SCHEMA_VERSION = 2  # 2: cache keys carry it (older caches may predate the histogram fix)
 CALIB_STREAM = 0xCA11B
+MOMENTS_TMP = ".moments-tmp-"  # a calibration pass's moments until saved
 
 
 @dataclass(frozen=True)
@@ -139,11 +140,12 @@ class CalibrationResult:
 
     def save(self, folder: Path) -> "CalibrationResult":
         """calibration.json (settings, groups, chosen ranges) + histograms.npz (+ the second
-        moments' folder, moved in), atomically. Returns the result as saved (moments there)."""
+        moments' folder), atomically. Returns the result as saved (moments there)."""
         with atomic_dir(Path(folder), CALIBRATION) as tmp:
             files = ["calibration.json", "histograms.npz"]
-            if self.moments is not None:
-                shutil.move(str(self.moments), tmp / MOMENTS)
+            if self.moments is not None:  # a fresh pass's temporary folder moves in; a saved one is copied
+                fresh = self.moments.name.startswith(MOMENTS_TMP)
+                (shutil.move if fresh else shutil.copytree)(str(self.moments), tmp / MOMENTS)
                 files.append(MOMENTS)
             arrays = {}
             for g, obs in enumerate(self.observers):
@@ -212,7 +214,7 @@ def calibrate(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, 
     if moments is not None:
         if moments not in ("pooled", "groups"):
             raise ValueError(f"moments must be 'pooled' or 'groups', got {moments!r}")
-        folder = Path(tempfile.mkdtemp(prefix="moments-", dir=work_dir))
+        folder = Path(tempfile.mkdtemp(prefix=MOMENTS_TMP, dir=work_dir))
         recorder = MomentRecorder(folder, layer_columns(model, layer_map.layers),
                                   config.groups if moments == "groups" else None, config.seed)
     have = {o.name for o in model.graph.output}
