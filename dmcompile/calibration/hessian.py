@@ -211,14 +211,16 @@ class Moments:
         return bool(self.meta["groups"])
 
     def matrix(self, node: str, groups: tuple[int, ...] | None = None) -> np.ndarray | None:
-        """H of layer ``node`` (None when the layer has none: a grouped Conv)."""
-        if node not in self.files:
-            return None
+        """H of layer ``node``; None when the layer has none (a grouped Conv, an input no
+        recorded call reached)."""
+        if node not in self.files or not self.meta["counts"]["pooled"][self.index[node]]:
+            return None  # no moments for this layer (a grouped Conv, or never reached): round to nearest
         if groups is None:
             return np.load(self.folder / "pooled" / self.files[node]).astype(np.float64)
         if not self.per_group:
             raise ArtifactError("these moments are pooled only; per-group weights need per-group moments")
         c = np.array([self.meta["counts"][f"g{g}"][self.index[node]] for g in groups], np.float64)
-        c = c / c.sum() if c.sum() else np.full(len(groups), 1 / len(groups))
+        if not c.sum():  # groups no recorded step fell in (PTQ4DM's timestep sampling can miss one)
+            return self.matrix(node)
         return sum(w * np.load(self.folder / f"g{g}" / self.files[node]).astype(np.float64)
-                   for w, g in zip(c, groups))
+                   for w, g in zip(c / c.sum(), groups) if w > 0)
