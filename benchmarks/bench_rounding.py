@@ -64,9 +64,11 @@ def recipe_of(spec):
 
 
 def fidelity_cmd(args) -> int:
+    if args.guidance is not None:
+        return conditional_fidelity(args)
     from dmcompile import api
     from dmcompile.config import AnalysisConfig, BuildConfig, EvalConfig, SampleConfig
-    from dmcompile.eval.metrics import frechet_distance, psnr, ssim
+    from dmcompile.eval.metrics import frechet_distance
     from dmcompile.frontend.torch_model import TorchEpsModel
     from machine import cpu_line
 
@@ -75,6 +77,7 @@ def fidelity_cmd(args) -> int:
     ref = TorchEpsModel(api.load_model(args.model))
     want = api.sample_model(ref, sc)
     digits = args.model.startswith("digits")
+    fp2_f = None
     if digits:
         other = api.sample_model(ref, SampleConfig(n=sc.n, seed=sc.seed + ev.floor_seed_offset))
         fp_sc, fp2_f = api.digit_scores(want), api.digit_scores(other)["features"]
@@ -91,13 +94,10 @@ def fidelity_cmd(args) -> int:
                 bits = (m.get("plan") or {}).get("average_weight_bits", [8.0])[0]
                 for corr in (False, True):
                     got = api.sample(Path(tmp) / "b", sc, correction=corr)
-                    r = [f"{name}{' + PTQD' if corr else ''}", rounding, f"{bits:.3f}",
-                         f"{np.mean(np.minimum(psnr(got, want), 200)):.2f}", f"{np.mean(ssim(got, want)):.4f}"]
+                    r = _eval_row(got, want, digits, fp2_f)
                     if digits:
-                        g = api.digit_scores(got)
-                        r += [f"{frechet_distance(g['features'], fp2_f):.2f}", f"{floor:.2f}", f"{g['fd_to_real']:.2f}",
-                              f"{g['confident_rate']:.1%}"]
-                    rows.append(r + [f"{secs:.0f}"])
+                        r.insert(3, f"{floor:.2f}")
+                    rows.append([f"{name}{' + PTQD' if corr else ''}", rounding, f"{bits:.3f}", *r, f"{secs:.0f}"])
                     print(rows[-1], file=sys.stderr, flush=True)
                 shutil.rmtree(Path(tmp) / "b")
     print(f"{args.model}, K = 10, A8, DDIM 50, eta 0, {args.n} samples, seeds as `dmcompile eval`; {cpu_line()}")
@@ -105,11 +105,50 @@ def fidelity_cmd(args) -> int:
         print(f"FP: FD to real {fp_sc['fd_to_real']:.2f}, confident {fp_sc['confident_rate']:.1%}")
     cols = ["variant", "rounding", "avg weight bits", "PSNR vs FP (dB)", "SSIM vs FP"]
     cols += ["FD to FP set", "FP noise floor", "FD to real", "confident"] if digits else []
-    cols += ["build s"]
+    cols += ["build s (machine shared)"]
+    _table(cols, rows)
+    return 0
+
+
+def conditional_fidelity(args) -> int:
+    """Conditional models: `dmcompile eval` itself (class labels 0-9 cycled, guided), calibrated guided."""
+    from dmcompile import api
+    from dmcompile.config import AnalysisConfig, BuildConfig, CalibrationConfig, EvalConfig, SampleConfig
+    from machine import cpu_line
+
+    labels = {"class_labels": np.arange(args.n) % 10}
+    cal = CalibrationConfig(guidance_scale=args.guidance)
+    ev = EvalConfig(sample=SampleConfig(n=args.n, guidance_scale=args.guidance))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in args.variants:
+            name, spec = VARIANTS[v]
+            for rounding in ("rtn", "gptq"):
+                cfg = BuildConfig(recipe=recipe_of(spec), calibration=cal, eval_samples=0,
+                                  analysis=AnalysisConfig(rounding=rounding))
+                m = api.build(args.model, Path(tmp) / "b", cfg, progress=bar).manifest
+                bits = (m.get("plan") or {}).get("average_weight_bits", [8.0])[0]
+                for corr in (False, True):
+                    r = api.evaluate(Path(tmp) / "b", ev, correction=corr, cond=labels).report
+                    pv, d = r["paired_vs_fp"], r.get("digits", {})
+                    rows.append([f"{name}{' + PTQD' if corr else ''}", rounding, f"{bits:.3f}",
+                                 f"{pv['psnr_db_mean']:.2f}", f"{pv['ssim_mean']:.4f}",
+                                 *(f"{d[k]:.2f}" for k in ("fd_to_fp", "noise_floor_fd", "fd_to_real", "fp_fd_to_real")
+                                   if k in d), *([f"{d['class_accuracy']:.1%}"] if "class_accuracy" in d else [])])
+                    print(rows[-1], file=sys.stderr, flush=True)
+                shutil.rmtree(Path(tmp) / "b")
+    print(f"{args.model}, K = 10, A8, calibrated and sampled with guidance {args.guidance:g}, class labels 0-9 "
+          f"cycled, DDIM 50, eta 0, {args.n} samples (`dmcompile eval`); {cpu_line()}")
+    cols = ["variant", "rounding", "avg weight bits", "PSNR vs FP (dB)", "SSIM vs FP", "FD to FP set",
+            "FP noise floor", "FD to real", "FP FD to real", "class accuracy"]
+    _table(cols[:len(rows[0])], rows)
+    return 0
+
+
+def _table(cols, rows) -> None:
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(r) + " |")
-    return 0
 
 
 def _eval_row(got, want, digits, fp2_f):
@@ -117,7 +156,7 @@ def _eval_row(got, want, digits, fp2_f):
     from dmcompile.eval.metrics import frechet_distance, psnr, ssim
 
     r = [f"{np.mean(np.minimum(psnr(got, want), 200)):.2f}", f"{np.mean(ssim(got, want)):.4f}"]
-    if digits:
+    if digits:  # FD to a second FP set, FD to the real digits, confident-class rate
         g = api.digit_scores(got)
         r += [f"{frechet_distance(g['features'], fp2_f):.2f}", f"{g['fd_to_real']:.2f}", f"{g['confident_rate']:.1%}"]
     return r
@@ -258,6 +297,8 @@ def main(argv=None) -> int:
     p.add_argument("--trajectories", type=int, default=8)
     p.add_argument("-n", type=int, default=256)
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--guidance", type=float, default=None,
+                   help="fidelity of a class-conditional model (digits-ldm): calibrated and sampled guided")
     args = p.parse_args(argv)
     if args.phase == "fidelity":
         return fidelity_cmd(args)
