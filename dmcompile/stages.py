@@ -212,8 +212,8 @@ def calibrate(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_
     if (path / "calibration.json").is_file():
         try:
             cached = CalibrationResult.load(path)
-            if moments is None or (cached.moments is not None and
-                                   (moments == "pooled" or Moments(cached.moments).per_group)):
+            have = Moments(cached.moments) if moments and cached.moments is not None else None  # checks its schema
+            if moments is None or (have is not None and (moments == "pooled" or have.per_group)):
                 return cached
         except ArtifactError:
             shutil.rmtree(path, ignore_errors=True)  # our own cache entry, unreadable: measure again
@@ -236,17 +236,17 @@ def rounder(calib, rounding: str):
     """The weight rounder of ``rounding`` (``rtn`` or ``gptq``) over a calibration's second
     moments; GPTQ results are cached under ``cache_dir()/rounded``."""
     from .calibration.hessian import Moments
-    from .lowering.rounding import CLIP_RATIOS, WeightRounder
+    from .lowering.rounding import CLIP_RATIOS, GPTQ_VERSION, WeightRounder
 
     if rounding == "rtn":
         return WeightRounder("rtn")
     if calib.moments is None:
         raise ArtifactError("gptq rounding needs a calibration with second moments (stages.calibrate(..., "
                             "moments='pooled'))")
-    # the method's parameters (WeightRounder defaults) and which moments (pooled ones recorded alone or
-    # summed from per-group ones differ in float rounding)
-    key = _digest("gptq", 1, 0.01, list(CLIP_RATIOS), (calib.moments / "moments.json").read_text())[:8]
-    return WeightRounder("gptq", Moments(calib.moments), cache_dir() / "rounded" / f"{calib.moments.parent.name}-{key}")
+    # the method (bump GPTQ_VERSION when its results change), its parameters (WeightRounder defaults), the moments
+    moments = Moments(calib.moments)
+    key = _digest("gptq", GPTQ_VERSION, 0.01, list(CLIP_RATIOS), moments.identity())[:8]
+    return WeightRounder("gptq", moments, cache_dir() / "rounded" / f"{calib.moments.parent.name}-{key}")
 
 
 def moments_needed(rounding: str, per_group: bool) -> str | None:

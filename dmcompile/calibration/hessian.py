@@ -68,7 +68,7 @@ class SecondMoment:
 
 MOMENT_ROWS = 256  # input rows per layer per call: 2 * 256 * n^2 flops, bounded for the largest layers
 MOMENTS = "moments"  # folder of the calibration cache that holds them
-MOMENTS_SCHEMA_VERSION = 1
+MOMENTS_SCHEMA_VERSION = 2  # 2: pooled sums the same whether groups are kept or not
 
 
 @dataclass(frozen=True)
@@ -124,16 +124,17 @@ def layer_columns(model, layers) -> dict[str, LayerColumns]:
 
 
 class MomentRecorder:
-    """Running sums of x x^T per layer, pooled over all groups or one per group, kept in
-    float32 ``.npy`` files memory-mapped from ``folder`` (a model's moments can exceed
-    memory: 1.5 GB per scope for ddpm-cifar10-32, 28 GB for the SD 1.5 UNet). ``finish``
-    turns the sums into means and writes ``moments.json``."""
+    """Running sums of x x^T per layer, pooled over all groups and, with ``groups``, one per
+    group too, kept in float32 ``.npy`` files memory-mapped from ``folder`` (a model's moments
+    can exceed memory: 1.5 GB per scope for ddpm-cifar10-32, 28 GB for the SD 1.5 UNet). The
+    pooled sums are the same bytes whether groups are kept or not (same rows, same order).
+    ``finish`` turns the sums into means and writes ``moments.json``."""
 
     def __init__(self, folder: Path, columns: dict[str, LayerColumns], groups: int | None, seed: int,
                  rows: int | None = None):
         self.folder, self.columns, self.groups, self.rows = Path(folder), columns, groups, rows or MOMENT_ROWS
         self.rng = np.random.default_rng([seed, 0x4E55])  # its own stream: histograms stay as they were
-        self.scopes = [f"g{g}" for g in range(groups)] if groups else ["pooled"]
+        self.scopes = ["pooled", *(f"g{g}" for g in range(groups or 0))]
         self.index = {node: i for i, node in enumerate(columns)}
         self.counts = {s: np.zeros(len(columns), np.int64) for s in self.scopes}
         self._open = {}
@@ -153,29 +154,20 @@ class MomentRecorder:
 
     def add(self, group: int, values: dict[str, np.ndarray]) -> None:
         """One call's layer inputs (tensor -> array, rows already masked) for timestep group ``group``."""
-        scope = f"g{group}" if self.groups else "pooled"
+        scopes = ["pooled", f"g{group}"] if self.groups else ["pooled"]
         for node, col in self.columns.items():
             x = values[col.tensor]
             if not x.size:
                 continue
             r = col.rows(x, self.rows, self.rng)
-            s = self._sum(scope, node)
-            s += r.T @ r
-            self.counts[scope][self.index[node]] += len(r)
+            xx = r.T @ r
+            for scope in scopes:  # pooled: the same sums in the same order whether groups are kept or not
+                s = self._sum(scope, node)
+                s += xx
+                self.counts[scope][self.index[node]] += len(r)
 
     def finish(self) -> None:
-        """Sums -> means (per scope); with groups, also the pooled mean over all their rows."""
-        if self.groups:
-            pooled = np.zeros(len(self.columns), np.int64)
-            for node, i in self.index.items():
-                total = np.zeros((self.columns[node].n,) * 2, np.float64)
-                for s in self.scopes:
-                    total += self._sum(s, node)
-                pooled[i] = sum(self.counts[s][i] for s in self.scopes)
-                path = self.folder / "pooled" / f"{i:04d}.npy"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                np.save(path, (total / max(pooled[i], 1)).astype(np.float32))
-            self.counts["pooled"] = pooled
+        """Sums -> means, per scope."""
         for (scope, node), s in self._open.items():
             s /= max(int(self.counts[scope][self.index[node]]), 1)
             s.flush()
@@ -209,6 +201,10 @@ class Moments:
     @property
     def per_group(self) -> bool:
         return bool(self.meta["groups"])
+
+    def identity(self) -> list:
+        """What the pooled moments depend on beyond the calibration's key (for caches of results)."""
+        return [self.meta["schema_version"], self.meta["rows_per_call"], self.meta["counts"]["pooled"]]
 
     def matrix(self, node: str, groups: tuple[int, ...] | None = None) -> np.ndarray | None:
         """H of layer ``node``; None when the layer has none (a grouped Conv, an input no

@@ -27,6 +27,7 @@ __all__ = ["CLIP_RATIOS", "ROUNDINGS", "WeightRounder", "gptq_quantize", "hessia
            "weight_matrix"]
 
 CLIP_RATIOS = tuple(np.round(np.linspace(1.0, 0.5, 11), 3))
+GPTQ_VERSION = 2  # in the cache key of rounded weights: bump when gptq_quantize's results change
 
 
 def weight_matrix(w: np.ndarray, axis: int) -> np.ndarray:
