@@ -295,6 +295,11 @@ def rd_key(record: dict, profile: TargetProfile = ORT_CPU) -> str:
 
     extra = [record["conditions"]] if "conditions" in record else []
     extra += ["per_group_rounding"] if record.get("per_group_rounding") else []
+    if record["analysis"].get("rounding") == "gptq":  # the curves hold GPTQ's weights: its version and moments
+        from .calibration.hessian import MOMENT_ROWS, MOMENTS_SCHEMA_VERSION
+        from .lowering.rounding import GPTQ_VERSION
+
+        extra += [f"gptq{GPTQ_VERSION}", f"moments{MOMENTS_SCHEMA_VERSION}x{MOMENT_ROWS}"]
     return _digest([RD_SCHEMA_VERSION, CALIB_SCHEMA_VERSION], record["calibration"], record["analysis"],
                    *_profile_part(profile), *extra)[:12]
 
