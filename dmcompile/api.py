@@ -198,6 +198,7 @@ def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = Ana
                           f"[{empty[0].t_start}, {empty[0].t_end}), so it has no inputs for RD curves; use fewer "
                           "groups (--groups) or more calibration steps (--calib-steps)")
     fp = fp_bundle(model)
+    stages.check_moments_fit(stages.load_layer_map(fp).layers, stages.moments_needed(config.rounding, False))
     conditions = stages.conditioning(fp, calibration, null_class)
     calib = stages.calibrate(fp, calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)),
                              conditions=conditions, moments=stages.moments_needed(config.rounding, False))

@@ -161,6 +161,8 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
     profile = get_profile(config.profile)
     ws = Workspace(model.describe(), model.scheduler_config, fp, layer_map, profile,
                    resolve(layer_map, config.overrides, profile), spec, rows, decoder)
+    stages.check_moments_fit(layer_map.layers, stages.moments_needed(config.analysis.rounding,
+                                                                     per_group_weights(config)))
     if config.decoder != "fp32" and not decoder:
         raise ConfigError(f"--decoder {config.decoder} applies to latent models (a pipeline folder with vae/); "
                           f"{model.id} has no decoder")

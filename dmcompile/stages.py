@@ -254,6 +254,21 @@ def moments_needed(rounding: str, per_group: bool) -> str | None:
     return None if rounding == "rtn" else ("groups" if per_group else "pooled")
 
 
+def check_moments_fit(layers, moments: str | None) -> None:
+    """ConfigError, before any work, when GPTQ's pooled second moments would pass the limit
+    (``hessian.MAX_MOMENTS_BYTES``; the full-size SD 1.5 UNet needs 28 GB of them, and GPTQ on a
+    23040-column layer takes minutes here). Per-group moments add one such set per group, on
+    disk (memory-mapped), not in memory."""
+    from .calibration.hessian import MAX_MOMENTS_BYTES, moments_bytes
+    from .errors import ConfigError
+
+    need = moments_bytes(layers)
+    if moments is not None and need > MAX_MOMENTS_BYTES:
+        raise ConfigError(f"GPTQ rounding needs the second moments of every layer's input: {need / 1e9:.1f} GB for "
+                          f"this model (limit {MAX_MOMENTS_BYTES / 1e9:.0f} GB); pass --rounding rtn (round to "
+                          "nearest)")
+
+
 def probe_inputs(fp: Path, tensors_of, calib, config: AnalysisConfig, conditions: tuple | None = None):
     """(probe, X, T, C, fp bundle) for an fp32 export: the probe fake-quantizes
     ``tensors_of(proto, layers)``; X, T (C: conditions, None for unconditional models) are each

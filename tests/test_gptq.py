@@ -222,3 +222,18 @@ def test_rounding_option_and_old_configs(tiny_model_dir, tmp_path, capsys):
     assert "invalid choice: 'nearest'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="second moments"):
         WeightRounder("gptq")
+
+
+def test_models_whose_moments_do_not_fit_are_refused_before_any_work(tiny_model_dir, tmp_path, monkeypatch):
+    from dmcompile.errors import ConfigError
+
+    lm = LayerMap.load(api.fp_bundle(str(tiny_model_dir)) / "layer_map.json")
+    need = hessian.moments_bytes(lm.layers)
+    assert need == 4 * sum(c.n ** 2 for c in layer_columns(onnx.load(str(api.fp_bundle(str(tiny_model_dir)) /
+                                                                          "model.onnx")), lm.layers).values())
+    monkeypatch.setattr(hessian, "MAX_MOMENTS_BYTES", need - 1)
+    with pytest.raises(ConfigError, match="pass --rounding rtn"):
+        api.build(str(tiny_model_dir), tmp_path / "b", BuildConfig(calibration=SMALL, eval_samples=0))
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match="pass --rounding rtn"):
+        api.analyze(str(tiny_model_dir), AnalysisConfig(samples_per_group=2), SMALL)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ArtifactError
 
-__all__ = ["LayerColumns", "MomentRecorder", "Moments", "SecondMoment", "im2col", "layer_columns"]
+__all__ = ["LayerColumns", "MomentRecorder", "Moments", "SecondMoment", "im2col", "layer_columns", "moments_bytes"]
 
 
 def im2col(x: np.ndarray, kernel: tuple[int, int], strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1)) -> np.ndarray:
@@ -68,6 +68,7 @@ class SecondMoment:
 
 MOMENT_ROWS = 256  # input rows per layer per call: 2 * 256 * n^2 flops, bounded for the largest layers
 MOMENTS = "moments"  # folder of the calibration cache that holds them
+MAX_MOMENTS_BYTES = 8 * 10**9  # beyond this a model's moments (and GPTQ on them) are refused: use rtn
 MOMENTS_SCHEMA_VERSION = 2  # 2: pooled sums the same whether groups are kept or not
 
 
@@ -99,6 +100,14 @@ class LayerColumns:
         iw = (ow * sw)[:, None, None] + (np.arange(kw) * dw)[None, None, :]
         patch = x[b[:, None, None], :, ih, iw]  # [k, kh, kw, C]
         return np.ascontiguousarray(patch.transpose(0, 3, 1, 2), np.float32).reshape(len(pos), self.n)
+
+
+def moments_bytes(layers, scopes: int = 1) -> int:
+    """Bytes of float32 second moments for ``layers`` (from the layer map's weight shapes), per
+    scope times ``scopes`` (1 pooled, or 1 + K with per-group moments)."""
+    n = [int(np.prod(l.weight_shape[1:])) if l.op_type != "MatMul" else int(l.weight_shape[0])
+         for l in layers if l.weight]
+    return 4 * sum(c * c for c in n) * scopes
 
 
 def layer_columns(model, layers) -> dict[str, LayerColumns]:
