@@ -3,6 +3,7 @@
     python benchmarks/bench_rounding.py layers   [--model digits16] [--bits 3 4] [--trajectories 8]
     python benchmarks/bench_rounding.py fidelity [--model digits16] [-n 256] [--variants ...]
     python benchmarks/bench_rounding.py float    [--model digits16] [-n 256] [--slack 0.02 0.1]
+    python benchmarks/bench_rounding.py eps      [--model ddpm-cifar10-32] [--variants w8a8 w4-first-last-8]
     python benchmarks/bench_rounding.py pass     [--model ddpm-cifar10-32]
 
 layers: every Conv / Gemm / weighted MatMul layer's input recorded along fp32 DDIM-50
@@ -14,6 +15,10 @@ round-to-nearest's, and the time of the GPTQ pass.
 fidelity: the `dmcompile eval` protocol (DDIM 50, eta 0, same seeds as FP) per variant and
 rounding, with and without PTQD's correction: paired PSNR / SSIM against the FP model and, for
 digits models, FD to the real digits and to a second FP set, and the confident-class rate.
+
+eps: one-step fidelity for models whose 50-step samples are chaotic (ddpm-cifar10-32's random
+weights: about 10 dB paired PSNR for every variant): each variant's raw engine (no PTQD) against
+fp32 on the same x_t of fp32 DDIM-50 trajectories, SQNR of eps in dB, all steps and per group.
 
 float: the allocator may keep layers float per group (``--allow-float``, per-group weights, joint
 allocation), 8-bit weights otherwise, under BOPs budgets a little above the all-int8 bundle's:
@@ -230,6 +235,52 @@ def float_cmd(args) -> int:
     return 0
 
 
+def eps_cmd(args) -> int:
+    from dmruntime import Bundle, DDIMSampler
+
+    from dmcompile import api
+    from dmcompile.config import AnalysisConfig, BuildConfig
+    from machine import cpu_line
+
+    fp = Bundle.open(api.fp_bundle(args.model))
+    rows_in = []
+
+    class Recorder:
+        sample_shape, schedule, conditioning = fp.sample_shape, fp.schedule, fp.conditioning
+
+        def predict(self, x, t, cond=None):
+            eps = fp.predict(x, t)
+            rows_in.append((x.copy(), t, eps))
+            return eps
+
+    DDIMSampler(Recorder(), steps=50).sample(args.n, seed=[0, 0xE95])
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in args.variants:
+            name, spec = VARIANTS[v]
+            for rounding in ("rtn", "gptq"):
+                cfg = BuildConfig(recipe=recipe_of(spec), eval_samples=0, correction=False,
+                                  analysis=AnalysisConfig(rounding=rounding))
+                api.build(args.model, Path(tmp) / "b", cfg, progress=bar)
+                b = Bundle.open(Path(tmp) / "b", correction=False)
+                sig, err = {}, {}
+                for x, t, eps in rows_in:
+                    g = b.group_of(t).index
+                    d = b.predict(x, t) - eps
+                    sig[g] = sig.get(g, 0.0) + float(np.sum(eps.astype(np.float64) ** 2))
+                    err[g] = err.get(g, 0.0) + float(np.sum(d.astype(np.float64) ** 2))
+                per = {g: 10 * np.log10(sig[g] / err[g]) for g in sorted(sig)}
+                total = 10 * np.log10(sum(sig.values()) / sum(err.values()))
+                out.append((name, rounding, total, per[min(per)], min(per.values()), max(per.values())))
+                print(out[-1], file=sys.stderr, flush=True)
+                shutil.rmtree(Path(tmp) / "b")
+    print(f"{args.model}: eps SQNR of the raw engine against fp32 on the x_t of {args.n} fp32 DDIM-50 trajectories "
+          f"(every step), K = 10; {cpu_line()}")
+    _table(["variant", "rounding", "eps SQNR, all steps (dB)", "group 0 (dB)", "worst group (dB)", "best group (dB)"],
+           [[n, r, f"{a:.2f}", f"{b0:.2f}", f"{lo:.2f}", f"{hi:.2f}"] for n, r, a, b0, lo, hi in out])
+    return 0
+
+
 def _child(code: str) -> tuple[float, float]:
     """(seconds, peak resident GB) of ``code`` run in a fresh interpreter (its own ru_maxrss)."""
     code += "\nimport resource; print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
@@ -288,7 +339,7 @@ def layer_rows(layer, node, x: np.ndarray) -> np.ndarray:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=("layers", "fidelity", "float", "pass"))
+    p.add_argument("phase", choices=("layers", "fidelity", "eps", "float", "pass"))
     p.add_argument("--slack", nargs="+", type=float, default=[0.02, 0.1])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
@@ -302,6 +353,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.phase == "fidelity":
         return fidelity_cmd(args)
+    if args.phase == "eps":
+        return eps_cmd(args)
     if args.phase == "float":
         return float_cmd(args)
     if args.phase == "pass":
