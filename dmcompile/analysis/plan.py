@@ -31,7 +31,8 @@ def option_costs(layers: list[Layer], bits: tuple[int, ...], kind: str, act_bits
     elif kind == "bytes":
         rows = [[weight_bytes(l, b, storage) for b in bits] for l in layers]
     else:  # a float layer multiplies float32 weights by float32 activations
-        rows = [[l.macs * (b * act_bits if b != FLOAT_BITS else FLOAT_BITS * FLOAT_BITS) for b in bits] for l in layers]
+        rows = [[l.macs * (b * act_bits if b != FLOAT_BITS else FLOAT_BITS * FLOAT_BITS) for b in bits]
+                for l in layers]
     return np.array(rows, np.float64).reshape(len(layers), len(bits))  # reshape: no layers is [0, B]
 
 
