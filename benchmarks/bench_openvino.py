@@ -294,7 +294,8 @@ def cmd_placement(args) -> None:
                                   calibration=CalibrationConfig(size=64 if name == "digits16" else 16, groups=10))
                 ws = compiler.prepare(name, cfg)
                 calib = compiler.calibrate(ws, cfg)
-                _, _, qdq = next(compiler.lower(ws, calib, compiler.allocate(ws, calib, cfg)))
+                _, _, qdq = next(compiler.lower(ws, calib, compiler.allocate(ws, calib, cfg),
+                                                  rounding=cfg.analysis.rounding))
                 paths[label] = Path(tmp) / f"{prof.name}.onnx"
                 onnx.save(qdq, str(paths[label]))
                 compiled[label] = core.compile_model(str(paths[label]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})

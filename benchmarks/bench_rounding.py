@@ -174,12 +174,12 @@ def float_cmd(args) -> int:
 
     from dmcompile import api
     from dmcompile.config import AnalysisConfig, BuildConfig, EvalConfig, MixedRecipe, SampleConfig, W8A8Recipe
+    from dmcompile.frontend.torch_model import TorchEpsModel
     from machine import cpu_line
 
     ev = EvalConfig(sample=SampleConfig(n=args.n))
     sc = ev.sample
-    ref = __import__("dmcompile.frontend.torch_model", fromlist=["TorchEpsModel"]).TorchEpsModel(
-        api.load_model(args.model))
+    ref = TorchEpsModel(api.load_model(args.model))
     want = api.sample_model(ref, sc)
     digits = args.model.startswith("digits")
     fp2_f = api.digit_scores(api.sample_model(ref, SampleConfig(n=sc.n, seed=sc.seed + ev.floor_seed_offset)))[

@@ -242,7 +242,7 @@ def _step_shares(ws: Workspace, calib: CalibrationResult) -> np.ndarray:
 
 def lower(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, progress=None,
           clusters: list[list[int]] | None = None, ranges: list[dict] | None = None,
-          rounding: str = "rtn") -> Iterator[tuple[int, tuple, onnx.ModelProto]]:
+          *, rounding: str) -> Iterator[tuple[int, tuple, onnx.ModelProto]]:
     """Per group: (group index, its weights' key: (widths, rounding scope), its QDQ graph with
     that group's activation ranges), yielded one at a time so that only one unfused graph is
     held; graphs with equal keys hold byte-identical weights. With ``clusters`` (lists of groups
@@ -543,8 +543,7 @@ def _precision_layers(ws: Workspace, plan: WeightPlan) -> list[dict]:
                  "storage_bits": [b if b == FLOAT_BITS else ws.profile.storage_bits(b) for b in wb] if wb else None,
                  "activation": ws.profile.activation_dtype if q else "float", "activation_bits": 8 if q else None,
                  "macs": l.macs, "params": l.params,
-                 "bops": [bops(l, b, None if b == FLOAT_BITS else 8) if q else bops(l, b, None)
-                          for b in (wb or [None] * len(bits))]}
+                 "bops": [bops(l, b, 8 if q and b != FLOAT_BITS else None) for b in (wb or [None] * len(bits))]}
         if wb and FLOAT_BITS in wb:
             entry["float_groups"] = [g for g, b in enumerate(wb) if b == FLOAT_BITS]
         out.append(entry)

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from dmruntime import Bundle
 
+from .analysis.plan import FLOAT_BITS
+
 
 def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
     """A JSON-able summary of a bundle (fusion per group engine when ``fusion``)."""
@@ -111,7 +113,7 @@ def format_report(r: dict) -> str:
             elif not wb:
                 wtxt = "-"
             else:  # f: kept float in that group (allow_float)
-                names = ["f" if b == 32 else str(b) for b in wb]
+                names = ["f" if b == FLOAT_BITS else str(b) for b in wb]
                 wtxt = names[0] if len(set(wb)) == 1 else "/".join(names)
             if wb and l["storage_bits"] and any(s != b for s, b in zip(l["storage_bits"], wb)):
                 wtxt += f" (stored {'/'.join(map(str, sorted(set(l['storage_bits']))))})"

@@ -145,6 +145,7 @@ class MomentRecorder:
         self.rng = np.random.default_rng([seed, 0x4E55])  # its own stream: histograms stay as they were
         self.scopes = ["pooled", *(f"g{g}" for g in range(groups or 0))]
         self.index = {node: i for i, node in enumerate(columns)}
+        self.tensors = {c.tensor for c in columns.values()}  # the layer inputs each call must fetch
         self.counts = {s: np.zeros(len(columns), np.int64) for s in self.scopes}
         self._open = {}
 
@@ -156,10 +157,6 @@ class MomentRecorder:
             n = self.columns[node].n
             self._open[key] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, n))
         return self._open[key]
-
-    @property
-    def tensors(self) -> set[str]:
-        return {c.tensor for c in self.columns.values()}
 
     def add(self, group: int, values: dict[str, np.ndarray]) -> None:
         """One call's layer inputs (tensor -> array, rows already masked) for timestep group ``group``."""

@@ -87,10 +87,10 @@ class _RecordingModel:
         self.total = total  # rows per step: the sampler walks them in batch order
         self.offset = 0
         self.moments = None  # a hessian.MomentRecorder, when second moments are gathered too
+        self.fetch = ["eps", *(n for n in names if n != "eps")]
 
     def predict(self, sample: np.ndarray, t: int, cond: dict | None = None) -> np.ndarray:
-        extra = sorted(self.moments.tensors - set(self.names)) if self.moments else []
-        fetch = ["eps", *(n for n in [*self.names, *extra] if n != "eps")]
+        fetch = self.fetch
         feeds = {"sample": sample, "timestep": np.full(len(sample), t, np.int64), **(cond or {})}
         got = dict(zip(fetch, self.session.run(fetch, feeds)))
         rows = slice(self.offset, self.offset + len(sample))
@@ -244,7 +244,9 @@ def calibrate(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, 
     rows = config.size * (2 if guided else 1)
     rec = _RecordingModel(sess, names, schedule, groups, observers, mask, rng, config.sample_per_tensor, rows)
     rec.conditioning = conditioning or Conditioning.none()
-    rec.moments = recorder
+    if recorder is not None:
+        rec.moments = recorder
+        rec.fetch += sorted(recorder.tensors - set(rec.fetch))
     sampler = DDIMSampler(rec, steps=config.steps, eta=0.0, batch_size=config.batch_size,
                           guidance_scale=config.guidance_scale)
     # A stream of its own: with seed=N, sampling draws from default_rng(N), so calibrating on

@@ -146,13 +146,21 @@ class WeightRounder:
         if method == "gptq" and moments is None:
             raise ValueError("gptq rounding needs the layer inputs' second moments (a calibration with moments)")
         self.method, self.moments, self.cache, self.damp = method, moments, cache, damp
-        self._factor = (None, None)  # (key, factor): the last layer's, reused across its widths
+        self._last = (None, None, None)  # (key, H, factor): the last layer's, reused across its widths
 
     def _file(self, node: str, bits: int, groups) -> Path | None:
         if self.cache is None:
             return None
         scope = "pooled" if groups is None else "g" + "-".join(str(g) for g in groups)
         return Path(self.cache) / scope / f"{hashlib.sha1(node.encode()).hexdigest()[:16]}-{bits}.npz"
+
+    def _moments(self, node: str, groups) -> tuple:
+        """(H, its factor) of a layer, read once however many widths ask (None, None: no moments)."""
+        key = (node, groups)
+        if self._last[0] != key:
+            H = self.moments.matrix(node, groups)
+            self._last = (key, H, None if H is None else hessian_factor(H, self.damp))
+        return self._last[1:]
 
     def quantize(self, layer, w: np.ndarray, bits: int, groups: tuple[int, ...] | None = None) -> QuantWeight:
         """``layer``'s weight ``w`` on the ``bits``-bit grid, rounded by this method."""
@@ -166,11 +174,7 @@ class WeightRounder:
                     return QuantWeight(f["q"], f["scale"], axis, int(bits))
             except (OSError, ValueError, KeyError):
                 pass  # a damaged cache entry: round again
-        key = (layer.node, groups)
-        if self._factor[0] != key:
-            H = self.moments.matrix(layer.node, groups)
-            self._factor = (key, None if H is None else hessian_factor(H, self.damp))
-        factor = self._factor[1]
+        factor = self._moments(layer.node, groups)[1]
         qw = quantize_weight(w, axis, bits) if factor is None else gptq_quantize(w, axis, bits, factor=factor)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,7 +189,7 @@ class WeightRounder:
         if self.method == "rtn":
             return noise_power(w, weight_axis(layer), bits)
         qw = self.quantize(layer, w, bits, groups)
-        H = self.moments.matrix(layer.node, groups)
+        H = self._moments(layer.node, groups)[0]
         if H is None:
             return noise_power(w, weight_axis(layer), bits)
         axis = weight_axis(layer)
