@@ -102,12 +102,17 @@ class LayerColumns:
         return np.ascontiguousarray(patch.transpose(0, 3, 1, 2), np.float32).reshape(len(pos), self.n)
 
 
+def input_columns(layer) -> int:
+    """Columns of a weighted layer's [out, in] weight (``rounding.weight_matrix``): C * kh * kw
+    for a Conv, in_features for a Gemm [out, in] or a MatMul [in, out]."""
+    shape = layer.weight_shape
+    return int(shape[0]) if layer.op_type == "MatMul" else int(np.prod(shape[1:]))
+
+
 def moments_bytes(layers, scopes: int = 1) -> int:
     """Bytes of float32 second moments for ``layers`` (from the layer map's weight shapes), per
     scope times ``scopes`` (1 pooled, or 1 + K with per-group moments)."""
-    n = [int(np.prod(l.weight_shape[1:])) if l.op_type != "MatMul" else int(l.weight_shape[0])
-         for l in layers if l.weight]
-    return 4 * sum(c * c for c in n) * scopes
+    return 4 * sum(input_columns(l) ** 2 for l in layers if l.weight) * scopes
 
 
 def layer_columns(model, layers) -> dict[str, LayerColumns]:
@@ -125,10 +130,9 @@ def layer_columns(model, layers) -> dict[str, LayerColumns]:
                 continue
             conv = {"kernel": tuple(shape[2:]), "strides": tuple(a.get("strides") or (1, 1)),
                     "pads": tuple(a.get("pads") or (0, 0, 0, 0)), "dilations": tuple(a.get("dilations") or (1, 1))}
-            out[layer.node] = LayerColumns(layer.node, layer.activation_input, int(np.prod(shape[1:])), conv)
-        else:  # Gemm [out, in] (transB), MatMul [in, out]
-            out[layer.node] = LayerColumns(layer.node, layer.activation_input,
-                                           int(shape[0] if layer.op_type == "MatMul" else shape[1]))
+            out[layer.node] = LayerColumns(layer.node, layer.activation_input, input_columns(layer), conv)
+        else:
+            out[layer.node] = LayerColumns(layer.node, layer.activation_input, input_columns(layer))
     return out
 
 
