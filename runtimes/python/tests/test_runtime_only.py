@@ -1,0 +1,122 @@
+"""The runtime's own tests: they need only dmruntime, numpy, onnxruntime and pytest, so they run
+where only the runtime is installed (an ARM board, scripts/check_arm64.sh's emulated aarch64).
+
+They sample the committed fixture bundles in ``data/`` (built on x86-64 by
+tests/make_runtime_fixtures.py: W8A8, and 4-bit packed weights with 8-bit first/last conv, two
+timestep groups each) and compare with the samples the build machine drew (``reference.npz``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dmruntime import Bundle, BundleError, DDIMSampler, InputError
+from dmruntime.weights import load_weights, pack_int4, unpack_int4
+
+DATA = Path(__file__).resolve().parent / "data"
+BUNDLES = ("tiny-w8a8", "tiny-w4")
+STEPS, N = 10, 4  # as in data/README.md
+# Integer kernels differ between instruction sets (x86 VNNI vs ARM dot-product: rounding of the
+# requantization, accumulation order of float parts); on the same machine the samples are equal.
+# Measured under qemu's cortex-a76 and max CPUs: see benchmarks/README.md "ARM64".
+MIN_PSNR_DB = 40.0
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Over the [-1, 1] sample range (peak-to-peak 2)."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(4.0 / mse)
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_samples_match_the_build_machine(name):
+    ref = np.load(DATA / "reference.npz")[name]
+    x = DDIMSampler(Bundle.open(DATA / name), steps=STEPS).sample(N, seed=0)
+    assert x.shape == ref.shape == (N, 2, 8, 8) and np.isfinite(x).all()
+    assert psnr(x, ref) >= MIN_PSNR_DB, f"{name}: {psnr(x, ref):.1f} dB from the x86-64 samples"
+
+
+def test_sampling_is_deterministic_and_batch_independent():
+    b = Bundle.open(DATA / "tiny-w4")
+    a = DDIMSampler(b, steps=STEPS, eta=1.0, batch_size=4).sample(6, seed=3)
+    c = DDIMSampler(b, steps=STEPS, eta=1.0, batch_size=3).sample(6, seed=3)
+    d = DDIMSampler(b, steps=STEPS, eta=1.0, batch_size=4).sample(6, seed=4)
+    np.testing.assert_array_equal(a, DDIMSampler(b, steps=STEPS, eta=1.0, batch_size=4).sample(6, seed=3))
+    np.testing.assert_allclose(a, c, atol=1e-5)
+    assert np.abs(a - d).max() > 0.1
+
+
+def test_groups_and_engines():
+    b = Bundle.open(DATA / "tiny-w8a8")
+    assert [g.index for g in b.groups] == [0, 1]
+    assert b.group_of(0).index == 0 and b.group_of(b.num_train_timesteps - 1).index == 1
+    boundary = b.groups[1].t_start
+    assert b.group_of(boundary - 1).index == 0 and b.group_of(boundary).index == 1
+    # The two groups' activation scales differ, so the same input gives different outputs.
+    x = np.random.default_rng(0).standard_normal((2, 2, 8, 8)).astype(np.float32)
+    assert not np.array_equal(b.predict(x, boundary - 1), b.predict(x, boundary))
+
+
+def test_packed_4bit_weights():
+    m = json.loads((DATA / "tiny-w4" / "manifest.json").read_text())
+    tensors = m["weights"]["tensors"]
+    packed = [k for k, t in tensors.items() if t["storage_bits"] == 4]
+    assert packed and any(t["storage_bits"] == 8 for t in tensors.values())
+    w = load_weights(DATA / "tiny-w4", m["weights"])
+    for k in packed:
+        assert w[k].dtype == np.int8 and list(w[k].shape) == tensors[k]["shape"]
+        assert w[k].min() >= -8 and w[k].max() <= 7 and len(np.unique(w[k])) > 8
+    q = np.random.default_rng(1).integers(-8, 8, size=(3, 5, 7)).astype(np.int8)  # odd element count
+    assert pack_int4(q).size == (q.size + 1) // 2
+    np.testing.assert_array_equal(unpack_int4(pack_int4(q), q.shape), q)
+
+
+def test_input_checks():
+    b = Bundle.open(DATA / "tiny-w8a8")
+    with pytest.raises(InputError, match="outside"):
+        b.group_of(b.num_train_timesteps)
+    with pytest.raises(InputError, match="float32"):
+        b.predict(np.zeros((1, 2, 8, 8), np.float64), 10)
+    with pytest.raises(InputError, match=r"shape \[B, 2, 8, 8\]"):
+        b.predict(np.zeros((1, 1, 8, 8), np.float32), 10)
+    with pytest.raises(InputError, match="steps"):
+        DDIMSampler(b, steps=0)
+
+
+def test_bad_bundles_are_refused(tmp_path):
+    with pytest.raises(BundleError, match="does not exist"):
+        Bundle.open(tmp_path / "nope")
+    b = shutil.copytree(DATA / "tiny-w4", tmp_path / "sha")
+    data = bytearray((b / "weights.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (b / "weights.npz").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        Bundle.open(b)
+    b = shutil.copytree(DATA / "tiny-w8a8", tmp_path / "schema")
+    m = json.loads((b / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="schema_version 99 is not supported"):
+        Bundle.open(b)
+
+
+def test_the_runtime_loads_no_torch():
+    """In a fresh interpreter: sampling imports neither torch nor diffusers nor the compiler."""
+    code = (
+        "import sys\n"
+        "from dmruntime import Bundle, DDIMSampler\n"
+        f"DDIMSampler(Bundle.open({str(DATA / 'tiny-w4')!r}), steps=2).sample(1)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'dmcompile'))\n"
+        "print('loaded:', bad)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "loaded: []", r.stdout
