@@ -7,7 +7,7 @@ import os
 import platform
 from pathlib import Path
 
-INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "asimddp", "i8mm")
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "asimddp", "i8mm", "sve", "sme")
 
 
 def cpu_line() -> str:

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dmruntime.bundle import BUNDLE_KIND, MANIFEST, sha256_file
+from dmruntime.png import SOFTWARE
 
 from . import __version__
 from .errors import ConfigError
 
 BUNDLE_SCHEMA_VERSION = 1
-PNG_SOFTWARE = "dmcompile"  # the PNG text tag that marks grids and figures we wrote
+PNG_SOFTWARE = SOFTWARE  # the PNG text tag that marks grids and figures we wrote (runtime and compiler)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .frontend.layermap import Layer, LayerMap
 from .frontend.load import LoadedModel
 from .lowering.precision import LayerPrecision, resolve
+from .memory import memory_entry
 from .targets import ORT_CPU, TargetProfile, get_profile
 
 __all__ = ["BuildResult", "build"]
@@ -461,6 +462,8 @@ def describe(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, engines:
     if ws.decoder:
         body["decoder"] = ws.decoder if decoder is None else {**ws.decoder, "precision": "w8a8",
                                                                "w8a8": decoder.record}
+    # Activation liveness of the fp32 graphs: `dmcompile inspect`'s resident-memory estimate.
+    body["memory"] = memory_entry(ws.fp, ws.decoder["file"] if ws.decoder else None)
     if ws.conditioning:
         body["conditioning"] = ws.conditioning.to_manifest(
             NULL_FILE if ws.conditioning.null else None, TABLE_FILE if ws.conditioning.class_table is not None else None)

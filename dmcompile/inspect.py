@@ -9,6 +9,9 @@ import numpy as np
 from dmruntime import Bundle
 
 from .analysis.plan import FLOAT_BITS
+from .memory import resident_estimate
+
+MEMORY_BATCHES = (1, 8)
 
 
 def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
@@ -37,6 +40,7 @@ def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
         report["step_aware_activation"] = m["step_aware_activation"]
     if m.get("plan"):
         report["plan"] = {k: v for k, v in m["plan"].items() if k != "curves"}
+    report["memory"] = [resident_estimate(m, b) for b in MEMORY_BATCHES]
     if fusion:
         report["runtime"] = bundle.runtime
         report["fusion"] = {e: engine_fusion(bundle, e) for e in sorted({g.engine for g in bundle.groups})}
@@ -124,6 +128,11 @@ def format_report(r: dict) -> str:
                      f"{acc['bops_fp32'] / 1e9:.3f} G = {min(red):.1f}x-{max(red):.1f}x fewer over {groups} group(s)")
         lines.append(f"weights on disk: {acc['weight_bytes_on_disk'] / 1e6:.3f} MB vs fp32 "
                      f"{acc['weight_bytes_fp32'] / 1e6:.3f} MB = {acc['weight_size_ratio']:.3f}x")
+    for e in r.get("memory", []):
+        act = f"{e['activations_mb']:.1f} MB activations" if e["activations_known"] else \
+            "activations unknown (bundle built before dmcompile recorded them)"
+        lines.append(f"resident memory, estimate at batch {e['batch']}: {e['total_mb']:.0f} MB = {e['base_mb']:.0f} MB "
+                     f"{e['runtime']} base + {e['weights_mb']:.1f} MB weights ({e['engines']} engine(s)) + {act}")
     if r.get("plan") and r["plan"].get("budget"):
         pl = r["plan"]
         avg = pl["average_weight_bits"]

@@ -32,3 +32,24 @@ def test_bench_runtime_needs_only_the_runtime(tiny_model_dir, tmp_path):
         assert sum(l.startswith("| " + {export.name!r} + " |") for l in out.splitlines()) == 3
         assert bench_runtime.main(["/no/such/bundle"]) == 2
     """, tmp_path)
+
+
+def test_emulation_is_detected(monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_runtime
+
+    monkeypatch.delenv("DMRUNTIME_EMULATED", raising=False)
+    assert not bench_runtime.emulated()  # x86-64 on x86-64
+    monkeypatch.setenv("DMRUNTIME_EMULATED", "qemu-aarch64 -cpu cortex-a76")  # what check_arm64.sh sets
+    assert bench_runtime.emulated()
+    # qemu 8+ makes up an ARM /proc/cpuinfo; the host's CPU still shows in /sys
+    monkeypatch.delenv("DMRUNTIME_EMULATED")
+    monkeypatch.setattr(bench_runtime.platform, "machine", lambda: "aarch64")
+    fake = {"/proc/cpuinfo": "processor : 0\nFeatures : fp asimd asimddp\n",
+            "/sys/devices/system/cpu/modalias": "cpu:type:x86,ven0002fam0019:feature:,0000\n"}
+    monkeypatch.setattr(bench_runtime, "Path", lambda p: type("P", (), {"read_text": lambda self: fake[p]})())
+    assert bench_runtime.emulated()
+    fake["/sys/devices/system/cpu/modalias"] = "cpu:type:aarch64:feature:,0000\n"
+    assert not bench_runtime.emulated()

@@ -120,3 +120,51 @@ def test_the_runtime_loads_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "loaded: []", r.stdout
+
+
+def _png_size(path: Path) -> tuple[int, int, int]:
+    """(width, height, colour type) from the IHDR chunk, and check the image data decompresses."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h, depth, color = struct.unpack(">IIBB", data[16:26])
+    idat = data.index(b"IDAT")
+    n = struct.unpack(">I", data[idat - 4:idat])[0]
+    channels = {0: 1, 2: 3}[color]
+    assert len(zlib.decompress(data[idat + 4:idat + 4 + n])) == h * (1 + w * channels) and depth == 8
+    return w, h, color
+
+
+def test_cli_samples_to_png_and_npy(tmp_path):
+    from dmruntime.cli import main
+    from dmruntime.png import SOFTWARE, png_software
+
+    out = tmp_path / "x.npy"
+    assert main([str(DATA / "tiny-w4"), "-n", "3", "--steps", str(STEPS), "-o", str(out)]) == 0
+    want = DDIMSampler(Bundle.open(DATA / "tiny-w4"), steps=STEPS).sample(3, seed=0)
+    np.testing.assert_array_equal(np.load(out), want)
+    png = tmp_path / "grid.png"
+    assert main([str(DATA / "tiny-w4"), "-n", "4", "--steps", "2", "-o", str(png)]) == 0
+    w, h, color = _png_size(png)
+    # 2 x 2 grid of 8 x 8 grey images with 1-pixel padding (19 px), enlarged 27x to about 512 px
+    assert (w, h, color) == (19 * 27, 19 * 27, 0) and png_software(png) == SOFTWARE
+    assert main([str(DATA / "tiny-w4"), "-n", "1", "--steps", "2", "-o", str(png)]) == 0  # ours: replaced
+    assert list(tmp_path.glob("*.tmp*")) == []
+
+
+def test_cli_refuses_bad_input(tmp_path, capsys):
+    from dmruntime.cli import main
+
+    foreign = tmp_path / "notes.png"
+    foreign.write_bytes(b"not written by us")
+    assert main([str(DATA / "tiny-w4"), "-o", str(foreign)]) == 2
+    assert foreign.read_bytes() == b"not written by us"
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert main([str(tmp_path / "nope"), "-o", str(tmp_path / "a.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main([str(DATA / "tiny-w4"), "-o", str(tmp_path / "a.jpg")]) == 2
+    assert main([str(DATA / "tiny-w4"), "--class", "1", "-o", str(tmp_path / "a.png")]) == 2
+    assert "unconditional" in capsys.readouterr().err
+    assert not (tmp_path / "a.png").exists()

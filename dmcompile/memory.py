@@ -1,0 +1,134 @@
+"""Resident memory of a bundle at run time, estimated on paper (no run): what `dmcompile inspect`
+prints per engine set, and what benchmarks/README.md's board estimates are made of.
+
+    resident ~ runtime base + weights held x WEIGHT_COPIES + batch x activation peak per sample
+
+- weights held: every engine file's bytes (int8 / float initializers inside) plus the stored
+  weights the runtime expands to int8 (`weights.npz`, one copy shared by the engines that use
+  it); ONNX Runtime keeps the initializer and a pre-packed copy for its int8 kernels
+  (WEIGHT_COPIES = 2); OpenVINO keeps one compiled copy per engine.
+- activation peak per sample: the largest set of activation tensors alive at once when the fp32
+  graph runs in order, each freed after its last reader (the liveness a memory planner
+  reaches). Measured on the fp32 graph, so an upper estimate for the int8 one, whose quantized
+  tensors take a quarter of that.
+- runtime base: Python, numpy and the runtime library, measured on x86-64 (RUNTIME_BASE_MB).
+
+benchmarks/bench_runtime.py measures the real peak; benchmarks/README.md compares the two.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+WEIGHT_COPIES = {"onnxruntime": 2.0, "openvino": 1.0}
+# Peak RSS after sampling a tiny 2-group bundle (weights < 0.4 MB: the libraries, their kernels and
+# Python) on the x86-64 VM of benchmarks/README.md, MB: onnxruntime 1.31.1, openvino 2026.4.
+# ARM builds of the same libraries are of similar size.
+RUNTIME_BASE_MB = {"onnxruntime": 68.0, "openvino": 146.0}
+
+_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}  # ONNX elem type -> bytes
+
+
+def activation_peak(model_path: str | Path) -> dict:
+    """Per sample (batch dimension 1; other symbolic dimensions 1 too): the peak bytes of live
+    activation tensors when the graph runs in order, and the largest single tensor. Initializers
+    are not activations; graph inputs count from the start, outputs until the end."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
+    g = inferred.graph
+    size = {}
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        t = vi.type.tensor_type
+        if not t.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in t.shape.dim]
+        size[vi.name] = math.prod(dims) * _BYTES.get(t.elem_type, 4)
+    inits = {i.name for i in g.initializer}
+    last_use = {}
+    for i, n in enumerate(g.node):
+        for name in n.input:
+            if name:
+                last_use[name] = i
+    keep = {o.name for o in g.output}
+    live = {i.name: size.get(i.name, 0) for i in g.input if i.name not in inits}
+    peak = current = sum(live.values())
+    for i, n in enumerate(g.node):
+        for o in n.output:
+            if o and o not in live:
+                live[o] = size.get(o, 0)
+                current += live[o]
+        peak = max(peak, current)
+        for name in set(n.input):
+            if name in live and last_use.get(name) == i and name not in keep:
+                current -= live.pop(name)
+    return {"peak_bytes": int(peak), "largest_bytes": int(max(size.values(), default=0)),
+            "tensors_sized": len(size), "tensors_total": sum(len(n.output) for n in g.node)}
+
+
+def weights_held(manifest: dict) -> dict[str, int]:
+    """Bytes of weights each engine file holds once loaded (its own initializers, plus the
+    int8 expansion of the stored weights it takes from weights.npz, counted once per key)."""
+    files = manifest["files"]
+    engines = sorted({g["engine"] for g in manifest["groups"]})
+    stored = (manifest.get("weights") or {}).get("tensors", {})
+    shared = {}
+    for name, spec in (manifest.get("engines") or {}).items():
+        for key in spec.get("external_weights", {}).values():
+            shared.setdefault(key, name)  # counted with the first engine that uses it
+    held = {e: int(files[e]["bytes"]) if e in files else 0 for e in engines}
+    for key, engine in shared.items():
+        if engine in held and key in stored:
+            held[engine] += int(math.prod(stored[key]["shape"]))  # expanded to one int8 per value
+    return held
+
+
+def resident_estimate(manifest: dict, batch: int) -> dict:
+    """The estimate for running the bundle at ``batch`` (guidance doubles the UNet batch):
+    {"base_mb", "weights_mb", "activations_mb", "total_mb", "engines"}. Needs the manifest's
+    ``memory`` entry (written by the build) for activations; without it they are left out."""
+    runtime = manifest.get("engine", {}).get("runtime", "onnxruntime")
+    held = weights_held(manifest)
+    weights = sum(held.values()) * WEIGHT_COPIES.get(runtime, 2.0)
+    mem = manifest.get("memory") or {}
+    guided = 2 if (manifest.get("conditioning") or {}).get("calibration_guidance_scale") else 1
+    act = batch * guided * mem.get("activation_peak_bytes_per_sample", 0)
+    dec = manifest.get("decoder") or {}
+    if dec and mem.get("decoder_activation_peak_bytes_per_sample"):
+        act = max(act, batch * mem["decoder_activation_peak_bytes_per_sample"])  # decoded after sampling
+        weights += files_bytes(manifest, [dec["file"]]) * WEIGHT_COPIES.get(runtime, 2.0)
+    base = RUNTIME_BASE_MB.get(runtime, 60.0)
+    mb = 1e6
+    return {"runtime": runtime, "batch": batch, "engines": len(held), "base_mb": base, "weights_mb": weights / mb,
+            "activations_mb": act / mb, "total_mb": base + (weights + act) / mb,
+            "activations_known": bool(mem)}
+
+
+def files_bytes(manifest: dict, names: list[str]) -> int:
+    return int(sum(manifest["files"][n]["bytes"] for n in names if n in manifest["files"]))
+
+
+def memory_entry(fp_dir: Path, decoder_file: str | None = None) -> dict:
+    """The manifest's ``memory`` entry, from the fp32 export's graphs."""
+    unet = activation_peak(Path(fp_dir) / "model.onnx")
+    entry = {"activation_peak_bytes_per_sample": unet["peak_bytes"],
+             "largest_activation_bytes_per_sample": unet["largest_bytes"],
+             "method": "liveness of the fp32 graph's activations in graph order (float32; an upper estimate)"}
+    if decoder_file:
+        entry["decoder_activation_peak_bytes_per_sample"] = activation_peak(Path(fp_dir) / decoder_file)["peak_bytes"]
+    return entry
+
+
+def board_table(params: int, act_peak: int, bits: float, engines: int, batch: int,
+                runtime: str = "onnxruntime") -> float:
+    """Estimated resident MB of a bundle that does not exist yet (README's board estimates):
+    ``params`` weights at ``bits`` average bits held as int8 (4-bit expands to int8 at load)
+    in each of ``engines`` engines."""
+    bytes_per_weight = 1.0 if bits <= 8 else 4.0
+    weights = params * bytes_per_weight * engines * WEIGHT_COPIES[runtime]
+    return RUNTIME_BASE_MB[runtime] + (weights + batch * act_peak) / 1e6
+
+
+__all__ = ["activation_peak", "board_table", "memory_entry", "resident_estimate", "weights_held"]
