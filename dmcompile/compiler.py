@@ -463,7 +463,8 @@ def describe(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, engines:
         body["decoder"] = ws.decoder if decoder is None else {**ws.decoder, "precision": "w8a8",
                                                                "w8a8": decoder.record}
     # Activation liveness of the fp32 graphs: `dmcompile inspect`'s resident-memory estimate.
-    body["memory"] = memory_entry(ws.fp, ws.decoder["file"] if ws.decoder else None)
+    body["memory"] = memory_entry(ws.fp, ws.decoder["file"] if ws.decoder else None,
+                                  ws.conditioning.sequence_length if ws.conditioning else None)
     if ws.conditioning:
         body["conditioning"] = ws.conditioning.to_manifest(
             NULL_FILE if ws.conditioning.null else None, TABLE_FILE if ws.conditioning.class_table is not None else None)

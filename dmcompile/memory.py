@@ -30,30 +30,57 @@ RUNTIME_BASE_MB = {"onnxruntime": 68.0, "openvino": 146.0}
 _BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}  # ONNX elem type -> bytes
 
 
-def activation_peak(model_path: str | Path) -> dict:
-    """Per sample (batch dimension 1; other symbolic dimensions 1 too): the peak bytes of live
-    activation tensors when the graph runs in order, and the largest single tensor. Initializers
+def activation_peak(model_path: str | Path, free_dim: int = 1) -> dict:
+    """Per sample: the peak bytes of live activation tensors when the graph runs in order, and
+    the largest single tensor. Graph inputs are made concrete (batch 1, any other free dimension,
+    such as a prompt's sequence length, ``free_dim``) and shapes inferred symbolically (ONNX
+    Runtime's inference, which follows the Shape/Reshape arithmetic of attention). Initializers
     are not activations; graph inputs count from the start, outputs until the end."""
     import onnx
+    from onnx import helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
     model = onnx.load(str(model_path), load_external_data=False)
-    inferred = onnx.shape_inference.infer_shapes(model, data_prop=False)
+    g = model.graph
+    # Weights stored outside stay there: their shapes, not their bytes, are what inference needs.
+    weights = {t.name for t in g.initializer}
+    for t in list(g.initializer):
+        if uses_external_data(t):
+            if math.prod(t.dims) <= 64:  # shape arithmetic constants: their values matter
+                load_external_data_for_tensor(t, str(Path(model_path).parent))
+            else:
+                g.initializer.remove(t)
+                g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    for i in g.input:
+        for axis, d in enumerate(i.type.tensor_type.shape.dim):
+            if not (d.HasField("dim_value") and d.dim_value > 0):
+                d.ClearField("dim_param")
+                d.dim_value = 1 if axis == 0 else free_dim
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # an op it does not know: ONNX's own inference, dimensions it cannot tell count 1
+        inferred = onnx.shape_inference.infer_shapes(model)
     g = inferred.graph
-    size = {}
+    size, unknown = {}, 0
     for vi in list(g.value_info) + list(g.input) + list(g.output):
+        if vi.name in weights:
+            continue
         t = vi.type.tensor_type
         if not t.HasField("shape"):
+            unknown += 1
             continue
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in t.shape.dim]
+        unknown += any(not (d.HasField("dim_value") and d.dim_value > 0) for d in t.shape.dim)
         size[vi.name] = math.prod(dims) * _BYTES.get(t.elem_type, 4)
-    inits = {i.name for i in g.initializer}
     last_use = {}
     for i, n in enumerate(g.node):
         for name in n.input:
             if name:
                 last_use[name] = i
     keep = {o.name for o in g.output}
-    live = {i.name: size.get(i.name, 0) for i in g.input if i.name not in inits}
+    live = {i.name: size.get(i.name, 0) for i in g.input if i.name not in weights}
     peak = current = sum(live.values())
     for i, n in enumerate(g.node):
         for o in n.output:
@@ -64,8 +91,7 @@ def activation_peak(model_path: str | Path) -> dict:
         for name in set(n.input):
             if name in live and last_use.get(name) == i and name not in keep:
                 current -= live.pop(name)
-    return {"peak_bytes": int(peak), "largest_bytes": int(max(size.values(), default=0)),
-            "tensors_sized": len(size), "tensors_total": sum(len(n.output) for n in g.node)}
+    return {"peak_bytes": int(peak), "largest_bytes": int(max(size.values(), default=0)), "unknown_shapes": unknown}
 
 
 def weights_held(manifest: dict) -> dict[str, int]:
@@ -110,9 +136,10 @@ def files_bytes(manifest: dict, names: list[str]) -> int:
     return int(sum(manifest["files"][n]["bytes"] for n in names if n in manifest["files"]))
 
 
-def memory_entry(fp_dir: Path, decoder_file: str | None = None) -> dict:
-    """The manifest's ``memory`` entry, from the fp32 export's graphs."""
-    unet = activation_peak(Path(fp_dir) / "model.onnx")
+def memory_entry(fp_dir: Path, decoder_file: str | None = None, sequence_length: int | None = None) -> dict:
+    """The manifest's ``memory`` entry, from the fp32 export's graphs (cross-attention models at
+    their reference prompt length)."""
+    unet = activation_peak(Path(fp_dir) / "model.onnx", free_dim=sequence_length or 1)
     entry = {"activation_peak_bytes_per_sample": unet["peak_bytes"],
              "largest_activation_bytes_per_sample": unet["largest_bytes"],
              "method": "liveness of the fp32 graph's activations in graph order (float32; an upper estimate)"}
