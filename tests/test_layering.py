@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "dmcompile"
 # Floors, bottom to top. A module may import from its own floor or below, never above.
 FLOORS = {
     0: ["dmcompile", "dmcompile.errors", "dmcompile.quant", "dmcompile.targets", "dmcompile.budget",
-        "dmcompile.config", "dmcompile.artifacts", "dmcompile.onnxio"],
+        "dmcompile.config", "dmcompile.artifacts", "dmcompile.onnxio", "dmcompile.memory"],
     1: ["dmcompile.zoo", "dmcompile.frontend"],
     2: ["dmcompile.calibration", "dmcompile.analysis", "dmcompile.lowering", "dmcompile.backends", "dmcompile.eval"],
     3: ["dmcompile.stages"],
