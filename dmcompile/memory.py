@@ -6,7 +6,8 @@ prints per engine set, and what benchmarks/README.md's board estimates are made 
 - weights held: every engine file's bytes (int8 / float initializers inside) plus the stored
   weights the runtime expands to int8 (`weights.npz`, one copy shared by the engines that use
   it); ONNX Runtime keeps the initializer and a pre-packed copy for its int8 kernels
-  (WEIGHT_COPIES = 2); OpenVINO keeps one compiled copy per engine.
+  (WEIGHT_COPIES = 2); OpenVINO's compiled models hold about 3.5 bytes per int8 weight each
+  (measured).
 - activation peak per sample: the largest set of activation tensors alive at once when the fp32
   graph runs in order, each freed after its last reader (the liveness a memory planner
   reaches). Measured on the fp32 graph, so an upper estimate for the int8 one, whose quantized
@@ -21,7 +22,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-WEIGHT_COPIES = {"onnxruntime": 2.0, "openvino": 1.0}
+# Bytes held per stored int8 weight byte. ONNX Runtime: the initializer and its pre-packed copy.
+# OpenVINO: each compiled model, measured (benchmarks/README.md, openvino-cpu memory): ddpm-cifar10-32
+# K=1 248 MB, K=10 1393 MB, so 127 MB per further compiled model for its 36 MB of int8 weights.
+WEIGHT_COPIES = {"onnxruntime": 2.0, "openvino": 3.5}
 # Peak RSS after sampling a tiny 2-group bundle (weights < 0.4 MB: the libraries, their kernels and
 # Python) on the x86-64 VM of benchmarks/README.md, MB: onnxruntime 1.31.1, openvino 2026.4.
 # ARM builds of the same libraries are of similar size.
@@ -96,7 +100,8 @@ def activation_peak(model_path: str | Path, free_dim: int = 1) -> dict:
 
 def weights_held(manifest: dict) -> dict[str, int]:
     """Bytes of weights each engine file holds once loaded (its own initializers, plus the
-    int8 expansion of the stored weights it takes from weights.npz, counted once per key)."""
+    int8 expansion of the stored weights it takes from weights.npz, counted once per key; an
+    openvino-cpu engine: also the shared weights.bin, which each compiled model copies)."""
     files = manifest["files"]
     engines = sorted({g["engine"] for g in manifest["groups"]})
     stored = (manifest.get("weights") or {}).get("tensors", {})
@@ -105,6 +110,9 @@ def weights_held(manifest: dict) -> dict[str, int]:
         for key in spec.get("external_weights", {}).values():
             shared.setdefault(key, name)  # counted with the first engine that uses it
     held = {e: int(files[e]["bytes"]) if e in files else 0 for e in engines}
+    if manifest.get("engine", {}).get("runtime") == "openvino" and "weights.bin" in files:
+        for e in held:  # one weights.bin on disk, one copy in each compiled model
+            held[e] += int(files["weights.bin"]["bytes"])
     for key, engine in shared.items():
         if engine in held and key in stored:
             held[engine] += int(math.prod(stored[key]["shape"]))  # expanded to one int8 per value

@@ -62,3 +62,13 @@ def test_the_build_records_activations_and_inspect_prints_the_estimate(capsys):
     lines = [l for l in out.splitlines() if l.startswith("resident memory, estimate")]
     assert len(lines) == 2 and "batch 1" in lines[0] and "batch 8" in lines[1]
     assert "onnxruntime base" in lines[0] and "activations" in lines[0]
+
+
+def test_openvino_engines_each_hold_the_shared_weights():
+    m = {"engine": {"runtime": "openvino"}, "groups": [{"engine": "unet_e00.onnx"}, {"engine": "unet_e01.onnx"},
+                                                        {"engine": "unet_e01.onnx"}],
+         "files": {"unet_e00.onnx": {"bytes": 100}, "unet_e01.onnx": {"bytes": 100}, "weights.bin": {"bytes": 5000}}}
+    assert weights_held(m) == {"unet_e00.onnx": 5100, "unet_e01.onnx": 5100}
+    e = resident_estimate(m, 1)
+    assert e["engines"] == 2 and e["weights_mb"] == pytest.approx(2 * 5100 * WEIGHT_COPIES["openvino"] / 1e6)
+    assert e["base_mb"] == RUNTIME_BASE_MB["openvino"]
