@@ -76,7 +76,14 @@ path, batch, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), i
 b = Bundle.open(path, threads=threads)
 cond = b.conditioning.dummy(batch) if b.conditioning else None
 DDIMSampler(b, steps=steps, batch_size=batch).sample(batch, seed=0, cond=cond)
-print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM: this process image's own peak. ru_maxrss is not: Linux carries the forking parent's
+# peak across exec, so every child of a big benchmark process would report the parent's.
+try:
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+    peak = int(hwm) / 1024
+except (OSError, IndexError):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"peak_mb": peak}))
 """
 
 

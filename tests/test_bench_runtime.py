@@ -53,3 +53,19 @@ def test_emulation_is_detected(monkeypatch):
     assert bench_runtime.emulated()
     fake["/sys/devices/system/cpu/modalias"] = "cpu:type:aarch64:feature:,0000\n"
     assert not bench_runtime.emulated()
+
+
+def test_child_peak_memory_is_its_own(tmp_path):
+    """A parent holding 400 MB must not show up in the child's peak (Linux carries ru_maxrss
+    across fork + exec; the benchmark reads the child's own VmHWM)."""
+    run_without_torch(f"""
+        import sys
+        import numpy as np
+        sys.path.insert(0, {str(ROOT / 'benchmarks')!r})
+        import bench_runtime
+        from pathlib import Path
+        big = np.ones(400 * 2**20 // 8)  # touched: resident in this process
+        peak = bench_runtime.peak_memory(Path({str(ROOT / 'runtimes/python/tests/data/tiny-w8a8')!r}), 2, 2, 0)
+        assert 20 < peak < 300, peak
+        del big
+    """, tmp_path)
