@@ -6,8 +6,8 @@ prints per engine set, and what benchmarks/README.md's board estimates are made 
 - weights held: every engine file's bytes (int8 / float initializers inside) plus the stored
   weights the runtime expands to int8 (`weights.npz`, one copy shared by the engines that use
   it); ONNX Runtime keeps the initializer and a pre-packed copy for its int8 kernels
-  (WEIGHT_COPIES = 2); OpenVINO's compiled models hold about 3.5 bytes per int8 weight each
-  (measured).
+  (WEIGHT_COPIES = 2, and the expanded arrays of weights.npz once more); each OpenVINO compiled
+  model holds 22 MB + 2.5 bytes per int8 weight (fitted to two measured bundles).
 - activation peak per sample: the largest set of activation tensors alive at once when the fp32
   graph runs in order, each freed after its last reader (the liveness a memory planner
   reaches). Measured on the fp32 graph, so an upper estimate for the int8 one, whose quantized
@@ -22,13 +22,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-# Bytes held per stored int8 weight byte. ONNX Runtime: the initializer and its pre-packed copy.
-# OpenVINO: each compiled model, measured (benchmarks/README.md, openvino-cpu memory): ddpm-cifar10-32
-# K=1 248 MB, K=10 1393 MB, so 127 MB per further compiled model for its 36 MB of int8 weights.
-WEIGHT_COPIES = {"onnxruntime": 2.0, "openvino": 3.5}
-# Peak RSS after sampling a tiny 2-group bundle (weights < 0.4 MB: the libraries, their kernels and
-# Python) on the x86-64 VM of benchmarks/README.md, MB: onnxruntime 1.31.1, openvino 2026.4.
-# ARM builds of the same libraries are of similar size.
+# Bytes held per int8 weight byte, and a fixed cost per engine, MB. ONNX Runtime: the initializer
+# and its pre-packed copy (weights handed over from weights.npz: one more, the expanded array the
+# runtime keeps). OpenVINO: fitted to two measured bundles (bench_runtime.py, peak RSS at batch 8):
+# per compiled model 22 MB + 2.5 bytes per int8 weight byte (digits16 K=10: 426 MB, ddpm-cifar10-32
+# K=10: 1356 MB).
+WEIGHT_COPIES = {"onnxruntime": 2.0, "openvino": 2.5}
+ENGINE_MB = {"onnxruntime": 0.0, "openvino": 22.0}
 RUNTIME_BASE_MB = {"onnxruntime": 68.0, "openvino": 146.0}
 
 _BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}  # ONNX elem type -> bytes
@@ -125,7 +125,9 @@ def resident_estimate(manifest: dict, batch: int) -> dict:
     ``memory`` entry (written by the build) for activations; without it they are left out."""
     runtime = manifest.get("engine", {}).get("runtime", "onnxruntime")
     held = weights_held(manifest)
-    weights = sum(held.values()) * WEIGHT_COPIES.get(runtime, 2.0)
+    weights = sum(held.values()) * WEIGHT_COPIES.get(runtime, 2.0) + ENGINE_MB.get(runtime, 0.0) * 1e6 * len(held)
+    stored = (manifest.get("weights") or {}).get("tensors", {})
+    weights += sum(math.prod(t["shape"]) for t in stored.values())  # the expanded arrays handed to the sessions
     mem = manifest.get("memory") or {}
     guided = 2 if (manifest.get("conditioning") or {}).get("calibration_guidance_scale") else 1
     act = batch * guided * mem.get("activation_peak_bytes_per_sample", 0)
@@ -162,7 +164,8 @@ def board_table(params: int, act_peak: int, bits: float, engines: int, batch: in
     ``params`` weights at ``bits`` average bits held as int8 (4-bit expands to int8 at load)
     in each of ``engines`` engines."""
     bytes_per_weight = 1.0 if bits <= 8 else 4.0
-    weights = params * bytes_per_weight * engines * WEIGHT_COPIES[runtime]
+    copies = WEIGHT_COPIES[runtime] + (1 if bits < 8 and runtime == "onnxruntime" else 0)  # weights.npz expanded
+    weights = params * bytes_per_weight * engines * copies + ENGINE_MB[runtime] * 1e6 * engines
     return RUNTIME_BASE_MB[runtime] + (weights + batch * act_peak) / 1e6
 
 
