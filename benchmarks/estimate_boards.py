@@ -52,18 +52,19 @@ def main(argv: list[str]) -> int:
     print("Estimates, not measurements. Memory: dmcompile/memory.py; time: MACs / (int8 peak x "
           f"{EFFICIENCY}); {args.steps} DDIM steps; guided models run [null; cond] as batch 2.\n")
     print("| model | params | GMAC per call per sample | activation peak per sample (fp32 graph) | "
-          "ort-cpu K=10, batch 1: resident MB | batch 8 | openvino-cpu K=10, batch 1 | "
+          "ort-cpu K=10, batch 1: resident MB | batch 8 | openvino-cpu K=10, batch 1 | --max-engines 2, batch 1 | "
           + " | ".join(f"{b.split(' (')[0]}: s per sample ({args.steps} steps, batch 1)" for b in BOARDS) + " |")
-    print("|---|---|---|---|---|---|---|" + "---|" * len(BOARDS))
+    print("|---|---|---|---|---|---|---|---|" + "---|" * len(BOARDS))
     for name in args.models:
         f = model_figures(name)
         g = 2 if f["guided"] else 1
         ort1 = board_table(f["params"], f["act_peak"], 8, engines=1, batch=g)
         ort8 = board_table(f["params"], f["act_peak"], 8, engines=1, batch=8 * g)
         ov1 = board_table(f["params"], f["act_peak"], 8, engines=10, batch=g, runtime="openvino")
+        ov2 = board_table(f["params"], f["act_peak"], 8, engines=2, batch=g, runtime="openvino")
         times = [args.steps * g * f["macs"] / (peak * EFFICIENCY) for peak, _ in BOARDS.values()]
         print(f"| {name} | {f['params'] / 1e6:.1f} M | {f['macs'] / 1e9:.2f} | {f['act_peak'] / 1e6:.1f} MB | "
-              f"{ort1:.0f} | {ort8:.0f} | {ov1:.0f} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
+              f"{ort1:.0f} | {ort8:.0f} | {ov1:.0f} | {ov2:.0f} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
     return 0
 
 
