@@ -6,7 +6,7 @@ prints per engine set, and what benchmarks/README.md's board estimates are made 
 - weights held: every engine file's bytes (int8 / float initializers inside) plus the stored
   weights the runtime expands to int8 (`weights.npz`, one copy shared by the engines that use
   it); ONNX Runtime keeps the initializer and a pre-packed copy for its int8 kernels
-  (WEIGHT_COPIES = 2, and the expanded arrays of weights.npz once more); each OpenVINO compiled
+  (WEIGHT_COPIES = 2; weights from weights.npz measured one copy more); each OpenVINO compiled
   model holds 22 MB + 2.5 bytes per int8 weight (fitted to two measured bundles).
 - activation peak per sample: the largest set of activation tensors alive at once when the fp32
   graph runs in order, each freed after its last reader (the liveness a memory planner
@@ -23,8 +23,9 @@ import math
 from pathlib import Path
 
 # Bytes held per int8 weight byte, and a fixed cost per engine, MB. ONNX Runtime: the initializer
-# and its pre-packed copy (weights handed over from weights.npz: one more, the expanded array the
-# runtime keeps). OpenVINO: fitted to two measured bundles (bench_runtime.py, peak RSS at batch 8):
+# and its pre-packed copy; a bundle whose weights come from weights.npz measured one int8 copy more
+# than the same weights inside the engine (ddpm-cifar10-32: 273 vs 229 MB; not profiled further),
+# so resident_estimate adds the expanded size once more. OpenVINO: fitted to two measured bundles (bench_runtime.py, peak RSS at batch 8):
 # per compiled model 22 MB + 2.5 bytes per int8 weight byte (digits16 K=10: 426 MB, ddpm-cifar10-32
 # K=10: 1356 MB).
 WEIGHT_COPIES = {"onnxruntime": 2.0, "openvino": 2.5}
@@ -127,7 +128,7 @@ def resident_estimate(manifest: dict, batch: int) -> dict:
     held = weights_held(manifest)
     weights = sum(held.values()) * WEIGHT_COPIES.get(runtime, 2.0) + ENGINE_MB.get(runtime, 0.0) * 1e6 * len(held)
     stored = (manifest.get("weights") or {}).get("tensors", {})
-    weights += sum(math.prod(t["shape"]) for t in stored.values())  # the expanded arrays handed to the sessions
+    weights += sum(math.prod(t["shape"]) for t in stored.values())  # measured: one more copy (see WEIGHT_COPIES)
     mem = manifest.get("memory") or {}
     guided = 2 if (manifest.get("conditioning") or {}).get("calibration_guidance_scale") else 1
     act = batch * guided * mem.get("activation_peak_bytes_per_sample", 0)

@@ -50,7 +50,7 @@ def test_weights_held_and_estimate_from_fixture_manifests():
     assert e8["activations_mb"] == pytest.approx(8 * e1["activations_mb"])
     assert e1["total_mb"] == pytest.approx(RUNTIME_BASE_MB["onnxruntime"] + e1["weights_mb"] + e1["activations_mb"])
     assert e1["weights_mb"] == pytest.approx(sum(weights_held(w8).values()) * WEIGHT_COPIES["onnxruntime"] / 1e6)
-    e4 = resident_estimate(w4, 1)  # the expanded weights.npz arrays the runtime keeps, once more
+    e4 = resident_estimate(w4, 1)  # weights from weights.npz: one int8 copy more (measured)
     assert e4["weights_mb"] == pytest.approx((sum(weights_held(w4).values()) * WEIGHT_COPIES["onnxruntime"] + expanded) / 1e6)
     old = {k: v for k, v in w8.items() if k != "memory"}  # a bundle built before the entry existed
     assert not resident_estimate(old, 1)["activations_known"] and resident_estimate(old, 1)["activations_mb"] == 0

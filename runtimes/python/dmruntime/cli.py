@@ -41,26 +41,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def check_output(path: Path) -> None:
-    """Refuse to replace anything but a grid or samples file we wrote."""
+    """Refuse to replace anything but a grid we wrote (PNG text tag); an .npy file carries no
+    such mark, so an existing one is never replaced."""
     if path.suffix not in (".png", ".npy"):
         raise InputError(f"-o {path}: the output must end in .png (a grid) or .npy (the samples)")
     if not path.exists() and not path.is_symlink():
         if not path.parent.is_dir():
             raise InputError(f"-o {path}: folder {path.parent} does not exist")
         return
-    ours = path.is_file() and not path.is_symlink() and (
-        png_software(path) == SOFTWARE if path.suffix == ".png" else _is_samples_npy(path))
+    ours = path.is_file() and not path.is_symlink() and path.suffix == ".png" and png_software(path) == SOFTWARE
     if not ours:
-        raise InputError(f"{path} exists and is not an output of ours; refusing to overwrite it: "
-                         "choose another path or remove it yourself")
-
-
-def _is_samples_npy(path: Path) -> bool:
-    try:
-        a = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
-        return False
-    return a.dtype == np.float32 and a.ndim == 4
+        what = "an .npy file is never replaced" if path.suffix == ".npy" else "it is not a grid dmruntime wrote"
+        raise InputError(f"{path} exists ({what}); refusing to overwrite it: choose another path or remove it yourself")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,6 +145,8 @@ def test_cli_samples_to_png_and_npy(tmp_path):
     assert main([str(DATA / "tiny-w4"), "-n", "3", "--steps", str(STEPS), "-o", str(out)]) == 0
     want = DDIMSampler(Bundle.open(DATA / "tiny-w4"), steps=STEPS).sample(3, seed=0)
     np.testing.assert_array_equal(np.load(out), want)
+    assert main([str(DATA / "tiny-w4"), "-n", "3", "--steps", "2", "-o", str(out)]) == 2  # .npy: never replaced
+    np.testing.assert_array_equal(np.load(out), want)
     png = tmp_path / "grid.png"
     assert main([str(DATA / "tiny-w4"), "-n", "4", "--steps", "2", "-o", str(png)]) == 0
     w, h, color = _png_size(png)
