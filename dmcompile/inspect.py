@@ -130,7 +130,7 @@ def format_report(r: dict) -> str:
                      f"{acc['weight_bytes_fp32'] / 1e6:.3f} MB = {acc['weight_size_ratio']:.3f}x")
     for e in r.get("memory", []):
         act = f"{e['activations_mb']:.1f} MB activations" if e["activations_known"] else \
-            "activations unknown (bundle built before dmcompile recorded them)"
+            "activations not recorded (fp32 exports, and bundles built before the manifest had a memory entry)"
         lines.append(f"resident memory, estimate at batch {e['batch']}: {e['total_mb']:.0f} MB = {e['base_mb']:.0f} MB "
                      f"{e['runtime']} base + {e['weights_mb']:.1f} MB weights ({e['engines']} engine(s)) + {act}")
     if r.get("plan") and r["plan"].get("budget"):
