@@ -1,0 +1,148 @@
+"""What TensorRT's ONNX parser accepts, and what its builder fuses, in an explicitly quantized
+graph: the rules a `tensorrt` target's lowering must keep, checked on the ONNX alone (no TensorRT
+needed). Groundwork for the TensorRT target (issue 14): the lowering that produces such graphs
+does not exist yet; these checks are what its tests will run.
+
+Sources (TensorRT developer guide, "Explicit Quantization"; onnx-tensorrt's importers;
+TensorRT-Model-Optimizer's ONNX passes):
+- symmetric quantization only: every Q/DQ zero point is 0 (or absent);
+- activations per tensor (scalar scale); weights per output channel: a DequantizeLinear of a
+  weight initializer feeding Conv (axis 0), Gemm (axis 0 with transB, else 1) or MatMul (axis 1);
+- INT4 weights only for MatMul / Gemm, block-quantized along the input dimension
+  (DequantizeLinear with ``block_size``, opset >= 21): MatMul axis 0, Gemm axis 1 with transB else 0;
+- placement that fuses: Q/DQ on the inputs of Conv / Gemm / MatMul, not on their outputs (a
+  residual Add fuses into the Conv before it, Q/DQ only on its skip input);
+- attention stays float: no DequantizeLinear feeding an activation x activation MatMul
+  (Q.K^T, attn.V) or a Softmax, so the fused attention kernel survives;
+- the per-group models of one bundle differ only in their scale initializers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["check_explicit_quantization", "differ_only_in_scales", "weight_axis"]
+
+WEIGHTED = ("Conv", "Gemm", "MatMul")
+INT4_TYPES = (22, 21)  # TensorProto.INT4, UINT4
+
+
+def weight_axis(op_type: str, trans_b: int = 0, *, int4: bool = False) -> int:
+    """The axis of a weight's per-channel scale (int8: output channels) or of its blocks (int4:
+    the input dimension) for TensorRT."""
+    if op_type == "Conv":
+        return 0
+    if op_type == "Gemm":
+        out_axis = 0 if trans_b else 1
+    elif op_type == "MatMul":
+        out_axis = 1
+    else:
+        raise ValueError(f"{op_type} has no weight axis")
+    return 1 - out_axis if int4 else out_axis
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def check_explicit_quantization(model) -> list[str]:
+    """Every way ``model`` breaks the rules above, one line each (empty: it keeps them)."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            consumers.setdefault(name, []).append((n, i))
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    problems = []
+
+    def value(name):
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
+    for n in g.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        if len(n.input) > 2 and n.input[2]:
+            zp = value(n.input[2])
+            if zp is None or np.any(zp != 0):
+                problems.append(f"{n.name}: zero point must be a constant 0 (TensorRT takes symmetric quantization only)")
+        scale = value(n.input[1])
+        if scale is None:
+            problems.append(f"{n.name}: scale must be an initializer")
+            continue
+        src = n.input[0]
+        is_weight = n.op_type == "DequantizeLinear" and src in inits
+        if not is_weight:
+            if scale.size != 1:
+                problems.append(f"{n.name}: activation scale must be per tensor, has {scale.size} values")
+            if n.op_type == "QuantizeLinear" and src in producer and producer[src].op_type in WEIGHTED:
+                problems.append(f"{n.name}: quantizes the output of {producer[src].op_type} {producer[src].name}; "
+                                "Q/DQ go on the inputs of Conv/Gemm/MatMul (their outputs fuse into the next op)")
+            continue
+        readers = consumers.get(n.output[0], [])
+        int4 = inits[src].data_type in INT4_TYPES
+        a = _attrs(n)
+        for reader, idx in readers:
+            if reader.op_type not in WEIGHTED or idx != 1:
+                problems.append(f"{n.name}: a dequantized weight must feed input 1 of Conv/Gemm/MatMul, "
+                                f"feeds {reader.op_type} {reader.name} input {idx}")
+                continue
+            if int4:
+                if reader.op_type == "Conv":
+                    problems.append(f"{n.name}: INT4 weights are for MatMul/Gemm only (store this Conv's INT8)")
+                if "block_size" not in a or opset < 21:
+                    problems.append(f"{n.name}: INT4 weights need DequantizeLinear with block_size (opset >= 21)")
+            want = weight_axis(reader.op_type, _attrs(reader).get("transB", 0), int4=int4)
+            dims = list(inits[src].dims)
+            if int4:
+                if a.get("axis", 1) != want:
+                    problems.append(f"{n.name}: INT4 blocks must run along axis {want} (the input dimension)")
+            elif scale.size != 1 and (a.get("axis", 1) != want or scale.size != dims[want]):
+                problems.append(f"{n.name}: per-channel weight scale must be on axis {want} "
+                                f"({dims[want]} channels), has axis {a.get('axis', 1)} and {scale.size} values")
+    # Attention stays float: nothing dequantized flows straight into Softmax or into a MatMul
+    # whose two inputs are both activations.
+    for n in g.node:
+        if n.op_type == "Softmax" or (n.op_type == "MatMul" and not any(i in inits or _dq_of_init(i, producer, inits)
+                                                                           for i in n.input)):
+            for name in n.input:
+                p = producer.get(name)
+                if p is not None and p.op_type == "DequantizeLinear":
+                    problems.append(f"{n.name}: {n.op_type} of attention reads a DequantizeLinear ({p.name}); "
+                                    "keep attention float so TensorRT fuses it")
+    return problems
+
+
+def _dq_of_init(name: str, producer: dict, inits: dict) -> bool:
+    p = producer.get(name)
+    return p is not None and p.op_type == "DequantizeLinear" and p.input[0] in inits
+
+
+def differ_only_in_scales(a, b) -> list[str]:
+    """Where two per-group models differ other than in Q/DQ scale initializers (empty: they
+    are one engine's graph with different scales, as TensorRT's per-group engines must be)."""
+    from onnx import numpy_helper
+
+    def scales(m):
+        return {n.input[1] for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")}
+
+    out = []
+    na, nb = a.graph.node, b.graph.node
+    if [(n.op_type, list(n.input), list(n.output)) for n in na] != [(n.op_type, list(n.input), list(n.output)) for n in nb]:
+        out.append("the graphs differ in their nodes")
+    sa, sb = scales(a), scales(b)
+    ia = {t.name: t for t in a.graph.initializer}
+    ib = {t.name: t for t in b.graph.initializer}
+    if set(ia) != set(ib):
+        out.append(f"initializers differ: {sorted(set(ia) ^ set(ib))[:5]}")
+    for name in sorted(set(ia) & set(ib)):
+        if name in sa or name in sb:
+            continue
+        if not np.array_equal(numpy_helper.to_array(ia[name]), numpy_helper.to_array(ib[name])):
+            out.append(f"initializer {name} differs and is not a Q/DQ scale")
+    return out
