@@ -11,7 +11,7 @@ from dmcompile.backends.tensorrt_rules import check_explicit_quantization, diffe
 
 
 def graph(*, zp=0, act_scale=(0.05,), conv_axis=0, q_on_conv_out=False, dq_into_softmax=False,
-          int4_block=4, conv_int4=False, act_scale_value=0.05):
+          int4_block=4, conv_int4=False, act_scale_value=0.05, int32_bias=False, conv_chain=False):
     """x [1,4,4,4] -> Q/DQ -> Conv (int8 per-channel weight) -> + skip (Q/DQ on the skip only) ->
     reshape [16, 8] -> MatMul with an int4 block-quantized weight -> attention-like
     MatMul(h, h^T) -> Softmax, all float."""
@@ -42,9 +42,24 @@ def graph(*, zp=0, act_scale=(0.05,), conv_axis=0, q_on_conv_out=False, dq_into_
         init("cw", rng.integers(-127, 128, (8, 4, 1, 1)).astype(np.int8))
         init("cw.s", np.full(8 if conv_axis == 0 else 4, 0.01, np.float32))
         nodes.append(helper.make_node("DequantizeLinear", ["cw", "cw.s"], ["cw.dq"], name="cw/DQ", axis=conv_axis))
-    init("cb", np.zeros(8, np.float32))
+    if int32_bias:  # ONNX Runtime style: int32 bias, scale s_x * s_w computed in the graph
+        init("cb.q", np.zeros(8, np.int32))
+        nodes.append(helper.make_node("Mul", ["x.s", "cw.s"], ["cb.s"], name="bias_scale"))
+        nodes.append(helper.make_node("DequantizeLinear", ["cb.q", "cb.s"], ["cb"], name="cb/DQ", axis=0))
+    else:
+        init("cb", np.zeros(8, np.float32))
     nodes.append(helper.make_node("Conv", [xin, "cw.dq", "cb"], ["c"], name="conv"))
-    conv_out = qdq("c", "c", [0.05]) if q_on_conv_out else "c"
+    if conv_chain:  # the next Conv reads this Conv's output quantized: an input Q/DQ, allowed
+        c_in = qdq("c", "c", [0.05])
+        init("cw2", rng.integers(-127, 128, (8, 8, 1, 1)).astype(np.int8))
+        init("cw2.s", np.full(8, 0.01, np.float32))
+        nodes.append(helper.make_node("DequantizeLinear", ["cw2", "cw2.s"], ["cw2.dq"], name="cw2/DQ", axis=0))
+        nodes.append(helper.make_node("Conv", [c_in, "cw2.dq"], ["c2"], name="conv2"))
+        nodes[-1].output[0] = "c2"
+        conv_out_name = "c2"
+    else:
+        conv_out_name = "c"
+    conv_out = qdq(conv_out_name, "co", [0.05]) if q_on_conv_out else conv_out_name
     init("skip", rng.standard_normal((1, 8, 4, 4)).astype(np.float32))
     skip = qdq("skip", "skip", [0.05])
     nodes.append(helper.make_node("Add", [conv_out, skip], ["r"], name="residual"))
@@ -67,8 +82,9 @@ def graph(*, zp=0, act_scale=(0.05,), conv_axis=0, q_on_conv_out=False, dq_into_
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
 
 
-def test_a_graph_that_keeps_the_rules_passes():
-    m = graph()
+@pytest.mark.parametrize("kw", [{}, {"conv_chain": True}])
+def test_a_graph_that_keeps_the_rules_passes(kw):
+    m = graph(**kw)
     onnx.checker.check_model(m, full_check=True)
     assert check_explicit_quantization(m) == []
     # ONNX Runtime on the CPU runs the same explicit-quantization graph (int4 blocks included)
@@ -84,6 +100,7 @@ def test_a_graph_that_keeps_the_rules_passes():
     ({"act_scale": (0.05, 0.06, 0.07, 0.08)}, "activation scale must be per tensor"),
     ({"conv_axis": 1}, "per-channel weight scale must be on axis 0"),
     ({"q_on_conv_out": True}, "quantizes the output of Conv"),
+    ({"int32_bias": True}, "quantized bias"),
     ({"dq_into_softmax": True}, "keep attention float"),
     ({"conv_int4": True}, "INT4 weights are for MatMul/Gemm only"),
     ({"int4_block": None}, "need DequantizeLinear with block_size"),

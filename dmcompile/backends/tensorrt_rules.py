@@ -11,7 +11,9 @@ TensorRT-Model-Optimizer's ONNX passes):
 - INT4 weights only for MatMul / Gemm, block-quantized along the input dimension
   (DequantizeLinear with ``block_size``, opset >= 21): MatMul axis 0, Gemm axis 1 with transB else 0;
 - placement that fuses: Q/DQ on the inputs of Conv / Gemm / MatMul, not on their outputs (a
-  residual Add fuses into the Conv before it, Q/DQ only on its skip input);
+  residual Add fuses into the Conv before it, Q/DQ only on its skip input); a Conv output that the
+  next Conv reads quantized is that Conv's input, and fine;
+- biases stay float (no int32 bias with a computed scale, as ONNX Runtime's QDQ graphs have);
 - attention stays float: no DequantizeLinear feeding an activation x activation MatMul
   (Q.K^T, attn.V) or a Softmax, so the fused attention kernel survives;
 - the per-group models of one bundle differ only in their scale initializers.
@@ -71,6 +73,9 @@ def check_explicit_quantization(model) -> list[str]:
             zp = value(n.input[2])
             if zp is None or np.any(zp != 0):
                 problems.append(f"{n.name}: zero point must be a constant 0 (TensorRT takes symmetric quantization only)")
+        if any(r.op_type in WEIGHTED and i == 2 for r, i in consumers.get(n.output[0], [])):
+            problems.append(f"{n.name}: quantized bias (ONNX Runtime's int32 bias); TensorRT takes float biases")
+            continue
         scale = value(n.input[1])
         if scale is None:
             problems.append(f"{n.name}: scale must be an initializer")
@@ -80,9 +85,10 @@ def check_explicit_quantization(model) -> list[str]:
         if not is_weight:
             if scale.size != 1:
                 problems.append(f"{n.name}: activation scale must be per tensor, has {scale.size} values")
-            if n.op_type == "QuantizeLinear" and src in producer and producer[src].op_type in WEIGHTED:
-                problems.append(f"{n.name}: quantizes the output of {producer[src].op_type} {producer[src].name}; "
-                                "Q/DQ go on the inputs of Conv/Gemm/MatMul (their outputs fuse into the next op)")
+            if n.op_type == "QuantizeLinear" and src in producer and producer[src].op_type in WEIGHTED and \
+                    not _feeds_weighted_input(n, consumers):
+                problems.append(f"{n.name}: quantizes the output of {producer[src].op_type} {producer[src].name} "
+                                "for no Conv/Gemm/MatMul; Q/DQ go on their inputs (a residual Add fuses float)")
             continue
         readers = consumers.get(n.output[0], [])
         int4 = inits[src].data_type in INT4_TYPES
@@ -116,6 +122,16 @@ def check_explicit_quantization(model) -> list[str]:
                     problems.append(f"{n.name}: {n.op_type} of attention reads a DequantizeLinear ({p.name}); "
                                     "keep attention float so TensorRT fuses it")
     return problems
+
+
+def _feeds_weighted_input(q, consumers: dict) -> bool:
+    """Whether the QuantizeLinear ``q`` exists for a quantized reader: one of its DequantizeLinears
+    feeds input 0 of a Conv/Gemm/MatMul (TensorRT then fuses the Q into the producer's output)."""
+    for dq, _ in consumers.get(q.output[0], []):
+        if dq.op_type == "DequantizeLinear" and any(r.op_type in WEIGHTED and i == 0
+                                                    for r, i in consumers.get(dq.output[0], [])):
+            return True
+    return False
 
 
 def _dq_of_init(name: str, producer: dict, inits: dict) -> bool:
