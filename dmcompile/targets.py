@@ -28,6 +28,8 @@ class TargetProfile:
     (attention's Q.K^T and attn.V); when False they stay float.
     packed_weight_bits: widths stored packed on disk (two 4-bit values per byte); others are
     stored on the int8 grid, one byte per weight.
+    quantize_bias: int32 biases with scale s_x * s_w (ONNX Runtime folds them into its fused
+    kernels); False keeps them float, as TensorRT's explicit quantization wants.
     """
 
     name: str
@@ -40,6 +42,7 @@ class TargetProfile:
     backend: str
     quantize_activation_matmuls: bool = True
     packed_weight_bits: tuple[int, ...] = (4,)
+    quantize_bias: bool = True
 
     @property
     def activation_symmetric(self) -> bool:

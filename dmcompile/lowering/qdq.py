@@ -109,7 +109,7 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
             new_nodes.append(helper.make_node("DequantizeLinear", [f"{w}.q", f"{w}.scale", f"{w}.zero_point"],
                                               [f"{w}.dq"], name=f"{w}.DQ", axis=qw.axis))
             node.input[1] = f"{w}.dq"
-            if len(node.input) > 2 and node.input[2] and node.input[2] in inits:
+            if profile.quantize_bias and len(node.input) > 2 and node.input[2] and node.input[2] in inits:
                 # int32 bias with scale s_x * s_w, computed in the graph from the float bias, the
                 # weight scales and this group's s_x; ONNX Runtime's constant folding turns it
                 # into the fused kernel's int32 bias, one definition for every group.
