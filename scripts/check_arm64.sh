@@ -18,7 +18,6 @@
 # step 2 the project's .venv (bash scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT_DIR=$PWD
 WORK=build/arm64
 CPU=cortex-a76          # Raspberry Pi 5's core: NEON dot-product, no i8mm; try neoverse-v1 for i8mm
 FAST=0
@@ -43,6 +42,10 @@ mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 T0=$(date +%s)
 step() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+logged() {  # logged LOG CMD...: run quietly; on failure show the log's end and stop
+    local log=$1; shift
+    "$@" >"$log" 2>&1 || { echo "error: $* failed; the end of $log:" >&2; tail -20 "$log" >&2; exit 1; }
+}
 
 # --- apt with private state: the host's sources as they are, plus the qemu suite -------------
 apt_private() {  # apt_private DIR ARCH [ARCH...] -- apt-get ARGS...
@@ -74,15 +77,16 @@ if [ ! -x "$WORK/root/usr/bin/python3.11" ] || [ ! -x "$WORK/qemu/usr/bin/qemu-a
     MIRROR=$(bash scripts/debian_mirror.sh)
     [ -n "$MIRROR" ] || { echo "error: no Debian mirror in /etc/apt/sources.list(.d); add one" >&2; exit 2; }
     KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
-    apt_private "$A" arm64 amd64 -- update >/dev/null
-    apt_private "$A" arm64 amd64 -- install --download-only -y --no-install-recommends python3.11 libstdc++6 >/dev/null
+    logged "$WORK/apt.log" apt_private "$A" arm64 amd64 -- update
+    logged "$WORK/apt.log" apt_private "$A" arm64 amd64 -- install --download-only -y --no-install-recommends \
+        python3.11 libstdc++6
     Q=$WORK/apt-qemu
     rm -rf "$Q"
     apt_dir "$Q"
     printf 'Types: deb\nURIs: %s\nSuites: %s\nComponents: main\nSigned-By: %s\n' "$MIRROR" "$QEMU_SUITE" "$KEYRING" \
         > "$Q/etc/sources.list.d/qemu.sources"
-    apt_private "$Q" amd64 -- update >/dev/null
-    apt_private "$Q" amd64 -- install --download-only -y --no-install-recommends qemu-user >/dev/null
+    logged "$WORK/apt.log" apt_private "$Q" amd64 -- update
+    logged "$WORK/apt.log" apt_private "$Q" amd64 -- install --download-only -y --no-install-recommends qemu-user
     mkdir -p "$WORK/root.tmp" "$WORK/qemu.tmp"
     for deb in "$A"/cache/archives/*_arm64.deb "$A"/cache/archives/*_all.deb; do
         [ -e "$deb" ] && dpkg-deb -x "$deb" "$WORK/root.tmp"
@@ -107,11 +111,11 @@ for name in ("numpy", "onnxruntime"):
 EOF
 )
 rm -rf "$WORK/site" "$WORK/wheels"
-"$HOSTPY" -m pip wheel -q --no-deps -w "$WORK/wheels" runtimes/python
+logged "$WORK/pip.log" "$HOSTPY" -m pip wheel -q --no-deps -w "$WORK/wheels" runtimes/python
 # shellcheck disable=SC2086
-"$HOSTPY" -m pip install -q --target "$WORK/site" --only-binary=:all: --implementation cp --python-version 3.11 \
-    --abi cp311 --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 \
-    --platform manylinux2014_aarch64 $PINS pytest "$WORK"/wheels/dmruntime-*.whl 2>&1 | grep -v -e '^WARNING: Location' -e 'as the .root. user' || true
+logged "$WORK/pip.log" "$HOSTPY" -m pip install -q --target "$WORK/site" --only-binary=:all: --implementation cp \
+    --python-version 3.11 --abi cp311 --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 \
+    --platform manylinux2014_aarch64 $PINS pytest "$WORK"/wheels/dmruntime-*.whl
 
 # The aarch64 interpreter behind a host shell script, so that sys.executable (and so a test's
 # subprocess) starts under qemu too without binfmt_misc.
