@@ -120,31 +120,31 @@ def weights_held(manifest: dict) -> dict[str, int]:
     return held
 
 
+def resident_weight_bytes(runtime: str, held: list[int], expanded: int = 0) -> float:
+    """Weight bytes resident for engines holding ``held`` bytes each (weights_held), ``expanded``
+    of them int8 arrays expanded from weights.npz (measured: one copy more)."""
+    return sum(held) * WEIGHT_COPIES[runtime] + ENGINE_MB[runtime] * 1e6 * len(held) + expanded
+
+
 def resident_estimate(manifest: dict, batch: int) -> dict:
     """The estimate for running the bundle at ``batch`` (guidance doubles the UNet batch):
     {"base_mb", "weights_mb", "activations_mb", "total_mb", "engines"}. Needs the manifest's
     ``memory`` entry (written by the build) for activations; without it they are left out."""
     runtime = manifest.get("engine", {}).get("runtime", "onnxruntime")
     held = weights_held(manifest)
-    weights = sum(held.values()) * WEIGHT_COPIES.get(runtime, 2.0) + ENGINE_MB.get(runtime, 0.0) * 1e6 * len(held)
     stored = (manifest.get("weights") or {}).get("tensors", {})
-    weights += sum(math.prod(t["shape"]) for t in stored.values())  # measured: one more copy (see WEIGHT_COPIES)
+    weights = resident_weight_bytes(runtime, list(held.values()), sum(math.prod(t["shape"]) for t in stored.values()))
     mem = manifest.get("memory") or {}
     guided = 2 if (manifest.get("conditioning") or {}).get("calibration_guidance_scale") else 1
     act = batch * guided * mem.get("activation_peak_bytes_per_sample", 0)
     dec = manifest.get("decoder") or {}
     if dec and mem.get("decoder_activation_peak_bytes_per_sample"):
         act = max(act, batch * mem["decoder_activation_peak_bytes_per_sample"])  # decoded after sampling
-        weights += files_bytes(manifest, [dec["file"]]) * WEIGHT_COPIES.get(runtime, 2.0)
-    base = RUNTIME_BASE_MB.get(runtime, 60.0)
-    mb = 1e6
-    return {"runtime": runtime, "batch": batch, "engines": len(held), "base_mb": base, "weights_mb": weights / mb,
-            "activations_mb": act / mb, "total_mb": base + (weights + act) / mb,
-            "activations_known": bool(mem)}
-
-
-def files_bytes(manifest: dict, names: list[str]) -> int:
-    return int(sum(manifest["files"][n]["bytes"] for n in names if n in manifest["files"]))
+        # the decoder always runs on ONNX Runtime
+        weights += resident_weight_bytes("onnxruntime", [int(manifest["files"].get(dec["file"], {}).get("bytes", 0))])
+    base = RUNTIME_BASE_MB[runtime]
+    return {"runtime": runtime, "batch": batch, "engines": len(held), "base_mb": base, "weights_mb": weights / 1e6,
+            "activations_mb": act / 1e6, "total_mb": base + (weights + act) / 1e6, "activations_known": bool(mem)}
 
 
 def memory_entry(fp_dir: Path, decoder_file: str | None = None, sequence_length: int | None = None) -> dict:
@@ -153,21 +153,21 @@ def memory_entry(fp_dir: Path, decoder_file: str | None = None, sequence_length:
     unet = activation_peak(Path(fp_dir) / "model.onnx", free_dim=sequence_length or 1)
     entry = {"activation_peak_bytes_per_sample": unet["peak_bytes"],
              "largest_activation_bytes_per_sample": unet["largest_bytes"],
+             "unknown_shapes": unet["unknown_shapes"],  # counted as 1 element per unknown dimension
              "method": "liveness of the fp32 graph's activations in graph order (float32; an upper estimate)"}
     if decoder_file:
         entry["decoder_activation_peak_bytes_per_sample"] = activation_peak(Path(fp_dir) / decoder_file)["peak_bytes"]
     return entry
 
 
-def board_table(params: int, act_peak: int, bits: float, engines: int, batch: int,
-                runtime: str = "onnxruntime") -> float:
+def board_estimate(params: int, act_peak: int, engines: int, batch: int, runtime: str = "onnxruntime",
+                   stored_weights: bool = False) -> float:
     """Estimated resident MB of a bundle that does not exist yet (README's board estimates):
-    ``params`` weights at ``bits`` average bits held as int8 (4-bit expands to int8 at load)
-    in each of ``engines`` engines."""
-    bytes_per_weight = 1.0 if bits <= 8 else 4.0
-    copies = WEIGHT_COPIES[runtime] + (1 if bits < 8 and runtime == "onnxruntime" else 0)  # weights.npz expanded
-    weights = params * bytes_per_weight * engines * copies + ENGINE_MB[runtime] * 1e6 * engines
+    ``params`` int8 weights in each of ``engines`` engines (``stored_weights``: from weights.npz,
+    as 4-bit bundles keep them), ``batch`` x ``act_peak`` activation bytes."""
+    weights = resident_weight_bytes(runtime, [params] * engines, params if stored_weights else 0)
     return RUNTIME_BASE_MB[runtime] + (weights + batch * act_peak) / 1e6
 
 
-__all__ = ["activation_peak", "board_table", "memory_entry", "resident_estimate", "weights_held"]
+__all__ = ["activation_peak", "board_estimate", "memory_entry", "resident_estimate", "resident_weight_bytes",
+           "weights_held"]

@@ -39,6 +39,11 @@ def per_sample_psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 10 * np.log10(4.0 / np.maximum(mse, 1e-30))  # samples in [-1, 1]
 
 
+def mean_mse(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR over the mean MSE of all samples (the few that part dominate it)."""
+    return 10 * np.log10(4.0 / max(float(np.mean((a.astype(np.float64) - b) ** 2)), 1e-30))
+
+
 def rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Relative L2 difference per call (first axis)."""
     d = (a - b).reshape(len(a), -1)
@@ -58,9 +63,6 @@ def compare(fp_path: str, x86_paths: list[str], arm_paths: list[str]) -> int:
         same = int((diff == 0).sum())
         p_xa, p_xf, p_af = (per_sample_psnr(u, v) for u, v in
                             ((x["samples"], a["samples"]), (x["samples"], fp["samples"]), (a["samples"], fp["samples"])))
-
-        def mean_mse(u, v):
-            return 10 * np.log10(4.0 / max(float(np.mean((u.astype(np.float64) - v) ** 2)), 1e-30))
 
         name = xp.rsplit("/", 1)[-1].rsplit(".", 2)[0]
         print(f"| {name} | {same} / {len(diff)} | {diff.max():.2e} | {np.median(quant):.2e} | "

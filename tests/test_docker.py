@@ -85,7 +85,7 @@ def test_images_run_as_a_non_root_user(name):
 
 def test_docker_readme_mounts_the_bundle_read_only():
     text = (DOCKER / "README.md").read_text()
-    runs = [l for l in text.splitlines() if "docker run" in l or "podman run" in l]
-    assert runs and all(":ro" in l for l in runs if "/bundle" in l)
+    bundle_runs = [l for l in text.splitlines() if ("docker run" in l or "podman run" in l) and ":/bundle" in l]
+    assert bundle_runs and all(":/bundle:ro" in l for l in bundle_runs)
     for name in IMAGES:
         assert f"docker/{name}" in text

@@ -76,3 +76,17 @@ def test_openvino_engines_each_hold_the_shared_weights():
     assert e["engines"] == 2
     assert e["weights_mb"] == pytest.approx(2 * (5100 * WEIGHT_COPIES["openvino"] / 1e6 + ENGINE_MB["openvino"]))
     assert e["base_mb"] == RUNTIME_BASE_MB["openvino"]
+
+
+def test_board_estimate_uses_the_bundle_formula():
+    from dmcompile.memory import board_estimate, resident_weight_bytes
+
+    params, peak = 10**7, 10**6
+    int8 = board_estimate(params, peak, engines=1, batch=2)
+    assert int8 == pytest.approx(RUNTIME_BASE_MB["onnxruntime"] + (resident_weight_bytes("onnxruntime", [params])
+                                                                   + 2 * peak) / 1e6)
+    # weights from weights.npz: one int8 copy more, as resident_estimate counts them
+    assert board_estimate(params, peak, 1, 2, stored_weights=True) - int8 == pytest.approx(params / 1e6)
+    ov = [board_estimate(params, peak, k, 1, runtime="openvino") for k in (1, 2, 3)]
+    assert ov[2] - ov[1] == pytest.approx(ov[1] - ov[0])  # each compiled model costs the same
+    assert ov[1] - ov[0] == pytest.approx(ENGINE_MB["openvino"] + params * WEIGHT_COPIES["openvino"] / 1e6)
