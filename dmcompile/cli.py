@@ -219,8 +219,19 @@ def cmd_build(args) -> int:
               + f" ({sa['note']})")
     if "fidelity" in m:
         f = m["fidelity"]
-        print(f"fidelity vs fp32 ({f['samples']} samples, DDIM {f['steps']}): PSNR {f['psnr_db_mean']:.2f} dB, "
+        where = " (ONNX Runtime on the CPU over the engines' ONNX)" if m["engine"]["runtime"] == "tensorrt" else ""
+        print(f"fidelity vs fp32 ({f['samples']} samples, DDIM {f['steps']}){where}: PSNR {f['psnr_db_mean']:.2f} dB, "
               f"SSIM {f['ssim_mean']:.4f}")
+    trt = m["engine"].get("tensorrt")
+    if trt:
+        if (m.get("plan") or {}).get("stored_int8"):
+            print(f"note: {len(m['plan']['stored_int8']['layers'])} 4-bit layer(s) stored INT8: "
+                  f"{m['plan']['stored_int8']['why']}")
+        if trt["built_here"]:
+            print(f"TensorRT engines built into {res.path}/{trt['plans_folder']}/")
+        else:
+            print(f"TensorRT is not installed here: the bundle holds the per-group ONNX; on the GPU machine run "
+                  f"{res.path}/build_engines.sh (python -m dmruntime.tensorrt.build {res.path})")
     return 0
 
 
@@ -343,10 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="w8a8: int8 weights; mixed: per-layer weight bits under --budget (RD allocation)")
     b.add_argument("--target", default=default(BuildConfig, "profile"), choices=sorted(PROFILES),
                    help=f"target profile (default {default(BuildConfig, 'profile')}): ort-cpu (ONNX Runtime, one "
-                   "fused engine fed each group's scales) or openvino-cpu (OpenVINO, one compiled model per engine, "
-                   "scales compiled in; needs the openvino package)")
+                   "fused engine fed each group's scales), openvino-cpu (OpenVINO, one compiled model per engine, "
+                   "scales compiled in; needs the openvino package) or tensorrt (NVIDIA GPUs: strongly typed FP16 "
+                   "ONNX with int8 Q/DQ per group; engines built where TensorRT is installed)")
     b.add_argument("--max-engines", type=int, default=default(BuildConfig, "max_engines"), metavar="N",
-                   help="openvino-cpu: at most N engines; adjacent groups with the closest activation scales share "
+                   help="openvino-cpu, tensorrt: at most N engines; adjacent groups with the closest activation scales share "
                    "one (bounds resident memory: each compiled model holds its own weights)")
     b.add_argument("--budget", default=None, help="mixed: 5.0bits (average weight bits), 20MB (weight bytes) or "
                    "BOPs=1.5e9 (MACs x weight bits x activation bits)")

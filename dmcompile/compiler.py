@@ -126,9 +126,9 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     ws = prepare(model, config)
     calib = calibrate(ws, config, progress)
     plan = allocate(ws, calib, config, progress)
-    openvino = ws.profile.backend == "openvino"
+    qdq_files = ws.profile.backend in ("openvino", "tensorrt")  # engines are QDQ graphs, scales in them
     engines = stored = None
-    if not openvino:
+    if not qdq_files:
         engines = fuse_and_merge(lower(ws, calib, plan, progress, rounding=config.analysis.rounding))
         stored = externalize_weights(ws, engines, plan) if isinstance(config.recipe, MixedRecipe) else None
     decoder = lower_decoder(ws, config, progress) if config.decoder == "w8a8" else None
@@ -136,9 +136,13 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     # in turn, the second one imports the compiled engines (a second start: 4.9x faster on
     # ddpm-cifar10-32, benchmarks/README.md)
     with tempfile.TemporaryDirectory(prefix="dmcompile-ov-") as cache, atomic_dir(Path(out), BUNDLE) as tmp:
-        if openvino:  # written as they are lowered: one QDQ graph in memory at a time
-            engines = write_openvino_engines(tmp, ws, calib, plan, config, progress)
+        if qdq_files:  # written as they are lowered: one QDQ graph in memory at a time
+            engines = write_qdq_engines(tmp, ws, calib, plan, config, progress)
         files = write_engines(tmp, engines, stored, ws, decoder)
+        if ws.profile.backend == "tensorrt":
+            from .backends.tensorrt import write_build_script
+
+            files.append(write_build_script(tmp))
         body = describe(ws, calib, plan, engines, stored, config, decoder)
         if config.correction:
             body["correction"] = estimate_corrections(tmp, body, ws, calib, config, progress, cache)
@@ -148,6 +152,10 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
             body["fidelity"] = check_fidelity(tmp, body, ws, config, cache)
         body["build"]["seconds"] = round(time.perf_counter() - t0, 2)
         manifest = write_manifest(tmp, body, files)
+        if ws.profile.backend == "tensorrt" and body["engine"]["tensorrt"]["built_here"]:
+            from dmruntime.tensorrt.build import build_engines
+
+            build_engines(tmp, progress=progress and (lambda i, n: progress("tensorrt", i, n)))
     return BuildResult(Path(out), manifest)
 
 
@@ -226,6 +234,12 @@ def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progr
     check_bits({int(b) for b in bits.ravel()}, ws.profile.weight_bits, allow_simulated=recipe.allow_simulated_bits)
     n = sum(l.params for l in layers)
     record["average_weight_bits"] = [float((bits[g] * [l.params for l in layers]).sum() / n) for g in range(K)]
+    if ws.profile.weight_only_ops:  # tensorrt: 4-bit only as INT4 weight-only MatMul/Gemm
+        int8 = [l.node for i, l in enumerate(layers) if any(2 <= b <= 4 for b in bits[:, i])
+                and not weight_only(ws.profile, l, int(bits[:, i].min()))]
+        if int8:
+            record["stored_int8"] = {"layers": int8, "why": f"{ws.profile.name} has 4-bit weights only as INT4 "
+                                     "weight-only MatMul/Gemm blocks: these run as INT8 with their 4-bit values"}
     record["rounding"] = config.analysis.rounding
     return WeightPlan(bits, record, per_group)
 
@@ -282,13 +296,23 @@ def lower(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, progress=No
             progress("lower", c + 1, len(clusters))
 
 
-def write_openvino_engines(folder: Path, ws: Workspace, calib: CalibrationResult, plan: WeightPlan,
-                           config: BuildConfig, progress=None) -> EngineSet:
-    """openvino-cpu: one QDQ graph per engine (a group, or adjacent groups merged down to
-    ``config.max_engines``), written as lowered; the weights they share go once into weights.bin.
-    Counts the int8 layers after OpenVINO compiles each distinct weight layout."""
-    from .backends.openvino import WEIGHTS_FILE, SharedWeights, cluster_groups, engine_file, fusion_report
+def write_qdq_engines(folder: Path, ws: Workspace, calib: CalibrationResult, plan: WeightPlan,
+                      config: BuildConfig, progress=None) -> EngineSet:
+    """openvino-cpu and tensorrt: one QDQ graph per engine (a group, or adjacent groups merged down
+    to ``config.max_engines``), written as lowered; the weights they share go once into weights.bin.
+    openvino-cpu counts the int8 layers after OpenVINO compiles each distinct weight layout;
+    tensorrt types each graph FP16, checks TensorRT's rules and counts what it quantizes."""
+    from .backends.openvino import WEIGHTS_FILE, SharedWeights, cluster_groups, engine_file
 
+    if ws.profile.backend == "tensorrt":
+        from .backends.tensorrt import engine_report, finish_engine
+
+        def report(path):
+            return engine_report(onnx.load(str(path), load_external_data=False))
+    else:
+        from .backends.openvino import fusion_report as report
+
+        finish_engine = None
     K = len(calib.groups)
     ranges = calib.ranges()
     clusters = cluster_groups(ranges, [tuple(plan.bits[g]) for g in range(K)], config.max_engines)
@@ -297,6 +321,8 @@ def write_openvino_engines(folder: Path, ws: Workspace, calib: CalibrationResult
     try:
         for c, (widths, _), model in lower(ws, calib, plan, progress, clusters=clusters, ranges=ranges,
                                            rounding=config.analysis.rounding):
+            if finish_engine is not None:
+                model = finish_engine(model)
             name = writer.add(model, engine_file(c))
             del model
             engines[name], first[name] = folder / name, clusters[c][0]
@@ -305,8 +331,8 @@ def write_openvino_engines(folder: Path, ws: Workspace, calib: CalibrationResult
                 engine_of[g] = name
     finally:
         writer.close()
-    # Engines of one layout differ only in scales: OpenVINO compiles them alike.
-    reports = {name: fusion_report(folder / name) for name in layout.values()}
+    # Engines of one layout differ only in scales: the backend treats them alike.
+    reports = {name: report(folder / name) for name in layout.values()}
     fusion = {name: reports[layout[tuple(int(b) for b in plan.bits[first[name]])]] for name in engines}
     return EngineSet(engines, tuple(engine_of[g] for g in range(K)), tuple({} for _ in range(K)), first, fusion,
                      written=(*engines, WEIGHTS_FILE))
@@ -477,7 +503,7 @@ def estimate_corrections(folder: Path, body: dict, ws: Workspace, calib: Calibra
     """PTQD statistics of the written engines (read through the runtime, correction off)."""
     from .calibration.correction import estimate_correction
 
-    bundle = Bundle(Path(folder), body, correction=False, cache_dir=cache_dir)
+    bundle = Bundle(Path(folder), body, correction=False, cache_dir=cache_dir, device="cpu")
     return estimate_correction(bundle, Bundle.open(ws.fp),
                                calib.config.steps, config.correction_size, config.seed,
                                progress=progress and (lambda i, n: progress("correction", i, n)),
@@ -511,7 +537,7 @@ def check_fidelity(folder: Path, body: dict, ws: Workspace, config: BuildConfig,
     guidance = config.calibration.guidance_scale
     cfg = SampleConfig(n=n, steps=50, seed=seed, guidance_scale=guidance)
     cond, null = cycle_rows(ws.conditions, n), ws.conditioning.null
-    got = stages.sample_model(Bundle(Path(folder), body, cache_dir=cache_dir), cfg, cond=cond)
+    got = stages.sample_model(Bundle(Path(folder), body, cache_dir=cache_dir, device="cpu"), cfg, cond=cond)
     want = stages.sample_model(Bundle.open(ws.fp), cfg, cond=cond, null_cond=null)
     return {"samples": n, "steps": 50, "eta": 0.0, "seed": seed, "guidance_scale": guidance,
             "reference": "fp32 ONNX export",
@@ -544,18 +570,42 @@ def _precision_layers(ws: Workspace, plan: WeightPlan) -> list[dict]:
         q = l.node in ws.precision.quantized
         wb = [int(b) for b in bits[:, col[l.node]]] if l.node in col else None
         entry = {"node": l.node, "module": l.module, "op_type": l.op_type, "weight": l.weight, "weight_bits": wb,
-                 "storage_bits": [b if b == FLOAT_BITS else ws.profile.storage_bits(b) for b in wb] if wb else None,
+                 "storage_bits": [b if b == FLOAT_BITS else _storage(ws.profile, l, b) for b in wb] if wb else None,
                  "activation": ws.profile.activation_dtype if q else "float", "activation_bits": 8 if q else None,
                  "macs": l.macs, "params": l.params,
                  "bops": [bops(l, b, 8 if q and b != FLOAT_BITS else None) for b in (wb or [None] * len(bits))]}
         if wb and FLOAT_BITS in wb:
             entry["float_groups"] = [g for g, b in enumerate(wb) if b == FLOAT_BITS]
+        wo = [g for g, b in enumerate(wb or []) if b != FLOAT_BITS and weight_only(ws.profile, l, b)]
+        if wo:  # TensorRT's INT4 MatMul/Gemm: the input stays float in these groups
+            entry["weight_only_groups"] = wo
+            entry["bops"] = [bops(l, b, None) if g in wo else x for g, (b, x) in enumerate(zip(wb, entry["bops"]))]
         out.append(entry)
     return out
 
 
+def _storage(profile: TargetProfile, layer: Layer, bits: int) -> int:
+    """Bits per stored weight; a weight-only width with no block layout for this shape: int8."""
+    st = profile.storage_bits(bits, layer.op_type)
+    return 8 if profile.weight_only_ops and st == 4 and not weight_only(profile, layer, bits) else st
+
+
+def weight_only(profile: TargetProfile, layer: Layer, bits: int) -> bool:
+    """Whether ``layer`` at ``bits`` runs weight-only on ``profile`` (an INT4 block layout exists)."""
+    from .lowering.qdq import int4_blocks
+
+    return profile.weight_only(layer.op_type, bits) and \
+        int4_blocks(layer.op_type, layer.weight_transposed, layer.weight_shape) is not None
+
+
 def _backend_entry(ws: Workspace, engines: EngineSet) -> dict:
     """What the runtime needs to know beyond the ONNX Runtime fields, per backend."""
+    if ws.profile.backend == "tensorrt":
+        from .backends.tensorrt import engine_entry, tensorrt_available
+
+        entry = engine_entry(list(engines.engines), ws.conditioning.null is not None)
+        entry["built_here"] = tensorrt_available() is not None
+        return {"tensorrt": entry}
     if ws.profile.backend != "openvino":
         return {}
     from .backends.openvino import openvino_version

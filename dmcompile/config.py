@@ -389,7 +389,7 @@ class BuildConfig(_Versioned):
     """Compiling a model into a bundle.
 
     recipe: W8A8Recipe (default) or MixedRecipe, each with its overrides. profile: the
-    target profile (``ort-cpu`` or ``openvino-cpu``). calibration: how activation statistics are gathered.
+    target profile (``ort-cpu``, ``openvino-cpu`` or ``tensorrt``). calibration: how activation statistics are gathered.
     analysis: RD curves (mixed allocation) and the step-aware check's inputs.
     eval_samples: samples of the fidelity check in the manifest (0 skips it).
     correction: estimate PTQD noise-correction statistics (correction_size trajectories).
@@ -400,7 +400,7 @@ class BuildConfig(_Versioned):
     decoder: latent models: the VAE decoder in the bundle, ``fp32`` (the export's, as it is) or
     ``w8a8`` (the same lowering as the UNet, calibrated on latents the fp32 model samples;
     decoder_calib_size of them).
-    max_engines: openvino-cpu: at most this many engines (compiled models); adjacent timestep
+    max_engines: openvino-cpu and tensorrt: at most this many engines; adjacent timestep
     groups with the closest activation scales share one, with the union of their ranges.
 
     Schema history: 1 (dmcompile 0.1): flat ``format``, ``float_layers``, ``weight_bits``,
@@ -456,8 +456,8 @@ class BuildConfig(_Versioned):
         _check(self.decoder_calib_size >= 1, f"decoder_calib_size must be >= 1, got {self.decoder_calib_size}")
         _check(self.max_engines is None or (isinstance(self.max_engines, int) and self.max_engines >= 1),
                f"max_engines must be an integer >= 1, got {self.max_engines!r}")
-        _check(self.max_engines is None or PROFILES[self.profile].backend == "openvino",
-               f"max_engines applies to --target openvino-cpu (one compiled model per engine); {self.profile} "
+        _check(self.max_engines is None or PROFILES[self.profile].backend in ("openvino", "tensorrt"),
+               f"max_engines applies to --target openvino-cpu and tensorrt (one engine per group); {self.profile} "
                "already runs every timestep group on one engine")
 
     @property

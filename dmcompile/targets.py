@@ -8,9 +8,10 @@ adding a profile here and, if its runtime is new, a backend (docs/ARCHITECTURE.m
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["OPENVINO_CPU", "ORT_CPU", "PROFILES", "TargetProfile", "get_profile"]
+__all__ = ["OPENVINO_CPU", "ORT_CPU", "PROFILES", "TENSORRT", "TargetProfile", "get_profile"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,10 @@ class TargetProfile:
     stored on the int8 grid, one byte per weight.
     quantize_bias: int32 biases with scale s_x * s_w (ONNX Runtime folds them into its fused
     kernels); False keeps them float, as TensorRT's explicit quantization wants.
+    weight_only_ops: op type -> widths stored natively as weight-only blocks (float activations,
+    the input not quantized): TensorRT's INT4 MatMul/Gemm. A width in ``packed_weight_bits`` that a
+    layer's op type has no native form for is stored on the int8 grid (one byte per weight).
+    float16: the engines compute in FP16 outside the quantized ops (strongly typed graphs).
     """
 
     name: str
@@ -43,26 +48,32 @@ class TargetProfile:
     quantize_activation_matmuls: bool = True
     packed_weight_bits: tuple[int, ...] = (4,)
     quantize_bias: bool = True
+    weight_only_ops: dict = dataclasses.field(default_factory=dict)
+    float16: bool = False
 
     @property
     def activation_symmetric(self) -> bool:
         return self.activation_dtype == "int8"
 
-    def placement(self, model, layers) -> dict[str, list[tuple[str, int]]]:
+    def placement(self, model, layers, weight_only: set[str] | None = None) -> dict[str, list[tuple[str, int]]]:
         """Quantized activation tensor -> the (node name, input index) pairs that read it
         quantized, for the quantizable ``layers`` (objects with ``node`` and ``weight``) of
         the ONNX ``model``, in graph order. Input 0 of every layer, input 1 of activation x
         activation MatMuls (attention; with ``quantize_activation_matmuls``, else neither input),
         and, with ``quantize_conv_outputs``, Conv outputs
-        (with no quantized reader of their own unless a later layer reads them)."""
+        (with no quantized reader of their own unless a later layer reads them). Layers in
+        ``weight_only`` (nodes whose weight is stored weight-only, see :meth:`weight_only`) read
+        their input in float."""
         wanted = {l.node: l for l in layers if self.quantizes(l)}
+        weight_only = weight_only or set()
         out: dict[str, list[tuple[str, int]]] = {}
         for node in model.graph.node:
             layer = wanted.get(node.name)
             if layer is None:
                 continue
-            for i in ([0] if layer.weight else [0, 1]):
-                out.setdefault(node.input[i], []).append((node.name, i))
+            if node.name not in weight_only:
+                for i in ([0] if layer.weight else [0, 1]):
+                    out.setdefault(node.input[i], []).append((node.name, i))
             if self.quantize_conv_outputs and node.op_type == "Conv":
                 out.setdefault(node.output[0], [])
         return out
@@ -72,9 +83,16 @@ class TargetProfile:
         activation x activation MatMuls only with ``quantize_activation_matmuls``)."""
         return bool(layer.weight) or self.quantize_activation_matmuls
 
-    def storage_bits(self, bits: int) -> int:
-        """Bits per weight on disk for a ``bits``-wide weight."""
-        return 4 if bits <= 4 and 4 in self.packed_weight_bits else 8
+    def storage_bits(self, bits: int, op_type: str | None = None) -> int:
+        """Bits per weight on disk for a ``bits``-wide weight of an ``op_type`` layer (None: any)."""
+        if bits <= 4 and 4 in self.packed_weight_bits:
+            if not self.weight_only_ops or op_type is None or 4 in self.weight_only_ops.get(op_type, ()):
+                return 4
+        return 8
+
+    def weight_only(self, op_type: str, bits: int) -> bool:
+        """Whether a ``bits``-wide weight of an ``op_type`` layer runs weight-only (its input float)."""
+        return bits in self.weight_only_ops.get(op_type, ())
 
     def quantized_tensors(self, model, layers) -> list[str]:
         """The activation tensors :meth:`placement` quantizes, in graph order."""
@@ -127,7 +145,31 @@ OPENVINO_CPU = TargetProfile(
     packed_weight_bits=(),
 )
 
-PROFILES = {p.name: p for p in (ORT_CPU, OPENVINO_CPU)}
+# tensorrt: TensorRT's explicit quantization (TensorRT >= 10, strongly typed networks), from its
+# developer guide and onnx-tensorrt's importers; never run in this project's environment (no
+# TensorRT builder can be installed here). Symmetric int8 activations per tensor, per-channel
+# int8 weights, float biases; Q/DQ only on the inputs of Conv / Gemm / MatMul (TensorRT fuses a
+# residual Add into the Conv before it); attention's activation MatMuls float so its fused
+# attention kernel survives; FP16 everywhere else. 4-bit weights: INT4 weight-only blocks for
+# MatMul / Gemm (activations FP16), the only INT4 form TensorRT has; a 4-bit Conv weight is stored
+# and run INT8 (its values still on the 4-bit grid).
+TENSORRT = TargetProfile(
+    name="tensorrt",
+    activation_dtype="int8",
+    weight_bits=(4, 8),
+    weight_per_channel=True,
+    activation_bits=(8,),
+    quantize_conv_outputs=False,
+    integer_ops={"Conv": ("Convolution int8",), "Gemm": ("MatrixMultiply int8", "MatrixMultiply int4 weight-only"),
+                 "MatMul": ("MatrixMultiply int8", "MatrixMultiply int4 weight-only")},
+    backend="tensorrt",
+    quantize_activation_matmuls=False,
+    quantize_bias=False,
+    weight_only_ops={"MatMul": (4,), "Gemm": (4,)},
+    float16=True,
+)
+
+PROFILES = {p.name: p for p in (ORT_CPU, OPENVINO_CPU, TENSORRT)}
 
 
 def get_profile(name: str) -> TargetProfile:

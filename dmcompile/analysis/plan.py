@@ -20,7 +20,8 @@ def weight_bytes(layer: Layer, bits: int, storage=storage_bits) -> int:
     if bits == FLOAT_BITS:
         return 4 * layer.params
     channels = layer.weight_shape[weight_axis(layer)]
-    return -(-layer.params * storage(bits) // 8) + 4 * channels
+    stored = storage(bits, layer.op_type) if storage is not storage_bits else storage(bits)
+    return -(-layer.params * stored // 8) + 4 * channels
 
 
 def option_costs(layers: list[Layer], bits: tuple[int, ...], kind: str, act_bits: int = 8,

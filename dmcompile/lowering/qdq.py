@@ -10,7 +10,9 @@ that collide with exported tensor names, and the fusion rules we need are few an
 - every quantized tensor gets one QuantizeLinear; every quantized reader gets its own
   DequantizeLinear (ORT does not fuse a node whose DQ is shared), float readers share one;
 - ort-cpu quantizes Conv outputs too: ORT fuses DQ -> Conv -> Q into QLinearConv only with Q;
-- MatMul / Gemm outputs stay float: ORT fuses them into MatMulIntegerToFloat / QGemm.
+- MatMul / Gemm outputs stay float: ORT fuses them into MatMulIntegerToFloat / QGemm;
+- weight-only layers (TensorRT's INT4 MatMul / Gemm): an INT4 weight initializer with block
+  scales along the input dimension (DequantizeLinear ``block_size``, opset 21), input float.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .. import onnxio
 from ..frontend.layermap import Layer, LayerMap
 from ..frontend.passes import check_graph
-from ..quant import QuantWeight, qparams, quantize_weight, weight_axis
+from ..quant import QuantWeight, pack_int4, qparams, quantize_weight, weight_axis
 from ..targets import TargetProfile
 
 __all__ = ["QuantWeight", "lower_group", "quantize_weight", "quantize_weights", "weight_axis"]
@@ -36,6 +38,31 @@ def quantize_weights(model: onnx.ModelProto, layers: list[Layer], bits: int = 8)
         if layer.weight:
             out[layer.weight] = quantize_weight(numpy_helper.to_array(inits[layer.weight]), weight_axis(layer), bits)
     return out
+
+
+INT4_BLOCK_SIZES = (128, 64, 32, 16)  # TensorRT's INT4 weight-only blocks (the sizes ModelOpt emits)
+
+
+def int4_blocks(op_type: str, trans_b: bool, shape) -> tuple[int, int] | None:
+    """(block axis, block size) of a MatMul / Gemm weight stored as INT4 blocks along its input
+    dimension, or None when no supported block size divides that dimension (then it is stored
+    on the int8 grid)."""
+    axis = 1 if op_type == "Gemm" and trans_b else 0
+    size = next((b for b in INT4_BLOCK_SIZES if shape[axis] % b == 0), None)
+    return None if size is None else (axis, size)
+
+
+def int4_initializers(w: str, qw: QuantWeight, axis: int, block: int) -> list[TensorProto]:
+    """``w.q`` as a packed INT4 tensor and ``w.scale`` as block scales (each block takes its
+    channel's scale: the same numbers as the per-channel rounding the plan chose)."""
+    q = TensorProto(name=f"{w}.q", data_type=TensorProto.INT4, dims=list(qw.q.shape))
+    q.raw_data = pack_int4(qw.q).tobytes()
+    blocks = list(qw.q.shape)
+    blocks[axis] //= block
+    shape = [1, 1]
+    shape[qw.axis] = -1
+    scale = np.broadcast_to(qw.scale.reshape(shape), blocks).astype(np.float32)
+    return [q, numpy_helper.from_array(np.ascontiguousarray(scale), f"{w}.scale")]
 
 
 def _scalar(name: str, value, dtype) -> TensorProto:
@@ -57,8 +84,18 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
     sym = profile.activation_symmetric
     new_inits: list[TensorProto] = []
 
+    nodes = {n.name: n for n in g.node}
+    # Weight-only layers: stored as INT4 blocks, their input read in float.
+    int4 = {}
+    for name, l in layers.items():
+        if l.weight and profile.weight_only(l.op_type, weights[l.weight].bits):
+            n = nodes[name]
+            trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
+            blocks = int4_blocks(n.op_type, bool(trans_b), weights[l.weight].q.shape)
+            if blocks is not None:
+                int4[name] = blocks
     # Which tensors are quantized and which (node name, input index) read them quantized.
-    quant_inputs = profile.placement(model, list(layers.values()))
+    quant_inputs = profile.placement(model, list(layers.values()), set(int4))
     missing = [t for t in quant_inputs if t not in ranges]
     assert not missing, f"no calibration range for {missing[:3]} (calibration and placement disagree)"
 
@@ -106,8 +143,13 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
         if layer is not None and layer.weight:
             qw = weights[layer.weight]
             w = layer.weight
-            new_nodes.append(helper.make_node("DequantizeLinear", [f"{w}.q", f"{w}.scale", f"{w}.zero_point"],
-                                              [f"{w}.dq"], name=f"{w}.DQ", axis=qw.axis))
+            if node.name in int4:  # symmetric: no zero point
+                axis, block = int4[node.name]
+                new_nodes.append(helper.make_node("DequantizeLinear", [f"{w}.q", f"{w}.scale"], [f"{w}.dq"],
+                                                  name=f"{w}.DQ", axis=axis, block_size=block))
+            else:
+                new_nodes.append(helper.make_node("DequantizeLinear", [f"{w}.q", f"{w}.scale", f"{w}.zero_point"],
+                                                  [f"{w}.dq"], name=f"{w}.DQ", axis=qw.axis))
             node.input[1] = f"{w}.dq"
             if profile.quantize_bias and len(node.input) > 2 and node.input[2] and node.input[2] in inits:
                 # int32 bias with scale s_x * s_w, computed in the graph from the float bias, the
@@ -132,7 +174,9 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
                 new_nodes += qdq_nodes(t)
 
     for layer in layers.values():
-        if layer.weight:
+        if layer.node in int4:
+            new_inits += int4_initializers(layer.weight, weights[layer.weight], *int4[layer.node])
+        elif layer.weight:
             qw = weights[layer.weight]
             new_inits += [numpy_helper.from_array(qw.q, f"{layer.weight}.q"),
                           numpy_helper.from_array(qw.scale, f"{layer.weight}.scale"),
@@ -143,7 +187,26 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
     kept = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(kept + [i for i in new_inits if i.name in used])
+    if int4 or profile.float16:  # INT4 and block_size need opset 21, FP16 Q/DQ scales 19
+        model = to_opset(model, 21)  # (before the weights are read in: big models pass 2 GB)
     if base_dir is not None:
         onnxio.load_data(model, base_dir)
     check_graph(model, "lower_group")
     return model
+
+
+def to_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """``model`` converted to the default-domain opset ``version`` (ONNX's version converter;
+    its Q/DQ nodes are valid in every opset >= 13, the INT4 ones only from 21)."""
+    from onnx import version_converter
+
+    current = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if current >= version:
+        return model
+    try:
+        out = version_converter.convert_version(model, version)
+    except Exception as e:  # the converter raises its own RuntimeError / ValueError kinds
+        raise ValueError(f"cannot convert the graph from opset {current} to {version} ({e}); INT4 weight blocks "
+                         "need opset 21: keep those layers at 8 bits (--weight-bits LAYER=8)") from e
+    out.ir_version = max(out.ir_version, 10)
+    return out

@@ -54,7 +54,8 @@ def group_lookup(groups: list[Group] | tuple[Group, ...], num_train_timesteps: i
     return table
 
 
-RUNTIMES = ("onnxruntime", "openvino")
+RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
+DEVICES = ("cuda", "cpu")  # tensorrt bundles: TensorRT engines, or ONNX Runtime over the same ONNX
 
 
 class Bundle:
@@ -64,7 +65,8 @@ class Bundle:
     """
 
     def __init__(self, root: Path, manifest: dict, *, threads: int = 0, correction: bool = True,
-                 cache_dir: str | Path | None = None, openvino_config: dict | None = None):
+                 cache_dir: str | Path | None = None, openvino_config: dict | None = None,
+                 device: str | None = None):
         self.root = root
         self.manifest = manifest
         model = manifest["model"]
@@ -87,6 +89,18 @@ class Bundle:
         stored = load_weights(root, manifest["weights"]) if manifest.get("weights") else {}
         engines = manifest.get("engines") or {}
         self.runtime = (manifest.get("engine") or {}).get("runtime", "onnxruntime")
+        if device is not None and device not in DEVICES:
+            raise InputError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        if device == "cuda" and self.runtime != "tensorrt":
+            raise InputError(f"this bundle runs on {self.runtime} (CPU); device='cuda' applies to --target tensorrt "
+                             "bundles")
+        # tensorrt bundles: TensorRT engines on the GPU by default; device="cpu" runs ONNX Runtime over
+        # the engines' own FP16 ONNX graphs (the same Q/DQ: a reference, not a fast path).
+        self.device = (device or "cuda") if self.runtime == "tensorrt" else "cpu"
+        if self.runtime == "tensorrt" and self.device == "cuda":
+            from .tensorrt.runtime import TensorRTEngines
+
+            trt = TensorRTEngines.load(root, manifest, self.sample_shape, self.conditioning)
         if self.runtime == "openvino":
             from .openvino_engine import OpenVinoEngine, openvino_core
 
@@ -99,19 +113,23 @@ class Bundle:
                 continue
             if self.runtime == "openvino":
                 self._engines[g.engine] = OpenVinoEngine(root / g.engine, self.sample_shape, core, config)
+            elif self.runtime == "tensorrt" and self.device == "cuda":
+                self._engines[g.engine] = trt.engine(g.engine)
             else:
                 ext = {name: stored[key] for name, key in
                        (engines.get(g.engine) or {}).get("external_weights", {}).items()}
-                self._engines[g.engine] = OnnxEngine(root / g.engine, self.sample_shape, threads=threads, external=ext)
+                self._engines[g.engine] = OnnxEngine(root / g.engine, self.sample_shape, threads=threads, external=ext,
+                                                     basic_optimizations=self.runtime == "tensorrt")
         self._active = None  # the engine of the last call (OpenVINO: the others' activations are freed)
 
     def engine(self, name: str):
-        """The engine (OnnxEngine or OpenVinoEngine, and its session) behind one engine file."""
+        """The engine (OnnxEngine, OpenVinoEngine or TensorRT's GroupEngine) behind one engine file."""
         return self._engines[name]
 
     @classmethod
     def open(cls, path: str | Path, *, verify: bool = True, threads: int = 0, correction: bool = True,
-             cache_dir: str | Path | None = None, openvino_config: dict | None = None) -> Bundle:
+             cache_dir: str | Path | None = None, openvino_config: dict | None = None,
+             device: str | None = None) -> Bundle:
         """Open and validate a bundle folder.
 
         Checks the schema version, that every listed file stays inside the folder, exists
@@ -123,6 +141,10 @@ class Bundle:
         (a second start imports the compiled models instead of compiling them);
         ``openvino_config`` adds or replaces compile properties (e.g.
         ``{"INFERENCE_PRECISION_HINT": "bf16"}``; the manifest's default is f32).
+        TensorRT bundles (target tensorrt): ``device`` "cuda" (default) runs the TensorRT engines
+        built on this machine (``python -m dmruntime.tensorrt.build BUNDLE`` builds them; needs the
+        ``tensorrt`` extra and an NVIDIA GPU); "cpu" runs ONNX Runtime over the engines' FP16 ONNX
+        (the same quantization, a reference for checks, slow).
         """
         root = Path(path)
         if not root.is_dir():
@@ -137,7 +159,7 @@ class Bundle:
         validate_manifest(manifest, root, verify=verify)
         _warn_if_older_onnxruntime(manifest)
         return cls(root.resolve(), manifest, threads=threads, correction=correction, cache_dir=cache_dir,
-                   openvino_config=openvino_config)
+                   openvino_config=openvino_config, device=device)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -247,6 +269,10 @@ def validate_manifest(manifest: dict, root: Path, *, verify: bool = True) -> Non
             _require(sha256_file(p) == info.get("sha256"),
                      f"bundle file {name} does not match its sha256 in the manifest: corrupt or modified; "
                      "rebuild the bundle")
+    if runtime == "tensorrt":
+        from .tensorrt.record import manifest_entry
+
+        manifest_entry(manifest)
     dec = manifest.get("decoder")
     if dec:
         _require(dec.get("file") in files, f"the decoder file {dec.get('file')!r} is not listed in 'files'")

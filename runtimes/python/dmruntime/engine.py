@@ -17,8 +17,13 @@ class OnnxEngine:
     """
 
     def __init__(self, path: str | Path, sample_shape: tuple[int, ...], threads: int = 0,
-                 providers: tuple[str, ...] = ("CPUExecutionProvider",), external: dict | None = None):
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",), external: dict | None = None,
+                 basic_optimizations: bool = False):
         self.path = Path(path)
+        # TensorRT's FP16 Q/DQ graphs on the CPU: ONNX Runtime 1.31's extended (QDQ) optimizations
+        # build an invalid QuantizeLinear from them (int8 output, uint8 zero point); basic ones are
+        # exact rewrites, and this path is a numerical reference, not a fast one.
+        self.basic_optimizations = basic_optimizations
         self.external = external or {}  # initializer name -> array, for initializers stored outside the file
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.threads = threads
@@ -31,6 +36,8 @@ class OnnxEngine:
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
+            if self.basic_optimizations:
+                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             if self.threads:
                 opts.intra_op_num_threads = self.threads
             if self.external:
