@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,15 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
     if bundle.decoder is not None:  # latent models are judged on images: the bundle's decoder, and the
         got, want = bundle.decode(got), ref.decode(want)  # PyTorch VAE for the reference (a W8A8 decoder counts)
     p, s = psnr(got, want), ssim(got, want)
+    sim = None
+    if bundle.runtime == "tensorrt":  # the FP16 engine graphs against the same graphs in FP32
+        from .backends.tensorrt import simulated_bundle
+
+        with tempfile.TemporaryDirectory(prefix="dmcompile-sim-") as tmp:
+            sim = sample_model(simulated_bundle(bundle, tmp), sc, cond=cond,
+                               progress=progress and (lambda i, n: progress("simulated", i, n)))
+            if bundle.decoder is not None:
+                sim = bundle.decode(sim)
     report = {
         "schema_version": 1, "target": str(target), "format": bundle.manifest.get("format"),
         "model": bundle.manifest["model"]["id"], "config": config.to_dict(),
@@ -129,6 +139,12 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
         "paired_vs_fp": {"psnr_db_mean": float(np.mean(np.minimum(p, 200.0))), "psnr_db_median": float(np.median(p)),
                          "ssim_mean": float(np.mean(s)), "max_abs_diff": float(np.max(np.abs(got - want)))},
     }
+    if sim is not None:
+        report["tensorrt_reference"] = {
+            "runs": "ONNX Runtime on the CPU over the bundle's FP16 engine graphs (not TensorRT)",
+            "engines_vs_simulated_psnr_db_mean": float(np.mean(np.minimum(psnr(got, sim), 200.0))),
+            "simulated_vs_fp_psnr_db_mean": float(np.mean(np.minimum(psnr(sim, want), 200.0))),
+            "simulated": "the same Q/DQ graphs in FP32 arithmetic"}
     if is_digits_shape(got.shape[1:]):
         floor_cfg = dataclasses.replace(sc, seed=sc.seed + config.floor_seed_offset)
         other = sample_model(ref, floor_cfg, progress=progress and (lambda i, n: progress("fp noise floor", i, n)),

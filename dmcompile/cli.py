@@ -149,6 +149,11 @@ def cmd_eval(args) -> int:
           f"{guided}{corr}")
     print(f"paired vs full precision (same seeds): PSNR {pv['psnr_db_mean']:.2f} dB (median {pv['psnr_db_median']:.2f}), "
           f"SSIM {pv['ssim_mean']:.4f}, max |diff| {pv['max_abs_diff']:.2e}")
+    tr = r.get("tensorrt_reference")
+    if tr:
+        print(f"tensorrt bundle, run by {tr['runs']}: vs the simulated quantized model ({tr['simulated']}) PSNR "
+              f"{tr['engines_vs_simulated_psnr_db_mean']:.2f} dB; simulated vs full precision "
+              f"{tr['simulated_vs_fp_psnr_db_mean']:.2f} dB")
     d = r.get("digits")
     if d:
         print(f"FD to real digits: {d['fd_to_real']:.3f}   (FP: {d['fp_fd_to_real']:.3f})")

@@ -75,7 +75,8 @@ def fp_bundle(model: LoadedModel | str | Path | None, config: ExportConfig = Exp
 
 def open_bundle(path: str | Path, *, threads: int = 0, correction: bool = True) -> Bundle:
     """Open a bundle or export folder with dmruntime, turning a model name into a clear error.
-    ``correction``: apply the bundle's PTQD noise correction when it has one. OpenVINO bundles
+    ``correction``: apply the bundle's PTQD noise correction when it has one. TensorRT bundles
+    run on ONNX Runtime (device "cpu"). OpenVINO bundles
     keep their compiled engines in ``cache_dir()/openvino`` (a second run skips compiling)."""
     from . import zoo
 
@@ -83,7 +84,9 @@ def open_bundle(path: str | Path, *, threads: int = 0, correction: bool = True) 
     if not (p / "manifest.json").exists() and (p.name in zoo.names() or (p / "config.json").exists()):
         raise ModelError(f"{path} is a model, not a bundle: export or build it first, or pass --fp to sample "
                          "its full-precision model")
-    return Bundle.open(p, threads=threads, correction=correction, cache_dir=cache_dir() / "openvino")
+    # tensorrt bundles run here on ONNX Runtime over their FP16 engine graphs (dmcompile's checks);
+    # their TensorRT engines run through dmruntime on the GPU machine
+    return Bundle.open(p, threads=threads, correction=correction, cache_dir=cache_dir() / "openvino", device="cpu")
 
 
 def reference_model(bundle: Bundle) -> LoadedModel:

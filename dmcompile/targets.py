@@ -35,6 +35,9 @@ class TargetProfile:
     the input not quantized): TensorRT's INT4 MatMul/Gemm. A width in ``packed_weight_bits`` that a
     layer's op type has no native form for is stored on the int8 grid (one byte per weight).
     float16: the engines compute in FP16 outside the quantized ops (strongly typed graphs).
+    default_float: module names kept float unless an override names the layer, its module or a
+    module prefix (op-type and ``*`` rules do not reach them): a layer is matched when any
+    component of its module path is one of these.
     """
 
     name: str
@@ -50,6 +53,7 @@ class TargetProfile:
     quantize_bias: bool = True
     weight_only_ops: dict = dataclasses.field(default_factory=dict)
     float16: bool = False
+    default_float: tuple[str, ...] = ()
 
     @property
     def activation_symmetric(self) -> bool:
@@ -167,6 +171,11 @@ TENSORRT = TargetProfile(
     quantize_bias=False,
     weight_only_ops={"MatMul": (4,), "Gemm": (4,)},
     float16=True,
+    # demoDiffusion's / ModelOpt's INT8 recipe for diffusion UNets: these stay FP16 (small, or
+    # sensitive, and their Q/DQ would break TensorRT's fusions: a shortcut Conv's output is a
+    # residual Add's skip input)
+    default_float=("time_embedding", "time_emb_proj", "class_embedding", "add_embedding", "conv_in", "conv_out",
+                   "conv_shortcut", "proj_out"),
 )
 
 PROFILES = {p.name: p for p in (ORT_CPU, OPENVINO_CPU, TENSORRT)}

@@ -113,3 +113,23 @@ def write_build_script(folder: Path) -> str:
                     'exec python -m dmruntime.tensorrt.build "$(dirname "$0")" "$@"\n')
     path.chmod(0o755)
     return path.name
+
+
+def simulated_bundle(bundle, folder):
+    """``bundle`` (a tensorrt Bundle) with every engine graph turned back to FP32 arithmetic
+    (``lowering.fp16.to_float32``), written into ``folder`` and opened on ONNX Runtime: the
+    simulated quantized model its FP16 engines are compared with."""
+    from dmruntime import Bundle
+
+    from .. import onnxio
+    from ..lowering.fp16 import to_float32
+
+    from .openvino import WEIGHTS_FILE
+
+    folder = Path(folder)
+    engines = {g.engine for g in bundle.groups}
+    for name in engines:
+        onnxio.save(to_float32(onnx.load(str(bundle.root / name))), folder / name)
+    for name in set(bundle.manifest["files"]) - engines - {WEIGHTS_FILE}:  # conditioning, decoder: as they are
+        (folder / name).symlink_to(bundle.root / name)
+    return Bundle(folder, bundle.manifest, device="cpu", correction=bundle.corrections is not None)

@@ -166,3 +166,23 @@ def float16_share(model: onnx.ModelProto) -> dict:
         fp32 += FLOAT in kinds and FLOAT16 not in kinds
     casts = sum(n.op_type == "Cast" and n.name.endswith((".ToFP16", ".ToFP32")) for n in model.graph.node)
     return {"fp16_nodes": fp16, "fp32_nodes": fp32, "casts": casts}
+
+
+def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The inverse typing: every FP16 constant, cast and type back to FP32 (the FP16 pass's
+    Casts become FP32 -> FP32 no-ops). The same Q/DQ graph in FP32 arithmetic: the simulated
+    quantized model that an FP16 engine is compared with."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    for init in g.initializer:
+        if init.data_type == FLOAT16:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+    for n in g.node:
+        for a in n.attribute:
+            if n.op_type == "Cast" and a.name == "to" and a.i == FLOAT16:
+                a.i = FLOAT
+            if n.op_type == "Constant" and a.name == "value" and a.t.data_type == FLOAT16:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
+    del g.value_info[:]
+    return out
