@@ -53,6 +53,12 @@ def engine_fusion(bundle: Bundle, engine: str) -> dict:
         from .backends.openvino import fusion_report
 
         return fusion_report(bundle.root / engine)
+    if bundle.runtime == "tensorrt":  # what the graph gives TensorRT to run in int8 (TensorRT is not here)
+        import onnx
+
+        from .backends.tensorrt import engine_report
+
+        return engine_report(onnx.load(str(bundle.root / engine), load_external_data=False))
     from .backends.onnxruntime import fusion_report
 
     return fusion_report(bundle.root / engine, bundle.engine(engine).external)
@@ -69,6 +75,9 @@ def accounting(manifest: dict) -> dict:
         if stored and wb:
             keys = {k for k in stored if k.rsplit("@", 1)[0] == f"{l['weight']}.q"}
             disk = sum(-(-math.prod(stored[k]["shape"]) * stored[k]["storage_bits"] // 8) for k in keys)
+        elif wb and l.get("storage_bits"):  # weights inside the engines, at the width stored
+            disk = -(-l["params"] * max(b for b in l["storage_bits"] if b != FLOAT_BITS) // 8) \
+                if any(b != FLOAT_BITS for b in l["storage_bits"]) else 0
         else:
             disk = l["params"] if wb else (4 * l["params"] if l["params"] else 0)
         if l.get("float_groups"):  # float32 weights in each engine that keeps the layer float
@@ -131,6 +140,11 @@ def format_report(r: dict) -> str:
     for e in r.get("memory", []):
         act = f"{e['activations_mb']:.1f} MB activations" if e["activations_known"] else \
             "activations not recorded (fp32 exports, and bundles built before the manifest had a memory entry)"
+        if e["runtime"] == "tensorrt":
+            lines.append(f"GPU memory, on paper at batch {e['batch']}: {e['total_mb']:.0f} MB = {e['weights_mb']:.1f} MB "
+                         f"weights ({e['engines']} engine(s), one copy each) + {act} (FP16, one shared buffer); "
+                         "CUDA context not counted, never measured")
+            continue
         lines.append(f"resident memory, estimate at batch {e['batch']}: {e['total_mb']:.0f} MB = {e['base_mb']:.0f} MB "
                      f"{e['runtime']} base + {e['weights_mb']:.1f} MB weights ({e['engines']} engine(s)) + {act}")
     if r.get("plan") and r["plan"].get("budget"):
@@ -155,15 +169,22 @@ def format_report(r: dict) -> str:
             q = ", ".join(f"A{b} {v:.1f} dB" for b, v in g["quantized_snr_db"].items())
             lines.append(f"  [{g['t_start']},{g['t_end']}): schedule SNR {g['schedule_snr_db']:.1f} dB; output SNR {q}"
                          f" -> {g['selected_bits']} bits{'' if g['meets_schedule'] else ' (none meets it)'}")
+    if r.get("plan", {}).get("stored_int8"):
+        st = r["plan"]["stored_int8"]
+        lines.append(f"stored INT8 although allocated 4-bit: {len(st['layers'])} layer(s) ({st['why']})")
     if "fusion" in r:
-        lines.append("int8 layers of OpenVINO's compiled runtime graph (per engine file; its groups' scales are "
-                     "compiled in):" if r.get("runtime") == "openvino" else
-                     "integer kernels after ONNX Runtime optimisation (per engine file; groups feed it their "
-                     "own scales):")
+        lines.append({"openvino": "int8 layers of OpenVINO's compiled runtime graph (per engine file; its groups' "
+                                  "scales are compiled in):",
+                      "tensorrt": "int8 Q/DQ layers given to TensorRT (per engine file, read from the ONNX; TensorRT "
+                                  "has not run here):"}.get(
+            r.get("runtime"), "integer kernels after ONNX Runtime optimisation (per engine file; groups feed it "
+                              "their own scales):"))
         for engine, f in r["fusion"].items():
             ints = ", ".join(f"{k} {v}" for k, v in sorted(f["integer"].items()))
             flt = ", ".join(f"{k} {v}" for k, v in sorted(f["float"].items())) or "none"
-            lines.append(f"  {engine}: {f['ratio']:.1%} integer ({ints}; float: {flt})")
+            w4 = ", ".join(f"{k} {v}" for k, v in sorted(f.get("int4_weight_only", {}).items()))
+            w4 = f"; INT4 weight-only: {w4}" if w4 else ""
+            lines.append(f"  {engine}: {f['ratio']:.1%} integer ({ints}; float: {flt}{w4})")
     if r.get("fidelity"):
         f = r["fidelity"]
         lines.append(f"fidelity at build vs {f['reference']}: PSNR {f['psnr_db_mean']:.2f} dB, SSIM {f['ssim_mean']:.4f} "

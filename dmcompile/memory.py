@@ -28,9 +28,13 @@ from pathlib import Path
 # so resident_estimate adds the expanded size once more. OpenVINO: fitted to two measured bundles (bench_runtime.py, peak RSS at batch 8):
 # per compiled model 22 MB + 2.5 bytes per int8 weight byte (digits16 K=10: 426 MB, ddpm-cifar10-32
 # K=10: 1356 MB).
-WEIGHT_COPIES = {"onnxruntime": 2.0, "openvino": 2.5}
-ENGINE_MB = {"onnxruntime": 0.0, "openvino": 22.0}
-RUNTIME_BASE_MB = {"onnxruntime": 68.0, "openvino": 146.0}
+WEIGHT_COPIES = {"onnxruntime": 2.0, "openvino": 2.5, "tensorrt": 1.0}
+ENGINE_MB = {"onnxruntime": 0.0, "openvino": 22.0, "tensorrt": 0.0}
+RUNTIME_BASE_MB = {"onnxruntime": 68.0, "openvino": 146.0, "tensorrt": 0.0}
+# tensorrt: GPU memory, on paper only (never measured here): each engine holds its own copy of
+# the weights (TensorRT engines cannot share them), activations are FP16 (half the fp32 liveness)
+# in one buffer shared by all engines; the CUDA context (some hundred MB) is not counted.
+ACTIVATION_BYTES_FACTOR = {"tensorrt": 0.5}
 
 _BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}  # ONNX elem type -> bytes
 
@@ -111,7 +115,7 @@ def weights_held(manifest: dict) -> dict[str, int]:
         for key in spec.get("external_weights", {}).values():
             shared.setdefault(key, name)  # counted with the first engine that uses it
     held = {e: int(files[e]["bytes"]) if e in files else 0 for e in engines}
-    if manifest.get("engine", {}).get("runtime") == "openvino" and "weights.bin" in files:
+    if manifest.get("engine", {}).get("runtime") in ("openvino", "tensorrt") and "weights.bin" in files:
         for e in held:  # one weights.bin on disk, one copy in each compiled model
             held[e] += int(files["weights.bin"]["bytes"])
     for key, engine in shared.items():
@@ -136,7 +140,7 @@ def resident_estimate(manifest: dict, batch: int) -> dict:
     weights = resident_weight_bytes(runtime, list(held.values()), sum(math.prod(t["shape"]) for t in stored.values()))
     mem = manifest.get("memory") or {}
     guided = 2 if (manifest.get("conditioning") or {}).get("calibration_guidance_scale") else 1
-    act = batch * guided * mem.get("activation_peak_bytes_per_sample", 0)
+    act = batch * guided * mem.get("activation_peak_bytes_per_sample", 0) * ACTIVATION_BYTES_FACTOR.get(runtime, 1.0)
     dec = manifest.get("decoder") or {}
     if dec and mem.get("decoder_activation_peak_bytes_per_sample"):
         act = max(act, batch * mem["decoder_activation_peak_bytes_per_sample"])  # decoded after sampling
