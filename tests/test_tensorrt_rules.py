@@ -11,7 +11,8 @@ from dmcompile.backends.tensorrt_rules import check_explicit_quantization, diffe
 
 
 def graph(*, zp=0, act_scale=(0.05,), conv_axis=0, q_on_conv_out=False, dq_into_softmax=False,
-          int4_block=4, conv_int4=False, act_scale_value=0.05, int32_bias=False, conv_chain=False):
+          int4_block=4, conv_int4=False, act_scale_value=0.05, int32_bias=False, conv_chain=False,
+          int4_input_qdq=False):
     """x [1,4,4,4] -> Q/DQ -> Conv (int8 per-channel weight) -> + skip (Q/DQ on the skip only) ->
     reshape [16, 8] -> MatMul with an int4 block-quantized weight -> attention-like
     MatMul(h, h^T) -> Softmax, all float."""
@@ -66,7 +67,7 @@ def graph(*, zp=0, act_scale=(0.05,), conv_axis=0, q_on_conv_out=False, dq_into_
     init("shape", np.asarray([16, 8], np.int64))
     nodes.append(helper.make_node("Transpose", ["r"], ["rt"], perm=[0, 2, 3, 1], name="nhwc"))
     nodes.append(helper.make_node("Reshape", ["rt", "shape"], ["h"], name="tokens"))
-    hin = qdq("h", "h", [0.05])
+    hin = qdq("h", "h", [0.05]) if int4_input_qdq else "h"  # weight-only: the input stays float
     # MatMul weight [8 in, 8 out]: int4, blocks of int4_block along the input dimension (axis 0)
     init("mw", rng.integers(-8, 8, (8, 8)), TensorProto.INT4)
     init("mw.s", np.full((8 // 4, 8), 0.1, np.float32))
@@ -104,6 +105,7 @@ def test_a_graph_that_keeps_the_rules_passes(kw):
     ({"dq_into_softmax": True}, "keep attention float"),
     ({"conv_int4": True}, "INT4 weights are for MatMul/Gemm only"),
     ({"int4_block": None}, "need DequantizeLinear with block_size"),
+    ({"int4_input_qdq": True}, "INT4 weights are weight-only"),
 ])
 def test_each_broken_rule_is_reported(kw, words):
     problems = check_explicit_quantization(graph(**kw))

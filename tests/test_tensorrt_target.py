@@ -252,3 +252,24 @@ def test_max_engines_and_build_script(tiny_model_dir, tmp_path):
     assert entry["built_here"] is False  # no TensorRT in this environment
     script = (b.path / "build_engines.sh").read_text()
     assert "python -m dmruntime.tensorrt.build" in script and "build_engines.sh" in m["files"]
+
+
+def test_gpu_benchmark_runs_its_variants_interleaved_and_says_what_it_needs(w8):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tensorrt.py"
+    sys.path.insert(0, str(bench.parent))
+    try:
+        import bench_tensorrt
+    finally:
+        sys.path.remove(str(bench.parent))
+    order = []
+    med = bench_tensorrt.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 4, warmup=1)
+    assert set(med) == {"a", "b"} and order == ["a", "b"] * 5  # one of each per round
+    from dmcompile.backends.tensorrt import tensorrt_available
+
+    if tensorrt_available() is None:  # no TensorRT (CI, this project's machines): a clear error, exit 2
+        r = subprocess.run([sys.executable, str(bench), str(w8)], capture_output=True, text=True)
+        assert r.returncode == 2 and "TensorRT is not installed" in r.stderr, r.stderr

@@ -1,7 +1,6 @@
 """What TensorRT's ONNX parser accepts, and what its builder fuses, in an explicitly quantized
-graph: the rules a `tensorrt` target's lowering must keep, checked on the ONNX alone (no TensorRT
-needed). Groundwork for the TensorRT target (issue 14): the lowering that produces such graphs
-does not exist yet; these checks are what its tests will run.
+graph: the rules the `tensorrt` target's lowering must keep, checked on the ONNX alone (no TensorRT
+needed). ``backends/tensorrt.finish_engine`` runs them on every engine it writes.
 
 Sources (TensorRT developer guide, "Explicit Quantization"; onnx-tensorrt's importers;
 TensorRT-Model-Optimizer's ONNX passes):
@@ -10,6 +9,7 @@ TensorRT-Model-Optimizer's ONNX passes):
   weight initializer feeding Conv (axis 0), Gemm (axis 0 with transB, else 1) or MatMul (axis 1);
 - INT4 weights only for MatMul / Gemm, block-quantized along the input dimension
   (DequantizeLinear with ``block_size``, opset >= 21): MatMul axis 0, Gemm axis 1 with transB else 0;
+  weight-only: the layer's input is not quantized;
 - placement that fuses: Q/DQ on the inputs of Conv / Gemm / MatMul, not on their outputs (a
   residual Add fuses into the Conv before it, Q/DQ only on its skip input); a Conv output that the
   next Conv reads quantized is that Conv's input, and fine;
@@ -99,6 +99,9 @@ def check_explicit_quantization(model) -> list[str]:
                                 f"feeds {reader.op_type} {reader.name} input {idx}")
                 continue
             if int4:
+                if _dq_producer(reader.input[0], producer):
+                    problems.append(f"{n.name}: INT4 weights are weight-only in TensorRT; {reader.name}'s input must "
+                                    "stay float (no DequantizeLinear)")
                 if reader.op_type == "Conv":
                     problems.append(f"{n.name}: INT4 weights are for MatMul/Gemm only (store this Conv's INT8)")
                 if "block_size" not in a or opset < 21:
@@ -132,6 +135,11 @@ def _feeds_weighted_input(q, consumers: dict) -> bool:
                                                     for r, i in consumers.get(dq.output[0], [])):
             return True
     return False
+
+
+def _dq_producer(name: str, producer: dict) -> bool:
+    p = producer.get(name)
+    return p is not None and p.op_type == "DequantizeLinear"
 
 
 def _dq_of_init(name: str, producer: dict, inits: dict) -> bool:

@@ -29,7 +29,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic (default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="samples per UNet call (default 64; TensorRT engines: their largest batch profile, halved "
+                        "when guided)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None,
+                   help="tensorrt bundles: cuda runs the TensorRT engines (default), cpu runs ONNX Runtime over "
+                        "their ONNX (slow, a reference)")
     p.add_argument("--class", dest="class_label", type=int, default=None, metavar="K",
                    help="class-conditional bundles: sample class K")
     p.add_argument("--conditions", type=Path, default=None, metavar="FILE.npz",
@@ -55,11 +60,19 @@ def check_output(path: Path) -> None:
         raise InputError(f"{path} exists ({what}); refusing to overwrite it: choose another path or remove it yourself")
 
 
+def default_batch(bundle: Bundle, guided: bool) -> int:
+    """64 samples per call, or what the TensorRT engines' largest profile holds."""
+    if bundle.runtime == "tensorrt" and bundle.device == "cuda":
+        sizes = bundle.engine(bundle.groups[0].engine).engines.batch_sizes  # as the engines were built
+        return max(1, max(sizes) // (2 if guided else 1))
+    return 64
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         check_output(args.output)
-        bundle = Bundle.open(args.bundle, threads=args.threads)
+        bundle = Bundle.open(args.bundle, threads=args.threads, device=args.device)
         cond = None
         if args.class_label is not None and args.conditions is not None:
             raise InputError("pass either --class or --conditions, not both")
@@ -70,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         guidance = args.guidance
         if guidance is None:
             guidance = (bundle.manifest.get("conditioning") or {}).get("calibration_guidance_scale")
-        sampler = DDIMSampler(bundle, steps=args.steps, eta=args.eta, batch_size=args.batch_size,
-                              guidance_scale=guidance)
+        batch = args.batch_size or default_batch(bundle, guidance is not None)
+        sampler = DDIMSampler(bundle, steps=args.steps, eta=args.eta, batch_size=batch, guidance_scale=guidance)
         t0 = time.perf_counter()
         images = sampler.sample(args.n, seed=args.seed, cond=cond)
         if bundle.decoder is not None:

@@ -337,3 +337,17 @@ def test_the_tensorrt_runtime_loads_no_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_cli_samples_with_the_engines_largest_profile(built, monkeypatch, tmp_path, capsys):
+    from dmruntime import cli
+
+    gpu = FakeGpu()
+    monkeypatch.setattr(trt_runtime, "default_gpu", lambda: gpu)
+    out = tmp_path / "x.npy"
+    assert cli.main([str(built), "-o", str(out), "-n", "10", "--steps", "2"]) == 0
+    assert np.load(out).shape == (10, 2, 8, 8)
+    assert [r[1] for r in gpu.runs] == [8, 2, 8, 2]  # 8 + 2 rows per step, batch 2 on its own profile
+    monkeypatch.setattr(trt_runtime, "default_gpu", lambda: pytest.fail("device cpu needs no GPU"))
+    assert cli.main([str(built), "-o", str(tmp_path / "y.npy"), "--device", "cpu", "-n", "1"]) == 2
+    assert "cannot load engine" in capsys.readouterr().err  # the synthetic engines are not ONNX
