@@ -180,6 +180,7 @@ def test_int4_weight_only_matmul_gemm_and_int8_conv(w4, tmp_path):
     layers = {l["node"]: l for l in m["precision"]["layers"] if l.get("weight_bits")}
     conv = layers[stored["layers"][0]]
     assert conv["weight_bits"][0] == 4 and conv["storage_bits"][0] == 8
+    assert conv["bops"][0] == conv["macs"] * 8 * 8  # run as INT8 x INT8
     mm = next(l for l in layers.values() if l.get("weight_only_groups"))
     assert mm["op_type"] in ("MatMul", "Gemm") and mm["storage_bits"][0] == 4
     text = dm_inspect.format_report(dm_inspect.bundle_report(Bundle.open(w4, device="cpu")))
