@@ -274,3 +274,21 @@ def test_gpu_benchmark_runs_its_variants_interleaved_and_says_what_it_needs(w8):
     if tensorrt_available() is None:  # no TensorRT (CI, this project's machines): a clear error, exit 2
         r = subprocess.run([sys.executable, str(bench), str(w8)], capture_output=True, text=True)
         assert r.returncode == 2 and "TensorRT is not installed" in r.stderr, r.stderr
+
+
+def test_weight_only_layer_beside_int8_readers_of_the_same_tensor(tiny_model_dir, tiny_export, tmp_path):
+    """to_q at 4 bits (INT4 weight-only) and to_k / to_v at 8 bits read one tensor: to_q reads it
+    float, the others through their own Q/DQ (a budget allocation mixes widths like this)."""
+    layers = json.loads((tiny_export / "layer_map.json").read_text())["layers"]
+    to_q = next(l for l in layers if l["module"].endswith("to_q"))
+    recipe = MixedRecipe(overrides=(Override("*", 8), Override(to_q["module"], 4)))
+    b = build(tiny_model_dir, tmp_path / "b", recipe=recipe)
+    model = load(b.path / "unet_e00.onnx")
+    assert check_explicit_quantization(model) == []
+    nodes = {n.name: n for n in model.graph.node}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    q = nodes[to_q["node"]]
+    k = nodes[to_q["node"].replace("to_q", "to_k")]
+    assert q.input[0] not in producer or producer[q.input[0]].op_type != "DequantizeLinear"
+    assert producer[k.input[0]].op_type == "DequantizeLinear"
+    assert producer[producer[k.input[0]].input[0]].input[0] == q.input[0]  # the same tensor, quantized for to_k

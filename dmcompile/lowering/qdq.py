@@ -124,6 +124,8 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
             if (n.name, i) in quantized:  # short names: they repeat in every group model
                 out.append(helper.make_node("DequantizeLinear", qin, [f"{t}.dq{j}"], name=f"{t}.DQ{j}"))
                 n.input[i] = f"{t}.dq{j}"
+            elif n.name in int4 and i == 0:
+                pass  # weight-only: reads the float tensor itself (to_q at 4 bits beside to_k at 8)
             else:
                 float_users.append((n, i))
         if float_users or t in graph_outputs:

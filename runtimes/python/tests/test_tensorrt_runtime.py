@@ -241,9 +241,13 @@ def test_each_step_runs_its_groups_engine_through_a_cuda_graph(built, monkeypatc
 def test_predict_pads_and_slices(built, monkeypatch):
     bundle, gpu = _open(built, monkeypatch)
     x = np.random.default_rng(0).standard_normal((5, 2, 8, 8)).astype(np.float32)
+    bundle.predict(np.ones((8, 2, 8, 8), np.float32), 700)  # fills every row of the batch-8 buffers
     eps = bundle.predict(x, 700)
     np.testing.assert_allclose(eps, x + 1 + 7000.0)  # engine 1, only the 5 real rows
-    assert gpu.runs[-1][1] == 8
+    assert gpu.runs[-1][1] == 8 and (gpu.runs[-1][2][5:] == 0).all()  # padding rows zeroed again
+    again = bundle.predict(x, 700)
+    np.testing.assert_array_equal(again, eps)
+    assert again is not eps and not np.shares_memory(again, eps)  # results do not alias the host buffer
     with pytest.raises(InputError, match="larger than the engines' largest batch size 8"):
         bundle.predict(np.zeros((9, 2, 8, 8), np.float32), 10)
     with pytest.raises(InputError, match="shape"):

@@ -8,7 +8,9 @@ update_device_memory_size_for_shapes / set_device_memory / execute_async_v3``) a
 runtime API (``cudaMalloc``, ``cudaMemcpyAsync``, stream capture into a CUDA graph,
 ``cudaGraphInstantiate``, ``cudaGraphLaunch``). It has never run: no GPU with TensorRT was
 available where it was written; the first run on a GPU machine is its test
-(``benchmarks/bench_tensorrt.py``).
+(``benchmarks/bench_tensorrt.py``). Its names and signatures were checked against TensorRT 11.4's
+Python bindings and cuda-bindings 13.5 (``scripts/check_tensorrt_api.py``, which imports the
+lean runtime's bindings and reads the builder's: both install without a GPU).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class CudaGpu:
                                       "need one (or open the bundle with device='cpu')")
         self._check(self.cudart.cudaSetDevice(device))
         self.stream = self._check(self.cudart.cudaStreamCreateWithFlags(self.cudart.cudaStreamNonBlocking))
+        self.stream_handle = int(self.stream)  # TensorRT takes the stream as an integer handle
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
         prop = self._check(self.cudart.cudaGetDeviceProperties(device))
         name = prop.name.decode(errors="replace").rstrip("\0") if isinstance(prop.name, bytes) else str(prop.name)
@@ -112,7 +115,8 @@ class CudaGpu:
         """An execution context without its own activation memory, bound to one optimization
         profile, input shapes and I/O addresses; returns (context, activation bytes it needs)."""
         ctx = engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        ctx.set_optimization_profile_async(profile, self.stream)
+        if not ctx.set_optimization_profile_async(profile, self.stream_handle):
+            raise RuntimeError(f"TensorRT refused optimization profile {profile}")
         for name, shape in shapes.items():
             ctx.set_input_shape(name, tuple(shape))
         for name, ptr in addresses.items():
@@ -123,7 +127,7 @@ class CudaGpu:
         ctx.set_device_memory(ptr, nbytes)
 
     def run(self, ctx) -> None:
-        if not ctx.execute_async_v3(self.stream):
+        if not ctx.execute_async_v3(self.stream_handle):
             raise RuntimeError("TensorRT execute_async_v3 failed (see TensorRT's log above)")
 
     def capture(self, ctx):
