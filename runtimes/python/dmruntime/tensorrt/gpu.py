@@ -118,9 +118,11 @@ class CudaGpu:
         if not ctx.set_optimization_profile_async(profile, self.stream_handle):
             raise RuntimeError(f"TensorRT refused optimization profile {profile}")
         for name, shape in shapes.items():
-            ctx.set_input_shape(name, tuple(shape))
+            if not ctx.set_input_shape(name, tuple(shape)):
+                raise RuntimeError(f"TensorRT refused shape {tuple(shape)} for input {name} in profile {profile}")
         for name, ptr in addresses.items():
-            ctx.set_tensor_address(name, ptr)
+            if not ctx.set_tensor_address(name, ptr):
+                raise RuntimeError(f"TensorRT refused the address of {name}")
         return ctx, int(ctx.update_device_memory_size_for_shapes())
 
     def set_memory(self, ctx, ptr: int, nbytes: int) -> None:
