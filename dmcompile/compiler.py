@@ -573,8 +573,7 @@ def _precision_layers(ws: Workspace, plan: WeightPlan) -> list[dict]:
                  "storage_bits": [b if b == FLOAT_BITS else _storage(ws.profile, l, b) for b in wb] if wb else None,
                  "activation": ws.profile.activation_dtype if q else "float", "activation_bits": 8 if q else None,
                  "macs": l.macs, "params": l.params,
-                 "bops": [bops(l, _run_bits(ws.profile, l, b), 8 if q and b != FLOAT_BITS else None)
-                          for b in (wb or [None] * len(bits))]}
+                 "bops": [bops(l, b, 8 if q and b != FLOAT_BITS else None) for b in (wb or [None] * len(bits))]}
         if wb and FLOAT_BITS in wb:
             entry["float_groups"] = [g for g, b in enumerate(wb) if b == FLOAT_BITS]
         wo = [g for g, b in enumerate(wb or []) if b != FLOAT_BITS and weight_only(ws.profile, l, b)]
@@ -583,15 +582,6 @@ def _precision_layers(ws: Workspace, plan: WeightPlan) -> list[dict]:
             entry["bops"] = [bops(l, b, None) if g in wo else x for g, (b, x) in enumerate(zip(wb, entry["bops"]))]
         out.append(entry)
     return out
-
-
-def _run_bits(profile: TargetProfile, layer: Layer, bits: int | None) -> int | None:
-    """The weight width the target's kernels compute with: tensorrt runs a 4-bit Conv as INT8."""
-    from .analysis.plan import FLOAT_BITS
-
-    if bits is None or bits == FLOAT_BITS or not profile.weight_only_ops or bits > 4:
-        return bits
-    return bits if weight_only(profile, layer, bits) else 8
 
 
 def _storage(profile: TargetProfile, layer: Layer, bits: int) -> int:
