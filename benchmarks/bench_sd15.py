@@ -18,6 +18,10 @@ Phases (each a fresh subprocess, so its peak resident memory is its own):
            interleaved in one process, medians
   build-ov the openvino-cpu bundle (same calibration settings, K = 10 merged into --max-engines 2)
   latency-ov ORT fp32, OpenVINO fp32 (default hint) and the openvino-cpu bundle, one guided step
+  build-trt the tensorrt bundle (same calibration settings, K = 10 engines: FP16-typed ONNX with
+           int8 Q/DQ, each checked against TensorRT's rules; no engines: no TensorRT here)
+  check-trt one guided call of the tensorrt bundle's engine graph on ONNX Runtime (CPU) against
+           the fp32 export: relative error, time, peak memory
 Outputs go to --work (default /tmp/dmcompile-sd15); the fp32 export is cached as usual.
 """
 
@@ -184,8 +188,43 @@ def phase_latency(args) -> dict:
     return _interleaved(variants, args.repeats) | {"peak_gb": peak_gb()}
 
 
+def phase_build_trt(args) -> dict:
+    """The tensorrt bundle: one engine graph per group, GPU memory on paper (inspect's estimate)."""
+    from dmcompile.memory import resident_estimate
+
+    out = _build(args, "bundle-tensorrt", profile="tensorrt")
+    m = json.loads((Path(args.work) / "bundle-tensorrt" / "manifest.json").read_text())
+    out["tensorrt"] = m["engine"]["tensorrt"]
+    out["gpu_memory_on_paper_mb"] = {b: resident_estimate(m, b)["total_mb"] for b in (1, 8)}
+    return out
+
+
+def phase_check_trt(args) -> dict:
+    """One guided call (batch 2, t = 500) of group 5's FP16 engine graph on ONNX Runtime against
+    the fp32 export: does the SD-sized strongly typed graph run, and how far is it."""
+    from dmruntime import Bundle
+
+    from dmcompile import api
+
+    work = Path(args.work)
+    feeds = _guided_feeds()
+    cond = {"encoder_hidden_states": feeds["encoder_hidden_states"]}
+    fp = Bundle.open(api.fp_bundle(MODEL), threads=args.threads)
+    trt = Bundle.open(work / "bundle-tensorrt", device="cpu", threads=args.threads)
+    t0 = time.perf_counter()
+    want = fp.predict(feeds["sample"], 500, cond)
+    fp_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = trt.predict(feeds["sample"], 500, cond)
+    trt_s = time.perf_counter() - t0
+    rel = float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2)))
+    return {"relative_rms_error": rel, "fp32_seconds": fp_s, "engine_graph_seconds_on_cpu": trt_s,
+            "peak_gb": peak_gb()}
+
+
 PHASES = {"export": phase_export, "build": phase_build, "qs": phase_qs, "latency": phase_latency,
-          "build-ov": phase_build_ov, "latency-ov": phase_latency_ov}
+          "build-ov": phase_build_ov, "latency-ov": phase_latency_ov, "build-trt": phase_build_trt,
+          "check-trt": phase_check_trt}
 
 
 def main(argv=None) -> int:

@@ -353,3 +353,29 @@ def test_build_builds_the_engines_where_tensorrt_imports(tiny_model_dir, tmp_pat
     record = json.loads((b.path / "tensorrt" / "engines.json").read_text())
     assert record["manifest_sha256"] == hashlib.sha256((b.path / "manifest.json").read_bytes()).hexdigest()
     assert (b.path / "tensorrt" / "unet_e01.plan").read_bytes() == b"plan of unet_e01.onnx"
+
+
+def test_fp32_fallback_where_onnx_runtime_has_no_fp16_kernel(w8, tmp_path, monkeypatch):
+    """ONNX Runtime lacks some FP16 CPU kernels: then the engine graph runs widened to FP32 (the
+    simulated quantized model), with a warning. Simulated here by refusing the FP16 file."""
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+
+    def session(path, *a, **kw):
+        if str(path) == str(w8 / "unet_e00.onnx"):
+            raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for "
+                               "SomeOp(21) node with name 'x' (FP16)")
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    bundle = Bundle.open(w8, device="cpu")
+    x = np.random.default_rng(0).standard_normal((2, *bundle.sample_shape)).astype(np.float32)
+    with pytest.warns(UserWarning, match="running the same graph in FP32"):
+        got = bundle.predict(x, 10)  # group 0: unet_e00.onnx
+    engine = bundle.engine("unet_e00.onnx")
+    assert engine.widened
+    monkeypatch.setattr(ort, "InferenceSession", real)
+    want = simulated_bundle(Bundle.open(w8, device="cpu"), tmp_path).predict(x, 10)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not bundle.engine("unet_e03.onnx").widened

@@ -30,8 +30,24 @@ KEEP_FLOAT32_INPUTS = {"Resize": (1, 2)}  # roi and scales are float32 whatever 
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
+def _without_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with every initializer's type and shape but none of its bytes: what type
+    inference needs, small enough to serialize when the weights pass protobuf's 2 GB."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    g.name = model.graph.name
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    for init in model.graph.initializer:
+        g.initializer.append(TensorProto(name=init.name, data_type=init.data_type, dims=init.dims))
+    return light
+
+
 def _types(model: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model)
+    inferred = onnx.shape_inference.infer_shapes(_without_data(model))
     g = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
     types.update({i.name: i.data_type for i in g.initializer})
@@ -149,7 +165,7 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     del g.node[:]
     g.node.extend(nodes + tail)
     del g.value_info[:]
-    onnx.shape_inference.infer_shapes(out, strict_mode=True)  # every node's types agree
+    onnx.shape_inference.infer_shapes(_without_data(out), strict_mode=True)  # every node's types agree
     return out
 
 
@@ -168,21 +184,11 @@ def float16_share(model: onnx.ModelProto) -> dict:
     return {"fp16_nodes": fp16, "fp32_nodes": fp32, "casts": casts}
 
 
+
 def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The inverse typing: every FP16 constant, cast and type back to FP32 (the FP16 pass's
-    Casts become FP32 -> FP32 no-ops). The same Q/DQ graph in FP32 arithmetic: the simulated
-    quantized model that an FP16 engine is compared with."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
-    for init in g.initializer:
-        if init.data_type == FLOAT16:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
-    for n in g.node:
-        for a in n.attribute:
-            if n.op_type == "Cast" and a.name == "to" and a.i == FLOAT16:
-                a.i = FLOAT
-            if n.op_type == "Constant" and a.name == "value" and a.t.data_type == FLOAT16:
-                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
-    del g.value_info[:]
-    return out
+    """The inverse typing (every FP16 constant, cast and type back to FP32): the simulated
+    quantized model an FP16 engine is compared with. Defined in dmruntime, which falls back to it
+    where ONNX Runtime has no FP16 kernel."""
+    from dmruntime.tensorrt.reference import to_float32 as widen
+
+    return widen(model)

@@ -115,11 +115,14 @@ class Bundle:
                 self._engines[g.engine] = OpenVinoEngine(root / g.engine, self.sample_shape, core, config)
             elif self.runtime == "tensorrt" and self.device == "cuda":
                 self._engines[g.engine] = trt.engine(g.engine)
+            elif self.runtime == "tensorrt":
+                from .tensorrt.reference import ReferenceEngine
+
+                self._engines[g.engine] = ReferenceEngine(root / g.engine, self.sample_shape, threads=threads)
             else:
                 ext = {name: stored[key] for name, key in
                        (engines.get(g.engine) or {}).get("external_weights", {}).items()}
-                self._engines[g.engine] = OnnxEngine(root / g.engine, self.sample_shape, threads=threads, external=ext,
-                                                     basic_optimizations=self.runtime == "tensorrt")
+                self._engines[g.engine] = OnnxEngine(root / g.engine, self.sample_shape, threads=threads, external=ext)
         self._active = None  # the engine of the last call (OpenVINO: the others' activations are freed)
 
     def engine(self, name: str):

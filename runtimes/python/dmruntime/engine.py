@@ -20,9 +20,9 @@ class OnnxEngine:
                  providers: tuple[str, ...] = ("CPUExecutionProvider",), external: dict | None = None,
                  basic_optimizations: bool = False):
         self.path = Path(path)
-        # TensorRT's FP16 Q/DQ graphs on the CPU: ONNX Runtime 1.31's extended (QDQ) optimizations
-        # build an invalid QuantizeLinear from them (int8 output, uint8 zero point); basic ones are
-        # exact rewrites, and this path is a numerical reference, not a fast one.
+        # TensorRT's FP16 Q/DQ graphs on the CPU (tensorrt/reference.py): ONNX Runtime 1.31's
+        # extended (QDQ) optimizations build an invalid QuantizeLinear from them (int8 output, uint8
+        # zero point); basic ones are exact rewrites, and that path is a reference, not a fast one.
         self.basic_optimizations = basic_optimizations
         self.external = external or {}  # initializer name -> array, for initializers stored outside the file
         self.sample_shape = tuple(int(s) for s in sample_shape)
