@@ -594,8 +594,9 @@ def weight_only(profile: TargetProfile, layer: Layer, bits: int) -> bool:
     """Whether ``layer`` at ``bits`` runs weight-only on ``profile`` (an INT4 block layout exists)."""
     from .lowering.qdq import int4_blocks
 
-    return profile.weight_only(layer.op_type, bits) and \
-        int4_blocks(layer.op_type, layer.weight_transposed, layer.weight_shape) is not None
+    # the layer map's weight_transposed: stored [in, out] (MatMul, Gemm without transB)
+    trans_b = layer.op_type == "Gemm" and not layer.weight_transposed
+    return profile.weight_only(layer.op_type, bits) and int4_blocks(layer.op_type, trans_b, layer.weight_shape) is not None
 
 
 def _backend_entry(ws: Workspace, engines: EngineSet) -> dict:

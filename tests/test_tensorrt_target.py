@@ -379,3 +379,26 @@ def test_fp32_fallback_where_onnx_runtime_has_no_fp16_kernel(w8, tmp_path, monke
     want = simulated_bundle(Bundle.open(w8, device="cpu"), tmp_path).predict(x, 10)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert not bundle.engine("unet_e03.onnx").widened
+
+
+def test_int4_blocks_run_along_the_input_dimension_or_not_at_all():
+    from dmcompile.lowering.qdq import int4_blocks
+
+    assert int4_blocks("MatMul", False, [256, 64]) == (0, 128)  # [in, out]
+    assert int4_blocks("Gemm", True, [64, 48]) == (1, 16)  # transB: [out, in]
+    assert int4_blocks("Gemm", False, [48, 64]) == (0, 16)
+    assert int4_blocks("MatMul", False, [24, 64]) is None  # 24 in: no block size divides it -> int8
+
+
+def test_a_gemm_whose_input_dim_has_no_block_is_stored_int8(tiny_export):
+    from dmcompile import stages
+    from dmcompile.compiler import _storage, weight_only
+    from dmcompile.frontend.layermap import Layer
+    from dmcompile.targets import TENSORRT
+
+    gemm = next(l for l in stages.load_layer_map(tiny_export).layers if l.op_type == "Gemm")
+    assert not gemm.weight_transposed  # torch Linear: [out, in] with transB
+    odd = Layer(**{**gemm.__dict__, "weight_shape": [64, 24]})  # 24 inputs
+    even = Layer(**{**gemm.__dict__, "weight_shape": [24, 64]})  # 64 inputs, 24 outputs
+    assert not weight_only(TENSORRT, odd, 4) and _storage(TENSORRT, odd, 4) == 8
+    assert weight_only(TENSORRT, even, 4) and _storage(TENSORRT, even, 4) == 4
