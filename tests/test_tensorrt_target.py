@@ -402,3 +402,49 @@ def test_a_gemm_whose_input_dim_has_no_block_is_stored_int8(tiny_export):
     even = Layer(**{**gemm.__dict__, "weight_shape": [24, 64]})  # 64 inputs, 24 outputs
     assert not weight_only(TENSORRT, odd, 4) and _storage(TENSORRT, odd, 4) == 8
     assert weight_only(TENSORRT, even, 4) and _storage(TENSORRT, even, 4) == 4
+
+
+@pytest.mark.parametrize("which", ["cross-attention", "class", "latent"])
+def test_conditional_and_latent_models(which, tiny_cond_dir, tiny_class_dir, tiny_latent_dir, tmp_path):
+    """Other conditionings on tensorrt: text embeddings (a float input: FP16 after its Cast, the
+    cross-attention K/V int8), class labels (an integer input: their embedding FP32 with the time
+    MLP) and a latent pipeline (the decoder stays ONNX Runtime's); guided sampling, batch 2."""
+    rng = np.random.default_rng(0)
+    if which == "cross-attention":
+        d = 12  # TINY_COND_UNET's cross_attention_dim
+        np.savez(tmp_path / "c.npz", encoder_hidden_states=rng.standard_normal((4, 3, d)).astype(np.float32),
+                 null_encoder_hidden_states=np.zeros((3, d), np.float32))
+        cal = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4, guidance_scale=3.0,
+                                conditions=str(tmp_path / "c.npz"))
+        b = build(tiny_cond_dir, tmp_path / "b", calibration=cal, eval_samples=2)
+        cond = {"encoder_hidden_states": rng.standard_normal((2, 3, d)).astype(np.float32)}
+    elif which == "class":
+        cal = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4, guidance_scale=2.0)
+        b = build(tiny_class_dir, tmp_path / "b", calibration=cal, eval_samples=2, null_class=4)
+        cond = {"class_labels": np.array([1, 2])}
+    else:
+        cal = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4)
+        b = build(tiny_latent_dir, tmp_path / "b", calibration=cal, eval_samples=2)
+        cond = None
+    m = b.manifest
+    for name in m["engine"]["tensorrt"]["onnx"]:
+        model = load(b.path / name)
+        assert check_explicit_quantization(model) == []
+        t = types(model)
+        assert all(t[i.name] in (TensorProto.FLOAT, TensorProto.INT64) for i in model.graph.input)
+    entry = m["engine"]["tensorrt"]
+    if which != "latent":
+        assert entry["guidance_batch"] == 2 and entry["batch_sizes"] == [1, 2, 4, 8, 16]
+    bundle = Bundle.open(b.path, device="cpu")
+    guidance = 2.0 if cond else None
+    if which == "latent":  # its UNet reads text embeddings too, unguided here
+        seq = bundle.conditioning.sequence_length or 3
+        cond = {"encoder_hidden_states": rng.standard_normal((2, seq, 12)).astype(np.float32)}
+    x = DDIMSampler(bundle, steps=4, guidance_scale=guidance).sample(2, seed=0, cond=cond)
+    assert np.isfinite(x).all()
+    if which == "latent":
+        assert bundle.decode(x).shape[1] == 3
+    if which == "cross-attention":  # the text embedding enters FP16 code through one Cast
+        casts = [n for n in load(b.path / entry["onnx"][0]).graph.node
+                 if n.op_type == "Cast" and n.input[0] == "encoder_hidden_states"]
+        assert len(casts) == 1
