@@ -202,7 +202,7 @@ def cmd_build(args) -> int:
     cfg = BuildConfig(recipe=_recipe(args), profile=args.target, calibration=_calibration_config(args),
                       analysis=_analysis_config(args), eval_samples=args.eval_samples, seed=args.seed,
                       correction=not args.no_correction, step_aware=args.step_aware, null_class=args.null_class,
-                      decoder=args.decoder, max_engines=args.max_engines)
+                      decoder=args.decoder, max_engines=args.max_engines, residual_int8=not args.no_residual_int8)
     out = args.output or Path("build") / f"{Path(str(args.model)).name}-{args.format}"
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
     m = res.manifest
@@ -362,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "fused engine fed each group's scales), openvino-cpu (OpenVINO, one compiled model per engine, "
                    "scales compiled in; needs the openvino package) or tensorrt (NVIDIA GPUs: strongly typed FP16 "
                    "ONNX with int8 Q/DQ per group; engines built where TensorRT is installed)")
+    b.add_argument("--no-residual-int8", action="store_true",
+                   help="tensorrt: keep residual Adds' skip inputs FP16 (default: Q/DQ on them, so TensorRT fuses "
+                        "the Add into the int8 Conv; costs quality, 5 dB PSNR on digits16)")
     b.add_argument("--max-engines", type=int, default=default(BuildConfig, "max_engines"), metavar="N",
                    help="openvino-cpu, tensorrt: at most N engines; adjacent groups with the closest activation scales share "
                    "one (bounds resident memory: each compiled model holds its own weights)")

@@ -168,6 +168,8 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
     spec, rows = stages.conditioning(fp, config.calibration, config.null_class)
     decoder = json.loads((fp / "manifest.json").read_text()).get("decoder")
     profile = get_profile(config.profile)
+    if profile.quantize_residual_skip and not config.residual_int8:
+        profile = dataclasses.replace(profile, quantize_residual_skip=False)
     ws = Workspace(model.describe(), model.scheduler_config, fp, layer_map, profile,
                    resolve(layer_map, config.overrides, profile), spec, rows, decoder)
     stages.check_moments_fit(layer_map.layers, stages.moments_needed(config.analysis.rounding,
@@ -322,7 +324,7 @@ def write_qdq_engines(folder: Path, ws: Workspace, calib: CalibrationResult, pla
         for c, (widths, _), model in lower(ws, calib, plan, progress, clusters=clusters, ranges=ranges,
                                            rounding=config.analysis.rounding):
             if finish_engine is not None:
-                model = finish_engine(model)
+                model = finish_engine(model, ws.profile.quantize_residual_skip)
             name = writer.add(model, engine_file(c))
             del model
             engines[name], first[name] = folder / name, clusters[c][0]

@@ -400,6 +400,9 @@ class BuildConfig(_Versioned):
     decoder: latent models: the VAE decoder in the bundle, ``fp32`` (the export's, as it is) or
     ``w8a8`` (the same lowering as the UNet, calibrated on latents the fp32 model samples;
     decoder_calib_size of them).
+    residual_int8: tensorrt: Q/DQ on the skip input of each residual Add after an int8 Conv, so
+    TensorRT fuses the Add into the Conv with an int8 residual (its recommended placement); False
+    keeps the residual stream FP16 (measured on digits16: 5 dB closer to full precision).
     max_engines: openvino-cpu and tensorrt: at most this many engines; adjacent timestep
     groups with the closest activation scales share one, with the union of their ranges.
 
@@ -422,6 +425,7 @@ class BuildConfig(_Versioned):
     decoder: str = "fp32"
     decoder_calib_size: int = 32
     max_engines: int | None = None
+    residual_int8: bool = True
     SCHEMA_VERSION = 2
 
     def __init__(self, **options):
@@ -456,6 +460,10 @@ class BuildConfig(_Versioned):
         _check(self.decoder_calib_size >= 1, f"decoder_calib_size must be >= 1, got {self.decoder_calib_size}")
         _check(self.max_engines is None or (isinstance(self.max_engines, int) and self.max_engines >= 1),
                f"max_engines must be an integer >= 1, got {self.max_engines!r}")
+        _check(isinstance(self.residual_int8, bool), f"residual_int8 must be True or False, got {self.residual_int8!r}")
+        _check(self.residual_int8 or PROFILES[self.profile].quantize_residual_skip,
+               f"residual_int8=False (--no-residual-int8) applies to --target tensorrt; {self.profile} quantizes no "
+               "residual input")
         _check(self.max_engines is None or PROFILES[self.profile].backend in ("openvino", "tensorrt"),
                f"max_engines applies to --target openvino-cpu and tensorrt (one engine per group); {self.profile} "
                "already runs every timestep group on one engine")

@@ -194,7 +194,10 @@ def _checked(spec, cond: dict, n: int, what: str) -> dict:
 
 def _profile_part(profile: TargetProfile) -> list:
     # ort-cpu keys stay what they were before profiles were part of them (caches stay valid)
-    return [] if profile == ORT_CPU else [profile.name]
+    if profile == ORT_CPU:
+        return []
+    # placement options added after a profile's caches existed key on their own
+    return [profile.name] + (["residual-skip"] if profile.quantize_residual_skip else [])
 
 
 def calibrate(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_CPU, progress=None,
@@ -216,7 +219,9 @@ def calibrate(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_
         try:
             cached = CalibrationResult.load(path)
             have = Moments(cached.moments) if moments and cached.moments is not None else None  # checks its schema
-            if moments is None or (have is not None and (moments == "pooled" or have.per_group)):
+            complete = set(profile.quantized_tensors(load_graph(fp), load_layer_map(fp).layers)) \
+                <= set(cached.tensors)  # a profile that now records more tensors measures again
+            if complete and (moments is None or (have is not None and (moments == "pooled" or have.per_group))):
                 return cached
         except ArtifactError:
             shutil.rmtree(path, ignore_errors=True)  # our own cache entry, unreadable: measure again
@@ -226,6 +231,13 @@ def calibrate(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_
                              progress=progress, conditioning=spec, conditions=rows, moments=moments,
                              work_dir=path.parent)
     return result.save(path)
+
+
+def load_graph(fp: Path):
+    """The export's graph without its weights."""
+    from . import onnxio
+
+    return onnxio.load(fp / "model.onnx", weights=False)
 
 
 def load_layer_map(fp: Path):

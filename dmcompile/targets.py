@@ -35,6 +35,8 @@ class TargetProfile:
     the input not quantized): TensorRT's INT4 MatMul/Gemm. A width in ``packed_weight_bits`` that a
     layer's op type has no native form for is stored on the int8 grid (one byte per weight).
     float16: the engines compute in FP16 outside the quantized ops (strongly typed graphs).
+    quantize_residual_skip: a residual Add right after a quantized Conv gets Q/DQ on its other
+    (skip) input, so TensorRT fuses the Add into the Conv with an int8 residual.
     default_float: module names kept float unless an override names the layer, its module or a
     module prefix (op-type and ``*`` rules do not reach them): a layer is matched when any
     component of its module path is one of these.
@@ -53,6 +55,7 @@ class TargetProfile:
     quantize_bias: bool = True
     weight_only_ops: dict = dataclasses.field(default_factory=dict)
     float16: bool = False
+    quantize_residual_skip: bool = False
     default_float: tuple[str, ...] = ()
 
     @property
@@ -65,7 +68,8 @@ class TargetProfile:
         the ONNX ``model``, in graph order. Input 0 of every layer, input 1 of activation x
         activation MatMuls (attention; with ``quantize_activation_matmuls``, else neither input),
         and, with ``quantize_conv_outputs``, Conv outputs
-        (with no quantized reader of their own unless a later layer reads them). Layers in
+        (with no quantized reader of their own unless a later layer reads them); with
+        ``quantize_residual_skip``, the skip input of each Add that follows a quantized Conv. Layers in
         ``weight_only`` (nodes whose weight is stored weight-only, see :meth:`weight_only`) read
         their input in float."""
         wanted = {l.node: l for l in layers if self.quantizes(l)}
@@ -80,6 +84,17 @@ class TargetProfile:
                     out.setdefault(node.input[i], []).append((node.name, i))
             if self.quantize_conv_outputs and node.op_type == "Conv":
                 out.setdefault(node.output[0], [])
+        if self.quantize_residual_skip:
+            conv_out = {n.output[0] for n in model.graph.node if n.name in wanted and n.op_type == "Conv"}
+            data = _from_float_inputs(model)
+            for node in model.graph.node:
+                if node.op_type == "Add" and len(node.input) == 2 and \
+                        (node.input[0] in conv_out) != (node.input[1] in conv_out):
+                    skip = 1 if node.input[0] in conv_out else 0
+                    # a residual carries the sample's data; the time embedding added after conv1
+                    # (computed from the timestep alone) is a broadcast bias, not a skip
+                    if node.input[skip] in data:
+                        out.setdefault(node.input[skip], []).append((node.name, skip))
         return out
 
     def quantizes(self, layer) -> bool:
@@ -99,16 +114,38 @@ class TargetProfile:
         return bits in self.weight_only_ops.get(op_type, ())
 
     def quantized_tensors(self, model, layers) -> list[str]:
-        """The activation tensors :meth:`placement` quantizes, in graph order."""
-        return list(self.placement(model, layers))
+        """The activation tensors :meth:`placement` quantizes, in graph order; with
+        ``quantize_residual_skip`` also every sample-derived input of an Add that a Conv feeds
+        (calibration records them all: which one is the skip depends on which Convs a build
+        quantizes)."""
+        out = list(self.placement(model, layers))
+        if self.quantize_residual_skip:
+            convs = {n.output[0] for n in model.graph.node if n.op_type == "Conv"}
+            data = _from_float_inputs(model)
+            for n in model.graph.node:
+                if n.op_type == "Add" and len(n.input) == 2 and any(i in convs for i in n.input):
+                    out += [i for i in n.input if i in data and i not in out]
+        return out
 
     def layer_input_tensors(self, model, layers) -> list[str]:
         """The tensors that layers read quantized (placement without reader-less outputs), in the
         order of their first reader: the activation choices a layer has, for RD curves."""
         pos = {n.name: i for i, n in enumerate(model.graph.node)}
-        first = {t: min((pos[n], i) for n, i in readers) for t, readers in self.placement(model, layers).items()
-                 if readers}
+        names = {l.node for l in layers}  # a residual Add reads its skip quantized but is no layer
+        first = {t: min((pos[n], i) for n, i in readers if n in names)
+                 for t, readers in self.placement(model, layers).items() if any(n in names for n, _ in readers)}
         return sorted(first, key=first.get)
+
+
+def _from_float_inputs(model) -> set[str]:
+    """Values computed from a float graph input (the sample, text embeddings), through any op but
+    Shape / Size, whose outputs describe a tensor rather than carry its values."""
+    inits = {i.name for i in model.graph.initializer}
+    data = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == 1 and i.name not in inits}
+    for n in model.graph.node:
+        if n.op_type not in ("Shape", "Size") and any(i in data for i in n.input):
+            data.update(n.output)
+    return data
 
 
 # ort-cpu: uint8 asymmetric activations per tensor, int8 symmetric per-channel weights, int32
@@ -152,8 +189,8 @@ OPENVINO_CPU = TargetProfile(
 # tensorrt: TensorRT's explicit quantization (TensorRT >= 10, strongly typed networks), from its
 # developer guide and onnx-tensorrt's importers; never run in this project's environment (no
 # TensorRT builder can be installed here). Symmetric int8 activations per tensor, per-channel
-# int8 weights, float biases; Q/DQ only on the inputs of Conv / Gemm / MatMul (TensorRT fuses a
-# residual Add into the Conv before it); attention's activation MatMuls float so its fused
+# int8 weights, float biases; Q/DQ only on the inputs of Conv / Gemm / MatMul, and on the skip
+# input of a residual Add after a quantized Conv (TensorRT fuses the Add into that Conv); attention's activation MatMuls float so its fused
 # attention kernel survives; FP16 everywhere else. 4-bit weights: INT4 weight-only blocks for
 # MatMul / Gemm (activations FP16), the only INT4 form TensorRT has; a 4-bit Conv weight is stored
 # and run INT8 (its values still on the 4-bit grid).
@@ -171,6 +208,7 @@ TENSORRT = TargetProfile(
     quantize_bias=False,
     weight_only_ops={"MatMul": (4,), "Gemm": (4,)},
     float16=True,
+    quantize_residual_skip=True,
     # demoDiffusion's / ModelOpt's INT8 recipe for diffusion UNets: these stay FP16 (small, or
     # sensitive, and their Q/DQ would break TensorRT's fusions: a shortcut Conv's output is a
     # residual Add's skip input)

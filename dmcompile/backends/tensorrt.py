@@ -31,13 +31,14 @@ def engine_file(index: int) -> str:
     return f"unet_e{index:02d}.onnx"
 
 
-def finish_engine(model: onnx.ModelProto) -> onnx.ModelProto:
+def finish_engine(model: onnx.ModelProto, residual_skip: bool = True) -> onnx.ModelProto:
     """A lowered group graph made TensorRT's: FP16-typed, checked against its rules (raises
-    ValueError listing what breaks them: a lowering bug, never the user's)."""
+    ValueError listing what breaks them: a lowering bug, never the user's). ``residual_skip``:
+    the profile's ``quantize_residual_skip``."""
     from ..lowering.fp16 import to_float16
 
     typed = to_float16(model)
-    problems = check_explicit_quantization(typed)
+    problems = check_explicit_quantization(typed, residual_skip)
     if problems:
         raise ValueError(f"the TensorRT lowering broke {len(problems)} of TensorRT's rules, first: {problems[0]}")
     return typed

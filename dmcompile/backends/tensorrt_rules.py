@@ -10,9 +10,10 @@ TensorRT-Model-Optimizer's ONNX passes):
 - INT4 weights only for MatMul / Gemm, block-quantized along the input dimension
   (DequantizeLinear with ``block_size``, opset >= 21): MatMul axis 0, Gemm axis 1 with transB else 0;
   weight-only: the layer's input is not quantized;
-- placement that fuses: Q/DQ on the inputs of Conv / Gemm / MatMul, not on their outputs (a
-  residual Add fuses into the Conv before it, Q/DQ only on its skip input); a Conv output that the
-  next Conv reads quantized is that Conv's input, and fine;
+- placement that fuses: Q/DQ on the inputs of Conv / Gemm / MatMul, not on their outputs; a
+  residual Add right after an int8 Conv fuses into it, with Q/DQ on its skip input only (the skip
+  may be another Conv's output, e.g. a float shortcut); a Conv output that the next Conv reads
+  quantized is that Conv's input, and fine;
 - biases stay float (no int32 bias with a computed scale, as ONNX Runtime's QDQ graphs have);
 - attention stays float: no DequantizeLinear feeding an activation x activation MatMul
   (Q.K^T, attn.V) or a Softmax, so the fused attention kernel survives;
@@ -22,6 +23,8 @@ TensorRT-Model-Optimizer's ONNX passes):
 from __future__ import annotations
 
 import numpy as np
+
+from ..targets import _from_float_inputs
 
 __all__ = ["check_explicit_quantization", "differ_only_in_scales", "weight_axis"]
 
@@ -49,8 +52,10 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def check_explicit_quantization(model) -> list[str]:
-    """Every way ``model`` breaks the rules above, one line each (empty: it keeps them)."""
+def check_explicit_quantization(model, residual_skip: bool | None = True) -> list[str]:
+    """Every way ``model`` breaks the rules above, one line each (empty: it keeps them).
+    ``residual_skip``: True, a residual Add after an int8 Conv must read its skip through Q/DQ;
+    False, it must read it as it is (``--no-residual-int8``); None, either."""
     from onnx import numpy_helper
 
     g = model.graph
@@ -61,6 +66,7 @@ def check_explicit_quantization(model) -> list[str]:
         for i, name in enumerate(n.input):
             consumers.setdefault(name, []).append((n, i))
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    data = _from_float_inputs(model)
     problems = []
 
     def value(name):
@@ -86,7 +92,7 @@ def check_explicit_quantization(model) -> list[str]:
             if scale.size != 1:
                 problems.append(f"{n.name}: activation scale must be per tensor, has {scale.size} values")
             if n.op_type == "QuantizeLinear" and src in producer and producer[src].op_type in WEIGHTED and \
-                    not _feeds_weighted_input(n, consumers):
+                    not _feeds_weighted_input(n, consumers) and not _feeds_residual_skip(n, consumers, producer):
                 problems.append(f"{n.name}: quantizes the output of {producer[src].op_type} {producer[src].name} "
                                 "for no Conv/Gemm/MatMul; Q/DQ go on their inputs (a residual Add fuses float)")
             continue
@@ -114,6 +120,24 @@ def check_explicit_quantization(model) -> list[str]:
             elif scale.size != 1 and (a.get("axis", 1) != want or scale.size != dims[want]):
                 problems.append(f"{n.name}: per-channel weight scale must be on axis {want} "
                                 f"({dims[want]} channels), has axis {a.get('axis', 1)} and {scale.size} values")
+    # Residual placement: an Add right after an int8 Conv takes its other (skip) input through Q/DQ
+    # and the Conv's output without, so TensorRT fuses the Add into the Conv.
+    for n in g.node:
+        if n.op_type != "Add" or len(n.input) != 2:
+            continue
+        convs = [i for i, name in enumerate(n.input) if _int8_conv(producer.get(name), producer)]
+        if len(convs) != 1:
+            continue
+        skip = n.input[1 - convs[0]]
+        if skip not in data or residual_skip is None:
+            continue  # a bias computed without the sample (the time embedding after conv1): no residual
+        conv = producer[n.input[convs[0]]].name
+        if residual_skip and not _dq_producer(skip, producer):
+            problems.append(f"{n.name}: residual Add after int8 Conv {conv} needs Q/DQ on its skip input (TensorRT "
+                            "then fuses the Add into the Conv)")
+        elif not residual_skip and _dq_producer(skip, producer):
+            problems.append(f"{n.name}: residual Add after int8 Conv {conv} reads its skip through Q/DQ, but the "
+                            "residual stream was to stay FP16")
     # Attention stays float: nothing dequantized flows straight into Softmax or into a MatMul
     # whose two inputs are both activations.
     for n in g.node:
@@ -134,6 +158,22 @@ def _feeds_weighted_input(q, consumers: dict) -> bool:
         if dq.op_type == "DequantizeLinear" and any(r.op_type in WEIGHTED and i == 0
                                                     for r, i in consumers.get(dq.output[0], [])):
             return True
+    return False
+
+
+def _int8_conv(node, producer: dict) -> bool:
+    """A Conv whose input and weight are both dequantized."""
+    return node is not None and node.op_type == "Conv" and all(_dq_producer(i, producer) for i in node.input[:2])
+
+
+def _feeds_residual_skip(q, consumers: dict, producer: dict) -> bool:
+    """Whether the QuantizeLinear ``q`` quantizes the skip input of a residual Add whose other input
+    is an int8 Conv's output (a float Conv's output may be that skip: a shortcut kept float)."""
+    for dq, _ in consumers.get(q.output[0], []):
+        for add, i in consumers.get(dq.output[0], []):
+            if dq.op_type == "DequantizeLinear" and add.op_type == "Add" and len(add.input) == 2 and \
+                    _int8_conv(producer.get(add.input[1 - i]), producer):
+                return True
     return False
 
 
