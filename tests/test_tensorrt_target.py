@@ -496,3 +496,19 @@ def test_residual_int8_applies_to_tensorrt_only():
 
     with pytest.raises(ConfigError, match="applies to --target tensorrt"):
         BuildConfig(profile="ort-cpu", residual_int8=False)
+
+
+def test_a_graph_the_converter_cannot_take_is_a_clear_error(monkeypatch):
+    from onnx import version_converter
+
+    from dmcompile.errors import ExportError
+
+    def refuse(model, version):
+        raise RuntimeError("No Adapter For SomeOp")
+
+    monkeypatch.setattr(version_converter, "convert_version", refuse)
+    m = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []), opset_imports=[onnx.helper.make_opsetid("", 17)])
+    with pytest.raises(ExportError, match="needs this model's graph at opset 21.*No Adapter"):
+        to_opset(m, 21)
+    assert to_opset(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []),
+                                           opset_imports=[onnx.helper.make_opsetid("", 21)]), 21) is not None

@@ -208,7 +208,10 @@ def to_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     try:
         out = version_converter.convert_version(model, version)
     except Exception as e:  # the converter raises its own RuntimeError / ValueError kinds
-        raise ValueError(f"cannot convert the graph from opset {current} to {version} ({e}); INT4 weight blocks "
-                         "need opset 21: keep those layers at 8 bits (--weight-bits LAYER=8)") from e
+        from ..errors import ExportError
+
+        raise ExportError(f"the tensorrt target needs this model's graph at opset {version} (FP16 Q/DQ scales, INT4 "
+                          f"blocks), and ONNX's version converter cannot take it from opset {current}: {e}. Build "
+                          "for ort-cpu or openvino-cpu, which keep the exported opset") from e
     out.ir_version = max(out.ir_version, 10)
     return out
