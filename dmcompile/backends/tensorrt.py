@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import onnx
+from dmruntime.tensorrt.record import PLANS_FOLDER
 
 from .tensorrt_rules import check_explicit_quantization
 
@@ -92,9 +93,6 @@ def engine_entry(files: list[str], guided: bool) -> dict:
             "build_command": BUILD_COMMAND.format(bundle="BUNDLE"), "built_here": False}
 
 
-PLANS_FOLDER = "tensorrt"
-
-
 def tensorrt_available() -> str | None:
     """TensorRT's version when its builder imports here, else None."""
     try:
@@ -109,7 +107,8 @@ def write_build_script(folder: Path) -> str:
     path = Path(folder) / "build_engines.sh"
     path.write_text("#!/bin/sh\n"
                     "# Builds this bundle's TensorRT engines (one per timestep group) on the machine that runs them:\n"
-                    "#   pip install 'dmruntime[tensorrt]'   (TensorRT >= 10 and cuda-bindings; no torch)\n"
+                    "#   pip install './runtimes/python[tensorrt]'   (dmruntime from the dmcompile repository, with\n"
+                    "#   TensorRT >= 10 and cuda-bindings; no torch)\n"
                     "# then run this script, or: python -m dmruntime.tensorrt.build BUNDLE [--batch-sizes 1 2 4]\n"
                     'exec python -m dmruntime.tensorrt.build "$(dirname "$0")" "$@"\n')
     path.chmod(0o755)
