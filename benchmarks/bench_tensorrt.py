@@ -44,9 +44,21 @@ def interleaved(fns: dict, repeats: int, warmup: int = 3) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def make_gpu():
+    """The GPU (tests replace this and make_builder with fakes)."""
+    from dmruntime.tensorrt.gpu import CudaGpu
+
+    return CudaGpu()
+
+
+def make_builder():
+    from dmruntime.tensorrt.build import TrtBuilder
+
+    return TrtBuilder()
+
+
 def fp16_engine(gpu, bundle, sizes, cuda_graphs: bool):
     """The fp32 export of ``bundle``'s model typed FP16 and built like the bundle's engines."""
-    from dmruntime.tensorrt.build import TrtBuilder
     from dmruntime.tensorrt.record import io_specs
     from dmruntime.tensorrt.runtime import TensorRTEngines
 
@@ -54,17 +66,33 @@ def fp16_engine(gpu, bundle, sizes, cuda_graphs: bool):
     from dmcompile.lowering.fp16 import to_float16
     from dmcompile.lowering.qdq import to_opset
 
-    fp = stages.fp_bundle(bundle.manifest["model"]["source"])
+    fp = stages.fp_bundle(stages.reference_model(bundle))  # the bundle's fp32 export (cached)
     with tempfile.TemporaryDirectory() as tmp:
         model = to_float16(to_opset(onnxio.load(fp / "model.onnx"), 21))
         onnxio.save(model, Path(tmp) / "fp16.onnx")
         del model
         profiles = [{s.name: s.shape for s in io_specs(bundle.sample_shape, bundle.conditioning, b)[0]} for b in sizes]
         cache = (bundle.root / "tensorrt" / "timing.cache")
-        plan, _ = TrtBuilder().build(Path(tmp) / "fp16.onnx", profiles, cache.read_bytes() if cache.is_file() else b"")
+        plan, _ = make_builder().build(Path(tmp) / "fp16.onnx", profiles, cache.read_bytes() if cache.is_file() else b"")
     engines = TensorRTEngines(gpu, {"fp16": gpu.load(plan)}, sizes, bundle.sample_shape, bundle.conditioning,
                               cuda_graphs)
     return engines, len(plan)
+
+
+def engine_bops(manifest: dict, group: int = 0) -> int:
+    """BOPs per sample of a tensorrt bundle's engine as it runs: int8 layers at weight x 8 bits,
+    INT4 weight-only layers at 4 x 16 (FP16 activations), float layers at 16 x 16 (FP16), unlike
+    the manifest's BOPs, which count float at 32 bits on every target."""
+    total = 0
+    for l in manifest["precision"]["layers"]:
+        wb = l["weight_bits"][group] if l.get("weight_bits") else None
+        if wb is None or wb == 32 or not l.get("activation_bits"):
+            total += l["macs"] * 16 * 16
+        elif group in l.get("weight_only_groups", []):
+            total += l["macs"] * wb * 16
+        else:
+            total += l["macs"] * wb * l["activation_bits"]
+    return total
 
 
 class Fp16Model:
@@ -92,14 +120,13 @@ def main(argv=None) -> int:
 
     from dmruntime import Bundle, DDIMSampler
     from dmruntime.errors import DmRuntimeError
-    from dmruntime.tensorrt.gpu import CudaGpu
+    from dmruntime.tensorrt import runtime as trt_runtime
     from dmruntime.tensorrt.runtime import TensorRTEngines
 
-    from dmcompile.inspect import accounting
-
     try:
-        gpu = CudaGpu()
+        gpu = make_gpu()
         free0, total = gpu.memory_info()
+        trt_runtime.default_gpu = lambda: gpu  # the bundle's engines on this same device and stream
         bundle = Bundle.open(args.bundle)  # TensorRT engines, CUDA graphs
         free1, _ = gpu.memory_info()
         direct = TensorRTEngines.load(bundle.root, bundle.manifest, bundle.sample_shape, bundle.conditioning, gpu=gpu,
@@ -117,17 +144,17 @@ def main(argv=None) -> int:
     print(f"GPU: {gpu.device['name']} (compute capability {gpu.device['compute_capability']}, "
           f"{total / 2**30:.1f} GiB); TensorRT {gpu.tensorrt_version}; bundle {args.bundle} "
           f"({len(record['plans'])} engines, batch profiles {sizes})")
-    acc = accounting(bundle.manifest)
     macs = sum(l["macs"] for l in bundle.manifest["precision"]["layers"])
-    bops_fp16 = macs * 16 * 16
-    print(f"BOPs per sample: bundle {acc['bops_per_group'][0] / 1e9:.2f} G (group 0; fp16 layers counted at 32 x 32) "
-          f"vs FP16 {bops_fp16 / 1e9:.2f} G")
+    bops_fp16, bops_int8 = macs * 16 * 16, engine_bops(bundle.manifest)
+    print(f"BOPs per sample: bundle {bops_int8 / 1e9:.2f} G (group 0; FP16 layers at 16 x 16) vs FP16 "
+          f"{bops_fp16 / 1e9:.2f} G: {bops_fp16 / bops_int8:.2f}x fewer")
     plan_bytes = sum(p["bytes"] for p in record["plans"].values())
     print(f"GPU memory: INT8 plans {plan_bytes / 1e6:.1f} MB ({len(record['plans'])} engines, a weight copy each), "
           f"FP16 plan {fp16_plan_bytes / 1e6:.1f} MB; activation buffer INT8 {int8.activation_bytes / 1e6:.1f} MB, "
           f"FP16 {fp16_graph.activation_bytes / 1e6:.1f} MB; free memory dropped {(free0 - free1) / 1e6:.0f} MB "
           f"loading the INT8 set, {(free2 - free3) / 1e6:.0f} MB loading FP16")
     results = {"device": gpu.device, "tensorrt": gpu.tensorrt_version, "batch_profiles": sizes, "calls": {},
+               "bops": {"int8": bops_int8, "fp16": bops_fp16},
                "runs": {}, "plan_bytes": {"int8": plan_bytes, "fp16": fp16_plan_bytes}}
     name = bundle.groups[0].engine
     rng = np.random.default_rng(0)

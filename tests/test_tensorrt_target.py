@@ -235,7 +235,7 @@ def test_onnx_runtime_runs_the_engine_graphs_close_to_the_simulated_model(w8, tm
 def _fp_export(bundle):
     from dmcompile import stages
 
-    return stages.fp_bundle(json.loads((bundle / "manifest.json").read_text())["model"]["source"])
+    return stages.fp_bundle(stages.reference_model(Bundle.open(bundle, device="cpu")))
 
 
 def test_fp16_pass_round_trips_and_runs(tiny_export):
@@ -512,3 +512,55 @@ def test_a_graph_the_converter_cannot_take_is_a_clear_error(monkeypatch):
         to_opset(m, 21)
     assert to_opset(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []),
                                            opset_imports=[onnx.helper.make_opsetid("", 21)]), 21) is not None
+
+
+def test_gpu_benchmark_end_to_end_on_a_fake_gpu(w8, tmp_path, monkeypatch, capsys):
+    """bench_tensorrt.py has never run on a GPU; here it runs whole on the runtime tests' numpy fake
+    of the GPU interface (and a stand-in builder): every step but TensorRT's own work."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("fake_gpu", root / "runtimes/python/tests/test_tensorrt_runtime.py")
+    fakes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fakes)
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import bench_tensorrt
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    from dmruntime.tensorrt import build as trt_build
+
+    class Builder(fakes.FakeBuilder):
+        def build(self, onnx_path, profiles, cache):
+            stem = Path(onnx_path).stem
+            index = 99 if stem == "fp16" else int(stem[-2:])  # 99: the FP16 baseline engine
+            return f"plan:{index}:{len(profiles)}".encode(), cache
+
+    class Gpu(fakes.FakeGpu):
+        def memory_info(self):
+            return sum(len(m) for m in self.mem.values()), 80 << 30
+
+    bundle = tmp_path / "b"
+    import shutil
+
+    shutil.copytree(w8, bundle)
+    trt_build.build_engines(bundle, [1, 2, 4], builder=Builder())
+    gpu = Gpu()
+    monkeypatch.setattr(bench_tensorrt, "make_gpu", lambda: gpu)
+    monkeypatch.setattr(bench_tensorrt, "make_builder", Builder)
+    out = tmp_path / "r.json"
+    assert bench_tensorrt.main([str(bundle), "--batch", "1", "3", "--repeats", "2", "--steps", "3",
+                                "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "INT8/FP16" in text and "batch 3: per call" in text and "GPU memory" in text
+    r = json.loads(out.read_text())
+    assert set(r["calls"]["3"]) == {"int8 graph", "int8 direct", "fp16 graph", "fp16 direct"}
+    assert set(r["runs"]["1"]) == {"int8", "fp16"}
+    m = json.loads((bundle / "manifest.json").read_text())
+    macs = sum(l["macs"] for l in m["precision"]["layers"])
+    int8 = sum(l["macs"] for l in m["precision"]["layers"] if l["activation_bits"])
+    assert r["bops"] == {"fp16": macs * 256, "int8": (macs - int8) * 256 + int8 * 64}  # W8A8 here
+    engines_run = {e for e, *_ in gpu.runs}
+    assert 99 in engines_run and {0, 1, 2} <= engines_run  # the FP16 engine; groups of a 3-step run
+    assert {b for _, b, *_ in gpu.runs} <= {1, 2, 4}
