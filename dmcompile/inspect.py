@@ -70,6 +70,7 @@ def accounting(manifest: dict) -> dict:
     layers = manifest["precision"]["layers"]
     stored = (manifest.get("weights") or {}).get("tensors", {})
     rows, bops_total, bops_fp = [], None, 0
+    float_bytes = 2 if (manifest.get("engine") or {}).get("runtime") == "tensorrt" else 4  # tensorrt: FP16
     for l in layers:
         wb = l.get("weight_bits")
         if stored and wb:
@@ -79,9 +80,9 @@ def accounting(manifest: dict) -> dict:
             disk = -(-l["params"] * max(b for b in l["storage_bits"] if b != FLOAT_BITS) // 8) \
                 if any(b != FLOAT_BITS for b in l["storage_bits"]) else 0
         else:
-            disk = l["params"] if wb else (4 * l["params"] if l["params"] else 0)
+            disk = l["params"] if wb else float_bytes * l["params"]
         if l.get("float_groups"):  # float32 weights in each engine that keeps the layer float
-            disk += 4 * l["params"] * len({manifest["groups"][g]["engine"] for g in l["float_groups"]})
+            disk += float_bytes * l["params"] * len({manifest["groups"][g]["engine"] for g in l["float_groups"]})
         G = len(wb) if wb else len(l.get("bops") or [0])
         b = l.get("bops") or [l["macs"] * 32 * 32] * G
         bops_total = b if bops_total is None else [x + y for x, y in zip(bops_total, b)]

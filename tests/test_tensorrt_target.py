@@ -189,7 +189,12 @@ def test_int4_weight_only_matmul_gemm_and_int8_conv(w4, tmp_path):
     assert mm_bops_float_activation(layers)
     mm = next(l for l in layers.values() if l.get("weight_only_groups"))
     assert mm["op_type"] in ("MatMul", "Gemm") and mm["storage_bits"][0] == 4
-    text = dm_inspect.format_report(dm_inspect.bundle_report(Bundle.open(w4, device="cpu")))
+    report = dm_inspect.bundle_report(Bundle.open(w4, device="cpu"))
+    rows = {r["node"]: r for r in report["accounting"]["layers"]}
+    first_gemm = next(l for l in m["precision"]["layers"] if l["op_type"] == "Gemm")  # time MLP: float
+    assert first_gemm["activation"] == "float" and rows[first_gemm["node"]]["weight_bytes_on_disk"] == \
+        2 * first_gemm["params"]  # FP16 weights in the engine
+    text = dm_inspect.format_report(report)
     assert "stored 8" in text and "INT4 weight-only" in text
 
 
