@@ -594,11 +594,9 @@ def _storage(profile: TargetProfile, layer: Layer, bits: int) -> int:
 
 def weight_only(profile: TargetProfile, layer: Layer, bits: int) -> bool:
     """Whether ``layer`` at ``bits`` runs weight-only on ``profile`` (an INT4 block layout exists)."""
-    from .lowering.qdq import int4_blocks
+    from .lowering.qdq import int4_layout
 
-    # the layer map's weight_transposed: stored [in, out] (MatMul, Gemm without transB)
-    trans_b = layer.op_type == "Gemm" and not layer.weight_transposed
-    return profile.weight_only(layer.op_type, bits) and int4_blocks(layer.op_type, trans_b, layer.weight_shape) is not None
+    return int4_layout(profile, layer, bits) is not None
 
 
 def _backend_entry(ws: Workspace, engines: EngineSet) -> dict:

@@ -86,7 +86,7 @@ class TargetProfile:
                 out.setdefault(node.output[0], [])
         if self.quantize_residual_skip:
             conv_out = {n.output[0] for n in model.graph.node if n.name in wanted and n.op_type == "Conv"}
-            data = _from_float_inputs(model)
+            data = float_input_values(model)
             for node in model.graph.node:
                 if node.op_type == "Add" and len(node.input) == 2 and \
                         (node.input[0] in conv_out) != (node.input[1] in conv_out):
@@ -121,7 +121,7 @@ class TargetProfile:
         out = list(self.placement(model, layers))
         if self.quantize_residual_skip:
             convs = {n.output[0] for n in model.graph.node if n.op_type == "Conv"}
-            data = _from_float_inputs(model)
+            data = float_input_values(model)
             for n in model.graph.node:
                 if n.op_type == "Add" and len(n.input) == 2 and any(i in convs for i in n.input):
                     out += [i for i in n.input if i in data and i not in out]
@@ -137,13 +137,16 @@ class TargetProfile:
         return sorted(first, key=first.get)
 
 
-def _from_float_inputs(model) -> set[str]:
+METADATA_OPS = ("Shape", "Size")  # their outputs describe a tensor, they do not carry its values
+
+
+def float_input_values(model) -> set[str]:
     """Values computed from a float graph input (the sample, text embeddings), through any op but
-    Shape / Size, whose outputs describe a tensor rather than carry its values."""
+    METADATA_OPS: a residual's skip, and what the FP16 pass types FP16."""
     inits = {i.name for i in model.graph.initializer}
     data = {i.name for i in model.graph.input if i.type.tensor_type.elem_type == 1 and i.name not in inits}
     for n in model.graph.node:
-        if n.op_type not in ("Shape", "Size") and any(i in data for i in n.input):
+        if n.op_type not in METADATA_OPS and any(i in data for i in n.input):
             data.update(n.output)
     return data
 

@@ -162,3 +162,15 @@ def run_without_torch(body: str, cwd: Path) -> None:
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=cwd)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().endswith("ok")
+
+
+def build_for(profile: str, model, out, **kw):
+    """A quick build for a target profile: 8 calibration trajectories x 10 steps, 4 groups, no
+    fidelity run and no PTQD statistics unless asked (the target tests' common settings)."""
+    from dmcompile import api
+    from dmcompile.config import BuildConfig, CalibrationConfig
+
+    kw.setdefault("calibration", CalibrationConfig(size=8, steps=10, groups=4))
+    kw.setdefault("eval_samples", 0)
+    kw.setdefault("correction", False)
+    return api.build(str(model), out, BuildConfig(profile=profile, **kw))

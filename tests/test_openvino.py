@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import build_for
 from dmcompile import api, stages
 from dmcompile.config import BuildConfig, CalibrationConfig, MixedRecipe, Override
 from dmcompile.errors import ConfigError
@@ -22,10 +23,7 @@ CAL = CalibrationConfig(size=8, steps=10, groups=4)
 
 
 def build(model, out, **kw):
-    kw.setdefault("calibration", CAL)
-    kw.setdefault("eval_samples", 0)
-    kw.setdefault("correction", False)
-    return api.build(str(model), out, BuildConfig(profile="openvino-cpu", **kw))
+    return build_for("openvino-cpu", model, out, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -15,23 +15,18 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from dmcompile import api, inspect as dm_inspect
+from conftest import ROOT, build_for
+from dmcompile import inspect as dm_inspect
 from dmcompile.backends.tensorrt import simulated_bundle
 from dmcompile.backends.tensorrt_rules import check_explicit_quantization, differ_only_in_scales
 from dmcompile.config import BuildConfig, CalibrationConfig, MixedRecipe, Override, W8A8Recipe
-from dmcompile.eval.metrics import psnr
 from dmcompile.lowering.fp16 import to_float16, to_float32
 from dmcompile.lowering.qdq import to_opset
 from dmruntime import Bundle, DDIMSampler
 
-CAL = CalibrationConfig(size=8, steps=10, groups=4)
-
 
 def build(model, out, **kw):
-    kw.setdefault("calibration", CAL)
-    kw.setdefault("eval_samples", 0)
-    kw.setdefault("correction", False)
-    return api.build(str(model), out, BuildConfig(profile="tensorrt", **kw))
+    return build_for("tensorrt", model, out, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -273,24 +268,28 @@ def test_max_engines_and_build_script(tiny_model_dir, tmp_path):
     assert "python -m dmruntime.tensorrt.build" in script and "build_engines.sh" in m["files"]
 
 
+def _module(path: Path):
+    """A module loaded from a file outside the test path (a benchmark script, the runtime's tests)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_gpu_benchmark_runs_its_variants_interleaved_and_says_what_it_needs(w8):
     import subprocess
     import sys
-    from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tensorrt.py"
-    sys.path.insert(0, str(bench.parent))
-    try:
-        import bench_tensorrt
-    finally:
-        sys.path.remove(str(bench.parent))
+    bench_tensorrt = _module(ROOT / "benchmarks" / "bench_tensorrt.py")
     order = []
     med = bench_tensorrt.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 4, warmup=1)
     assert set(med) == {"a", "b"} and order == ["a", "b"] * 5  # one of each per round
     from dmcompile.backends.tensorrt import tensorrt_available
 
     if tensorrt_available() is None:  # no TensorRT (CI, this project's machines): a clear error, exit 2
-        r = subprocess.run([sys.executable, str(bench), str(w8)], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, bench_tensorrt.__file__, str(w8)], capture_output=True, text=True)
         assert r.returncode == 2 and "TensorRT is not installed" in r.stderr, r.stderr
 
 
@@ -386,7 +385,8 @@ def test_fp32_fallback_where_onnx_runtime_has_no_fp16_kernel(w8, tmp_path, monke
     monkeypatch.setattr(ort, "InferenceSession", real)
     want = simulated_bundle(Bundle.open(w8, device="cpu"), tmp_path).predict(x, 10)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    assert not bundle.engine("unet_e03.onnx").widened
+    bundle.predict(x, 999)  # group 3: its FP16 graph loads, so it runs in FP16
+    assert bundle.engine("unet_e03.onnx")._session is not None and not bundle.engine("unet_e03.onnx").widened
 
 
 def test_int4_blocks_run_along_the_input_dimension_or_not_at_all():
@@ -522,18 +522,8 @@ def test_a_graph_the_converter_cannot_take_is_a_clear_error(monkeypatch):
 def test_gpu_benchmark_end_to_end_on_a_fake_gpu(w8, tmp_path, monkeypatch, capsys):
     """bench_tensorrt.py has never run on a GPU; here it runs whole on the runtime tests' numpy fake
     of the GPU interface (and a stand-in builder): every step but TensorRT's own work."""
-    import importlib.util
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("fake_gpu", root / "runtimes/python/tests/test_tensorrt_runtime.py")
-    fakes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fakes)
-    sys.path.insert(0, str(root / "benchmarks"))
-    try:
-        import bench_tensorrt
-    finally:
-        sys.path.remove(str(root / "benchmarks"))
+    fakes = _module(ROOT / "runtimes" / "python" / "tests" / "test_tensorrt_runtime.py")
+    bench_tensorrt = _module(ROOT / "benchmarks" / "bench_tensorrt.py")
     from dmruntime.tensorrt import build as trt_build
 
     class Builder(fakes.FakeBuilder):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..targets import _from_float_inputs
+from ..targets import float_input_values
 
 __all__ = ["check_explicit_quantization", "differ_only_in_scales", "weight_axis"]
 
@@ -66,7 +66,7 @@ def check_explicit_quantization(model, residual_skip: bool | None = True) -> lis
         for i, name in enumerate(n.input):
             consumers.setdefault(name, []).append((n, i))
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    data = _from_float_inputs(model)
+    data = float_input_values(model)
     problems = []
 
     def value(name):

@@ -25,7 +25,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
-METADATA_OPS = ("Shape", "Size")  # their outputs describe a tensor, they do not carry its values
 KEEP_FLOAT32_INPUTS = {"Resize": (1, 2)}  # roi and scales are float32 whatever the data's type
 FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -62,16 +61,13 @@ def _types(model: onnx.ModelProto) -> dict[str, int]:
 def float16_plan(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
     """(hot, constant): the values computed from float graph inputs (FP16 after the pass) and
     the values computed from constants alone (they take their readers' type)."""
-    g = model.graph
-    inits = {i.name for i in g.initializer}
-    hot = {i.name for i in g.input if i.type.tensor_type.elem_type == FLOAT and i.name not in inits}
-    const = set(inits) | {""}
-    for n in g.node:
+    from ..targets import float_input_values
+
+    const = {i.name for i in model.graph.initializer} | {""}
+    for n in model.graph.node:
         if all(i in const for i in n.input):
             const.update(n.output)
-        elif n.op_type not in METADATA_OPS and any(i in hot for i in n.input):
-            hot.update(n.output)
-    return hot, const - {""}
+    return float_input_values(model), const - {""}
 
 
 def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -52,6 +52,17 @@ def int4_blocks(op_type: str, trans_b: bool, shape) -> tuple[int, int] | None:
     return None if size is None else (axis, size)
 
 
+def int4_layout(profile: TargetProfile, layer: Layer, bits: int) -> tuple[int, int] | None:
+    """(block axis, block size) when ``layer`` at ``bits`` is stored as INT4 weight-only blocks on
+    ``profile`` (TensorRT's 4-bit MatMul/Gemm whose input dimension a block size divides), else
+    None. The one place that decides it: the lowering, the manifest and the budgets ask here."""
+    if not layer.weight or not profile.weight_only(layer.op_type, bits):
+        return None
+    # the layer map's weight_transposed: stored [in, out] (MatMul, Gemm without transB)
+    trans_b = layer.op_type == "Gemm" and not layer.weight_transposed
+    return int4_blocks(layer.op_type, trans_b, layer.weight_shape)
+
+
 def int4_initializers(w: str, qw: QuantWeight, axis: int, block: int) -> list[TensorProto]:
     """``w.q`` as a packed INT4 tensor and ``w.scale`` as block scales (each block takes its
     channel's scale: the same numbers as the per-channel rounding the plan chose)."""
@@ -84,16 +95,9 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
     sym = profile.activation_symmetric
     new_inits: list[TensorProto] = []
 
-    nodes = {n.name: n for n in g.node}
     # Weight-only layers: stored as INT4 blocks, their input read in float.
-    int4 = {}
-    for name, l in layers.items():
-        if l.weight and profile.weight_only(l.op_type, weights[l.weight].bits):
-            n = nodes[name]
-            trans_b = next((a.i for a in n.attribute if a.name == "transB"), 0)
-            blocks = int4_blocks(n.op_type, bool(trans_b), weights[l.weight].q.shape)
-            if blocks is not None:
-                int4[name] = blocks
+    int4 = {name: b for name, l in layers.items() if l.weight
+            and (b := int4_layout(profile, l, weights[l.weight].bits)) is not None}
     # Which tensors are quantized and which (node name, input index) read them quantized.
     quant_inputs = profile.placement(model, list(layers.values()), set(int4))
     missing = [t for t in quant_inputs if t not in ranges]

@@ -27,8 +27,7 @@ from pathlib import Path
 from ..bundle import MANIFEST, validate_manifest
 from ..conditioning import Conditioning
 from ..errors import BundleError, InputError
-from .record import (ENGINES_RECORD, PLANS_FOLDER, RECORD_KIND, RECORD_SCHEMA_VERSION, TensorRTUnavailable,
-                     io_specs, manifest_entry, plan_name)
+from .record import (ENGINES_RECORD, PLANS_FOLDER, RECORD_KIND, RECORD_SCHEMA_VERSION, io_specs, manifest_entry, plan_name)
 
 TIMING_CACHE = "timing.cache"
 
