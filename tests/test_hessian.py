@@ -1,7 +1,6 @@
 """Layer-input second moments for GPTQ (calibration/hessian.py): im2col agrees with a real Conv."""
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
