@@ -129,14 +129,14 @@ def variants(model: str, tmp: Path, threads: int) -> dict:
 
 
 def cmd_latency(args) -> None:
-    from dmruntime import DDIMSampler
+    from dmruntime import DDIMSampler, ddim_timesteps
 
     rows = []
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             vs = variants(name, Path(tmp), args.threads)
             shape = next(iter(vs.values())).sample_shape
-            ts = [int(t) for t in next(iter(vs.values())).schedule.ddim_timesteps(50)]
+            ts = [int(t) for t in ddim_timesteps(next(iter(vs.values())).schedule, 50)]
             for b in args.batches:
                 x = np.random.default_rng(b).standard_normal((b, *shape)).astype(np.float32)
                 calls = {v: [] for v in vs}

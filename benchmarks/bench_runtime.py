@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the runtime's default)")
     args = p.parse_args(argv)
 
-    from dmruntime import Bundle, BundleError, DDIMSampler
+    from dmruntime import Bundle, BundleError, DDIMSampler, ddim_timesteps
     from machine import cpu_line
 
     paths = [args.bundle, *args.compare]
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     calls, runs = {}, {}
     for batch in args.batch:
         x = np.random.default_rng(batch).standard_normal((batch, *bundles[base].sample_shape)).astype(np.float32)
-        ts = [int(t) for t in bundles[base].schedule.ddim_timesteps(args.steps)]
+        ts = [int(t) for t in ddim_timesteps(bundles[base].schedule, args.steps)]
         per = {p_: [] for p_ in paths}
         for r in range(args.repeats):
             t = ts[(r * 7) % len(ts)]

@@ -248,11 +248,11 @@ def allocate(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progr
 
 def _step_shares(ws: Workspace, calib: CalibrationResult) -> np.ndarray:
     """Each group's share of the steps of a DDIM run like the calibration's."""
-    from dmruntime import NoiseSchedule, group_lookup
+    from dmruntime import NoiseSchedule, group_lookup, sampler_timesteps
 
     schedule = NoiseSchedule.from_config(ws.scheduler)
     lookup = group_lookup(calib.groups, schedule.num_train_timesteps)
-    steps = np.bincount([int(lookup[t]) for t in schedule.ddim_timesteps(calib.config.steps)],
+    steps = np.bincount([int(lookup[t]) for t in sampler_timesteps(schedule, calib.config.steps)],
                         minlength=len(calib.groups))
     return steps / steps.sum()
 

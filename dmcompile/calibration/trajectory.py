@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from dmruntime import DDIMSampler, NoiseSchedule, group_lookup
+from dmruntime import DDIMSampler, NoiseSchedule, group_lookup, sampler_timesteps
 from dmruntime.conditioning import Conditioning
 
 from ..artifacts import CALIBRATION, atomic_dir, write_marker
@@ -53,7 +53,7 @@ def groups_without_steps(schedule: NoiseSchedule, config: CalibrationConfig) -> 
     """The groups of ``config`` that no step of a ``config.steps``-step DDIM run visits."""
     groups = equal_groups(schedule.num_train_timesteps, config.groups)
     lookup = group_lookup(groups, schedule.num_train_timesteps)
-    seen = {int(lookup[t]) for t in schedule.ddim_timesteps(config.steps)}
+    seen = {int(lookup[t]) for t in sampler_timesteps(schedule, config.steps)}
     return [g for g in groups if g.index not in seen]
 
 
@@ -236,7 +236,7 @@ def calibrate(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, 
     groups = equal_groups(schedule.num_train_timesteps, config.groups)
     observers = tuple({n: HistogramObserver(config.bins) for n in names} for _ in groups)
     rng = np.random.default_rng(config.seed + 7)
-    timesteps = schedule.ddim_timesteps(config.steps)
+    timesteps = sampler_timesteps(schedule, config.steps)
     mask = None
     if config.timesteps == "ptq4dm":
         mask = _ptq4dm_mask(timesteps, config.size, schedule.num_train_timesteps, rng)

@@ -5,16 +5,22 @@
 """
 
 from .bundle import Bundle, Group, group_lookup, sha256_file, validate_manifest
+from .components import COMPONENTS, Component
 from .conditioning import Conditioning
 from .engine import OnnxEngine
+from .engines import ENGINE_RUNTIMES, Engine, EngineRuntime
 from .errors import BundleError, DmRuntimeError, InputError
-from .sampler import DDIMSampler, EpsModel, to_uint8
-from .schedule import NoiseSchedule, ddim_step
+from .guidance import Guided
+from .sampler import DDIMSampler, EpsModel, SamplingLoop, to_uint8
+from .samplers import SAMPLERS, Sampler, make_sampler, sampler_timesteps
+from .samplers.ddim import DDIM, ddim_step, ddim_timesteps
+from .schedule import NoiseSchedule
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Bundle", "BundleError", "Conditioning", "DDIMSampler", "DmRuntimeError", "EpsModel", "Group", "InputError",
-    "NoiseSchedule", "OnnxEngine", "ddim_step", "group_lookup", "sha256_file", "to_uint8",
-    "validate_manifest",
+    "COMPONENTS", "DDIM", "ENGINE_RUNTIMES", "SAMPLERS", "Bundle", "BundleError", "Component", "Conditioning",
+    "DDIMSampler", "DmRuntimeError", "Engine", "EngineRuntime", "EpsModel", "Group", "Guided", "InputError",
+    "NoiseSchedule", "OnnxEngine", "Sampler", "SamplingLoop", "ddim_step", "ddim_timesteps", "group_lookup",
+    "make_sampler", "sampler_timesteps", "sha256_file", "to_uint8", "validate_manifest",
 ]

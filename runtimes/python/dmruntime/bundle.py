@@ -10,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .components import check_components, open_components
 from .conditioning import Conditioning
 from .correction import load_corrections
-from .engine import Decoder, OnnxEngine
+from .engines import EngineContext, engine_runtime
 from .errors import BundleError, InputError
 from .schedule import NoiseSchedule
 from .weights import load_weights
@@ -54,10 +55,6 @@ def group_lookup(groups: list[Group] | tuple[Group, ...], num_train_timesteps: i
     return table
 
 
-RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
-DEVICES = ("cuda", "cpu")  # tensorrt bundles: TensorRT engines, or ONNX Runtime over the same ONNX
-
-
 class Bundle:
     """A compiled model on disk: manifest, noise schedule and one engine per timestep group.
 
@@ -78,56 +75,30 @@ class Bundle:
         self._lookup = group_lookup(self.groups, self.schedule.num_train_timesteps)
         # Class labels / cross-attention embeddings the UNet reads, and the null condition of guidance.
         self.conditioning = Conditioning.from_manifest(manifest, root)
-        # Latent models: the VAE decoder that turns sampled latents into images.
-        dec = manifest.get("decoder")
-        self.decoder = Decoder(root / dec["file"], self.sample_shape, threads=threads) if dec else None
+        # Graphs shipped beside the UNet (the VAE decoder of latent models), by manifest key.
+        self.components = open_components(root, manifest, threads=threads)
         # PTQD noise correction, on when the manifest carries its statistics (and not turned off).
         self.corrections = load_corrections(manifest, self.sample_shape[0]) if correction else None
         # Groups may share one engine and differ only in the inputs they feed it.
         self._inputs = [load_group_inputs(root, g["inputs"]) if g.get("inputs") else None for g in manifest["groups"]]
         # Low-bit weights stored outside the engines (4-bit packed), expanded once and shared.
         stored = load_weights(root, manifest["weights"]) if manifest.get("weights") else {}
-        engines = manifest.get("engines") or {}
         self.runtime = (manifest.get("engine") or {}).get("runtime", "onnxruntime")
-        if device is not None and device not in DEVICES:
-            raise InputError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-        if device == "cuda" and self.runtime != "tensorrt":
-            raise InputError(f"this bundle runs on {self.runtime} (CPU); device='cuda' applies to --target tensorrt "
-                             "bundles")
-        # tensorrt bundles: TensorRT engines on the GPU by default; device="cpu" runs ONNX Runtime over
-        # the engines' own FP16 ONNX graphs (the same Q/DQ: a reference, not a fast path).
-        self.device = (device or "cuda") if self.runtime == "tensorrt" else "cpu"
-        if self.runtime == "tensorrt" and self.device == "cuda":
-            from .tensorrt.runtime import TensorRTEngines
-
-            trt = TensorRTEngines.load(root, manifest, self.sample_shape, self.conditioning)
-        if self.runtime == "openvino":
-            from .openvino_engine import OpenVinoEngine, openvino_core
-
-            core = openvino_core(threads, cache_dir)
-            precision = manifest["engine"].get("inference_precision")
-            config = {**({"INFERENCE_PRECISION_HINT": precision} if precision else {}), **(openvino_config or {})}
-        self._engines = {}
-        for g in self.groups:
-            if g.engine in self._engines:
-                continue
-            if self.runtime == "openvino":
-                self._engines[g.engine] = OpenVinoEngine(root / g.engine, self.sample_shape, core, config)
-            elif self.runtime == "tensorrt" and self.device == "cuda":
-                self._engines[g.engine] = trt.engine(g.engine)
-            elif self.runtime == "tensorrt":
-                from .tensorrt.reference import ReferenceEngine
-
-                self._engines[g.engine] = ReferenceEngine(root / g.engine, self.sample_shape, threads=threads)
-            else:
-                ext = {name: stored[key] for name, key in
-                       (engines.get(g.engine) or {}).get("external_weights", {}).items()}
-                self._engines[g.engine] = OnnxEngine(root / g.engine, self.sample_shape, threads=threads, external=ext)
-        self._active = None  # the engine of the last call (OpenVINO: the others' activations are freed)
+        runtime = engine_runtime(self.runtime)
+        self.device = runtime.device(device)
+        ctx = EngineContext(root, manifest, self.sample_shape, self.conditioning, stored, threads, cache_dir,
+                            {"openvino_config": openvino_config})
+        self._engines = runtime.open(ctx, list(dict.fromkeys(g.engine for g in self.groups)), self.device)
+        self._active = None  # the engine of the last call (its activations are freed when another runs)
 
     def engine(self, name: str):
         """The engine (OnnxEngine, OpenVinoEngine or TensorRT's GroupEngine) behind one engine file."""
         return self._engines[name]
+
+    @property
+    def decoder(self):
+        """The VAE decoder component of a latent bundle (None otherwise)."""
+        return self.components.get("decoder")
 
     @classmethod
     def open(cls, path: str | Path, *, verify: bool = True, threads: int = 0, correction: bool = True,
@@ -160,7 +131,6 @@ class Bundle:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{mpath} is not valid JSON ({e}); rebuild the bundle") from None
         validate_manifest(manifest, root, verify=verify)
-        _warn_if_older_onnxruntime(manifest)
         return cls(root.resolve(), manifest, threads=threads, correction=correction, cache_dir=cache_dir,
                    openvino_config=openvino_config, device=device)
 
@@ -184,9 +154,9 @@ class Bundle:
         conditioning inputs of a conditional model (``bundle.conditioning`` lists them)."""
         g = self.group_of(t)
         cond = self.conditioning.check(cond, len(sample)) if (cond or self.conditioning) else None
-        if self._active != g.engine and self.runtime == "openvino":
-            # one engine's activation buffers resident at a time: a sampler uses each group's
-            # engine for a run of consecutive steps
+        if self._active != g.engine:
+            # one engine's activation buffers resident at a time (OpenVINO frees them; the others
+            # keep none of their own): a sampler uses each group's engine for consecutive steps
             if self._active is not None:
                 self._engines[self._active].release()
             self._active = g.engine
@@ -207,26 +177,6 @@ class Bundle:
         if self.corrections is None:
             return None
         return self.corrections[self.group_of(t).index].residual_var(ndim)
-
-
-def _version(v: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in v.split("+")[0].split(".")[:2] if p.isdigit())
-
-
-def _warn_if_older_onnxruntime(manifest: dict) -> None:
-    """Fused engines hold ONNX Runtime's own contrib ops (QGemm, MatMulIntegerToFloat, ...),
-    written by the ONNX Runtime that built the bundle; an older one may not know them."""
-    engine = manifest.get("engine") or {}
-    built = engine.get("onnxruntime_version")
-    if not built or engine.get("runtime", "onnxruntime") != "onnxruntime":
-        return
-    import warnings
-
-    import onnxruntime
-
-    if _version(onnxruntime.__version__) < _version(built):
-        warnings.warn(f"bundle engines were fused by onnxruntime {built}; this is {onnxruntime.__version__}. "
-                      "If loading fails, install onnxruntime>={built} or rebuild the bundle here.", stacklevel=3)
 
 
 def load_group_inputs(root: Path, name: str) -> dict[str, np.ndarray]:
@@ -253,9 +203,7 @@ def validate_manifest(manifest: dict, root: Path, *, verify: bool = True) -> Non
     _require(manifest.get("kind") == BUNDLE_KIND, f"manifest kind must be {BUNDLE_KIND!r}")
     for key in ("model", "scheduler", "groups", "files"):
         _require(key in manifest, f"manifest lacks the {key!r} entry; rebuild the bundle")
-    runtime = (manifest.get("engine") or {}).get("runtime", "onnxruntime")
-    _require(runtime in RUNTIMES, f"the bundle's engines run on {runtime!r}, which this dmruntime does not support "
-             f"(it runs {', '.join(RUNTIMES)}); upgrade dmruntime")
+    runtime = engine_runtime((manifest.get("engine") or {}).get("runtime", "onnxruntime"))
     _require(isinstance(manifest["model"].get("sample_shape"), list), "manifest model.sample_shape must be a list")
     files = manifest["files"]
     _require(isinstance(files, dict) and files, "manifest 'files' must map file names to {sha256, bytes}")
@@ -272,13 +220,8 @@ def validate_manifest(manifest: dict, root: Path, *, verify: bool = True) -> Non
             _require(sha256_file(p) == info.get("sha256"),
                      f"bundle file {name} does not match its sha256 in the manifest: corrupt or modified; "
                      "rebuild the bundle")
-    if runtime == "tensorrt":
-        from .tensorrt.record import manifest_entry
-
-        manifest_entry(manifest)
-    dec = manifest.get("decoder")
-    if dec:
-        _require(dec.get("file") in files, f"the decoder file {dec.get('file')!r} is not listed in 'files'")
+    runtime.check(manifest)
+    check_components(manifest, files)
     for key in ("null", "class_table"):
         entry = (manifest.get("conditioning") or {}).get(key)
         if entry:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .engines import EngineContext, EngineRuntime
 from .errors import BundleError, InputError
 
 
@@ -65,6 +66,9 @@ class OnnxEngine:
             feeds.update(extra)
         return self.session.run(["eps"], feeds)[0]
 
+    def release(self) -> None:
+        """Nothing to free: ONNX Runtime's arena keeps its buffers for the next call."""
+
 
 def check_sample(sample, sample_shape: tuple[int, ...]) -> None:
     """Raise InputError unless ``sample`` is a float32 array of shape [B, *sample_shape]."""
@@ -76,16 +80,39 @@ def check_sample(sample, sample_shape: tuple[int, ...]) -> None:
         raise InputError(f"sample must have shape [B, {', '.join(map(str, sample_shape))}], got {list(sample.shape)}")
 
 
+class OnnxRuntime(EngineRuntime):
+    """ONNX Runtime engines (``engine.runtime`` "onnxruntime"): fused int8 graphs, low-bit weights
+    stored outside them and handed to every session that uses them."""
 
-class Decoder:
-    """The VAE decoder of a latent bundle: ``latents`` [B, C, h, w] (the UNet's space) to
-    ``image`` [B, 3, H, W] in [-1, 1], one ONNX Runtime session created on first use."""
+    name = "onnxruntime"
 
-    def __init__(self, path: str | Path, latent_shape: tuple[int, ...], threads: int = 0):
-        self.engine = OnnxEngine(path, latent_shape, threads=threads)
+    def check(self, manifest: dict) -> None:
+        _warn_if_older_onnxruntime(manifest)
 
-    def decode(self, latents: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        check_sample(latents, self.engine.sample_shape)
-        out = [self.engine.session.run(["image"], {"latents": latents[i:i + batch_size]})[0]
-               for i in range(0, len(latents), batch_size)]
-        return np.concatenate(out)
+    def open(self, ctx: EngineContext, files: list[str], device: str) -> dict[str, OnnxEngine]:
+        engines = ctx.manifest.get("engines") or {}
+        out = {}
+        for name in files:
+            ext = {init: ctx.stored[key] for init, key in
+                   (engines.get(name) or {}).get("external_weights", {}).items()}
+            out[name] = OnnxEngine(ctx.root / name, ctx.sample_shape, threads=ctx.threads, external=ext)
+        return out
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split("+")[0].split(".")[:2] if p.isdigit())
+
+
+def _warn_if_older_onnxruntime(manifest: dict) -> None:
+    """Fused engines hold ONNX Runtime's own contrib ops (QGemm, MatMulIntegerToFloat, ...),
+    written by the ONNX Runtime that built the bundle; an older one may not know them."""
+    built = (manifest.get("engine") or {}).get("onnxruntime_version")
+    if not built:
+        return
+    import warnings
+
+    import onnxruntime
+
+    if _version(onnxruntime.__version__) < _version(built):
+        warnings.warn(f"bundle engines were fused by onnxruntime {built}; this is {onnxruntime.__version__}. "
+                      "If loading fails, install onnxruntime>={built} or rebuild the bundle here.", stacklevel=5)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import check_sample
+from .engines import EngineContext, EngineRuntime
 from .errors import BundleError
 
 
@@ -78,3 +79,19 @@ class OpenVinoEngine:
         """Free this engine's activation buffers (reallocated on its next call)."""
         if self._compiled is not None:
             self._compiled.release_memory()
+
+
+class OpenVinoRuntime(EngineRuntime):
+    """OpenVINO engines (``engine.runtime`` "openvino"): one compiled model per engine file, its
+    group's scales compiled in; OpenVINO's compile cache in ``ctx.cache_dir``. ``options``:
+    ``openvino_config`` adds or replaces compile properties (the manifest's default precision
+    hint is the base)."""
+
+    name = "openvino"
+
+    def open(self, ctx: EngineContext, files: list[str], device: str) -> dict[str, OpenVinoEngine]:
+        core = openvino_core(ctx.threads, ctx.cache_dir)
+        precision = ctx.manifest["engine"].get("inference_precision")
+        config = {**({"INFERENCE_PRECISION_HINT": precision} if precision else {}),
+                  **(ctx.options.get("openvino_config") or {})}
+        return {name: OpenVinoEngine(ctx.root / name, ctx.sample_shape, core, config) for name in files}

@@ -1,8 +1,9 @@
-"""Noise schedules and the DDIM update.
+"""Noise schedules, read from a diffusers scheduler config.
 
-Follows diffusers' ``DDIMScheduler`` arithmetic (float32 schedule, ``leading`` /
-``trailing`` / ``linspace`` timestep spacing, ``set_alpha_to_one``, ``clip_sample``) so
-that a bundle samples the same trajectories as the PyTorch pipeline it came from.
+Follows diffusers' arithmetic (float32 betas and cumulative alphas, ``set_alpha_to_one``,
+``clip_sample``, ``timestep_spacing``, ``prediction_type``) so that a bundle samples the same
+trajectories as the PyTorch pipeline it came from; the samplers (``dmruntime.samplers``) step
+over it.
 """
 
 from __future__ import annotations
@@ -79,59 +80,5 @@ class NoiseSchedule:
         return cls(acp, final, bool(cfg["clip_sample"]), float(cfg["clip_sample_range"]),
                    int(cfg["steps_offset"]), cfg["timestep_spacing"], cfg["prediction_type"])
 
-    def ddim_timesteps(self, steps: int) -> np.ndarray:
-        """The descending training timesteps a ``steps``-step DDIM run visits."""
-        T = self.num_train_timesteps
-        if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
-            raise InputError(f"steps must be an integer in [1, {T}], got {steps!r}")
-        if self.timestep_spacing == "leading":
-            ratio = T // steps
-            ts = (np.arange(0, steps) * ratio).round()[::-1].astype(np.int64) + self.steps_offset
-        elif self.timestep_spacing == "trailing":
-            ts = np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1
-        else:
-            ts = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
-        return ts
-
     def alpha(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
-
-
-def ddim_step(schedule: NoiseSchedule, model_output: np.ndarray, t: int, prev_t: int, x: np.ndarray,
-              eta: float = 0.0, noise: np.ndarray | None = None, residual_var: np.ndarray | None = None) -> np.ndarray:
-    """One DDIM update x_t -> x_{prev_t} (Song et al. 2021, eq. 12), diffusers' arithmetic.
-
-    ``noise`` (standard normal, shape of ``x``) is required when ``eta > 0``.
-    ``residual_var``: variance of a noise already in ``model_output`` (epsilon prediction):
-    the part it carries into x_{prev_t} is taken out of the added noise, clamped at zero
-    (PTQD's variance schedule calibration).
-    """
-    a_t = np.float32(schedule.alpha(t))
-    a_prev = np.float32(schedule.alpha(prev_t))
-    b_t = np.float32(1.0) - a_t
-    if schedule.prediction_type == "epsilon":
-        eps = model_output
-        x0 = (x - np.sqrt(b_t) * eps) / np.sqrt(a_t)
-    elif schedule.prediction_type == "sample":
-        x0 = model_output
-        eps = (x - np.sqrt(a_t) * x0) / np.sqrt(b_t)
-    else:  # v_prediction
-        x0 = np.sqrt(a_t) * x - np.sqrt(b_t) * model_output
-        eps = np.sqrt(a_t) * model_output + np.sqrt(b_t) * x
-    if schedule.clip_sample:
-        r = schedule.clip_sample_range
-        x0 = np.clip(x0, -r, r)
-    variance = (np.float32(1.0) - a_prev) / b_t * (np.float32(1.0) - a_t / a_prev)
-    std = np.float32(eta) * np.sqrt(variance)
-    direction = np.sqrt(np.float32(1.0) - a_prev - std**2) * eps
-    prev = np.sqrt(a_prev) * x0 + direction
-    if eta > 0:
-        if noise is None:
-            raise InputError("ddim_step with eta > 0 needs a noise array")
-        add = std
-        if residual_var is not None and schedule.prediction_type == "epsilon":
-            # coefficient of eps in prev: the direction term minus what x0 takes away
-            c_eps = np.sqrt(np.float32(1.0) - a_prev - std**2) - np.sqrt(a_prev) * np.sqrt(b_t) / np.sqrt(a_t)
-            add = np.sqrt(np.maximum(std**2 - c_eps**2 * residual_var, 0)).astype(np.float32)
-        prev = prev + add * noise
-    return prev.astype(np.float32, copy=False)

@@ -147,3 +147,6 @@ class GroupEngine:
         if extra:
             raise BundleError("TensorRT engines hold their group's scales; they take no group inputs")
         return self.engines.predict(self.name, sample, timestep, cond)
+
+    def release(self) -> None:
+        """Nothing to free: all engines share one activation buffer."""
