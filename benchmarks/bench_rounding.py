@@ -367,7 +367,7 @@ def main(argv=None) -> int:
 
     from dmcompile import onnxio, stages
     from dmcompile.calibration.hessian import SecondMoment
-    from dmcompile.lowering.rounding import gptq_quantize, weight_matrix
+    from dmcompile.calibration.rounding import gptq_quantize, weight_matrix
     from dmcompile.quant import dequantize, quantize_weight, weight_axis
 
     fp = stages.fp_bundle(args.model)

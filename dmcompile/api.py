@@ -24,13 +24,15 @@ from .config import (AnalysisConfig, BuildConfig, CalibrationConfig, EvalConfig,
 from .frontend.export import ExportResult, export_model
 from .frontend.load import LoadedModel, load_model
 from .frontend.torch_model import TorchEpsModel
-from .inspect import inspect_plots
-from .stages import cache_dir, fp_bundle, open_bundle, probe_inputs, reference_model, sample_model
+from .inspect import bundle_report, format_report, inspect_plots
+from .stages import (cache_dir, fp_bundle, load_conditions, open_bundle, probe_inputs, reference_model,
+                     sample_model)
 
 __all__ = ["AnalysisConfig", "Budget", "BuildConfig", "BuildResult", "CalibrationConfig", "EvalConfig", "EvalResult",
-           "ExportConfig", "MixedRecipe", "Override", "SampleConfig", "W8A8Recipe", "analyze", "build", "cache_dir",
-           "calibrate", "digit_scores", "evaluate", "export", "fp_bundle", "inspect_plots", "load_model",
-           "open_bundle", "probe_inputs", "reference_model", "sample", "sample_model", "write_eval"]
+           "ExportConfig", "MixedRecipe", "Override", "SampleConfig", "W8A8Recipe", "analyze", "build", "bundle_report",
+           "cache_dir", "calibrate", "digit_scores", "evaluate", "export", "format_report", "fp_bundle", "inspect_plots",
+           "load_conditions", "load_model", "open_bundle", "probe_inputs", "reference_model", "sample", "sample_model",
+           "write_eval"]
 
 
 def export(model: LoadedModel | str | Path | None, out: str | Path,

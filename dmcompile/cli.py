@@ -76,8 +76,8 @@ def _conditions(args, n: int) -> dict | None:
     import numpy as np
     from dmruntime import Conditioning
 
+    from . import api
     from .errors import ConfigError
-    from .stages import load_conditions
 
     target = Path(args.target)
     spec = Conditioning.from_manifest(_manifest(target), target)  # the manifest only: the bundle is opened once
@@ -88,7 +88,7 @@ def _conditions(args, n: int) -> dict | None:
             raise ConfigError(f"{target} is not a conditional bundle: --class, --conditions and --guidance do not apply")
         return None
     if args.conditions:
-        rows, _, _ = load_conditions(Path(args.conditions), spec)
+        rows, _, _ = api.load_conditions(Path(args.conditions), spec)
         if rows is None:
             raise ConfigError(f"--conditions {args.conditions} holds no conditions (arrays named {list(spec.names)})")
         if len(next(iter(rows.values()))) not in (1, n):
@@ -260,11 +260,10 @@ def cmd_analyze(args) -> int:
 
 def cmd_inspect(args) -> int:
     from . import api
-    from .inspect import bundle_report, format_report
 
     bundle = api.open_bundle(args.bundle)
-    report = bundle_report(bundle, fusion=not args.no_fusion)
-    print(format_report(report))
+    report = api.bundle_report(bundle, fusion=not args.no_fusion)
+    print(api.format_report(report))
     if args.plots:
         for path in api.inspect_plots(bundle, args.plots, curves_dir=args.curves):
             print(f"wrote {path}")

@@ -267,7 +267,7 @@ def lower(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, progress=No
     indexed by cluster. Weights are rounded by ``rounding`` (``calib`` carries the moments
     GPTQ needs), each (weight, width, scope) once."""
     from .analysis.plan import FLOAT_BITS
-    from .calibration.trajectory import merge_ranges
+    from .quant import merge_ranges
     from .lowering.qdq import lower_group
 
     # The graph only: a big model's weights stay on disk until quantized one at a time.
@@ -429,7 +429,7 @@ def lower_decoder(ws: Workspace, config: BuildConfig, progress=None) -> DecoderE
     many latents of another random stream."""
     from dmruntime import DDIMSampler
 
-    from .backends.onnxruntime import fusion_report
+    from .backends.onnxruntime import fusion_report, optimize_for_cpu
     from .eval.metrics import psnr
     from .lowering.decoder import lower_decoder as lower
 
@@ -446,7 +446,8 @@ def lower_decoder(ws: Workspace, config: BuildConfig, progress=None) -> DecoderE
     if progress:
         progress("decoder", 1, 2)
     # the decoder runs on ONNX Runtime whatever the UNet's target: lowered for ort-cpu
-    model, layers = lower(ws.fp / ws.decoder["file"], calib, ORT_CPU, cal.observer, cal.percentile, cal.bins)
+    qdq, layers = lower(ws.fp / ws.decoder["file"], calib, ORT_CPU, cal.observer, cal.percentile, cal.bins)
+    model = optimize_for_cpu(qdq)
     want = fpb.decode(held_out)
     got = onnxio.session(model).run(["image"], {"latents": held_out})[0]
     if progress:

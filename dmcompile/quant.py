@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from dmruntime.weights import encode, pack_int4, storage_bits, unpack_int4
 
-__all__ = ["MAX_WEIGHT_BITS", "MIN_WEIGHT_BITS", "QuantWeight", "dequantize", "encode", "fake_quant", "noise_power",
+__all__ = ["MAX_WEIGHT_BITS", "MIN_WEIGHT_BITS", "QuantWeight", "dequantize", "encode", "fake_quant", "merge_ranges", "noise_power",
            "pack_int4", "qparams", "quantize_weight", "storage_bits", "unpack_int4", "weight_axis"]
 
 # Weights live in int8 containers (4-bit ones packed two per byte on disk): 2..8 bits.
@@ -83,3 +83,9 @@ def dequantize(qw: QuantWeight) -> np.ndarray:
 def noise_power(w: np.ndarray, axis: int, bits: int) -> float:
     """Mean squared error of quantizing a weight to ``bits`` (per-channel symmetric)."""
     return float(np.mean((w - dequantize(quantize_weight(w, axis, bits))) ** 2))
+
+
+def merge_ranges(ranges: list[dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
+    """The union of several groups' ranges, per tensor: what every member group's values fit in
+    (one engine serving several groups, ``--max-engines``)."""
+    return {n: (min(r[n][0] for r in ranges), max(r[n][1] for r in ranges)) for n in ranges[0]}

@@ -1,6 +1,6 @@
 """The pipeline's stages over an fp32 export folder, each artefact in and artefact out, with
-their on-disk caches. Below both the public API (:mod:`dmcompile.api`) and the build
-(:mod:`dmcompile.compiler`), which call these and never each other.
+their on-disk caches. The build (:mod:`dmcompile.compiler`) runs them as its steps; the public
+API (:mod:`dmcompile.api`, a floor above both) re-exports them and the build.
 
 Cache layout (``cache_dir()``, default ``~/.cache/dmcompile``, or ``$DMCOMPILE_CACHE``):
 
@@ -251,7 +251,7 @@ def rounder(calib, rounding: str):
     """The weight rounder of ``rounding`` (``rtn`` or ``gptq``) over a calibration's second
     moments; GPTQ results are cached under ``cache_dir()/rounded``."""
     from .calibration.hessian import Moments
-    from .lowering.rounding import CLIP_RATIOS, GPTQ_VERSION, WeightRounder
+    from .calibration.rounding import CLIP_RATIOS, GPTQ_VERSION, WeightRounder
 
     if rounding == "rtn":
         return WeightRounder("rtn")
@@ -327,7 +327,7 @@ def rd_key(record: dict, profile: TargetProfile = ORT_CPU) -> str:
     extra += ["per_group_rounding"] if record.get("per_group_rounding") else []
     if record["analysis"].get("rounding") == "gptq":  # the curves hold GPTQ's weights: its version and moments
         from .calibration.hessian import MOMENT_ROWS, MOMENTS_SCHEMA_VERSION
-        from .lowering.rounding import GPTQ_VERSION
+        from .calibration.rounding import GPTQ_VERSION
 
         extra += [f"gptq{GPTQ_VERSION}", f"moments{MOMENTS_SCHEMA_VERSION}x{MOMENT_ROWS}"]
     return _digest([RD_SCHEMA_VERSION, CALIB_SCHEMA_VERSION], record["calibration"], record["analysis"],

@@ -17,7 +17,7 @@ from dmcompile.calibration.hessian import Moments, im2col, layer_columns
 from dmcompile.calibration.trajectory import CALIB_STREAM, calibrate, equal_groups
 from dmcompile.config import AnalysisConfig, BuildConfig, CalibrationConfig, MixedRecipe, parse_overrides
 from dmcompile.frontend.layermap import LayerMap
-from dmcompile.lowering.rounding import WeightRounder, gptq_quantize, output_error
+from dmcompile.calibration.rounding import WeightRounder, gptq_quantize, output_error
 from dmcompile.quant import dequantize, quantize_weight
 
 SMALL = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4)

@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from dmcompile.calibration.hessian import SecondMoment, im2col
-from dmcompile.lowering.rounding import weight_matrix
+from dmcompile.calibration.rounding import weight_matrix
 
 
 @pytest.mark.parametrize("kernel,strides,pads,dilations", [

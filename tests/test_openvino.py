@@ -231,7 +231,7 @@ def test_missing_openvino_is_a_clear_error(ov_bundle, tmp_path):
 
 def test_max_engines_merges_adjacent_groups(tiny_model_dir, tmp_path):
     from dmcompile import compiler
-    from dmcompile.calibration.trajectory import merge_ranges
+    from dmcompile.quant import merge_ranges
     from dmcompile.quant import qparams
 
     cfg = BuildConfig(profile="openvino-cpu", calibration=CAL, eval_samples=0, correction=False, max_engines=2)

@@ -1,9 +1,9 @@
-"""GPTQ rounding (lowering/rounding.py): same grid as round-to-nearest, less output error."""
+"""GPTQ rounding (calibration/rounding.py): same grid as round-to-nearest, less output error."""
 
 import numpy as np
 import pytest
 
-from dmcompile.lowering.rounding import gptq_quantize, output_error, weight_matrix
+from dmcompile.calibration.rounding import gptq_quantize, output_error, weight_matrix
 from dmcompile.quant import dequantize, quantize_weight
 
 

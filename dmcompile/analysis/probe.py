@@ -97,12 +97,12 @@ class Probe:
     threads: int = 0
     cond_names: tuple[str, ...] = ()  # conditioning inputs fed with every call
     base_dir: object = None  # folder of ``fp``'s external data, if it has any
-    rounder: object = None  # lowering.rounding.WeightRounder: how weights are rounded (None: to nearest)
+    rounder: object = None  # calibration.rounding.WeightRounder: how weights are rounded (None: to nearest)
 
     def __post_init__(self):
         self._sessions = {}
         if self.rounder is None:
-            from ..lowering.rounding import WeightRounder
+            from ..calibration.rounding import WeightRounder
 
             self.rounder = WeightRounder("rtn")
 

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx.external_data_helper import set_external_data
 
-from ..calibration.trajectory import merge_ranges
+from ..quant import merge_ranges
 
 WEIGHTS_FILE = "weights.bin"
 MIN_EXTERNAL_BYTES = 1024  # smaller tensors (scales, zero points) stay in the graph

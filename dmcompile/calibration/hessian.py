@@ -1,7 +1,7 @@
 """Second moments of a layer's inputs, H = E[x x^T] over its input columns, for GPTQ rounding.
 
 A Conv's columns are its im2col rows (C * kh * kw values per output position, in the order of
-``lowering.rounding.weight_matrix``); a Gemm / MatMul's are the last axis. Gathered in the
+``calibration.rounding.weight_matrix``); a Gemm / MatMul's are the last axis. Gathered in the
 calibration pass by :class:`MomentRecorder` (one sweep: the calibration's), saved next to
 the histograms and read back one layer at a time by :class:`Moments`.
 """

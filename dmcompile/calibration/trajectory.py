@@ -113,12 +113,6 @@ class _RecordingModel:
         return got["eps"]
 
 
-def merge_ranges(ranges: list[dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
-    """The union of several groups' ranges, per tensor: what every member group's values fit in
-    (one engine serving several groups, ``--max-engines``)."""
-    return {n: (min(r[n][0] for r in ranges), max(r[n][1] for r in ranges)) for n in ranges[0]}
-
-
 @dataclass(frozen=True)
 class CalibrationResult:
     """Per-group observers of every quantized tensor, and what produced them."""

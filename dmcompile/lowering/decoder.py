@@ -40,10 +40,9 @@ def decoder_ranges(model: onnx.ModelProto, names: list[str], latents: np.ndarray
 
 def lower_decoder(path: Path, latents: np.ndarray, profile: TargetProfile, kind: str = "mse",
                   percentile: float = 99.99, bins: int = 2048) -> tuple[onnx.ModelProto, int]:
-    """The fused int8 decoder (an onnx.ModelProto) from the fp32 decoder at ``path``, its
-    activation ranges observed on ``latents``; and the number of layers it quantizes."""
-    from ..backends.onnxruntime import optimize_for_cpu
-
+    """The int8 decoder's QDQ graph (an onnx.ModelProto; the caller's backend fuses it) from the
+    fp32 decoder at ``path``, its activation ranges observed on ``latents``; and the number of
+    layers it quantizes."""
     proto = onnxio.load(path, weights=False)
     base = Path(path).parent
     layer_map = build_layer_map(proto, "decoder", tuple(latents.shape[1:]), base_dir=base,
@@ -54,4 +53,4 @@ def lower_decoder(path: Path, latents: np.ndarray, profile: TargetProfile, kind:
     weights = {l.weight: quantize_weight(onnxio.array(inits[l.weight], base), weight_axis(l), 8)
                for l in layers if l.weight}
     qdq = lower_group(proto, layer_map, {l.node for l in layers}, weights, ranges, profile, base)
-    return optimize_for_cpu(qdq), len(layers)
+    return qdq, len(layers)
