@@ -266,6 +266,7 @@ def cmd_placement(args) -> None:
 
     from benchmarks.common import ort_session
     from dmcompile import compiler
+    from dmcompile.compiler.engines import engine_job
     from dmcompile.backends.openvino import runtime_precisions
     from dmcompile.config import BuildConfig, CalibrationConfig
     from dmcompile.targets import OPENVINO_CPU, ORT_CPU, PROFILES
@@ -293,9 +294,9 @@ def cmd_placement(args) -> None:
                 cfg = BuildConfig(profile=prof.name, eval_samples=0,
                                   calibration=CalibrationConfig(size=64 if name == "digits16" else 16, groups=10))
                 ws = compiler.prepare(name, cfg)
-                calib = compiler.calibrate(ws, cfg)
-                _, _, qdq = next(compiler.lower(ws, calib, compiler.allocate(ws, calib, cfg),
-                                                  rounding=cfg.analysis.rounding))
+                calib = compiler.calibrate_workspace(ws, cfg)
+                job = engine_job(ws, calib, compiler.allocate_widths(ws, calib, cfg), cfg)
+                _, _, qdq = next(job.lower([[0]], job.ranges))  # group 0's QDQ graph
                 paths[label] = Path(tmp) / f"{prof.name}.onnx"
                 onnx.save(qdq, str(paths[label]))
                 compiled[label] = core.compile_model(str(paths[label]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})

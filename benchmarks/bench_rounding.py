@@ -304,13 +304,13 @@ def pass_cmd(args) -> int:
         rows = []
         for moments in (None, "pooled"):
             code = setup + (f"import shutil; shutil.rmtree(stages.cache_dir() / 'calib', ignore_errors=True)\n"
-                            f"stages.calibrate(fp, CalibrationConfig(), moments={moments!r})\n")
+                            f"stages.cached_calibration(fp, CalibrationConfig(), moments={moments!r})\n")
             secs, peak = _child(code)
             rows.append((f"calibration, moments {moments or 'none'}", secs, peak))
         for bits in args.bits:
             code = setup + ("import numpy as np, onnx\n"
                             "from dmcompile import onnxio\n"
-                            "calib = stages.calibrate(fp, CalibrationConfig(), moments='pooled')\n"
+                            "calib = stages.cached_calibration(fp, CalibrationConfig(), moments='pooled')\n"
                             "r = stages.rounder(calib, 'gptq'); r.cache = None\n"
                             "proto = onnxio.load(fp / 'model.onnx', weights=False)\n"
                             "inits = {i.name: i for i in proto.graph.initializer}\n"

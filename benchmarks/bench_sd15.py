@@ -190,12 +190,14 @@ def phase_latency(args) -> dict:
 
 def phase_build_trt(args) -> dict:
     """The tensorrt bundle: one engine graph per group, GPU memory on paper (inspect's estimate)."""
+    from dmcompile.backends import get_backend
     from dmcompile.memory import resident_estimate
 
     out = _build(args, "bundle-tensorrt", profile="tensorrt")
     m = json.loads((Path(args.work) / "bundle-tensorrt" / "manifest.json").read_text())
     out["tensorrt"] = m["engine"]["tensorrt"]
-    out["gpu_memory_on_paper_mb"] = {b: resident_estimate(m, b)["total_mb"] for b in (1, 8)}
+    trt, ort = get_backend("tensorrt").memory, get_backend("onnxruntime").memory
+    out["gpu_memory_on_paper_mb"] = {b: resident_estimate(m, b, trt, ort)["total_mb"] for b in (1, 8)}
     return out
 
 

@@ -19,6 +19,7 @@ import json
 import sys
 
 from dmcompile import api
+from dmcompile.backends import get_backend
 from dmcompile.memory import activation_peak, board_estimate
 
 # Boards: int8 multiply-accumulates per second at peak, from cores x clock x MACs per cycle
@@ -58,10 +59,11 @@ def main(argv: list[str]) -> int:
     for name in args.models:
         f = model_figures(name)
         g = 2 if f["guided"] else 1
-        ort1 = board_estimate(f["params"], f["act_peak"], engines=1, batch=g)
-        ort8 = board_estimate(f["params"], f["act_peak"], engines=1, batch=8 * g)
-        ov1 = board_estimate(f["params"], f["act_peak"], engines=10, batch=g, runtime="openvino")
-        ov2 = board_estimate(f["params"], f["act_peak"], engines=2, batch=g, runtime="openvino")
+        ort, ov = get_backend("onnxruntime").memory, get_backend("openvino").memory
+        ort1 = board_estimate(f["params"], f["act_peak"], engines=1, batch=g, model=ort)
+        ort8 = board_estimate(f["params"], f["act_peak"], engines=1, batch=8 * g, model=ort)
+        ov1 = board_estimate(f["params"], f["act_peak"], engines=10, batch=g, model=ov)
+        ov2 = board_estimate(f["params"], f["act_peak"], engines=2, batch=g, model=ov)
         times = [args.steps * g * f["macs"] / (peak * EFFICIENCY) for peak, _ in BOARDS.values()]
         print(f"| {name} | {f['params'] / 1e6:.1f} M | {f['macs'] / 1e9:.2f} | {f['act_peak'] / 1e6:.1f} MB | "
               f"{ort1:.0f} | {ort8:.0f} | {ov1:.0f} | {ov2:.0f} | " + " | ".join(f"{t:.2f}" for t in times) + " |")

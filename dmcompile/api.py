@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from dmruntime import Bundle
 
+from .backends import get_backend
 from .budget import Budget
 from .compiler import BuildResult, build
 from .config import (AnalysisConfig, BuildConfig, CalibrationConfig, EvalConfig, ExportConfig, MixedRecipe, Override,
@@ -29,10 +30,17 @@ from .stages import (cache_dir, fp_bundle, load_conditions, open_bundle, probe_i
                      sample_model)
 
 __all__ = ["AnalysisConfig", "Budget", "BuildConfig", "BuildResult", "CalibrationConfig", "EvalConfig", "EvalResult",
-           "ExportConfig", "MixedRecipe", "Override", "SampleConfig", "W8A8Recipe", "analyze", "build", "bundle_report",
+           "ExportConfig", "MixedRecipe", "Override", "SampleConfig", "W8A8Recipe", "analyze", "build", "build_notes",
+           "bundle_report",
            "cache_dir", "calibrate", "digit_scores", "evaluate", "export", "format_report", "fp_bundle", "inspect_plots",
            "load_conditions", "load_model", "open_bundle", "probe_inputs", "reference_model", "sample", "sample_model",
            "write_eval"]
+
+
+def build_notes(result: BuildResult) -> list[str]:
+    """What to tell the user after a build, from its target's backend (e.g. where TensorRT's plans
+    are built)."""
+    return get_backend(result.manifest["engine"]["runtime"]).notes(result.manifest, result.path)
 
 
 def export(model: LoadedModel | str | Path | None, out: str | Path,
@@ -126,12 +134,11 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
         got, want = bundle.decode(got), ref.decode(want)  # PyTorch VAE for the reference (a W8A8 decoder counts)
     p, s = psnr(got, want), ssim(got, want)
     sim = None
-    if bundle.runtime == "tensorrt":  # the FP16 engine graphs against the same graphs in FP32
-        from .backends.tensorrt import simulated_bundle
-
-        with tempfile.TemporaryDirectory(prefix="dmcompile-sim-") as tmp:
-            sim = sample_model(simulated_bundle(bundle, tmp), sc, cond=cond,
-                               progress=progress and (lambda i, n: progress("simulated", i, n)))
+    with tempfile.TemporaryDirectory(prefix="dmcompile-sim-") as tmp:
+        # engines that compute in other arithmetic than FP32 (tensorrt's FP16) against the same graphs in FP32
+        reference = get_backend(bundle.runtime).reference(bundle, tmp)
+        if reference is not None:
+            sim = sample_model(reference, sc, cond=cond, progress=progress and (lambda i, n: progress("simulated", i, n)))
             if bundle.decoder is not None:
                 sim = bundle.decode(sim)
     report = {
@@ -189,7 +196,7 @@ def calibrate(model: LoadedModel | str | Path | None, config: CalibrationConfig 
     class of a class-conditional model)."""
     from . import stages
 
-    return stages.calibrate(fp_bundle(model), config, progress=progress, null_class=null_class)
+    return stages.cached_calibration(fp_bundle(model), config, progress=progress, null_class=null_class)
 
 
 def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = AnalysisConfig(),
@@ -218,9 +225,9 @@ def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = Ana
     fp = fp_bundle(model)
     stages.check_moments_fit(stages.load_layer_map(fp).layers, stages.moments_needed(config.rounding, False))
     conditions = stages.conditioning(fp, calibration, null_class)
-    calib = stages.calibrate(fp, calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)),
+    calib = stages.cached_calibration(fp, calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)),
                              conditions=conditions, moments=stages.moments_needed(config.rounding, False))
-    curves = stages.analyze(fp, calib, config, progress=progress, conditions=conditions)
+    curves = stages.rd_curves(fp, calib, config, progress=progress, conditions=conditions)
     if out is not None:
         from .analysis.plots import save_rd_curves
 

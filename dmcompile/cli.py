@@ -197,6 +197,8 @@ def _calibration_config(args):
 
 def cmd_build(args) -> int:
     from . import api
+    from dmruntime.engines import engine_runtime
+
     from .config import BuildConfig
 
     cfg = BuildConfig(recipe=_recipe(args), profile=args.target, calibration=_calibration_config(args),
@@ -224,19 +226,12 @@ def cmd_build(args) -> int:
               + f" ({sa['note']})")
     if "fidelity" in m:
         f = m["fidelity"]
-        where = " (ONNX Runtime on the CPU over the engines' ONNX)" if m["engine"]["runtime"] == "tensorrt" else ""
+        where = "" if engine_runtime(m["engine"]["runtime"]).devices[0] == "cpu" else \
+            " (ONNX Runtime on the CPU over the engines' ONNX)"  # a GPU bundle, checked here on the CPU
         print(f"fidelity vs fp32 ({f['samples']} samples, DDIM {f['steps']}){where}: PSNR {f['psnr_db_mean']:.2f} dB, "
               f"SSIM {f['ssim_mean']:.4f}")
-    trt = m["engine"].get("tensorrt")
-    if trt:
-        if (m.get("plan") or {}).get("stored_int8"):
-            print(f"note: {len(m['plan']['stored_int8']['layers'])} 4-bit layer(s) stored INT8: "
-                  f"{m['plan']['stored_int8']['why']}")
-        if trt["built_here"]:
-            print(f"TensorRT engines built into {res.path}/{trt['plans_folder']}/")
-        else:
-            print(f"TensorRT is not installed here: the bundle holds the per-group ONNX; on the GPU machine run "
-                  f"{res.path}/build_engines.sh (python -m dmruntime.tensorrt.build {res.path})")
+    for line in api.build_notes(res):
+        print(line)
     return 0
 
 

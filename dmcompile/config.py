@@ -464,9 +464,9 @@ class BuildConfig(_Versioned):
         _check(self.residual_int8 or PROFILES[self.profile].quantize_residual_skip,
                f"residual_int8=False (--no-residual-int8) applies to --target tensorrt; {self.profile} quantizes no "
                "residual input")
-        _check(self.max_engines is None or PROFILES[self.profile].backend in ("openvino", "tensorrt"),
-               f"max_engines applies to --target openvino-cpu and tensorrt (one engine per group); {self.profile} "
-               "already runs every timestep group on one engine")
+        _check(self.max_engines is None or PROFILES[self.profile].scales_in_engines,
+               f"max_engines applies to --target {' and '.join(p.name for p in PROFILES.values() if p.scales_in_engines)}"
+               f" (one engine per group); {self.profile} already runs every timestep group on one engine")
 
     @property
     def format(self) -> str:

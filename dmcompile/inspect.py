@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 from dmruntime import Bundle
+from dmruntime.engines import engine_runtime
 
-from .analysis.plan import FLOAT_BITS
+from .backends import get_backend
 from .memory import resident_estimate
+from .quant import FLOAT_BITS
 
 MEMORY_BATCHES = (1, 8)
 
@@ -40,28 +42,15 @@ def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
         report["step_aware_activation"] = m["step_aware_activation"]
     if m.get("plan"):
         report["plan"] = {k: v for k, v in m["plan"].items() if k != "curves"}
-    report["memory"] = [resident_estimate(m, b) for b in MEMORY_BATCHES]
+    backend = get_backend(bundle.runtime)
+    # the decoder (a component) runs on ONNX Runtime whatever the engines' runtime
+    report["memory"] = [resident_estimate(m, b, backend.memory, get_backend("onnxruntime").memory)
+                        for b in MEMORY_BATCHES]
     if fusion:
         report["runtime"] = bundle.runtime
-        report["fusion"] = {e: engine_fusion(bundle, e) for e in sorted({g.engine for g in bundle.groups})}
+        report["fusion_note"] = backend.fusion_note
+        report["fusion"] = {e: backend.fusion(bundle, e) for e in sorted({g.engine for g in bundle.groups})}
     return report
-
-
-def engine_fusion(bundle: Bundle, engine: str) -> dict:
-    """Integer-kernel counts of one engine file, as its runtime optimises / compiles it."""
-    if bundle.runtime == "openvino":
-        from .backends.openvino import fusion_report
-
-        return fusion_report(bundle.root / engine)
-    if bundle.runtime == "tensorrt":  # what the graph gives TensorRT to run in int8 (TensorRT is not here)
-        import onnx
-
-        from .backends.tensorrt import engine_report
-
-        return engine_report(onnx.load(str(bundle.root / engine), load_external_data=False))
-    from .backends.onnxruntime import fusion_report
-
-    return fusion_report(bundle.root / engine, bundle.engine(engine).external)
 
 
 def accounting(manifest: dict) -> dict:
@@ -70,7 +59,7 @@ def accounting(manifest: dict) -> dict:
     layers = manifest["precision"]["layers"]
     stored = (manifest.get("weights") or {}).get("tensors", {})
     rows, bops_total, bops_fp = [], None, 0
-    float_bytes = 2 if (manifest.get("engine") or {}).get("runtime") == "tensorrt" else 4  # tensorrt: FP16
+    float_bytes = get_backend((manifest.get("engine") or {}).get("runtime", "onnxruntime")).float_weight_bytes
     for l in layers:
         wb = l.get("weight_bits")
         if stored and wb:
@@ -141,7 +130,7 @@ def format_report(r: dict) -> str:
     for e in r.get("memory", []):
         act = f"{e['activations_mb']:.1f} MB activations" if e["activations_known"] else \
             "activations not recorded (fp32 exports, and bundles built before the manifest had a memory entry)"
-        if e["runtime"] == "tensorrt":
+        if engine_runtime(e["runtime"]).devices[0] == "cuda":
             lines.append(f"GPU memory, on paper at batch {e['batch']}: {e['total_mb']:.0f} MB = {e['weights_mb']:.1f} MB "
                          f"weights ({e['engines']} engine(s), one copy each) + {act} (FP16, one shared buffer); "
                          "CUDA context not counted, never measured")
@@ -174,12 +163,7 @@ def format_report(r: dict) -> str:
         st = r["plan"]["stored_int8"]
         lines.append(f"stored INT8 although allocated 4-bit: {len(st['layers'])} layer(s) ({st['why']})")
     if "fusion" in r:
-        lines.append({"openvino": "int8 layers of OpenVINO's compiled runtime graph (per engine file; its groups' "
-                                  "scales are compiled in):",
-                      "tensorrt": "int8 Q/DQ layers given to TensorRT (per engine file, read from the ONNX; TensorRT "
-                                  "has not run here):"}.get(
-            r.get("runtime"), "integer kernels after ONNX Runtime optimisation (per engine file; groups feed it "
-                              "their own scales):"))
+        lines.append(r["fusion_note"] + ":")
         for engine, f in r["fusion"].items():
             ints = ", ".join(f"{k} {v}" for k, v in sorted(f["integer"].items()))
             flt = ", ".join(f"{k} {v}" for k, v in sorted(f["float"].items())) or "none"
@@ -211,7 +195,7 @@ def inspect_plots(bundle: Bundle, folder: str | Path, curves_dir: str | Path | N
         record = ((bundle.manifest.get("plan") or {}).get("curves") or {}).get("config")
         profile = PROFILES.get(bundle.manifest.get("profile"))
         if record and profile:
-            curves = stages.cached_curves(record, profile)
+            curves = stages.find_curves(record, profile)
     layers = [l for l in bundle.manifest["precision"]["layers"] if l.get("weight_bits")]
     bits = np.array([l["weight_bits"] for l in layers]).T
     groups = [(g.t_start, g.t_end) for g in bundle.groups]

@@ -1,18 +1,21 @@
 """Resident memory of a bundle at run time, estimated on paper (no run): what `dmcompile inspect`
 prints per engine set, and what benchmarks/README.md's board estimates are made of.
 
-    resident ~ runtime base + weights held x WEIGHT_COPIES + batch x activation peak per sample
+    resident ~ runtime base + weights held x weight copies + batch x activation peak per sample
+
+Each backend states its numbers as a :class:`MemoryModel` (``Backend.memory`` in
+``dmcompile/backends/``); the formula lives here.
 
 - weights held: every engine file's bytes (int8 / float initializers inside) plus the stored
   weights the runtime expands to int8 (`weights.npz`, one copy shared by the engines that use
   it); ONNX Runtime keeps the initializer and a pre-packed copy for its int8 kernels
-  (WEIGHT_COPIES = 2; weights from weights.npz measured one copy more); each OpenVINO compiled
+  (2 copies; weights from weights.npz measured one copy more); each OpenVINO compiled
   model holds 22 MB + 2.5 bytes per int8 weight (fitted to two measured bundles).
 - activation peak per sample: the largest set of activation tensors alive at once when the fp32
   graph runs in order, each freed after its last reader (the liveness a memory planner
   reaches). Measured on the fp32 graph, so an upper estimate for the int8 one, whose quantized
   tensors take a quarter of that.
-- runtime base: Python, numpy and the runtime library, measured on x86-64 (RUNTIME_BASE_MB).
+- runtime base: Python, numpy and the runtime library, measured on x86-64 (``MemoryModel.base_mb``).
 
 benchmarks/bench_runtime.py measures the real peak; benchmarks/README.md compares the two.
 """
@@ -20,21 +23,24 @@ benchmarks/bench_runtime.py measures the real peak; benchmarks/README.md compare
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
-# Bytes held per int8 weight byte, and a fixed cost per engine, MB. ONNX Runtime: the initializer
-# and its pre-packed copy; a bundle whose weights come from weights.npz measured one int8 copy more
-# than the same weights inside the engine (ddpm-cifar10-32: 273 vs 229 MB; not profiled further),
-# so resident_estimate adds the expanded size once more. OpenVINO: fitted to two measured bundles (bench_runtime.py, peak RSS at batch 8):
-# per compiled model 22 MB + 2.5 bytes per int8 weight byte (digits16 K=10: 426 MB, ddpm-cifar10-32
-# K=10: 1356 MB).
-WEIGHT_COPIES = {"onnxruntime": 2.0, "openvino": 2.5, "tensorrt": 1.0}
-ENGINE_MB = {"onnxruntime": 0.0, "openvino": 22.0, "tensorrt": 0.0}
-RUNTIME_BASE_MB = {"onnxruntime": 68.0, "openvino": 146.0, "tensorrt": 0.0}
-# tensorrt: GPU memory, on paper only (never measured here): each engine holds its own copy of
-# the weights (TensorRT engines cannot share them), activations are FP16 (half the fp32 liveness)
-# in one buffer shared by all engines; the CUDA context (some hundred MB) is not counted.
-ACTIVATION_BYTES_FACTOR = {"tensorrt": 0.5}
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """What one runtime holds, per the formula above; each backend declares its own
+    (``Backend.memory``). ``weight_copies``: bytes held per int8 weight byte; ``engine_mb``: a fixed
+    cost per engine; ``base_mb``: the runtime's own footprint, measured on x86-64;
+    ``activation_factor``: activation bytes per fp32 liveness byte; ``shared_weights``: the file all
+    engines reference (each compiled model copies it), if any."""
+
+    weight_copies: float
+    engine_mb: float = 0.0
+    base_mb: float = 0.0
+    activation_factor: float = 1.0
+    shared_weights: str | None = None
+
 
 _BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}  # ONNX elem type -> bytes
 
@@ -103,7 +109,7 @@ def activation_peak(model_path: str | Path, free_dim: int = 1) -> dict:
     return {"peak_bytes": int(peak), "largest_bytes": int(max(size.values(), default=0)), "unknown_shapes": unknown}
 
 
-def weights_held(manifest: dict) -> dict[str, int]:
+def weights_held(manifest: dict, model: MemoryModel) -> dict[str, int]:
     """Bytes of weights each engine file holds once loaded (its own initializers, plus the
     int8 expansion of the stored weights it takes from weights.npz, counted once per key; an
     openvino-cpu engine: also the shared weights.bin, which each compiled model copies)."""
@@ -115,38 +121,38 @@ def weights_held(manifest: dict) -> dict[str, int]:
         for key in spec.get("external_weights", {}).values():
             shared.setdefault(key, name)  # counted with the first engine that uses it
     held = {e: int(files[e]["bytes"]) if e in files else 0 for e in engines}
-    if manifest.get("engine", {}).get("runtime") in ("openvino", "tensorrt") and "weights.bin" in files:
+    if model.shared_weights and model.shared_weights in files:
         for e in held:  # one weights.bin on disk, one copy in each compiled model
-            held[e] += int(files["weights.bin"]["bytes"])
+            held[e] += int(files[model.shared_weights]["bytes"])
     for key, engine in shared.items():
         if engine in held and key in stored:
             held[engine] += int(math.prod(stored[key]["shape"]))  # expanded to one int8 per value
     return held
 
 
-def resident_weight_bytes(runtime: str, held: list[int], expanded: int = 0) -> float:
+def resident_weight_bytes(model: MemoryModel, held: list[int], expanded: int = 0) -> float:
     """Weight bytes resident for engines holding ``held`` bytes each (weights_held), ``expanded``
     of them int8 arrays expanded from weights.npz (measured: one copy more)."""
-    return sum(held) * WEIGHT_COPIES[runtime] + ENGINE_MB[runtime] * 1e6 * len(held) + expanded
+    return sum(held) * model.weight_copies + model.engine_mb * 1e6 * len(held) + expanded
 
 
-def resident_estimate(manifest: dict, batch: int) -> dict:
-    """The estimate for running the bundle at ``batch`` (guidance doubles the UNet batch):
+def resident_estimate(manifest: dict, batch: int, model: MemoryModel, components: MemoryModel) -> dict:
+    """The estimate for running the bundle at ``batch`` (guidance doubles the UNet batch) on the
+    runtime ``model`` describes (``components``: the runtime of the decoder):
     {"base_mb", "weights_mb", "activations_mb", "total_mb", "engines"}. Needs the manifest's
     ``memory`` entry (written by the build) for activations; without it they are left out."""
     runtime = manifest.get("engine", {}).get("runtime", "onnxruntime")
-    held = weights_held(manifest)
+    held = weights_held(manifest, model)
     stored = (manifest.get("weights") or {}).get("tensors", {})
-    weights = resident_weight_bytes(runtime, list(held.values()), sum(math.prod(t["shape"]) for t in stored.values()))
+    weights = resident_weight_bytes(model, list(held.values()), sum(math.prod(t["shape"]) for t in stored.values()))
     mem = manifest.get("memory") or {}
     guided = 2 if (manifest.get("conditioning") or {}).get("calibration_guidance_scale") else 1
-    act = batch * guided * mem.get("activation_peak_bytes_per_sample", 0) * ACTIVATION_BYTES_FACTOR.get(runtime, 1.0)
+    act = batch * guided * mem.get("activation_peak_bytes_per_sample", 0) * model.activation_factor
     dec = manifest.get("decoder") or {}
     if dec and mem.get("decoder_activation_peak_bytes_per_sample"):
         act = max(act, batch * mem["decoder_activation_peak_bytes_per_sample"])  # decoded after sampling
-        # the decoder always runs on ONNX Runtime
-        weights += resident_weight_bytes("onnxruntime", [int(manifest["files"].get(dec["file"], {}).get("bytes", 0))])
-    base = RUNTIME_BASE_MB[runtime]
+        weights += resident_weight_bytes(components, [int(manifest["files"].get(dec["file"], {}).get("bytes", 0))])
+    base = model.base_mb
     return {"runtime": runtime, "batch": batch, "engines": len(held), "base_mb": base, "weights_mb": weights / 1e6,
             "activations_mb": act / 1e6, "total_mb": base + (weights + act) / 1e6, "activations_known": bool(mem)}
 
@@ -164,14 +170,14 @@ def memory_entry(fp_dir: Path, decoder_file: str | None = None, sequence_length:
     return entry
 
 
-def board_estimate(params: int, act_peak: int, engines: int, batch: int, runtime: str = "onnxruntime",
+def board_estimate(params: int, act_peak: int, engines: int, batch: int, model: MemoryModel,
                    stored_weights: bool = False) -> float:
     """Estimated resident MB of a bundle that does not exist yet (README's board estimates):
     ``params`` int8 weights in each of ``engines`` engines (``stored_weights``: from weights.npz,
     as 4-bit bundles keep them), ``batch`` x ``act_peak`` activation bytes."""
-    weights = resident_weight_bytes(runtime, [params] * engines, params if stored_weights else 0)
-    return RUNTIME_BASE_MB[runtime] + (weights + batch * act_peak) / 1e6
+    weights = resident_weight_bytes(model, [params] * engines, params if stored_weights else 0)
+    return model.base_mb + (weights + batch * act_peak) / 1e6
 
 
-__all__ = ["activation_peak", "board_estimate", "memory_entry", "resident_estimate", "resident_weight_bytes",
+__all__ = ["MemoryModel", "activation_peak", "board_estimate", "memory_entry", "resident_estimate", "resident_weight_bytes",
            "weights_held"]

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 from dmruntime.weights import encode, pack_int4, storage_bits, unpack_int4
 
-__all__ = ["MAX_WEIGHT_BITS", "MIN_WEIGHT_BITS", "QuantWeight", "dequantize", "encode", "fake_quant", "merge_ranges", "noise_power",
+__all__ = ["FLOAT_BITS", "MAX_WEIGHT_BITS", "MIN_WEIGHT_BITS", "QuantWeight", "dequantize", "encode", "fake_quant", "merge_ranges", "noise_power",
            "pack_int4", "qparams", "quantize_weight", "storage_bits", "unpack_int4", "weight_axis"]
 
 # Weights live in int8 containers (4-bit ones packed two per byte on disk): 2..8 bits.
 MIN_WEIGHT_BITS, MAX_WEIGHT_BITS = 2, 8
+FLOAT_BITS = 32  # a plan's width for a layer kept in float in a group: float32 weights and activations
 
 
 def qparams(lo: float, hi: float, bits: int = 8, *, symmetric: bool = False) -> tuple[float, int]:

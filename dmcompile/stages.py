@@ -200,8 +200,8 @@ def _profile_part(profile: TargetProfile) -> list:
     return [profile.name] + (["residual-skip"] if profile.quantize_residual_skip else [])
 
 
-def calibrate(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_CPU, progress=None,
-              null_class: int | None = None, conditions: tuple | None = None, moments: str | None = None):
+def cached_calibration(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_CPU, progress=None,
+                       null_class: int | None = None, conditions: tuple | None = None, moments: str | None = None):
     """Per-group activation statistics of an fp32 export (CalibrationResult), cached under
     ``cache_dir()/calib``; a cached entry that cannot be read is measured again. Conditional
     models are calibrated on ``conditions`` ((Conditioning, rows), as :func:`conditioning`
@@ -210,8 +210,7 @@ def calibrate(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_
     (GPTQ rounding); a cached calibration without them is measured again, in one pass, and
     replaced (its ranges come out identical: the moments draw from a stream of their own)."""
     from .calibration.hessian import Moments
-    from .calibration.trajectory import CalibrationResult
-    from .calibration.trajectory import calibrate as run_calibration
+    from .calibration.trajectory import CalibrationResult, calibrate_trajectories
 
     spec, rows = conditions if conditions is not None else conditioning(fp, config, null_class)
     path = cache_dir() / "calib" / f"{fp.name}-{calibration_key(config, profile, rows, spec.null)}"
@@ -227,7 +226,7 @@ def calibrate(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_
             shutil.rmtree(path, ignore_errors=True)  # our own cache entry, unreadable: measure again
     manifest = json.loads((fp / "manifest.json").read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
-    result = run_calibration(fp / "model.onnx", load_layer_map(fp), manifest["scheduler"], config, profile,
+    result = calibrate_trajectories(fp / "model.onnx", load_layer_map(fp), manifest["scheduler"], config, profile,
                              progress=progress, conditioning=spec, conditions=rows, moments=moments,
                              work_dir=path.parent)
     return result.save(path)
@@ -256,7 +255,7 @@ def rounder(calib, rounding: str):
     if rounding == "rtn":
         return WeightRounder("rtn")
     if calib.moments is None:
-        raise ArtifactError("gptq rounding needs a calibration with second moments (stages.calibrate(..., "
+        raise ArtifactError("gptq rounding needs a calibration with second moments (stages.cached_calibration(..., "
                             "moments='pooled'))")
     # the method (bump GPTQ_VERSION when its results change), its parameters (WeightRounder defaults), the moments
     moments = Moments(calib.moments)
@@ -334,15 +333,14 @@ def rd_key(record: dict, profile: TargetProfile = ORT_CPU) -> str:
                    *_profile_part(profile), *extra)[:12]
 
 
-def analyze(fp: Path, calib, config: AnalysisConfig, profile: TargetProfile = ORT_CPU, progress=None,
-            conditions: tuple | None = None, per_group: bool = False):
+def rd_curves(fp: Path, calib, config: AnalysisConfig, profile: TargetProfile = ORT_CPU, progress=None,
+              conditions: tuple | None = None, per_group: bool = False):
     """RD curves of an fp32 export (RDCurves), cached under ``cache_dir()/rd`` and resumable.
     Conditional models are measured on ``conditions`` ((Conditioning, rows), see
     :func:`conditioning`; worked out from the calibration's config when not given). Weights
     are rounded by ``config.rounding`` as the build stores them (``calib`` must carry moments
     for gptq); ``per_group``: per-group weights, each group rounded on its own moments."""
-    from .analysis.rd import RDCurves
-    from .analysis.rd import analyze as run_analysis
+    from .analysis.rd import RDCurves, measure_curves
 
     conditions = conditions if conditions is not None else conditioning(fp, calib.config)
     record = rd_record(calib, config, conditions, per_group)
@@ -357,7 +355,7 @@ def analyze(fp: Path, calib, config: AnalysisConfig, profile: TargetProfile = OR
     probe, X, T, C, _ = probe_inputs(fp, profile.layer_input_tensors, calib, config, conditions)
     ranges = {b: calib.ranges(bits=b) for b in config.act_bits}
     state = path.with_name(path.name + ".partial")
-    curves = run_analysis(probe, X, T, ranges, config, groups=[(g.t_start, g.t_end) for g in calib.groups],
+    curves = measure_curves(probe, X, T, ranges, config, groups=[(g.t_start, g.t_end) for g in calib.groups],
                           record=record, state_dir=state, progress=progress, C=C,
                           per_group=bool(record.get("per_group_rounding")))
     curves.save(path)
@@ -365,7 +363,7 @@ def analyze(fp: Path, calib, config: AnalysisConfig, profile: TargetProfile = OR
     return curves
 
 
-def cached_curves(record: dict, profile: TargetProfile = ORT_CPU):
+def find_curves(record: dict, profile: TargetProfile = ORT_CPU):
     """The cached RD curves a plan record ({"calibration": ..., "analysis": ...}) names, or None."""
     from .analysis.rd import RDCurves
 

@@ -40,6 +40,9 @@ class TargetProfile:
     default_float: module names kept float unless an override names the layer, its module or a
     module prefix (op-type and ``*`` rules do not reach them): a layer is matched when any
     component of its module path is one of these.
+    scales_in_engines: each engine carries its groups' activation scales (compiled in), so there
+    is one engine per group, or per run of merged groups (``--max-engines``); otherwise groups
+    share engines and feed them their scales.
     """
 
     name: str
@@ -57,6 +60,7 @@ class TargetProfile:
     float16: bool = False
     quantize_residual_skip: bool = False
     default_float: tuple[str, ...] = ()
+    scales_in_engines: bool = False
 
     @property
     def activation_symmetric(self) -> bool:
@@ -187,6 +191,7 @@ OPENVINO_CPU = TargetProfile(
     backend="openvino",
     quantize_activation_matmuls=False,
     packed_weight_bits=(),
+    scales_in_engines=True,
 )
 
 # tensorrt: TensorRT's explicit quantization (TensorRT >= 10, strongly typed networks), from its
@@ -212,6 +217,7 @@ TENSORRT = TargetProfile(
     weight_only_ops={"MatMul": (4,), "Gemm": (4,)},
     float16=True,
     quantize_residual_skip=True,
+    scales_in_engines=True,
     # demoDiffusion's / ModelOpt's INT8 recipe for diffusion UNets: these stay FP16 (small, or
     # sensitive, and their Q/DQ would break TensorRT's fusions: a shortcut Conv's output is a
     # residual Add's skip input)

@@ -77,7 +77,7 @@ def test_one_engine_matches_each_groups_own_qdq_model(tiny_model_dir, tiny_bundl
     fp = api.fp_bundle(str(tiny_model_dir))
     lm = LayerMap.load(fp / "layer_map.json")
     proto = onnx.load(str(fp / "model.onnx"))
-    calib = stages.calibrate(fp, SMALL, moments="pooled")
+    calib = stages.cached_calibration(fp, SMALL, moments="pooled")
     ranges = calib.ranges()
     nodes = {l.node for l in lm.layers}
     rounder = stages.rounder(calib, "gptq")

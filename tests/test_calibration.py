@@ -127,7 +127,7 @@ def test_steps_are_bucketed_into_the_right_groups(tiny_export):
                                                                                                        CALIB_STREAM])
     # leading spacing, 6 steps: 830, 664, 498, 332, 166, 0
     assert {g: sorted(t for t, _ in v) for g, v in seen.items()} == {0: [0, 166, 332], 1: [498, 664], 2: [830]}
-    calib = stages.calibrate(tiny_export, CAL)
+    calib = stages.cached_calibration(tiny_export, CAL)
     per_row = int(np.prod(fp.sample_shape))
     for g, obs in enumerate(calib.observers):
         xs = np.concatenate([x for _, x in seen[g]])
@@ -139,7 +139,7 @@ def test_ptq4dm_records_one_step_per_trajectory(tiny_export):
     from dmcompile import stages
 
     cal = CalibrationConfig(size=8, steps=10, groups=10, batch_size=8, timesteps="ptq4dm")
-    calib = stages.calibrate(tiny_export, cal)
+    calib = stages.cached_calibration(tiny_export, cal)
     counts = [obs["sample"].count for obs in calib.observers]
     per_row = 2 * 8 * 8
     assert sum(counts) == cal.size * per_row  # one recorded step per trajectory, not 10

@@ -140,7 +140,7 @@ def test_calibration_records_both_guided_branches(tiny_class_dir):
     fp = api.fp_bundle(str(tiny_class_dir))
     from dmcompile import stages
 
-    guided = stages.calibrate(fp, CalibrationConfig(size=2, steps=6, groups=3, batch_size=2, guidance_scale=2.0),
+    guided = stages.cached_calibration(fp, CalibrationConfig(size=2, steps=6, groups=3, batch_size=2, guidance_scale=2.0),
                               null_class=4)
     for a, b in zip(plain.observers, guided.observers):
         assert b["sample"].count == 2 * a["sample"].count
@@ -231,7 +231,7 @@ def test_rd_inputs_carry_both_guided_branches_and_are_fed(tiny_class_dir):
     cal = CalibrationConfig(size=3, steps=6, groups=2, batch_size=4, guidance_scale=2.0)
     fp = api.fp_bundle(str(tiny_class_dir))
     conditions = stages.conditioning(fp, cal, null_class=4)
-    calib = stages.calibrate(fp, cal, conditions=conditions, moments="pooled")  # GPTQ rounds the probe's weights
+    calib = stages.cached_calibration(fp, cal, conditions=conditions, moments="pooled")  # GPTQ rounds the probe's weights
     probe, X, T, C, bundle = stages.probe_inputs(fp, ORT_CPU.layer_input_tensors, calib,
                                                  AnalysisConfig(samples_per_group=6), conditions)
     labels = C["class_labels"]

@@ -91,7 +91,7 @@ def test_rd_probe_reads_external_weights(tiny_model_dir, nothing_fits):
     cal = CalibrationConfig(size=2, steps=4, groups=2)
     fp = api.fp_bundle(str(tiny_model_dir))
     assert (fp / "model.onnx.data").is_file()
-    calib = stages.calibrate(fp, cal, moments="pooled")  # GPTQ rounds the probe's weights
+    calib = stages.cached_calibration(fp, cal, moments="pooled")  # GPTQ rounds the probe's weights
     probe, X, T, C, bundle = stages.probe_inputs(fp, ORT_CPU.layer_input_tensors, calib,
                                                  AnalysisConfig(samples_per_group=2))
     layer = probe.layers[0]

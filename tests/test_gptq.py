@@ -14,7 +14,7 @@ from dmruntime.weights import load_weights
 from dmcompile import api, stages
 from dmcompile.calibration import hessian
 from dmcompile.calibration.hessian import Moments, im2col, layer_columns
-from dmcompile.calibration.trajectory import CALIB_STREAM, calibrate, equal_groups
+from dmcompile.calibration.trajectory import CALIB_STREAM, calibrate_trajectories, equal_groups
 from dmcompile.config import AnalysisConfig, BuildConfig, CalibrationConfig, MixedRecipe, parse_overrides
 from dmcompile.frontend.layermap import LayerMap
 from dmcompile.calibration.rounding import WeightRounder, gptq_quantize, output_error
@@ -119,7 +119,7 @@ def test_moments_gathered_in_the_calibration_pass_match_a_direct_computation(tin
     monkeypatch.setattr(hessian, "MOMENT_ROWS", 10**9)  # every row, so the comparison is exact
     lm = LayerMap.load(tiny_export / "layer_map.json")
     scheduler = json.loads((tiny_export / "manifest.json").read_text())["scheduler"]
-    result = calibrate(tiny_export / "model.onnx", lm, scheduler, SMALL, moments="groups", work_dir=tmp_path)
+    result = calibrate_trajectories(tiny_export / "model.onnx", lm, scheduler, SMALL, moments="groups", work_dir=tmp_path)
     saved = result.save(tmp_path / "calib")
     moments = Moments(saved.moments)
     assert moments.per_group and not result.moments.exists()  # moved into the saved calibration
@@ -135,7 +135,7 @@ def test_moments_gathered_in_the_calibration_pass_match_a_direct_computation(tin
         count = sum(sums[(g, node)][1] for g in range(SMALL.groups))
         np.testing.assert_allclose(moments.matrix(node), total / count, rtol=2e-4, atol=1e-5)
     # the histograms do not depend on whether moments were gathered (a stream of their own)
-    plain = calibrate(tiny_export / "model.onnx", lm, scheduler, SMALL)
+    plain = calibrate_trajectories(tiny_export / "model.onnx", lm, scheduler, SMALL)
     assert plain.moments is None and plain.ranges() == result.ranges()
 
 
@@ -144,23 +144,23 @@ def test_cached_calibration_gains_moments_once(tiny_export, tmp_path, monkeypatc
     import dmcompile.calibration.trajectory as trajectory
 
     runs = []
-    real = trajectory.calibrate
-    monkeypatch.setattr(trajectory, "calibrate", lambda *a, **k: runs.append(k.get("moments")) or real(*a, **k))
-    first = stages.calibrate(tiny_export, SMALL)
+    real = trajectory.calibrate_trajectories
+    monkeypatch.setattr(trajectory, "calibrate_trajectories", lambda *a, **k: runs.append(k.get("moments")) or real(*a, **k))
+    first = stages.cached_calibration(tiny_export, SMALL)
     assert first.moments is None
-    pooled = stages.calibrate(tiny_export, SMALL, moments="pooled")  # measured again, with moments
+    pooled = stages.cached_calibration(tiny_export, SMALL, moments="pooled")  # measured again, with moments
     assert pooled.ranges() == first.ranges() and not Moments(pooled.moments).per_group
-    assert stages.calibrate(tiny_export, SMALL, moments="pooled").moments == pooled.moments  # cached
+    assert stages.cached_calibration(tiny_export, SMALL, moments="pooled").moments == pooled.moments  # cached
     alone = Moments(pooled.moments)
     before = {n: alone.matrix(n) for n in alone.files}
-    grouped = stages.calibrate(tiny_export, SMALL, moments="groups")
+    grouped = stages.cached_calibration(tiny_export, SMALL, moments="groups")
     assert Moments(grouped.moments).per_group
     # the pooled moments are the same bytes either way, so GPTQ (and the bundle) do not depend on
     # which calibration the cache happened to hold
     for n, m in before.items():
         np.testing.assert_array_equal(Moments(grouped.moments).matrix(n), m)
-    stages.calibrate(tiny_export, SMALL, moments="pooled")  # per-group moments hold pooled ones too
-    stages.calibrate(tiny_export, SMALL)
+    stages.cached_calibration(tiny_export, SMALL, moments="pooled")  # per-group moments hold pooled ones too
+    stages.cached_calibration(tiny_export, SMALL)
     assert runs == [None, "pooled", "groups"]
     assert [p.name for p in (tmp_path / "cache" / "calib").iterdir()] == [pooled.moments.parent.name]
 
@@ -175,7 +175,7 @@ def test_the_bundle_stores_the_compensated_integers(tiny_model_dir, tmp_path):
     assert m["build"]["config"]["analysis"]["rounding"] == "gptq" and m["plan"]["rounding"] == "gptq"
     stored = load_weights(b.path, m["weights"])
     fp = api.fp_bundle(str(tiny_model_dir))
-    calib = stages.calibrate(fp, SMALL, moments="pooled")
+    calib = stages.cached_calibration(fp, SMALL, moments="pooled")
     rounder = WeightRounder("gptq", Moments(calib.moments))  # no cache: rounded afresh
     proto = onnx.load(str(fp / "model.onnx"))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}

@@ -107,7 +107,7 @@ def test_explicit_bits_store_4bit_packed_and_keep_int8_kernels(tiny_model_dir, t
     fp_dir = api.fp_bundle(str(tiny_model_dir))
     fp = onnx.load(str(fp_dir / "model.onnx"))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in fp.graph.initializer}
-    rounder = stages.rounder(stages.calibrate(fp_dir, SMALL, moments="pooled"), "gptq")
+    rounder = stages.rounder(stages.cached_calibration(fp_dir, SMALL, moments="pooled"), "gptq")
     lm = {l.node: l for l in LayerMap.load(fp_dir / "layer_map.json").layers}
     for l in layers[1:]:
         got = b.engine("unet.onnx").external[f"{l['weight']}.q"]

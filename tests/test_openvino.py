@@ -241,7 +241,7 @@ def test_max_engines_merges_adjacent_groups(tiny_model_dir, tmp_path):
     members_of = {e: [i for i, x in enumerate(engines) if x == e] for e in set(engines)}
     # each engine's activation scales are those of the union of its groups' ranges
     ws = compiler.prepare(str(tiny_model_dir), cfg)
-    ranges = compiler.calibrate(ws, cfg).ranges()
+    ranges = compiler.calibrate_workspace(ws, cfg).ranges()
     for e, members in members_of.items():
         merged = merge_ranges([ranges[g] for g in members])
         model = onnx.load(str(tmp_path / "b2" / e), load_external_data=False)

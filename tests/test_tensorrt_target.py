@@ -17,7 +17,7 @@ from onnx import TensorProto, numpy_helper
 
 from conftest import ROOT, build_for
 from dmcompile import inspect as dm_inspect
-from dmcompile.backends.tensorrt import simulated_bundle
+from dmcompile.backends.tensorrt import TensorRTBackend
 from dmcompile.backends.tensorrt_rules import check_explicit_quantization, differ_only_in_scales
 from dmcompile.config import BuildConfig, CalibrationConfig, MixedRecipe, Override, W8A8Recipe
 from dmcompile.lowering.fp16 import to_float16, to_float32
@@ -209,7 +209,7 @@ def test_onnx_runtime_runs_the_engine_graphs_close_to_the_simulated_model(w8, tm
     timestep, a scale left FP32) shows as an error many times the quantization's."""
     bundle = Bundle.open(w8, device="cpu")
     assert bundle.device == "cpu"
-    sim = simulated_bundle(bundle, tmp_path)
+    sim = TensorRTBackend().reference(bundle, tmp_path)
     fp = Bundle.open(_fp_export(w8))
     x = np.random.default_rng(0).standard_normal((8, *bundle.sample_shape)).astype(np.float32)
 
@@ -383,7 +383,7 @@ def test_fp32_fallback_where_onnx_runtime_has_no_fp16_kernel(w8, tmp_path, monke
     engine = bundle.engine("unet_e00.onnx")
     assert engine.widened
     monkeypatch.setattr(ort, "InferenceSession", real)
-    want = simulated_bundle(Bundle.open(w8, device="cpu"), tmp_path).predict(x, 10)
+    want = TensorRTBackend().reference(Bundle.open(w8, device="cpu"), tmp_path).predict(x, 10)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     bundle.predict(x, 999)  # group 3: its FP16 graph loads, so it runs in FP16
     assert bundle.engine("unet_e03.onnx")._session is not None and not bundle.engine("unet_e03.onnx").widened
@@ -400,7 +400,7 @@ def test_int4_blocks_run_along_the_input_dimension_or_not_at_all():
 
 def test_a_gemm_whose_input_dim_has_no_block_is_stored_int8(tiny_export):
     from dmcompile import stages
-    from dmcompile.compiler import _storage, weight_only
+    from dmcompile.compiler.steps import storage_width, weight_only
     from dmcompile.frontend.layermap import Layer
     from dmcompile.targets import TENSORRT
 
@@ -408,8 +408,8 @@ def test_a_gemm_whose_input_dim_has_no_block_is_stored_int8(tiny_export):
     assert not gemm.weight_transposed  # torch Linear: [out, in] with transB
     odd = Layer(**{**gemm.__dict__, "weight_shape": [64, 24]})  # 24 inputs
     even = Layer(**{**gemm.__dict__, "weight_shape": [24, 64]})  # 64 inputs, 24 outputs
-    assert not weight_only(TENSORRT, odd, 4) and _storage(TENSORRT, odd, 4) == 8
-    assert weight_only(TENSORRT, even, 4) and _storage(TENSORRT, even, 4) == 4
+    assert not weight_only(TENSORRT, odd, 4) and storage_width(TENSORRT, odd, 4) == 8
+    assert weight_only(TENSORRT, even, 4) and storage_width(TENSORRT, even, 4) == 4
 
 
 @pytest.mark.parametrize("which", ["cross-attention", "class", "latent"])
@@ -490,7 +490,7 @@ def test_residual_adds_take_their_skip_through_qdq(w8, tiny_model_dir, tmp_path)
     err = {}
     for name, path in (("on", w8), ("off", b.path)):
         with tempfile.TemporaryDirectory() as tmp:
-            sim = simulated_bundle(Bundle.open(path, device="cpu"), tmp)
+            sim = TensorRTBackend().reference(Bundle.open(path, device="cpu"), tmp)
             err[name] = np.mean([np.linalg.norm(sim.predict(x, t) - fp.predict(x, t)) / np.linalg.norm(fp.predict(x, t))
                                  for t in (999, 500, 10)])
     assert err["off"] < err["on"]

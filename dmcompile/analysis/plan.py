@@ -7,11 +7,10 @@ import numpy as np
 from ..budget import Budget
 from ..errors import BudgetError, ConfigError
 from ..frontend.layermap import Layer
-from ..quant import storage_bits, weight_axis
+from ..quant import FLOAT_BITS, storage_bits, weight_axis
 from .allocate import allocate, require_feasible
 
 
-FLOAT_BITS = 32  # a plan's width for a layer kept in float in a group: float32 weights and activations
 
 
 def weight_bytes(layer: Layer, bits: int, storage=storage_bits) -> int:

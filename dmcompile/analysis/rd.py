@@ -149,7 +149,7 @@ def _run_chunked(probe: Probe, x, t, max_rows, weights=None, acts=None, cond=Non
     return np.concatenate(outs)
 
 
-def analyze(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, config: AnalysisConfig,
+def measure_curves(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, config: AnalysisConfig,
             groups: list, record: dict, state_dir: Path | None = None, progress=None,
             C: dict | None = None, per_group: bool = False) -> RDCurves:
     """Measure the curves. X, T (C: conditions, or None): [G, n, ...] group inputs, as

@@ -188,7 +188,7 @@ def _ptq4dm_mask(timesteps: np.ndarray, n: int, T: int, rng: np.random.Generator
     return lambda t: chosen == t
 
 
-def calibrate(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, config: CalibrationConfig,
+def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, config: CalibrationConfig,
               profile: TargetProfile = ORT_CPU, progress=None, conditioning: Conditioning | None = None,
               conditions: dict | None = None, moments: str | None = None,
               work_dir: Path | None = None) -> CalibrationResult:

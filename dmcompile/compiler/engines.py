@@ -1,0 +1,60 @@
+"""The build's engine-writing step: the target's backend emits the engines from the lowered
+groups; then the files every bundle kind may ship (guidance's null condition, the class table,
+the decoder) and the backend's own extras."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from pathlib import Path
+
+import numpy as np
+from dmruntime.conditioning import NULL_FILE, TABLE_FILE
+
+from .. import onnxio, stages
+from ..backends import get_backend
+from ..backends.base import EngineJob, EngineSet
+from ..calibration.trajectory import CalibrationResult
+from ..config import BuildConfig, MixedRecipe
+from ..lowering.groups import lower_groups
+from .workspace import DecoderEngine, WeightPlan, Workspace
+
+
+def engine_job(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config: BuildConfig,
+               progress=None) -> EngineJob:
+    """What the backend makes engines from: the plan's widths, each group's ranges, and how to
+    lower a cluster of groups (weights rounded by ``config.analysis.rounding``)."""
+    rounder = stages.rounder(calib, config.analysis.rounding)
+    lower = functools.partial(lower_groups, ws.fp, ws.layer_map, set(ws.precision.quantized), ws.weight_layers,
+                              ws.profile, plan.bits, plan.per_group_rounding, rounder, progress=progress)
+    return EngineJob(ws.profile, len(calib.groups), plan.bits, tuple(ws.weight_layers), calib.ranges(),
+                     lower,
+                     store_weights=isinstance(config.recipe, MixedRecipe),
+                     per_group_rounding=plan.per_group_rounding, max_engines=config.max_engines)
+
+
+def write_engines(folder: Path, ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config: BuildConfig,
+                  decoder: DecoderEngine | None, progress=None) -> EngineSet:
+    """The engines (one QDQ graph in memory at a time where the backend writes them as lowered),
+    then the null condition of guidance and the class table, the decoder (the export's fp32 one, or
+    ``decoder``'s int8 one) and the backend's extra files; ``files`` lists them all."""
+    backend = get_backend(ws.profile.backend)
+    engines = backend.emit(folder, engine_job(ws, calib, plan, config, progress), progress)
+    files = list(engines.files)
+    null, table = ws.conditioning.null, ws.conditioning.class_table
+    if null:
+        with open(folder / NULL_FILE, "wb") as f:
+            np.savez(f, **{k: np.asarray(v) for k, v in sorted(null.items())})
+        files.append(NULL_FILE)
+    if table is not None:
+        with open(folder / TABLE_FILE, "wb") as f:
+            np.savez(f, class_table=table)
+        files.append(TABLE_FILE)
+    if decoder is not None:
+        files += onnxio.save(decoder.model, folder / ws.decoder["file"])
+    elif ws.decoder:  # latent models: the fp32 decoder of the export, as it is
+        shutil.copyfile(ws.fp / ws.decoder["file"], folder / ws.decoder["file"])
+        files.append(ws.decoder["file"])
+    files += backend.extra_files(folder)
+    return EngineSet(engines.engines, engines.engine_of, engines.params, engines.first_group, engines.fusion, files,
+                     engines.stored)

@@ -1,0 +1,59 @@
+"""The build's measurements of the written engines: PTQD statistics, the step-aware activation
+report, and paired fidelity against the fp32 export. Each returns its manifest entry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from dmruntime import Bundle
+from dmruntime.conditioning import cycle_rows
+
+from .. import stages
+from ..analysis.stepaware import select_activation_bits
+from ..calibration.correction import estimate_correction
+from ..calibration.trajectory import CalibrationResult
+from ..config import BuildConfig, SampleConfig
+from ..eval.metrics import psnr, ssim
+from ..quant import FLOAT_BITS
+from .workspace import WeightPlan, Workspace
+
+
+def estimate_corrections(folder: Path, body: dict, ws: Workspace, calib: CalibrationResult, config: BuildConfig,
+                         progress=None, cache_dir=None) -> dict:
+    """PTQD statistics of the written engines (read through the runtime, correction off)."""
+    bundle = Bundle(Path(folder), body, correction=False, cache_dir=cache_dir, device="cpu")
+    return estimate_correction(bundle, Bundle.open(ws.fp),
+                               calib.config.steps, config.correction_size, config.seed,
+                               progress=progress and (lambda i, n: progress("correction", i, n)),
+                               cond=cycle_rows(ws.conditions, config.correction_size),
+                               guidance_scale=calib.config.guidance_scale)
+
+
+def step_aware(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config: BuildConfig) -> dict:
+    """PTQD's step-aware activation widths per group (a report on ort-cpu)."""
+    # every tensor the bundle quantizes, Conv outputs included: this judges the whole engine
+    probe, X, T, C, fpb = stages.probe_inputs(ws.fp, ws.profile.quantized_tensors, calib, config.analysis,
+                                              ws.calibration_conditions)
+    col = {l.node: i for i, l in enumerate(ws.weight_layers)}
+    wb = np.array([[plan.bits[g, col[l.node]] if l.node in col and plan.bits[g, col[l.node]] != FLOAT_BITS else None
+                    for l in probe.layers] for g in range(len(calib.groups))], dtype=object)
+    cands = tuple(config.analysis.act_bits)
+    ranges = {b: calib.ranges(bits=b) for b in cands}
+    return select_activation_bits(probe, X, T, ranges, wb, fpb.schedule, calib.groups, cands,
+                                  ws.profile.activation_bits, C=C)
+
+
+def check_fidelity(folder: Path, body: dict, ws: Workspace, config: BuildConfig, cache_dir=None) -> dict:
+    """Paired PSNR/SSIM of the bundle (as the runtime runs it) against the fp32 export:
+    DDIM 50 steps, eta 0, same seeds."""
+    n, seed = config.eval_samples, config.seed
+    guidance = config.calibration.guidance_scale
+    cfg = SampleConfig(n=n, steps=50, seed=seed, guidance_scale=guidance)
+    cond, null = cycle_rows(ws.conditions, n), ws.conditioning.null
+    got = stages.sample_model(Bundle(Path(folder), body, cache_dir=cache_dir, device="cpu"), cfg, cond=cond)
+    want = stages.sample_model(Bundle.open(ws.fp), cfg, cond=cond, null_cond=null)
+    return {"samples": n, "steps": 50, "eta": 0.0, "seed": seed, "guidance_scale": guidance,
+            "reference": "fp32 ONNX export",
+            "psnr_db_mean": float(np.mean(np.minimum(psnr(got, want), 200.0))),
+            "ssim_mean": float(np.mean(ssim(got, want)))}

@@ -1,0 +1,163 @@
+"""The build's steps up to the engines: prepare the workspace, calibrate, allocate weight widths,
+quantize the decoder. Each takes and returns typed values (``compiler/workspace.py``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from dmruntime import Bundle, DDIMSampler, NoiseSchedule, group_lookup, sampler_timesteps
+from dmruntime.conditioning import cycle_rows
+
+from .. import onnxio, stages
+from ..analysis.plan import bops, check_bits, check_feasible, plan_bits
+from ..backends.onnxruntime import fusion_report, optimize_for_cpu
+from ..calibration.trajectory import CalibrationResult, groups_without_steps
+from ..config import BuildConfig, MixedRecipe
+from ..errors import ConfigError
+from ..eval.metrics import psnr
+from ..frontend.layermap import Layer
+from ..frontend.load import LoadedModel
+from ..lowering.decoder import lower_decoder
+from ..lowering.precision import resolve
+from ..lowering.qdq import int4_layout
+from ..targets import ORT_CPU, TargetProfile, get_profile
+from .workspace import DecoderEngine, WeightPlan, Workspace, per_group_weights
+
+
+def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Workspace:
+    """Load the model, export it (cached), resolve the overrides; fail early on options that
+    cannot work with this model (before minutes of calibration)."""
+    model = stages.as_model(model, seed=config.seed)
+    fp = stages.fp_bundle(model)
+    layer_map = stages.load_layer_map(fp)
+    spec, rows = stages.conditioning(fp, config.calibration, config.null_class)
+    decoder = json.loads((fp / "manifest.json").read_text()).get("decoder")
+    profile = get_profile(config.profile)
+    if profile.quantize_residual_skip and not config.residual_int8:
+        profile = dataclasses.replace(profile, quantize_residual_skip=False)
+    ws = Workspace(model.describe(), model.scheduler_config, fp, layer_map, profile,
+                   resolve(layer_map, config.overrides, profile), spec, rows, decoder)
+    stages.check_moments_fit(layer_map.layers, stages.moments_needed(config.analysis.rounding,
+                                                                     per_group_weights(config)))
+    if config.decoder != "fp32" and not decoder:
+        raise ConfigError(f"--decoder {config.decoder} applies to latent models (a pipeline folder with vae/); "
+                          f"{model.id} has no decoder")
+    recipe = config.recipe
+    if config.step_aware or (isinstance(recipe, MixedRecipe) and recipe.budget is not None):
+        empty = groups_without_steps(NoiseSchedule.from_config(model.scheduler_config), config.calibration)
+        if empty:
+            g = empty[0]
+            raise ConfigError(f"no step of a {config.calibration.steps}-step DDIM run falls in timestep group "
+                              f"{g.index} [{g.t_start}, {g.t_end}) ({len(empty)} of {config.calibration.groups} "
+                              "groups are empty), so RD curves and the step-aware check have no inputs there; "
+                              "use fewer groups (--groups) or more calibration steps (--calib-steps)")
+    return ws
+
+
+def calibrate_workspace(ws: Workspace, config: BuildConfig, progress=None) -> CalibrationResult:
+    """Per-group activation statistics of every tensor the profile quantizes (cached)."""
+    return stages.cached_calibration(ws.fp, config.calibration, ws.profile,
+                                     progress=progress and (lambda i, n: progress("calibrate", i, n)),
+                                     conditions=ws.calibration_conditions,
+                                     moments=stages.moments_needed(config.analysis.rounding, per_group_weights(config)))
+
+
+def allocate_widths(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progress=None) -> WeightPlan:
+    """Weight widths per group and layer: 8 everywhere (W8A8), the overrides' widths, or an
+    RD allocation under the budget with pinned layers fixed."""
+    layers = ws.weight_layers
+    K, recipe = len(calib.groups), config.recipe
+    per_group = per_group_weights(config) and config.analysis.rounding != "rtn"
+    if not isinstance(recipe, MixedRecipe):
+        return WeightPlan(np.full((K, len(layers)), 8), None)
+    pinned = {i: ws.precision.pinned_bits[l.node] for i, l in enumerate(layers) if l.node in ws.precision.pinned_bits}
+    if recipe.budget is None:
+        free = [l.node for i, l in enumerate(layers) if i not in pinned]
+        if free:
+            raise ConfigError(f"no weight width for layer {free[0]} ({len(free)} layers have none); add a '*' rule "
+                              "(e.g. --weight-bits '*=4,first_conv=8') or pass --budget to allocate the rest")
+        bits = np.tile([pinned[i] for i in range(len(layers))], (K, 1))
+        record = {"overrides": [str(o) for o in recipe.overrides], "share_weights": True}
+    else:
+        allowed = tuple(config.analysis.weight_bits if recipe.allow_simulated_bits else ws.profile.weight_bits)
+        quantized = ws.precision.quantized
+        fixed = sum(bops(l, None, 8 if l.node in quantized else None) for l in ws.layer_map.layers
+                    if l not in layers)
+        storage = ws.profile.storage_bits  # bytes budgets: what this target really stores
+        check_feasible(layers, allowed, recipe.budget, fixed, pinned=pinned, storage=storage)  # before the curves
+        curves = stages.rd_curves(ws.fp, calib, config.analysis, ws.profile, progress,
+                                conditions=ws.calibration_conditions, per_group=per_group)
+        idx = [curves.layers.index(l.node) for l in layers]
+        bits, record = plan_bits(curves.weight[:, idx], layers, curves.weight_bits, allowed, recipe.budget,
+                                 recipe.allocator, share=recipe.share_weights, fixed_bops=fixed, pinned=pinned,
+                                 storage=storage, allow_float=recipe.allow_float,
+                                 group_weights=_step_shares(ws, calib))
+        record["overrides"] = [str(o) for o in recipe.overrides]
+        record["curves"] = {"config": curves.config, "seconds": curves.seconds}
+    check_bits({int(b) for b in bits.ravel()}, ws.profile.weight_bits, allow_simulated=recipe.allow_simulated_bits)
+    n = sum(l.params for l in layers)
+    record["average_weight_bits"] = [float((bits[g] * [l.params for l in layers]).sum() / n) for g in range(K)]
+    if ws.profile.weight_only_ops:  # tensorrt: 4-bit only as INT4 weight-only MatMul/Gemm
+        int8 = [l.node for i, l in enumerate(layers) if any(2 <= b <= 4 for b in bits[:, i])
+                and not weight_only(ws.profile, l, int(bits[:, i].min()))]
+        if int8:
+            record["stored_int8"] = {"layers": int8, "why": f"{ws.profile.name} has 4-bit weights only as INT4 "
+                                     "weight-only MatMul/Gemm blocks: these run as INT8 with their 4-bit values"}
+    record["rounding"] = config.analysis.rounding
+    return WeightPlan(bits, record, per_group)
+
+
+def _step_shares(ws: Workspace, calib: CalibrationResult) -> np.ndarray:
+    """Each group's share of the steps of a DDIM run like the calibration's."""
+    schedule = NoiseSchedule.from_config(ws.scheduler)
+    lookup = group_lookup(calib.groups, schedule.num_train_timesteps)
+    steps = np.bincount([int(lookup[t]) for t in sampler_timesteps(schedule, calib.config.steps)],
+                        minlength=len(calib.groups))
+    return steps / steps.sum()
+
+
+DECODER_STREAM = 0xDEC
+
+
+def quantize_decoder(ws: Workspace, config: BuildConfig, progress=None) -> DecoderEngine:
+    """W8A8 decoder: activation ranges from ``config.decoder_calib_size`` latents the fp32 model
+    samples (guided and conditioned like the calibration); PSNR against the fp32 decoder on as
+    many latents of another random stream."""
+    cal = config.calibration
+    fpb = Bundle.open(ws.fp)
+    n = config.decoder_calib_size
+
+    def latents(stream: int) -> np.ndarray:
+        sampler = DDIMSampler(fpb, steps=cal.steps, batch_size=cal.batch_size, guidance_scale=cal.guidance_scale,
+                              null_cond=ws.conditioning.null)
+        return sampler.sample(n, seed=[config.seed, DECODER_STREAM, stream], cond=cycle_rows(ws.conditions, n))
+
+    calib, held_out = latents(0), latents(1)
+    if progress:
+        progress("decoder", 1, 2)
+    # the decoder runs on ONNX Runtime whatever the UNet's target: lowered for ort-cpu
+    qdq, layers = lower_decoder(ws.fp / ws.decoder["file"], calib, ORT_CPU, cal.observer, cal.percentile, cal.bins)
+    model = optimize_for_cpu(qdq)
+    want = fpb.decode(held_out)
+    got = onnxio.session(model).run(["image"], {"latents": held_out})[0]
+    if progress:
+        progress("decoder", 2, 2)
+    return DecoderEngine(model, {
+        "calibration": {"latents": n, "steps": cal.steps, "guidance_scale": cal.guidance_scale,
+                        "observer": cal.observer},
+        "layers": layers, "fusion": fusion_report(model),
+        "psnr_db_vs_fp32": float(np.mean(psnr(got, want))), "max_abs_err_vs_fp32": float(np.abs(got - want).max())})
+
+
+def storage_width(profile: TargetProfile, layer: Layer, bits: int) -> int:
+    """Bits per stored weight; a weight-only width with no block layout for this shape: int8."""
+    st = profile.storage_bits(bits, layer.op_type)
+    return 8 if profile.weight_only_ops and st == 4 and not weight_only(profile, layer, bits) else st
+
+
+def weight_only(profile: TargetProfile, layer: Layer, bits: int) -> bool:
+    """Whether ``layer`` at ``bits`` runs weight-only on ``profile`` (an INT4 block layout exists)."""
+    return int4_layout(profile, layer, bits) is not None

@@ -1,0 +1,50 @@
+"""Lowering a build's timestep groups (or clusters of them) one QDQ graph at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .. import onnxio
+from ..frontend.layermap import Layer, LayerMap
+from ..quant import FLOAT_BITS, merge_ranges
+from ..targets import TargetProfile
+from .qdq import lower_group
+
+
+def lower_groups(fp: Path, layer_map: LayerMap, quantized: set[str], weight_layers: Sequence[Layer],
+                 profile: TargetProfile, bits: np.ndarray, per_group_rounding: bool, rounder,
+                 clusters: list[list[int]], ranges: list[dict], progress=None
+                 ) -> Iterator[tuple[int, tuple, onnx.ModelProto]]:
+    """Per cluster (a list of groups with equal widths ``bits[g]``): (cluster index, its weights'
+    key: (widths, rounding scope), its QDQ graph with the union of its groups' activation
+    ``ranges``), yielded one at a time so that only one unfused graph is held; graphs with equal
+    keys hold byte-identical weights. Weights of ``fp``'s export are rounded by ``rounder`` (a
+    ``calibration.rounding.WeightRounder``), each (weight, width, scope) once; the scope is the
+    cluster's groups with ``per_group_rounding``, else all (pooled). A width of ``FLOAT_BITS``
+    leaves that layer float in that graph. ``progress(step, i, n)`` after each graph."""
+    # The graph only: a big model's weights stay on disk until quantized one at a time.
+    fp_proto = onnxio.load(fp / "model.onnx", weights=False)
+    inits = {i.name: i for i in fp_proto.graph.initializer}
+    cache: dict[tuple, object] = {}  # each weight quantized once per width and scope
+    for c, members in enumerate(clusters):
+        widths = bits[members[0]]
+        assert all((bits[g] == widths).all() for g in members), "a cluster mixes weight widths"
+        scope = tuple(int(g) for g in members) if per_group_rounding else None
+        weights = {}
+        floats = {layer.node for layer, b in zip(weight_layers, widths) if b == FLOAT_BITS}
+        for layer, b in zip(weight_layers, widths):
+            if b == FLOAT_BITS:  # kept in float in these groups (allow_float)
+                continue
+            key = (layer.weight, int(b), scope)
+            if key not in cache:
+                cache[key] = rounder.quantize(layer, onnxio.array(inits[layer.weight], fp), int(b), scope)
+            weights[layer.weight] = cache[key]
+        yield c, (tuple(int(b) for b in widths), scope), lower_group(
+            fp_proto, layer_map, set(quantized) - floats, weights, merge_ranges([ranges[g] for g in members]),
+            profile, fp)
+        if progress:
+            progress("lower", c + 1, len(clusters))
