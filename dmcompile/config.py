@@ -7,7 +7,6 @@ reads its choices and defaults from these classes (:func:`default`), never repea
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 
 from .budget import Budget, parse_budget
@@ -353,7 +352,7 @@ class MixedRecipe(_Versioned):
 
 
 RECIPES = {r.name: r for r in (W8A8Recipe, MixedRecipe)}
-# BuildConfig keywords of config schema 1, still accepted (deprecated) by its constructor
+# BuildConfig keys of config schema 1 (dmcompile 0.1), translated by BuildConfig.from_dict
 LEGACY_BUILD_KEYS = ("format", "float_layers", "budget", "allocator", "share_weights", "allow_simulated_bits",
                      "weight_bits")
 
@@ -408,8 +407,8 @@ class BuildConfig(_Versioned):
 
     Schema history: 1 (dmcompile 0.1): flat ``format``, ``float_layers``, ``weight_bits``,
     ``budget``, ``allocator``, ``share_weights``, ``allow_simulated_bits``; 2: ``recipe``.
-    Those schema-1 keywords are still accepted by the constructor and ``from_dict``
-    (deprecated, removed in the next release).
+    ``from_dict`` still reads schema-1 dicts (what bundles built then record); the constructor
+    takes schema 2 only.
     """
 
     recipe: W8A8Recipe | MixedRecipe = W8A8Recipe()
@@ -429,18 +428,12 @@ class BuildConfig(_Versioned):
     SCHEMA_VERSION = 2
 
     def __init__(self, **options):
-        # Keyword-only, defaults from the fields above; the schema-1 keywords build the recipe.
+        # Keyword-only, defaults from the fields above.
         names = {f.name for f in dataclasses.fields(self)}
-        legacy = {k: options.pop(k) for k in LEGACY_BUILD_KEYS if k in options}
         unknown = sorted(set(options) - names)
         if unknown:
-            raise TypeError(f"BuildConfig got unexpected keyword(s) {unknown}")
-        if legacy:
-            warnings.warn(f"BuildConfig({', '.join(sorted(legacy))}=...) is deprecated; pass "
-                          "recipe=W8A8Recipe(...) or MixedRecipe(...)", DeprecationWarning, stacklevel=2)
-            _check(options.get("recipe") is None, "pass either recipe= or the deprecated format/budget/... "
-                   "keywords, not both")
-            options["recipe"] = _legacy_recipe(legacy)
+            hint = "; pass recipe=W8A8Recipe(...) or MixedRecipe(...)" if set(unknown) & set(LEGACY_BUILD_KEYS) else ""
+            raise TypeError(f"BuildConfig got unexpected keyword(s) {unknown}{hint}")
         if isinstance(options.get("recipe"), dict):
             options["recipe"] = recipe_from_dict(options["recipe"])
         for name in names:

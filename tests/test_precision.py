@@ -2,7 +2,6 @@
 recipes and their schema-1 compatibility, and user errors that used to end in tracebacks."""
 
 import json
-import warnings
 
 import numpy as np
 import onnx
@@ -111,15 +110,14 @@ def test_schema_1_configs_still_read():
                                                 Override("first_conv", 8)))
     assert cfg.calibration.groups == 4 and cfg.analysis.samples_per_group == 8
     assert BuildConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.warns(DeprecationWarning, match="deprecated"):
-        legacy = BuildConfig(format="mixed", budget="5bits", share_weights=False)
+    legacy = BuildConfig.from_dict({"schema_version": 1, "format": "mixed", "budget": "5bits", "share_weights": False})
     assert legacy.recipe.budget.kind == "bits" and legacy.recipe.share_weights is False and legacy.format == "mixed"
     with pytest.raises(ConfigError, match="--budget applies to --format mixed only"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            BuildConfig(budget="5bits")
+        BuildConfig.from_dict({"schema_version": 1, "budget": "5bits"})
     with pytest.raises(TypeError, match="unexpected keyword"):
         BuildConfig(nonsense=1)
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['budget', 'format'\]; pass recipe="):
+        BuildConfig(format="mixed", budget="5bits")  # schema 1's keywords: the constructor no longer takes them
 
 
 def test_mixed_recipe_needs_a_budget_or_widths():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..budget import Budget, parse_budget  # noqa: F401  (deprecated location of both)
 from ..errors import BudgetError
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import OBSERVERS
-from ..quant import fake_quant, qparams  # noqa: F401  (qparams: deprecated location)
+from ..quant import fake_quant
 
 
 

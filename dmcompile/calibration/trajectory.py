@@ -11,7 +11,6 @@ import dataclasses
 import json
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,20 +54,6 @@ def groups_without_steps(schedule: NoiseSchedule, config: CalibrationConfig) -> 
     lookup = group_lookup(groups, schedule.num_train_timesteps)
     seen = {int(lookup[t]) for t in sampler_timesteps(schedule, config.steps)}
     return [g for g in groups if g.index not in seen]
-
-
-def quantized_tensors(model: onnx.ModelProto, layer_map: LayerMap) -> list[str]:
-    """Deprecated (use ``TargetProfile.quantized_tensors``): the ort-cpu profile's tensors."""
-    warnings.warn("calibration.trajectory.quantized_tensors is deprecated; use "
-                  "dmcompile.targets.ORT_CPU.quantized_tensors", DeprecationWarning, stacklevel=2)
-    return ORT_CPU.quantized_tensors(model, layer_map.layers)
-
-
-def layer_input_tensors(model: onnx.ModelProto, layer_map: LayerMap) -> list[str]:
-    """Deprecated (use ``TargetProfile.layer_input_tensors``): the ort-cpu profile's inputs."""
-    warnings.warn("calibration.trajectory.layer_input_tensors is deprecated; use "
-                  "dmcompile.targets.ORT_CPU.layer_input_tensors", DeprecationWarning, stacklevel=2)
-    return ORT_CPU.layer_input_tensors(model, layer_map.layers)
 
 
 class _RecordingModel:

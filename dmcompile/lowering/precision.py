@@ -8,7 +8,6 @@ first) > op type > ``*``; two different rules equally specific for one layer are
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 from ..config import Override
@@ -89,18 +88,3 @@ def resolve(layer_map: LayerMap, overrides: tuple[Override, ...], profile=None) 
                           f"MatMul), {' / '.join(ALIASES)} or *")
     return LayerPrecision(frozenset(quantized), pinned)
 
-
-def quantized_nodes(layer_map: LayerMap, float_layers: tuple[str, ...]) -> set[str]:
-    """Deprecated: ``resolve(layer_map, overrides).quantized`` with NAME=float rules."""
-    warnings.warn("lowering.precision.quantized_nodes is deprecated; use resolve()", DeprecationWarning, stacklevel=2)
-    return set(resolve(layer_map, tuple(Override(f, "float") for f in float_layers)).quantized)
-
-
-def explicit_bits(layer_map: LayerMap, layers: list[Layer], spec: dict) -> list[int]:
-    """Deprecated: weight widths of ``layers`` from {pattern: bits} (most specific wins)."""
-    warnings.warn("lowering.precision.explicit_bits is deprecated; use resolve()", DeprecationWarning, stacklevel=2)
-    pinned = resolve(layer_map, tuple(Override(k, v) for k, v in spec.items())).pinned_bits
-    missing = [l.node for l in layers if l.node not in pinned]
-    if missing:
-        raise ConfigError(f"no weight width for layer {missing[0]}; add a '*' entry (e.g. *=4)")
-    return [pinned[l.node] for l in layers]
