@@ -23,7 +23,7 @@ CALIB_TIMESTEPS = ("trajectory", "ptq4dm")
 DISTORTIONS = ("ssim+mse", "mse", "sqnr")
 SWEEPS = ("full", "model")
 ALLOCATORS = ("dp", "lagrange")
-ROUNDINGS = ("rtn", "gptq")  # calibration.rounding.ROUNDINGS (config sits below it)
+ROUNDINGS = ("rtn", "gptq")  # the names of calibration.rounding.ROUNDING_METHODS (config sits below it)
 
 
 def default(cls, name: str):

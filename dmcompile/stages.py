@@ -247,25 +247,30 @@ def load_layer_map(fp: Path):
 
 
 def rounder(calib, rounding: str):
-    """The weight rounder of ``rounding`` (``rtn`` or ``gptq``) over a calibration's second
-    moments; GPTQ results are cached under ``cache_dir()/rounded``."""
+    """The weight rounding method ``rounding`` (``calibration.rounding.ROUNDING_METHODS``) over a
+    calibration's second moments where it needs them; results of methods that take time (GPTQ)
+    are cached under ``cache_dir()/rounded``."""
     from .calibration.hessian import Moments
-    from .calibration.rounding import CLIP_RATIOS, GPTQ_VERSION, WeightRounder
+    from .calibration.rounding import rounding_method
 
-    if rounding == "rtn":
-        return WeightRounder("rtn")
+    method = rounding_method(rounding)
+    if not method.needs_moments:
+        return method()
     if calib.moments is None:
-        raise ArtifactError("gptq rounding needs a calibration with second moments (stages.cached_calibration(..., "
-                            "moments='pooled'))")
-    # the method (bump GPTQ_VERSION when its results change), its parameters (WeightRounder defaults), the moments
-    moments = Moments(calib.moments)
-    key = _digest("gptq", GPTQ_VERSION, 0.01, list(CLIP_RATIOS), moments.identity())[:8]
-    return WeightRounder("gptq", moments, cache_dir() / "rounded" / f"{calib.moments.parent.name}-{key}")
+        raise ArtifactError(f"{rounding} rounding needs a calibration with second moments "
+                            "(stages.cached_calibration(..., moments='pooled'))")
+    made = method(Moments(calib.moments))
+    made.cache = cache_dir() / "rounded" / f"{calib.moments.parent.name}-{_digest(*made.key())[:8]}"
+    return made
 
 
 def moments_needed(rounding: str, per_group: bool) -> str | None:
     """What calibration must gather for ``rounding``: None, ``pooled`` or ``groups``."""
-    return None if rounding == "rtn" else ("groups" if per_group else "pooled")
+    from .calibration.rounding import rounding_method
+
+    if not rounding_method(rounding).needs_moments:
+        return None
+    return "groups" if per_group else "pooled"
 
 
 def check_moments_fit(layers, moments: str | None) -> None:
@@ -309,7 +314,7 @@ def rd_record(calib, config: AnalysisConfig, conditions: tuple | None = None, pe
     both configs, ``per_group_rounding`` when each group's weights are rounded on its own
     moments, and, for conditional models, a digest of the conditions and null condition."""
     record = {"analysis": config.to_dict(), "calibration": calib.config.to_dict()}
-    if per_group and config.rounding != "rtn":
+    if per_group and moments_needed(config.rounding, per_group):  # weights rounded on each group's moments
         record["per_group_rounding"] = True
     if conditions is not None and conditions[0]:
         spec, rows = conditions
@@ -324,7 +329,8 @@ def rd_key(record: dict, profile: TargetProfile = ORT_CPU) -> str:
 
     extra = [record["conditions"]] if "conditions" in record else []
     extra += ["per_group_rounding"] if record.get("per_group_rounding") else []
-    if record["analysis"].get("rounding") == "gptq":  # the curves hold GPTQ's weights: its version and moments
+    if moments_needed(record["analysis"].get("rounding", "rtn"), False):
+        # the curves hold weights rounded on the moments: the method's version and the moments' schema
         from .calibration.hessian import MOMENT_ROWS, MOMENTS_SCHEMA_VERSION
         from .calibration.rounding import GPTQ_VERSION
 

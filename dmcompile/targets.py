@@ -37,9 +37,9 @@ class TargetProfile:
     float16: the engines compute in FP16 outside the quantized ops (strongly typed graphs).
     quantize_residual_skip: a residual Add right after a quantized Conv gets Q/DQ on its other
     (skip) input, so TensorRT fuses the Add into the Conv with an int8 residual.
-    default_float: module names kept float unless an override names the layer, its module or a
-    module prefix (op-type and ``*`` rules do not reach them): a layer is matched when any
-    component of its module path is one of these.
+    family_default_float: the model family's ``default_float`` modules (time embeddings, first and
+    last convs, ...: ``frontend/family.py``) stay float unless an override names the layer, its
+    module or a module prefix (op-type and ``*`` rules do not reach them).
     scales_in_engines: each engine carries its groups' activation scales (compiled in), so there
     is one engine per group, or per run of merged groups (``--max-engines``); otherwise groups
     share engines and feed them their scales.
@@ -59,7 +59,7 @@ class TargetProfile:
     weight_only_ops: dict = dataclasses.field(default_factory=dict)
     float16: bool = False
     quantize_residual_skip: bool = False
-    default_float: tuple[str, ...] = ()
+    family_default_float: bool = False
     scales_in_engines: bool = False
 
     @property
@@ -218,11 +218,7 @@ TENSORRT = TargetProfile(
     float16=True,
     quantize_residual_skip=True,
     scales_in_engines=True,
-    # demoDiffusion's / ModelOpt's INT8 recipe for diffusion UNets: these stay FP16 (small, or
-    # sensitive, and their Q/DQ would break TensorRT's fusions: a shortcut Conv's output is a
-    # residual Add's skip input)
-    default_float=("time_embedding", "time_emb_proj", "class_embedding", "add_embedding", "conv_in", "conv_out",
-                   "conv_shortcut", "proj_out"),
+    family_default_float=True,  # demoDiffusion's / ModelOpt's INT8 recipe (frontend/unet2d.py)
 )
 
 PROFILES = {p.name: p for p in (ORT_CPU, OPENVINO_CPU, TENSORRT)}

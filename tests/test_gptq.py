@@ -14,10 +14,10 @@ from dmruntime.weights import load_weights
 from dmcompile import api, stages
 from dmcompile.calibration import hessian
 from dmcompile.calibration.hessian import Moments, im2col, layer_columns
+from dmcompile.calibration.rounding import GPTQ, ROUNDING_METHODS, gptq_quantize, output_error
 from dmcompile.calibration.trajectory import CALIB_STREAM, calibrate_trajectories, equal_groups
-from dmcompile.config import AnalysisConfig, BuildConfig, CalibrationConfig, MixedRecipe, parse_overrides
+from dmcompile.config import ROUNDINGS, AnalysisConfig, BuildConfig, CalibrationConfig, MixedRecipe, parse_overrides
 from dmcompile.frontend.layermap import LayerMap
-from dmcompile.calibration.rounding import WeightRounder, gptq_quantize, output_error
 from dmcompile.quant import dequantize, quantize_weight
 
 SMALL = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4)
@@ -176,7 +176,7 @@ def test_the_bundle_stores_the_compensated_integers(tiny_model_dir, tmp_path):
     stored = load_weights(b.path, m["weights"])
     fp = api.fp_bundle(str(tiny_model_dir))
     calib = stages.cached_calibration(fp, SMALL, moments="pooled")
-    rounder = WeightRounder("gptq", Moments(calib.moments))  # no cache: rounded afresh
+    rounder = GPTQ(Moments(calib.moments))  # no cache: rounded afresh
     proto = onnx.load(str(fp / "model.onnx"))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     lm = LayerMap.load(fp / "layer_map.json")
@@ -221,7 +221,8 @@ def test_rounding_option_and_old_configs(tiny_model_dir, tmp_path, capsys):
     assert e.value.code == 2 and not (tmp_path / "x").exists()
     assert "invalid choice: 'nearest'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="second moments"):
-        WeightRounder("gptq")
+        GPTQ(None)
+    assert tuple(ROUNDING_METHODS) == ROUNDINGS  # the CLI's choices are the registered methods
 
 
 def test_models_whose_moments_do_not_fit_are_refused_before_any_work(tiny_model_dir, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import onnxio
+from ..calibration.rounding import RoundToNearest
 from ..errors import ModelError
 from ..frontend.layermap import Layer, LayerMap
 from ..quant import dequantize, qparams
@@ -97,14 +98,12 @@ class Probe:
     threads: int = 0
     cond_names: tuple[str, ...] = ()  # conditioning inputs fed with every call
     base_dir: object = None  # folder of ``fp``'s external data, if it has any
-    rounder: object = None  # calibration.rounding.WeightRounder: how weights are rounded (None: to nearest)
+    rounder: object = None  # a calibration.rounding method: how weights are rounded (None: to nearest)
 
     def __post_init__(self):
         self._sessions = {}
         if self.rounder is None:
-            from ..calibration.rounding import WeightRounder
-
-            self.rounder = WeightRounder("rtn")
+            self.rounder = RoundToNearest()
 
     def session(self, *, with_weights: bool, with_acts: bool):
         key = (with_weights, with_acts)

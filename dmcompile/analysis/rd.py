@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from dmruntime import DDIMSampler, group_lookup
+from dmruntime import group_lookup
 from dmruntime.conditioning import cycle_rows, take_rows
 
 from ..artifacts import CURVES, atomic_dir, write_marker
+from ..calibration.recorder import record_trajectories
 from ..config import AnalysisConfig
 from ..errors import ArtifactError, ConfigError
 from ..eval.metrics import ssim
@@ -101,18 +102,13 @@ def group_inputs(fp_bundle, groups, config: AnalysisConfig, steps: int, seed: in
     n_traj = max(1, -(-config.samples_per_group // per_group))
     rows: dict[int, list] = {g.index: [] for g in groups}
 
-    class Recorder:
-        sample_shape = fp_bundle.sample_shape
-        schedule = fp_bundle.schedule
+    def collect(x, t, c, got):
+        rows[int(lookup[t])].append((x.copy(), t, c))
 
-        def predict(self, x, t, c=None):
-            rows[int(lookup[t])].append((x.copy(), t, c))
-            return fp_bundle.predict(x, t, c)
-
-    rec = Recorder()
-    rec.conditioning = conditioning if conditioning else fp_bundle.conditioning
-    DDIMSampler(rec, steps=steps, eta=0.0, guidance_scale=guidance_scale).sample(
-        n_traj, seed=[seed, ANALYSIS_STREAM], cond=cycle_rows(cond, n_traj))
+    record_trajectories(lambda x, t, c: {"eps": fp_bundle.predict(x, t, c)}, fp_bundle.schedule,
+                        fp_bundle.sample_shape, [collect], n=n_traj, steps=steps, seed=[seed, ANALYSIS_STREAM],
+                        guidance_scale=guidance_scale, cond=cycle_rows(cond, n_traj),
+                        conditioning=conditioning if conditioning else fp_bundle.conditioning)
     xs, ts, cs = [], [], []
     for g in groups:
         if not rows[g.index]:

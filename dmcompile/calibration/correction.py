@@ -10,7 +10,9 @@ per-channel mean (the bias) and variance.
 from __future__ import annotations
 
 import numpy as np
-from dmruntime import DDIMSampler, group_lookup
+from dmruntime import group_lookup
+
+from .recorder import record_trajectories
 
 CORRECTION_STREAM = 0x97D
 
@@ -26,27 +28,26 @@ def estimate_correction(quantized, fp, steps: int, size: int, seed: int, batch_s
     keys = ("ee", "ed", "dd", "e", "d")
     stats = [{k: np.zeros(C) for k in keys} | {"n": np.zeros(C)} for _ in groups]
 
-    class Both:
-        sample_shape = fp.sample_shape
-        schedule = fp.schedule
-        conditioning = getattr(quantized, "conditioning", None)
+    def run(x, t, c):  # both models on the fp32 trajectory
+        eps = fp.predict(x, t, c) if c else fp.predict(x, t)
+        return {"eps": eps, "eps_q": quantized.predict(x, t, c) if c else quantized.predict(x, t)}
 
-        def predict(self, x, t, cond=None):
-            e = fp.predict(x, t, cond) if cond else fp.predict(x, t)
-            d = (quantized.predict(x, t, cond) if cond else quantized.predict(x, t)).astype(np.float64) - e
-            e = e.astype(np.float64)
-            s = stats[int(lookup[t])]
-            ax = tuple(i for i in range(e.ndim) if i != 1)
-            s["ee"] += (e * e).sum(ax)
-            s["ed"] += (e * d).sum(ax)
-            s["dd"] += (d * d).sum(ax)
-            s["e"] += e.sum(ax)
-            s["d"] += d.sum(ax)
-            s["n"] += e.size / C
-            return e.astype(np.float32)  # follow the fp32 trajectory
+    def collect(x, t, c, got):  # the pairs' sufficient statistics, per group and channel
+        e = got["eps"]
+        d = got["eps_q"].astype(np.float64) - e
+        e = e.astype(np.float64)
+        s = stats[int(lookup[t])]
+        ax = tuple(i for i in range(e.ndim) if i != 1)
+        s["ee"] += (e * e).sum(ax)
+        s["ed"] += (e * d).sum(ax)
+        s["dd"] += (d * d).sum(ax)
+        s["e"] += e.sum(ax)
+        s["d"] += d.sum(ax)
+        s["n"] += e.size / C
 
-    DDIMSampler(Both(), steps=steps, eta=0.0, batch_size=batch_size, guidance_scale=guidance_scale).sample(
-        size, seed=[seed, CORRECTION_STREAM], progress=progress, cond=cond)
+    record_trajectories(run, fp.schedule, fp.sample_shape, [collect], n=size, steps=steps,
+                        seed=[seed, CORRECTION_STREAM], batch_size=batch_size, guidance_scale=guidance_scale,
+                        cond=cond, conditioning=getattr(quantized, "conditioning", None), progress=progress)
     out = []
     for g, s in zip(groups, stats):
         if not s["n"].any():  # no step fell in this group: no correction

@@ -8,7 +8,8 @@ through the Cholesky factor of the damped inverse of H. The per-output-channel s
 first by an H-weighted search over clipping ratios. The result is a ``QuantWeight``: same int8
 container, same symmetric per-channel grid, so storage and kernels do not change.
 
-:class:`WeightRounder` is what the build and the RD curves call: one method, every width.
+:data:`ROUNDING_METHODS` holds the methods the build and the RD curves call (``RoundToNearest``,
+``GPTQ``), each rounding every width the same way.
 """
 
 from __future__ import annotations
@@ -19,15 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ROUNDINGS
 from ..quant import (MAX_WEIGHT_BITS, MIN_WEIGHT_BITS, QuantWeight, dequantize, noise_power, quantize_weight,
                      weight_axis)
 
-__all__ = ["CLIP_RATIOS", "ROUNDINGS", "WeightRounder", "gptq_quantize", "hessian_factor", "output_error",
-           "weight_matrix"]
+__all__ = ["CLIP_RATIOS", "GPTQ", "ROUNDING_METHODS", "RoundToNearest", "gptq_quantize", "hessian_factor",
+           "output_error", "rounding_method", "weight_matrix"]
 
 CLIP_RATIOS = tuple(np.round(np.linspace(1.0, 0.5, 11), 3))
 GPTQ_VERSION = 2  # in the cache key of rounded weights: bump when gptq_quantize's results change
+GPTQ_DAMP = 0.01  # fraction of H's mean diagonal added before inverting (see hessian_factor)
 
 
 def weight_matrix(w: np.ndarray, axis: int) -> np.ndarray:
@@ -72,7 +73,7 @@ def _scales(W: np.ndarray, H: np.ndarray, qmax: int, ratios) -> np.ndarray:
     return best
 
 
-def hessian_factor(H: np.ndarray, damp: float = 0.01, act_order: bool = True) -> tuple:
+def hessian_factor(H: np.ndarray, damp: float = GPTQ_DAMP, act_order: bool = True) -> tuple:
     """(H, upper Cholesky factor of the damped H's inverse, column order): what GPTQ needs of H,
     the same at every width (so computed once per layer), both in the order the columns are
     quantized. ``damp``: fraction of H's mean diagonal added to its diagonal before inverting
@@ -92,7 +93,7 @@ def hessian_factor(H: np.ndarray, damp: float = 0.01, act_order: bool = True) ->
     return H, np.linalg.cholesky(np.linalg.inv(Hd)).T, order
 
 
-def gptq_quantize(w: np.ndarray, axis: int, bits: int, H: np.ndarray | None = None, *, damp: float = 0.01,
+def gptq_quantize(w: np.ndarray, axis: int, bits: int, H: np.ndarray | None = None, *, damp: float = GPTQ_DAMP,
                   ratios=CLIP_RATIOS, block: int = 128, factor: tuple | None = None) -> QuantWeight:
     """Quantize ``w`` (channel axis ``axis``) to ``bits`` so that the output error on inputs with
     second moment ``H`` ([in, in], in ``weight_matrix`` column order) is small, not the weight
@@ -131,22 +132,44 @@ def gptq_quantize(w: np.ndarray, axis: int, bits: int, H: np.ndarray | None = No
     return QuantWeight(np.ascontiguousarray(q), scale.astype(np.float32), axis, int(bits))
 
 
-class WeightRounder:
-    """The quantized weights a build stores, by rounding method: ``rtn`` (round to nearest,
-    ``quant.quantize_weight``) or ``gptq`` (:func:`gptq_quantize` on the layer's input second
-    moments, ``moments``: a ``calibration.hessian.Moments``). ``groups`` selects the moments:
-    None pools every timestep group (shared weights), a tuple the groups one engine serves.
-    GPTQ results are kept in ``cache`` (one file per layer, width and scope), so RD curves and
-    the build round each weight once. A layer without moments (a grouped Conv) is rounded to
-    nearest."""
+class RoundToNearest:
+    """Round to nearest on the symmetric per-channel grid (``quant.quantize_weight``)."""
 
-    def __init__(self, method: str = "rtn", moments=None, cache: Path | None = None, damp: float = 0.01):
-        if method not in ROUNDINGS:
-            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {method!r}")
-        if method == "gptq" and moments is None:
+    name = "rtn"
+    needs_moments = False
+
+    def quantize(self, layer, w: np.ndarray, bits: int, groups: tuple[int, ...] | None = None) -> QuantWeight:
+        """``layer``'s weight ``w`` on the ``bits``-bit grid."""
+        return quantize_weight(w, weight_axis(layer), bits)
+
+    def error_power(self, layer, w: np.ndarray, bits: int, groups: tuple[int, ...] | None = None) -> float:
+        """What the RD model scales with width: the weight-noise power."""
+        return noise_power(w, weight_axis(layer), bits)
+
+    def key(self) -> list:
+        """What cached results of this method depend on besides the weights (none)."""
+        return []
+
+
+class GPTQ(RoundToNearest):
+    """:func:`gptq_quantize` on the layer's input second moments (``moments``: a
+    ``calibration.hessian.Moments``). ``groups`` selects the moments: None pools every timestep
+    group (shared weights), a tuple the groups one engine serves. Results are kept in ``cache``
+    (one file per layer, width and scope), so RD curves and the build round each weight once. A
+    layer without moments (a grouped Conv) is rounded to nearest."""
+
+    name = "gptq"
+    needs_moments = True
+
+    def __init__(self, moments, cache: Path | None = None, damp: float = GPTQ_DAMP):
+        if moments is None:
             raise ValueError("gptq rounding needs the layer inputs' second moments (a calibration with moments)")
-        self.method, self.moments, self.cache, self.damp = method, moments, cache, damp
+        self.moments, self.cache, self.damp = moments, cache, damp
         self._last = (None, None, None)  # (key, H, factor): the last layer's, reused across its widths
+
+    def key(self) -> list:
+        """The method's version and parameters and the moments' identity (the rounded-weights cache key)."""
+        return ["gptq", GPTQ_VERSION, self.damp, list(CLIP_RATIOS), self.moments.identity()]
 
     def _file(self, node: str, bits: int, groups) -> Path | None:
         if self.cache is None:
@@ -163,10 +186,7 @@ class WeightRounder:
         return self._last[1:]
 
     def quantize(self, layer, w: np.ndarray, bits: int, groups: tuple[int, ...] | None = None) -> QuantWeight:
-        """``layer``'s weight ``w`` on the ``bits``-bit grid, rounded by this method."""
         axis = weight_axis(layer)
-        if self.method == "rtn":
-            return quantize_weight(w, axis, bits)
         path = self._file(layer.node, int(bits), groups)
         if path is not None and path.is_file():
             try:
@@ -184,13 +204,21 @@ class WeightRounder:
         return qw
 
     def error_power(self, layer, w: np.ndarray, bits: int, groups: tuple[int, ...] | None = None) -> float:
-        """What the RD model scales with width: RTN's weight-noise power, or GPTQ's H-weighted
-        output error per output channel (the quantity it minimises)."""
-        if self.method == "rtn":
-            return noise_power(w, weight_axis(layer), bits)
+        """GPTQ's H-weighted output error per output channel (the quantity it minimises)."""
         qw = self.quantize(layer, w, bits, groups)
         H = self._moments(layer.node, groups)[0]
         if H is None:
             return noise_power(w, weight_axis(layer), bits)
         axis = weight_axis(layer)
         return float(np.mean(output_error(weight_matrix(w, axis), weight_matrix(dequantize(qw), axis), H)))
+
+
+# name -> method; config.ROUNDINGS lists these names for the CLI (a test keeps them equal)
+ROUNDING_METHODS = {m.name: m for m in (RoundToNearest, GPTQ)}
+
+
+def rounding_method(name: str) -> type[RoundToNearest]:
+    """The registered rounding method ``name`` (its class: ``needs_moments``, and the constructor)."""
+    if name not in ROUNDING_METHODS:
+        raise ValueError(f"rounding must be one of {tuple(ROUNDING_METHODS)}, got {name!r}")
+    return ROUNDING_METHODS[name]

@@ -1,8 +1,9 @@
 """Calibration along the sampling trajectory, statistics bucketed by timestep group.
 
 The fp32 ONNX model is run with every quantized tensor exposed as an extra output; the
-runtime's own DDIM sampler drives it from seeded noise, so the UNet sees exactly the inputs
-it sees when sampling. Each call's tensors go to the observers of the group holding t.
+runtime's own sampler drives it from seeded noise (``recorder.record_trajectories``), so the UNet
+sees exactly the inputs it sees when sampling. Each call's tensors go to the observers of the
+group holding t, and with GPTQ to the layer inputs' second moments.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from dmruntime import DDIMSampler, NoiseSchedule, group_lookup, sampler_timesteps
+from dmruntime import NoiseSchedule, group_lookup, sampler_timesteps
 from dmruntime.conditioning import Conditioning
 
 from ..artifacts import CALIBRATION, atomic_dir, write_marker
@@ -26,6 +27,7 @@ from ..frontend.layermap import LayerMap
 from ..targets import ORT_CPU, TargetProfile
 from .hessian import MOMENTS, MomentRecorder, layer_columns
 from .observers import HistogramObserver
+from .recorder import record_trajectories
 
 CALIB_SCHEMA_VERSION = 2  # 2: cache keys carry it (older caches may predate the histogram fix)
 CALIB_STREAM = 0xCA11B
@@ -56,46 +58,56 @@ def groups_without_steps(schedule: NoiseSchedule, config: CalibrationConfig) -> 
     return [g for g in groups if g.index not in seen]
 
 
-class _RecordingModel:
-    """The runtime's model interface over the exposed-tensor session; feeds observers."""
+class _Rows:
+    """Which rows of each model call a collector records: calls walk the trajectories' rows in
+    batch order, step after step (``total`` rows per step); ``record_steps(t)`` gives a row mask
+    (PTQ4DM's timestep sampling), None records every row."""
 
-    def __init__(self, session, names, schedule, groups, observers, record_steps, rng, sample_per_tensor, total):
-        self.session = session
-        self.names = names
-        self.schedule = schedule
-        self.sample_shape = tuple(session.get_inputs()[0].shape[1:])
-        self.lookup = group_lookup(groups, schedule.num_train_timesteps)
-        self.observers = observers
-        self.record_steps = record_steps  # t -> row mask (None: all rows)
-        self.rng = rng
-        self.sample_per_tensor = sample_per_tensor
-        self.total = total  # rows per step: the sampler walks them in batch order
+    def __init__(self, record_steps, total: int):
+        self.record_steps = record_steps
+        self.total = total
         self.offset = 0
-        self.moments = None  # a hessian.MomentRecorder, when second moments are gathered too
-        self.fetch = ["eps", *(n for n in names if n != "eps")]
 
-    def predict(self, sample: np.ndarray, t: int, cond: dict | None = None) -> np.ndarray:
-        fetch = self.fetch
-        feeds = {"sample": sample, "timestep": np.full(len(sample), t, np.int64), **(cond or {})}
-        got = dict(zip(fetch, self.session.run(fetch, feeds)))
-        rows = slice(self.offset, self.offset + len(sample))
-        self.offset = (self.offset + len(sample)) % self.total
-        mask = self.record_steps(t)[rows] if self.record_steps else None
-        if mask is None or mask.any():
-            obs = self.observers[int(self.lookup[t])]
-            for name in self.names:
-                value = got[name]
-                if mask is not None:
-                    value = value[mask]
-                flat = value.ravel()
-                sub = None
-                if flat.size > self.sample_per_tensor:
-                    sub = flat[self.rng.integers(0, flat.size, self.sample_per_tensor)]
-                obs[name].update(flat, sub)
-            if self.moments is not None:
-                self.moments.add(int(self.lookup[t]), {n: got[n] if mask is None else got[n][mask]
-                                                        for n in self.moments.tensors})
-        return got["eps"]
+    def mask(self, n: int, t: int) -> np.ndarray | None | bool:
+        rows = slice(self.offset, self.offset + n)
+        self.offset = (self.offset + n) % self.total
+        return self.record_steps(t)[rows] if self.record_steps else None
+
+
+class HistogramCollector:
+    """Each recorded row's quantizable tensors into the observers of the group holding t (big
+    tensors subsampled to ``sample_per_tensor`` values by ``rng`` for the percentile/MSE search)."""
+
+    def __init__(self, names, lookup, observers, rows: _Rows, rng, sample_per_tensor: int):
+        self.names, self.lookup, self.observers = names, lookup, observers
+        self.rows, self.rng, self.sample_per_tensor = rows, rng, sample_per_tensor
+
+    def __call__(self, x, t, cond, got) -> None:
+        mask = self.rows.mask(len(x), t)
+        if mask is not None and not mask.any():
+            return
+        obs = self.observers[int(self.lookup[t])]
+        for name in self.names:
+            value = got[name] if mask is None else got[name][mask]
+            flat = value.ravel()
+            sub = None
+            if flat.size > self.sample_per_tensor:
+                sub = flat[self.rng.integers(0, flat.size, self.sample_per_tensor)]
+            obs[name].update(flat, sub)
+
+
+class MomentCollector:
+    """Each recorded row's layer inputs into a ``hessian.MomentRecorder`` (GPTQ's second moments)."""
+
+    def __init__(self, recorder: MomentRecorder, lookup, rows: _Rows):
+        self.recorder, self.lookup, self.rows = recorder, lookup, rows
+
+    def __call__(self, x, t, cond, got) -> None:
+        mask = self.rows.mask(len(x), t)
+        if mask is not None and not mask.any():
+            return
+        self.recorder.add(int(self.lookup[t]), {n: got[n] if mask is None else got[n][mask]
+                                                 for n in self.recorder.tensors})
 
 
 @dataclass(frozen=True)
@@ -213,25 +225,31 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
     del model
     schedule = NoiseSchedule.from_config(scheduler_config)
     groups = equal_groups(schedule.num_train_timesteps, config.groups)
+    lookup = group_lookup(groups, schedule.num_train_timesteps)
     observers = tuple({n: HistogramObserver(config.bins) for n in names} for _ in groups)
     rng = np.random.default_rng(config.seed + 7)
     timesteps = sampler_timesteps(schedule, config.steps)
     mask = None
     if config.timesteps == "ptq4dm":
         mask = _ptq4dm_mask(timesteps, config.size, schedule.num_train_timesteps, rng)
-    guided = config.guidance_scale is not None
-    rows = config.size * (2 if guided else 1)
-    rec = _RecordingModel(sess, names, schedule, groups, observers, mask, rng, config.sample_per_tensor, rows)
-    rec.conditioning = conditioning or Conditioning.none()
+    rows = config.size * (2 if config.guidance_scale is not None else 1)  # guided: both branches
+    collectors = [HistogramCollector(names, lookup, observers, _Rows(mask, rows), rng, config.sample_per_tensor)]
+    fetch = ["eps", *(n for n in names if n != "eps")]
     if recorder is not None:
-        rec.moments = recorder
-        rec.fetch += sorted(recorder.tensors - set(rec.fetch))
-    sampler = DDIMSampler(rec, steps=config.steps, eta=0.0, batch_size=config.batch_size,
-                          guidance_scale=config.guidance_scale)
+        collectors.append(MomentCollector(recorder, lookup, _Rows(mask, rows)))
+        fetch += sorted(recorder.tensors - set(fetch))
+
+    def run(x, t, cond):
+        feeds = {"sample": x, "timestep": np.full(len(x), t, np.int64), **(cond or {})}
+        return dict(zip(fetch, sess.run(fetch, feeds)))
+
     # A stream of its own: with seed=N, sampling draws from default_rng(N), so calibrating on
     # default_rng(N) too would make an evaluation's first samples the calibration trajectories.
     try:
-        sampler.sample(config.size, seed=[config.seed, CALIB_STREAM], progress=progress, cond=conditions)
+        record_trajectories(run, schedule, tuple(sess.get_inputs()[0].shape[1:]), collectors, n=config.size,
+                            steps=config.steps, seed=[config.seed, CALIB_STREAM], batch_size=config.batch_size,
+                            guidance_scale=config.guidance_scale, cond=conditions,
+                            conditioning=conditioning or Conditioning.none(), progress=progress)
         if recorder is not None:
             recorder.finish()
     except BaseException:

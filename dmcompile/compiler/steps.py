@@ -8,12 +8,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from dmruntime import Bundle, DDIMSampler, NoiseSchedule, group_lookup, sampler_timesteps
+from dmruntime import Bundle, NoiseSchedule, group_lookup, sampler_timesteps
 from dmruntime.conditioning import cycle_rows
 
 from .. import onnxio, stages
 from ..analysis.plan import bops, check_bits, check_feasible, plan_bits
 from ..backends.onnxruntime import fusion_report, optimize_for_cpu
+from ..calibration.recorder import record_trajectories
 from ..calibration.trajectory import CalibrationResult, groups_without_steps
 from ..config import BuildConfig, MixedRecipe
 from ..errors import ConfigError
@@ -38,8 +39,9 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
     profile = get_profile(config.profile)
     if profile.quantize_residual_skip and not config.residual_int8:
         profile = dataclasses.replace(profile, quantize_residual_skip=False)
+    default_float = model.family.default_float if profile.family_default_float else ()
     ws = Workspace(model.describe(), model.scheduler_config, fp, layer_map, profile,
-                   resolve(layer_map, config.overrides, profile), spec, rows, decoder)
+                   resolve(layer_map, config.overrides, profile, default_float), spec, rows, decoder)
     stages.check_moments_fit(layer_map.layers, stages.moments_needed(config.analysis.rounding,
                                                                      per_group_weights(config)))
     if config.decoder != "fp32" and not decoder:
@@ -70,7 +72,8 @@ def allocate_widths(ws: Workspace, calib: CalibrationResult, config: BuildConfig
     RD allocation under the budget with pinned layers fixed."""
     layers = ws.weight_layers
     K, recipe = len(calib.groups), config.recipe
-    per_group = per_group_weights(config) and config.analysis.rounding != "rtn"
+    # each group's weights rounded on its own moments (a method without moments rounds them alike)
+    per_group = per_group_weights(config) and stages.moments_needed(config.analysis.rounding, True) is not None
     if not isinstance(recipe, MixedRecipe):
         return WeightPlan(np.full((K, len(layers)), 8), None)
     pinned = {i: ws.precision.pinned_bits[l.node] for i, l in enumerate(layers) if l.node in ws.precision.pinned_bits}
@@ -130,10 +133,12 @@ def quantize_decoder(ws: Workspace, config: BuildConfig, progress=None) -> Decod
     fpb = Bundle.open(ws.fp)
     n = config.decoder_calib_size
 
-    def latents(stream: int) -> np.ndarray:
-        sampler = DDIMSampler(fpb, steps=cal.steps, batch_size=cal.batch_size, guidance_scale=cal.guidance_scale,
-                              null_cond=ws.conditioning.null)
-        return sampler.sample(n, seed=[config.seed, DECODER_STREAM, stream], cond=cycle_rows(ws.conditions, n))
+    def latents(stream: int) -> np.ndarray:  # the final samples of fp32 trajectories (nothing collected on the way)
+        return record_trajectories(lambda x, t, c: {"eps": fpb.predict(x, t, c) if c else fpb.predict(x, t)},
+                                   fpb.schedule, fpb.sample_shape, [], n=n, steps=cal.steps,
+                                   seed=[config.seed, DECODER_STREAM, stream], batch_size=cal.batch_size,
+                                   guidance_scale=cal.guidance_scale, cond=cycle_rows(ws.conditions, n),
+                                   conditioning=fpb.conditioning, null_cond=ws.conditioning.null)
 
     calib, held_out = latents(0), latents(1)
     if progress:

@@ -90,18 +90,9 @@ def _wrapper(unet, cond_names: tuple[str, ...]):
 
 
 def example_inputs(model: LoadedModel, n: int, seed: int, sequence_length: int) -> dict[str, np.ndarray]:
-    """Seeded inputs of every engine input: noise, timesteps spread over [0, T), class labels
-    over the classes, standard-normal embeddings of ``sequence_length`` tokens."""
-    rng = np.random.default_rng(seed)
+    """Seeded inputs of every engine input (the model family's ``example_inputs``)."""
     T = int(model.scheduler_config.get("num_train_timesteps", 1000))
-    out = {"sample": rng.standard_normal((n, *model.sample_shape), dtype=np.float32),
-           "timestep": np.linspace(0, T - 1, n).round().astype(np.int64)}
-    for i in model.condition_inputs:
-        if i.name == "class_labels":
-            out[i.name] = rng.integers(0, model.num_classes, n).astype(np.int64)
-        else:
-            out[i.name] = rng.standard_normal((n, sequence_length, i.shape[-1]), dtype=np.float32)
-    return out
+    return model.family.example_inputs(model.unet_config, T, n, seed, sequence_length)
 
 
 def trace_to_onnx(model: LoadedModel, path: Path, config: ExportConfig):
@@ -114,9 +105,7 @@ def trace_to_onnx(model: LoadedModel, path: Path, config: ExportConfig):
     names = [i.name for i in model.inputs]
     ex = example_inputs(model, 2, config.seed, config.sequence_length)
     args = tuple(torch.from_numpy(ex[n]) for n in names)
-    dyn = {"sample": {0: "batch"}, "timestep": {0: "batch"}, "eps": {0: "batch"},
-           "encoder_hidden_states": {0: "batch", 1: "sequence"}, "class_labels": {0: "batch"}}
-    dyn = {k: v for k, v in dyn.items() if k in names or k == "eps"}
+    dyn = model.family.dynamic_axes(model.unet_config)
     cond_names = tuple(names[2:])
     # The exporter writes a big model's weights as one file per tensor: trace into a scratch
     # folder, then write the cleaned graph (and one data file) to ``path``.

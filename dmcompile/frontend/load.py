@@ -8,31 +8,9 @@ from pathlib import Path
 
 from .. import zoo
 from ..errors import ModelError
+from .family import ModelFamily, ModelInput, get_family
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
-SUPPORTED_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
-# Config keys whose features need inputs beyond sample, timestep, class_labels and
-# encoder_hidden_states: each is refused with a message naming what it would need.
-UNSUPPORTED = {
-    "addition_embed_type": "added conditions (added_cond_kwargs: SDXL's text_embeds and time_ids, or image_embeds)",
-    "encoder_hid_dim_type": "a projected encoder input (encoder_hid_proj: image or text projection embeddings)",
-    "time_cond_proj_dim": "a timestep_cond input (a guidance-scale embedding, as in LCM)",
-    "class_embed_type": "float class conditioning (class_embed_type timestep / identity / projection)",
-    "encoder_hid_dim": "a projected encoder input (encoder_hid_proj from encoder_hid_dim)",
-}
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    """One graph input of the traced UNet: name, dtype and shape (None = dynamic batch).
-
-    Conditional UNets add inputs (encoder_hidden_states, class_labels) here rather
-    than needing a second frontend.
-    """
-
-    name: str
-    dtype: str
-    shape: tuple[int | None, ...]
 
 
 @dataclass(frozen=True)
@@ -56,37 +34,28 @@ class LoadedModel:
         return float(self.vae_config.get("scaling_factor", 0.18215)) if self.vae_config else None
 
     @property
+    def family(self) -> ModelFamily:
+        """What dmcompile knows of this model class: inputs, conditioning, default float layers."""
+        return get_family(self.cls)
+
+    @property
     def num_classes(self) -> int | None:
-        """Class labels the UNet embeds (``num_class_embeds``), or None."""
-        return self.unet_config.get("num_class_embeds") or None
+        """Class labels the model embeds (``num_class_embeds``), or None."""
+        return self.family.num_classes(self.unet_config)
 
     @property
-    def cross_attention_dim(self) -> int | None:
-        """Width D of encoder_hidden_states [B, L, D] for UNet2DConditionModel, else None."""
-        return int(self.unet_config["cross_attention_dim"]) if self.cls == "UNet2DConditionModel" else None
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        c = self.unet_config
-        size = c["sample_size"]
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (int(c["in_channels"]), int(h), int(w))
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.family.sample_shape(self.unet_config)
 
     @property
     def inputs(self) -> tuple[ModelInput, ...]:
-        return (ModelInput("sample", "float32", (None, *self.sample_shape)),
-                ModelInput("timestep", "int64", (None,)), *self.condition_inputs)
+        """The graph's inputs: sample, timestep, then the conditioning inputs."""
+        return self.family.inputs(self.unet_config)
 
     @property
     def condition_inputs(self) -> tuple[ModelInput, ...]:
-        """Conditioning inputs in the order the engine takes them: encoder_hidden_states
-        [B, L, D] (L free), then class_labels [B]."""
-        out = []
-        if self.cross_attention_dim:
-            out.append(ModelInput("encoder_hidden_states", "float32", (None, None, self.cross_attention_dim)))
-        if self.num_classes:
-            out.append(ModelInput("class_labels", "int64", (None,)))
-        return tuple(out)
+        """Conditioning inputs in the order the engine takes them."""
+        return self.family.condition_inputs(self.unet_config)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.unet.parameters())
@@ -115,19 +84,8 @@ def _json_config(cfg) -> dict:
 
 
 def check_supported(cls: str, config: dict, what: str) -> None:
-    """Raise ModelError for a UNet class or feature the frontend cannot export."""
-    if cls not in SUPPORTED_CLASSES:
-        raise ModelError(f"{what}: model class {cls!r} is not supported yet; dmcompile handles {SUPPORTED_CLASSES}")
-    for key, need in UNSUPPORTED.items():
-        if config.get(key) is not None:
-            raise ModelError(f"{what}: {key}={config[key]!r} makes the UNet need {need}, which dmcompile does not "
-                             "support; supported inputs are sample, timestep, encoder_hidden_states and "
-                             "class_labels (num_class_embeds)")
-    if cls == "UNet2DConditionModel":
-        dim = config.get("cross_attention_dim", 1280)
-        if not isinstance(dim, int):
-            raise ModelError(f"{what}: cross_attention_dim {dim!r} differs per block; dmcompile supports one "
-                             "width (the SD 1.x / 2.x family)")
+    """Raise ModelError for a model class or feature the frontend cannot export."""
+    get_family(cls, what).check(config, what)
 
 
 def _build_unet(config: dict, what: str, cls: str = "UNet2DModel"):

@@ -52,11 +52,13 @@ class LayerPrecision:
         return [l for l in layer_map.layers if l.node in self.quantized and l.weight]
 
 
-def resolve(layer_map: LayerMap, overrides: tuple[Override, ...], profile=None) -> LayerPrecision:
+def resolve(layer_map: LayerMap, overrides: tuple[Override, ...], profile=None,
+            default_float: tuple[str, ...] = ()) -> LayerPrecision:
     """Apply ``overrides`` to every layer. Raises ConfigError for a rule that matches no layer
     and for two different rules that name a layer equally specifically. With a target
     ``profile``, layers it does not quantize (``TargetProfile.quantizes``) stay float, and so do
-    its ``default_float`` modules unless a rule names the layer, its module or a module prefix."""
+    layers in ``default_float`` modules (a component of the module path is one of them) unless a
+    rule names the layer, its module or a module prefix."""
     aliases = _aliases(layer_map)
     used: set[str] = set()
     quantized, pinned = set(), {}
@@ -74,8 +76,7 @@ def resolve(layer_map: LayerMap, overrides: tuple[Override, ...], profile=None) 
                                   "keep one, or name the layer itself")
         if (winner is not None and winner.precision == "float") or (profile and not profile.quantizes(layer)):
             continue
-        if profile and (best is None or best < (2, 0)) and \
-                set(layer.module.split(".")) & set(getattr(profile, "default_float", ())):
+        if profile and (best is None or best < (2, 0)) and set(layer.module.split(".")) & set(default_float):
             continue  # the target keeps it float unless a rule names the layer, its module or a prefix
         quantized.add(layer.node)
         if winner is not None and layer.weight:
