@@ -9,7 +9,7 @@ import pytest
 from dmruntime import Bundle
 
 from dmcompile import api
-from dmcompile.backends.onnxruntime import fusion_report
+from dmcompile.backends.onnxruntime import ort_fusion_report
 from dmcompile.cli import main
 from dmcompile.config import AnalysisConfig, BuildConfig, CalibrationConfig, W8A8Recipe, parse_overrides
 from dmcompile.errors import ConfigError
@@ -47,7 +47,7 @@ def test_bundle_layout_and_manifest(tiny_bundle):
 
 
 def test_engine_runs_integer_kernels(tiny_bundle):
-    rep = fusion_report(tiny_bundle / "unet.onnx")
+    rep = ort_fusion_report(tiny_bundle / "unet.onnx")
     assert rep["float"] == {} and rep["ratio"] == 1.0
     assert rep["integer"]["QLinearConv"] > 0 and rep["integer"].get("QGemm", 0) > 0
 
@@ -158,7 +158,7 @@ def test_float_layers(tiny_model_dir, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     floats = [l for l in m["precision"]["layers"] if l["activation"] == "float"]
     assert {l["module"] for l in floats} == {"conv_out", "time_embedding.linear_1", "time_embedding.linear_2"}
-    rep = fusion_report(out / "unet.onnx")
+    rep = ort_fusion_report(out / "unet.onnx")
     assert rep["float"] == {"Conv": 1, "Gemm": 2}
     with pytest.raises(ConfigError, match="matches no Conv/Gemm/MatMul layer"):
         api.build(str(tiny_model_dir), tmp_path / "g",
@@ -214,7 +214,7 @@ def test_full_integer_fusion_on_shipped_models(name, tmp_path):
     cfg = BuildConfig(calibration=CalibrationConfig(size=2, steps=4, groups=2, batch_size=2, guidance_scale=guidance),
                       eval_samples=0, analysis=AnalysisConfig(rounding=rounding))
     out = api.build(name, tmp_path / name, cfg).path
-    rep = fusion_report(out / "unet.onnx")
+    rep = ort_fusion_report(out / "unet.onnx")
     assert rep["float"] == {} and rep["ratio"] == 1.0
     ops = json.loads((api.fp_bundle(name) / "manifest.json").read_text())["export"]["op_counts"]
     assert rep["integer"]["QLinearConv"] == ops["Conv"] and rep["integer"]["QGemm"] == ops["Gemm"]

@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler
 from dmruntime import Bundle, DDIMSampler, InputError
 
 from dmcompile import api
-from dmcompile.backends.onnxruntime import fusion_report
+from dmcompile.backends.onnxruntime import ort_fusion_report
 from dmcompile.cli import main
 from dmcompile.config import BuildConfig, CalibrationConfig
 from dmcompile.errors import ConfigError, ModelError
@@ -93,7 +93,7 @@ def test_guided_ddim_matches_diffusers(tiny_cond_dir, tmp_path):
 
 def test_conditional_bundles_run_integer_kernels(cond_bundle, class_bundle):
     for b in (cond_bundle, class_bundle):
-        rep = fusion_report(b / "unet.onnx")
+        rep = ort_fusion_report(b / "unet.onnx")
         assert rep["float"] == {} and rep["ratio"] == 1.0, rep
     m = json.loads((cond_bundle / "manifest.json").read_text())
     assert m["conditioning"]["null"] == {"file": "null_condition.npz"} and "null_condition.npz" in m["files"]

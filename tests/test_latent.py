@@ -105,7 +105,7 @@ def test_w8a8_decoder_is_integer_and_tracks_fp32(tiny_latent_dir, latent_bundle,
     """--decoder w8a8: the decoder's Conv/MatMul run as integer kernels, its manifest record
     says how far it is from fp32 (measured on latents it was not calibrated on), and the runtime
     decodes with it close to the fp32 decoder."""
-    from dmcompile.backends.onnxruntime import fusion_report
+    from dmcompile.backends.onnxruntime import ort_fusion_report
 
     cfg = BuildConfig(calibration=CalibrationConfig(size=2, steps=6, groups=2, batch_size=2), eval_samples=0,
                       correction=False, decoder="w8a8", decoder_calib_size=4)
@@ -113,7 +113,7 @@ def test_w8a8_decoder_is_integer_and_tracks_fp32(tiny_latent_dir, latent_bundle,
     m = json.loads((path / "manifest.json").read_text())
     dec = m["decoder"]
     assert dec["precision"] == "w8a8" and dec["w8a8"]["layers"] > 0
-    assert dec["w8a8"]["fusion"]["ratio"] == 1.0 and fusion_report(path / "decoder.onnx")["ratio"] == 1.0
+    assert dec["w8a8"]["fusion"]["ratio"] == 1.0 and ort_fusion_report(path / "decoder.onnx")["ratio"] == 1.0
     assert 20 < dec["w8a8"]["psnr_db_vs_fp32"] < 200
     z = np.random.default_rng(2).standard_normal((3, 4, 8, 8)).astype(np.float32) * 0.2
     fp, q = Bundle.open(latent_bundle).decode(z), Bundle.open(path).decode(z)

@@ -9,7 +9,7 @@ import pytest
 from dmruntime import Bundle, DDIMSampler
 
 from dmcompile import api
-from dmcompile.backends.onnxruntime import fusion_report
+from dmcompile.backends.onnxruntime import ort_fusion_report
 from dmcompile.cli import main
 from dmcompile.config import AnalysisConfig, BuildConfig, CalibrationConfig, MixedRecipe, parse_overrides
 from dmcompile.errors import BudgetError
@@ -99,7 +99,7 @@ def test_explicit_bits_store_4bit_packed_and_keep_int8_kernels(tiny_model_dir, t
     ext = [i for i in engine.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
     assert len(ext) == len(layers)
     b = Bundle.open(w4)
-    assert fusion_report(w4 / "unet.onnx", b.engine("unet.onnx").external)["ratio"] == 1.0
+    assert ort_fusion_report(w4 / "unet.onnx", b.engine("unet.onnx").external)["ratio"] == 1.0
     # what the runtime hands the session is the 4-bit grid of each weight, GPTQ-rounded (the default)
     from dmcompile import stages
     from dmcompile.frontend.layermap import LayerMap

@@ -95,7 +95,7 @@ def test_engines_share_one_weights_file(ov_bundle):
 
 
 def test_int8_share_after_openvino_compiles(ov_bundle, tiny_cond_dir, tmp_path):
-    from dmcompile.backends.openvino import fusion_report
+    from dmcompile.backends.openvino import openvino_fusion_report
     from dmcompile.inspect import bundle_report
 
     rep = bundle_report(Bundle.open(ov_bundle))
@@ -112,7 +112,7 @@ def test_int8_share_after_openvino_compiles(ov_bundle, tiny_cond_dir, tmp_path):
     a, c = b.predict(x, 10, cond={"encoder_hidden_states": emb}), b.predict(x, 10, cond={"encoder_hidden_states": -emb})
     assert a.shape == x.shape and np.isfinite(a).all() and not np.allclose(a, c)
     # the report reads OpenVINO's runtime graph: an fp32 graph counts as float
-    fp = fusion_report(stages.fp_bundle(str(tiny_cond_dir)) / "model.onnx")
+    fp = openvino_fusion_report(stages.fp_bundle(str(tiny_cond_dir)) / "model.onnx")
     assert fp["ratio"] == 0.0 and fp["float"]
 
 

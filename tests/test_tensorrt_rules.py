@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dmcompile.backends.tensorrt_rules import check_explicit_quantization, differ_only_in_scales, weight_axis
+from dmcompile.backends.tensorrt_rules import check_explicit_quantization, differ_only_in_scales, dq_weight_axis
 
 
 def graph(*, zp=0, act_scale=(0.05,), conv_axis=0, q_on_conv_out=False, dq_into_softmax=False,
@@ -114,12 +114,12 @@ def test_each_broken_rule_is_reported(kw, words):
 
 
 def test_weight_axes_follow_tensorrt():
-    assert weight_axis("Conv") == 0
-    assert weight_axis("MatMul") == 1 and weight_axis("MatMul", int4=True) == 0
-    assert weight_axis("Gemm", trans_b=1) == 0 and weight_axis("Gemm", trans_b=1, int4=True) == 1
-    assert weight_axis("Gemm", trans_b=0) == 1
+    assert dq_weight_axis("Conv") == 0
+    assert dq_weight_axis("MatMul") == 1 and dq_weight_axis("MatMul", int4=True) == 0
+    assert dq_weight_axis("Gemm", trans_b=1) == 0 and dq_weight_axis("Gemm", trans_b=1, int4=True) == 1
+    assert dq_weight_axis("Gemm", trans_b=0) == 1
     with pytest.raises(ValueError):
-        weight_axis("Add")
+        dq_weight_axis("Add")
 
 
 def test_group_models_differ_only_in_scales():

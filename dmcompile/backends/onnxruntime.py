@@ -147,7 +147,7 @@ INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", 
 FLOAT_OPS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
 
 
-def fusion_report(model: Path | onnx.ModelProto, external: dict | None = None) -> dict:
+def ort_fusion_report(model: Path | onnx.ModelProto, external: dict | None = None) -> dict:
     """Op counts after ONNX Runtime's graph optimisation: how many quantizable nodes run as
     integer kernels. ``external``: arrays of initializers stored outside the file.
     Returns {"integer": {op: n}, "float": {op: n}, "ratio": integer / all}."""
@@ -203,7 +203,7 @@ class OnnxRuntimeBackend(Backend):
             engines[name], first[name] = merged, members[0]
             for g, p in zip(members, ps):
                 engine_of[g], params[g] = name, p
-        fusion = {name: fusion_report(model) for name, model in engines.items()}
+        fusion = {name: ort_fusion_report(model) for name, model in engines.items()}
         stored = self._store_weights(engines, first, job) if job.store_weights else None
         files = save_engine(folder, engines, [params[g] for g in range(K)], group_files(K))
         if stored is not None:
@@ -229,4 +229,4 @@ class OnnxRuntimeBackend(Backend):
         return StoredWeights(tensors, external)
 
     def fusion(self, bundle, engine: str) -> dict:
-        return fusion_report(bundle.root / engine, bundle.engine(engine).external)
+        return ort_fusion_report(bundle.root / engine, bundle.engine(engine).external)

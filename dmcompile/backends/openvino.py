@@ -53,7 +53,7 @@ def runtime_precisions(compiled) -> Counter:
     return c
 
 
-def fusion_report(model: Path | onnx.ModelProto) -> dict:
+def openvino_fusion_report(model: Path | onnx.ModelProto) -> dict:
     """Which multiplying layers OpenVINO's CPU plugin runs in int8 after compiling ``model``
     (an engine file or an in-memory graph), read from the compiled model's runtime graph.
     Returns {"integer": {layer: n}, "float": {layer: n}, "ratio": integer / all}; attention's
@@ -62,7 +62,7 @@ def fusion_report(model: Path | onnx.ModelProto) -> dict:
     if isinstance(model, onnx.ModelProto):
         with tempfile.TemporaryDirectory() as tmp:
             onnxio.save(model, Path(tmp) / "m.onnx")
-            return fusion_report(Path(tmp) / "m.onnx")
+            return openvino_fusion_report(Path(tmp) / "m.onnx")
     counts = runtime_precisions(compile_model(Path(model), {"INFERENCE_PRECISION_HINT": "f32"}))
     integer, floats = Counter(), Counter()
     for (kind, prec), n in counts.items():
@@ -91,10 +91,10 @@ class OpenVinoBackend(Backend):
                    "scales are compiled in)")
 
     def emit(self, folder: Path, job: EngineJob, progress=None) -> EngineSet:
-        return emit_qdq_engines(folder, job, None, fusion_report)
+        return emit_qdq_engines(folder, job, None, openvino_fusion_report)
 
     def engine_entry(self, engines: EngineSet, guided: bool) -> dict:
         return {"openvino_version": openvino_version(), "inference_precision": "f32"}
 
     def fusion(self, bundle, engine: str) -> dict:
-        return fusion_report(bundle.root / engine)
+        return openvino_fusion_report(bundle.root / engine)

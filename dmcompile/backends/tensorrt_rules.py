@@ -26,13 +26,13 @@ import numpy as np
 
 from ..targets import float_input_values
 
-__all__ = ["check_explicit_quantization", "differ_only_in_scales", "weight_axis"]
+__all__ = ["check_explicit_quantization", "differ_only_in_scales", "dq_weight_axis"]
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
 INT4_TYPES = (22, 21)  # TensorProto.INT4, UINT4
 
 
-def weight_axis(op_type: str, trans_b: int = 0, *, int4: bool = False) -> int:
+def dq_weight_axis(op_type: str, trans_b: int = 0, *, int4: bool = False) -> int:
     """The axis of a weight's per-channel scale (int8: output channels) or of its blocks (int4:
     the input dimension) for TensorRT."""
     if op_type == "Conv":
@@ -112,7 +112,7 @@ def check_explicit_quantization(model, residual_skip: bool | None = True) -> lis
                     problems.append(f"{n.name}: INT4 weights are for MatMul/Gemm only (store this Conv's INT8)")
                 if "block_size" not in a or opset < 21:
                     problems.append(f"{n.name}: INT4 weights need DequantizeLinear with block_size (opset >= 21)")
-            want = weight_axis(reader.op_type, _attrs(reader).get("transB", 0), int4=int4)
+            want = dq_weight_axis(reader.op_type, _attrs(reader).get("transB", 0), int4=int4)
             dims = list(inits[src].dims)
             if int4:
                 if a.get("axis", 1) != want:

@@ -13,7 +13,7 @@ from dmruntime.conditioning import cycle_rows
 
 from .. import onnxio, stages
 from ..analysis.plan import bops, check_bits, check_feasible, plan_bits
-from ..backends.onnxruntime import fusion_report, optimize_for_cpu
+from ..backends.onnxruntime import ort_fusion_report, optimize_for_cpu
 from ..calibration.recorder import record_trajectories
 from ..calibration.trajectory import CalibrationResult, groups_without_steps
 from ..config import BuildConfig, MixedRecipe
@@ -153,7 +153,7 @@ def quantize_decoder(ws: Workspace, config: BuildConfig, progress=None) -> Decod
     return DecoderEngine(model, {
         "calibration": {"latents": n, "steps": cal.steps, "guidance_scale": cal.guidance_scale,
                         "observer": cal.observer},
-        "layers": layers, "fusion": fusion_report(model),
+        "layers": layers, "fusion": ort_fusion_report(model),
         "psnr_db_vs_fp32": float(np.mean(psnr(got, want))), "max_abs_err_vs_fp32": float(np.abs(got - want).max())})
 
 
