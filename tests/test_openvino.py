@@ -254,7 +254,7 @@ def test_max_engines_merges_adjacent_groups(tiny_model_dir, tmp_path):
 
 
 def test_cluster_groups_closest_scales_first_and_never_across_widths():
-    from dmcompile.backends.openvino import cluster_groups
+    from dmcompile.backends.shared_weights import cluster_groups
 
     r = [{"a": (0.0, s)} for s in (1.0, 1.1, 4.0, 4.2, 16.0)]
     same = [(8,)] * 5

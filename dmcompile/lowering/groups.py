@@ -23,7 +23,7 @@ def lower_groups(fp: Path, layer_map: LayerMap, quantized: set[str], weight_laye
     key: (widths, rounding scope), its QDQ graph with the union of its groups' activation
     ``ranges``), yielded one at a time so that only one unfused graph is held; graphs with equal
     keys hold byte-identical weights. Weights of ``fp``'s export are rounded by ``rounder`` (a
-    ``calibration.rounding.WeightRounder``), each (weight, width, scope) once; the scope is the
+    method of ``calibration.rounding``), each (weight, width, scope) once; the scope is the
     cluster's groups with ``per_group_rounding``, else all (pooled). A width of ``FLOAT_BITS``
     leaves that layer float in that graph. ``progress(step, i, n)`` after each graph."""
     # The graph only: a big model's weights stay on disk until quantized one at a time.

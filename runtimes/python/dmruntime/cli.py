@@ -61,10 +61,10 @@ def check_output(path: Path) -> None:
 
 
 def default_batch(bundle: Bundle, guided: bool) -> int:
-    """64 samples per call, or what the TensorRT engines' largest profile holds."""
-    if bundle.runtime == "tensorrt" and bundle.device == "cuda":
-        sizes = bundle.engine(bundle.groups[0].engine).engines.batch_sizes  # as the engines were built
-        return max(1, max(sizes) // (2 if guided else 1))
+    """64 samples per call, or what the engines' largest batch holds (TensorRT's profiles)."""
+    limit = getattr(bundle.engine(bundle.groups[0].engine), "max_batch", None)  # as the engines were built
+    if limit:
+        return max(1, limit // (2 if guided else 1))
     return 64
 
 

@@ -29,7 +29,8 @@ DEVICES = ("cuda", "cpu")  # every device some registered runtime runs on
 
 
 class Engine(Protocol):
-    """One engine file: the UNet for the groups that name it."""
+    """One engine file: the UNet for the groups that name it. An engine whose batch is bounded
+    (TensorRT's static profiles) also has ``max_batch``."""
 
     def predict(self, sample: np.ndarray, timestep: int | np.ndarray, extra: dict | None = None,
                 cond: dict | None = None) -> np.ndarray:

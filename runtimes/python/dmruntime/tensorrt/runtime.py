@@ -148,5 +148,10 @@ class GroupEngine:
             raise BundleError("TensorRT engines hold their group's scales; they take no group inputs")
         return self.engines.predict(self.name, sample, timestep, cond)
 
+    @property
+    def max_batch(self) -> int:
+        """The largest batch a call may hold (the engines' largest optimization profile)."""
+        return max(self.engines.batch_sizes)
+
     def release(self) -> None:
         """Nothing to free: all engines share one activation buffer."""
