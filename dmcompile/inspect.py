@@ -30,6 +30,7 @@ def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
         "total_bytes": sum(f["bytes"] for f in files.values()),
         "fp32_weight_bytes": 4 * (m["model"].get("parameters") or 0),
         "layers": layers,
+        "weight_grid_bits": precision.get("weight_grid_bits"),
         "fidelity": m.get("fidelity"),
     }
     if layers:
@@ -102,6 +103,10 @@ def format_report(r: dict) -> str:
         floats = [l["node"] for l in r["layers"] if l["activation"] == "float"]
         if floats:
             lines.append("  kept in float: " + ", ".join(floats))
+        grid = r.get("weight_grid_bits")
+        if grid and grid < 8:
+            lines.append(f"  8-bit weights on the {grid}-bit grid [-{2 ** (grid - 1) - 1}, {2 ** (grid - 1) - 1}]: x86 int8 "
+                         "kernels without VNNI saturate u8 x s8 pairs otherwise")
         macs = sum(l["macs"] for l in r["layers"])
         lines.append(f"MACs per sample: {macs / 1e6:.1f} M")
     acc = r.get("accounting")

@@ -246,20 +246,24 @@ def load_layer_map(fp: Path):
     return LayerMap.load(fp / "layer_map.json")
 
 
-def rounder(calib, rounding: str):
+def rounder(calib, rounding: str, max_bits: int = 8):
     """The weight rounding method ``rounding`` (``calibration.rounding.ROUNDING_METHODS``) over a
-    calibration's second moments where it needs them; results of methods that take time (GPTQ)
-    are cached under ``cache_dir()/rounded``."""
+    calibration's second moments where it needs them, widths past ``max_bits`` rounded to that
+    grid (the target's ``weight_grid_bits``); results of methods that take time (GPTQ) are cached
+    under ``cache_dir()/rounded``."""
     from .calibration.hessian import Moments
     from .calibration.rounding import rounding_method
 
     method = rounding_method(rounding)
     if not method.needs_moments:
-        return method()
+        made = method()
+        made.max_bits = max_bits
+        return made
     if calib.moments is None:
         raise ArtifactError(f"{rounding} rounding needs a calibration with second moments "
                             "(stages.cached_calibration(..., moments='pooled'))")
     made = method(Moments(calib.moments))
+    made.max_bits = max_bits
     made.cache = cache_dir() / "rounded" / f"{calib.moments.parent.name}-{_digest(*made.key())[:8]}"
     return made
 
@@ -288,12 +292,13 @@ def check_moments_fit(layers, moments: str | None) -> None:
                           "nearest)")
 
 
-def probe_inputs(fp: Path, tensors_of, calib, config: AnalysisConfig, conditions: tuple | None = None):
+def probe_inputs(fp: Path, tensors_of, calib, config: AnalysisConfig, conditions: tuple | None = None,
+                 weight_grid_bits: int = 8):
     """(probe, X, T, C, fp bundle) for an fp32 export: the probe fake-quantizes
     ``tensors_of(proto, layers)``; X, T (C: conditions, None for unconditional models) are each
     group's inputs from fp32 trajectories, guided like the calibration's. ``conditions``:
     (Conditioning, rows) as :func:`conditioning` returns them (worked out from the calibration's
-    config when not given)."""
+    config when not given). Weights are rounded as the target stores them (``weight_grid_bits``)."""
     from . import onnxio
     from .analysis.probe import make_probe
     from .analysis.rd import group_inputs
@@ -303,7 +308,7 @@ def probe_inputs(fp: Path, tensors_of, calib, config: AnalysisConfig, conditions
     proto = onnxio.load(fp / "model.onnx", weights=False)
     bundle = Bundle.open(fp)
     probe = make_probe(proto, layer_map, tensors_of(proto, layer_map.layers), bundle.sample_shape,
-                       conditioning=spec, base_dir=fp, rounder=rounder(calib, config.rounding))
+                       conditioning=spec, base_dir=fp, rounder=rounder(calib, config.rounding, weight_grid_bits))
     X, T, C = group_inputs(bundle, calib.groups, config, calib.config.steps, config.seed, conditioning=spec,
                            cond=rows, guidance_scale=calib.config.guidance_scale)
     return probe, X, T, C, bundle
@@ -335,6 +340,8 @@ def rd_key(record: dict, profile: TargetProfile = ORT_CPU) -> str:
         from .calibration.rounding import GPTQ_VERSION
 
         extra += [f"gptq{GPTQ_VERSION}", f"moments{MOMENTS_SCHEMA_VERSION}x{MOMENT_ROWS}"]
+    if profile.weight_grid_bits < 8:  # the curves' weights are rounded to this grid
+        extra.append(f"grid{profile.weight_grid_bits}")
     return _digest([RD_SCHEMA_VERSION, CALIB_SCHEMA_VERSION], record["calibration"], record["analysis"],
                    *_profile_part(profile), *extra)[:12]
 
@@ -358,7 +365,8 @@ def rd_curves(fp: Path, calib, config: AnalysisConfig, profile: TargetProfile = 
             shutil.rmtree(path, ignore_errors=True)
     # Activation curves are per layer input (the Conv outputs the bundle also quantizes, for
     # fusion, are not a layer's choice).
-    probe, X, T, C, _ = probe_inputs(fp, profile.layer_input_tensors, calib, config, conditions)
+    probe, X, T, C, _ = probe_inputs(fp, profile.layer_input_tensors, calib, config, conditions,
+                                     profile.weight_grid_bits)
     ranges = {b: calib.ranges(bits=b) for b in config.act_bits}
     state = path.with_name(path.name + ".partial")
     curves = measure_curves(probe, X, T, ranges, config, groups=[(g.t_start, g.t_end) for g in calib.groups],

@@ -80,7 +80,7 @@ def test_one_engine_matches_each_groups_own_qdq_model(tiny_model_dir, tiny_bundl
     calib = stages.cached_calibration(fp, SMALL, moments="pooled")
     ranges = calib.ranges()
     nodes = {l.node for l in lm.layers}
-    rounder = stages.rounder(calib, "gptq")
+    rounder = stages.rounder(calib, "gptq", ORT_CPU.weight_grid_bits)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     weights = {l.weight: rounder.quantize(l, inits[l.weight], 8) for l in lm.layers if l.weight}
     b = Bundle.open(tiny_bundle, correction=False)  # the raw engine output
@@ -90,6 +90,30 @@ def test_one_engine_matches_each_groups_own_qdq_model(tiny_model_dir, tiny_bundl
         sess = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"])
         want = sess.run(None, {"sample": x, "timestep": np.full(2, t, np.int64)})[0]
         np.testing.assert_array_equal(b.predict(x, t), want)
+
+
+def test_8bit_weights_sit_on_the_target_s_grid(tiny_bundle, tiny_model_dir):
+    """ort-cpu rounds 8-bit weights to the 7-bit grid (u8 x s8 pairs cannot saturate int16 on x86
+    without VNNI); the plan and the manifest still say 8 bits, and the manifest names the grid."""
+    from dmcompile import stages
+    from dmcompile.calibration.rounding import RoundToNearest
+    from dmcompile.frontend.layermap import LayerMap
+    from dmcompile.targets import ORT_CPU, TENSORRT
+
+    m = onnx.load(str(tiny_bundle / "unet.onnx"))
+    weights = [onnx.numpy_helper.to_array(i) for i in m.graph.initializer
+               if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+    assert weights and max(int(np.abs(w).max()) for w in weights) == 63
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert manifest["precision"]["weight_grid_bits"] == 7 == ORT_CPU.weight_grid_bits
+    assert {b for l in manifest["precision"]["layers"] for b in l["weight_bits"] or []} == {8}
+    assert TENSORRT.grid_bits(8) == 8 and ORT_CPU.grid_bits(8) == 7 and ORT_CPU.grid_bits(4) == 4
+    lm = LayerMap.load(api.fp_bundle(str(tiny_model_dir)) / "layer_map.json")
+    layer = next(l for l in lm.layers if l.weight)
+    w = np.random.default_rng(0).standard_normal(layer.weight_shape).astype(np.float32)
+    capped = stages.rounder(None, "rtn", 7)
+    assert int(np.abs(capped.quantize(layer, w, 8).q).max()) == 63 == int(np.abs(capped.quantize(layer, w, 7).q).max())
+    assert int(np.abs(RoundToNearest().quantize(layer, w, 8).q).max()) == 127
 
 
 def test_runtime_switches_group_inputs(tiny_bundle):

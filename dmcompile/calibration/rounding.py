@@ -133,18 +133,24 @@ def gptq_quantize(w: np.ndarray, axis: int, bits: int, H: np.ndarray | None = No
 
 
 class RoundToNearest:
-    """Round to nearest on the symmetric per-channel grid (``quant.quantize_weight``)."""
+    """Round to nearest on the symmetric per-channel grid (``quant.quantize_weight``). Every
+    method rounds a width past ``max_bits`` to the ``max_bits`` grid (the target's
+    ``TargetProfile.weight_grid_bits``)."""
 
     name = "rtn"
     needs_moments = False
+    max_bits = MAX_WEIGHT_BITS
+
+    def grid(self, bits: int) -> int:
+        return min(int(bits), self.max_bits)
 
     def quantize(self, layer, w: np.ndarray, bits: int, groups: tuple[int, ...] | None = None) -> QuantWeight:
         """``layer``'s weight ``w`` on the ``bits``-bit grid."""
-        return quantize_weight(w, weight_axis(layer), bits)
+        return quantize_weight(w, weight_axis(layer), self.grid(bits))
 
     def error_power(self, layer, w: np.ndarray, bits: int, groups: tuple[int, ...] | None = None) -> float:
         """What the RD model scales with width: the weight-noise power."""
-        return noise_power(w, weight_axis(layer), bits)
+        return noise_power(w, weight_axis(layer), self.grid(bits))
 
     def key(self) -> list:
         """What cached results of this method depend on besides the weights (none)."""
@@ -186,8 +192,8 @@ class GPTQ(RoundToNearest):
         return self._last[1:]
 
     def quantize(self, layer, w: np.ndarray, bits: int, groups: tuple[int, ...] | None = None) -> QuantWeight:
-        axis = weight_axis(layer)
-        path = self._file(layer.node, int(bits), groups)
+        axis, bits = weight_axis(layer), self.grid(bits)
+        path = self._file(layer.node, bits, groups)
         if path is not None and path.is_file():
             try:
                 with np.load(path) as f:
@@ -208,7 +214,7 @@ class GPTQ(RoundToNearest):
         qw = self.quantize(layer, w, bits, groups)
         H = self._moments(layer.node, groups)[0]
         if H is None:
-            return noise_power(w, weight_axis(layer), bits)
+            return noise_power(w, weight_axis(layer), self.grid(bits))
         axis = weight_axis(layer)
         return float(np.mean(output_error(weight_matrix(w, axis), weight_matrix(dequantize(qw), axis), H)))
 

@@ -24,7 +24,7 @@ def engine_job(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config
                progress=None) -> EngineJob:
     """What the backend makes engines from: the plan's widths, each group's ranges, and how to
     lower a cluster of groups (weights rounded by ``config.analysis.rounding``)."""
-    rounder = stages.rounder(calib, config.analysis.rounding)
+    rounder = stages.rounder(calib, config.analysis.rounding, ws.profile.weight_grid_bits)
     lower = functools.partial(lower_groups, ws.fp, ws.layer_map, set(ws.precision.quantized), ws.weight_layers,
                               ws.profile, plan.bits, plan.per_group_rounding, rounder, progress=progress)
     return EngineJob(ws.profile, len(calib.groups), plan.bits, tuple(ws.weight_layers), calib.ranges(),

@@ -32,7 +32,8 @@ def describe_bundle(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, e
         "engine": {"file": sorted(engines.engines)[0], "runtime": ws.profile.backend,
                    "onnxruntime_version": _ort_version(), "group_inputs": sorted(engines.params[0]),
                    **backend.engine_entry(engines, ws.conditioning.null is not None)},
-        "precision": {"activation_dtype": ws.profile.activation_dtype, "layers": _precision_layers(ws, plan)},
+        "precision": {"activation_dtype": ws.profile.activation_dtype, "weight_grid_bits": ws.profile.weight_grid_bits,
+                      "layers": _precision_layers(ws, plan)},
         "calibration": calib.config.to_dict(),
         "build": {"config": config.to_dict(), "fusion": next(iter(fusion.values())) if len(fusion) == 1 else
                   {"ratio": min(f["ratio"] for f in fusion.values()), "engines": fusion}},

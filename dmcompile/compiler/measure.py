@@ -34,7 +34,7 @@ def step_aware(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config
     """PTQD's step-aware activation widths per group (a report on ort-cpu)."""
     # every tensor the bundle quantizes, Conv outputs included: this judges the whole engine
     probe, X, T, C, fpb = stages.probe_inputs(ws.fp, ws.profile.quantized_tensors, calib, config.analysis,
-                                              ws.calibration_conditions)
+                                              ws.calibration_conditions, ws.profile.weight_grid_bits)
     col = {l.node: i for i, l in enumerate(ws.weight_layers)}
     wb = np.array([[plan.bits[g, col[l.node]] if l.node in col and plan.bits[g, col[l.node]] != FLOAT_BITS else None
                     for l in probe.layers] for g in range(len(calib.groups))], dtype=object)

@@ -50,7 +50,7 @@ def lower_decoder(path: Path, latents: np.ndarray, profile: TargetProfile, kind:
     layers = list(layer_map.layers)
     ranges = decoder_ranges(proto, profile.quantized_tensors(proto, layers), latents, base, kind, percentile, bins)
     inits = {i.name: i for i in proto.graph.initializer}
-    weights = {l.weight: quantize_weight(onnxio.array(inits[l.weight], base), weight_axis(l), 8)
+    weights = {l.weight: quantize_weight(onnxio.array(inits[l.weight], base), weight_axis(l), profile.grid_bits(8))
                for l in layers if l.weight}
     qdq = lower_group(proto, layer_map, {l.node for l in layers}, weights, ranges, profile, base)
     return qdq, len(layers)
