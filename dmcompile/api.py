@@ -17,22 +17,29 @@ from pathlib import Path
 import numpy as np
 from dmruntime import Bundle
 
+from . import stages
+from .analysis.plots import save_rd_curves
+from .artifacts import CURVES, EVAL, atomic_dir, check_replaceable, write_marker
 from .backends import get_backend
 from .budget import Budget
+from .calibration.trajectory import groups_without_steps
 from .compiler import BuildResult, build
 from .config import (AnalysisConfig, BuildConfig, CalibrationConfig, EvalConfig, ExportConfig, MixedRecipe, Override,
                      SampleConfig, W8A8Recipe)
+from .errors import ConfigError
+from .eval.classifier import DigitScorer
+from .eval.grid import save_fd_figure, save_grid
+from .eval.metrics import confident_rate, frechet_distance, psnr, ssim
 from .frontend.export import ExportResult, export_model
 from .frontend.load import LoadedModel, load_model
 from .frontend.torch_model import TorchEpsModel
 from .inspect import bundle_report, format_report, inspect_plots
-from .stages import (cache_dir, fp_bundle, load_conditions, open_bundle, probe_inputs, reference_model,
-                     sample_model)
+from .stages import cache_dir, fp_bundle, load_conditions, open_bundle, probe_inputs, reference_model, sample_model
+from .zoo.data import load_digits16
 
 __all__ = ["AnalysisConfig", "Budget", "BuildConfig", "BuildResult", "CalibrationConfig", "EvalConfig", "EvalResult",
            "ExportConfig", "MixedRecipe", "Override", "SampleConfig", "W8A8Recipe", "analyze", "build", "build_notes",
-           "bundle_report",
-           "cache_dir", "calibrate", "digit_scores", "evaluate", "export", "format_report", "fp_bundle", "inspect_plots",
+           "bundle_report", "cache_dir", "calibrate", "digit_scores", "evaluate", "export", "format_report", "fp_bundle", "inspect_plots",
            "load_conditions", "load_model", "open_bundle", "probe_inputs", "reference_model", "sample", "sample_model",
            "write_eval"]
 
@@ -77,22 +84,16 @@ def sample(target: str | Path, config: SampleConfig = SampleConfig(), *, fp: boo
 @functools.cache
 def real_digit_features() -> np.ndarray:
     """Classifier features of the 1797 real digits (computed once per process)."""
-    from .zoo.data import load_digits16
-
     return _scorer()(load_digits16()[0])[0]
 
 
 @functools.cache
 def _scorer():
-    from .eval.classifier import DigitScorer
-
     return DigitScorer()
 
 
 def digit_scores(images: np.ndarray, threshold: float = 0.9) -> dict:
     """FD to the real digits, confident-class rate and class histogram of [N, 1, 16, 16] samples."""
-    from .eval.metrics import confident_rate, frechet_distance
-
     feats, probs = _scorer()(images)
     return {"fd_to_real": frechet_distance(feats, real_digit_features()),
             "confident_rate": confident_rate(probs, threshold),
@@ -122,8 +123,6 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
     floor) and confident-class rates. Latent models are judged on images: the bundle's decoder
     for its samples, the PyTorch VAE for the reference's.
     """
-    from .eval.metrics import frechet_distance, psnr, ssim
-
     bundle = open_bundle(target, correction=correction)
     ref = TorchEpsModel(reference_model(bundle), null=bundle.conditioning.null,
                         class_table=bundle.conditioning.class_table)
@@ -194,8 +193,6 @@ def calibrate(model: LoadedModel | str | Path | None, config: CalibrationConfig 
     rebuilding with other lowering options does not recalibrate. Conditional models: see
     :class:`CalibrationConfig` (conditions, guidance) and ``null_class`` (the guidance's null
     class of a class-conditional model)."""
-    from . import stages
-
     return stages.cached_calibration(fp_bundle(model), config, progress=progress, null_class=null_class)
 
 
@@ -208,11 +205,6 @@ def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = Ana
     Conditional models are measured on the calibration's conditions, guided like it (both
     branches), with ``null_class`` as in :func:`calibrate`."""
     from dmruntime import NoiseSchedule
-
-    from . import stages
-    from .artifacts import CURVES, check_replaceable
-    from .calibration.trajectory import groups_without_steps
-    from .errors import ConfigError
 
     if out is not None:
         check_replaceable(Path(out), CURVES)  # before minutes of measuring
@@ -229,8 +221,6 @@ def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = Ana
                              conditions=conditions, moments=stages.moments_needed(config.rounding, False))
     curves = stages.rd_curves(fp, calib, config, progress=progress, conditions=conditions)
     if out is not None:
-        from .analysis.plots import save_rd_curves
-
         curves.save(Path(out), plot=save_rd_curves)
     return curves
 
@@ -238,9 +228,6 @@ def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = Ana
 def write_eval(result: EvalResult, out: str | Path) -> list[Path]:
     """Write eval.json, samples.png (up to 64 samples) and, for digits models, fd.png into
     ``out`` atomically; ``out`` must be absent, empty or an earlier evaluation folder."""
-    from .artifacts import EVAL, atomic_dir, write_marker
-    from .eval.grid import save_fd_figure, save_grid
-
     r = result.report
     out = Path(out)
     with atomic_dir(out, EVAL) as tmp:

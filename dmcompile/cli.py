@@ -11,11 +11,23 @@ import sys
 from pathlib import Path
 
 from . import __version__, zoo
+from .artifacts import EVAL, check_file_replaceable, check_replaceable
 from .config import (ALLOCATORS, CALIB_TIMESTEPS, DISTORTIONS, OBSERVERS, RECIPES, ROUNDINGS, SWEEPS, AnalysisConfig,
-                     BuildConfig, CalibrationConfig, EvalConfig, ExportConfig, MixedRecipe, SampleConfig, default)
+                     BuildConfig, CalibrationConfig, EvalConfig, ExportConfig, MixedRecipe, Override, SampleConfig,
+                     W8A8Recipe, default, parse_overrides)
+from .errors import ConfigError, DmcompileError
+from .eval.grid import save_grid
 from .targets import PROFILES
 
 EXIT_USER_ERROR = 2
+
+
+def _api():
+    """dmcompile.api, imported on first use: it loads onnx and ONNX Runtime (seconds on these
+    machines), which ``dmcompile --help`` and a mistyped option should not wait for."""
+    from . import api
+
+    return api
 
 
 def _progress_bar(desc: str):
@@ -37,8 +49,7 @@ def _progress_bar(desc: str):
 
 
 def cmd_export(args) -> int:
-    from . import api
-
+    api = _api()
     cfg = api.ExportConfig(opset=args.opset, seed=args.seed)
     model = api.load_model(args.model, seed=args.seed)
     print(f"model {model.id}: {model.num_parameters() / 1e6:.2f} M parameters, sample {list(model.sample_shape)}")
@@ -76,9 +87,7 @@ def _conditions(args, n: int) -> dict | None:
     import numpy as np
     from dmruntime import Conditioning
 
-    from . import api
-    from .errors import ConfigError
-
+    api = _api()
     target = Path(args.target)
     spec = Conditioning.from_manifest(_manifest(target), target)  # the manifest only: the bundle is opened once
     if args.class_label is not None and args.conditions:
@@ -108,10 +117,7 @@ def _conditions(args, n: int) -> dict | None:
 def cmd_sample(args) -> int:
     import numpy as np
 
-    from . import api
-    from .artifacts import check_file_replaceable
-    from .eval.grid import save_grid
-
+    api = _api()
     cfg = _sample_config(args, default(SampleConfig, "n"))
     check_file_replaceable(args.output)  # before sampling: never overwrite a file we did not write
     cond = _conditions(args, cfg.n)
@@ -132,10 +138,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from . import api
-    from .artifacts import EVAL, check_replaceable
-    from .config import EvalConfig
-
+    api = _api()
     cfg = EvalConfig(sample=_sample_config(args, default(EvalConfig, "sample").n))
     if args.out:
         check_replaceable(args.out, EVAL)  # before minutes of sampling
@@ -174,9 +177,6 @@ def cmd_eval(args) -> int:
 
 def _recipe(args):
     """The recipe of ``build``'s options: --format picks the class, the rest fill it."""
-    from .config import MixedRecipe, Override, W8A8Recipe, parse_overrides
-    from .errors import ConfigError
-
     overrides = tuple(Override(n, "float") for n in args.float_layer) + parse_overrides(args.weight_bits)
     if args.format == MixedRecipe.name:
         return MixedRecipe(budget=args.budget, allocator=args.allocator, share_weights=args.share_weights,
@@ -188,19 +188,15 @@ def _recipe(args):
 
 
 def _calibration_config(args):
-    from .config import CalibrationConfig
-
     return CalibrationConfig(size=args.calib_size, steps=args.calib_steps, seed=args.seed, groups=args.groups,
                              observer=args.observer, timesteps=args.calib_timesteps, guidance_scale=args.guidance,
                              conditions=args.calib_conditions and str(args.calib_conditions))
 
 
 def cmd_build(args) -> int:
-    from . import api
     from dmruntime.engines import engine_runtime
 
-    from .config import BuildConfig
-
+    api = _api()
     cfg = BuildConfig(recipe=_recipe(args), profile=args.target, calibration=_calibration_config(args),
                       analysis=_analysis_config(args), eval_samples=args.eval_samples, seed=args.seed,
                       correction=not args.no_correction, step_aware=args.step_aware, null_class=args.null_class,
@@ -242,8 +238,7 @@ def _analysis_config(args):
 
 
 def cmd_analyze(args) -> int:
-    from . import api
-
+    api = _api()
     curves = api.analyze(args.model, _analysis_config(args), _calibration_config(args), out=args.output,
                          progress=_progress_bar("analyze"), null_class=args.null_class)
     G, L, B = curves.weight.shape
@@ -254,8 +249,7 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from . import api
-
+    api = _api()
     bundle = api.open_bundle(args.bundle)
     report = api.bundle_report(bundle, fusion=not args.no_fusion)
     print(api.format_report(report))
@@ -444,8 +438,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from dmruntime import DmRuntimeError
-
-    from .errors import DmcompileError
 
     args = build_parser().parse_args(argv)
     try:

@@ -9,9 +9,14 @@ import numpy as np
 from dmruntime import Bundle
 from dmruntime.engines import engine_runtime
 
+from . import stages
+from .analysis.plots import save_bits_heatmap, save_rd_curves
+from .analysis.rd import RDCurves
+from .artifacts import PLOTS, atomic_dir, write_marker
 from .backends import get_backend
 from .memory import resident_estimate
 from .quant import FLOAT_BITS
+from .targets import PROFILES
 
 MEMORY_BATCHES = (1, 8)
 
@@ -186,12 +191,6 @@ def inspect_plots(bundle: Bundle, folder: str | Path, curves_dir: str | Path | N
     """Write bits_heatmap.png from the manifest and rd_curves.png from ``curves_dir`` or, for a
     mixed bundle, from the cached curves it was planned with, into ``folder`` (atomically;
     ``folder`` must be absent, empty or an earlier plots folder). Returns the files written."""
-    from . import stages
-    from .analysis.plots import save_bits_heatmap, save_rd_curves
-    from .analysis.rd import RDCurves
-    from .artifacts import PLOTS, atomic_dir, write_marker
-    from .targets import PROFILES
-
     folder = Path(folder)
     curves = None
     if curves_dir:

@@ -26,10 +26,17 @@ import numpy as np
 from dmruntime import Bundle, DDIMSampler
 from dmruntime.conditioning import cycle_rows
 
-from . import __version__
+from . import __version__, onnxio, zoo
+from .analysis.probe import make_probe
+from .analysis.rd import RD_SCHEMA_VERSION, RDCurves, group_inputs, measure_curves
+from .calibration import hessian
+from .calibration.hessian import MOMENTS_SCHEMA_VERSION, MOMENT_ROWS, Moments
+from .calibration.rounding import GPTQ_VERSION, rounding_method
+from .calibration.trajectory import CALIB_SCHEMA_VERSION, CalibrationResult, calibrate_trajectories
 from .config import AnalysisConfig, CalibrationConfig, ExportConfig, SampleConfig
-from .errors import ArtifactError, ModelError
+from .errors import ArtifactError, ConfigError, ModelError
 from .frontend.export import export_model
+from .frontend.layermap import LayerMap
 from .frontend.load import LoadedModel, load_model
 from .targets import ORT_CPU, TargetProfile
 
@@ -78,8 +85,6 @@ def open_bundle(path: str | Path, *, threads: int = 0, correction: bool = True) 
     ``correction``: apply the bundle's PTQD noise correction when it has one. TensorRT bundles
     run on ONNX Runtime (device "cpu"). OpenVINO bundles
     keep their compiled engines in ``cache_dir()/openvino`` (a second run skips compiling)."""
-    from . import zoo
-
     p = Path(path)
     if not (p / "manifest.json").exists() and (p.name in zoo.names() or (p / "config.json").exists()):
         raise ModelError(f"{path} is a model, not a bundle: export or build it first, or pass --fp to sample "
@@ -108,8 +113,6 @@ def sample_model(model, config: SampleConfig = SampleConfig(), progress=None, co
 
 def calibration_key(config: CalibrationConfig, profile: TargetProfile, conditions: dict | None = None,
                     null: dict | None = None) -> str:
-    from .calibration.trajectory import CALIB_SCHEMA_VERSION
-
     # The schema version is in the key so that calibrations cached by older code are not reused;
     # conditional calibrations also key on the conditions and the null condition themselves.
     extra = [] if conditions is None else [_arrays_digest(conditions), _arrays_digest(null or {})]
@@ -131,8 +134,6 @@ def conditioning(fp: Path, config: CalibrationConfig, null_class: int | None = N
     The export's own defaults (a zoo pipeline's conditions.npz) apply unless ``config.conditions``
     or ``null_class`` replace them. Raises ConfigError for conditions that do not fit."""
     from dmruntime.conditioning import COND_STREAM, Conditioning
-
-    from .errors import ConfigError
 
     base = Conditioning.from_manifest(json.loads((fp / "manifest.json").read_text()), fp)
     if not base:
@@ -173,8 +174,6 @@ def load_conditions(path: Path, spec) -> tuple[dict | None, dict | None, np.ndar
     from dmruntime import InputError
     from dmruntime.conditioning import read_conditions
 
-    from .errors import ConfigError
-
     try:
         return read_conditions(path, spec)
     except InputError as e:
@@ -183,8 +182,6 @@ def load_conditions(path: Path, spec) -> tuple[dict | None, dict | None, np.ndar
 
 def _checked(spec, cond: dict, n: int, what: str) -> dict:
     from dmruntime import InputError
-
-    from .errors import ConfigError
 
     try:
         return spec.check(cond, n)
@@ -209,9 +206,6 @@ def cached_calibration(fp: Path, config: CalibrationConfig, profile: TargetProfi
     ``moments`` (``"pooled"`` or ``"groups"``): the layer inputs' second moments are needed too
     (GPTQ rounding); a cached calibration without them is measured again, in one pass, and
     replaced (its ranges come out identical: the moments draw from a stream of their own)."""
-    from .calibration.hessian import Moments
-    from .calibration.trajectory import CalibrationResult, calibrate_trajectories
-
     spec, rows = conditions if conditions is not None else conditioning(fp, config, null_class)
     path = cache_dir() / "calib" / f"{fp.name}-{calibration_key(config, profile, rows, spec.null)}"
     if (path / "calibration.json").is_file():
@@ -234,15 +228,11 @@ def cached_calibration(fp: Path, config: CalibrationConfig, profile: TargetProfi
 
 def load_graph(fp: Path):
     """The export's graph without its weights."""
-    from . import onnxio
-
     return onnxio.load(fp / "model.onnx", weights=False)
 
 
 def load_layer_map(fp: Path):
     """The layer map of an export folder."""
-    from .frontend.layermap import LayerMap
-
     return LayerMap.load(fp / "layer_map.json")
 
 
@@ -251,9 +241,6 @@ def rounder(calib, rounding: str, max_bits: int = 8):
     calibration's second moments where it needs them, widths past ``max_bits`` rounded to that
     grid (the target's ``weight_grid_bits``); results of methods that take time (GPTQ) are cached
     under ``cache_dir()/rounded``."""
-    from .calibration.hessian import Moments
-    from .calibration.rounding import rounding_method
-
     method = rounding_method(rounding)
     if not method.needs_moments:
         made = method()
@@ -270,8 +257,6 @@ def rounder(calib, rounding: str, max_bits: int = 8):
 
 def moments_needed(rounding: str, per_group: bool) -> str | None:
     """What calibration must gather for ``rounding``: None, ``pooled`` or ``groups``."""
-    from .calibration.rounding import rounding_method
-
     if not rounding_method(rounding).needs_moments:
         return None
     return "groups" if per_group else "pooled"
@@ -282,13 +267,10 @@ def check_moments_fit(layers, moments: str | None) -> None:
     (``hessian.MAX_MOMENTS_BYTES``; the full-size SD 1.5 UNet needs 28 GB of them, and GPTQ on a
     23040-column layer takes minutes here). Per-group moments add one such set per group, on
     disk (memory-mapped), not in memory."""
-    from .calibration.hessian import MAX_MOMENTS_BYTES, moments_bytes
-    from .errors import ConfigError
-
-    need = moments_bytes(layers)
-    if moments is not None and need > MAX_MOMENTS_BYTES:
+    need = hessian.moments_bytes(layers)
+    if moments is not None and need > hessian.MAX_MOMENTS_BYTES:  # read here: tests lower the limit
         raise ConfigError(f"GPTQ rounding needs the second moments of every layer's input: {need / 1e9:.1f} GB for "
-                          f"this model (limit {MAX_MOMENTS_BYTES / 1e9:.0f} GB); pass --rounding rtn (round to "
+                          f"this model (limit {hessian.MAX_MOMENTS_BYTES / 1e9:.0f} GB); pass --rounding rtn (round to "
                           "nearest)")
 
 
@@ -299,10 +281,6 @@ def probe_inputs(fp: Path, tensors_of, calib, config: AnalysisConfig, conditions
     group's inputs from fp32 trajectories, guided like the calibration's. ``conditions``:
     (Conditioning, rows) as :func:`conditioning` returns them (worked out from the calibration's
     config when not given). Weights are rounded as the target stores them (``weight_grid_bits``)."""
-    from . import onnxio
-    from .analysis.probe import make_probe
-    from .analysis.rd import group_inputs
-
     spec, rows = conditions if conditions is not None else conditioning(fp, calib.config)
     layer_map = load_layer_map(fp)
     proto = onnxio.load(fp / "model.onnx", weights=False)
@@ -329,15 +307,10 @@ def rd_record(calib, config: AnalysisConfig, conditions: tuple | None = None, pe
 
 def rd_key(record: dict, profile: TargetProfile = ORT_CPU) -> str:
     """Cache key of RD curves from their record (:func:`rd_record`)."""
-    from .analysis.rd import RD_SCHEMA_VERSION
-    from .calibration.trajectory import CALIB_SCHEMA_VERSION
-
     extra = [record["conditions"]] if "conditions" in record else []
     extra += ["per_group_rounding"] if record.get("per_group_rounding") else []
     if moments_needed(record["analysis"].get("rounding", "rtn"), False):
         # the curves hold weights rounded on the moments: the method's version and the moments' schema
-        from .calibration.hessian import MOMENT_ROWS, MOMENTS_SCHEMA_VERSION
-        from .calibration.rounding import GPTQ_VERSION
 
         extra += [f"gptq{GPTQ_VERSION}", f"moments{MOMENTS_SCHEMA_VERSION}x{MOMENT_ROWS}"]
     if profile.weight_grid_bits < 8:  # the curves' weights are rounded to this grid
@@ -353,8 +326,6 @@ def rd_curves(fp: Path, calib, config: AnalysisConfig, profile: TargetProfile = 
     :func:`conditioning`; worked out from the calibration's config when not given). Weights
     are rounded by ``config.rounding`` as the build stores them (``calib`` must carry moments
     for gptq); ``per_group``: per-group weights, each group rounded on its own moments."""
-    from .analysis.rd import RDCurves, measure_curves
-
     conditions = conditions if conditions is not None else conditioning(fp, calib.config)
     record = rd_record(calib, config, conditions, per_group)
     path = cache_dir() / "rd" / f"{fp.name}-{rd_key(record, profile)}"
@@ -379,8 +350,6 @@ def rd_curves(fp: Path, calib, config: AnalysisConfig, profile: TargetProfile = 
 
 def find_curves(record: dict, profile: TargetProfile = ORT_CPU):
     """The cached RD curves a plan record ({"calibration": ..., "analysis": ...}) names, or None."""
-    from .analysis.rd import RDCurves
-
     key = rd_key(record, profile)
     for hit in sorted((cache_dir() / "rd").glob(f"*-{key}/curves.json")):
         try:

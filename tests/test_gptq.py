@@ -141,11 +141,9 @@ def test_moments_gathered_in_the_calibration_pass_match_a_direct_computation(tin
 
 def test_cached_calibration_gains_moments_once(tiny_export, tmp_path, monkeypatch):
     monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "cache"))
-    import dmcompile.calibration.trajectory as trajectory
-
     runs = []
-    real = trajectory.calibrate_trajectories
-    monkeypatch.setattr(trajectory, "calibrate_trajectories", lambda *a, **k: runs.append(k.get("moments")) or real(*a, **k))
+    real = stages.calibrate_trajectories
+    monkeypatch.setattr(stages, "calibrate_trajectories", lambda *a, **k: runs.append(k.get("moments")) or real(*a, **k))
     first = stages.cached_calibration(tiny_export, SMALL)
     assert first.moments is None
     pooled = stages.cached_calibration(tiny_export, SMALL, moments="pooled")  # measured again, with moments

@@ -169,3 +169,24 @@ def test_the_rules_catch_the_imports_they_forbid():
     assert len(floors) == 2 and "lowering.decoder" in floors[0] and "analysis.probe" in floors[1]
     assert backend_violations(planted) == ["dmcompile.backends.openvino imports dmcompile.calibration.trajectory"]
     assert [v.split()[2].rstrip(":") for v in cli_violations(planted)] == ["dmcompile.inspect", "dmcompile.stages"]
+
+
+# Imports of the package's own modules inside functions, and why each cannot sit at the top.
+LAZY_OWN_IMPORTS = {
+    ("dmcompile.cli", "_api"): "dmcompile.api loads onnx and ONNX Runtime; --help should not wait for them",
+}
+
+
+def lazy_own_imports() -> set[tuple[str, str]]:
+    found = set()
+    for path in sorted(PKG.rglob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("dmcompile")):
+                        found.add((module_name(path), fn.name))
+    return found
+
+
+def test_own_modules_are_imported_at_the_top():
+    assert lazy_own_imports() == set(LAZY_OWN_IMPORTS)

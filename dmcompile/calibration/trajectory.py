@@ -20,6 +20,7 @@ import onnx
 from dmruntime import NoiseSchedule, group_lookup, sampler_timesteps
 from dmruntime.conditioning import Conditioning
 
+from .. import onnxio
 from ..artifacts import CALIBRATION, atomic_dir, write_marker
 from ..config import CalibrationConfig
 from ..errors import ArtifactError
@@ -197,8 +198,6 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
     ``moments``: also gather every weighted layer's input second moments (GPTQ rounding), in
     the same pass: ``"pooled"`` over all recorded steps, or ``"groups"`` (one per timestep
     group, and pooled); kept under ``work_dir`` (a temporary folder there) until saved."""
-    from .. import onnxio
-
     model = onnxio.load(fp_model_path, weights=False)  # the weights stay on disk (big models)
     names = profile.quantized_tensors(model, layer_map.layers)
     recorder = None

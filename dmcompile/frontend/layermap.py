@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .. import onnxio
 from ..errors import ArtifactError
 from .passes import module_of_node
 
@@ -84,8 +85,6 @@ def _probe_shapes(model: onnx.ModelProto, names: list[str], feeds: dict, base_di
     """Run the graph once with ``names`` added as outputs; return their shapes. ``base_dir``:
     where the model's external data lives, if it has any."""
     import onnxruntime as ort
-
-    from .. import onnxio
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)

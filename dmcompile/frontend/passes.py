@@ -6,6 +6,7 @@ from collections import Counter
 
 import onnx
 
+from .. import onnxio
 from ..errors import ExportError
 
 
@@ -15,8 +16,6 @@ def check_graph(model: onnx.ModelProto, what: str, path=None) -> None:
     A model whose weights are (or must be) external data is checked by the ONNX checker from
     its file ``path``; without one, such a graph gets the structural checks only (export
     checks the finished file)."""
-    from .. import onnxio
-
     big = not onnxio.fits(model) or bool(onnxio.external_files(model))
     try:
         if big and path is not None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from ..targets import float_input_values
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 KEEP_FLOAT32_INPUTS = {"Resize": (1, 2)}  # roi and scales are float32 whatever the data's type
@@ -61,8 +62,6 @@ def _types(model: onnx.ModelProto) -> dict[str, int]:
 def float16_plan(model: onnx.ModelProto) -> tuple[set[str], set[str]]:
     """(hot, constant): the values computed from float graph inputs (FP16 after the pass) and
     the values computed from constants alone (they take their readers' type)."""
-    from ..targets import float_input_values
-
     const = {i.name for i in model.graph.initializer} | {""}
     for n in model.graph.node:
         if all(i in const for i in n.input):

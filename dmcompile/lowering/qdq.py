@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import onnxio
+from ..errors import ExportError
 from ..frontend.layermap import Layer, LayerMap
 from ..frontend.passes import check_graph
 from ..quant import QuantWeight, pack_int4, qparams, quantize_weight, weight_axis
@@ -212,7 +213,6 @@ def to_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     try:
         out = version_converter.convert_version(model, version)
     except Exception as e:  # the converter raises its own RuntimeError / ValueError kinds
-        from ..errors import ExportError
 
         raise ExportError(f"the tensorrt target needs this model's graph at opset {version} (FP16 Q/DQ scales, INT4 "
                           f"blocks), and ONNX's version converter cannot take it from opset {current}: {e}. Build "
