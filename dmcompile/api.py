@@ -22,11 +22,10 @@ from .analysis.plots import save_rd_curves
 from .artifacts import CURVES, EVAL, atomic_dir, check_replaceable, write_marker
 from .backends import get_backend
 from .budget import Budget
-from .calibration.trajectory import groups_without_steps
+from .calibration.trajectory import groups_without_steps, no_steps_error
 from .compiler import BuildResult, build
 from .config import (AnalysisConfig, BuildConfig, CalibrationConfig, EvalConfig, ExportConfig, MixedRecipe, Override,
                      SampleConfig, W8A8Recipe)
-from .errors import ConfigError
 from .eval.classifier import DigitScorer
 from .eval.grid import save_fd_figure, save_grid
 from .eval.metrics import confident_rate, frechet_distance, psnr, ssim
@@ -211,9 +210,7 @@ def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = Ana
     model = stages.as_model(model)
     empty = groups_without_steps(NoiseSchedule.from_config(model.scheduler_config), calibration)
     if empty:
-        raise ConfigError(f"no step of a {calibration.steps}-step DDIM run falls in timestep group {empty[0].index} "
-                          f"[{empty[0].t_start}, {empty[0].t_end}), so it has no inputs for RD curves; use fewer "
-                          "groups (--groups) or more calibration steps (--calib-steps)")
+        raise no_steps_error(empty, calibration.steps, calibration.groups)
     fp = fp_bundle(model)
     stages.check_moments_fit(stages.load_layer_map(fp).layers, stages.moments_needed(config.rounding, False))
     conditions = stages.conditioning(fp, calibration, null_class)

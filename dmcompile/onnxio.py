@@ -123,3 +123,17 @@ def session(model: onnx.ModelProto | str | Path, options=None, *, base_dir: str 
             _link(Path(base_dir) / name, Path(d) / name)
         save(model, path)
         return ort.InferenceSession(str(path), options, providers=list(providers), **kw)
+
+
+def producers(graph) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node that computes it."""
+    return {o: n for n in graph.node for o in n.output}
+
+
+def consumers(graph) -> dict[str, list[tuple[onnx.NodeProto, int]]]:
+    """Tensor name -> (node, input index) of every node that reads it, in graph order."""
+    out: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            out.setdefault(name, []).append((node, i))
+    return out

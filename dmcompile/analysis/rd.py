@@ -20,8 +20,9 @@ from dmruntime.conditioning import cycle_rows, take_rows
 
 from ..artifacts import CURVES, atomic_dir, write_marker
 from ..calibration.recorder import record_trajectories
+from ..calibration.trajectory import no_steps_error
 from ..config import AnalysisConfig
-from ..errors import ArtifactError, ConfigError
+from ..errors import ArtifactError
 from ..eval.metrics import ssim
 from ..quant import noise_power, weight_axis
 from .probe import Probe, act_params
@@ -110,11 +111,10 @@ def group_inputs(fp_bundle, groups, config: AnalysisConfig, steps: int, seed: in
                         guidance_scale=guidance_scale, cond=cycle_rows(cond, n_traj),
                         conditioning=conditioning if conditioning else fp_bundle.conditioning)
     xs, ts, cs = [], [], []
+    empty = [g for g in groups if not rows[g.index]]
+    if empty:
+        raise no_steps_error(empty, steps, len(groups))
     for g in groups:
-        if not rows[g.index]:
-            raise ConfigError(f"no sampling step of a {steps}-step DDIM run falls in timestep group {g.index} "
-                              f"[{g.t_start}, {g.t_end}), so it has no inputs for RD curves; use fewer groups "
-                              "(--groups) or more calibration steps (--calib-steps)")
         got = rows[g.index]
         x = np.concatenate([r[0] for r in got])
         t = np.concatenate([np.full(len(r[0]), r[1], np.int64) for r in got])

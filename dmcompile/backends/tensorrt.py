@@ -51,7 +51,7 @@ def engine_report(model: onnx.ModelProto) -> dict:
     A weighted op is integer when its input 0 and weight are dequantized; weight-only INT4 counts
     apart (its arithmetic is FP16)."""
     g = model.graph
-    producer = {o: n for n in g.node for o in n.output}
+    producer = onnxio.producers(g)
     inits = {i.name: i for i in g.initializer}
 
     def dq(name):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import onnxio
 from ..targets import float_input_values
 
 __all__ = ["check_explicit_quantization", "differ_only_in_scales", "dq_weight_axis"]
@@ -60,11 +61,7 @@ def check_explicit_quantization(model, residual_skip: bool | None = True) -> lis
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i, name in enumerate(n.input):
-            consumers.setdefault(name, []).append((n, i))
+    producer, consumers = onnxio.producers(g), onnxio.consumers(g)
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     data = float_input_values(model)
     problems = []

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from dmruntime import NoiseSchedule, group_lookup, sampler_timesteps
+from dmruntime import Group, NoiseSchedule, group_lookup, sampler_timesteps
 from dmruntime.conditioning import Conditioning
 
 from .. import onnxio
 from ..artifacts import CALIBRATION, atomic_dir, write_marker
 from ..config import CalibrationConfig
-from ..errors import ArtifactError
+from ..errors import ArtifactError, ConfigError
 from ..frontend.layermap import LayerMap
 from ..targets import ORT_CPU, TargetProfile
 from .hessian import MOMENTS, MomentRecorder, layer_columns
@@ -35,23 +35,23 @@ CALIB_STREAM = 0xCA11B
 MOMENTS_TMP = ".moments-tmp-"  # a calibration pass's moments until saved
 
 
-@dataclass(frozen=True)
-class TimestepGroup:
-    """A range [t_start, t_end) of training timesteps that shares activation statistics.
-    Engines are assigned to groups when the bundle is written, not here."""
-
-    index: int
-    t_start: int
-    t_end: int
-
-
-def equal_groups(num_train_timesteps: int, k: int) -> tuple[TimestepGroup, ...]:
+def equal_groups(num_train_timesteps: int, k: int) -> tuple[Group, ...]:
     """K contiguous groups of (nearly) equal length partitioning [0, T)."""
     edges = [round(num_train_timesteps * g / k) for g in range(k + 1)]
-    return tuple(TimestepGroup(g, edges[g], edges[g + 1]) for g in range(k))
+    return tuple(Group(g, edges[g], edges[g + 1]) for g in range(k))
 
 
-def groups_without_steps(schedule: NoiseSchedule, config: CalibrationConfig) -> list[TimestepGroup]:
+def no_steps_error(empty: list, steps: int, groups: int) -> ConfigError:
+    """The error for timestep groups that no step of a ``steps``-step run visits (``empty``, of
+    ``groups``): what RD curves and the step-aware check would have no inputs for."""
+    g = empty[0]
+    return ConfigError(f"no step of a {steps}-step DDIM run falls in timestep group {g.index} [{g.t_start}, "
+                       f"{g.t_end}) ({len(empty)} of {groups} groups are empty), so RD curves and the step-aware "
+                       "check have no inputs there; use fewer groups (--groups) or more calibration steps "
+                       "(--calib-steps)")
+
+
+def groups_without_steps(schedule: NoiseSchedule, config: CalibrationConfig) -> list[Group]:
     """The groups of ``config`` that no step of a ``config.steps``-step DDIM run visits."""
     groups = equal_groups(schedule.num_train_timesteps, config.groups)
     lookup = group_lookup(groups, schedule.num_train_timesteps)
@@ -116,7 +116,7 @@ class CalibrationResult:
     """Per-group observers of every quantized tensor, and what produced them."""
 
     config: CalibrationConfig
-    groups: tuple[TimestepGroup, ...]
+    groups: tuple[Group, ...]
     tensors: tuple[str, ...]
     observers: tuple[dict, ...]  # group index -> {tensor: HistogramObserver}
     moments: Path | None = None  # folder of the layer inputs' second moments (hessian.Moments), if gathered
@@ -172,7 +172,7 @@ class CalibrationResult:
             observers.append({n: HistogramObserver.from_state(
                 {k: arrays[f"g{g}_t{i}_{k}"] for k in ("lo", "hi", "origin", "width", "count", "hist")})
                 for i, n in enumerate(tensors)})
-        groups = tuple(TimestepGroup(d["index"], d["t_start"], d["t_end"]) for d in meta["groups"])
+        groups = tuple(Group(d["index"], d["t_start"], d["t_end"]) for d in meta["groups"])
         moments = Path(folder) / MOMENTS
         return cls(CalibrationConfig.from_dict(meta["config"]), groups, tensors, tuple(observers),
                    moments if (moments / "moments.json").is_file() else None)

@@ -15,7 +15,7 @@ from .. import onnxio, stages
 from ..analysis.plan import bops, check_bits, check_feasible, plan_bits
 from ..backends.onnxruntime import ort_fusion_report, optimize_for_cpu
 from ..calibration.recorder import record_trajectories
-from ..calibration.trajectory import CalibrationResult, groups_without_steps
+from ..calibration.trajectory import CalibrationResult, groups_without_steps, no_steps_error
 from ..config import BuildConfig, MixedRecipe
 from ..errors import ConfigError
 from ..eval.metrics import psnr
@@ -51,11 +51,7 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
     if config.step_aware or (isinstance(recipe, MixedRecipe) and recipe.budget is not None):
         empty = groups_without_steps(NoiseSchedule.from_config(model.scheduler_config), config.calibration)
         if empty:
-            g = empty[0]
-            raise ConfigError(f"no step of a {config.calibration.steps}-step DDIM run falls in timestep group "
-                              f"{g.index} [{g.t_start}, {g.t_end}) ({len(empty)} of {config.calibration.groups} "
-                              "groups are empty), so RD curves and the step-aware check have no inputs there; "
-                              "use fewer groups (--groups) or more calibration steps (--calib-steps)")
+            raise no_steps_error(empty, config.calibration.steps, config.calibration.groups)
     return ws
 
 

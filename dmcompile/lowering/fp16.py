@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from .. import onnxio
 from ..targets import float_input_values
 
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -80,7 +81,7 @@ def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     graph_inputs = {i.name for i in g.input}
     graph_outputs = {o.name for o in g.output}
     inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
+    producer = onnxio.producers(g)
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for n in g.node:
         for i, v in enumerate(n.input):

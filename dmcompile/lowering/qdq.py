@@ -109,10 +109,7 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
         new_inits += [_scalar(f"{t}.q_scale", scale, np.float32), _scalar(f"{t}.q_zero_point", zp, act_dtype)]
 
     graph_outputs = {o.name for o in g.output}
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in g.node:
-        for i, v in enumerate(node.input):
-            consumers.setdefault(v, []).append((node, i))
+    consumers = onnxio.consumers(g)
 
     def qdq_nodes(t: str) -> list[onnx.NodeProto]:
         """Q for tensor t, a dedicated DQ per quantized consumer, one shared DQ for the rest."""

@@ -33,12 +33,13 @@ def sha256_file(path: Path) -> str:
 
 @dataclass(frozen=True)
 class Group:
-    """A range [t_start, t_end) of training timesteps served by one engine."""
+    """A range [t_start, t_end) of training timesteps that shares activation statistics and, in a
+    bundle, one engine (the compiler's calibration groups have none yet: ``engine`` empty)."""
 
     index: int
     t_start: int
     t_end: int
-    engine: str
+    engine: str = ""
 
 
 def group_lookup(groups: list[Group] | tuple[Group, ...], num_train_timesteps: int) -> np.ndarray:
