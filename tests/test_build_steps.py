@@ -63,3 +63,24 @@ def test_no_two_public_functions_share_a_name():
                 where.setdefault(node.name, []).append(str(path.relative_to(ROOT)))
     twice = {n: where[n] for n, c in names.items() if c > 1}
     assert not twice, twice
+
+
+def test_no_backend_is_chosen_by_name_outside_the_registry():
+    """Code outside dmcompile/backends/ (and dmruntime's engine registry) asks the registry
+    (get_backend, engine_runtime) and the profile; it never compares a runtime's or backend's name
+    (a new backend would have to find every such place)."""
+    names = set(BACKENDS) | set(PROFILES)
+    runtime = ROOT / "runtimes" / "python" / "dmruntime"
+    own = {runtime / "engines.py", runtime / "engine.py", runtime / "openvino_engine.py"}  # the runtime's registry
+    bad = []
+    for path in sorted([*(ROOT / "dmcompile").rglob("*.py"), *runtime.rglob("*.py")]):
+        if "backends" in path.parts or "tensorrt" in path.parts or path in own:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                consts = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                consts += [e.value for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set))
+                           for e in c.elts if isinstance(e, ast.Constant)]
+                if names & {c for c in consts if isinstance(c, str)}:
+                    bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not bad, bad
