@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from dmruntime.weights import encode, pack_int4, unpack_int4
 
-from dmcompile.analysis.allocate import allocate, dp, lagrange, parse_budget
+from dmcompile.analysis.allocate import allocate, dp, lagrange
+from dmcompile.budget import parse_budget
 from dmcompile.errors import BudgetError
 
 

@@ -80,15 +80,28 @@ def diffusers_guided(unet, scheduler_config, x, steps, scale, cond, null):
 
 
 def test_guided_ddim_matches_diffusers(tiny_cond_dir, tmp_path):
+    """The runtime's guided DDIM tracks diffusers' scheduler and pipeline guidance over 50 steps,
+    over the PyTorch UNet and over its ONNX export. Guidance 4 amplifies float32 rounding along the
+    trajectory, by how much depends on the CPU's kernels, so the bound is measured: diffusers'
+    own run from x_T moved by one float32 ulp."""
+    from dmcompile.frontend.torch_model import TorchEpsModel
+
     exp = api.export(str(tiny_cond_dir), tmp_path / "e").path
     loaded = api.load_model(str(tiny_cond_dir))
     n = 3
     cond, null = embeddings(n, 1), np.zeros((1, L, D), np.float32)
     x_T = np.random.default_rng(2).standard_normal((n, 4, 8, 8)).astype(np.float32)
+    nulls = np.repeat(null, n, 0)
+    want = diffusers_guided(loaded.unet, loaded.scheduler_config, x_T, 50, 4.0, cond, nulls)
+    nudged = diffusers_guided(loaded.unet, loaded.scheduler_config, np.nextafter(x_T, np.inf), 50, 4.0, cond, nulls)
+    floor = float(np.abs(nudged - want).max())
+    assert 0 < floor < 1e-3  # rounding noise, not a different trajectory
+    same_unet = DDIMSampler(TorchEpsModel(loaded, null={"encoder_hidden_states": null[0]}), steps=50,
+                            guidance_scale=4.0).run(x_T, cond={"encoder_hidden_states": cond})
     sampler = DDIMSampler(Bundle.open(exp), steps=50, guidance_scale=4.0, null_cond={"encoder_hidden_states": null[0]})
     got = sampler.run(x_T, cond={"encoder_hidden_states": cond})
-    want = diffusers_guided(loaded.unet, loaded.scheduler_config, x_T, 50, 4.0, cond, np.repeat(null, n, 0))
-    assert np.abs(got - want).max() <= 1e-4
+    for ours in (same_unet, got):
+        assert np.abs(ours - want).max() <= 4 * floor, (np.abs(ours - want).max(), floor)
 
 
 def test_conditional_bundles_run_integer_kernels(cond_bundle, class_bundle):
