@@ -154,7 +154,7 @@ def test_budget_build_meets_the_budget(tiny_model_dir, curves, tmp_path):
         raise AssertionError("curves measured for an infeasible budget")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stages, "analyze", no_curves)
+        mp.setattr(stages, "rd_curves", no_curves)
         with pytest.raises(BudgetError, match="infeasible"):
             mixed(tiny_model_dir, tmp_path / "b3", budget="3bits")
 

@@ -170,3 +170,14 @@ def test_cli_refuses_bad_input(tmp_path, capsys):
     assert main([str(DATA / "tiny-w4"), "--class", "1", "-o", str(tmp_path / "a.png")]) == 2
     assert "unconditional" in capsys.readouterr().err
     assert not (tmp_path / "a.png").exists()
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject.toml lists the runtime's packages by name: a new one (a sampler folder, say) must
+    be listed or a non-editable install (a board, the arm64 check) lacks it."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    listed = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = sorted(".".join(p.parent.relative_to(root).parts) for p in (root / "dmruntime").rglob("__init__.py"))
+    assert sorted(listed) == found
