@@ -5,8 +5,9 @@ samples, from the tiny seeded UNet of conftest.py:
 
 ``tiny-w8a8`` (2 timestep groups) and ``tiny-w4`` (4-bit weights stored packed, first and last
 conv 8-bit, 2 groups), plus ``reference.npz``: what this machine's runtime samples from each
-(REFERENCE_SAMPLES samples, REFERENCE_STEPS DDIM steps, seed 0), the images another machine (an
-ARM board, an emulated aarch64) compares its own samples with. tests/test_runtime_fixtures.py
+(REFERENCE_SAMPLES samples, REFERENCE_STEPS DDIM steps, seed 0) and what the fp32 export samples
+(``fp32``), the images another machine (an ARM board, an emulated aarch64) compares its own
+samples with. tests/test_runtime_fixtures.py
 checks that the committed copies still agree with what the compiler builds now.
 """
 
@@ -46,10 +47,14 @@ def build_fixtures(out: Path, work: Path) -> None:
         shutil.copytree(built, staging / name, ignore=shutil.ignore_patterns(*SKIP))
         sampler = DDIMSampler(Bundle.open(staging / name), steps=REFERENCE_STEPS)
         refs[name] = sampler.sample(REFERENCE_SAMPLES, seed=0)
+    # the full-precision samples (the fp32 export, same seeds): how close each machine gets
+    refs["fp32"] = DDIMSampler(Bundle.open(api.fp_bundle(str(model))), steps=REFERENCE_STEPS).sample(
+        REFERENCE_SAMPLES, seed=0)
     np.savez(staging / "reference.npz", **refs)
     (staging / "README.md").write_text(
         "Built by `tests/make_runtime_fixtures.py` on x86-64; do not edit by hand.\n"
-        f"reference.npz: {REFERENCE_SAMPLES} samples per bundle, {REFERENCE_STEPS} DDIM steps, seed 0.\n")
+        f"reference.npz: {REFERENCE_SAMPLES} samples per bundle and of the fp32 export (`fp32`), "
+        f"{REFERENCE_STEPS} DDIM steps, seed 0.\n")
     staging.rename(out)
 
 

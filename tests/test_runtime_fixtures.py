@@ -15,7 +15,8 @@ def test_committed_fixtures_match_a_fresh_build(tmp_path):
     out = tmp_path / "data"
     build_fixtures(out, tmp_path)
     fresh, committed = np.load(out / "reference.npz"), np.load(DATA / "reference.npz")
-    assert sorted(fresh.files) == sorted(committed.files) == sorted(FIXTURES)
+    assert sorted(fresh.files) == sorted(committed.files) == sorted([*FIXTURES, "fp32"])
+    np.testing.assert_allclose(committed["fp32"], fresh["fp32"], atol=1e-5, err_msg="fp32")
     for name in FIXTURES:
         np.testing.assert_allclose(committed[name], fresh[name], atol=1e-5, err_msg=name)
         a = json.loads((DATA / name / "manifest.json").read_text())

@@ -24,10 +24,14 @@ from dmruntime.weights import load_weights, pack_int4, unpack_int4
 DATA = Path(__file__).resolve().parent / "data"
 BUNDLES = ("tiny-w8a8", "tiny-w4")
 STEPS, N = 10, 4  # as in data/README.md
-# Integer kernels differ between instruction sets (x86 VNNI vs ARM dot-product: rounding of the
-# requantization, accumulation order of float parts); on the same machine the samples are equal.
-# Measured under qemu's cortex-a76 and max CPUs: see benchmarks/README.md "ARM64".
-MIN_PSNR_DB = 40.0
+# Machines with other float code (AVX-512, AVX2, NEON: exp, rsqrt) round a few values differently;
+# one that lands on a quantizer's rounding boundary flips an int8 code, and the quantized sampler
+# carries the flip into another, equally good, trajectory (benchmarks/README.md "ARM64"). So another
+# machine's samples are held to two things: near the build machine's (a runtime computing something
+# else lands far below: the AVX2 overflow gave 21-26 dB), and as close to full precision as the
+# build machine's, within FP32_MARGIN_DB. On the build machine the samples are equal.
+MIN_PSNR_DB = 30.0
+FP32_MARGIN_DB = 1.5
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -38,10 +42,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.mark.parametrize("name", BUNDLES)
 def test_samples_match_the_build_machine(name):
-    ref = np.load(DATA / "reference.npz")[name]
+    refs = np.load(DATA / "reference.npz")
+    ref, fp32 = refs[name], refs["fp32"]
     x = DDIMSampler(Bundle.open(DATA / name), steps=STEPS).sample(N, seed=0)
     assert x.shape == ref.shape == (N, 2, 8, 8) and np.isfinite(x).all()
     assert psnr(x, ref) >= MIN_PSNR_DB, f"{name}: {psnr(x, ref):.1f} dB from the x86-64 samples"
+    assert psnr(x, fp32) >= psnr(ref, fp32) - FP32_MARGIN_DB, \
+        f"{name}: {psnr(x, fp32):.1f} dB from fp32 here, {psnr(ref, fp32):.1f} dB on the build machine"
 
 
 def test_sampling_is_deterministic_and_batch_independent():
