@@ -16,7 +16,7 @@ import numpy as np
 from .errors import InputError
 
 # DDIMScheduler's defaults for keys a scheduler config (often a DDPMScheduler's) leaves out.
-DDIM_DEFAULTS = {
+SCHEDULE_DEFAULTS = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
     "beta_end": 0.02,
@@ -68,7 +68,7 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, config: dict) -> NoiseSchedule:
-        cfg = {**DDIM_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+        cfg = {**SCHEDULE_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
         if cfg["thresholding"]:
             raise InputError("dynamic thresholding is not supported; set thresholding=false in the scheduler config")
         if cfg["prediction_type"] not in ("epsilon", "v_prediction", "sample"):
