@@ -26,7 +26,7 @@ from .engines import write_engines
 from .manifest import describe_bundle
 from .measure import check_fidelity, estimate_corrections, step_aware
 from .steps import allocate_widths, calibrate_workspace, prepare, quantize_decoder
-from .workspace import DecoderEngine, WeightPlan, Workspace
+from .workspace import ComponentEngine, WeightPlan, Workspace
 
 __all__ = ["STEPS", "VALUES", "BuildResult", "build", "build_steps"]
 
@@ -48,7 +48,7 @@ def finish_manifest(folder: Path, body: dict, engines: EngineSet, started: float
 # The values steps read and write, and their types. build's inputs: model, config, progress, started.
 VALUES = {
     "model": (LoadedModel, str, Path, type(None)), "config": BuildConfig, "progress": object, "started": float,
-    "ws": Workspace, "calib": CalibrationResult, "plan": WeightPlan, "decoder": (DecoderEngine, type(None)),
+    "ws": Workspace, "calib": CalibrationResult, "plan": WeightPlan, "decoder": (ComponentEngine, type(None)),
     "folder": Path, "cache": str, "engines": EngineSet, "body": dict, "manifest": dict,
 }
 INPUTS = ("model", "config", "progress", "started")

@@ -1,6 +1,6 @@
 """The build's engine-writing step: the target's backend emits the engines from the lowered
 groups; then the files every bundle kind may ship (guidance's null condition, the class table,
-the decoder) and the backend's own extras."""
+the components: the decoder) and the backend's own extras."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from dmruntime.components import component_class
 from dmruntime.conditioning import NULL_FILE, TABLE_FILE
 
 from .. import onnxio, stages
@@ -17,7 +18,7 @@ from ..backends.base import EngineJob, EngineSet
 from ..calibration.trajectory import CalibrationResult
 from ..config import BuildConfig, MixedRecipe
 from ..lowering.groups import lower_groups
-from .workspace import DecoderEngine, WeightPlan, Workspace
+from .workspace import ComponentEngine, WeightPlan, Workspace
 
 
 def engine_job(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config: BuildConfig,
@@ -34,10 +35,11 @@ def engine_job(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config
 
 
 def write_engines(folder: Path, ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config: BuildConfig,
-                  decoder: DecoderEngine | None, progress=None) -> EngineSet:
+                  decoder: ComponentEngine | None, progress=None) -> EngineSet:
     """The engines (one QDQ graph in memory at a time where the backend writes them as lowered),
-    then the null condition of guidance and the class table, the decoder (the export's fp32 one, or
-    ``decoder``'s int8 one) and the backend's extra files; ``files`` lists them all."""
+    then the null condition of guidance and the class table, every component of the export (as it
+    is, or as a step lowered it: ``decoder``) and the backend's extra files; ``files`` lists them
+    all."""
     backend = get_backend(ws.profile.backend)
     engines = backend.emit(folder, engine_job(ws, calib, plan, config, progress), progress)
     files = list(engines.files)
@@ -50,11 +52,14 @@ def write_engines(folder: Path, ws: Workspace, calib: CalibrationResult, plan: W
         with open(folder / TABLE_FILE, "wb") as f:
             np.savez(f, class_table=table)
         files.append(TABLE_FILE)
-    if decoder is not None:
-        files += onnxio.save(decoder.model, folder / ws.decoder["file"])
-    elif ws.decoder:  # latent models: the fp32 decoder of the export, as it is
-        shutil.copyfile(ws.fp / ws.decoder["file"], folder / ws.decoder["file"])
-        files.append(ws.decoder["file"])
+    lowered = {decoder.key: decoder} if decoder is not None else {}
+    for key, entry in ws.components.items():
+        if key in lowered:
+            files += onnxio.save(lowered[key].model, folder / entry["file"])
+            continue
+        for name in component_class(key).files(entry):  # the export's graph, as it is
+            shutil.copyfile(ws.fp / name, folder / name)
+            files.append(name)
     files += backend.extra_files(folder)
     return EngineSet(engines.engines, engines.engine_of, engines.params, engines.first_group, engines.fusion, files,
                      engines.stored)

@@ -14,11 +14,11 @@ from ..config import BuildConfig
 from ..memory import memory_entry
 from ..quant import FLOAT_BITS, encode
 from .steps import storage_width, weight_only
-from .workspace import DecoderEngine, WeightPlan, Workspace
+from .workspace import ComponentEngine, WeightPlan, Workspace
 
 
 def describe_bundle(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, engines: EngineSet,
-                    config: BuildConfig, decoder: DecoderEngine | None = None) -> dict:
+                    config: BuildConfig, decoder: ComponentEngine | None = None) -> dict:
     """The manifest body (everything but measurements and file hashes)."""
     fusion = engines.fusion
     backend = get_backend(ws.profile.backend)
@@ -43,9 +43,10 @@ def describe_bundle(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, e
         body["weights"] = _weights_entry(WEIGHTS_FILE, stored.tensors)
     if plan.record:
         body["plan"] = plan.record
-    if ws.decoder:
-        body["decoder"] = ws.decoder if decoder is None else {**ws.decoder, "precision": "w8a8",
-                                                               "w8a8": decoder.record}
+    lowered = {decoder.key: decoder} if decoder is not None else {}
+    for key, entry in ws.components.items():  # as exported, or with the precision a step lowered it to
+        c = lowered.get(key)
+        body[key] = entry if c is None else {**entry, "precision": c.precision, c.precision: c.record}
     # Activation liveness of the fp32 graphs: `dmcompile inspect`'s resident-memory estimate.
     body["memory"] = memory_entry(ws.fp, ws.decoder["file"] if ws.decoder else None,
                                   ws.conditioning.sequence_length if ws.conditioning else None)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from dmruntime import Bundle, NoiseSchedule, group_lookup, sampler_timesteps
+from dmruntime import COMPONENTS
 from dmruntime.conditioning import cycle_rows
 
 from .. import onnxio, stages
@@ -25,7 +26,7 @@ from ..lowering.decoder import lower_decoder
 from ..lowering.precision import resolve
 from ..lowering.qdq import int4_layout
 from ..targets import ORT_CPU, TargetProfile, get_profile
-from .workspace import DecoderEngine, WeightPlan, Workspace, per_group_weights
+from .workspace import ComponentEngine, WeightPlan, Workspace, per_group_weights
 
 
 def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Workspace:
@@ -35,16 +36,17 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
     fp = stages.fp_bundle(model)
     layer_map = stages.load_layer_map(fp)
     spec, rows = stages.conditioning(fp, config.calibration, config.null_class)
-    decoder = json.loads((fp / "manifest.json").read_text()).get("decoder")
+    exported = json.loads((fp / "manifest.json").read_text())
+    components = {key: exported[key] for key in COMPONENTS if exported.get(key)}
     profile = get_profile(config.profile)
     if profile.quantize_residual_skip and not config.residual_int8:
         profile = dataclasses.replace(profile, quantize_residual_skip=False)
     default_float = model.family.default_float if profile.family_default_float else ()
     ws = Workspace(model.describe(), model.scheduler_config, fp, layer_map, profile,
-                   resolve(layer_map, config.overrides, profile, default_float), spec, rows, decoder)
+                   resolve(layer_map, config.overrides, profile, default_float), spec, rows, components)
     stages.check_moments_fit(layer_map.layers, stages.moments_needed(config.analysis.rounding,
                                                                      per_group_weights(config)))
-    if config.decoder != "fp32" and not decoder:
+    if config.decoder != "fp32" and "decoder" not in components:
         raise ConfigError(f"--decoder {config.decoder} applies to latent models (a pipeline folder with vae/); "
                           f"{model.id} has no decoder")
     recipe = config.recipe
@@ -121,7 +123,7 @@ def _step_shares(ws: Workspace, calib: CalibrationResult) -> np.ndarray:
 DECODER_STREAM = 0xDEC
 
 
-def quantize_decoder(ws: Workspace, config: BuildConfig, progress=None) -> DecoderEngine:
+def quantize_decoder(ws: Workspace, config: BuildConfig, progress=None) -> ComponentEngine:
     """W8A8 decoder: activation ranges from ``config.decoder_calib_size`` latents the fp32 model
     samples (guided and conditioned like the calibration); PSNR against the fp32 decoder on as
     many latents of another random stream."""
@@ -146,7 +148,7 @@ def quantize_decoder(ws: Workspace, config: BuildConfig, progress=None) -> Decod
     got = onnxio.session(model).run(["image"], {"latents": held_out})[0]
     if progress:
         progress("decoder", 2, 2)
-    return DecoderEngine(model, {
+    return ComponentEngine("decoder", model, "w8a8", {
         "calibration": {"latents": n, "steps": cal.steps, "guidance_scale": cal.guidance_scale,
                         "observer": cal.observer},
         "layers": layers, "fusion": ort_fusion_report(model),

@@ -29,12 +29,17 @@ class Workspace:
     precision: LayerPrecision
     conditioning: Conditioning  # the model's conditioning inputs and the null condition (none: unconditional)
     conditions: dict | None  # calibration conditions, one row per trajectory
-    decoder: dict | None  # latent models: the export's decoder entry (decoder.onnx in ``fp``)
+    components: dict  # manifest key -> the export's entry of each graph it ships beside the UNet (dmruntime.COMPONENTS)
 
     @property
     def calibration_conditions(self) -> tuple:
         """(Conditioning, rows): what calibration, RD curves and the step-aware check are driven by."""
         return self.conditioning, self.conditions
+
+    @property
+    def decoder(self) -> dict | None:
+        """Latent models: the export's decoder entry (its file in ``fp``)."""
+        return self.components.get("decoder")
 
     @property
     def weight_layers(self) -> list[Layer]:
@@ -55,10 +60,13 @@ class WeightPlan:
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderEngine:
-    """The int8 decoder and its manifest record (calibration, fidelity against fp32, fusion)."""
+class ComponentEngine:
+    """A component graph the build lowered (the W8A8 decoder): its manifest key, the graph, its
+    precision and that precision's record (calibration, fidelity against fp32, fusion)."""
 
+    key: str
     model: onnx.ModelProto
+    precision: str
     record: dict
 
 
