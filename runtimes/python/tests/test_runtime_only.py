@@ -188,3 +188,38 @@ def test_every_subpackage_is_packaged():
     listed = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     found = sorted(".".join(p.parent.relative_to(root).parts) for p in (root / "dmruntime").rglob("__init__.py"))
     assert sorted(listed) == found
+
+
+def test_a_registered_sampler_in_the_loop_is_ddimsampler():
+    """DDIMSampler is the sampling loop with the registry's ``ddim``: same noise stream, same samples;
+    guidance wraps the model, so it applies to any sampler."""
+    from dmruntime import SAMPLERS, SamplingLoop, make_sampler
+
+    b = Bundle.open(DATA / "tiny-w8a8")
+    ddim = make_sampler("ddim", b.schedule, eta=1.0)
+    ddim.set_timesteps(STEPS)
+    got = SamplingLoop(b, ddim, batch_size=3).sample(5, seed=11)
+    np.testing.assert_array_equal(got, DDIMSampler(b, steps=STEPS, eta=1.0, batch_size=3).sample(5, seed=11))
+    assert "ddim" in SAMPLERS and list(ddim.timesteps) == list(DDIMSampler(b, steps=STEPS).timesteps)
+    with pytest.raises(InputError, match="unknown sampler 'euler'"):
+        make_sampler("euler", b.schedule)
+    with pytest.raises(InputError, match="set_timesteps"):
+        make_sampler("ddim", b.schedule).step(np.zeros((1, 2, 8, 8), np.float32), 500,
+                                              np.zeros((1, 2, 8, 8), np.float32))
+
+
+def test_components_and_engine_runtimes_come_from_their_registries(tmp_path):
+    from dmruntime import COMPONENTS, ENGINE_RUNTIMES
+    from dmruntime.engines import engine_runtime
+
+    b = Bundle.open(DATA / "tiny-w8a8")
+    assert b.components == {} and b.decoder is None and "decoder" in COMPONENTS
+    assert set(ENGINE_RUNTIMES) == {"onnxruntime", "openvino", "tensorrt"}
+    assert engine_runtime("onnxruntime").devices == ("cpu",) and engine_runtime("tensorrt").devices[0] == "cuda"
+    bad = tmp_path / "b"
+    shutil.copytree(DATA / "tiny-w8a8", bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["decoder"] = {"file": "decoder.onnx"}  # a component whose file the bundle does not list
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="the decoder file 'decoder.onnx' is not listed"):
+        Bundle.open(bad)
