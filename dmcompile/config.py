@@ -101,7 +101,8 @@ class SampleConfig(_Versioned):
     def __post_init__(self):
         _check(self.n >= 1, f"n must be >= 1, got {self.n}")
         _check(1 <= self.steps <= 1000, f"steps must be in [1, 1000], got {self.steps}")
-        _check(self.eta >= 0, f"eta must be >= 0, got {self.eta}")
+        _check(0 <= self.eta <= 1, f"eta must be in [0, 1], got {self.eta}: past 1 DDIM's noise term is the square "
+               "root of a negative variance (NaN samples)")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.guidance_scale is None or self.guidance_scale > 0,
                f"guidance scale must be > 0, got {self.guidance_scale}")

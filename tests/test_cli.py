@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 from dmcompile import api
 from dmcompile.cli import main
@@ -114,3 +115,11 @@ def test_cli_defaults_are_the_configs_defaults():
     build = next(a for a in build_parser()._subparsers._group_actions[0].choices["build"]._actions
                  if a.dest == "observer")
     assert tuple(build.choices) == OBSERVERS
+
+
+def test_sample_refuses_an_eta_that_makes_nan_and_writes_nothing(tmp_path, capsys):
+    bundle = ROOT / "runtimes" / "python" / "tests" / "data" / "tiny-w8a8"
+    for eta in ("2", "inf", "nan"):
+        out = tmp_path / f"e{eta}.png"
+        assert main(["sample", str(bundle), "--eta", eta, "-n", "2", "--steps", "2", "-o", str(out)]) == 2
+        assert "eta must be in [0, 1]" in capsys.readouterr().err and not out.exists()

@@ -108,9 +108,20 @@ class SamplingLoop:
                 eps[rows] = model.predict(inp[rows], t, c) if c else model.predict(inp[rows], t)
             rv = variance(t, x.ndim) if variance is not None else None
             x = sampler.step(eps, t, x, generator=rng, residual_var=rv)
+            if not np.isfinite(x).all():  # before anything is written from it
+                raise InputError(self._non_finite(i + 1, steps, t, np.isfinite(eps).all()))
             if progress is not None:
                 progress(i + 1, steps)
         return x
+
+
+    def _non_finite(self, step: int, steps: int, t: int, eps_finite: bool) -> str:
+        why = ("the model output was already non-finite: check the conditions (NaN embeddings?) and the "
+               "bundle's scheduler config" if not eps_finite else
+               f"guidance scale {self.guidance_scale:g} amplified the model output past float32's range"
+               if self.guidance_scale is not None and abs(self.guidance_scale) > 100 else
+               "the sampler's update overflowed: check the scheduler config (betas in (0, 1)) and the sampler options")
+        return f"sampling went non-finite at step {step} of {steps} (t = {t}): {why}; no samples were returned"
 
 
 class DDIMSampler(SamplingLoop):

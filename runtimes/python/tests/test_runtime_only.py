@@ -223,3 +223,28 @@ def test_components_and_engine_runtimes_come_from_their_registries(tmp_path):
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="the decoder file 'decoder.onnx' is not listed"):
         Bundle.open(bad)
+
+
+def test_samples_that_go_non_finite_are_an_error_not_a_result():
+    b = Bundle.open(DATA / "tiny-w8a8")
+    for eta in (2.0, float("nan"), -0.5):
+        with pytest.raises(InputError, match=r"eta must be in \[0, 1\]"):
+            DDIMSampler(b, steps=STEPS, eta=eta)
+
+    class Blows:  # a model whose output is infinite below t = 500
+        schedule, sample_shape, conditioning = b.schedule, b.sample_shape, None
+
+        def predict(self, x, t, cond=None):
+            out = b.predict(x, t)
+            return np.full_like(out, np.inf) if t < 500 else out
+
+    with pytest.raises(InputError, match=r"non-finite at step 6 of 10 \(t = 400\): the model output was already"):
+        DDIMSampler(Blows(), steps=STEPS).sample(2, seed=0)
+
+
+def test_the_runtime_cli_refuses_a_bad_eta_and_writes_nothing(tmp_path, capsys):
+    from dmruntime.cli import main
+
+    out = tmp_path / "e.png"
+    assert main([str(DATA / "tiny-w8a8"), "--eta", "nan", "-n", "2", "--steps", "2", "-o", str(out)]) == 2
+    assert "eta must be in [0, 1]" in capsys.readouterr().err and not out.exists()

@@ -15,8 +15,9 @@ class DDIM:
     init_noise_sigma = 1.0
 
     def __init__(self, schedule: NoiseSchedule, eta: float = 0.0):
-        if eta < 0:
-            raise InputError(f"eta must be >= 0, got {eta}")
+        if not 0 <= eta <= 1:  # also refuses nan
+            raise InputError(f"eta must be in [0, 1], got {eta}: past 1 the noise DDIM adds outgrows what the step "
+                             "leaves room for (the square root of a negative variance: NaN samples)")
         self.schedule = schedule
         self.eta = float(eta)
         self.timesteps = np.zeros(0, np.int64)
