@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .budget import Budget, parse_budget
 from .errors import ConfigError
 from .quant import MAX_WEIGHT_BITS, MIN_WEIGHT_BITS
@@ -35,6 +37,11 @@ def default(cls, name: str):
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+def _check_seed(seed) -> None:
+    _check(isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and seed >= 0,
+           f"seed must be an integer >= 0 (numpy's generators take no negative seeds), got {seed!r}")
 
 
 class _Versioned:
@@ -80,6 +87,7 @@ class ExportConfig(_Versioned):
     sequence_length: int = 77
 
     def __post_init__(self):
+        _check_seed(self.seed)
         _check(13 <= self.opset <= 23, f"opset must be in [13, 23], got {self.opset}")
         _check(self.parity_tol > 0, f"parity_tol must be > 0, got {self.parity_tol}")
         _check(self.parity_batch >= 1, f"parity_batch must be >= 1, got {self.parity_batch}")
@@ -99,6 +107,7 @@ class SampleConfig(_Versioned):
     guidance_scale: float | None = None
 
     def __post_init__(self):
+        _check_seed(self.seed)
         _check(self.n >= 1, f"n must be >= 1, got {self.n}")
         _check(1 <= self.steps <= 1000, f"steps must be in [1, 1000], got {self.steps}")
         _check(0 <= self.eta <= 1, f"eta must be in [0, 1], got {self.eta}: past 1 DDIM's noise term is the square "
@@ -153,6 +162,7 @@ class CalibrationConfig(_Versioned):
     conditions: str | None = None
 
     def __post_init__(self):
+        _check_seed(self.seed)
         _check(self.size >= 1, f"calib size must be >= 1, got {self.size}")
         _check(1 <= self.steps <= 1000, f"calib steps must be in [1, 1000], got {self.steps}")
         _check(1 <= self.groups <= 1000, f"groups must be in [1, 1000], got {self.groups}")
@@ -194,6 +204,7 @@ class AnalysisConfig(_Versioned):
     rounding: str = "gptq"
 
     def __post_init__(self):
+        _check_seed(self.seed)
         object.__setattr__(self, "weight_bits", tuple(sorted(int(b) for b in self.weight_bits)))
         _check(self.rounding in ROUNDINGS, f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
         object.__setattr__(self, "act_bits", tuple(sorted(int(b) for b in self.act_bits)))
@@ -443,6 +454,7 @@ class BuildConfig(_Versioned):
         self.__post_init__()
 
     def __post_init__(self):
+        _check_seed(self.seed)
         _check(isinstance(self.recipe, tuple(RECIPES.values())),
                f"recipe must be a W8A8Recipe or MixedRecipe, got {type(self.recipe).__name__}")
         _check(self.profile in PROFILES, f"profile must be one of {sorted(PROFILES)}, got {self.profile!r}")

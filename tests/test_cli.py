@@ -123,3 +123,12 @@ def test_sample_refuses_an_eta_that_makes_nan_and_writes_nothing(tmp_path, capsy
         out = tmp_path / f"e{eta}.png"
         assert main(["sample", str(bundle), "--eta", eta, "-n", "2", "--steps", "2", "-o", str(out)]) == 2
         assert "eta must be in [0, 1]" in capsys.readouterr().err and not out.exists()
+
+
+def test_negative_seeds_are_refused_before_any_work(tmp_path, capsys):
+    bundle = ROOT / "runtimes" / "python" / "tests" / "data" / "tiny-w8a8"
+    assert main(["build", "-o", str(tmp_path / "b"), "--seed", "-1"]) == 2
+    assert main(["sample", str(bundle), "--seed", "-1", "-n", "1", "--steps", "2", "-o", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("seed must be an integer >= 0") == 2 and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

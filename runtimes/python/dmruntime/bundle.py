@@ -141,6 +141,9 @@ class Bundle:
 
     def group_of(self, t: int) -> Group:
         """The group whose [t_start, t_end) holds training timestep t."""
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer, float, np.floating)) or \
+                not np.isfinite(t) or int(t) != t:
+            raise InputError(f"timestep must be one integer training timestep, got {t!r}")
         if not 0 <= int(t) < self.num_train_timesteps:
             raise InputError(f"timestep {t} outside [0, {self.num_train_timesteps})")
         return self.groups[int(self._lookup[int(t)])]

@@ -155,6 +155,8 @@ class Conditioning:
             if not np.issubdtype(a.dtype, np.floating):
                 raise InputError(f"{spec.name} must be float32, got {a.dtype}")
             a = a.astype(np.float32, copy=False)
+            if not np.isfinite(a).all():
+                raise InputError(f"{spec.name} holds NaN or inf values; check the conditions' file or encoder")
         return np.ascontiguousarray(a)
 
     def _describe(self, spec: CondInput) -> str:

@@ -78,6 +78,11 @@ def check_sample(sample, sample_shape: tuple[int, ...]) -> None:
         raise InputError(f"sample must be float32, got {sample.dtype}; use sample.astype(np.float32)")
     if sample.ndim != 1 + len(sample_shape) or tuple(sample.shape[1:]) != tuple(sample_shape):
         raise InputError(f"sample must have shape [B, {', '.join(map(str, sample_shape))}], got {list(sample.shape)}")
+    if sample.shape[0] == 0:
+        raise InputError("sample has no rows (batch 0): pass at least one")
+    if not np.isfinite(sample).all():  # quantization would hide them: the output looks fine
+        raise InputError("sample holds NaN or inf values; the engines quantize their input, so the output would "
+                         "look valid: check what produced it")
 
 
 class OnnxRuntime(EngineRuntime):

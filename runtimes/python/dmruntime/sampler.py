@@ -62,6 +62,8 @@ class SamplingLoop:
         ``seed``: anything ``numpy.random.default_rng`` takes (an int, or a list of ints)."""
         if n < 1:
             raise InputError(f"n must be >= 1, got {n}")
+        if any(int(s) < 0 for s in np.atleast_1d(seed)):
+            raise InputError(f"seed must be >= 0 (numpy's generators take no negative seeds), got {seed}")
         x, rng = self.initial_noise(n, seed)
         return self.run(x, rng, progress=progress, cond=cond)
 

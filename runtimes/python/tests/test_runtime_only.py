@@ -248,3 +248,28 @@ def test_the_runtime_cli_refuses_a_bad_eta_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "e.png"
     assert main([str(DATA / "tiny-w8a8"), "--eta", "nan", "-n", "2", "--steps", "2", "-o", str(out)]) == 2
     assert "eta must be in [0, 1]" in capsys.readouterr().err and not out.exists()
+
+
+def test_predict_refuses_inputs_quantization_would_hide():
+    b = Bundle.open(DATA / "tiny-w8a8")
+    x = np.zeros((2, 2, 8, 8), np.float32)
+    for bad, what in ((np.full_like(x, np.nan), "NaN or inf"), (np.full_like(x, np.inf), "NaN or inf"),
+                      (np.zeros((0, 2, 8, 8), np.float32), "batch 0")):
+        with pytest.raises(InputError, match=what):
+            b.predict(bad, 500)
+    for t in (float("nan"), 1.5, "500", True):
+        with pytest.raises(InputError, match="timestep must be one integer training timestep"):
+            b.predict(x, t)
+    assert np.isfinite(b.predict(x, np.int64(500))).all() and np.isfinite(b.predict(x, 500.0)).all()
+    with pytest.raises(InputError, match="seed must be >= 0"):
+        DDIMSampler(b, steps=2).sample(1, seed=-1)
+
+
+def test_non_finite_conditions_are_refused():
+    from dmruntime.conditioning import CondInput, Conditioning
+
+    spec = Conditioning((CondInput("encoder_hidden_states", "float32", (None, None, 4)),), None, 2)
+    good = np.zeros((1, 2, 4), np.float32)
+    assert spec.check({"encoder_hidden_states": good}, 1)["encoder_hidden_states"].shape == (1, 2, 4)
+    with pytest.raises(InputError, match="encoder_hidden_states holds NaN or inf"):
+        spec.check({"encoder_hidden_states": np.full_like(good, np.nan)}, 1)
