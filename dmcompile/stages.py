@@ -243,14 +243,11 @@ def rounder(calib, rounding: str, max_bits: int = 8):
     under ``cache_dir()/rounded``."""
     method = rounding_method(rounding)
     if not method.needs_moments:
-        made = method()
-        made.max_bits = max_bits
-        return made
+        return method(max_bits)
     if calib.moments is None:
         raise ArtifactError(f"{rounding} rounding needs a calibration with second moments "
                             "(stages.cached_calibration(..., moments='pooled'))")
-    made = method(Moments(calib.moments))
-    made.max_bits = max_bits
+    made = method(Moments(calib.moments), max_bits=max_bits)
     made.cache = cache_dir() / "rounded" / f"{calib.moments.parent.name}-{_digest(*made.key())[:8]}"
     return made
 

@@ -175,8 +175,7 @@ def test_the_bundle_stores_the_compensated_integers(tiny_model_dir, tmp_path):
     stored = load_weights(b.path, m["weights"])
     fp = api.fp_bundle(str(tiny_model_dir))
     calib = stages.cached_calibration(fp, SMALL, moments="pooled")
-    rounder = GPTQ(Moments(calib.moments))  # no cache: rounded afresh
-    rounder.max_bits = ORT_CPU.weight_grid_bits  # as the target stores them
+    rounder = GPTQ(Moments(calib.moments), max_bits=ORT_CPU.weight_grid_bits)  # no cache; the target's grid
     proto = onnx.load(str(fp / "model.onnx"))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     lm = LayerMap.load(fp / "layer_map.json")

@@ -139,7 +139,9 @@ class RoundToNearest:
 
     name = "rtn"
     needs_moments = False
-    max_bits = MAX_WEIGHT_BITS
+
+    def __init__(self, max_bits: int = MAX_WEIGHT_BITS):
+        self.max_bits = max_bits
 
     def grid(self, bits: int) -> int:
         return min(int(bits), self.max_bits)
@@ -167,7 +169,8 @@ class GPTQ(RoundToNearest):
     name = "gptq"
     needs_moments = True
 
-    def __init__(self, moments, cache: Path | None = None, damp: float = GPTQ_DAMP):
+    def __init__(self, moments, cache: Path | None = None, damp: float = GPTQ_DAMP, max_bits: int = MAX_WEIGHT_BITS):
+        super().__init__(max_bits)
         if moments is None:
             raise ValueError("gptq rounding needs the layer inputs' second moments (a calibration with moments)")
         self.moments, self.cache, self.damp = moments, cache, damp

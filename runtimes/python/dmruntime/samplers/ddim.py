@@ -45,7 +45,7 @@ class DDIM:
             noise = generator.standard_normal(sample.shape, dtype=np.float32)
         prev_t = int(t) - self.schedule.num_train_timesteps // self.steps
         return ddim_step(self.schedule, model_output, int(t), prev_t, sample, eta=self.eta, noise=noise,
-                         residual_var=residual_var if self.eta > 0 else None)
+                         residual_var=residual_var)
 
 
 def ddim_timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:
