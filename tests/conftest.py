@@ -174,3 +174,62 @@ def build_for(profile: str, model, out, **kw):
     kw.setdefault("eval_samples", 0)
     kw.setdefault("correction", False)
     return api.build(str(model), out, BuildConfig(profile=profile, **kw))
+
+
+# Bundles of every kind, built once per session (the target tests and the manifest fuzz share them).
+L, D = 5, 12  # sequence length and width of the tiny cross-attention model's embeddings
+
+
+def embeddings(n, seed=0):
+    import numpy as np
+
+    return np.random.default_rng(seed).standard_normal((n, L, D)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def ov_bundle(tiny_model_dir, tmp_path_factory) -> Path:
+    return build_for("openvino-cpu", tiny_model_dir, tmp_path_factory.mktemp("ov") / "b", eval_samples=4).path
+
+
+@pytest.fixture(scope="session")
+def trt_bundle(tiny_model_dir, tmp_path_factory) -> Path:
+    return build_for("tensorrt", tiny_model_dir, tmp_path_factory.mktemp("trt") / "w8", eval_samples=4).path
+
+
+@pytest.fixture(scope="session")
+def latent_bundle(tiny_latent_dir, tmp_path_factory) -> Path:
+    from dmcompile import api
+    from dmcompile.config import BuildConfig, CalibrationConfig
+
+    return api.build(str(tiny_latent_dir), tmp_path_factory.mktemp("lb") / "b",
+                     BuildConfig(calibration=CalibrationConfig(size=2, steps=6, groups=2, batch_size=2),
+                                 eval_samples=2)).path
+
+
+@pytest.fixture(scope="session")
+def cond_file(tmp_path_factory) -> Path:
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("cond") / "c.npz"
+    np.savez(path, encoder_hidden_states=embeddings(4), null_encoder_hidden_states=np.zeros((L, D), np.float32))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cond_bundle(tiny_cond_dir, cond_file, tmp_path_factory) -> Path:
+    from dmcompile import api
+    from dmcompile.config import BuildConfig, CalibrationConfig
+
+    cal = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4, guidance_scale=3.0, conditions=str(cond_file))
+    return api.build(str(tiny_cond_dir), tmp_path_factory.mktemp("cb") / "b",
+                     BuildConfig(calibration=cal, eval_samples=2)).path
+
+
+@pytest.fixture(scope="session")
+def class_bundle(tiny_class_dir, tmp_path_factory) -> Path:
+    from dmcompile import api
+    from dmcompile.config import BuildConfig, CalibrationConfig
+
+    cal = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4, guidance_scale=2.0)
+    return api.build(str(tiny_class_dir), tmp_path_factory.mktemp("kb") / "b",
+                     BuildConfig(calibration=cal, eval_samples=2, null_class=4)).path

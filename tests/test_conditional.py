@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_without_torch
+from conftest import D, L, embeddings, run_without_torch
 from diffusers import DDIMScheduler
 from dmruntime import Bundle, DDIMSampler, InputError
 
@@ -18,32 +18,6 @@ from dmcompile.config import BuildConfig, CalibrationConfig
 from dmcompile.errors import ConfigError, ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
-L, D = 5, 12  # sequence length and width of the tiny model's embeddings
-
-
-def embeddings(n, seed=0):
-    return np.random.default_rng(seed).standard_normal((n, L, D)).astype(np.float32)
-
-
-@pytest.fixture(scope="module")
-def cond_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cond") / "c.npz"
-    np.savez(path, encoder_hidden_states=embeddings(4), null_encoder_hidden_states=np.zeros((L, D), np.float32))
-    return path
-
-
-@pytest.fixture(scope="module")
-def cond_bundle(tiny_cond_dir, cond_file, tmp_path_factory):
-    cal = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4, guidance_scale=3.0, conditions=str(cond_file))
-    return api.build(str(tiny_cond_dir), tmp_path_factory.mktemp("cb") / "b", BuildConfig(calibration=cal,
-                                                                                          eval_samples=2)).path
-
-
-@pytest.fixture(scope="module")
-def class_bundle(tiny_class_dir, tmp_path_factory):
-    cal = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4, guidance_scale=2.0)
-    return api.build(str(tiny_class_dir), tmp_path_factory.mktemp("kb") / "b",
-                     BuildConfig(calibration=cal, eval_samples=2, null_class=4)).path
 
 
 @pytest.mark.parametrize("which", ["cond", "class"])

@@ -19,13 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 COND = {"encoder_hidden_states": np.random.default_rng(0).standard_normal((1, 5, 12)).astype(np.float32)}
 
 
-@pytest.fixture(scope="module")
-def latent_bundle(tiny_latent_dir, tmp_path_factory):
-    return api.build(str(tiny_latent_dir), tmp_path_factory.mktemp("lb") / "b",
-                     BuildConfig(calibration=CalibrationConfig(size=2, steps=6, groups=2, batch_size=2),
-                                 eval_samples=2)).path
-
-
 def test_pipeline_folder_loads_the_vae(tiny_latent_dir):
     m = api.load_model(str(tiny_latent_dir))
     assert m.vae is not None and m.scaling_factor == pytest.approx(0.18215) and m.sample_shape == (4, 8, 8)

@@ -27,11 +27,6 @@ def build(model, out, **kw):
 
 
 @pytest.fixture(scope="module")
-def ov_bundle(tiny_model_dir, tmp_path_factory):
-    return build(tiny_model_dir, tmp_path_factory.mktemp("ov") / "b", eval_samples=4).path
-
-
-@pytest.fixture(scope="module")
 def ort_bundle(tiny_model_dir, tmp_path_factory):
     return api.build(str(tiny_model_dir), tmp_path_factory.mktemp("ort") / "b",
                      BuildConfig(calibration=CAL, eval_samples=4, correction=False)).path

@@ -30,8 +30,8 @@ def build(model, out, **kw):
 
 
 @pytest.fixture(scope="module")
-def w8(tiny_model_dir, tmp_path_factory):
-    return build(tiny_model_dir, tmp_path_factory.mktemp("trt") / "w8", eval_samples=4).path
+def w8(trt_bundle):
+    return trt_bundle
 
 
 @pytest.fixture(scope="module")

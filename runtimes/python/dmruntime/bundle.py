@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +14,15 @@ import numpy as np
 from .components import check_components, open_components
 from .conditioning import Conditioning
 from .correction import load_corrections
+from .engine import check_sample
 from .engines import EngineContext, engine_runtime
 from .errors import BundleError, InputError
 from .schedule import NoiseSchedule
+from .schema import SCHEMAS, check_entry, check_manifest, is_relative_file
 from .weights import load_weights
 
 MANIFEST = "manifest.json"
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SUPPORTED_SCHEMA_VERSIONS = tuple(SCHEMAS)
 BUNDLE_KIND = "dmcompile-bundle"
 
 
@@ -60,6 +63,9 @@ class Bundle:
     """A compiled model on disk: manifest, noise schedule and one engine per timestep group.
 
     Use :meth:`open`; then ``bundle.predict(x, t)`` runs the engine of the group holding t.
+    Thread-safe: several threads may call ``predict`` (and sample) at once; ONNX Runtime sessions
+    run concurrently, OpenVINO engines give each thread its own infer request, TensorRT engines
+    (one set of GPU buffers) take turns.
     """
 
     def __init__(self, root: Path, manifest: dict, *, threads: int = 0, correction: bool = True,
@@ -70,7 +76,10 @@ class Bundle:
         model = manifest["model"]
         self.sample_shape = tuple(int(s) for s in model["sample_shape"])
         self.scheduler_config = manifest["scheduler"]
-        self.schedule = NoiseSchedule.from_config(self.scheduler_config)
+        try:
+            self.schedule = NoiseSchedule.from_config(self.scheduler_config)
+        except InputError as e:
+            raise BundleError(f"manifest {e}; rebuild the bundle (or undo the edit to manifest.json)") from None
         self.groups = tuple(Group(int(g["index"]), int(g["t_start"]), int(g["t_end"]), g["engine"])
                             for g in manifest["groups"])
         self._lookup = group_lookup(self.groups, self.schedule.num_train_timesteps)
@@ -81,7 +90,9 @@ class Bundle:
         # PTQD noise correction, on when the manifest carries its statistics (and not turned off).
         self.corrections = load_corrections(manifest, self.sample_shape[0]) if correction else None
         # Groups may share one engine and differ only in the inputs they feed it.
-        self._inputs = [load_group_inputs(root, g["inputs"]) if g.get("inputs") else None for g in manifest["groups"]]
+        # (read on a group's first use: hundreds of small arrays each, and a sampler may not visit all)
+        self._input_files = [g.get("inputs") for g in manifest["groups"]]
+        self._inputs: dict[int, dict | None] = {}
         # Low-bit weights stored outside the engines (4-bit packed), expanded once and shared.
         stored = load_weights(root, manifest["weights"]) if manifest.get("weights") else {}
         self.runtime = (manifest.get("engine") or {}).get("runtime", "onnxruntime")
@@ -91,6 +102,7 @@ class Bundle:
                             {"openvino_config": openvino_config})
         self._engines = runtime.open(ctx, list(dict.fromkeys(g.engine for g in self.groups)), self.device)
         self._active = None  # the engine of the last call (its activations are freed when another runs)
+        self._lock = threading.Lock()
 
     def engine(self, name: str):
         """The engine (OnnxEngine, OpenVinoEngine or TensorRT's GroupEngine) behind one engine file."""
@@ -150,21 +162,44 @@ class Bundle:
 
     def group_inputs(self, t: int) -> dict | None:
         """The extra engine inputs (quantization parameters) of t's group, if any."""
-        return self._inputs[self.group_of(t).index]
+        return self._group_inputs(self.group_of(t).index)
 
-    def predict(self, sample: np.ndarray, t: int, cond: dict | None = None) -> np.ndarray:
+    def _group_inputs(self, index: int) -> dict | None:
+        if index not in self._inputs:
+            name = self._input_files[index]
+            self._inputs[index] = load_group_inputs(self.root, name) if name else None
+        return self._inputs[index]
+
+    def predict(self, sample: np.ndarray, t, cond: dict | None = None) -> np.ndarray:
         """Model output for a batch at training timestep t, from t's group engine and inputs
-        (noise-corrected when the bundle has a correction and it is on). ``cond``: the
-        conditioning inputs of a conditional model (``bundle.conditioning`` lists them)."""
-        g = self.group_of(t)
+        (noise-corrected when the bundle has a correction and it is on). ``t``: one integer
+        timestep, or one per row (rows in different groups run their groups' engines). ``cond``:
+        the conditioning inputs of a conditional model (``bundle.conditioning`` lists them)."""
+        check_sample(sample, self.sample_shape)
         cond = self.conditioning.check(cond, len(sample)) if (cond or self.conditioning) else None
-        if self._active != g.engine:
-            # one engine's activation buffers resident at a time (OpenVINO frees them; the others
-            # keep none of their own): a sampler uses each group's engine for consecutive steps
-            if self._active is not None:
-                self._engines[self._active].release()
-            self._active = g.engine
-        eps = self._engines[g.engine].predict(sample, t, self._inputs[g.index], cond=cond)
+        if np.ndim(t) == 0:
+            return self._predict_group(sample, self.group_of(t), t, cond)
+        ts = np.asarray(t)
+        if ts.shape != (len(sample),):
+            raise InputError(f"timesteps must be one integer or one per row ({len(sample)}), got shape {list(ts.shape)}")
+        groups = [self.group_of(v) for v in ts.tolist()]
+        out = np.empty((len(sample), *self.sample_shape), np.float32)
+        for g in dict.fromkeys(groups):
+            rows = np.array([i for i, h in enumerate(groups) if h == g])
+            sub = {k: v[rows] for k, v in cond.items()} if cond else cond
+            out[rows] = self._predict_group(sample[rows], g, ts[rows].astype(np.int64), sub)
+        return out
+
+    def _predict_group(self, sample: np.ndarray, g: Group, t, cond: dict | None) -> np.ndarray:
+        with self._lock:
+            if self._active != g.engine:
+                # one engine's activation buffers resident at a time (OpenVINO frees them; the others
+                # keep none of their own): a sampler uses each group's engine for consecutive steps
+                if self._active is not None:
+                    self._engines[self._active].release()
+                self._active = g.engine
+            extra = self._group_inputs(g.index)
+        eps = self._engines[g.engine].predict(sample, t, extra, cond=cond)
         if self.corrections is not None:
             eps = self.corrections[g.index].apply(eps)
         return eps
@@ -198,30 +233,26 @@ def _require(cond: bool, msg: str) -> None:
 
 
 def validate_manifest(manifest: dict, root: Path, *, verify: bool = True) -> None:
-    """Raise BundleError unless ``manifest`` describes a readable bundle rooted at ``root``."""
-    _require(isinstance(manifest, dict), "manifest.json must hold a JSON object")
-    version = manifest.get("schema_version")
-    _require(version in SUPPORTED_SCHEMA_VERSIONS,
-             f"manifest schema_version {version!r} is not supported by this dmruntime "
-             f"(supports {list(SUPPORTED_SCHEMA_VERSIONS)}); upgrade dmruntime or rebuild the bundle")
-    _require(manifest.get("kind") == BUNDLE_KIND, f"manifest kind must be {BUNDLE_KIND!r}")
-    for key in ("model", "scheduler", "groups", "files"):
-        _require(key in manifest, f"manifest lacks the {key!r} entry; rebuild the bundle")
-    runtime = engine_runtime((manifest.get("engine") or {}).get("runtime", "onnxruntime"))
-    _require(isinstance(manifest["model"].get("sample_shape"), list), "manifest model.sample_shape must be a list")
+    """Raise BundleError unless ``manifest`` describes a readable bundle rooted at ``root``: the
+    schema of its version (:mod:`dmruntime.schema`), then what the schema cannot say (files on
+    disk and their hashes, names that refer to listed files, groups that partition the timesteps)."""
+    check_manifest(manifest)
+    engine = manifest.get("engine") or {}
+    runtime = engine_runtime(engine.get("runtime", "onnxruntime"))
+    if manifest.get("engine") is not None:
+        check_entry(runtime.schema, manifest["engine"], "engine")
     files = manifest["files"]
-    _require(isinstance(files, dict) and files, "manifest 'files' must map file names to {sha256, bytes}")
     root_abs = root.resolve()
     for name, info in files.items():
         p = (root / name).resolve()
-        _require(Path(name).is_absolute() is False and p.is_relative_to(root_abs),
+        _require(is_relative_file(name) and p.is_relative_to(root_abs),
                  f"manifest lists {name!r}, a path outside the bundle; refusing to read it")
         _require(p.is_file(), f"bundle file {name} is missing; rebuild the bundle")
         if verify:
-            _require(p.stat().st_size == info.get("bytes"),
-                     f"bundle file {name} has {p.stat().st_size} bytes, manifest says {info.get('bytes')}: "
+            _require(p.stat().st_size == info["bytes"],
+                     f"bundle file {name} has {p.stat().st_size} bytes, manifest says {info['bytes']}: "
                      "truncated or replaced; rebuild the bundle")
-            _require(sha256_file(p) == info.get("sha256"),
+            _require(sha256_file(p) == info["sha256"],
                      f"bundle file {name} does not match its sha256 in the manifest: corrupt or modified; "
                      "rebuild the bundle")
     runtime.check(manifest)
@@ -229,22 +260,17 @@ def validate_manifest(manifest: dict, root: Path, *, verify: bool = True) -> Non
     for key in ("null", "class_table"):
         entry = (manifest.get("conditioning") or {}).get(key)
         if entry:
-            _require(entry.get("file") in files, f"the conditioning file {entry.get('file')!r} is not listed in 'files'")
+            _require(entry["file"] in files, f"the conditioning file {entry['file']!r} is not listed in 'files'")
     weights = manifest.get("weights")
     if weights is not None:
-        _require(weights.get("file") in files, f"manifest weights file {weights.get('file')!r} is not listed in 'files'")
-        for key, t in (weights.get("tensors") or {}).items():
-            _require(t.get("storage_bits") in (4, 8) and isinstance(t.get("shape"), list),
-                     f"weight {key!r}: storage_bits must be 4 or 8 and shape a list")
-    for engine, info in (manifest.get("engines") or {}).items():
-        _require(engine in files, f"manifest engines lists {engine!r}, which 'files' does not list")
-        for name, key in (info.get("external_weights") or {}).items():
-            _require(weights is not None and key in (weights.get("tensors") or {}),
-                     f"engine {engine} takes {name!r} from stored weight {key!r}, which the manifest does not list")
-    groups = manifest["groups"]
-    _require(isinstance(groups, list) and groups, "manifest 'groups' must be a non-empty list")
-    for g in groups:
+        _require(weights["file"] in files, f"manifest weights file {weights['file']!r} is not listed in 'files'")
+    for name, info in (manifest.get("engines") or {}).items():
+        _require(name in files, f"manifest engines lists {name!r}, which 'files' does not list")
+        for init, key in (info.get("external_weights") or {}).items():
+            _require(weights is not None and key in weights["tensors"],
+                     f"engine {name} takes {init!r} from stored weight {key!r}, which the manifest does not list")
+    for i, g in enumerate(manifest["groups"]):
+        _require(g["index"] == i, f"manifest groups[{i}].index is {g['index']}; groups must be listed in order: rebuild the bundle")
         for key in ("engine", "inputs"):
-            if key == "engine" or g.get(key) is not None:
-                _require(g.get(key) in files, f"group {g.get('index')} names {key} {g.get(key)!r}, "
-                         "which the manifest's files do not list")
+            if g.get(key) is not None:
+                _require(g[key] in files, f"group {i} names {key} {g[key]!r}, which the manifest's files do not list")

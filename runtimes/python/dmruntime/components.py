@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import OnnxEngine
+from .engine import OnnxEngine, run_session
 from .errors import BundleError
+from .schema import FILE, Obj, Spec, check_entry
 
 # manifest key -> "module:class" of its Component
 COMPONENTS = {
@@ -26,6 +27,7 @@ class Component:
     created on first use. ``entry`` is its manifest record (``file`` at least)."""
 
     key = ""
+    schema: Spec = Obj(required={"file": FILE})  # of its manifest entry
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
 
@@ -45,7 +47,8 @@ class Component:
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call of the graph: input name -> array, to output name -> array."""
-        return dict(zip(self.outputs, self.engine.session.run(list(self.outputs), feeds)))
+        out = run_session(self.engine.session, list(self.outputs), feeds, self.engine.path)
+        return dict(zip(self.outputs, out if len(self.outputs) > 1 else [out]))
 
 
 def component_class(key: str) -> type[Component]:
@@ -59,9 +62,9 @@ def check_components(manifest: dict, files: dict) -> None:
         entry = manifest.get(key)
         if not entry:
             continue
-        if not isinstance(entry, dict):
-            raise BundleError(f"manifest {key!r} must be an object; rebuild the bundle")
-        for name in component_class(key).files(entry):
+        cls = component_class(key)
+        check_entry(cls.schema, entry, key)
+        for name in cls.files(entry):
             if name not in files:
                 raise BundleError(f"the {key} file {name!r} is not listed in 'files'")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -30,27 +31,32 @@ class OnnxEngine:
         self.threads = threads
         self.providers = providers
         self._session = None
+        self._lock = threading.Lock()  # one session even when threads ask at once (run is thread-safe)
 
     @property
     def session(self):
-        if self._session is None:
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            if self.basic_optimizations:
-                opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
-            if self.external:
-                # OrtValues wrap the arrays without copying; they must outlive the session.
-                self._values = [ort.OrtValue.ortvalue_from_numpy(v) for v in self.external.values()]
-                opts.add_external_initializers(list(self.external), self._values)
-            try:
-                self._session = ort.InferenceSession(str(self.path), opts, providers=list(self.providers))
-            except Exception as e:  # ORT raises several private types for unreadable models
-                raise BundleError(f"cannot load engine {self.path}: {e}. The file is corrupt or truncated; "
-                                  "rebuild the bundle.") from e
+        with self._lock:
+            if self._session is None:
+                self._session = self._create_session()
         return self._session
+
+    def _create_session(self):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if self.basic_optimizations:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        if self.external:
+            # OrtValues wrap the arrays without copying; they must outlive the session.
+            self._values = [ort.OrtValue.ortvalue_from_numpy(v) for v in self.external.values()]
+            opts.add_external_initializers(list(self.external), self._values)
+        try:
+            return ort.InferenceSession(str(self.path), opts, providers=list(self.providers))
+        except Exception as e:  # ORT raises several private types for unreadable models
+            raise BundleError(f"cannot load engine {self.path}: {e}. The file is corrupt or truncated, or the "
+                              "manifest does not describe it; rebuild the bundle.") from e
 
     def predict(self, sample: np.ndarray, timestep: int | np.ndarray, extra: dict | None = None,
                 cond: dict | None = None) -> np.ndarray:
@@ -64,10 +70,23 @@ class OnnxEngine:
             feeds.update(cond)
         if extra:
             feeds.update(extra)
-        return self.session.run(["eps"], feeds)[0]
+        return run_session(self.session, ["eps"], feeds, self.path)
 
     def release(self) -> None:
         """Nothing to free: ONNX Runtime's arena keeps its buffers for the next call."""
+
+
+def run_session(session, outputs: list[str], feeds: dict, path: Path) -> list[np.ndarray] | np.ndarray:
+    """``session.run``; its failures on inputs dmruntime has validated mean that the manifest and
+    the engine disagree (an input the graph lacks, another dtype): a BundleError saying so."""
+    try:
+        out = session.run(outputs, feeds)
+    except MemoryError:
+        raise
+    except Exception as e:  # ORT's InvalidArgument / Fail are private types
+        raise BundleError(f"engine {path.name} refused its inputs ({str(e).strip()[:300]}): the manifest does not "
+                          "describe this engine; rebuild the bundle") from e
+    return out[0] if len(outputs) == 1 else out
 
 
 def check_sample(sample, sample_shape: tuple[int, ...]) -> None:

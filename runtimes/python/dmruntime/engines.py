@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import BundleError, InputError
+from .schema import ENGINE, Spec
 
 # manifest engine.runtime -> "module:class" of its EngineRuntime
 ENGINE_RUNTIMES = {
@@ -61,6 +62,7 @@ class EngineRuntime:
 
     name = ""
     devices: tuple[str, ...] = ("cpu",)
+    schema: Spec = ENGINE  # of the manifest's "engine" entry (checked before ``check``)
 
     def check(self, manifest: dict) -> None:
         """Runtime-specific manifest checks (raise BundleError); warnings allowed."""

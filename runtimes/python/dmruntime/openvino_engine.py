@@ -6,6 +6,7 @@ built for openvino-cpu is opened.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ class OpenVinoEngine:
     Same interface as :class:`dmruntime.engine.OnnxEngine`: ``predict(sample, timestep, extra,
     cond)`` -> eps. ``config``: OpenVINO compile properties (the manifest's inference precision,
     or the caller's). :meth:`release` frees the activation memory between uses (the weights stay).
+    Thread-safe: an infer request is busy while it runs, so each thread gets its own.
     """
 
     def __init__(self, path: str | Path, sample_shape: tuple[int, ...], core, config: dict | None = None):
@@ -46,20 +48,28 @@ class OpenVinoEngine:
         self.core = core
         self.config = dict(config or {})
         self._compiled = None
-        self._request = None
+        self._local = threading.local()  # this thread's infer request
+        self._lock = threading.Lock()  # compiling, and release_memory against running requests
+        self._running = 0
 
     @property
     def compiled(self):
         """The compiled model (compiled on first use, from the path, so that OpenVINO's compile
         cache applies)."""
-        if self._compiled is None:
-            try:
-                self._compiled = self.core.compile_model(str(self.path), "CPU", self.config)
-            except Exception as e:  # OpenVINO raises RuntimeError subclasses for unreadable models
-                raise BundleError(f"cannot compile engine {self.path} with OpenVINO: {e}. The file may be corrupt "
-                                  "or from a newer dmcompile; rebuild the bundle.") from e
-            self._request = self._compiled.create_infer_request()
+        with self._lock:
+            if self._compiled is None:
+                try:
+                    self._compiled = self.core.compile_model(str(self.path), "CPU", self.config)
+                except Exception as e:  # OpenVINO raises RuntimeError subclasses for unreadable models
+                    raise BundleError(f"cannot compile engine {self.path} with OpenVINO: {e}. The file may be "
+                                      "corrupt or from a newer dmcompile; rebuild the bundle.") from e
         return self._compiled
+
+    def _request(self):
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        return request
 
     def predict(self, sample: np.ndarray, timestep: int | np.ndarray, extra: dict | None = None,
                 cond: dict | None = None) -> np.ndarray:
@@ -69,16 +79,26 @@ class OpenVinoEngine:
         if extra:
             raise BundleError(f"{self.path.name} is an OpenVINO engine: it takes no group inputs")
         ts = np.broadcast_to(np.asarray(timestep, dtype=np.int64), (sample.shape[0],)).copy()
-        if self._request is None:
-            self.compiled  # noqa: B018 (compiles and creates the request)
-        self._request.infer({"sample": sample, "timestep": ts, **(cond or {})})
-        # the request reuses its output buffer: copy before the next call overwrites it
-        return np.array(self._request.get_tensor("eps").data, copy=True)
+        request = self._request()
+        with self._lock:
+            self._running += 1
+        try:
+            request.infer({"sample": sample, "timestep": ts, **(cond or {})})
+            # the request reuses its output buffer: copy before the next call overwrites it
+            return np.array(request.get_tensor("eps").data, copy=True)
+        except (RuntimeError, TypeError, ValueError, KeyError) as e:
+            raise BundleError(f"engine {self.path.name} refused its inputs ({str(e).strip()[:300]}): the manifest "
+                              "does not describe this engine; rebuild the bundle") from e
+        finally:
+            with self._lock:
+                self._running -= 1
 
     def release(self) -> None:
-        """Free this engine's activation buffers (reallocated on its next call)."""
-        if self._compiled is not None:
-            self._compiled.release_memory()
+        """Free this engine's activation buffers (reallocated on its next call); skipped while
+        another thread's request runs on them."""
+        with self._lock:
+            if self._compiled is not None and not self._running:
+                self._compiled.release_memory()
 
 
 class OpenVinoRuntime(EngineRuntime):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError
+from .schema import SCHEDULER, SchemaError
 
 # DDIMScheduler's defaults for keys a scheduler config (often a DDPMScheduler's) leaves out.
 SCHEDULE_DEFAULTS = {
@@ -68,6 +69,9 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, config: dict) -> NoiseSchedule:
+        """The schedule of a diffusers scheduler config; raises InputError naming the key when a
+        value has the wrong type or range (a negative beta, ...) or asks for what dmruntime lacks."""
+        check_scheduler_config(config)
         cfg = {**SCHEDULE_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
         if cfg["thresholding"]:
             raise InputError("dynamic thresholding is not supported; set thresholding=false in the scheduler config")
@@ -75,10 +79,28 @@ class NoiseSchedule:
             raise InputError(f"unknown prediction_type {cfg['prediction_type']!r}")
         if cfg["timestep_spacing"] not in ("leading", "trailing", "linspace"):
             raise InputError(f"unknown timestep_spacing {cfg['timestep_spacing']!r}")
+        if cfg.get("rescale_betas_zero_snr"):
+            raise InputError("rescale_betas_zero_snr (zero terminal SNR) is not supported; set it to false in the "
+                             "scheduler config")
+        if cfg["trained_betas"] is not None and len(cfg["trained_betas"]) != cfg["num_train_timesteps"]:
+            raise InputError(f"trained_betas has {len(cfg['trained_betas'])} values for num_train_timesteps "
+                             f"{cfg['num_train_timesteps']}; they must agree")
         acp = np.cumprod(1.0 - _betas(cfg), dtype=np.float32)
+        if not (np.isfinite(acp).all() and acp[-1] > 0):
+            raise InputError("the schedule's cumulative alphas reach 0 (betas of 1, or too many large betas): "
+                             "check beta_start, beta_end and num_train_timesteps")
         final = 1.0 if cfg["set_alpha_to_one"] else float(acp[0])
         return cls(acp, final, bool(cfg["clip_sample"]), float(cfg["clip_sample_range"]),
                    int(cfg["steps_offset"]), cfg["timestep_spacing"], cfg["prediction_type"])
 
     def alpha(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
+
+
+def check_scheduler_config(config) -> None:
+    """Raise InputError unless the keys dmruntime reads from a scheduler config have the right
+    types and ranges (betas in [0, 1], a known beta_schedule, ...)."""
+    try:
+        SCHEDULER.check(config, "")
+    except SchemaError as e:
+        raise InputError(f"scheduler config: {e}" if e.path else f"scheduler config {e.reason}") from None

@@ -5,6 +5,7 @@ own FP16 ONNX on the CPU (device "cpu": the same quantization, a reference for c
 from __future__ import annotations
 
 from ..engines import EngineContext, EngineRuntime
+from ..schema import ENGINE, FILE, Int, List, Obj
 from .record import manifest_entry
 from .reference import ReferenceEngine
 from .runtime import TensorRTEngines
@@ -13,6 +14,9 @@ from .runtime import TensorRTEngines
 class TensorRTRuntime(EngineRuntime):
     name = "tensorrt"
     devices = ("cuda", "cpu")
+    schema = Obj(required={"tensorrt": Obj(required={"batch_sizes": List(Int(1, 4096), min_len=1),
+                                                     "onnx": List(FILE, min_len=1)})},
+                 optional=ENGINE.optional)
 
     def check(self, manifest: dict) -> None:
         manifest_entry(manifest)

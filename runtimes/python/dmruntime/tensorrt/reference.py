@@ -45,14 +45,11 @@ class ReferenceEngine(OnnxEngine):
         super().__init__(path, sample_shape, threads=threads, basic_optimizations=True)
         self.widened = False
 
-    @property
-    def session(self):
-        if self._session is None:
-            try:
-                return super().session
-            except BundleError as e:
-                self._session = self._widened_session(e)
-        return self._session
+    def _create_session(self):
+        try:
+            return super()._create_session()
+        except BundleError as e:
+            return self._widened_session(e)
 
     def _widened_session(self, error: BundleError):
         try:

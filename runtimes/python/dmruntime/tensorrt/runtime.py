@@ -12,6 +12,7 @@ launch the graph of the group's engine, copy eps out.
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ class TensorRTEngines:
         self.sample_shape = tuple(sample_shape)
         self.conditioning = conditioning
         self.cuda_graphs = cuda_graphs
+        self._lock = threading.Lock()
         self._buffers = {}  # batch -> (input specs, output spec, {name: device ptr})
         self._contexts = {}  # (engine, batch) -> context
         self._graphs = {}  # (engine, batch) -> CUDA graph
@@ -113,6 +115,10 @@ class TensorRTEngines:
     def predict(self, name: str, sample: np.ndarray, timestep, cond: dict | None = None) -> np.ndarray:
         """eps of engine ``name`` for a batch (padded up to the smallest batch profile that holds it)."""
         check_sample(sample, self.sample_shape)
+        with self._lock:  # one set of host and device buffers, one stream
+            return self._predict(name, sample, timestep, cond)
+
+    def _predict(self, name: str, sample: np.ndarray, timestep, cond: dict | None) -> np.ndarray:
         n = sample.shape[0]
         b = profile_for(n, self.batch_sizes)
         inputs, output, ptrs = self._buffers[b]
