@@ -16,12 +16,16 @@ from pathlib import Path
 
 import numpy as np
 from dmruntime import Bundle
+from dmruntime.progress import reporter
 
 from . import stages
 from .analysis.plots import save_rd_curves
 from .artifacts import CURVES, EVAL, atomic_dir, check_replaceable, write_marker
 from .backends import get_backend
 from .budget import Budget
+from .cache import CacheReport
+from .cache import clean as clean_cache
+from .cache import report as cache_report
 from .calibration.trajectory import groups_without_steps, no_steps_error
 from .compiler import BuildResult, build
 from .config import (AnalysisConfig, BuildConfig, CalibrationConfig, EvalConfig, ExportConfig, MixedRecipe, Override,
@@ -38,7 +42,7 @@ from .zoo.data import load_digits16
 
 __all__ = ["AnalysisConfig", "Budget", "BuildConfig", "BuildResult", "CalibrationConfig", "EvalConfig", "EvalResult",
            "ExportConfig", "MixedRecipe", "Override", "SampleConfig", "W8A8Recipe", "analyze", "build", "build_notes",
-           "bundle_report", "cache_dir", "calibrate", "digit_scores", "evaluate", "export", "format_report", "fp_bundle", "inspect_plots",
+           "bundle_report", "cache_dir", "cache_report", "calibrate", "clean_cache", "CacheReport", "digit_scores", "evaluate", "export", "format_report", "fp_bundle", "inspect_plots",
            "load_conditions", "load_model", "open_bundle", "probe_inputs", "reference_model", "sample", "sample_model",
            "write_eval"]
 
@@ -58,12 +62,13 @@ def export(model: LoadedModel | str | Path | None, out: str | Path,
     return export_model(model, Path(out), config)
 
 
-def sample(target: str | Path, config: SampleConfig = SampleConfig(), *, fp: bool = False, progress=None,
+def sample(target: str | Path, config: SampleConfig = SampleConfig(), *, fp: bool = False, progress="auto",
            correction: bool = True, cond: dict | None = None) -> np.ndarray:
     """Sample a bundle folder through dmruntime. With ``fp``, ``target`` may also be a model
     (zoo name or folder) and its cached fp32 ONNX export is sampled instead. ``cond``: the
     conditions of a conditional model ({"class_labels": ...} or {"encoder_hidden_states": ...},
     one row per sample or one for all); ``config.guidance_scale`` turns guidance on."""
+    progress = reporter(progress, "sample")
     null = None
     if fp:
         p = Path(target)
@@ -112,7 +117,7 @@ class EvalResult:
     images: np.ndarray
 
 
-def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=None,
+def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress="auto",
              correction: bool = True, cond: dict | None = None) -> EvalResult:
     """Fidelity of a bundle against its full-precision PyTorch model, same seeds.
 
@@ -122,6 +127,7 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
     floor) and confident-class rates. Latent models are judged on images: the bundle's decoder
     for its samples, the PyTorch VAE for the reference's.
     """
+    progress = reporter(progress, "eval")
     bundle = open_bundle(target, correction=correction)
     ref = TorchEpsModel(reference_model(bundle), null=bundle.conditioning.null,
                         class_table=bundle.conditioning.class_table)
@@ -186,23 +192,25 @@ def class_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
 
 
 def calibrate(model: LoadedModel | str | Path | None, config: CalibrationConfig = CalibrationConfig(),
-              progress=None, null_class: int | None = None):
+              progress="auto", null_class: int | None = None):
     """Per-group activation statistics along DDIM trajectories of the fp32 model (for the
     default ort-cpu profile); cached on disk by model and config (``cache_dir()/calib``), so
     rebuilding with other lowering options does not recalibrate. Conditional models: see
     :class:`CalibrationConfig` (conditions, guidance) and ``null_class`` (the guidance's null
     class of a class-conditional model)."""
+    progress = reporter(progress, "calibrate")
     return stages.cached_calibration(fp_bundle(model), config, progress=progress, null_class=null_class)
 
 
 def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = AnalysisConfig(),
-            calibration: CalibrationConfig = CalibrationConfig(), out: str | Path | None = None, progress=None,
+            calibration: CalibrationConfig = CalibrationConfig(), out: str | Path | None = None, progress="auto",
             null_class: int | None = None):
     """Rate-distortion curves per timestep group (RDCurves), cached by model, calibration and
     analysis config under ``cache_dir()/rd`` and resumable. With ``out``, also written there
     (curves.json, curves.npz, rd_curves.png); ``out`` must be absent, empty or earlier curves.
     Conditional models are measured on the calibration's conditions, guided like it (both
     branches), with ``null_class`` as in :func:`calibrate`."""
+    progress = reporter(progress, "analyze")
     from dmruntime import NoiseSchedule
 
     if out is not None:

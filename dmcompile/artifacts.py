@@ -5,7 +5,8 @@ Every artefact folder has a marker JSON naming its kind (a bundle's manifest.jso
 ``"kind": "dmcompile-bundle"``). An existing output folder is replaced only when it is empty
 or when its marker says it is an earlier output of the same kind and it holds nothing but the
 files that output wrote; anything else is a :class:`ConfigError` and stays untouched. An
-interrupted run leaves only a ``.<name>.tmp-*`` sibling, never a half-written folder.
+interrupted run leaves only a ``.<name>.tmp-<pid>-*`` sibling, never a half-written folder, and
+the next run into the same parent folder removes it (:mod:`dmcompile.scratch`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from dmruntime.bundle import BUNDLE_KIND, MANIFEST, sha256_file
 from dmruntime.png import SOFTWARE
 
-from . import __version__
+from . import __version__, scratch
 from .errors import ConfigError
 
 BUNDLE_SCHEMA_VERSION = 1
@@ -69,8 +69,12 @@ def _owned_files(folder: Path, kind: ArtifactKind) -> set[str] | None:
 
 def check_replaceable(out: Path, kind: ArtifactKind) -> None:
     """Raise ConfigError unless ``out`` is absent, an empty folder, or an earlier output of
-    ``kind`` holding only its own files."""
+    ``kind`` holding only its own files, in a folder this process can write (and not made
+    read-only by its owner)."""
     out = Path(out)
+    why = scratch.check_writable(out.parent)
+    if why:
+        raise ConfigError(f"cannot write {out}: {why}; choose another output path")
     if not out.exists() and not out.is_symlink():
         return
     if not out.is_dir() or out.is_symlink():
@@ -83,6 +87,9 @@ def check_replaceable(out: Path, kind: ArtifactKind) -> None:
         raise ConfigError(f"output folder {out} is not empty and is not a dmcompile {kind.what} "
                           f"(it holds {_listing(entries)}); refusing to replace it: choose another output path, "
                           "or empty the folder yourself")
+    if not out.stat().st_mode & 0o222:
+        raise ConfigError(f"output folder {out} is read-only (chmod a-w); refusing to replace it: make it writable "
+                          f"(chmod -R u+w {out}) or choose another output path")
     extra = [e for e in entries if e not in owned]
     if extra:
         raise ConfigError(f"output folder {out} holds a dmcompile {kind.what} and also {_listing(extra)}, which "
@@ -99,52 +106,35 @@ def _listing(names: list[str], n: int = 4) -> str:
 def atomic_dir(out: Path, kind: ArtifactKind):
     """Yield a temporary folder next to ``out``; on success it replaces ``out``. ``out`` must
     be absent, empty, or an earlier output of ``kind`` (checked before and again at the
-    rename, so a folder the user filled in the meantime is not lost either)."""
+    rename, so a folder the user filled in the meantime is not lost either). Runs writing the
+    same ``out`` at once each finish (the last one's output stays); temporaries that killed runs
+    left next to ``out`` are removed first."""
     out = Path(out)
     check_replaceable(out, kind)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    scratch.reclaim(out.parent)
+    tmp = scratch.temp_dir(out.parent, out.name)
     try:
         yield tmp
-        check_replaceable(out, kind)
+        with scratch.locked(out.parent):  # concurrent writers of ``out`` swap one at a time
+            check_replaceable(out, kind)
+            if out.exists():
+                old = scratch.temp_file(out)
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def check_file_replaceable(path: Path) -> None:
-    """Raise ConfigError unless ``path`` is absent or a PNG that dmcompile wrote."""
-    path = Path(path)
-    if not path.exists() and not path.is_symlink():
-        return
-    if path.is_file() and not path.is_symlink() and _is_our_png(path):
-        return
-    raise ConfigError(f"{path} exists and is not an image dmcompile wrote; refusing to overwrite it: "
-                      "choose another output path or remove it yourself")
-
-
-def _is_our_png(path: Path) -> bool:
-    try:
-        from PIL import Image
-
-        with Image.open(path) as img:
-            return img.format == "PNG" and img.info.get("Software") == PNG_SOFTWARE
-    except Exception:  # not an image at all
-        return False
+    finally:
+        scratch.release(tmp)
 
 
 def write_json(path: Path, data: dict) -> None:
     """Write JSON via a temporary file and rename."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = scratch.temp_file(path)
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
 

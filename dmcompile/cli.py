@@ -1,6 +1,7 @@
 """The command line: parse arguments, build a config, call dmcompile.api, print the result.
 
-Errors of the user's making print one line and exit with code 2.
+Errors of the user's making print one line and exit with code 2; Ctrl-C / SIGTERM print one line
+and exit with 130 / 143 (dmruntime.cli.run_main, shared with ``python -m dmruntime``).
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ import json
 import sys
 from pathlib import Path
 
+from dmruntime.cli import check_output, run_main, write_samples
+
 from . import __version__, zoo
-from .artifacts import EVAL, check_file_replaceable, check_replaceable
+from .artifacts import EVAL, check_replaceable
 from .config import (ALLOCATORS, CALIB_TIMESTEPS, DISTORTIONS, OBSERVERS, RECIPES, ROUNDINGS, SWEEPS, AnalysisConfig,
                      BuildConfig, CalibrationConfig, EvalConfig, ExportConfig, MixedRecipe, Override, SampleConfig,
                      W8A8Recipe, default, parse_overrides)
 from .errors import ConfigError, DmcompileError
-from .eval.grid import save_grid
 from .targets import PROFILES
-
-EXIT_USER_ERROR = 2
 
 
 def _api():
@@ -31,21 +31,10 @@ def _api():
 
 
 def _progress_bar(desc: str):
-    from tqdm import tqdm
+    """Bars on a terminal, one line per stage with its time in a log (dmruntime.progress)."""
+    from dmruntime.progress import Progress
 
-    bars: dict[str, tqdm] = {}
-
-    def update(*args):
-        label, i, n = (desc, *args) if len(args) == 2 else args
-        bar = bars.get(label)
-        if bar is None:
-            bar = bars[label] = tqdm(total=n, desc=label, unit="step", leave=False, file=sys.stderr)
-        bar.n = i
-        bar.refresh()
-        if i >= n:
-            bar.close()
-
-    return update
+    return Progress("auto", label=desc)
 
 
 def cmd_export(args) -> int:
@@ -119,11 +108,11 @@ def cmd_sample(args) -> int:
 
     api = _api()
     cfg = _sample_config(args, default(SampleConfig, "n"))
-    check_file_replaceable(args.output)  # before sampling: never overwrite a file we did not write
+    check_output(args.output)  # before sampling: .png/.npy, writable, never a file we did not write
     cond = _conditions(args, cfg.n)
     images = api.sample(args.target, cfg, fp=args.fp, progress=_progress_bar("DDIM"), correction=not args.no_correction,
                         cond=cond)
-    save_grid(images, args.output)
+    write_samples(args.output, images)
     guided = f", guidance {cfg.guidance_scale:g}" if cfg.guidance_scale is not None else ""
     print(f"wrote {args.output}: {cfg.n} samples, DDIM {cfg.steps} steps, eta {cfg.eta}, seed {cfg.seed}{guided}")
     if api.is_digits_shape(images.shape[1:]) and cond and "class_labels" in cond:
@@ -145,6 +134,12 @@ def cmd_eval(args) -> int:
     res = api.evaluate(args.target, cfg, progress=_progress_bar("eval"), correction=not args.no_correction,
                        cond=_conditions(args, cfg.sample.n))
     r = res.report
+    if args.json:  # stdout holds the JSON alone (a pipe into jq); what else there is to say goes to stderr
+        written = api.write_eval(res, args.out) if args.out else []
+        for w in written:
+            print(f"wrote {w}", file=sys.stderr)
+        print(json.dumps(r, indent=2))
+        return 0
     pv = r["paired_vs_fp"]
     corr = ", PTQD correction on" if r["correction"] else ""
     guided = f", guidance {cfg.sample.guidance_scale:g}" if cfg.sample.guidance_scale is not None else ""
@@ -170,8 +165,6 @@ def cmd_eval(args) -> int:
     if args.out:
         written = api.write_eval(res, args.out)
         print(f"wrote {', '.join(str(w) for w in written)}")
-    if args.json:
-        print(json.dumps(r, indent=2))
     return 0
 
 
@@ -193,6 +186,13 @@ def _calibration_config(args):
                              conditions=args.calib_conditions and str(args.calib_conditions))
 
 
+def default_output(model: str, fmt: str) -> Path:
+    """build/<model name>-<format>: a folder's own name, also for "." or "models/x/"."""
+    p = Path(str(model))
+    name = p.resolve().name if p.exists() else p.name
+    return Path("build") / f"{name or 'model'}-{fmt}"
+
+
 def cmd_build(args) -> int:
     from dmruntime.engines import engine_runtime
 
@@ -201,7 +201,7 @@ def cmd_build(args) -> int:
                       analysis=_analysis_config(args), eval_samples=args.eval_samples, seed=args.seed,
                       correction=not args.no_correction, step_aware=args.step_aware, null_class=args.null_class,
                       decoder=args.decoder, max_engines=args.max_engines, residual_int8=not args.no_residual_int8)
-    out = args.output or Path("build") / f"{Path(str(args.model)).name}-{args.format}"
+    out = args.output or default_output(args.model, args.format)
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
     m = res.manifest
     sizes = sum(f["bytes"] for f in m["files"].values())
@@ -256,6 +256,29 @@ def cmd_inspect(args) -> int:
     if args.plots:
         for path in api.inspect_plots(bundle, args.plots, curves_dir=args.curves):
             print(f"wrote {path}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    if args.all and not args.clean:
+        raise ConfigError("--all goes with --clean (dmcompile cache --clean --all removes every cache entry)")
+    api = _api()
+    if args.clean:
+        removed = api.clean_cache(everything=args.all)
+        print(f"removed {len(removed)} {'entries and temporaries' if args.all else 'stale temporaries'} from "
+              f"{api.cache_dir()}")
+        for p in removed[:20]:
+            print(f"  {p}")
+    rep = api.cache_report()
+    print(f"cache {rep.root}: {rep.total_bytes / 1e6:.1f} MB")
+    for kind, (n, size) in rep.entries.items():
+        print(f"  {kind:8s} {n:3d} entries  {size / 1e6:9.1f} MB")
+    for label, items in (("stale temporaries (dmcompile cache --clean removes them)", rep.stale),
+                         ("temporaries of running builds", rep.in_use)):
+        if items:
+            print(f"  {label}: {len(items)}, {sum(b for _, b in items) / 1e6:.1f} MB")
+            for p, b in items[:10]:
+                print(f"    {p} ({b / 1e6:.1f} MB)")
     return 0
 
 
@@ -433,6 +456,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(v, default(EvalConfig, "sample").n)
     v.add_argument("--no-correction", action="store_true", help="turn the bundle's PTQD noise correction off")
     v.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("cache", help="what the cache holds; --clean removes what killed runs left there",
+                       description="Show the cache ($DMCOMPILE_CACHE, default ~/.cache/dmcompile): entries per kind, "
+                       "and temporaries that killed or interrupted runs left (a running build's are kept).")
+    c.add_argument("--info", action="store_true", help="show the cache (the default)")
+    c.add_argument("--clean", action="store_true", help="remove stale temporaries")
+    c.add_argument("--all", action="store_true", help="with --clean: remove every cache entry too")
+    c.set_defaults(func=cmd_cache)
     return p
 
 
@@ -440,11 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     from dmruntime import DmRuntimeError
 
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (DmcompileError, DmRuntimeError) as e:
-        print(f"dmcompile {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return run_main(f"dmcompile {args.command}", lambda: args.func(args), errors=(DmcompileError, DmRuntimeError),
+                    interrupted="interrupted; rerun to resume (finished stages are cached)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
+from dmruntime.sampler import DEFAULT_BATCH, DEFAULT_N, DEFAULT_STEPS
 
 from .budget import Budget, parse_budget
 from .errors import ConfigError
@@ -99,11 +100,11 @@ class SampleConfig(_Versioned):
     """DDIM sampling: number of images, steps, eta, seed, the UNet batch size, and for
     conditional models the classifier-free guidance scale (None: no guidance)."""
 
-    n: int = 64
-    steps: int = 50
+    n: int = DEFAULT_N  # the runtime's defaults: both command lines draw the same samples
+    steps: int = DEFAULT_STEPS
     eta: float = 0.0
     seed: int = 0
-    batch_size: int = 256
+    batch_size: int = DEFAULT_BATCH
     guidance_scale: float | None = None
 
     def __post_init__(self):

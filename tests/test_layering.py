@@ -14,13 +14,13 @@ PKG = Path(__file__).resolve().parents[1] / "dmcompile"
 # Floors, bottom to top, in pipeline order. A module may import from its own floor or below, never above.
 FLOORS = {
     0: ["dmcompile", "dmcompile.errors", "dmcompile.quant", "dmcompile.targets", "dmcompile.budget",
-        "dmcompile.config", "dmcompile.artifacts", "dmcompile.onnxio", "dmcompile.memory"],
+        "dmcompile.config", "dmcompile.scratch", "dmcompile.artifacts", "dmcompile.onnxio", "dmcompile.memory"],
     1: ["dmcompile.zoo", "dmcompile.frontend", "dmcompile.eval"],
     2: ["dmcompile.calibration"],
     3: ["dmcompile.analysis"],
     4: ["dmcompile.lowering"],
     5: ["dmcompile.backends"],
-    6: ["dmcompile.stages", "dmcompile.compiler", "dmcompile.inspect"],
+    6: ["dmcompile.stages", "dmcompile.cache", "dmcompile.compiler", "dmcompile.inspect"],
     7: ["dmcompile.api"],
     8: ["dmcompile.cli"],
 }

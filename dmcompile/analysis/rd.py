@@ -18,6 +18,7 @@ import numpy as np
 from dmruntime import group_lookup
 from dmruntime.conditioning import cycle_rows, take_rows
 
+from .. import scratch
 from ..artifacts import CURVES, atomic_dir, write_marker
 from ..calibration.recorder import record_trajectories
 from ..calibration.trajectory import no_steps_error
@@ -187,7 +188,7 @@ def measure_curves(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict,
     def save():
         if partial:
             partial.parent.mkdir(parents=True, exist_ok=True)
-            tmp = partial.with_suffix(".tmp.npz")
+            tmp = scratch.temp_file(partial, ".npz")
             np.savez(tmp, weight=W, act=A, seconds=elapsed0 + time.perf_counter() - t0)
             tmp.replace(partial)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import scratch
 from ..quant import (MAX_WEIGHT_BITS, MIN_WEIGHT_BITS, QuantWeight, dequantize, noise_power, quantize_weight,
                      weight_axis)
 
@@ -207,7 +208,7 @@ class GPTQ(RoundToNearest):
         qw = quantize_weight(w, axis, bits) if factor is None else gptq_quantize(w, axis, bits, factor=factor)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+            tmp = scratch.temp_file(path, ".npz")
             np.savez(tmp, q=qw.q, scale=qw.scale)
             os.replace(tmp, path)
         return qw

@@ -20,7 +20,7 @@ import onnx
 from dmruntime import Group, NoiseSchedule, group_lookup, sampler_timesteps
 from dmruntime.conditioning import Conditioning
 
-from .. import onnxio
+from .. import onnxio, scratch
 from ..artifacts import CALIBRATION, atomic_dir, write_marker
 from ..config import CalibrationConfig
 from ..errors import ArtifactError, ConfigError
@@ -32,7 +32,6 @@ from .recorder import record_trajectories
 
 CALIB_SCHEMA_VERSION = 2  # 2: cache keys carry it (older caches may predate the histogram fix)
 CALIB_STREAM = 0xCA11B
-MOMENTS_TMP = ".moments-tmp-"  # a calibration pass's moments until saved
 
 
 def equal_groups(num_train_timesteps: int, k: int) -> tuple[Group, ...]:
@@ -136,8 +135,9 @@ class CalibrationResult:
         with atomic_dir(Path(folder), CALIBRATION) as tmp:
             files = ["calibration.json", "histograms.npz"]
             if self.moments is not None:  # a fresh pass's temporary folder moves in; a saved one is copied
-                fresh = self.moments.name.startswith(MOMENTS_TMP)
+                fresh = scratch.is_temporary(self.moments)
                 (shutil.move if fresh else shutil.copytree)(str(self.moments), tmp / MOMENTS)
+                scratch.release(self.moments)
                 files.append(MOMENTS)
             arrays = {}
             for g, obs in enumerate(self.observers):
@@ -204,7 +204,9 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
     if moments is not None:
         if moments not in ("pooled", "groups"):
             raise ValueError(f"moments must be 'pooled' or 'groups', got {moments!r}")
-        folder = Path(tempfile.mkdtemp(prefix=MOMENTS_TMP, dir=work_dir))
+        if work_dir is not None:
+            scratch.reclaim(work_dir)  # moments of passes killed before they were saved
+        folder = scratch.temp_dir(work_dir or Path(tempfile.gettempdir()), "moments")
         recorder = MomentRecorder(folder, layer_columns(model, layer_map.layers),
                                   config.groups if moments == "groups" else None, config.seed)
     have = {o.name for o in model.graph.output}
@@ -254,5 +256,6 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
     except BaseException:
         if recorder is not None:  # no half-measured moments left behind
             shutil.rmtree(recorder.folder, ignore_errors=True)
+            scratch.release(recorder.folder)
         raise
     return CalibrationResult(config, groups, tuple(names), observers, recorder.folder if recorder else None)

@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dmruntime.progress import reporter, stage
+
 from ..artifacts import BUNDLE, atomic_dir, check_replaceable, write_manifest
 from ..backends import get_backend
 from ..backends.base import EngineSet, Step
@@ -78,7 +80,7 @@ def build_steps(profile: str) -> tuple[Step, ...]:
 
 
 def build(model: LoadedModel | str | Path | None, out: str | Path, config: BuildConfig = BuildConfig(),
-          progress=None) -> BuildResult:
+          progress="auto") -> BuildResult:
     """Compile a model into a bundle: per timestep group, activation scales calibrated on the
     inputs that group sees. ``W8A8Recipe``: int8 weights everywhere. ``MixedRecipe``: per-layer
     weight widths chosen by rate-distortion allocation under a budget (or pinned by
@@ -87,7 +89,9 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     (group_XX.npz); on openvino-cpu and tensorrt each engine is a group's (or, with
     ``max_engines``, a run of groups') QDQ graph with its scales in it, all engines reading one
     weights.bin. ``out`` must be absent, empty or an earlier bundle; it is written to a
-    temporary folder and renamed when complete. ``progress(step, i, n)``: called as work advances."""
+    temporary folder and renamed when complete. ``progress``: "auto" (bars on a terminal, lines in
+    a log), "bars", "lines", None, or a callable ``progress(label, i, n)`` (dmruntime.progress)."""
+    progress = reporter(progress, "build")
     check_replaceable(Path(out), BUNDLE)  # before minutes of work; atomic_dir checks again at the end
     values = {"model": model, "config": config, "progress": progress, "started": time.perf_counter(),
               "decoder": None}
@@ -101,7 +105,8 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
                 # on ddpm-cifar10-32, benchmarks/README.md)
                 values["cache"] = stack.enter_context(tempfile.TemporaryDirectory(prefix="dmcompile-ov-"))
                 values["folder"] = stack.enter_context(atomic_dir(Path(out), BUNDLE))
-            result = step.run(*(values[name] for name in step.reads))
+            with stage(progress, step.name):  # every step a line (with its time) or a bar
+                result = step.run(*(values[name] for name in step.reads))
             if step.writes and step.writes.startswith("body."):
                 values["body"][step.writes[len("body."):]] = result
             elif step.writes:

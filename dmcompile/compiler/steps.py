@@ -54,7 +54,32 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
         empty = groups_without_steps(NoiseSchedule.from_config(model.scheduler_config), config.calibration)
         if empty:
             raise no_steps_error(empty, config.calibration.steps, config.calibration.groups)
+    if isinstance(recipe, MixedRecipe) and recipe.budget is None:
+        _require_widths(ws)
+    if isinstance(recipe, MixedRecipe) and recipe.budget is not None:
+        layers, allowed, budget, fixed, pinned, storage = _budget_terms(ws, config)
+        # arithmetic on the layer map: before any calibration
+        check_feasible(layers, allowed, budget, fixed, pinned=pinned, storage=storage)
     return ws
+
+
+def _require_widths(ws: Workspace) -> None:
+    """Without a budget, the overrides must give every weighted layer its width."""
+    free = [l.node for l in ws.weight_layers if l.node not in ws.precision.pinned_bits]
+    if free:
+        raise ConfigError(f"no weight width for layer {free[0]} ({len(free)} layers have none); add a '*' rule "
+                          "(e.g. --weight-bits '*=4,first_conv=8') or pass --budget to allocate the rest")
+
+
+def _budget_terms(ws: Workspace, config: BuildConfig) -> tuple:
+    """(layers, allowed widths, budget, fixed BOPs) and the pinned widths and storage widths a
+    mixed-precision budget is allocated over."""
+    layers, recipe = ws.weight_layers, config.recipe
+    pinned = {i: ws.precision.pinned_bits[l.node] for i, l in enumerate(layers) if l.node in ws.precision.pinned_bits}
+    allowed = tuple(config.analysis.weight_bits if recipe.allow_simulated_bits else ws.profile.weight_bits)
+    quantized = ws.precision.quantized
+    fixed = sum(bops(l, None, 8 if l.node in quantized else None) for l in ws.layer_map.layers if l not in layers)
+    return layers, allowed, recipe.budget, fixed, pinned, ws.profile.storage_bits
 
 
 def calibrate_workspace(ws: Workspace, config: BuildConfig, progress=None) -> CalibrationResult:
@@ -76,19 +101,11 @@ def allocate_widths(ws: Workspace, calib: CalibrationResult, config: BuildConfig
         return WeightPlan(np.full((K, len(layers)), 8), None)
     pinned = {i: ws.precision.pinned_bits[l.node] for i, l in enumerate(layers) if l.node in ws.precision.pinned_bits}
     if recipe.budget is None:
-        free = [l.node for i, l in enumerate(layers) if i not in pinned]
-        if free:
-            raise ConfigError(f"no weight width for layer {free[0]} ({len(free)} layers have none); add a '*' rule "
-                              "(e.g. --weight-bits '*=4,first_conv=8') or pass --budget to allocate the rest")
+        _require_widths(ws)
         bits = np.tile([pinned[i] for i in range(len(layers))], (K, 1))
         record = {"overrides": [str(o) for o in recipe.overrides], "share_weights": True}
     else:
-        allowed = tuple(config.analysis.weight_bits if recipe.allow_simulated_bits else ws.profile.weight_bits)
-        quantized = ws.precision.quantized
-        fixed = sum(bops(l, None, 8 if l.node in quantized else None) for l in ws.layer_map.layers
-                    if l not in layers)
-        storage = ws.profile.storage_bits  # bytes budgets: what this target really stores
-        check_feasible(layers, allowed, recipe.budget, fixed, pinned=pinned, storage=storage)  # before the curves
+        _, allowed, _, fixed, _, storage = _budget_terms(ws, config)  # storage: what this target really stores
         curves = stages.rd_curves(ws.fp, calib, config.analysis, ws.profile, progress,
                                 conditions=ws.calibration_conditions, per_group=per_group)
         idx = [curves.layers.index(l.node) for l in layers]

@@ -6,6 +6,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dmruntime.errors import InputError
+from dmruntime.schedule import NoiseSchedule
+
 from .. import zoo
 from ..errors import ModelError
 from .family import ModelFamily, ModelInput, get_family
@@ -144,6 +147,10 @@ def load_folder(folder: Path, model_id: str | None = None, source: str | None = 
         raise ModelError(f"{what} has no scheduler_config.json (looked in the folder and in ../scheduler/); "
                          "copy the scheduler config of the pipeline the UNet was trained with")
     scheduler = _read_json(sched_path, what)
+    try:  # the runtime's checks, before minutes of export and calibration
+        NoiseSchedule.from_config(scheduler)
+    except InputError as e:
+        raise ModelError(f"{sched_path}: {e}") from None
     unet = _build_unet(config, what, cls)
     try:
         state = load_file(str(weights))
@@ -153,6 +160,10 @@ def load_folder(folder: Path, model_id: str | None = None, source: str | None = 
         unet.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelError(f"{what}: weights do not match config.json ({str(e).splitlines()[0]})") from e
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()), None)
+    if bad is not None:
+        raise ModelError(f"{what}: weight {bad} in {weights.name} holds NaN or inf values; the checkpoint is corrupt "
+                         "or its training diverged: use another checkpoint")
     unet.eval().requires_grad_(False)
     vae, vae_config = load_vae(root / "vae", _json_config(unet.config)) if root and (root / "vae").is_dir() else (None,
                                                                                                                 None)

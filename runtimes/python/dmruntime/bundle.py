@@ -133,6 +133,8 @@ class Bundle:
         ``tensorrt`` extra and an NVIDIA GPU); "cpu" runs ONNX Runtime over the engines' FP16 ONNX
         (the same quantization, a reference for checks, slow).
         """
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise InputError(f"threads must be an integer >= 0 (0: the runtime's default), got {threads!r}")
         root = Path(path)
         if not root.is_dir():
             raise BundleError(f"bundle folder {root} does not exist; build or export one first")

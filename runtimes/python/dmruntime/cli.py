@@ -1,37 +1,89 @@
 """``python -m dmruntime``: sample a bundle where only the runtime is installed (a board, the
 runtime container). Writes a PNG grid, or the raw float32 samples with ``.npy``.
 
-    python -m dmruntime BUNDLE -n 16 -o grid.png [--steps 50] [--eta 0] [--seed 0]
+    python -m dmruntime BUNDLE -n 64 -o grid.png [--steps 50] [--eta 0] [--seed 0]
                         [--batch-size 64] [--class K | --conditions FILE.npz] [--guidance S] [--threads N]
+                        [--cache-dir DIR]
+
+Its options, defaults and checks are the ones ``dmcompile sample`` has; ``run_main`` (shared by
+both command lines) turns errors into one line and exit code 2, Ctrl-C into 130, SIGTERM into 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .bundle import Bundle
 from .conditioning import read_conditions
 from .errors import DmRuntimeError, InputError
+from .progress import Progress
 from .png import SOFTWARE, grid, png_software, write_png
-from .sampler import DDIMSampler, to_uint8
+from .sampler import DEFAULT_BATCH, DEFAULT_N, DEFAULT_STEPS, DDIMSampler, to_uint8
+
+EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that cleanups (temporary folders) run."""
+
+
+def run_main(prog: str, body, errors: tuple[type[BaseException], ...] = (DmRuntimeError,),
+             interrupted: str = "interrupted; nothing was written") -> int:
+    """``body()``'s exit code; an error in ``errors`` prints ``prog: error: ...`` and gives 2,
+    Ctrl-C prints ``prog: <interrupted>`` and gives 130, SIGTERM the same with 143 (each one line,
+    after the temporaries are removed)."""
+    def on_term(signum, frame):
+        raise Terminated()
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_term) if main_thread else None
+    try:
+        return body()
+    except errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        _end_line()
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Terminated:
+        _end_line()
+        print(f"{prog}: terminated (SIGTERM); {interrupted.split('; ', 1)[-1]}", file=sys.stderr)
+        return EXIT_TERMINATED
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _end_line() -> None:
+    """A progress bar may hold the terminal's line: start a fresh one."""
+    with contextlib.suppress(Exception):
+        if sys.stderr.isatty():
+            sys.stderr.write("\n")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dmruntime", description="Sample a dmcompile bundle (torch-free).")
     p.add_argument("bundle", help="bundle folder (dmcompile build -o ...)")
+    p.add_argument("--version", action="version", version=f"dmruntime {__version__}")
     p.add_argument("-o", "--output", required=True, type=Path, help="grid.png, or samples.npy for the raw samples")
-    p.add_argument("-n", type=int, default=16, help="number of samples (default 16)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic (default)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-n", type=int, default=DEFAULT_N, help=f"number of samples (default {DEFAULT_N})")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]: 0 deterministic (default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, >= 0 (default 0)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="samples per UNet call (default 64; TensorRT engines: their largest batch profile, halved "
-                        "when guided)")
+                   help=f"samples per UNet call (default {DEFAULT_BATCH}; TensorRT engines: their largest batch "
+                        "profile, halved when guided)")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None,
                    help="tensorrt bundles: cuda runs the TensorRT engines (default), cpu runs ONNX Runtime over "
                         "their ONNX (slow, a reference)")
@@ -41,18 +93,28 @@ def parser() -> argparse.ArgumentParser:
                    help="conditioning arrays named by input (one row per sample)")
     p.add_argument("--guidance", type=float, default=None, metavar="S",
                    help="classifier-free guidance scale (default: the bundle's calibration scale, if any)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads, >= 0 (0: the runtime's default)")
+    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                   help="openvino bundles: OpenVINO's compile cache (a second start imports instead of compiling)")
     return p
 
 
 def check_output(path: Path) -> None:
-    """Refuse to replace anything but a grid we wrote (PNG text tag); an .npy file carries no
-    such mark, so an existing one is never replaced."""
+    """Refuse an output that is not .png / .npy, in a folder that is missing or not writable, and
+    to replace anything but a grid we wrote (PNG text tag); an .npy file carries no such mark, so
+    an existing one is never replaced. Both command lines check -o with this, before any work."""
+    path = Path(path)
     if path.suffix not in (".png", ".npy"):
         raise InputError(f"-o {path}: the output must end in .png (a grid) or .npy (the samples)")
+    if not path.parent.is_dir():
+        raise InputError(f"-o {path}: folder {path.parent} does not exist")
+    try:
+        probe = path.with_name(f".{path.name}.probe-{os.getpid()}")
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"-o {path}: cannot write in {path.parent} ({e.strerror or e}); choose another path") from None
     if not path.exists() and not path.is_symlink():
-        if not path.parent.is_dir():
-            raise InputError(f"-o {path}: folder {path.parent} does not exist")
         return
     ours = path.is_file() and not path.is_symlink() and path.suffix == ".png" and png_software(path) == SOFTWARE
     if not ours:
@@ -65,40 +127,53 @@ def default_batch(bundle: Bundle, guided: bool) -> int:
     limit = getattr(bundle.engine(bundle.groups[0].engine), "max_batch", None)  # as the engines were built
     if limit:
         return max(1, limit // (2 if guided else 1))
-    return 64
+    return DEFAULT_BATCH
+
+
+def write_samples(path: Path, images: np.ndarray) -> None:
+    """A PNG grid of ``images`` ([-1, 1]), or the float32 samples for ``.npy``, written whole
+    (a temporary name, then a rename)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}.npy")
+            try:
+                np.save(tmp, images.astype(np.float32))
+                tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:
+            write_png(path, grid(to_uint8(images)))
+    except OSError as e:
+        raise InputError(f"cannot write {path}: {e.strerror or e}; choose another path") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        check_output(args.output)
-        bundle = Bundle.open(args.bundle, threads=args.threads, device=args.device)
-        cond = None
-        if args.class_label is not None and args.conditions is not None:
-            raise InputError("pass either --class or --conditions, not both")
-        if args.class_label is not None:
-            cond = {"class_labels": np.asarray(args.class_label, np.int64)}
-        elif args.conditions is not None:
-            cond, _, _ = read_conditions(args.conditions, bundle.conditioning)
-        guidance = args.guidance
-        if guidance is None:
-            guidance = (bundle.manifest.get("conditioning") or {}).get("calibration_guidance_scale")
-        batch = args.batch_size or default_batch(bundle, guidance is not None)
-        sampler = DDIMSampler(bundle, steps=args.steps, eta=args.eta, batch_size=batch, guidance_scale=guidance)
-        t0 = time.perf_counter()
-        images = sampler.sample(args.n, seed=args.seed, cond=cond)
-        if bundle.decoder is not None:
-            images = bundle.decode(images)
-        seconds = time.perf_counter() - t0
-    except DmRuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.output.suffix == ".npy":
-        tmp = args.output.with_name(args.output.name + ".tmp.npy")
-        np.save(tmp, images.astype(np.float32))
-        tmp.replace(args.output)
-    else:
-        write_png(args.output, grid(to_uint8(images)))
+    return run_main("python -m dmruntime", lambda: _sample(args))
+
+
+def _sample(args) -> int:
+    check_output(args.output)
+    bundle = Bundle.open(args.bundle, threads=args.threads, device=args.device, cache_dir=args.cache_dir)
+    cond = None
+    if args.class_label is not None and args.conditions is not None:
+        raise InputError("pass either --class or --conditions, not both")
+    if args.class_label is not None:
+        cond = {"class_labels": np.asarray(args.class_label, np.int64)}
+    elif args.conditions is not None:
+        cond, _, _ = read_conditions(args.conditions, bundle.conditioning)
+    guidance = args.guidance
+    if guidance is None:
+        guidance = (bundle.manifest.get("conditioning") or {}).get("calibration_guidance_scale")
+    batch = args.batch_size if args.batch_size is not None else default_batch(bundle, guidance is not None)
+    sampler = DDIMSampler(bundle, steps=args.steps, eta=args.eta, batch_size=batch, guidance_scale=guidance)
+    t0 = time.perf_counter()
+    images = sampler.sample(args.n, seed=args.seed, cond=cond, progress=Progress("auto", label="DDIM"))
+    if bundle.decoder is not None:
+        images = bundle.decode(images)
+    seconds = time.perf_counter() - t0
+    write_samples(args.output, images)
     print(f"wrote {args.output}: {args.n} samples, DDIM {args.steps} steps, eta {args.eta}, seed {args.seed} "
-          f"({seconds:.2f} s)")
+      f"({seconds:.2f} s)")
     return 0

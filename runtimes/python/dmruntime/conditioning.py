@@ -199,6 +199,11 @@ def read_conditions(path: Path, spec: Conditioning) -> tuple[dict | None, dict |
     """(rows, null condition, class table) from an .npz: arrays named by input (one row per
     sample), ``null_<name>`` (the null condition, no batch axis) and ``class_table`` ([K, L, D]
     embeddings per class). Raises InputError saying what does not fit ``spec``."""
+    if not Path(path).is_file():
+        raise InputError(f"conditions file {path} does not exist")
+    if not zipfile.is_zipfile(path):  # numpy's own message would suggest allow_pickle (unsafe)
+        raise InputError(f"conditions file {path} is not an .npz archive; write one with numpy.savez(path, "
+                         "encoder_hidden_states=..., ...)")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}

@@ -77,6 +77,10 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
     """Write via a temporary file and rename (no half-written output)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    tmp.write_bytes(encode_png(pixels))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}.png")
+    try:
+        tmp.write_bytes(encode_png(pixels))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

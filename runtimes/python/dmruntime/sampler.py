@@ -22,6 +22,13 @@ class EpsModel(Protocol):
     def predict(self, sample: np.ndarray, t: int, cond: dict | None = None) -> np.ndarray: ...
 
 
+# What a sampling run does unless told otherwise: both command lines (dmcompile sample and python -m
+# dmruntime) and dmcompile's SampleConfig take these, so they draw the same samples.
+DEFAULT_N = 64
+DEFAULT_STEPS = 50
+DEFAULT_BATCH = 64
+
+
 class SamplingLoop:
     """Samples ``model`` with ``sampler`` (any :class:`dmruntime.samplers.Sampler`, its timesteps
     set): all ``n`` samples advance together, one step at a time, in chunks of ``batch_size`` for
@@ -37,8 +44,8 @@ class SamplingLoop:
 
     def __init__(self, model: EpsModel, sampler, batch_size: int = 64, guidance_scale: float | None = None,
                  null_cond: dict | None = None):
-        if batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if guidance_scale is not None and not np.isfinite(guidance_scale):
             raise InputError(f"guidance_scale must be a finite number, got {guidance_scale}")
         self.model = model
@@ -60,8 +67,8 @@ class SamplingLoop:
     def sample(self, n: int, seed: int | list[int] = 0, progress=None, cond: dict | None = None) -> np.ndarray:
         """Draw ``n`` samples; returns float32 [n, *sample_shape], nominally in [-1, 1].
         ``seed``: anything ``numpy.random.default_rng`` takes (an int, or a list of ints)."""
-        if n < 1:
-            raise InputError(f"n must be >= 1, got {n}")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise InputError(f"n must be an integer >= 1, got {n!r}")
         if any(int(s) < 0 for s in np.atleast_1d(seed)):
             raise InputError(f"seed must be >= 0 (numpy's generators take no negative seeds), got {seed}")
         x, rng = self.initial_noise(n, seed)

@@ -265,6 +265,20 @@ def test_predict_refuses_inputs_quantization_would_hide():
         DDIMSampler(b, steps=2).sample(1, seed=-1)
 
 
+def test_predict_takes_one_timestep_per_row_across_groups():
+    b = Bundle.open(DATA / "tiny-w4")
+    x = np.random.default_rng(0).standard_normal((4, 2, 8, 8)).astype(np.float32)
+    ts = np.array([10, 900, 499, 500])  # rows in both groups, interleaved
+    assert b.group_of(10) != b.group_of(900)
+    out = b.predict(x, ts)
+    for i, t in enumerate(ts):
+        np.testing.assert_allclose(out[i], b.predict(x[i:i + 1], int(t))[0], rtol=0, atol=1e-6)
+    for bad, what in ((np.array([10, 20]), "one per row"), (np.array([10, 20, 30, 1.5]), "one integer"),
+                      (np.array([10, 20, 30, 1000]), "outside")):
+        with pytest.raises(InputError, match=what):
+            b.predict(x, bad)
+
+
 def test_non_finite_conditions_are_refused():
     from dmruntime.conditioning import CondInput, Conditioning
 
