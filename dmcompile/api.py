@@ -27,7 +27,7 @@ from .cache import CacheReport
 from .cache import clean as clean_cache
 from .cache import report as cache_report
 from .calibration.trajectory import groups_without_steps, no_steps_error
-from .compiler import BuildResult, build
+from .compiler import BuildResult, build, check_build
 from .config import (AnalysisConfig, BuildConfig, CalibrationConfig, EvalConfig, ExportConfig, MixedRecipe, Override,
                      SampleConfig, W8A8Recipe)
 from .eval.classifier import DigitScorer
@@ -41,7 +41,7 @@ from .stages import cache_dir, fp_bundle, load_conditions, open_bundle, probe_in
 from .zoo.data import load_digits16
 
 __all__ = ["AnalysisConfig", "Budget", "BuildConfig", "BuildResult", "CalibrationConfig", "EvalConfig", "EvalResult",
-           "ExportConfig", "MixedRecipe", "Override", "SampleConfig", "W8A8Recipe", "analyze", "build", "build_notes",
+           "ExportConfig", "MixedRecipe", "Override", "SampleConfig", "W8A8Recipe", "analyze", "build", "build_notes", "check_build",
            "bundle_report", "cache_dir", "cache_report", "calibrate", "clean_cache", "CacheReport", "digit_scores", "evaluate", "export", "format_report", "fp_bundle", "inspect_plots",
            "load_conditions", "load_model", "open_bundle", "probe_inputs", "reference_model", "sample", "sample_model",
            "write_eval"]

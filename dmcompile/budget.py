@@ -33,7 +33,7 @@ class Budget:
 
 
 def parse_budget(text: str) -> Budget:
-    """'5.0bits', '20MB' (also B, KB, GB, KiB, MiB, GiB), 'BOPs=1.5e9'. Raises BudgetError."""
+    """'5.0bits', '20MB' (also B, KB, GB, KiB, MiB, GiB), 'BOPs=4e9'. Raises BudgetError."""
     if isinstance(text, Budget):
         return text
     s = str(text).strip()
@@ -47,7 +47,7 @@ def parse_budget(text: str) -> Budget:
     if m := re.fullmatch(r"bops\s*=\s*([0-9.]+(?:e[+]?[0-9]+)?)", s, re.IGNORECASE):
         return Budget("bops", _number(m.group(1), text), s)
     raise BudgetError(f"cannot read budget {text!r}; write e.g. 5.0bits (average weight bits), 20MB (weight "
-                      "bytes) or BOPs=1.5e9 (MACs x weight bits x activation bits)")
+                      "bytes) or BOPs=4e9 (MACs x weight bits x activation bits)")
 
 
 def _number(s: str, text) -> float:
@@ -55,3 +55,9 @@ def _number(s: str, text) -> float:
         return float(s)
     except ValueError:
         raise BudgetError(f"cannot read the number in budget {text!r}; write e.g. 5.0bits or 20MB") from None
+
+
+def span(values, fmt: str) -> str:
+    """"a-b", or "a" when every value prints the same."""
+    lo, hi = format(min(values), fmt), format(max(values), fmt)
+    return lo if lo == hi else f"{lo}-{hi}"

@@ -19,6 +19,7 @@ from .config import (ALLOCATORS, CALIB_TIMESTEPS, DISTORTIONS, OBSERVERS, RECIPE
                      BuildConfig, CalibrationConfig, EvalConfig, ExportConfig, MixedRecipe, Override, SampleConfig,
                      W8A8Recipe, default, parse_overrides)
 from .errors import ConfigError, DmcompileError
+from .budget import span
 from .targets import PROFILES
 
 
@@ -212,7 +213,7 @@ def cmd_build(args) -> int:
     if m.get("plan"):
         avg = m["plan"]["average_weight_bits"]
         extra = f" under {m['plan']['budget']} ({m['plan']['allocator']})" if m["plan"].get("budget") else ""
-        print(f"weight bits: average {min(avg):.3f}-{max(avg):.3f} over the groups{extra}")
+        print(f"weight bits: average {span(avg, '.3f')}" + (" over the groups" if len(set(avg)) > 1 else "") + extra)
     if m.get("correction"):
         ks = [g["k"] for g in m["correction"]["groups"]]
         print(f"PTQD correction: k from {min(ks):+.4f} to {max(ks):+.4f} over the groups")
@@ -379,8 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-engines", type=int, default=default(BuildConfig, "max_engines"), metavar="N",
                    help="openvino-cpu, tensorrt: at most N engines; adjacent groups with the closest activation scales share "
                    "one (bounds resident memory: each compiled model holds its own weights)")
-    b.add_argument("--budget", default=None, help="mixed: 5.0bits (average weight bits), 20MB (weight bytes) or "
-                   "BOPs=1.5e9 (MACs x weight bits x activation bits)")
+    b.add_argument("--budget", default=None, help="mixed: 5.0bits (average weight bits), 1MB (weight bytes) or "
+                   "BOPs=4e9 (MACs x weight bits x activation bits); an infeasible one is an error naming the "
+                   "smallest feasible budget, before any calibration")
     b.add_argument("--allocator", default=default(MixedRecipe, "allocator"), choices=ALLOCATORS,
                    help="dp: exact knapsack (default); lagrange: the paper's multiplier sweep")
     b.add_argument("--share-weights", dest="share_weights", action="store_true",

@@ -351,7 +351,7 @@ class MixedRecipe(_Versioned):
         _check(self.allocator in ALLOCATORS, f"allocator must be one of {ALLOCATORS}, got {self.allocator!r}")
         widths = [o for o in self.overrides if o.precision != "float"]
         _check(self.budget is not None or widths,
-               "format mixed needs --budget (e.g. 5.0bits, 20MB, BOPs=1e9) or explicit weight widths "
+               "format mixed needs --budget (e.g. 5.0bits, 1MB, BOPs=4e9) or explicit weight widths "
                "(e.g. --weight-bits '*=4,first_conv=8')")
         star = next((o for o in self.overrides if o.pattern == "*"), None)
         _check(self.budget is None or star is None,

@@ -14,6 +14,7 @@ from .analysis.plots import save_bits_heatmap, save_rd_curves
 from .analysis.rd import RDCurves
 from .artifacts import PLOTS, atomic_dir, write_marker
 from .backends import get_backend
+from .budget import span
 from .memory import resident_estimate
 from .quant import FLOAT_BITS
 from .targets import PROFILES
@@ -34,6 +35,7 @@ def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
         "bytes": {name: f["bytes"] for name, f in files.items()},
         "total_bytes": sum(f["bytes"] for f in files.values()),
         "fp32_weight_bytes": 4 * (m["model"].get("parameters") or 0),
+        "size_parts": size_parts(m),
         "layers": layers,
         "weight_grid_bits": precision.get("weight_grid_bits"),
         "fidelity": m.get("fidelity"),
@@ -42,6 +44,7 @@ def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
         report["accounting"] = accounting(m)
     if m.get("correction"):
         report["correction"] = [{k: g[k] for k in ("index", "t_start", "t_end", "k", "rms_error", "rms_error_corrected")}
+                                | {"applied": g.get("applied", True)}
                                 | {"mean_abs_bias": sum(abs(b) for b in g["bias"]) / len(g["bias"]),
                                    "mean_var": sum(g["var"]) / len(g["var"])} for g in m["correction"]["groups"]]
     if m.get("step_aware_activation"):
@@ -92,13 +95,31 @@ def accounting(manifest: dict) -> dict:
             "weight_bytes_fp32": 4 * params, "weight_size_ratio": disk / (4 * params) if params else None}
 
 
+def size_parts(m: dict) -> dict[str, int]:
+    """Bytes on disk by role: engines, stored weights, per-group inputs, the rest."""
+    inputs = {g.get("inputs") for g in m["groups"]} - {None}
+    engines = {g["engine"] for g in m["groups"]} | set((m.get("engine") or {}).get("tensorrt", {}).get("onnx", []))
+    weights = {(m.get("weights") or {}).get("file")} | {f for f in m["files"] if f.endswith((".bin", ".data"))}
+    decoder = {(m.get("decoder") or {}).get("file")}
+    out: dict[str, int] = {}
+    for name, f in m["files"].items():
+        what = ("engines" if name in engines else "weights" if name in weights else
+                f"group inputs ({len(inputs)} files: scales, zero points, int32 biases)" if name in inputs else
+                "decoder" if name in decoder else "other")
+        out[what] = out.get(what, 0) + f["bytes"]
+    return out
+
+
 def format_report(r: dict) -> str:
     lines = [(f"{r['path']}: {r['model']} ({r['parameters'] / 1e6:.2f} M parameters), format {r['format']}, "
              f"profile {r['profile']}")]
     lines.append(f"groups: {len(r['groups'])}  " + "  ".join(f"[{g['t_start']},{g['t_end']})" for g in r["groups"]))
     total, fp = r["total_bytes"], r["fp32_weight_bytes"]
-    ratio = f" = {total / fp:.3f}x the fp32 weights ({fp / 1e6:.2f} MB)" if fp else ""
+    ratio = f" = {total / fp:.3f}x the whole model's fp32 weights ({fp / 1e6:.2f} MB)" if fp else ""
     lines.append(f"size on disk: {total / 1e6:.2f} MB{ratio}")
+    parts = r.get("size_parts") or {}
+    if len(parts) > 1:
+        lines.append("  " + ", ".join(f"{what} {b / 1e6:.3f} MB" for what, b in parts.items()))
     if r["layers"]:
         by_op: dict[str, list[int]] = {}
         for l in r["layers"]:
@@ -134,9 +155,11 @@ def format_report(r: dict) -> str:
                          f"a{l['activation_bits'] or 32:<3} {l['bops'][0] / 1e9:8.3f} GBOPs {l['weight_bytes_on_disk']:>9} B")
         red = acc["bops_reduction"]
         lines.append(f"BOPs per sample: {acc['bops_per_group'][0] / 1e9:.3f} G (group 0) vs fp32 "
-                     f"{acc['bops_fp32'] / 1e9:.3f} G = {min(red):.1f}x-{max(red):.1f}x fewer over {groups} group(s)")
-        lines.append(f"weights on disk: {acc['weight_bytes_on_disk'] / 1e6:.3f} MB vs fp32 "
-                     f"{acc['weight_bytes_fp32'] / 1e6:.3f} MB = {acc['weight_size_ratio']:.3f}x")
+                     f"{acc['bops_fp32'] / 1e9:.3f} G = {span(red, '.1f')}x fewer"
+                     + (f" over {groups} groups" if groups > 1 else ""))
+        lines.append(f"weights of the {len(acc['layers'])} Conv/Gemm/MatMul layers on disk: "
+                     f"{acc['weight_bytes_on_disk'] / 1e6:.3f} MB vs {acc['weight_bytes_fp32'] / 1e6:.3f} MB in fp32 = "
+                     f"{acc['weight_size_ratio']:.3f}x (norms, biases and embeddings not counted)")
     for e in r.get("memory", []):
         act = f"{e['activations_mb']:.1f} MB activations" if e["activations_known"] else \
             "activations not recorded (fp32 exports, and bundles built before the manifest had a memory entry)"
@@ -152,13 +175,17 @@ def format_report(r: dict) -> str:
         avg = pl["average_weight_bits"]
         alloc = "one weight allocation for all groups" if pl["share_weights"] else "one allocation per group"
         lines.append(f"plan: {pl['allocator']} allocation under {pl['budget']}, {alloc}; "
-                     f"average weight bits {min(avg):.3f}-{max(avg):.3f}")
+                     f"average weight bits {span(avg, '.3f')}")
     if r.get("correction"):
         lines.append("PTQD correction per group (eps = (eps_q - bias) / (1 + k)): k, mean |bias|, residual variance, "
                      "rms error of eps before -> after")
         for g in r["correction"]:
             if g["rms_error"] is None:
                 lines.append(f"  [{g['t_start']},{g['t_end']}): no calibration step, no correction")
+                continue
+            if not g["applied"]:
+                lines.append(f"  [{g['t_start']},{g['t_end']}): off (the fit would raise the rms error); residual var "
+                             f"{g['mean_var']:.2e}  rms {g['rms_error']:.4f}")
                 continue
             lines.append(f"  [{g['t_start']},{g['t_end']}): k {g['k']:+.4f}  |bias| {g['mean_abs_bias']:.2e}  "
                          f"var {g['mean_var']:.2e}  rms {g['rms_error']:.4f} -> {g['rms_error_corrected']:.4f}")

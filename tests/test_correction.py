@@ -41,6 +41,19 @@ def test_estimation_recovers_k_bias_and_variance(tiny_export):
     assert g["rms_error_corrected"] < g["rms_error"]
 
 
+def test_a_correction_that_would_raise_the_error_is_left_off(tiny_export):
+    """eps_q = 0.5 eps + noise as large as eps: the fit finds k = -0.5 and bias 0, and dividing by
+    1 + k would double the noise; the group keeps eps_q (k 0, bias 0) and says so."""
+    fp = Bundle.open(tiny_export)
+    q = Distorted(fp, k=-0.5, bias=[0.0, 0.0], sd=0.015)  # the tiny model's eps has std 0.015
+    g = estimate_correction(q, fp, steps=10, size=16, seed=0)["groups"][0]
+    assert g["applied"] is False and g["k"] == 0.0 and g["bias"] == [0.0, 0.0]
+    assert g["rms_error_corrected"] == g["rms_error"]
+    np.testing.assert_allclose(g["var"], [0.25 * 0.015 ** 2 + 0.015 ** 2] * 2, rtol=0.35)  # d's own spread
+    kept = estimate_correction(Distorted(fp, k=0.05, bias=[0.02, -0.03], sd=0.005), fp, steps=10, size=16, seed=0)
+    assert all(g["applied"] for g in kept["groups"] if g["samples"])
+
+
 def test_group_correction_and_manifest_validation():
     c = GroupCorrection(0.25, np.array([1.0, -1.0], np.float32), np.array([0.5, 0.5], np.float32))
     eps_q = np.ones((1, 2, 2, 2), np.float32)

@@ -27,7 +27,7 @@ FLOORS = {
 # Backends only emit: they read lowered graphs, never the algorithms that made them.
 BACKENDS_MAY_NOT_IMPORT = ("dmcompile.calibration", "dmcompile.analysis")
 # The command line parses arguments and calls the API, nothing else of the package's pipeline.
-CLI_MAY_IMPORT = ("dmcompile", "dmcompile.api", "dmcompile.config", "dmcompile.errors", "dmcompile.targets",
+CLI_MAY_IMPORT = ("dmcompile", "dmcompile.api", "dmcompile.budget", "dmcompile.config", "dmcompile.errors", "dmcompile.targets",
                   "dmcompile.zoo", "dmcompile.artifacts", "dmcompile.eval.grid")
 
 

@@ -60,9 +60,13 @@ def estimate_correction(quantized, fp, steps: int, size: int, seed: int, batch_s
         k = float((s["ed"] - s["e"] * s["d"] / n).sum() / (s["ee"] - s["e"] ** 2 / n).sum())
         mean = (s["d"] - k * s["e"]) / n
         var = np.maximum((s["dd"] - 2 * k * s["ed"] + k * k * s["ee"]) / n - mean**2, 0)
+        raw = float(np.sqrt(s["dd"].sum() / n.sum()))
+        corrected = float(np.sqrt(var.mean()) / abs(1 + k))  # corrected eps - eps = (r - bias) / (1 + k)
+        applied = corrected < raw
+        if not applied:  # dividing by 1 + k < 1 can amplify more than the fit removes: leave eps as it is
+            k, mean = 0.0, np.zeros(C)
+            var = np.maximum(s["dd"] / n - (s["d"] / n) ** 2, 0)  # what stays in eps: d's own spread
         out.append({"index": g.index, "t_start": g.t_start, "t_end": g.t_end, "k": k,
-                    "bias": mean.tolist(), "var": var.tolist(), "samples": int(n[0]),
-                    "rms_error": float(np.sqrt(s["dd"].sum() / n.sum())),
-                    # corrected eps - eps = (r - bias) / (1 + k): its rms
-                    "rms_error_corrected": float(np.sqrt(var.mean()) / abs(1 + k))})
+                    "bias": mean.tolist(), "var": var.tolist(), "samples": int(n[0]), "applied": applied,
+                    "rms_error": raw, "rms_error_corrected": corrected if applied else raw})
     return {"method": "ptqd", "steps": steps, "trajectories": size, "seed": seed, "groups": out}

@@ -79,6 +79,14 @@ def build_steps(profile: str) -> tuple[Step, ...]:
     return STEPS + tuple(get_backend(get_profile(profile).backend).steps())
 
 
+def check_build(model: LoadedModel | str | Path | None, config: BuildConfig = BuildConfig()) -> Workspace:
+    """What a build checks before any calibration (the model, its scheduler config, the rules
+    against the layer map, a budget's feasibility, options that cannot apply), without building:
+    raises the error the build would, else returns the prepared workspace. Exports the model to
+    fp32 ONNX if it is not cached yet."""
+    return prepare(model, config)
+
+
 def build(model: LoadedModel | str | Path | None, out: str | Path, config: BuildConfig = BuildConfig(),
           progress="auto") -> BuildResult:
     """Compile a model into a bundle: per timestep group, activation scales calibrated on the
