@@ -7,7 +7,8 @@ Cache layout (``cache_dir()``, default ``~/.cache/dmcompile``, or ``$DMCOMPILE_C
     exports/<model id>-<key>/      fp32 export: key = dmcompile version, model id, seed,
                                    UNet and scheduler configs, export config, every weight
     calib/<export>-<key>/          calibration: key = calibration schema, config, profile;
-                                   ``moments/`` holds the layer inputs' second moments (GPTQ)
+                                   ``moments/`` holds the layer inputs' second moments (GPTQ);
+                                   ``<...>.partial/`` the checkpoint of an interrupted pass
     rounded/<calibration>-<key>/   GPTQ-rounded weights, one file per layer, width and scope
     rd/<export>-<key>/             RD curves: key = RD + calibration schemas, both configs,
                                    profile; ``<...>.partial/`` holds an interrupted run
@@ -220,10 +221,13 @@ def cached_calibration(fp: Path, config: CalibrationConfig, profile: TargetProfi
             shutil.rmtree(path, ignore_errors=True)  # our own cache entry, unreadable: measure again
     manifest = json.loads((fp / "manifest.json").read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")  # resumable: an interrupted pass goes on from here
     result = calibrate_trajectories(fp / "model.onnx", load_layer_map(fp), manifest["scheduler"], config, profile,
-                             progress=progress, conditioning=spec, conditions=rows, moments=moments,
-                             work_dir=path.parent)
-    return result.save(path)
+                                    progress=progress, conditioning=spec, conditions=rows, moments=moments,
+                                    work_dir=path.parent, checkpoint=partial)
+    saved = result.save(path, move_moments=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    return saved
 
 
 def load_graph(fp: Path):

@@ -1,5 +1,7 @@
 """Calibration: observers, groups, and statistics along trajectories."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -173,3 +175,69 @@ def test_observer_choice_reaches_the_bundle(tiny_model_dir, tmp_path, observer):
         assert (lo, hi) == ranges[g]["sample"]
     differ = [t for t in calib.tensors for g in range(3) if ranges[g][t] != mse[g][t]]
     assert len(differ) > len(calib.tensors) // 2  # the observer changed the ranges
+
+
+def _calibration_arrays(result):
+    from dmcompile.calibration.trajectory import _observer_arrays
+    from dmcompile.calibration.hessian import Moments
+
+    out = _observer_arrays(result.observers, result.tensors)
+    if result.moments is not None:
+        m = Moments(result.moments)
+        for node in m.files:
+            out[f"H:{node}"] = m.matrix(node)
+    return out
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_an_interrupted_calibration_resumes_to_the_same_result(tiny_export, tmp_path, monkeypatch, stop_after):
+    """Stopped after a chunk (Ctrl-C in the middle of the next one), then run again: it skips the
+    committed chunks and ends with the histograms and second moments of a pass never stopped."""
+    from dmcompile import stages
+
+    # three chunks of two trajectories; tensors subsampled, so the random state must carry over too
+    cfg = CalibrationConfig(size=6, steps=4, groups=2, batch_size=2, sample_per_tensor=1024)
+    monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "whole"))
+    whole = _calibration_arrays(stages.cached_calibration(tiny_export, cfg, moments="pooled"))
+
+    monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "stopped"))
+    calls = []
+
+    def interrupt(*args):
+        calls.append(args)
+        if len(calls) == stop_after * cfg.steps + 2:  # two steps into the next chunk
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stages.cached_calibration(tiny_export, cfg, progress=interrupt, moments="pooled")
+    partial = next((tmp_path / "stopped" / "calib").glob("*.partial"))
+    assert json.loads((partial / "state" / "state.json").read_text())["done"] == 2 * stop_after
+    seen = []
+    resumed = stages.cached_calibration(tiny_export, cfg, moments="pooled", progress=lambda *a: seen.append(a))
+    assert any("resuming after" in str(a[0]) for a in seen)
+    assert sum(1 for a in seen if len(a) == 2) == (3 - stop_after) * cfg.steps  # only the chunks left ran
+    got = _calibration_arrays(resumed)
+    assert sorted(got) == sorted(whole)
+    for k in whole:
+        np.testing.assert_array_equal(got[k], whole[k], err_msg=k)
+    assert not partial.exists()  # the saved calibration replaces the checkpoint
+
+
+def test_chunked_recording_equals_one_pass_when_the_chunk_holds_every_trajectory(tiny_export, tmp_path):
+    from dmcompile.calibration.recorder import record_in_chunks, record_trajectories
+    from dmruntime import Bundle
+
+    fp = Bundle.open(tiny_export)
+    calls = {"one": [], "chunks": []}
+
+    def recorder(key):
+        return lambda x, t, c, got: calls[key].append((t, x.copy()))
+
+    def run(x, t, c):
+        return {"eps": fp.predict(x, t)}
+
+    record_trajectories(run, fp.schedule, fp.sample_shape, [recorder("one")], n=4, steps=3, seed=5, batch_size=4)
+    record_in_chunks(run, fp.schedule, fp.sample_shape, [recorder("chunks")], n=4, steps=3, seed=5, chunk=4)
+    assert [t for t, _ in calls["one"]] == [t for t, _ in calls["chunks"]]
+    for (_, a), (_, b) in zip(calls["one"], calls["chunks"]):
+        np.testing.assert_array_equal(a, b)

@@ -159,8 +159,29 @@ class MomentRecorder:
             path = self.folder / scope / f"{self.index[node]:04d}.npy"
             path.parent.mkdir(parents=True, exist_ok=True)
             n = self.columns[node].n
-            self._open[key] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, n))
+            if path.is_file():  # sums carried over from a checkpoint
+                self._open[key] = np.lib.format.open_memmap(path, mode="r+")
+            else:
+                self._open[key] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, n))
         return self._open[key]
+
+    def flush(self) -> None:
+        for s in self._open.values():
+            s.flush()
+
+    def move_to(self, folder: Path) -> None:
+        """Write the sums out and go on in ``folder`` (a checkpoint's copy of them)."""
+        self.flush()
+        self._open.clear()
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def state(self) -> dict:
+        return {"counts": {s: c.tolist() for s, c in self.counts.items()}, "rng": self.rng.bit_generator.state}
+
+    def restore(self, state: dict) -> None:
+        self.counts = {s: np.asarray(c, np.int64) for s, c in state["counts"].items()}
+        self.rng.bit_generator.state = state["rng"]
 
     def add(self, group: int, values: dict[str, np.ndarray]) -> None:
         """One call's layer inputs (tensor -> array, rows already masked) for timestep group ``group``."""
@@ -178,9 +199,12 @@ class MomentRecorder:
 
     def finish(self) -> None:
         """Sums -> means, per scope."""
-        for (scope, node), s in self._open.items():
-            s /= max(int(self.counts[scope][self.index[node]]), 1)
-            s.flush()
+        for scope in self.scopes:
+            for node in self.columns:
+                if (scope, node) in self._open or (self.folder / scope / f"{self.index[node]:04d}.npy").is_file():
+                    s = self._sum(scope, node)
+                    s /= max(int(self.counts[scope][self.index[node]]), 1)
+                    s.flush()
         self._open.clear()
         (self.folder / "moments.json").write_text(json.dumps({
             "schema_version": MOMENTS_SCHEMA_VERSION, "rows_per_call": self.rows, "groups": self.groups,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 from dmruntime import NoiseSchedule, SamplingLoop, make_sampler
+from dmruntime.conditioning import take_rows
 
 # (x, t, cond) -> {"eps": ..., other named outputs}
 ModelRun = Callable[[np.ndarray, int, dict | None], dict]
@@ -52,3 +53,37 @@ def record_trajectories(run: ModelRun, schedule: NoiseSchedule, sample_shape: tu
     stepper.set_timesteps(steps)
     loop = SamplingLoop(recorder, stepper, batch_size=batch_size, guidance_scale=guidance_scale, null_cond=null_cond)
     return loop.sample(n, seed=seed, progress=progress, cond=cond)
+
+
+def record_in_chunks(run: ModelRun, schedule: NoiseSchedule, sample_shape: tuple[int, ...],
+                     collectors: Sequence[Collector], *, n: int, steps: int, seed, chunk: int,
+                     guidance_scale: float | None = None, cond: dict | None = None, conditioning=None,
+                     null_cond: dict | None = None, progress=None, sampler: str = "ddim", done: int = 0,
+                     on_chunk: Callable[[int], None] | None = None) -> None:
+    """:func:`record_trajectories` a chunk of ``chunk`` trajectories at a time, all steps of one
+    chunk before the next, so that the work can stop after any chunk and go on later: chunks
+    before ``done`` (a multiple of ``chunk``) are skipped, ``on_chunk(end)`` is called after each
+    (checkpoint there). The same x_T as one run; with ``chunk >= n`` the same calls in the same
+    order. A collector with ``begin_chunk(first, rows)`` hears where each chunk starts.
+    Deterministic samplers only (a stochastic one would draw its noise in another order)."""
+    recorder = Recorder(run, schedule, sample_shape, collectors, conditioning)
+    stepper = make_sampler(sampler, schedule)
+    if stepper.stochastic:
+        raise ValueError(f"{sampler} draws noise at every step; chunked recording needs a deterministic sampler")
+    loop = SamplingLoop(recorder, stepper, batch_size=chunk, guidance_scale=guidance_scale, null_cond=null_cond)
+    x, rng = loop.initial_noise(n, seed)
+    if cond and conditioning is not None:
+        cond = conditioning.check(cond, n)  # one row per trajectory, so chunks take their own
+    starts = list(range(0, n, chunk))
+    for c, first in enumerate(starts):
+        if first < done:
+            continue
+        rows = slice(first, min(first + chunk, n))
+        for collect in collectors:
+            if hasattr(collect, "begin_chunk"):
+                collect.begin_chunk(first, rows.stop - first)
+        stepper.set_timesteps(steps)  # a fresh sampler state per chunk (multistep samplers keep history)
+        loop.run(x[rows], rng, cond=take_rows(cond, rows),
+                 progress=progress and (lambda i, k, c=c: progress(c * steps + i, len(starts) * steps)))
+        if on_chunk is not None:
+            on_chunk(rows.stop)

@@ -28,10 +28,12 @@ from ..frontend.layermap import LayerMap
 from ..targets import ORT_CPU, TargetProfile
 from .hessian import MOMENTS, MomentRecorder, layer_columns
 from .observers import HistogramObserver
-from .recorder import record_trajectories
+from .checkpoint import Checkpoint, generator_state, restore_generator
+from .recorder import record_in_chunks
 
-CALIB_SCHEMA_VERSION = 2  # 2: cache keys carry it (older caches may predate the histogram fix)
+CALIB_SCHEMA_VERSION = 3  # 2: cache keys carry it; 3: trajectories recorded a chunk of batch_size at a time
 CALIB_STREAM = 0xCA11B
+STATE_KEYS = ("lo", "hi", "origin", "width", "count", "hist")  # a HistogramObserver's state
 
 
 def equal_groups(num_train_timesteps: int, k: int) -> tuple[Group, ...]:
@@ -60,17 +62,24 @@ def groups_without_steps(schedule: NoiseSchedule, config: CalibrationConfig) -> 
 
 class _Rows:
     """Which rows of each model call a collector records: calls walk the trajectories' rows in
-    batch order, step after step (``total`` rows per step); ``record_steps(t)`` gives a row mask
-    (PTQ4DM's timestep sampling), None records every row."""
+    batch order, step after step (``total`` rows per step, ``per_trajectory`` of them for each
+    trajectory: 2 when guided); ``record_steps(t)`` gives a row mask (PTQ4DM's timestep
+    sampling), None records every row. ``begin_chunk`` narrows the walk to one chunk of
+    trajectories (``recorder.record_in_chunks``)."""
 
-    def __init__(self, record_steps, total: int):
+    def __init__(self, record_steps, total: int, per_trajectory: int = 1):
         self.record_steps = record_steps
-        self.total = total
+        self.total, self.per = total, per_trajectory
+        self.base, self.span = 0, total
         self.offset = 0
+
+    def begin_chunk(self, first: int, rows: int) -> None:
+        self.base, self.span = first * self.per, rows * self.per
+        self.offset = self.base
 
     def mask(self, n: int, t: int) -> np.ndarray | None | bool:
         rows = slice(self.offset, self.offset + n)
-        self.offset = (self.offset + n) % self.total
+        self.offset = self.base + (self.offset - self.base + n) % self.span
         return self.record_steps(t)[rows] if self.record_steps else None
 
 
@@ -81,6 +90,9 @@ class HistogramCollector:
     def __init__(self, names, lookup, observers, rows: _Rows, rng, sample_per_tensor: int):
         self.names, self.lookup, self.observers = names, lookup, observers
         self.rows, self.rng, self.sample_per_tensor = rows, rng, sample_per_tensor
+
+    def begin_chunk(self, first: int, rows: int) -> None:
+        self.rows.begin_chunk(first, rows)
 
     def __call__(self, x, t, cond, got) -> None:
         mask = self.rows.mask(len(x), t)
@@ -101,6 +113,9 @@ class MomentCollector:
 
     def __init__(self, recorder: MomentRecorder, lookup, rows: _Rows):
         self.recorder, self.lookup, self.rows = recorder, lookup, rows
+
+    def begin_chunk(self, first: int, rows: int) -> None:
+        self.rows.begin_chunk(first, rows)
 
     def __call__(self, x, t, cond, got) -> None:
         mask = self.rows.mask(len(x), t)
@@ -129,13 +144,14 @@ class CalibrationResult:
         return [{n: obs[n].range(kind, bits, self.config.percentile) if obs[n].count else
                  (min(pooled[n][0], 0.0), max(pooled[n][1], 0.0)) for n in self.tensors} for obs in self.observers]
 
-    def save(self, folder: Path) -> "CalibrationResult":
+    def save(self, folder: Path, move_moments: bool | None = None) -> "CalibrationResult":
         """calibration.json (settings, groups, chosen ranges) + histograms.npz (+ the second
-        moments' folder), atomically. Returns the result as saved (moments there)."""
+        moments' folder, moved when ``move_moments`` (default: when it is a temporary), else
+        copied), atomically. Returns the result as saved (moments there)."""
         with atomic_dir(Path(folder), CALIBRATION) as tmp:
             files = ["calibration.json", "histograms.npz"]
             if self.moments is not None:  # a fresh pass's temporary folder moves in; a saved one is copied
-                fresh = scratch.is_temporary(self.moments)
+                fresh = scratch.is_temporary(self.moments) if move_moments is None else move_moments
                 (shutil.move if fresh else shutil.copytree)(str(self.moments), tmp / MOMENTS)
                 scratch.release(self.moments)
                 files.append(MOMENTS)
@@ -170,7 +186,7 @@ class CalibrationResult:
         observers = []
         for g in range(len(meta["groups"])):
             observers.append({n: HistogramObserver.from_state(
-                {k: arrays[f"g{g}_t{i}_{k}"] for k in ("lo", "hi", "origin", "width", "count", "hist")})
+                {k: arrays[f"g{g}_t{i}_{k}"] for k in STATE_KEYS})
                 for i, n in enumerate(tensors)})
         groups = tuple(Group(d["index"], d["t_start"], d["t_end"]) for d in meta["groups"])
         moments = Path(folder) / MOMENTS
@@ -189,7 +205,7 @@ def _ptq4dm_mask(timesteps: np.ndarray, n: int, T: int, rng: np.random.Generator
 def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, config: CalibrationConfig,
               profile: TargetProfile = ORT_CPU, progress=None, conditioning: Conditioning | None = None,
               conditions: dict | None = None, moments: str | None = None,
-              work_dir: Path | None = None) -> CalibrationResult:
+              work_dir: Path | None = None, checkpoint: Path | None = None) -> CalibrationResult:
     """Run ``config.size`` DDIM trajectories of ``config.steps`` steps through the fp32 ONNX
     model and return per-group statistics of every tensor ``profile`` may quantize (for all
     quantizable layers, so that builds which keep some layers float reuse the calibration).
@@ -197,16 +213,26 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
     ``config.guidance_scale`` the guided sampler runs both branches, so both are recorded.
     ``moments``: also gather every weighted layer's input second moments (GPTQ rounding), in
     the same pass: ``"pooled"`` over all recorded steps, or ``"groups"`` (one per timestep
-    group, and pooled); kept under ``work_dir`` (a temporary folder there) until saved."""
+    group, and pooled); kept under ``work_dir`` (a temporary folder there) until saved.
+    ``checkpoint``: a folder where the pass commits its progress after every chunk of
+    ``config.batch_size`` trajectories and from which an interrupted pass resumes (the same
+    result as one never stopped; :mod:`dmcompile.calibration.checkpoint`)."""
     model = onnxio.load(fp_model_path, weights=False)  # the weights stay on disk (big models)
     names = profile.quantized_tensors(model, layer_map.layers)
+    ckpt = Checkpoint(checkpoint, {"config": config.to_dict(), "tensors": list(names), "moments": moments}) \
+        if checkpoint is not None else None
+    if ckpt is not None and not ckpt.usable:  # another pass of this entry holds it: go on without one
+        ckpt.close(remove=False)
+        ckpt = None
     recorder = None
     if moments is not None:
         if moments not in ("pooled", "groups"):
             raise ValueError(f"moments must be 'pooled' or 'groups', got {moments!r}")
         if work_dir is not None:
             scratch.reclaim(work_dir)  # moments of passes killed before they were saved
-        folder = scratch.temp_dir(work_dir or Path(tempfile.gettempdir()), "moments")
+        # the sums live in the checkpoint when there is one (begin() puts them there), else in a temporary
+        folder = ckpt.work_folder() if ckpt is not None else \
+            scratch.temp_dir(work_dir or Path(tempfile.gettempdir()), "moments")
         recorder = MomentRecorder(folder, layer_columns(model, layer_map.layers),
                                   config.groups if moments == "groups" else None, config.seed)
     have = {o.name for o in model.graph.output}
@@ -233,29 +259,70 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
     mask = None
     if config.timesteps == "ptq4dm":
         mask = _ptq4dm_mask(timesteps, config.size, schedule.num_train_timesteps, rng)
-    rows = config.size * (2 if config.guidance_scale is not None else 1)  # guided: both branches
-    collectors = [HistogramCollector(names, lookup, observers, _Rows(mask, rows), rng, config.sample_per_tensor)]
+    per = 2 if config.guidance_scale is not None else 1  # guided: both branches
+    histograms = HistogramCollector(names, lookup, observers, _Rows(mask, config.size * per, per), rng,
+                                    config.sample_per_tensor)
+    collectors = [histograms]
     fetch = ["eps", *(n for n in names if n != "eps")]
     if recorder is not None:
-        collectors.append(MomentCollector(recorder, lookup, _Rows(mask, rows)))
+        collectors.append(MomentCollector(recorder, lookup, _Rows(mask, config.size * per, per)))
         fetch += sorted(recorder.tensors - set(fetch))
 
     def run(x, t, cond):
         feeds = {"sample": x, "timestep": np.full(len(x), t, np.int64), **(cond or {})}
         return dict(zip(fetch, sess.run(fetch, feeds)))
 
+    done = _resume(ckpt, observers, names, histograms, recorder)
+    if done and progress is not None:
+        progress(f"calibrate: resuming after {done} of {config.size} trajectories", 1, 1)
+
+    def commit(end: int) -> None:
+        state = {"rng": generator_state(rng), "moments": recorder.state() if recorder else None}
+        ckpt.commit(end, _observer_arrays(observers, names), state, recorder)
+        if end < config.size:
+            ckpt.begin(recorder)
+
     # A stream of its own: with seed=N, sampling draws from default_rng(N), so calibrating on
     # default_rng(N) too would make an evaluation's first samples the calibration trajectories.
     try:
-        record_trajectories(run, schedule, tuple(sess.get_inputs()[0].shape[1:]), collectors, n=config.size,
-                            steps=config.steps, seed=[config.seed, CALIB_STREAM], batch_size=config.batch_size,
-                            guidance_scale=config.guidance_scale, cond=conditions,
-                            conditioning=conditioning or Conditioning.none(), progress=progress)
+        if ckpt is not None:
+            ckpt.begin(recorder)
+        record_in_chunks(run, schedule, tuple(sess.get_inputs()[0].shape[1:]), collectors, n=config.size,
+                         steps=config.steps, seed=[config.seed, CALIB_STREAM], chunk=config.batch_size,
+                         guidance_scale=config.guidance_scale, cond=conditions,
+                         conditioning=conditioning or Conditioning.none(), progress=progress, done=done,
+                         on_chunk=commit if ckpt is not None else None)
         if recorder is not None:
+            if ckpt is not None:
+                ckpt.finishing()
             recorder.finish()
     except BaseException:
-        if recorder is not None:  # no half-measured moments left behind
+        if recorder is not None and ckpt is None:  # no half-measured moments left behind
             shutil.rmtree(recorder.folder, ignore_errors=True)
             scratch.release(recorder.folder)
         raise
+    finally:
+        if ckpt is not None:
+            ckpt.close(remove=False)
     return CalibrationResult(config, groups, tuple(names), observers, recorder.folder if recorder else None)
+
+
+def _observer_arrays(observers, names) -> dict[str, np.ndarray]:
+    return {f"g{g}_t{i}_{k}": np.asarray(v) for g, obs in enumerate(observers) for i, n in enumerate(names)
+            for k, v in obs[n].state().items()}
+
+
+def _resume(ckpt: Checkpoint | None, observers, names, histograms: HistogramCollector,
+            recorder: MomentRecorder | None) -> int:
+    """Trajectories a checkpoint holds (0 without one), its state put back into the collectors."""
+    state = ckpt.load() if ckpt is not None else None
+    if state is None:
+        return 0
+    arrays = state["observers"]
+    for g, obs in enumerate(observers):
+        for i, n in enumerate(names):
+            obs[n] = HistogramObserver.from_state({k: arrays[f"g{g}_t{i}_{k}"] for k in STATE_KEYS})
+    restore_generator(histograms.rng, state["json"]["rng"])
+    if recorder is not None:
+        recorder.restore(state["json"]["moments"])  # the sums: begin() copies the checkpoint's
+    return state["done"]
