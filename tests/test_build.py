@@ -250,8 +250,9 @@ def test_corrupt_files_without_hash_check_still_fail_clearly(tiny_bundle, tmp_pa
 
     b = shutil.copytree(tiny_bundle, tmp_path / "npz")
     (b / "group_02.npz").write_bytes(b"PK\x03\x04 not a zip")
+    opened = Bundle.open(b, verify=False)  # group inputs are read on their group's first use
     with pytest.raises(BundleError, match="cannot read group inputs group_02.npz"):
-        Bundle.open(b, verify=False)
+        opened.predict(np.zeros((1, 2, 8, 8), np.float32), opened.groups[2].t_start)
     b = shutil.copytree(tiny_bundle, tmp_path / "engine")
     data = (b / "unet.onnx").read_bytes()
     (b / "unet.onnx").write_bytes(data[: len(data) // 2])

@@ -234,10 +234,11 @@ def test_progress_bars_on_a_terminal_lines_in_a_log():
         for i in range(1, 101):
             p(i, 100)
         with p.stage("write"):
-            pass
+            p("calibration: resuming after 2 of 6 trajectories", 0, 0)
     assert "\r" not in log.getvalue()
     assert log.getvalue().splitlines()[0] == "calibrate: started (100 steps)"
-    assert len(log.getvalue().splitlines()) == 4 and "calibrate: done in" in log.getvalue()
+    assert len(log.getvalue().splitlines()) == 5 and "calibrate: done in" in log.getvalue()
+    assert "calibration: resuming after 2 of 6 trajectories\n" in log.getvalue()
     assert "\r" in tty.getvalue() and "calibrate: done in" in tty.getvalue()
     assert "step/s" not in tty.getvalue()
     assert reporter(None) is None and reporter("off") is None and reporter(print) is print

@@ -179,7 +179,7 @@ def test_inspect_accounting_and_plots(tiny_model_dir, curves, tmp_path, capsys):
     out = mixed(tiny_model_dir, tmp_path / "i", budget="6bits").path
     assert main(["inspect", str(out), "--plots", str(tmp_path / "plots")]) == 0
     text = capsys.readouterr().out
-    assert "BOPs per sample" in text and "weights on disk" in text and "plan: dp allocation" in text
+    assert "BOPs per sample" in text and "Conv/Gemm/MatMul layers on disk" in text and "plan: dp allocation" in text
     assert (tmp_path / "plots" / "bits_heatmap.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "rd_curves.png").stat().st_size > 1000
     from dmcompile.inspect import accounting

@@ -62,8 +62,8 @@ README_COMMANDS = commands(README)
 def test_the_readme_has_the_main_job_and_the_test_command_first():
     first_screen = README.split("## ")[0]
     assert "bash scripts/setup.sh && .venv/bin/dmcompile build && .venv/bin/dmcompile sample" in first_screen
-    assert "bash scripts/setup.sh && .venv/bin/python -m pytest -q" in first_screen
-    assert (ROOT / ".ci" / "run").read_text().strip().endswith("bash scripts/setup.sh && .venv/bin/python -m pytest -q")
+    assert "bash scripts/setup.sh && .venv/bin/python -m pytest -q -n 2 --dist loadfile" in first_screen
+    assert (ROOT / ".ci" / "run").read_text().strip().endswith("bash scripts/setup.sh && .venv/bin/python -m pytest -q -n 2 --dist loadfile")
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", first_screen):
         assert (ROOT / image).is_file(), image
     for anchor in re.findall(r"\]\(#([^)]+)\)", README):

@@ -106,7 +106,7 @@ def test_bad_bundles_are_refused(tiny_export, tmp_path):
 
     b = _copy(tiny_export, tmp_path / "escape")
     (tmp_path / "outside.onnx").write_bytes(b"x")
-    _edit_manifest(b, lambda m: m["files"].update({"../outside.onnx": {"bytes": 1, "sha256": "0"}}))
+    _edit_manifest(b, lambda m: m["files"].update({"../outside.onnx": {"bytes": 1, "sha256": "0" * 64}}))
     with pytest.raises(BundleError, match="outside the bundle"):
         Bundle.open(b)
 

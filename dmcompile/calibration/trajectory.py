@@ -1,7 +1,7 @@
 """Calibration along the sampling trajectory, statistics bucketed by timestep group.
 
 The fp32 ONNX model is run with every quantized tensor exposed as an extra output; the
-runtime's own sampler drives it from seeded noise (``recorder.record_trajectories``), so the UNet
+runtime's own sampler drives it from seeded noise (``recorder.record_in_chunks``), so the UNet
 sees exactly the inputs it sees when sampling. Each call's tensors go to the observers of the
 group holding t, and with GPTQ to the layer inputs' second moments.
 """
@@ -274,7 +274,7 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
 
     done = _resume(ckpt, observers, names, histograms, recorder)
     if done and progress is not None:
-        progress(f"calibrate: resuming after {done} of {config.size} trajectories", 1, 1)
+        progress(f"calibration: resuming after {done} of {config.size} trajectories (checkpoint {ckpt.folder})", 0, 0)
 
     def commit(end: int) -> None:
         state = {"rng": generator_state(rng), "moments": recorder.state() if recorder else None}

@@ -8,7 +8,8 @@ whole stages through :func:`stage`. What the user sees is chosen with one option
 - ``"lines"``: one line when a label starts and one with its time when it ends (no carriage
   returns: what a log file or CI should hold);
 - ``None`` / ``False`` / ``"off"``: nothing;
-- a callable: called as ``callback(label, i, n)`` (a stage: ``i`` 0 then 1 of ``n`` 1).
+- a callable: called as ``callback(label, i, n)`` (a stage: ``i`` 0 then 1 of ``n`` 1; a message
+  such as "resuming after ...": ``n`` 0).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class Progress:
     def __call__(self, *args) -> None:
         label, i, n = (self.label, *args) if len(args) == 2 else args
         if self.mode == "off":
+            return
+        if n == 0:  # a message, not work: one line
+            self._write(("\r\x1b[2K" if self.mode == "bars" else "") + f"{label}\n")
             return
         now = time.perf_counter()
         state = self._open.get(label)
