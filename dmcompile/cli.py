@@ -183,6 +183,7 @@ def _recipe(args):
 
 def _calibration_config(args):
     return CalibrationConfig(size=args.calib_size, steps=args.calib_steps, seed=args.seed, groups=args.groups,
+                             batch_size=args.calib_batch_size,
                              observer=args.observer, timesteps=args.calib_timesteps, guidance_scale=args.guidance,
                              conditions=args.calib_conditions and str(args.calib_conditions))
 
@@ -305,6 +306,9 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
                    help=f"timestep groups K (default {default(C, 'groups')}; 1: one scale for all timesteps)")
     p.add_argument("--calib-size", type=int, default=default(C, "size"),
                    help=f"calibration trajectories (default {default(C, 'size')})")
+    p.add_argument("--calib-batch-size", type=int, default=default(C, "batch_size"),
+                   help=f"trajectories per model call (default {default(C, 'batch_size')}); the calibration pass "
+                   "commits its progress after each such chunk, and an interrupted pass resumes from the last")
     p.add_argument("--calib-steps", type=int, default=default(C, "steps"),
                    help=f"DDIM steps per trajectory (default {default(C, 'steps')})")
     p.add_argument("--observer", default=default(C, "observer"), choices=OBSERVERS,

@@ -256,3 +256,17 @@ def test_build_reports_every_step(tiny_model_dir, tmp_path):
     for name in ran:
         assert (name, 0, 1) in seen and (name, 1, 1) in seen, name
     assert len(ran) >= 4
+
+
+def test_eval_json_prints_only_json_on_stdout(tiny_export, capsys):
+    assert compiler_main(["eval", str(tiny_export), "-n", "2", "--steps", "2", "--json"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out)  # nothing but the JSON
+    assert report["paired_vs_fp"]["psnr_db_mean"] > 0
+
+
+def test_calibration_batch_size_option_reaches_the_config():
+    from dmcompile.cli import _calibration_config, build_parser
+
+    args = build_parser().parse_args(["build", "--calib-batch-size", "8"])
+    assert _calibration_config(args).batch_size == 8
