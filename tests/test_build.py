@@ -170,8 +170,10 @@ def test_cache_keys_and_configs_do_not_depend_on_the_hash_seed(tiny_model_dir, t
     code = ("import json; from dmcompile import stages; from dmcompile.config import ExportConfig; "
             f"m = stages.as_model({str(folder)!r}); "
             "print(stages.model_key(m, ExportConfig()), json.dumps(m.unet_config, sort_keys=True))")
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}) for seed in ("1", "2", "3")]
+    outs = {p.communicate()[0] for p in procs}  # three interpreters at once: the imports dominate
+    assert [p.returncode for p in procs] == [0, 0, 0]
     assert len(outs) == 1 and "_use_default_values" in next(iter(outs))
 
 
@@ -236,7 +238,8 @@ def test_full_integer_fusion_on_shipped_models(name, tmp_path):
     # benchmarks/README.md) is left to the benchmarks, the other two models build with it
     rounding = "rtn" if name == "ddpm-cifar10-32" else "gptq"
     cfg = BuildConfig(calibration=CalibrationConfig(size=2, steps=4, groups=2, batch_size=2, guidance_scale=guidance),
-                      eval_samples=0, analysis=AnalysisConfig(rounding=rounding))
+                      eval_samples=0, analysis=AnalysisConfig(rounding=rounding),
+                      correction=False)  # PTQD's statistics change no graph (32 trajectories of ddpm: seconds)
     out = api.build(name, tmp_path / name, cfg).path
     rep = ort_fusion_report(out / "unet.onnx")
     assert rep["float"] == {} and rep["ratio"] == 1.0
