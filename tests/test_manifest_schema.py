@@ -178,3 +178,13 @@ def test_scheduler_spec_accepts_diffusers_configs_and_refuses_nonsense():
                 {"prediction_type": "flow"}, {"trained_betas": [0.1, "x"]}):
         with pytest.raises(SchemaError):
             SCHEDULER.check(bad, "")
+
+
+def test_stored_weights_are_4_or_8_bits():
+    from dmruntime.schema import WEIGHTS
+
+    ok = {"file": "weights.npz", "tensors": {"w": {"shape": [2, 3], "storage_bits": 4, "grid_bits": 4}}}
+    WEIGHTS.check(ok, "weights")
+    for bits in (5, 4.0, True, "4"):
+        with pytest.raises(SchemaError, match="storage_bits must be 4 or 8"):
+            WEIGHTS.check({**ok, "tensors": {"w": {**ok["tensors"]["w"], "storage_bits": bits}}}, "weights")

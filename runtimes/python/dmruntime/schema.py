@@ -102,6 +102,18 @@ class Const(Spec):
             fail(path, self.what, value)
 
 
+class Choice(Spec):
+    """One of a few values (of their exact type: True is not 1)."""
+
+    def __init__(self, *values):
+        self.values = values
+        self.what = " or ".join(map(repr, values))
+
+    def check(self, value, path):
+        if not any(value == v and type(value) is type(v) for v in self.values):
+            fail(path, self.what, value)
+
+
 class Opt(Spec):
     """``spec`` or null."""
 
@@ -203,7 +215,7 @@ CORRECTION = Obj(required={"groups": List(Obj(required={
     "bias": List(Num(), min_len=1), "var": List(Num(0), min_len=1)}))})
 
 WEIGHTS = Obj(required={"file": FILE, "tensors": Map(Obj(required={
-    "shape": List(Int(0, 1 << 31), max_len=8), "storage_bits": Int(4, 8)}, optional={"grid_bits": Int(2, 8)}))})
+    "shape": List(Int(0, 1 << 31), max_len=8), "storage_bits": Choice(4, 8)}, optional={"grid_bits": Int(2, 8)}))})
 
 ENGINE = Obj(optional={"runtime": Str(), "file": Opt(FILE), "group_inputs": List(Str()),
                        "onnxruntime_version": Opt(Str()), "inference_precision": Opt(Str())})
