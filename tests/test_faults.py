@@ -153,10 +153,13 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, ca
     with pytest.raises(ConfigError, match="cannot write"):
         api.build(None, Path("/proc/dmcompile-out"))
     for argv in (["sample", str(FIXTURE), "-o", "/proc/x.png", "-n", "1", "--steps", "1"],
-                 ["sample", str(FIXTURE), "-o", str(tmp_path / "noext"), "-n", "1", "--steps", "1"]):
-        assert compiler_main(argv) == 2
+                 ["sample", str(FIXTURE), "-o", str(tmp_path / "noext"), "-n", "1", "--steps", "1"],
+                 ["inspect", str(FIXTURE), "--no-fusion", "--plots", "/proc/plots"],
+                 ["eval", str(FIXTURE), "--out", "/proc/eval", "-n", "1", "--steps", "1"]):
+        assert compiler_main(argv) == 2, argv
     err = capsys.readouterr().err
     assert "cannot write in /proc" in err and "must end in .png" in err
+    assert err.count("cannot write in /proc") == 3 and "Traceback" not in err
     assert default_output(".", "w8a8").name == f"{Path.cwd().name}-w8a8"
     assert default_output("digits16", "mixed").as_posix() == "build/digits16-mixed"
 
