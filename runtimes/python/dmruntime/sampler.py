@@ -103,6 +103,7 @@ class SamplingLoop:
         if sampler.stochastic and rng is None:
             raise InputError("eta > 0 needs a random generator")
         x = x.astype(np.float32, copy=True)
+        sampler.reset()  # a multistep sampler starts without history
         cond, null_rows = self._conditions(cond, len(x))
         model = self.model if null_rows is None else Guided(self.model, self.guidance_scale, null_rows)
         variance = getattr(model, "residual_variance", None) if sampler.stochastic else None

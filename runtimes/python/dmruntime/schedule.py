@@ -9,7 +9,7 @@ over it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -62,6 +62,9 @@ class NoiseSchedule:
     steps_offset: int
     timestep_spacing: str
     prediction_type: str
+    # the scheduler config as given (no defaults filled in): samplers other than DDIM resolve their
+    # own options from it with their own defaults, as diffusers' from_config does
+    config: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -91,7 +94,8 @@ class NoiseSchedule:
                              "check beta_start, beta_end and num_train_timesteps")
         final = 1.0 if cfg["set_alpha_to_one"] else float(acp[0])
         return cls(acp, final, bool(cfg["clip_sample"]), float(cfg["clip_sample_range"]),
-                   int(cfg["steps_offset"]), cfg["timestep_spacing"], cfg["prediction_type"])
+                   int(cfg["steps_offset"]), cfg["timestep_spacing"], cfg["prediction_type"],
+                   {k: v for k, v in config.items() if not k.startswith("_")})
 
     def alpha(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod

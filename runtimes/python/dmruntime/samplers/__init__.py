@@ -24,6 +24,10 @@ from ..schedule import NoiseSchedule
 # name -> "module:class"; the class is built as cls(schedule, **options)
 SAMPLERS = {
     "ddim": "dmruntime.samplers.ddim:DDIM",
+    "dpmpp": "dmruntime.samplers.dpmsolver:DPMSolverPP",  # as the scheduler config says (order, algorithm)
+    "dpmpp-2m": "dmruntime.samplers.dpmsolver:DPMpp2M",
+    "dpmpp-3m": "dmruntime.samplers.dpmsolver:DPMpp3M",
+    "dpmpp-2m-sde": "dmruntime.samplers.dpmsolver:DPMpp2MSDE",
 }
 
 
@@ -37,6 +41,9 @@ class Sampler(Protocol):
 
     def set_timesteps(self, steps: int) -> None:
         """Choose the timesteps of a ``steps``-step run and reset any state."""
+
+    def reset(self) -> None:
+        """Forget any state of a run (multistep history); the loop calls it before each run."""
 
     def scale_model_input(self, sample: np.ndarray, t: int) -> np.ndarray:
         """What the model is fed at t (the identity for variance-preserving samplers)."""

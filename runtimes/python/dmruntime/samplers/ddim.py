@@ -31,6 +31,9 @@ class DDIM:
         self.timesteps = ddim_timesteps(self.schedule, steps)
         self.steps = int(steps)
 
+    def reset(self) -> None:
+        """DDIM keeps no state between steps."""
+
     def scale_model_input(self, sample: np.ndarray, t: int) -> np.ndarray:
         return sample
 
