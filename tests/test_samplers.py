@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DModel
 from dmruntime import NoiseSchedule, SamplingLoop, make_sampler
 from dmruntime.errors import InputError
 
@@ -22,18 +22,22 @@ def unet(tiny_model_dir):
 
 
 def run_ours(unet, config, name, steps, x, noises=None, **options):
+    """A run of our sampler; the UNet gets the sampler's timestep as it is (fractional for Euler),
+    as diffusers' pipelines give it."""
     sampler = make_sampler(name, NoiseSchedule.from_config(config), **options)
     sampler.set_timesteps(steps)
+    x = x * np.float32(sampler.init_noise_sigma)
     for i, t in enumerate(sampler.timesteps):
         with torch.no_grad():
-            out = unet(torch.from_numpy(sampler.scale_model_input(x, t)), int(t)).sample.numpy()
-        x = sampler.step(out, t, x, noise=None if noises is None else noises[i])
+            out = unet(torch.from_numpy(sampler.scale_model_input(x, t)), torch.tensor(t)).sample.numpy()
+        kw = {} if noises is None else {"noise": noises[i]}
+        x = sampler.step(out, t, x, **kw)
     return x, sampler.timesteps
 
 
 def run_diffusers(unet, scheduler, steps, x, noises=None):
     scheduler.set_timesteps(steps)
-    xt = torch.from_numpy(x)
+    xt = torch.from_numpy(x) * scheduler.init_noise_sigma
     for i, t in enumerate(scheduler.timesteps):
         with torch.no_grad():
             out = unet(scheduler.scale_model_input(xt, t), t).sample
@@ -118,3 +122,53 @@ def test_dpm_solver_refuses_what_it_does_not_implement():
         sde = make_sampler("dpmpp-2m-sde", schedule)
         sde.set_timesteps(2)
         sde.step(x, sde.timesteps[0], x)
+
+
+EULER_CASES = [{}, {"timestep_spacing": "leading", "steps_offset": 1}, {"timestep_spacing": "trailing"},
+               {"prediction_type": "v_prediction"}, {"use_karras_sigmas": True}, {"final_sigmas_type": "sigma_min"}]
+
+
+@pytest.mark.parametrize("steps", [10, 20, 50])
+@pytest.mark.parametrize("config", EULER_CASES, ids=["-".join(c) or "default" for c in EULER_CASES])
+def test_euler_matches_diffusers(unet, config, steps):
+    cfg = {**BASE, **config}
+    x = np.random.default_rng(steps).standard_normal((2, 2, 8, 8)).astype(np.float32)
+    ours, ts = run_ours(unet, cfg, "euler", steps, x)
+    theirs, dts = run_diffusers(unet, EulerDiscreteScheduler(**cfg), steps, x)
+    np.testing.assert_allclose(ts, dts, rtol=0, atol=1e-3)
+    assert rel(ours, theirs) <= TOL, rel(ours, theirs)
+
+
+def test_the_loop_feeds_engines_the_nearest_integer_timestep(unet):
+    seen = []
+
+    class Model:
+        sample_shape = (2, 8, 8)
+        conditioning = None
+
+        def predict(self, x, t, cond=None):
+            seen.append(t)
+            with torch.no_grad():
+                return unet(torch.from_numpy(x), t).sample.numpy()
+
+    euler = make_sampler("euler", NoiseSchedule.from_config(BASE))
+    euler.set_timesteps(7)
+    assert any(t != np.rint(t) for t in euler.timesteps)  # linspace leaves them fractional
+    out = SamplingLoop(Model(), euler, batch_size=2).sample(2, seed=0)
+    assert seen == [int(np.rint(t)) for t in euler.timesteps] and all(isinstance(t, int) for t in seen)
+    x = np.random.default_rng(0).standard_normal((2, 2, 8, 8), dtype=np.float32) * np.float32(euler.init_noise_sigma)
+    euler.reset()
+    for t in euler.timesteps:  # by hand: the rounded timestep to the UNet, the exact sigma in the step
+        with torch.no_grad():
+            eps = unet(torch.from_numpy(euler.scale_model_input(x, t)), int(np.rint(t))).sample.numpy()
+        x = euler.step(eps, t, x)
+    np.testing.assert_array_equal(out, x)
+
+
+def test_euler_refuses_what_it_does_not_implement():
+    schedule = NoiseSchedule.from_config(BASE)
+    for options, what in (({"use_beta_sigmas": True}, "use_beta_sigmas"), ({"interpolation_type": "log_linear"},
+                          "interpolation_type"), ({"timestep_type": "continuous"}, "timestep_type"),
+                          ({"solver_order": 2}, "no option 'solver_order'")):
+        with pytest.raises(InputError, match=what):
+            make_sampler("euler", schedule, **options)

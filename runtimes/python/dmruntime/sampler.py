@@ -109,14 +109,16 @@ class SamplingLoop:
         variance = getattr(model, "residual_variance", None) if sampler.stochastic else None
         steps = len(sampler.timesteps)
         for i, t in enumerate(sampler.timesteps):
-            t = int(t)
+            # engines take integer training timesteps: a fractional one (Euler, Karras sigmas) is fed
+            # rounded to the nearest (numpy's rint), while the sampler steps with its exact sigma
+            mt = int(np.rint(t))
             inp = sampler.scale_model_input(x, t)
             eps = np.empty_like(x)
             for s in range(0, x.shape[0], self.batch_size):
                 rows = slice(s, s + self.batch_size)
                 c = take_rows(cond, rows)
-                eps[rows] = model.predict(inp[rows], t, c) if c else model.predict(inp[rows], t)
-            rv = variance(t, x.ndim) if variance is not None else None
+                eps[rows] = model.predict(inp[rows], mt, c) if c else model.predict(inp[rows], mt)
+            rv = variance(mt, x.ndim) if variance is not None else None
             x = sampler.step(eps, t, x, generator=rng, residual_var=rv)
             if not np.isfinite(x).all():  # before anything is written from it
                 raise InputError(self._non_finite(i + 1, steps, t, np.isfinite(eps).all()))

@@ -28,6 +28,7 @@ SAMPLERS = {
     "dpmpp-2m": "dmruntime.samplers.dpmsolver:DPMpp2M",
     "dpmpp-3m": "dmruntime.samplers.dpmsolver:DPMpp3M",
     "dpmpp-2m-sde": "dmruntime.samplers.dpmsolver:DPMpp2MSDE",
+    "euler": "dmruntime.samplers.euler:Euler",
 }
 
 

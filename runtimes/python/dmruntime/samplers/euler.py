@@ -1,0 +1,103 @@
+"""Euler (Karras et al. 2022, Algorithm 2 without churn), diffusers' ``EulerDiscreteScheduler``
+arithmetic: the three timestep spacings, linear sigma interpolation, Karras sigmas,
+``final_sigmas_type`` zero or sigma_min, epsilon / v / sample prediction.
+
+Options come from the scheduler config with EulerDiscreteScheduler's defaults for keys it leaves
+out, then from keyword arguments; exponential / beta sigmas, log-linear interpolation, explicit
+sigma bounds and continuous timesteps are refused.
+Its timesteps are fractional (``linspace`` does not round them): the sampling loop feeds the
+engines the nearest integer timestep and steps with the exact sigma (``SamplingLoop``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError
+from ..schedule import NoiseSchedule
+from .dpmsolver import _karras, _sigma_to_t
+
+DEFAULTS = {"timestep_spacing": "linspace", "steps_offset": 0, "prediction_type": "epsilon",
+            "use_karras_sigmas": False, "final_sigmas_type": "zero"}
+UNSUPPORTED = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "timestep_type": "discrete",
+               "interpolation_type": "linear", "sigma_min": None, "sigma_max": None}
+
+
+class Euler:
+    """Euler over ``schedule``; ``options`` override the config's (e.g. ``use_karras_sigmas=True``)."""
+
+    stochastic = False
+
+    def __init__(self, schedule: NoiseSchedule, **options):
+        cfg = schedule.config
+        for key, value in {**{k: cfg[k] for k in UNSUPPORTED if k in cfg}, **options}.items():
+            if key in UNSUPPORTED and value != UNSUPPORTED[key]:
+                raise InputError(f"Euler: {key}={value!r} is not implemented in dmruntime; set it to "
+                                 f"{UNSUPPORTED[key]!r} in the scheduler config or choose another sampler")
+        unknown = sorted(set(options) - set(DEFAULTS) - set(UNSUPPORTED))
+        if unknown:
+            raise InputError(f"Euler has no option {unknown[0]!r} (it takes {', '.join(sorted(DEFAULTS))})")
+        o = {**DEFAULTS, **{k: cfg[k] for k in DEFAULTS if k in cfg}, **options}
+        if o["timestep_spacing"] not in ("linspace", "leading", "trailing"):
+            raise InputError(f"Euler: unknown timestep_spacing {o['timestep_spacing']!r}")
+        if o["final_sigmas_type"] not in ("zero", "sigma_min"):
+            raise InputError(f"Euler: final_sigmas_type must be zero or sigma_min, got {o['final_sigmas_type']!r}")
+        self.schedule, self.options = schedule, o
+        self.timesteps = np.zeros(0, np.float32)
+        self.sigmas = np.zeros(0, np.float32)
+        self._index = 0
+
+    @property
+    def init_noise_sigma(self) -> float:
+        top = float(self.sigmas.max()) if len(self.sigmas) else 1.0
+        return top if self.options["timestep_spacing"] in ("linspace", "trailing") else (top**2 + 1) ** 0.5
+
+    def reset(self) -> None:
+        self._index = 0
+
+    def set_timesteps(self, steps: int) -> None:
+        o, acp = self.options, self.schedule.alphas_cumprod
+        T = self.schedule.num_train_timesteps
+        if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+            raise InputError(f"steps must be an integer in [1, {T}], got {steps!r}")
+        if o["timestep_spacing"] == "linspace":
+            ts = np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].copy()
+        elif o["timestep_spacing"] == "leading":
+            ts = (np.arange(0, steps) * (T // steps)).round()[::-1].copy().astype(np.float32) + o["steps_offset"]
+        else:
+            ts = np.arange(T, 0, -T / steps).round().copy().astype(np.float32) - 1
+        sigmas = np.array(((1 - acp) / acp) ** 0.5)
+        log_sigmas = np.log(sigmas)
+        sigmas = np.interp(ts, np.arange(0, len(sigmas)), sigmas)
+        if o["use_karras_sigmas"]:
+            sigmas = _karras(sigmas, steps)
+            ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+        last = ((1 - acp[0]) / acp[0]) ** 0.5 if o["final_sigmas_type"] == "sigma_min" else 0
+        self.sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        self.timesteps = np.asarray(ts, np.float32)
+        self.reset()
+
+    def scale_model_input(self, sample: np.ndarray, t) -> np.ndarray:
+        sigma = self.sigmas[self._index]
+        return (sample / ((sigma**2 + np.float32(1)) ** np.float32(0.5))).astype(np.float32, copy=False)
+
+    def step(self, model_output: np.ndarray, t, sample: np.ndarray, *, generator: np.random.Generator | None = None,
+             residual_var: np.ndarray | None = None) -> np.ndarray:
+        if not len(self.timesteps):
+            raise InputError("call set_timesteps(steps) before step()")
+        i = self._index
+        if i >= len(self.timesteps):
+            raise InputError(f"step() called {i + 1} times for a {len(self.timesteps)}-step run; call set_timesteps "
+                             "again")
+        sample = sample.astype(np.float32, copy=False)
+        sigma = self.sigmas[i]
+        kind = self.options["prediction_type"]
+        if kind == "sample":
+            x0 = model_output
+        elif kind == "epsilon":
+            x0 = sample - sigma * model_output
+        else:  # v_prediction
+            x0 = model_output * (-sigma / (sigma**2 + np.float32(1)) ** np.float32(0.5)) + sample / (sigma**2 + 1)
+        derivative = (sample - x0) / sigma
+        self._index += 1
+        return (sample + derivative * (self.sigmas[i + 1] - sigma)).astype(np.float32, copy=False)
