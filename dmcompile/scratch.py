@@ -35,11 +35,24 @@ def temp_dir(parent: Path, name: str) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(prefix=f".{name}{MARK}{os.getpid()}-", dir=parent))
     path.chmod(0o755)  # mkdtemp makes it private; a finished one is an ordinary folder
-    if fcntl is not None:
-        fd = os.open(path, os.O_RDONLY)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fd = try_lock(path)
+    if fd is not None:
         _held[str(path)] = fd
     return path
+
+
+def try_lock(folder: Path) -> int | None:
+    """An exclusive ``flock`` on ``folder`` without waiting: the open descriptor holding it (close
+    it to release), or None when another process holds it (or the platform has no flock)."""
+    if fcntl is None:
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def release(path: Path) -> None:
@@ -91,16 +104,13 @@ def in_use(path: Path) -> bool:
         return True
     if path.is_dir() and not path.is_symlink() and fcntl is not None:
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = try_lock(path)
         except OSError:
             return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
-        except OSError:
+        if fd is None:
             return True
-        finally:
-            os.close(fd)
+        os.close(fd)
+        return False
     m = _NAME.match(path.name)
     return m is not None and _alive(int(m.group(1)))
 

@@ -27,7 +27,7 @@ import numpy as np
 from dmruntime import Bundle, DDIMSampler
 from dmruntime.conditioning import cycle_rows
 
-from . import __version__, onnxio, zoo
+from . import __version__, onnxio, scratch, zoo
 from .analysis.probe import make_probe
 from .analysis.rd import RD_SCHEMA_VERSION, RDCurves, group_inputs, measure_curves
 from .calibration import hessian
@@ -226,7 +226,11 @@ def cached_calibration(fp: Path, config: CalibrationConfig, profile: TargetProfi
                                     progress=progress, conditioning=spec, conditions=rows, moments=moments,
                                     work_dir=path.parent, checkpoint=partial)
     saved = result.save(path, move_moments=True)
-    shutil.rmtree(partial, ignore_errors=True)
+    held = scratch.try_lock(partial) if partial.is_dir() else None
+    if held is not None or (partial.is_dir() and scratch.fcntl is None):  # else a concurrent pass still uses it
+        shutil.rmtree(partial, ignore_errors=True)
+    if held is not None:
+        os.close(held)
     return saved
 
 

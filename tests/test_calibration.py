@@ -241,3 +241,22 @@ def test_chunked_recording_equals_one_pass_when_the_chunk_holds_every_trajectory
     assert [t for t, _ in calls["one"]] == [t for t, _ in calls["chunks"]]
     for (_, a), (_, b) in zip(calls["one"], calls["chunks"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_pass_whose_checkpoint_another_pass_holds_records_without_one(tiny_export, tmp_path, monkeypatch):
+    import os
+
+    from dmcompile import scratch, stages
+
+    monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "c"))
+    cfg = CalibrationConfig(size=4, steps=4, groups=2, batch_size=2)
+    path = stages.cache_dir() / "calib" / f"{tiny_export.name}-{stages.calibration_key(cfg, stages.ORT_CPU, None, None)}"
+    partial = path.with_name(path.name + ".partial")
+    partial.mkdir(parents=True)
+    fd = scratch.try_lock(partial)  # as a concurrent pass of the same entry would
+    try:
+        result = stages.cached_calibration(tiny_export, cfg, moments="pooled")
+        assert result.moments is not None and (path / "calibration.json").is_file()
+        assert scratch.try_lock(partial) is None  # still the other pass's, untouched by this one
+    finally:
+        os.close(fd)

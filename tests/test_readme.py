@@ -66,8 +66,8 @@ def test_the_readme_has_the_main_job_and_the_test_command_first():
     assert (ROOT / ".ci" / "run").read_text().strip().endswith("bash scripts/setup.sh && .venv/bin/python -m pytest -q -n 2 --dist loadfile")
     for image in re.findall(r"!\[[^]]*\]\(([^)]+)\)", first_screen):
         assert (ROOT / image).is_file(), image
+    headings = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", README, re.M)}
     for anchor in re.findall(r"\]\(#([^)]+)\)", README):
-        headings = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in re.findall(r"^#+ (.+)$", README, re.M)}
         assert anchor in headings, anchor
 
 

@@ -27,42 +27,34 @@ from .hessian import MomentRecorder
 CHECKPOINT_SCHEMA_VERSION = 1
 STATE, WORK, OLD = "state", "work", "old"
 
-try:
-    import fcntl
-except ImportError:
-    fcntl = None
-
-
 class Checkpoint:
     """The ``.partial`` folder of one calibration pass; ``what`` identifies the pass (a state
     written for another is ignored)."""
 
-    def __init__(self, folder: Path, what: dict):
-        self.folder, self.what = Path(folder), what
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.folder, os.O_RDONLY)
-        self.usable = True
-        if fcntl is not None:
-            try:
-                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # another pass of the same entry is running: record without a checkpoint
-                self.usable = False
+    def __init__(self, folder: Path, what: dict, fd: int | None):
+        self.folder, self.what, self._fd = Path(folder), what, fd
         self._recover()
+
+    @classmethod
+    def open(cls, folder: Path, what: dict) -> Checkpoint | None:
+        """The checkpoint in ``folder``, locked for this pass; None when another pass of the same
+        entry holds it (this one then records without a checkpoint)."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        fd = scratch.try_lock(Path(folder))
+        if fd is None and scratch.fcntl is not None:
+            return None
+        return cls(folder, what, fd)
 
     def _recover(self) -> None:
         """A rename interrupted half-way leaves old/ beside work/ and no state/: finish it."""
-        if not self.usable:
-            return
-        state, old = self.folder / STATE, self.folder / OLD
+        state, old, work = self.folder / STATE, self.folder / OLD, self.folder / WORK
         if not state.exists() and old.exists():
-            (self.folder / WORK).rename(state) if (self.folder / WORK / "state.json").is_file() else old.rename(state)
-        shutil.rmtree(self.folder / OLD, ignore_errors=True)
-        shutil.rmtree(self.folder / WORK, ignore_errors=True)
+            (work if (work / "state.json").is_file() else old).rename(state)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
     def load(self) -> dict | None:
         """The committed state of this pass ({"done", "json", "observers"}), or None."""
-        if not self.usable:
-            return None
         state = self.folder / STATE
         try:
             meta = json.loads((state / "state.json").read_text())
@@ -83,7 +75,7 @@ class Checkpoint:
 
     def begin(self, recorder: MomentRecorder | None) -> None:
         """Before a chunk: its moments accumulate in a copy of the committed ones."""
-        if recorder is None or not self.usable:
+        if recorder is None:
             return
         work = self.folder / WORK
         shutil.rmtree(work, ignore_errors=True)
@@ -95,8 +87,6 @@ class Checkpoint:
     def commit(self, done: int, observers: dict[str, np.ndarray], meta: dict,
                recorder: MomentRecorder | None) -> None:
         """After a chunk: write its state beside its moments and rename the lot over state/."""
-        if not self.usable:
-            return
         work = self.folder / WORK
         work.mkdir(exist_ok=True)
         if recorder is not None:
@@ -116,22 +106,12 @@ class Checkpoint:
 
     def finishing(self) -> None:
         """The sums are about to become means in place: a pass stopped now cannot resume."""
-        if self.usable:
-            path = self.folder / STATE / "state.json"
-            if path.is_file():
-                meta = json.loads(path.read_text())
-                path.write_text(json.dumps({**meta, "finishing": True}))
+        path = self.folder / STATE / "state.json"
+        if path.is_file():
+            meta = json.loads(path.read_text())
+            path.write_text(json.dumps({**meta, "finishing": True}))
 
-    def close(self, remove: bool) -> None:
-        """Release the lock; ``remove``: the pass is saved, the checkpoint is no longer needed."""
-        if remove and self.usable:
-            shutil.rmtree(self.folder, ignore_errors=True)
-        os.close(self._fd)
-
-
-def generator_state(rng: np.random.Generator) -> dict:
-    return rng.bit_generator.state
-
-
-def restore_generator(rng: np.random.Generator, state: dict) -> None:
-    rng.bit_generator.state = state
+    def close(self) -> None:
+        """Release the lock (the saved calibration's writer removes the folder)."""
+        if self._fd is not None:
+            os.close(self._fd)

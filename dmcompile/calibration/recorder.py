@@ -48,11 +48,18 @@ def record_trajectories(run: ModelRun, schedule: NoiseSchedule, sample_shape: tu
     ``default_rng(seed)`` through ``run``, every call handed to ``collectors``; returns the final
     samples. Guided (``guidance_scale``), each call holds both branches, [null; cond], the null
     condition ``null_cond`` or ``conditioning``'s."""
+    loop = _loop(run, schedule, sample_shape, collectors, conditioning, sampler, steps, batch_size, guidance_scale,
+                 null_cond)
+    return loop.sample(n, seed=seed, progress=progress, cond=cond)
+
+
+def _loop(run, schedule, sample_shape, collectors, conditioning, sampler, steps, batch_size, guidance_scale,
+          null_cond) -> SamplingLoop:
+    """The runtime's sampling loop over a Recorder of ``run``, its sampler's timesteps set."""
     recorder = Recorder(run, schedule, sample_shape, collectors, conditioning)
     stepper = make_sampler(sampler, schedule)
     stepper.set_timesteps(steps)
-    loop = SamplingLoop(recorder, stepper, batch_size=batch_size, guidance_scale=guidance_scale, null_cond=null_cond)
-    return loop.sample(n, seed=seed, progress=progress, cond=cond)
+    return SamplingLoop(recorder, stepper, batch_size=batch_size, guidance_scale=guidance_scale, null_cond=null_cond)
 
 
 def record_in_chunks(run: ModelRun, schedule: NoiseSchedule, sample_shape: tuple[int, ...],
@@ -66,11 +73,10 @@ def record_in_chunks(run: ModelRun, schedule: NoiseSchedule, sample_shape: tuple
     (checkpoint there). The same x_T as one run; with ``chunk >= n`` the same calls in the same
     order. A collector with ``begin_chunk(first, rows)`` hears where each chunk starts.
     Deterministic samplers only (a stochastic one would draw its noise in another order)."""
-    recorder = Recorder(run, schedule, sample_shape, collectors, conditioning)
-    stepper = make_sampler(sampler, schedule)
-    if stepper.stochastic:
+    loop = _loop(run, schedule, sample_shape, collectors, conditioning, sampler, steps, chunk, guidance_scale,
+                 null_cond)
+    if loop.sampler.stochastic:
         raise ValueError(f"{sampler} draws noise at every step; chunked recording needs a deterministic sampler")
-    loop = SamplingLoop(recorder, stepper, batch_size=chunk, guidance_scale=guidance_scale, null_cond=null_cond)
     x, rng = loop.initial_noise(n, seed)
     if cond and conditioning is not None:
         cond = conditioning.check(cond, n)  # one row per trajectory, so chunks take their own
@@ -82,7 +88,7 @@ def record_in_chunks(run: ModelRun, schedule: NoiseSchedule, sample_shape: tuple
         for collect in collectors:
             if hasattr(collect, "begin_chunk"):
                 collect.begin_chunk(first, rows.stop - first)
-        stepper.set_timesteps(steps)  # a fresh sampler state per chunk (multistep samplers keep history)
+        # run() resets the sampler: each chunk starts without multistep history
         loop.run(x[rows], rng, cond=take_rows(cond, rows),
                  progress=progress and (lambda i, k, c=c: progress(c * steps + i, len(starts) * steps)))
         if on_chunk is not None:

@@ -28,7 +28,7 @@ from ..frontend.layermap import LayerMap
 from ..targets import ORT_CPU, TargetProfile
 from .hessian import MOMENTS, MomentRecorder, layer_columns
 from .observers import HistogramObserver
-from .checkpoint import Checkpoint, generator_state, restore_generator
+from .checkpoint import Checkpoint
 from .recorder import record_in_chunks
 
 CALIB_SCHEMA_VERSION = 3  # 2: cache keys carry it; 3: trajectories recorded a chunk of batch_size at a time
@@ -219,11 +219,8 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
     result as one never stopped; :mod:`dmcompile.calibration.checkpoint`)."""
     model = onnxio.load(fp_model_path, weights=False)  # the weights stay on disk (big models)
     names = profile.quantized_tensors(model, layer_map.layers)
-    ckpt = Checkpoint(checkpoint, {"config": config.to_dict(), "tensors": list(names), "moments": moments}) \
+    ckpt = Checkpoint.open(checkpoint, {"config": config.to_dict(), "tensors": list(names), "moments": moments}) \
         if checkpoint is not None else None
-    if ckpt is not None and not ckpt.usable:  # another pass of this entry holds it: go on without one
-        ckpt.close(remove=False)
-        ckpt = None
     recorder = None
     if moments is not None:
         if moments not in ("pooled", "groups"):
@@ -277,7 +274,7 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
         progress(f"calibration: resuming after {done} of {config.size} trajectories (checkpoint {ckpt.folder})", 0, 0)
 
     def commit(end: int) -> None:
-        state = {"rng": generator_state(rng), "moments": recorder.state() if recorder else None}
+        state = {"rng": rng.bit_generator.state, "moments": recorder.state() if recorder else None}
         ckpt.commit(end, _observer_arrays(observers, names), state, recorder)
         if end < config.size:
             ckpt.begin(recorder)
@@ -303,7 +300,7 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
         raise
     finally:
         if ckpt is not None:
-            ckpt.close(remove=False)
+            ckpt.close()
     return CalibrationResult(config, groups, tuple(names), observers, recorder.folder if recorder else None)
 
 
@@ -322,7 +319,7 @@ def _resume(ckpt: Checkpoint | None, observers, names, histograms: HistogramColl
     for g, obs in enumerate(observers):
         for i, n in enumerate(names):
             obs[n] = HistogramObserver.from_state({k: arrays[f"g{g}_t{i}_{k}"] for k in STATE_KEYS})
-    restore_generator(histograms.rng, state["json"]["rng"])
+    histograms.rng.bit_generator.state = state["json"]["rng"]
     if recorder is not None:
         recorder.restore(state["json"]["moments"])  # the sums: begin() copies the checkpoint's
     return state["done"]

@@ -18,7 +18,7 @@ from .engine import check_sample
 from .engines import EngineContext, engine_runtime
 from .errors import BundleError, InputError
 from .schedule import NoiseSchedule
-from .schema import SCHEMAS, check_entry, check_manifest, is_relative_file
+from .schema import HINT, SCHEMAS, check_entry, check_manifest, is_relative_file
 from .weights import load_weights
 
 MANIFEST = "manifest.json"
@@ -79,7 +79,7 @@ class Bundle:
         try:
             self.schedule = NoiseSchedule.from_config(self.scheduler_config)
         except InputError as e:
-            raise BundleError(f"manifest {e}; rebuild the bundle (or undo the edit to manifest.json)") from None
+            raise BundleError(f"manifest {e}; {HINT}") from None
         self.groups = tuple(Group(int(g["index"]), int(g["t_start"]), int(g["t_end"]), g["engine"])
                             for g in manifest["groups"])
         self._lookup = group_lookup(self.groups, self.schedule.num_train_timesteps)
@@ -177,7 +177,7 @@ class Bundle:
         (noise-corrected when the bundle has a correction and it is on). ``t``: one integer
         timestep, or one per row (rows in different groups run their groups' engines). ``cond``:
         the conditioning inputs of a conditional model (``bundle.conditioning`` lists them)."""
-        check_sample(sample, self.sample_shape)
+        check_sample(sample, self.sample_shape, finite=False)  # the engine checks the values
         cond = self.conditioning.check(cond, len(sample)) if (cond or self.conditioning) else None
         if np.ndim(t) == 0:
             return self._predict_group(sample, self.group_of(t), t, cond)

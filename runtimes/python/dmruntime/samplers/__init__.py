@@ -55,6 +55,24 @@ class Sampler(Protocol):
         the model output (PTQD), which a stochastic sampler takes out of the noise it adds."""
 
 
+def resolve_options(sampler: str, schedule: NoiseSchedule, defaults: dict, unsupported: dict, options: dict,
+                    preset: dict | None = None) -> dict:
+    """A sampler's options, as diffusers' ``from_config`` resolves them: its class ``defaults``,
+    then the scheduler config's values for those keys, then ``preset`` (a named variant), then
+    ``options``. ``unsupported``: options diffusers has, with the only value this runtime
+    implements; another value there (in the config or the options), or an option the sampler
+    does not have, is an InputError naming it."""
+    cfg = schedule.config
+    for key, value in {**{k: cfg[k] for k in unsupported if k in cfg}, **options}.items():
+        if key in unsupported and value != unsupported[key]:
+            raise InputError(f"{sampler}: {key}={value!r} is not implemented in dmruntime; set it to "
+                             f"{unsupported[key]!r} in the scheduler config or choose another sampler")
+    unknown = sorted(set(options) - set(defaults) - set(unsupported))
+    if unknown:
+        raise InputError(f"{sampler} has no option {unknown[0]!r} (it takes {', '.join(sorted(defaults))})")
+    return {**defaults, **{k: cfg[k] for k in defaults if k in cfg}, **(preset or {}), **options}
+
+
 def make_sampler(name: str, schedule: NoiseSchedule, **options) -> Sampler:
     """A registered sampler over ``schedule`` (``options``: the sampler's own, e.g. eta)."""
     where = SAMPLERS.get(name)

@@ -20,6 +20,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..schedule import NoiseSchedule
+from . import resolve_options
+from .sigmas import karras_sigmas, sigma_to_t
 
 DEFAULTS = {
     "solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": True,
@@ -42,14 +44,7 @@ class DPMSolverPP:
 
     def __init__(self, schedule: NoiseSchedule, **options):
         cfg = schedule.config
-        for key, value in {**{k: cfg[k] for k in UNSUPPORTED if k in cfg}, **options}.items():
-            if key in UNSUPPORTED and value != UNSUPPORTED[key]:
-                raise InputError(f"DPM-Solver++: {key}={value!r} is not implemented in dmruntime; set it to "
-                                 f"{UNSUPPORTED[key]!r} in the scheduler config or choose another sampler")
-        unknown = sorted(set(options) - set(DEFAULTS) - set(UNSUPPORTED))
-        if unknown:
-            raise InputError(f"DPM-Solver++ has no option {unknown[0]!r} (it takes {', '.join(sorted(DEFAULTS))})")
-        o = {**DEFAULTS, **{k: cfg[k] for k in DEFAULTS if k in cfg}, **self.preset, **options}
+        o = resolve_options("DPM-Solver++", schedule, DEFAULTS, UNSUPPORTED, options, self.preset)
         if o["solver_order"] not in (1, 2, 3):
             raise InputError(f"DPM-Solver++: solver_order must be 1, 2 or 3, got {o['solver_order']!r}")
         if o["algorithm_type"] not in ("dpmsolver++", "sde-dpmsolver++"):
@@ -98,8 +93,8 @@ class DPMSolverPP:
         sigmas = np.array(((1 - acp) / acp) ** 0.5)
         log_sigmas = np.log(sigmas)
         if o["use_karras_sigmas"]:
-            sigmas = _karras(np.flip(sigmas).copy(), steps)
-            ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas]).round().astype(np.int64)
+            sigmas = karras_sigmas(np.flip(sigmas).copy(), steps)
+            ts = np.array([sigma_to_t(s, log_sigmas) for s in sigmas]).round().astype(np.int64)
         else:
             sigmas = np.interp(ts, np.arange(0, len(sigmas)), sigmas)
         last_sigma = ((1 - acp[0]) / acp[0]) ** 0.5 if o["final_sigmas_type"] == "sigma_min" else 0
@@ -222,21 +217,3 @@ class DPMpp3M(DPMSolverPP):
 
 class DPMpp2MSDE(DPMSolverPP):
     preset = {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"}
-
-
-def _karras(in_sigmas: np.ndarray, steps: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al.'s sigmas from the schedule's largest to its smallest."""
-    sigma_min, sigma_max = float(in_sigmas[-1]), float(in_sigmas[0])
-    ramp = np.linspace(0, 1, steps)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
-
-
-def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
-    """The (fractional) training timestep of ``sigma``, by interpolating in log sigma."""
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    high = low + 1
-    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
-    return float(((1 - w) * low + w * high).reshape(np.shape(sigma)))

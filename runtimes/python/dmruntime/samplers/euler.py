@@ -15,7 +15,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..schedule import NoiseSchedule
-from .dpmsolver import _karras, _sigma_to_t
+from . import resolve_options
+from .sigmas import karras_sigmas, sigma_to_t
 
 DEFAULTS = {"timestep_spacing": "linspace", "steps_offset": 0, "prediction_type": "epsilon",
             "use_karras_sigmas": False, "final_sigmas_type": "zero"}
@@ -29,15 +30,7 @@ class Euler:
     stochastic = False
 
     def __init__(self, schedule: NoiseSchedule, **options):
-        cfg = schedule.config
-        for key, value in {**{k: cfg[k] for k in UNSUPPORTED if k in cfg}, **options}.items():
-            if key in UNSUPPORTED and value != UNSUPPORTED[key]:
-                raise InputError(f"Euler: {key}={value!r} is not implemented in dmruntime; set it to "
-                                 f"{UNSUPPORTED[key]!r} in the scheduler config or choose another sampler")
-        unknown = sorted(set(options) - set(DEFAULTS) - set(UNSUPPORTED))
-        if unknown:
-            raise InputError(f"Euler has no option {unknown[0]!r} (it takes {', '.join(sorted(DEFAULTS))})")
-        o = {**DEFAULTS, **{k: cfg[k] for k in DEFAULTS if k in cfg}, **options}
+        o = resolve_options("Euler", schedule, DEFAULTS, UNSUPPORTED, options)
         if o["timestep_spacing"] not in ("linspace", "leading", "trailing"):
             raise InputError(f"Euler: unknown timestep_spacing {o['timestep_spacing']!r}")
         if o["final_sigmas_type"] not in ("zero", "sigma_min"):
@@ -70,8 +63,8 @@ class Euler:
         log_sigmas = np.log(sigmas)
         sigmas = np.interp(ts, np.arange(0, len(sigmas)), sigmas)
         if o["use_karras_sigmas"]:
-            sigmas = _karras(sigmas, steps)
-            ts = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+            sigmas = karras_sigmas(sigmas, steps)
+            ts = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
         last = ((1 - acp[0]) / acp[0]) ** 0.5 if o["final_sigmas_type"] == "sigma_min" else 0
         self.sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
         self.timesteps = np.asarray(ts, np.float32)
