@@ -27,6 +27,12 @@ TINY_UNET = {
 def pytest_configure(config):
     # Cached fp32 exports go to a per-run folder, never to the user's cache.
     os.environ.setdefault("DMCOMPILE_CACHE", str(Path(config.rootpath) / ".pytest_cache" / "dmcompile"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # two workers on two cores: PyTorch's own thread pool per worker spins against the other
+        # worker (a tiny UNet's 50-step run took 40x longer); one thread each
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def make_unet_folder(path: Path, unet_config: dict = TINY_UNET, seed: int = 0) -> Path:

@@ -29,6 +29,10 @@ SAMPLERS = {
     "dpmpp-3m": "dmruntime.samplers.dpmsolver:DPMpp3M",
     "dpmpp-2m-sde": "dmruntime.samplers.dpmsolver:DPMpp2MSDE",
     "euler": "dmruntime.samplers.euler:Euler",
+    "euler-a": "dmruntime.samplers.euler_ancestral:EulerAncestral",
+    "pndm": "dmruntime.samplers.pndm:PNDM",
+    "unipc": "dmruntime.samplers.unipc:UniPC",
+    "ddpm": "dmruntime.samplers.ddpm:DDPM",
 }
 
 
@@ -60,13 +64,15 @@ def resolve_options(sampler: str, schedule: NoiseSchedule, defaults: dict, unsup
     """A sampler's options, as diffusers' ``from_config`` resolves them: its class ``defaults``,
     then the scheduler config's values for those keys, then ``preset`` (a named variant), then
     ``options``. ``unsupported``: options diffusers has, with the only value this runtime
-    implements; another value there (in the config or the options), or an option the sampler
-    does not have, is an InputError naming it."""
+    implements (or a tuple of the values it accepts); another value there (in the config or the
+    options), or an option the sampler does not have, is an InputError naming it."""
     cfg = schedule.config
     for key, value in {**{k: cfg[k] for k in unsupported if k in cfg}, **options}.items():
-        if key in unsupported and value != unsupported[key]:
-            raise InputError(f"{sampler}: {key}={value!r} is not implemented in dmruntime; set it to "
-                             f"{unsupported[key]!r} in the scheduler config or choose another sampler")
+        allowed = unsupported.get(key)
+        if key in unsupported and (value not in allowed if isinstance(allowed, tuple) else value != allowed):
+            want = " or ".join(map(repr, allowed)) if isinstance(allowed, tuple) else repr(allowed)
+            raise InputError(f"{sampler}: {key}={value!r} is not implemented in dmruntime; set it to {want} in the "
+                             "scheduler config or choose another sampler")
     unknown = sorted(set(options) - set(defaults) - set(unsupported))
     if unknown:
         raise InputError(f"{sampler} has no option {unknown[0]!r} (it takes {', '.join(sorted(defaults))})")

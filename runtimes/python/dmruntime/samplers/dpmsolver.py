@@ -31,7 +31,9 @@ DEFAULTS = {
 }
 # options diffusers' DPMSolverMultistepScheduler has, with the value this runtime implements
 UNSUPPORTED = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
-               "use_flow_sigmas": False, "use_dynamic_shifting": False, "thresholding": False, "variance_type": None}
+               "use_flow_sigmas": False, "use_dynamic_shifting": False, "thresholding": False,
+               # a DDPM config's fixed variances mean nothing to the solver (diffusers ignores them); learned ones do
+               "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")}
 F32 = np.float32
 
 

@@ -24,17 +24,24 @@ UNSUPPORTED = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "times
                "interpolation_type": "linear", "sigma_min": None, "sigma_max": None}
 
 
+# what the ancestral variant fixes (it has neither option)
+UNSUPPORTED_VALUES = {"use_karras_sigmas": False, "final_sigmas_type": "zero"}
+
+
 class Euler:
     """Euler over ``schedule``; ``options`` override the config's (e.g. ``use_karras_sigmas=True``)."""
 
     stochastic = False
+    name, defaults, unsupported = "Euler", DEFAULTS, UNSUPPORTED
 
     def __init__(self, schedule: NoiseSchedule, **options):
-        o = resolve_options("Euler", schedule, DEFAULTS, UNSUPPORTED, options)
+        o = resolve_options(self.name, schedule, self.defaults, self.unsupported, options)
+        o = {**UNSUPPORTED_VALUES, **o}
         if o["timestep_spacing"] not in ("linspace", "leading", "trailing"):
-            raise InputError(f"Euler: unknown timestep_spacing {o['timestep_spacing']!r}")
+            raise InputError(f"{self.name}: unknown timestep_spacing {o['timestep_spacing']!r}")
         if o["final_sigmas_type"] not in ("zero", "sigma_min"):
-            raise InputError(f"Euler: final_sigmas_type must be zero or sigma_min, got {o['final_sigmas_type']!r}")
+            raise InputError(f"{self.name}: final_sigmas_type must be zero or sigma_min, got "
+                             f"{o['final_sigmas_type']!r}")
         self.schedule, self.options = schedule, o
         self.timesteps = np.zeros(0, np.float32)
         self.sigmas = np.zeros(0, np.float32)
@@ -84,13 +91,14 @@ class Euler:
                              "again")
         sample = sample.astype(np.float32, copy=False)
         sigma = self.sigmas[i]
-        kind = self.options["prediction_type"]
-        if kind == "sample":
-            x0 = model_output
-        elif kind == "epsilon":
-            x0 = sample - sigma * model_output
-        else:  # v_prediction
-            x0 = model_output * (-sigma / (sigma**2 + np.float32(1)) ** np.float32(0.5)) + sample / (sigma**2 + 1)
-        derivative = (sample - x0) / sigma
+        derivative = (sample - self._x0(model_output, sample, sigma)) / sigma
         self._index += 1
         return (sample + derivative * (self.sigmas[i + 1] - sigma)).astype(np.float32, copy=False)
+
+    def _x0(self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32) -> np.ndarray:
+        kind = self.options["prediction_type"]
+        if kind == "sample":
+            return model_output
+        if kind == "epsilon":
+            return sample - sigma * model_output
+        return model_output * (-sigma / (sigma**2 + np.float32(1)) ** np.float32(0.5)) + sample / (sigma**2 + 1)
