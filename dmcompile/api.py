@@ -43,7 +43,7 @@ from .zoo.data import load_digits16
 __all__ = ["AnalysisConfig", "Budget", "BuildConfig", "BuildResult", "CalibrationConfig", "EvalConfig", "EvalResult",
            "ExportConfig", "MixedRecipe", "Override", "SampleConfig", "W8A8Recipe", "analyze", "build", "build_notes", "check_build",
            "bundle_report", "cache_dir", "cache_report", "calibrate", "clean_cache", "CacheReport", "digit_scores", "evaluate", "export", "format_report", "fp_bundle", "inspect_plots",
-           "load_conditions", "load_model", "open_bundle", "probe_inputs", "reference_model", "sample", "sample_model",
+           "load_conditions", "load_model", "open_bundle", "probe_inputs", "reference_model", "sample", "sample_model", "sampling_config",
            "write_eval"]
 
 
@@ -62,10 +62,23 @@ def export(model: LoadedModel | str | Path | None, out: str | Path,
     return export_model(model, Path(out), config)
 
 
+def sampling_config(target: str | Path, config: SampleConfig = SampleConfig(), *, fp: bool = False) -> SampleConfig:
+    """``config`` with the sampler, steps and Karras setting a run of ``target`` takes: what is
+    set in ``config``, else what the bundle was calibrated with (its manifest), else the model's
+    scheduler class and 50 steps. With ``fp`` a bundle's fp32 reference samples as the bundle would."""
+    p = Path(target)
+    if (p / "manifest.json").is_file():
+        return config.resolved(Bundle.open(p, verify=False))
+    if fp:
+        return config.resolved(Bundle.open(fp_bundle(str(target)), verify=False))
+    return config.resolved(open_bundle(target))  # reports what is wrong with the target
+
+
 def sample(target: str | Path, config: SampleConfig = SampleConfig(), *, fp: bool = False, progress="auto",
            correction: bool = True, cond: dict | None = None) -> np.ndarray:
-    """Sample a bundle folder through dmruntime. With ``fp``, ``target`` may also be a model
-    (zoo name or folder) and its cached fp32 ONNX export is sampled instead. ``cond``: the
+    """Sample a bundle folder through dmruntime, with ``config``'s sampler (unset: the one the
+    bundle was calibrated with; :func:`sampling_config`). With ``fp``, ``target`` may also be a
+    model (zoo name or folder) and its cached fp32 ONNX export is sampled instead. ``cond``: the
     conditions of a conditional model ({"class_labels": ...} or {"encoder_hidden_states": ...},
     one row per sample or one for all); ``config.guidance_scale`` turns guidance on."""
     progress = reporter(progress, "sample")
@@ -74,6 +87,7 @@ def sample(target: str | Path, config: SampleConfig = SampleConfig(), *, fp: boo
         p = Path(target)
         if (p / "manifest.json").is_file():
             bundle = Bundle.open(p)
+            config = config.resolved(bundle)  # the bundle's sampler, also for its fp reference
             if bundle.manifest.get("format") != "fp32":
                 null = bundle.conditioning.null  # the fp export may have none: guide with the bundle's
                 bundle = Bundle.open(fp_bundle(reference_model(bundle)))
@@ -81,7 +95,7 @@ def sample(target: str | Path, config: SampleConfig = SampleConfig(), *, fp: boo
             bundle = Bundle.open(fp_bundle(str(target)))
     else:
         bundle = open_bundle(target, correction=correction)
-    out = sample_model(bundle, config, progress=progress, cond=cond, null_cond=null)
+    out = sample_model(bundle, config.resolved(bundle), progress=progress, cond=cond, null_cond=null)
     return bundle.decode(out) if bundle.decoder is not None else out
 
 
@@ -111,10 +125,12 @@ def is_digits_shape(shape) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
-    """The JSON-able report and the evaluated bundle's samples."""
+    """The JSON-able report, the evaluated bundle's samples and the config as run (its sampler
+    filled in)."""
 
     report: dict
     images: np.ndarray
+    config: EvalConfig | None = None
 
 
 def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress="auto",
@@ -131,7 +147,8 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
     bundle = open_bundle(target, correction=correction)
     ref = TorchEpsModel(reference_model(bundle), null=bundle.conditioning.null,
                         class_table=bundle.conditioning.class_table)
-    sc = config.sample
+    sc = config.sample.resolved(bundle)  # the bundle's calibrated sampler unless told otherwise
+    config = dataclasses.replace(config, sample=sc)
     got = sample_model(bundle, sc, progress=progress and (lambda i, n: progress("bundle", i, n)), cond=cond)
     want = sample_model(ref, sc, progress=progress and (lambda i, n: progress("fp reference", i, n)), cond=cond)
     if bundle.decoder is not None:  # latent models are judged on images: the bundle's decoder, and the
@@ -182,7 +199,7 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
         if labels is not None:  # class-conditional digits: does the sample show the class asked for?
             report["digits"]["class_accuracy"] = class_accuracy(got, labels)
             report["digits"]["fp_class_accuracy"] = class_accuracy(want, labels)
-    return EvalResult(report, got)
+    return EvalResult(report, got, config)
 
 
 def class_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
@@ -216,9 +233,10 @@ def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = Ana
     if out is not None:
         check_replaceable(Path(out), CURVES)  # before minutes of measuring
     model = stages.as_model(model)
-    empty = groups_without_steps(NoiseSchedule.from_config(model.scheduler_config), calibration)
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
+    empty = groups_without_steps(schedule, calibration)
     if empty:
-        raise no_steps_error(empty, calibration.steps, calibration.groups)
+        raise no_steps_error(empty, calibration.sampling(schedule), calibration.groups)
     fp = fp_bundle(model)
     stages.check_moments_fit(stages.load_layer_map(fp).layers, stages.moments_needed(config.rounding, False))
     conditions = stages.conditioning(fp, calibration, null_class)

@@ -59,7 +59,7 @@ def _sample_config(args, n_default: int):
         guidance = (_manifest(Path(getattr(args, "target", ""))).get("conditioning") or {}).get(
             "calibration_guidance_scale")
     return SampleConfig(n=n_default if args.n is None else args.n, steps=args.steps, eta=args.eta, seed=args.seed,
-                        batch_size=args.batch_size, guidance_scale=guidance)
+                        batch_size=args.batch_size, guidance_scale=guidance, sampler=args.sampler, karras=args.karras)
 
 
 def _manifest(target: Path) -> dict:
@@ -111,11 +111,14 @@ def cmd_sample(args) -> int:
     cfg = _sample_config(args, default(SampleConfig, "n"))
     check_output(args.output)  # before sampling: .png/.npy, writable, never a file we did not write
     cond = _conditions(args, cfg.n)
-    images = api.sample(args.target, cfg, fp=args.fp, progress=_progress_bar("DDIM"), correction=not args.no_correction,
-                        cond=cond)
+    cfg = api.sampling_config(args.target, cfg, fp=args.fp)
+    images = api.sample(args.target, cfg, fp=args.fp, progress=_progress_bar("sample"),
+                        correction=not args.no_correction, cond=cond)
     write_samples(args.output, images)
     guided = f", guidance {cfg.guidance_scale:g}" if cfg.guidance_scale is not None else ""
-    print(f"wrote {args.output}: {cfg.n} samples, DDIM {cfg.steps} steps, eta {cfg.eta}, seed {cfg.seed}{guided}")
+    eta = f", eta {cfg.eta}" if cfg.sampler == "ddim" else ""
+    karras = ", Karras sigmas" if cfg.karras else ""
+    print(f"wrote {args.output}: {cfg.n} samples, {cfg.sampler} {cfg.steps} steps{karras}{eta}, seed {cfg.seed}{guided}")
     if api.is_digits_shape(images.shape[1:]) and cond and "class_labels" in cond:
         # samples of chosen classes: FD against all digits would mislead; say whether they are those digits
         acc = api.class_accuracy(images, np.broadcast_to(cond["class_labels"], (len(images),)))
@@ -144,8 +147,10 @@ def cmd_eval(args) -> int:
     pv = r["paired_vs_fp"]
     corr = ", PTQD correction on" if r["correction"] else ""
     guided = f", guidance {cfg.sample.guidance_scale:g}" if cfg.sample.guidance_scale is not None else ""
-    print(f"{r['model']} ({r['format']}), {cfg.sample.n} samples, DDIM {cfg.sample.steps} steps, eta {cfg.sample.eta}"
-          f"{guided}{corr}")
+    sc = res.config.sample
+    how = f"{sc.sampler} {sc.steps} steps" + (", Karras sigmas" if sc.karras else "") + \
+        (f", eta {sc.eta}" if sc.sampler == "ddim" else "")
+    print(f"{r['model']} ({r['format']}), {sc.n} samples, {how}{guided}{corr}")
     print(f"paired vs full precision (same seeds): PSNR {pv['psnr_db_mean']:.2f} dB (median {pv['psnr_db_median']:.2f}), "
           f"SSIM {pv['ssim_mean']:.4f}, max |diff| {pv['max_abs_diff']:.2e}")
     tr = r.get("tensorrt_reference")
@@ -183,7 +188,7 @@ def _recipe(args):
 
 def _calibration_config(args):
     return CalibrationConfig(size=args.calib_size, steps=args.calib_steps, seed=args.seed, groups=args.groups,
-                             batch_size=args.calib_batch_size,
+                             batch_size=args.calib_batch_size, sampler=args.sampler, karras=bool(args.karras),
                              observer=args.observer, timesteps=args.calib_timesteps, guidance_scale=args.guidance,
                              conditions=args.calib_conditions and str(args.calib_conditions))
 
@@ -211,6 +216,9 @@ def cmd_build(args) -> int:
     engines = len({g["engine"] for g in m["groups"]})
     print(f"wrote {res.path}: {len(m['groups'])} timestep group(s), {engines} engine(s), {sizes / 1e6:.2f} MB, "
           f"{fusion['ratio']:.0%} of Conv/Gemm/MatMul on integer kernels, {m['build']['seconds']:.1f} s")
+    sp = m["sampler"]
+    print(f"calibrated on {sp['name']} {sp['steps']} steps{', Karras sigmas' if sp['karras'] else ''} "
+          "(sample and eval default to it)")
     if m.get("plan"):
         avg = m["plan"]["average_weight_bits"]
         extra = f" under {m['plan']['budget']} ({m['plan']['allocator']})" if m["plan"].get("budget") else ""
@@ -226,7 +234,7 @@ def cmd_build(args) -> int:
         f = m["fidelity"]
         where = "" if engine_runtime(m["engine"]["runtime"]).devices[0] == "cpu" else \
             " (ONNX Runtime on the CPU over the engines' ONNX)"  # a GPU bundle, checked here on the CPU
-        print(f"fidelity vs fp32 ({f['samples']} samples, DDIM {f['steps']}){where}: PSNR {f['psnr_db_mean']:.2f} dB, "
+        print(f"fidelity vs fp32 ({f['samples']} samples, {f.get('sampler', 'ddim')} {f['steps']} steps){where}: PSNR {f['psnr_db_mean']:.2f} dB, "
               f"SSIM {f['ssim_mean']:.4f}")
     for line in api.build_notes(res):
         print(line)
@@ -309,8 +317,11 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-batch-size", type=int, default=default(C, "batch_size"),
                    help=f"trajectories per model call (default {default(C, 'batch_size')}); the calibration pass "
                    "commits its progress after each such chunk, and an interrupted pass resumes from the last")
-    p.add_argument("--calib-steps", type=int, default=default(C, "steps"),
-                   help=f"DDIM steps per trajectory (default {default(C, 'steps')})")
+    p.add_argument("--calib-steps", "--steps", dest="calib_steps", type=int, default=default(C, "steps"),
+                   help=f"sampler steps per calibration trajectory (default {default(C, 'steps')}); the bundle "
+                   "samples with the same sampler and steps unless told otherwise")
+    _add_sampler(p, "calibrate along this sampler's trajectories (default: the model's scheduler/ config; DDIM for "
+                 "a DDPMScheduler config)")
     p.add_argument("--observer", default=default(C, "observer"), choices=OBSERVERS,
                    help=f"how a clipping range is chosen (default {default(C, 'observer')})")
     p.add_argument("--calib-timesteps", default=default(C, "timesteps"), choices=CALIB_TIMESTEPS,
@@ -326,10 +337,21 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=default(BuildConfig, "seed"))
 
 
+def _add_sampler(p: argparse.ArgumentParser, what: str) -> None:
+    from dmruntime import SAMPLERS
+
+    p.add_argument("--sampler", default=None, metavar="NAME",
+                   help=f"{what}: {', '.join(SAMPLERS)}, or a diffusers scheduler class name")
+    p.add_argument("--karras", action="store_true", default=None,
+                   help="Karras sigmas (dpmpp*, euler, unipc)")
+
+
 def _add_sampling(p: argparse.ArgumentParser, n_default: int) -> None:
     S = SampleConfig
     p.add_argument("-n", type=int, default=None, help=f"number of samples (default {n_default})")
-    p.add_argument("--steps", type=int, default=default(S, "steps"), help=f"DDIM steps (default {default(S, 'steps')})")
+    _add_sampler(p, "sampler (default: the one the bundle was calibrated with)")
+    p.add_argument("--steps", type=int, default=default(S, "steps"),
+                   help="sampler steps (default: the bundle's calibration steps, else 50)")
     p.add_argument("--eta", type=float, default=default(S, "eta"), help="DDIM eta: 0 deterministic (default), 1 DDPM-like")
     p.add_argument("--seed", type=int, default=default(S, "seed"), help="seed of the initial noise (default 0)")
     p.add_argument("--batch-size", type=int, default=default(S, "batch_size"),
@@ -364,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     b = sub.add_parser("build", help="compile a model into a per-timestep-group int8 bundle",
-                       description="Calibrate along DDIM trajectories of the full-precision model, quantize "
+                       description="Calibrate along sampling trajectories of the full-precision model, quantize "
                        "(W8A8: int8 per-channel weights, uint8 per-tensor activations with per-group scales; mixed: "
                        "per-layer weight widths by RD allocation), write the engines and per-group inputs. "
                        f"MODEL: {models} or a folder.")
@@ -439,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--curves", type=Path, default=None, help="curves folder from `dmcompile analyze`")
     i.set_defaults(func=cmd_inspect)
 
-    s = sub.add_parser("sample", help="DDIM-sample a bundle (or with --fp a model) into a PNG grid",
+    s = sub.add_parser("sample", help="sample a bundle (or with --fp a model) into a PNG grid",
                        description="Sample through dmruntime and write a PNG grid. TARGET: a bundle or export "
                        f"folder; with --fp also a model ({models} or a folder), whose fp32 ONNX export is "
                        "cached under $DMCOMPILE_CACHE (default ~/.cache/dmcompile).")

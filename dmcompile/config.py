@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
-from dmruntime.sampler import DEFAULT_BATCH, DEFAULT_N, DEFAULT_STEPS
+from dmruntime import InputError, SamplerChoice
+from dmruntime.sampler import DEFAULT_BATCH, DEFAULT_N, choose_sampler
 
 from .budget import Budget, parse_budget
 from .errors import ConfigError
@@ -38,6 +39,15 @@ def default(cls, name: str):
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+def _choice(name, steps, karras, eta=0.0) -> SamplerChoice:
+    """The runtime's check of a sampler choice (unknown names, --karras or eta where the sampler
+    has neither), as a ConfigError."""
+    try:
+        return SamplerChoice(name, steps, bool(karras), eta)
+    except InputError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _check_seed(seed) -> None:
@@ -97,25 +107,45 @@ class ExportConfig(_Versioned):
 
 @dataclass(frozen=True)
 class SampleConfig(_Versioned):
-    """DDIM sampling: number of images, steps, eta, seed, the UNet batch size, and for
-    conditional models the classifier-free guidance scale (None: no guidance)."""
+    """Sampling: number of images, the sampler (``sampler`` a name such as ``dpmpp-2m`` or a
+    diffusers class name, ``steps``, ``karras``, DDIM's ``eta``; None: what the bundle was
+    calibrated with, else the model's scheduler class and 50 steps), seed, the UNet batch size,
+    and for conditional models the classifier-free guidance scale (None: no guidance)."""
 
     n: int = DEFAULT_N  # the runtime's defaults: both command lines draw the same samples
-    steps: int = DEFAULT_STEPS
+    steps: int | None = None
     eta: float = 0.0
     seed: int = 0
     batch_size: int = DEFAULT_BATCH
     guidance_scale: float | None = None
+    sampler: str | None = None
+    karras: bool | None = None
 
     def __post_init__(self):
         _check_seed(self.seed)
         _check(self.n >= 1, f"n must be >= 1, got {self.n}")
-        _check(1 <= self.steps <= 1000, f"steps must be in [1, 1000], got {self.steps}")
+        _check(self.steps is None or 1 <= self.steps <= 100_000, f"steps must be >= 1, got {self.steps}")
         _check(0 <= self.eta <= 1, f"eta must be in [0, 1], got {self.eta}: past 1 DDIM's noise term is the square "
                "root of a negative variance (NaN samples)")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.guidance_scale is None or self.guidance_scale > 0,
                f"guidance scale must be > 0, got {self.guidance_scale}")
+        choice = _choice(self.sampler, self.steps or 1, self.karras, self.eta)
+        object.__setattr__(self, "sampler", choice.name)
+
+    def resolved(self, model) -> SampleConfig:
+        """This config with the sampler, steps and Karras setting filled in for ``model`` (a
+        Bundle defaults to what it was calibrated with), so a reference model samples the same."""
+        try:
+            c = choose_sampler(model, self.sampler, self.steps, self.karras, self.eta)
+        except InputError as e:
+            raise ConfigError(str(e)) from None
+        return dataclasses.replace(self, sampler=c.name, steps=c.steps, karras=c.karras)
+
+    def choice(self, model) -> SamplerChoice:
+        """The sampler choice of a run of ``model``."""
+        c = self.resolved(model)
+        return SamplerChoice(c.sampler, c.steps, c.karras, c.eta)
 
 
 @dataclass(frozen=True)
@@ -135,9 +165,12 @@ class EvalConfig(_Versioned):
 
 @dataclass(frozen=True)
 class CalibrationConfig(_Versioned):
-    """Calibration along DDIM trajectories of the full-precision model.
+    """Calibration along sampling trajectories of the full-precision model.
 
-    size trajectories x steps DDIM steps from seeded noise; statistics per timestep group
+    size trajectories x steps steps of ``sampler`` (a name such as ``dpmpp-2m`` or a diffusers
+    class name; None: the model's scheduler class, DDIM for a DDPMScheduler config; ``karras``:
+    Karras sigmas) from seeded noise; the bundle's sampling defaults to the same sampler and
+    steps; statistics per timestep group
     (``groups`` equal ranges of the training timesteps; 1 = one scale for all timesteps).
     observer: how a tensor's clipping range is chosen (minmax, percentile, mse).
     timesteps: ``trajectory`` records every step; ``ptq4dm`` records each trajectory at
@@ -161,11 +194,14 @@ class CalibrationConfig(_Versioned):
     sample_per_tensor: int = 65536
     guidance_scale: float | None = None
     conditions: str | None = None
+    sampler: str | None = None
+    karras: bool = False
 
     def __post_init__(self):
         _check_seed(self.seed)
         _check(self.size >= 1, f"calib size must be >= 1, got {self.size}")
-        _check(1 <= self.steps <= 1000, f"calib steps must be in [1, 1000], got {self.steps}")
+        _check(isinstance(self.steps, int) and self.steps >= 1, f"calib steps must be an integer >= 1, got {self.steps}")
+        object.__setattr__(self, "sampler", _choice(self.sampler, self.steps, self.karras).name)
         _check(1 <= self.groups <= 1000, f"groups must be in [1, 1000], got {self.groups}")
         _check(self.observer in OBSERVERS, f"observer must be one of {OBSERVERS}, got {self.observer!r}")
         _check(50 < self.percentile < 100, f"percentile must be in (50, 100), got {self.percentile}")
@@ -179,6 +215,14 @@ class CalibrationConfig(_Versioned):
                "PTQ4DM timestep sampling with guidance is not supported; use --calib-timesteps trajectory")
         if self.conditions is not None:
             object.__setattr__(self, "conditions", str(self.conditions))
+
+    def sampling(self, schedule) -> SamplerChoice:
+        """The sampler the trajectories take over ``schedule`` (the model's default filled in);
+        a model whose scheduler dmruntime lacks, with no sampler named, is a ConfigError."""
+        try:
+            return SamplerChoice(self.sampler, self.steps, self.karras).resolved(schedule)
+        except InputError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass(frozen=True)

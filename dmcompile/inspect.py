@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from dmruntime import Bundle
+from dmruntime.samplers import residual_variance_samplers
 from dmruntime.engines import engine_runtime
 
 from . import stages
@@ -39,6 +40,7 @@ def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
         "layers": layers,
         "weight_grid_bits": precision.get("weight_grid_bits"),
         "fidelity": m.get("fidelity"),
+        "sampler": bundle.sampling.to_dict() if bundle.sampling else None,
     }
     if layers:
         report["accounting"] = accounting(m)
@@ -114,6 +116,10 @@ def format_report(r: dict) -> str:
     lines = [(f"{r['path']}: {r['model']} ({r['parameters'] / 1e6:.2f} M parameters), format {r['format']}, "
              f"profile {r['profile']}")]
     lines.append(f"groups: {len(r['groups'])}  " + "  ".join(f"[{g['t_start']},{g['t_end']})" for g in r["groups"]))
+    if r.get("sampler"):
+        sp = r["sampler"]
+        lines.append(f"calibrated on {sp['name']} {sp['steps']} steps{', Karras sigmas' if sp.get('karras') else ''} "
+                     "(sample and eval default to it)")
     total, fp = r["total_bytes"], r["fp32_weight_bytes"]
     ratio = f" = {total / fp:.3f}x the whole model's fp32 weights ({fp / 1e6:.2f} MB)" if fp else ""
     lines.append(f"size on disk: {total / 1e6:.2f} MB{ratio}")
@@ -179,6 +185,10 @@ def format_report(r: dict) -> str:
     if r.get("correction"):
         lines.append("PTQD correction per group (eps = (eps_q - bias) / (1 + k)): k, mean |bias|, residual variance, "
                      "rms error of eps before -> after")
+        lines.append("  (k and bias correct the model output under every sampler; the residual variance is taken out "
+                     f"of the noise a sampler adds by {', '.join(residual_variance_samplers())}; "
+                     "the others leave it: deterministic ones add no noise, dpmpp-2m-sde's multistep update is not "
+                     "modelled)")
         for g in r["correction"]:
             if g["rms_error"] is None:
                 lines.append(f"  [{g['t_start']},{g['t_end']}): no calibration step, no correction")
@@ -210,7 +220,7 @@ def format_report(r: dict) -> str:
     if r.get("fidelity"):
         f = r["fidelity"]
         lines.append(f"fidelity at build vs {f['reference']}: PSNR {f['psnr_db_mean']:.2f} dB, SSIM {f['ssim_mean']:.4f} "
-                     f"({f['samples']} samples, DDIM {f['steps']})")
+                     f"({f['samples']} samples, {f.get('sampler', 'ddim')} {f['steps']} steps)")
     return "\n".join(lines)
 
 

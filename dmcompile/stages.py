@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from dmruntime import Bundle, DDIMSampler
+from dmruntime import Bundle, SamplingLoop
 from dmruntime.conditioning import cycle_rows
 
 from . import __version__, onnxio, scratch, zoo
@@ -105,11 +105,12 @@ def reference_model(bundle: Bundle) -> LoadedModel:
 
 def sample_model(model, config: SampleConfig = SampleConfig(), progress=None, cond: dict | None = None,
                  null_cond: dict | None = None) -> np.ndarray:
-    """DDIM samples from anything with the runtime's model interface (Bundle, TorchEpsModel);
-    ``cond``: conditions of a conditional model, guided when ``config.guidance_scale`` is set."""
-    sampler = DDIMSampler(model, steps=config.steps, eta=config.eta, batch_size=config.batch_size,
-                          guidance_scale=config.guidance_scale, null_cond=null_cond)
-    return sampler.sample(config.n, seed=config.seed, progress=progress, cond=cond)
+    """Samples from anything with the runtime's model interface (Bundle, TorchEpsModel) with
+    ``config``'s sampler (unset parts: the bundle's calibrated sampler, else the model's scheduler
+    class); ``cond``: conditions of a conditional model, guided when ``config.guidance_scale`` is set."""
+    loop = SamplingLoop(model, config.choice(model), batch_size=config.batch_size,
+                        guidance_scale=config.guidance_scale, null_cond=null_cond)
+    return loop.sample(config.n, seed=config.seed, progress=progress, cond=cond)
 
 
 def calibration_key(config: CalibrationConfig, profile: TargetProfile, conditions: dict | None = None,
@@ -292,7 +293,8 @@ def probe_inputs(fp: Path, tensors_of, calib, config: AnalysisConfig, conditions
     bundle = Bundle.open(fp)
     probe = make_probe(proto, layer_map, tensors_of(proto, layer_map.layers), bundle.sample_shape,
                        conditioning=spec, base_dir=fp, rounder=rounder(calib, config.rounding, weight_grid_bits))
-    X, T, C = group_inputs(bundle, calib.groups, config, calib.config.steps, config.seed, conditioning=spec,
+    X, T, C = group_inputs(bundle, calib.groups, config, calib.config.sampling(bundle.schedule), config.seed,
+                           conditioning=spec,
                            cond=rows, guidance_scale=calib.config.guidance_scale)
     return probe, X, T, C, bundle
 

@@ -10,7 +10,7 @@ from dmcompile.quant import fake_quant, qparams
 from dmcompile.calibration.trajectory import equal_groups
 from dmcompile.config import CalibrationConfig
 from dmcompile.errors import ConfigError
-from dmruntime import group_lookup
+from dmruntime import SamplerChoice, group_lookup
 
 
 def test_equal_groups_partition():
@@ -228,7 +228,6 @@ def test_chunked_recording_equals_one_pass_when_the_chunk_holds_every_trajectory
     from dmruntime import Bundle
 
     fp = Bundle.open(tiny_export)
-    calls = {"one": [], "chunks": []}
 
     def recorder(key):
         return lambda x, t, c, got: calls[key].append((t, x.copy()))
@@ -236,10 +235,34 @@ def test_chunked_recording_equals_one_pass_when_the_chunk_holds_every_trajectory
     def run(x, t, c):
         return {"eps": fp.predict(x, t)}
 
-    record_trajectories(run, fp.schedule, fp.sample_shape, [recorder("one")], n=4, steps=3, seed=5, batch_size=4)
-    record_in_chunks(run, fp.schedule, fp.sample_shape, [recorder("chunks")], n=4, steps=3, seed=5, chunk=4)
-    assert [t for t, _ in calls["one"]] == [t for t, _ in calls["chunks"]]
-    for (_, a), (_, b) in zip(calls["one"], calls["chunks"]):
+    for sampling in (SamplerChoice("ddim", 3), SamplerChoice("dpmpp-2m", 3)):
+        calls = {"one": [], "chunks": []}
+        record_trajectories(run, fp.schedule, fp.sample_shape, [recorder("one")], n=4, sampling=sampling, seed=5,
+                            batch_size=4)
+        record_in_chunks(run, fp.schedule, fp.sample_shape, [recorder("chunks")], n=4, sampling=sampling, seed=5,
+                         chunk=4)
+        assert [t for t, _ in calls["one"]] == [t for t, _ in calls["chunks"]]
+        for (_, a), (_, b) in zip(calls["one"], calls["chunks"]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_a_stochastic_sampler_records_the_same_chunks_when_resumed(tiny_export):
+    """Euler ancestral draws noise every step: each chunk draws from a stream of its own, so a
+    pass resumed after the first chunk records what an uninterrupted one records there."""
+    from dmcompile.calibration.recorder import record_in_chunks
+    from dmruntime import Bundle
+
+    fp = Bundle.open(tiny_export)
+    runs = {"whole": [], "resumed": []}
+
+    def run(x, t, c):
+        return {"eps": fp.predict(x, t)}
+
+    for key, done in (("whole", 0), ("resumed", 2)):
+        record_in_chunks(run, fp.schedule, fp.sample_shape, [lambda x, t, c, got, k=key: runs[k].append(x.copy())],
+                         n=4, sampling=SamplerChoice("euler-a", 4), seed=5, chunk=2, done=done)
+    assert len(runs["whole"]) == 2 * len(runs["resumed"]) == 8
+    for a, b in zip(runs["whole"][4:], runs["resumed"]):
         np.testing.assert_array_equal(a, b)
 
 

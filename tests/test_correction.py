@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from dmruntime import Bundle, BundleError, DDIMSampler, ddim_step
+from dmruntime import Bundle, BundleError, DDIMSampler, SamplerChoice, ddim_step
 from dmruntime.correction import GroupCorrection, load_corrections
 
 from dmcompile import api
@@ -33,7 +33,7 @@ class Distorted:
 def test_estimation_recovers_k_bias_and_variance(tiny_export):
     fp = Bundle.open(tiny_export)
     q = Distorted(fp, k=0.05, bias=[0.02, -0.03], sd=0.005)  # the tiny model's eps has std 0.015
-    est = estimate_correction(q, fp, steps=10, size=16, seed=0)
+    est = estimate_correction(q, fp, sampling=SamplerChoice("ddim", 10), size=16, seed=0)
     g = est["groups"][0]
     assert g["k"] == pytest.approx(0.05, abs=0.01)
     np.testing.assert_allclose(g["bias"], [0.02, -0.03], atol=0.01)
@@ -46,11 +46,11 @@ def test_a_correction_that_would_raise_the_error_is_left_off(tiny_export):
     1 + k would double the noise; the group keeps eps_q (k 0, bias 0) and says so."""
     fp = Bundle.open(tiny_export)
     q = Distorted(fp, k=-0.5, bias=[0.0, 0.0], sd=0.015)  # the tiny model's eps has std 0.015
-    g = estimate_correction(q, fp, steps=10, size=16, seed=0)["groups"][0]
+    g = estimate_correction(q, fp, sampling=SamplerChoice("ddim", 10), size=16, seed=0)["groups"][0]
     assert g["applied"] is False and g["k"] == 0.0 and g["bias"] == [0.0, 0.0]
     assert g["rms_error_corrected"] == g["rms_error"]
     np.testing.assert_allclose(g["var"], [0.25 * 0.015 ** 2 + 0.015 ** 2] * 2, rtol=0.35)  # d's own spread
-    kept = estimate_correction(Distorted(fp, k=0.05, bias=[0.02, -0.03], sd=0.005), fp, steps=10, size=16, seed=0)
+    kept = estimate_correction(Distorted(fp, k=0.05, bias=[0.02, -0.03], sd=0.005), fp, sampling=SamplerChoice("ddim", 10), size=16, seed=0)
     assert all(g["applied"] for g in kept["groups"] if g["samples"])
 
 

@@ -135,7 +135,7 @@ def test_groups_without_steps_fail_before_work(tiny_model_dir, tmp_path, capsys)
     base = [str(tiny_model_dir), "-o", str(tmp_path / "o"), "--groups", "10", "--calib-steps", "5"]
     assert main(["build", *base, "--format", "mixed", "--budget", "5bits"]) == 2
     err = capsys.readouterr().err
-    assert "no step of a 5-step DDIM run falls in timestep group 1 [100, 200)" in err and "Traceback" not in err
+    assert "no step of the calibration sampler (ddim 5 steps) falls in timestep group 1 [100, 200)" in err and "Traceback" not in err
     assert main(["analyze", *base]) == 2
     assert "--calib-steps" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -1,6 +1,6 @@
 """Rate-distortion curves per timestep group: D_{l,g}(b), the output distortion when only
 layer l is quantized to b bits (weights; separately, its input activations), measured on
-inputs that group g sees along the fp32 model's DDIM trajectories.
+inputs that group g sees along the fp32 model's trajectories (the calibration's sampler).
 
 Cached and resumable: progress is saved every few seconds, a rerun continues where it stopped.
 ``sweep="model"`` measures two weight widths per layer and fills the others in proportion to
@@ -91,16 +91,18 @@ class RDCurves:
                    meta["seconds"])
 
 
-def group_inputs(fp_bundle, groups, config: AnalysisConfig, steps: int, seed: int, conditioning=None,
+def group_inputs(fp_bundle, groups, config: AnalysisConfig, sampling, seed: int, conditioning=None,
                  cond: dict | None = None, guidance_scale: float | None = None):
-    """Per group, ``config.samples_per_group`` rows (x_t, t, condition) from fp32 DDIM
-    trajectories (a random stream of their own), spread evenly over the group's recorded steps.
+    """Per group, ``config.samples_per_group`` rows (x_t, t, condition) from fp32 trajectories of
+    ``sampling`` (the calibration's sampler; a random stream of their own), spread evenly over the
+    group's recorded steps.
     Conditional models: ``cond`` (rows, cycled over the trajectories) drives them under
     ``conditioning`` (dmruntime's Conditioning, with its null condition); with
     ``guidance_scale`` the guided sampler runs both branches and both are recorded, as
     calibration records them. Returns X [G, n, ...], T [G, n], C (input -> [G, n, ...], or None)."""
     lookup = group_lookup(groups, fp_bundle.num_train_timesteps)
-    per_group = max(1, round(steps * (groups[0].t_end - groups[0].t_start) / fp_bundle.num_train_timesteps))
+    calls = len(sampling.model_timesteps(fp_bundle.schedule))
+    per_group = max(1, round(calls * (groups[0].t_end - groups[0].t_start) / fp_bundle.num_train_timesteps))
     n_traj = max(1, -(-config.samples_per_group // per_group))
     rows: dict[int, list] = {g.index: [] for g in groups}
 
@@ -108,13 +110,13 @@ def group_inputs(fp_bundle, groups, config: AnalysisConfig, steps: int, seed: in
         rows[int(lookup[t])].append((x.copy(), t, c))
 
     record_trajectories(lambda x, t, c: {"eps": fp_bundle.predict(x, t, c)}, fp_bundle.schedule,
-                        fp_bundle.sample_shape, [collect], n=n_traj, steps=steps, seed=[seed, ANALYSIS_STREAM],
+                        fp_bundle.sample_shape, [collect], n=n_traj, sampling=sampling, seed=[seed, ANALYSIS_STREAM],
                         guidance_scale=guidance_scale, cond=cycle_rows(cond, n_traj),
                         conditioning=conditioning if conditioning else fp_bundle.conditioning)
     xs, ts, cs = [], [], []
     empty = [g for g in groups if not rows[g.index]]
     if empty:
-        raise no_steps_error(empty, steps, len(groups))
+        raise no_steps_error(empty, sampling.resolved(fp_bundle.schedule), len(groups))
     for g in groups:
         got = rows[g.index]
         x = np.concatenate([r[0] for r in got])

@@ -10,16 +10,17 @@ per-channel mean (the bias) and variance.
 from __future__ import annotations
 
 import numpy as np
-from dmruntime import group_lookup
+from dmruntime import SamplerChoice, group_lookup
 
 from .recorder import record_trajectories
 
 CORRECTION_STREAM = 0x97D
 
 
-def estimate_correction(quantized, fp, steps: int, size: int, seed: int, batch_size: int = 64,
+def estimate_correction(quantized, fp, sampling: SamplerChoice, size: int, seed: int, batch_size: int = 64,
                         progress=None, cond: dict | None = None, guidance_scale: float | None = None) -> dict:
-    """The manifest's "correction" entry for ``quantized`` (a Bundle opened with correction=False).
+    """The manifest's "correction" entry for ``quantized`` (a Bundle opened with correction=False),
+    from pairs along ``size`` trajectories of ``sampling`` (the calibration's sampler).
     Conditional models: ``cond`` drives the trajectories; with ``guidance_scale`` both branches
     of every guided call count (the correction is applied per branch, before combining)."""
     groups = quantized.groups
@@ -45,7 +46,7 @@ def estimate_correction(quantized, fp, steps: int, size: int, seed: int, batch_s
         s["d"] += d.sum(ax)
         s["n"] += e.size / C
 
-    record_trajectories(run, fp.schedule, fp.sample_shape, [collect], n=size, steps=steps,
+    record_trajectories(run, fp.schedule, fp.sample_shape, [collect], n=size, sampling=sampling,
                         seed=[seed, CORRECTION_STREAM], batch_size=batch_size, guidance_scale=guidance_scale,
                         cond=cond, conditioning=getattr(quantized, "conditioning", None), progress=progress)
     out = []
@@ -69,4 +70,5 @@ def estimate_correction(quantized, fp, steps: int, size: int, seed: int, batch_s
         out.append({"index": g.index, "t_start": g.t_start, "t_end": g.t_end, "k": k,
                     "bias": mean.tolist(), "var": var.tolist(), "samples": int(n[0]), "applied": applied,
                     "rms_error": raw, "rms_error_corrected": corrected if applied else raw})
-    return {"method": "ptqd", "steps": steps, "trajectories": size, "seed": seed, "groups": out}
+    sampling = sampling.resolved(fp.schedule)
+    return {"method": "ptqd", "sampler": sampling.name, "steps": sampling.steps, "trajectories": size, "seed": seed, "groups": out}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from dmruntime import NoiseSchedule, SamplingLoop, make_sampler
+from dmruntime import NoiseSchedule, SamplerChoice, SamplingLoop
 from dmruntime.conditioning import take_rows
 
 # (x, t, cond) -> {"eps": ..., other named outputs}
@@ -41,43 +41,42 @@ class Recorder:
 
 
 def record_trajectories(run: ModelRun, schedule: NoiseSchedule, sample_shape: tuple[int, ...],
-                        collectors: Sequence[Collector], *, n: int, steps: int, seed, batch_size: int = 64,
+                        collectors: Sequence[Collector], *, n: int, sampling: SamplerChoice, seed, batch_size: int = 64,
                         guidance_scale: float | None = None, cond: dict | None = None, conditioning=None,
-                        null_cond: dict | None = None, progress=None, sampler: str = "ddim") -> np.ndarray:
-    """Sample ``n`` trajectories of ``steps`` steps of ``sampler`` (deterministic: eta 0) from
-    ``default_rng(seed)`` through ``run``, every call handed to ``collectors``; returns the final
-    samples. Guided (``guidance_scale``), each call holds both branches, [null; cond], the null
-    condition ``null_cond`` or ``conditioning``'s."""
-    loop = _loop(run, schedule, sample_shape, collectors, conditioning, sampler, steps, batch_size, guidance_scale,
+                        null_cond: dict | None = None, progress=None) -> np.ndarray:
+    """Sample ``n`` trajectories of ``sampling`` (a sampler, its steps) from ``default_rng(seed)``
+    through ``run``, every call handed to ``collectors``; returns the final samples. Guided
+    (``guidance_scale``), each call holds both branches, [null; cond], the null condition
+    ``null_cond`` or ``conditioning``'s."""
+    loop = _loop(run, schedule, sample_shape, collectors, conditioning, sampling, batch_size, guidance_scale,
                  null_cond)
     return loop.sample(n, seed=seed, progress=progress, cond=cond)
 
 
-def _loop(run, schedule, sample_shape, collectors, conditioning, sampler, steps, batch_size, guidance_scale,
+def _loop(run, schedule, sample_shape, collectors, conditioning, sampling, batch_size, guidance_scale,
           null_cond) -> SamplingLoop:
     """The runtime's sampling loop over a Recorder of ``run``, its sampler's timesteps set."""
     recorder = Recorder(run, schedule, sample_shape, collectors, conditioning)
-    stepper = make_sampler(sampler, schedule)
-    stepper.set_timesteps(steps)
-    return SamplingLoop(recorder, stepper, batch_size=batch_size, guidance_scale=guidance_scale, null_cond=null_cond)
+    return SamplingLoop(recorder, sampling.resolved(schedule), batch_size=batch_size, guidance_scale=guidance_scale,
+                        null_cond=null_cond)
 
 
 def record_in_chunks(run: ModelRun, schedule: NoiseSchedule, sample_shape: tuple[int, ...],
-                     collectors: Sequence[Collector], *, n: int, steps: int, seed, chunk: int,
+                     collectors: Sequence[Collector], *, n: int, sampling: SamplerChoice, seed, chunk: int,
                      guidance_scale: float | None = None, cond: dict | None = None, conditioning=None,
-                     null_cond: dict | None = None, progress=None, sampler: str = "ddim", done: int = 0,
+                     null_cond: dict | None = None, progress=None, done: int = 0,
                      on_chunk: Callable[[int], None] | None = None) -> None:
     """:func:`record_trajectories` a chunk of ``chunk`` trajectories at a time, all steps of one
     chunk before the next, so that the work can stop after any chunk and go on later: chunks
     before ``done`` (a multiple of ``chunk``) are skipped, ``on_chunk(end)`` is called after each
     (checkpoint there). The same x_T as one run; with ``chunk >= n`` the same calls in the same
     order. A collector with ``begin_chunk(first, rows)`` hears where each chunk starts.
-    Deterministic samplers only (a stochastic one would draw its noise in another order)."""
-    loop = _loop(run, schedule, sample_shape, collectors, conditioning, sampler, steps, chunk, guidance_scale,
+    A stochastic sampler draws each chunk's noise from a stream of its own (``seed`` and the
+    chunk's index), so a resumed run draws what an uninterrupted one would."""
+    loop = _loop(run, schedule, sample_shape, collectors, conditioning, sampling, chunk, guidance_scale,
                  null_cond)
-    if loop.sampler.stochastic:
-        raise ValueError(f"{sampler} draws noise at every step; chunked recording needs a deterministic sampler")
     x, rng = loop.initial_noise(n, seed)
+    calls = len(loop.timesteps)
     if cond and conditioning is not None:
         cond = conditioning.check(cond, n)  # one row per trajectory, so chunks take their own
     starts = list(range(0, n, chunk))
@@ -89,7 +88,8 @@ def record_in_chunks(run: ModelRun, schedule: NoiseSchedule, sample_shape: tuple
             if hasattr(collect, "begin_chunk"):
                 collect.begin_chunk(first, rows.stop - first)
         # run() resets the sampler: each chunk starts without multistep history
-        loop.run(x[rows], rng, cond=take_rows(cond, rows),
-                 progress=progress and (lambda i, k, c=c: progress(c * steps + i, len(starts) * steps)))
+        noise = np.random.default_rng([*np.atleast_1d(seed).tolist(), c]) if loop.sampler.stochastic else rng
+        loop.run(x[rows], noise, cond=take_rows(cond, rows),
+                 progress=progress and (lambda i, k, c=c: progress(c * calls + i, len(starts) * calls)))
         if on_chunk is not None:
             on_chunk(rows.stop)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from dmruntime import Group, NoiseSchedule, group_lookup, sampler_timesteps
+from dmruntime import Group, NoiseSchedule, group_lookup
 from dmruntime.conditioning import Conditioning
 
 from .. import onnxio, scratch
@@ -42,21 +42,22 @@ def equal_groups(num_train_timesteps: int, k: int) -> tuple[Group, ...]:
     return tuple(Group(g, edges[g], edges[g + 1]) for g in range(k))
 
 
-def no_steps_error(empty: list, steps: int, groups: int) -> ConfigError:
-    """The error for timestep groups that no step of a ``steps``-step run visits (``empty``, of
-    ``groups``): what RD curves and the step-aware check would have no inputs for."""
+def no_steps_error(empty: list, sampling, groups: int) -> ConfigError:
+    """The error for timestep groups that no step of a run of ``sampling`` (a SamplerChoice)
+    visits (``empty``, of ``groups``): what RD curves and the step-aware check would have no
+    inputs for."""
     g = empty[0]
-    return ConfigError(f"no step of a {steps}-step DDIM run falls in timestep group {g.index} [{g.t_start}, "
+    return ConfigError(f"no step of the calibration sampler ({sampling.describe()}) falls in timestep group {g.index} [{g.t_start}, "
                        f"{g.t_end}) ({len(empty)} of {groups} groups are empty), so RD curves and the step-aware "
                        "check have no inputs there; use fewer groups (--groups) or more calibration steps "
                        "(--calib-steps)")
 
 
 def groups_without_steps(schedule: NoiseSchedule, config: CalibrationConfig) -> list[Group]:
-    """The groups of ``config`` that no step of a ``config.steps``-step DDIM run visits."""
+    """The groups of ``config`` that no step of its calibration sampler's run visits."""
     groups = equal_groups(schedule.num_train_timesteps, config.groups)
     lookup = group_lookup(groups, schedule.num_train_timesteps)
-    seen = {int(lookup[t]) for t in sampler_timesteps(schedule, config.steps)}
+    seen = {int(lookup[t]) for t in config.sampling(schedule).model_timesteps(schedule)}
     return [g for g in groups if g.index not in seen]
 
 
@@ -206,7 +207,7 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
               profile: TargetProfile = ORT_CPU, progress=None, conditioning: Conditioning | None = None,
               conditions: dict | None = None, moments: str | None = None,
               work_dir: Path | None = None, checkpoint: Path | None = None) -> CalibrationResult:
-    """Run ``config.size`` DDIM trajectories of ``config.steps`` steps through the fp32 ONNX
+    """Run ``config.size`` trajectories of the calibration sampler through the fp32 ONNX
     model and return per-group statistics of every tensor ``profile`` may quantize (for all
     quantizable layers, so that builds which keep some layers float reuse the calibration).
     Conditional models: ``conditions`` (one row per trajectory) drive the trajectories, and with
@@ -252,7 +253,8 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
     lookup = group_lookup(groups, schedule.num_train_timesteps)
     observers = tuple({n: HistogramObserver(config.bins) for n in names} for _ in groups)
     rng = np.random.default_rng(config.seed + 7)
-    timesteps = sampler_timesteps(schedule, config.steps)
+    sampling = config.sampling(schedule)
+    timesteps = sampling.model_timesteps(schedule)
     mask = None
     if config.timesteps == "ptq4dm":
         mask = _ptq4dm_mask(timesteps, config.size, schedule.num_train_timesteps, rng)
@@ -285,7 +287,7 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
         if ckpt is not None:
             ckpt.begin(recorder)
         record_in_chunks(run, schedule, tuple(sess.get_inputs()[0].shape[1:]), collectors, n=config.size,
-                         steps=config.steps, seed=[config.seed, CALIB_STREAM], chunk=config.batch_size,
+                         sampling=sampling, seed=[config.seed, CALIB_STREAM], chunk=config.batch_size,
                          guidance_scale=config.guidance_scale, cond=conditions,
                          conditioning=conditioning or Conditioning.none(), progress=progress, done=done,
                          on_chunk=commit if ckpt is not None else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import onnxruntime
+from dmruntime import NoiseSchedule
 from dmruntime.conditioning import NULL_FILE, TABLE_FILE
 
 from ..analysis.plan import bops
@@ -35,6 +36,8 @@ def describe_bundle(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, e
         "precision": {"activation_dtype": ws.profile.activation_dtype, "weight_grid_bits": ws.profile.weight_grid_bits,
                       "layers": _precision_layers(ws, plan)},
         "calibration": calib.config.to_dict(),
+        # what the trajectories took: sampling runs of the bundle default to it
+        "sampler": calib.config.sampling(NoiseSchedule.from_config(ws.scheduler)).to_dict(),
         "build": {"config": config.to_dict(), "fusion": next(iter(fusion.values())) if len(fusion) == 1 else
                   {"ratio": min(f["ratio"] for f in fusion.values()), "engines": fusion}},
     }

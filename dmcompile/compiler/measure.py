@@ -24,7 +24,7 @@ def estimate_corrections(folder: Path, body: dict, ws: Workspace, calib: Calibra
     """PTQD statistics of the written engines (read through the runtime, correction off)."""
     bundle = Bundle(Path(folder), body, correction=False, cache_dir=cache_dir, device="cpu")
     return estimate_correction(bundle, Bundle.open(ws.fp),
-                               calib.config.steps, config.correction_size, config.seed,
+                               calib.config.sampling(bundle.schedule), config.correction_size, config.seed,
                                progress=progress and (lambda i, n: progress("correction", i, n)),
                                cond=cycle_rows(ws.conditions, config.correction_size),
                                guidance_scale=calib.config.guidance_scale)
@@ -45,15 +45,17 @@ def step_aware(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config
 
 
 def check_fidelity(folder: Path, body: dict, ws: Workspace, config: BuildConfig, cache_dir=None) -> dict:
-    """Paired PSNR/SSIM of the bundle (as the runtime runs it) against the fp32 export:
-    DDIM 50 steps, eta 0, same seeds."""
+    """Paired PSNR/SSIM of the bundle (as the runtime runs it) against the fp32 export: the
+    calibration's sampler and steps (what the bundle samples with by default), same seeds."""
     n, seed = config.eval_samples, config.seed
     guidance = config.calibration.guidance_scale
-    cfg = SampleConfig(n=n, steps=50, seed=seed, guidance_scale=guidance)
+    bundle = Bundle(Path(folder), body, cache_dir=cache_dir, device="cpu")
+    cfg = SampleConfig(n=n, seed=seed, guidance_scale=guidance).resolved(bundle)
     cond, null = cycle_rows(ws.conditions, n), ws.conditioning.null
-    got = stages.sample_model(Bundle(Path(folder), body, cache_dir=cache_dir, device="cpu"), cfg, cond=cond)
+    got = stages.sample_model(bundle, cfg, cond=cond)
     want = stages.sample_model(Bundle.open(ws.fp), cfg, cond=cond, null_cond=null)
-    return {"samples": n, "steps": 50, "eta": 0.0, "seed": seed, "guidance_scale": guidance,
+    return {"samples": n, "sampler": cfg.sampler, "steps": cfg.steps, "eta": 0.0, "seed": seed,
+            "guidance_scale": guidance,
             "reference": "fp32 ONNX export",
             "psnr_db_mean": float(np.mean(np.minimum(psnr(got, want), 200.0))),
             "ssim_mean": float(np.mean(ssim(got, want)))}

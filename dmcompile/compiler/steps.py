@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from dmruntime import Bundle, NoiseSchedule, group_lookup, sampler_timesteps
+from dmruntime import Bundle, InputError, NoiseSchedule, group_lookup
 from dmruntime import COMPONENTS
 from dmruntime.conditioning import cycle_rows
 
@@ -50,10 +50,16 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
         raise ConfigError(f"--decoder {config.decoder} applies to latent models (a pipeline folder with vae/); "
                           f"{model.id} has no decoder")
     recipe = config.recipe
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
+    sampling = config.calibration.sampling(schedule)
+    try:  # the sampler takes these steps (PNDM's minimum, no more than the training timesteps)
+        sampling.make(schedule)
+    except InputError as e:
+        raise ConfigError(f"calibration sampler: {e}") from None
     if config.step_aware or (isinstance(recipe, MixedRecipe) and recipe.budget is not None):
-        empty = groups_without_steps(NoiseSchedule.from_config(model.scheduler_config), config.calibration)
+        empty = groups_without_steps(schedule, config.calibration)
         if empty:
-            raise no_steps_error(empty, config.calibration.steps, config.calibration.groups)
+            raise no_steps_error(empty, sampling, config.calibration.groups)
     if isinstance(recipe, MixedRecipe) and recipe.budget is None:
         _require_widths(ws)
     if isinstance(recipe, MixedRecipe) and recipe.budget is not None:
@@ -129,10 +135,10 @@ def allocate_widths(ws: Workspace, calib: CalibrationResult, config: BuildConfig
 
 
 def _step_shares(ws: Workspace, calib: CalibrationResult) -> np.ndarray:
-    """Each group's share of the steps of a DDIM run like the calibration's."""
+    """Each group's share of the model calls of a run of the calibration's sampler."""
     schedule = NoiseSchedule.from_config(ws.scheduler)
     lookup = group_lookup(calib.groups, schedule.num_train_timesteps)
-    steps = np.bincount([int(lookup[t]) for t in sampler_timesteps(schedule, calib.config.steps)],
+    steps = np.bincount([int(lookup[t]) for t in calib.config.sampling(schedule).model_timesteps(schedule)],
                         minlength=len(calib.groups))
     return steps / steps.sum()
 
@@ -150,7 +156,7 @@ def quantize_decoder(ws: Workspace, config: BuildConfig, progress=None) -> Compo
 
     def latents(stream: int) -> np.ndarray:  # the final samples of fp32 trajectories (nothing collected on the way)
         return record_trajectories(lambda x, t, c: {"eps": fpb.predict(x, t, c) if c else fpb.predict(x, t)},
-                                   fpb.schedule, fpb.sample_shape, [], n=n, steps=cal.steps,
+                                   fpb.schedule, fpb.sample_shape, [], n=n, sampling=cal.sampling(fpb.schedule),
                                    seed=[config.seed, DECODER_STREAM, stream], batch_size=cal.batch_size,
                                    guidance_scale=cal.guidance_scale, cond=cycle_rows(ws.conditions, n),
                                    conditioning=fpb.conditioning, null_cond=ws.conditioning.null)
@@ -166,7 +172,8 @@ def quantize_decoder(ws: Workspace, config: BuildConfig, progress=None) -> Compo
     if progress:
         progress("decoder", 2, 2)
     return ComponentEngine("decoder", model, "w8a8", {
-        "calibration": {"latents": n, "steps": cal.steps, "guidance_scale": cal.guidance_scale,
+        "calibration": {"latents": n, "sampler": cal.sampling(fpb.schedule).name, "steps": cal.steps,
+                        "guidance_scale": cal.guidance_scale,
                         "observer": cal.observer},
         "layers": layers, "fusion": ort_fusion_report(model),
         "psnr_db_vs_fp32": float(np.mean(psnr(got, want))), "max_abs_err_vs_fp32": float(np.abs(got - want).max())})

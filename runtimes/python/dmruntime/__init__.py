@@ -1,7 +1,8 @@
 """dmruntime: run dmcompile bundles with numpy and ONNX Runtime only (no torch, no diffusers).
 
-    from dmruntime import Bundle, DDIMSampler
+    from dmruntime import Bundle, DDIMSampler, SamplingLoop
     images = DDIMSampler(Bundle.open("out/"), steps=50).sample(16, seed=0)
+    images = SamplingLoop(Bundle.open("out/"), "dpmpp-2m", steps=20).sample(16, seed=0)
 """
 
 from .bundle import Bundle, Group, group_lookup, sha256_file, validate_manifest
@@ -12,15 +13,15 @@ from .engines import ENGINE_RUNTIMES, Engine, EngineRuntime
 from .errors import BundleError, DmRuntimeError, InputError
 from .guidance import Guided
 from .sampler import DDIMSampler, EpsModel, SamplingLoop, to_uint8
-from .samplers import SAMPLERS, Sampler, make_sampler, sampler_timesteps
+from .samplers import CLASS_NAMES, SAMPLERS, Sampler, SamplerChoice, default_sampler, make_sampler, sampler_for
 from .samplers.ddim import DDIM, ddim_step, ddim_timesteps
 from .schedule import NoiseSchedule
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "COMPONENTS", "DDIM", "ENGINE_RUNTIMES", "SAMPLERS", "Bundle", "BundleError", "Component", "Conditioning",
+    "CLASS_NAMES", "COMPONENTS", "DDIM", "ENGINE_RUNTIMES", "SAMPLERS", "Bundle", "BundleError", "Component", "Conditioning",
     "DDIMSampler", "DmRuntimeError", "Engine", "EngineRuntime", "EpsModel", "Group", "Guided", "InputError",
-    "NoiseSchedule", "OnnxEngine", "Sampler", "SamplingLoop", "ddim_step", "ddim_timesteps", "group_lookup",
-    "make_sampler", "sampler_timesteps", "sha256_file", "to_uint8", "validate_manifest",
+    "NoiseSchedule", "OnnxEngine", "Sampler", "SamplerChoice", "SamplingLoop", "ddim_step", "ddim_timesteps", "default_sampler",
+    "group_lookup", "make_sampler", "sampler_for", "sha256_file", "to_uint8", "validate_manifest",
 ]

@@ -17,6 +17,7 @@ from .correction import load_corrections
 from .engine import check_sample
 from .engines import EngineContext, engine_runtime
 from .errors import BundleError, InputError
+from .samplers import SamplerChoice
 from .schedule import NoiseSchedule
 from .schema import HINT, SCHEMAS, check_entry, check_manifest, is_relative_file
 from .weights import load_weights
@@ -80,6 +81,7 @@ class Bundle:
             self.schedule = NoiseSchedule.from_config(self.scheduler_config)
         except InputError as e:
             raise BundleError(f"manifest {e}; {HINT}") from None
+        self.sampling = _sampling(manifest)
         self.groups = tuple(Group(int(g["index"]), int(g["t_start"]), int(g["t_end"]), g["engine"])
                             for g in manifest["groups"])
         self._lookup = group_lookup(self.groups, self.schedule.num_train_timesteps)
@@ -218,6 +220,20 @@ class Bundle:
         if self.corrections is None:
             return None
         return self.corrections[self.group_of(t).index].residual_var(ndim)
+
+
+def _sampling(manifest: dict) -> SamplerChoice | None:
+    """The sampler and steps a bundle was calibrated with (sampling runs default to them): the
+    manifest's ``sampler``; DDIM at the calibration's steps for bundles from before it was
+    recorded; None for fp32 exports (the model's scheduler class decides)."""
+    entry = manifest.get("sampler")
+    try:
+        if entry is not None:
+            return SamplerChoice(entry["name"], int(entry["steps"]), bool(entry.get("karras", False)))
+    except InputError as e:
+        raise BundleError(f"manifest sampler: {e}; {HINT}") from None
+    steps = (manifest.get("calibration") or {}).get("steps")
+    return SamplerChoice("ddim", int(steps)) if isinstance(steps, int) and steps >= 1 else None
 
 
 def load_group_inputs(root: Path, name: str) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """``python -m dmruntime``: sample a bundle where only the runtime is installed (a board, the
 runtime container). Writes a PNG grid, or the raw float32 samples with ``.npy``.
 
-    python -m dmruntime BUNDLE -n 64 -o grid.png [--steps 50] [--eta 0] [--seed 0]
+    python -m dmruntime BUNDLE -n 64 -o grid.png [--sampler NAME] [--steps N] [--karras] [--eta 0] [--seed 0]
                         [--batch-size 64] [--class K | --conditions FILE.npz] [--guidance S] [--threads N]
                         [--cache-dir DIR]
 
@@ -28,7 +28,8 @@ from .conditioning import read_conditions
 from .errors import DmRuntimeError, InputError
 from .progress import Progress
 from .png import SOFTWARE, grid, png_software, write_png
-from .sampler import DEFAULT_BATCH, DEFAULT_N, DEFAULT_STEPS, DDIMSampler, to_uint8
+from .sampler import DEFAULT_BATCH, DEFAULT_N, DEFAULT_STEPS, SamplingLoop, to_uint8
+from .samplers import SAMPLERS
 
 EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 
@@ -78,7 +79,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"dmruntime {__version__}")
     p.add_argument("-o", "--output", required=True, type=Path, help="grid.png, or samples.npy for the raw samples")
     p.add_argument("-n", type=int, default=DEFAULT_N, help=f"number of samples (default {DEFAULT_N})")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
+    p.add_argument("--sampler", default=None, metavar="NAME",
+                   help=f"{', '.join(SAMPLERS)}, or a diffusers scheduler class name (default: the one the bundle "
+                   "was calibrated with)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"sampler steps (default: the bundle's calibration steps, else {DEFAULT_STEPS})")
+    p.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (dpmpp*, euler, unipc)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]: 0 deterministic (default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, >= 0 (default 0)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -167,13 +173,13 @@ def _sample(args) -> int:
     if guidance is None:
         guidance = (bundle.manifest.get("conditioning") or {}).get("calibration_guidance_scale")
     batch = args.batch_size if args.batch_size is not None else default_batch(bundle, guidance is not None)
-    sampler = DDIMSampler(bundle, steps=args.steps, eta=args.eta, batch_size=batch, guidance_scale=guidance)
+    loop = SamplingLoop(bundle, args.sampler, batch_size=batch, guidance_scale=guidance, steps=args.steps,
+                        karras=args.karras, eta=args.eta)
     t0 = time.perf_counter()
-    images = sampler.sample(args.n, seed=args.seed, cond=cond, progress=Progress("auto", label="DDIM"))
+    images = loop.sample(args.n, seed=args.seed, cond=cond, progress=Progress("auto", label=loop.choice.name))
     if bundle.decoder is not None:
         images = bundle.decode(images)
     seconds = time.perf_counter() - t0
     write_samples(args.output, images)
-    print(f"wrote {args.output}: {args.n} samples, DDIM {args.steps} steps, eta {args.eta}, seed {args.seed} "
-      f"({seconds:.2f} s)")
+    print(f"wrote {args.output}: {args.n} samples, {loop.choice.describe()}, seed {args.seed} ({seconds:.2f} s)")
     return 0

@@ -9,6 +9,7 @@ import numpy as np
 from .conditioning import take_rows
 from .errors import InputError
 from .guidance import Guided
+from .samplers import SamplerChoice, sampler_name
 from .samplers.ddim import DDIM
 from .schedule import NoiseSchedule
 
@@ -29,9 +30,25 @@ DEFAULT_STEPS = 50
 DEFAULT_BATCH = 64
 
 
+def choose_sampler(model, name: str | None = None, steps: int | None = None, karras: bool | None = None,
+                   eta: float = 0.0) -> SamplerChoice:
+    """What a run of ``model`` takes: the arguments given, else what a bundle was calibrated with
+    (``Bundle.sampling``: its sampler and steps, and its Karras setting when the sampler is the
+    same), else the model's scheduler class (:func:`dmruntime.samplers.default_sampler`) and
+    :data:`DEFAULT_STEPS` steps."""
+    base = getattr(model, "sampling", None) or SamplerChoice(None, DEFAULT_STEPS)
+    name = base.name if name is None else sampler_name(name)
+    if karras is None:
+        karras = base.karras and name == base.name
+    return SamplerChoice(name, base.steps if steps is None else steps, bool(karras), eta).resolved(model.schedule)
+
+
 class SamplingLoop:
-    """Samples ``model`` with ``sampler`` (any :class:`dmruntime.samplers.Sampler`, its timesteps
-    set): all ``n`` samples advance together, one step at a time, in chunks of ``batch_size`` for
+    """Samples ``model`` with ``sampler``: a name (``"dpmpp-2m"``, or diffusers' class name),
+    None (the bundle's calibrated sampler, else the model's scheduler class; see
+    :func:`choose_sampler`, which also reads ``steps``, ``karras`` and ``eta``), a
+    :class:`dmruntime.samplers.SamplerChoice`, or a sampler object (its timesteps set, or set
+    here to ``steps``). All ``n`` samples advance together, one step at a time, in chunks of ``batch_size`` for
     the model calls, so the result does not depend on ``batch_size``. The random numbers come
     from ``numpy.random.default_rng(seed)``: first x_T for all samples, then whatever the
     sampler draws at each step.
@@ -42,8 +59,18 @@ class SamplingLoop:
     (``model.conditioning.null_rows``) unless ``null_cond`` gives it.
     """
 
-    def __init__(self, model: EpsModel, sampler, batch_size: int = 64, guidance_scale: float | None = None,
-                 null_cond: dict | None = None):
+    def __init__(self, model: EpsModel, sampler=None, batch_size: int = 64, guidance_scale: float | None = None,
+                 null_cond: dict | None = None, *, steps: int | None = None, karras: bool | None = None,
+                 eta: float = 0.0):
+        if sampler is None or isinstance(sampler, str):
+            sampler = choose_sampler(model, sampler, steps, karras, eta)
+        if isinstance(sampler, SamplerChoice):
+            self.choice = sampler.resolved(model.schedule)
+            sampler = self.choice.make(model.schedule)
+        else:
+            if steps is not None:
+                sampler.set_timesteps(steps)
+            self.choice = None
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if guidance_scale is not None and not np.isfinite(guidance_scale):

@@ -65,6 +65,8 @@ class NoiseSchedule:
     # the scheduler config as given (no defaults filled in): samplers other than DDIM resolve their
     # own options from it with their own defaults, as diffusers' from_config does
     config: dict = field(default_factory=dict, repr=False, compare=False)
+    # the config's diffusers class (_class_name), which picks the default sampler; None if it has none
+    class_name: str | None = field(default=None, compare=False)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -95,7 +97,7 @@ class NoiseSchedule:
         final = 1.0 if cfg["set_alpha_to_one"] else float(acp[0])
         return cls(acp, final, bool(cfg["clip_sample"]), float(cfg["clip_sample_range"]),
                    int(cfg["steps_offset"]), cfg["timestep_spacing"], cfg["prediction_type"],
-                   {k: v for k, v in config.items() if not k.startswith("_")})
+                   {k: v for k, v in config.items() if not k.startswith("_")}, config.get("_class_name"))
 
     def alpha(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod

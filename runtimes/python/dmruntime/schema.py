@@ -199,6 +199,7 @@ SCHEDULER = Obj(optional={
     "prediction_type": Str(("epsilon", "v_prediction", "sample")),
     "timestep_spacing": Str(("leading", "trailing", "linspace")),
     "thresholding": Bool(),
+    "_class_name": Str(),  # the diffusers class, which picks the default sampler
 })
 
 CONDITIONING = Obj(required={
@@ -235,6 +236,8 @@ MANIFEST_V1 = Obj(required={
     "weights": Opt(WEIGHTS),
     "conditioning": Opt(CONDITIONING),
     "correction": Opt(CORRECTION),
+    # the sampler the bundle was calibrated with, which sampling runs default to
+    "sampler": Opt(Obj(required={"name": Str(), "steps": Int(1, 100_000)}, optional={"karras": Bool()})),
     # written by the compiler for people and tools; the runtime reads none of them
     **{key: Opt(Obj()) for key in ("precision", "calibration", "build", "plan", "memory")},
 })

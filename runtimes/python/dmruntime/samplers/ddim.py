@@ -13,6 +13,7 @@ class DDIM:
     """DDIM over ``schedule``: ``set_timesteps(steps)``, then ``step(model_output, t, x)``."""
 
     init_noise_sigma = 1.0
+    residual_variance = True  # step() takes PTQD's residual variance out of its noise
 
     def __init__(self, schedule: NoiseSchedule, eta: float = 0.0):
         if not 0 <= eta <= 1:  # also refuses nan

@@ -25,8 +25,11 @@ F32 = np.float32
 class DDPM:
     """DDPM over ``schedule``; ``options`` override the config's (e.g. ``variance_type="fixed_large"``)."""
 
+    defaults = DEFAULTS  # its options and their defaults (sampler_for reads use_karras_sigmas here)
+
     init_noise_sigma = 1.0
     stochastic = True
+    residual_variance = True  # step() takes PTQD's residual variance out of its noise
 
     def __init__(self, schedule: NoiseSchedule, **options):
         o = resolve_options("DDPM", schedule, DEFAULTS, UNSUPPORTED, options)

@@ -41,6 +41,8 @@ class DPMSolverPP:
     """DPM-Solver++ multistep over ``schedule``; ``options`` override the config's (e.g.
     ``solver_order=3``, ``use_karras_sigmas=True``, ``algorithm_type="sde-dpmsolver++"``)."""
 
+    defaults = DEFAULTS  # its options and their defaults (sampler_for reads use_karras_sigmas here)
+
     init_noise_sigma = 1.0
     preset: dict = {}
 

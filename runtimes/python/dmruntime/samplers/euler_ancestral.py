@@ -23,6 +23,7 @@ class EulerAncestral(Euler):
     """Euler ancestral over ``schedule``: ``step`` draws its noise from the generator (or takes ``noise``)."""
 
     stochastic = True
+    residual_variance = True  # step() takes PTQD's residual variance out of its noise
     name = "Euler ancestral"
     defaults = {"timestep_spacing": "linspace", "steps_offset": 0, "prediction_type": "epsilon"}
     unsupported = {**EULER_UNSUPPORTED, "use_karras_sigmas": False, "final_sigmas_type": "zero"}

@@ -23,6 +23,8 @@ F32 = np.float32
 class PNDM:
     """PNDM over ``schedule``; ``options`` override the config's (e.g. ``skip_prk_steps=True``)."""
 
+    defaults = DEFAULTS  # its options and their defaults (sampler_for reads use_karras_sigmas here)
+
     init_noise_sigma = 1.0
     stochastic = False
 

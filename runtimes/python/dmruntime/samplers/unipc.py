@@ -29,6 +29,8 @@ F32 = np.float32
 class UniPC:
     """UniPC over ``schedule``; ``options`` override the config's (e.g. ``solver_order=3``)."""
 
+    defaults = DEFAULTS  # its options and their defaults (sampler_for reads use_karras_sigmas here)
+
     init_noise_sigma = 1.0
     stochastic = False
 
