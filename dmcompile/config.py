@@ -227,7 +227,7 @@ class CalibrationConfig(_Versioned):
 
 @dataclass(frozen=True)
 class AnalysisConfig(_Versioned):
-    """Rate-distortion curves: samples_per_group inputs per timestep group (from fp32 DDIM
+    """Rate-distortion curves: samples_per_group inputs per timestep group (from fp32
     trajectories), the distortion measure of the UNet output, the candidate weight and
     activation widths, and the sweep: ``full`` measures every weight width, ``model`` measures
     ``model_bits`` and fits the rest from the weight-quantization noise power. max_rows: rows

@@ -34,10 +34,14 @@ def test_bundle_layout_and_manifest(tiny_bundle):
     layers = m["precision"]["layers"]
     assert layers and all(l["activation"] == "uint8" for l in layers)
     assert all(l["weight_bits"] == [8, 8, 8] for l in layers if l["params"])
-    # the fidelity check is what sampling the bundle and the fp32 export with the same seeds gives
+    # the fidelity check is what sampling the bundle and the fp32 export with the same seeds gives,
+    # with the sampler the bundle was calibrated on (and samples with by default)
     from dmcompile.eval.metrics import psnr, ssim
 
-    cfg = api.SampleConfig(n=4, steps=50, seed=0)
+    assert m["sampler"] == {"name": "ddim", "steps": SMALL.steps, "karras": False}
+    cfg = api.SampleConfig(n=4, seed=0).resolved(Bundle.open(tiny_bundle))
+    assert (cfg.sampler, cfg.steps) == ("ddim", SMALL.steps)
+    assert (m["fidelity"]["sampler"], m["fidelity"]["steps"]) == ("ddim", SMALL.steps)
     got = api.sample_model(Bundle.open(tiny_bundle), cfg)
     want = api.sample_model(Bundle.open(api.fp_bundle(m["model"]["source"])), cfg)
     assert m["fidelity"]["samples"] == 4

@@ -115,10 +115,13 @@ def test_runtime_cli_sigterm_while_sampling(tmp_path):
     out = tmp_path / "g.png"
     p = subprocess.Popen([sys.executable, "-m", "dmruntime", str(FIXTURE), "-n", "4000", "--steps", "1000",
                           "-o", str(out)], stderr=subprocess.PIPE, text=True, env=ENV)
-    assert p.stderr.readline().startswith("DDIM: started")  # a log gets lines, not bars
-    p.send_signal(signal.SIGTERM)
-    err = p.stderr.read()
-    assert p.wait(timeout=60) == 143
+    try:
+        assert p.stderr.readline().startswith("ddim: started")  # a log gets lines, not bars
+        p.send_signal(signal.SIGTERM)
+        err = p.stderr.read()
+        assert p.wait(timeout=60) == 143
+    finally:
+        p.kill()  # never left sampling 4000 x 1000 steps behind a failed assertion
     assert err.strip().splitlines() == ["python -m dmruntime: terminated (SIGTERM); nothing was written"]
     assert list(tmp_path.iterdir()) == []
 
@@ -165,7 +168,8 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(tmp_path, ca
 
 
 BAD_SAMPLING = [["--batch-size", "0"], ["--eta", "nan"], ["--eta", "2"], ["--seed", "-1"], ["-n", "0"],
-                ["--steps", "0"]]
+                ["--steps", "0"], ["--sampler", "lms"], ["--sampler", "ddim", "--karras"],
+                ["--sampler", "euler", "--eta", "0.5"], ["--sampler", "pndm", "--steps", "3"], ["--steps", "1001"]]
 
 
 @pytest.mark.parametrize("bad", BAD_SAMPLING, ids=lambda a: " ".join(a))

@@ -1,6 +1,6 @@
 """PTQD statistics at build time: how the quantized noise prediction relates to the fp32 one.
 
-Along seeded fp32 DDIM trajectories (a random stream of their own), both the fp32 model and
+Along seeded fp32 trajectories of the calibration sampler (a random stream of their own), both the fp32 model and
 the quantized bundle (correction off) predict eps at every step; per timestep group the
 sufficient statistics of d = eps_q - eps against eps give the correlation coefficient k
 (least squares of d on eps, per-channel intercepts), and the residual r = d - k * eps's
