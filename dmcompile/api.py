@@ -210,8 +210,8 @@ def class_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
 
 def calibrate(model: LoadedModel | str | Path | None, config: CalibrationConfig = CalibrationConfig(),
               progress="auto", null_class: int | None = None):
-    """Per-group activation statistics along trajectories of the fp32 model (the calibration sampler) (for the
-    default ort-cpu profile); cached on disk by model and config (``cache_dir()/calib``), so
+    """Per-group activation statistics along trajectories of the calibration sampler over the fp32
+    model (for the default ort-cpu profile); cached on disk by model and config (``cache_dir()/calib``), so
     rebuilding with other lowering options does not recalibrate. Conditional models: see
     :class:`CalibrationConfig` (conditions, guidance) and ``null_class`` (the guidance's null
     class of a class-conditional model)."""
@@ -261,7 +261,8 @@ def write_eval(result: EvalResult, out: str | Path) -> list[Path]:
             c = r["config"]["sample"]
             save_fd_figure({"model vs real": d["fd_to_real"], "FP vs real": d["fp_fd_to_real"],
                             "model vs FP": d["fd_to_fp"], "FP noise floor": d["noise_floor_fd"]},
-                           tmp / "fd.png", f"{r['model']} {r['format']}: {c['n']} samples, {c.get('sampler') or 'ddim'} {c['steps']} steps")
+                           tmp / "fd.png",
+                           f"{r['model']} {r['format']}: {c['n']} samples, {c.get('sampler') or 'ddim'} {c['steps']} steps")
             files.append("fd.png")
         write_marker(tmp, EVAL, r, files)
     return [out / f for f in files]
