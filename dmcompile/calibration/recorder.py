@@ -69,8 +69,8 @@ def record_in_chunks(run: ModelRun, schedule: NoiseSchedule, sample_shape: tuple
     """:func:`record_trajectories` a chunk of ``chunk`` trajectories at a time, all steps of one
     chunk before the next, so that the work can stop after any chunk and go on later: chunks
     before ``done`` (a multiple of ``chunk``) are skipped, ``on_chunk(end)`` is called after each
-    (checkpoint there). The same x_T as one run; with ``chunk >= n`` the same calls in the same
-    order. A collector with ``begin_chunk(first, rows)`` hears where each chunk starts.
+    (checkpoint there). The same x_T as one run; with ``chunk >= n`` and a deterministic sampler
+    the same calls in the same order. A collector with ``begin_chunk(first, rows)`` hears where each chunk starts.
     A stochastic sampler draws each chunk's noise from a stream of its own (``seed`` and the
     chunk's index), so a resumed run draws what an uninterrupted one would."""
     loop = _loop(run, schedule, sample_shape, collectors, conditioning, sampling, chunk, guidance_scale,
