@@ -148,7 +148,7 @@ def main(argv=None) -> int:
             acc = "-" if c[6] is None else f"{c[6]:.1%}"
             print(f"| {c[0]} | {c[1]} | {c[2]:.2f} | {c[3]:.2f} | {c[4]:.3f} | {c[5]:.3f} | {acc} |")
     if times:
-        print(f"\nA whole run of {args.time_batch} images (W8A8 K=10 bundle calibrated on {key[0]}), "
+        print(f"\nA whole run of {args.time_batch} images ({key[1]} bundle calibrated on {key[0]}), "
               f"{args.time_rounds} interleaved rounds, medians; {cpu_line()}:\n")
         print("| sampler:steps | seconds | vs ddim:50 |\n|---|---|---|")
         for s, t in times.items():
