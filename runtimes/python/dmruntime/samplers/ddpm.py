@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import InputError
 from ..schedule import NoiseSchedule
 from . import resolve_options
+from .sigmas import check_steps
 
 DEFAULTS = {"timestep_spacing": "leading", "steps_offset": 0, "prediction_type": "epsilon", "clip_sample": True,
             "clip_sample_range": 1.0, "variance_type": "fixed_small"}
@@ -46,8 +47,7 @@ class DDPM:
 
     def set_timesteps(self, steps: int) -> None:
         o, T = self.options, self.schedule.num_train_timesteps
-        if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
-            raise InputError(f"steps must be an integer in [1, {T}], got {steps!r}")
+        check_steps(steps, T)
         if o["timestep_spacing"] == "linspace":
             ts = np.linspace(0, T - 1, steps).round()[::-1].copy().astype(np.int64)
         elif o["timestep_spacing"] == "leading":

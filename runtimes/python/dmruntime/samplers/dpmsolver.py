@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import InputError
 from ..schedule import NoiseSchedule
 from . import resolve_options
-from .sigmas import karras_sigmas, sigma_to_t
+from .sigmas import alpha_sigma_lambda, check_steps, karras_sigmas, multistep_timesteps, sigma_to_t
 
 DEFAULTS = {
     "solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": True,
@@ -81,19 +81,12 @@ class DPMSolverPP:
     def set_timesteps(self, steps: int) -> None:
         o, acp = self.options, self.schedule.alphas_cumprod
         T = self.schedule.num_train_timesteps
-        if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
-            raise InputError(f"steps must be an integer in [1, {T}], got {steps!r}")
+        check_steps(steps, T)
         alpha_t, sigma_t = np.sqrt(acp), np.sqrt(F32(1) - acp)
         lambdas = np.log(alpha_t) - np.log(sigma_t)
         clipped = int(np.searchsorted(lambdas[::-1], o["lambda_min_clipped"]))
         last = T - clipped
-        if o["timestep_spacing"] == "linspace":
-            ts = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif o["timestep_spacing"] == "leading":
-            ratio = last // (steps + 1)
-            ts = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + o["steps_offset"]
-        else:
-            ts = np.arange(last, 0, -T / steps).round().copy().astype(np.int64) - 1
+        ts = multistep_timesteps(o["timestep_spacing"], T, steps, o["steps_offset"], last)
         sigmas = np.array(((1 - acp) / acp) ** 0.5)
         log_sigmas = np.log(sigmas)
         if o["use_karras_sigmas"]:
@@ -110,9 +103,7 @@ class DPMSolverPP:
         return sample
 
     def _alpha_sigma(self, i: int) -> tuple[np.float32, np.float32]:
-        s = self.sigmas[i]
-        a = F32(1) / ((s**2 + F32(1)) ** F32(0.5))
-        return a, s * a
+        return alpha_sigma_lambda(self.sigmas[i])[:2]
 
     def step(self, model_output: np.ndarray, t, sample: np.ndarray, *, generator: np.random.Generator | None = None,
              residual_var: np.ndarray | None = None, noise: np.ndarray | None = None) -> np.ndarray:
@@ -155,9 +146,7 @@ class DPMSolverPP:
         return a * sample - s * model_output  # v_prediction
 
     def _lambda(self, i: int) -> tuple[np.float32, np.float32, np.float32]:
-        a, s = self._alpha_sigma(i)
-        with np.errstate(divide="ignore"):  # the final sigma 0: lambda +inf, exp(-h) 0, as in diffusers
-            return a, s, np.log(a) - np.log(s)
+        return alpha_sigma_lambda(self.sigmas[i])
 
     def _first_order(self, x0, sample, noise, i):
         a_t, s_t, l_t = self._lambda(i + 1)

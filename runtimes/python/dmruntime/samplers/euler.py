@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import InputError
 from ..schedule import NoiseSchedule
 from . import resolve_options
-from .sigmas import karras_sigmas, sigma_to_t
+from .sigmas import check_steps, karras_sigmas, sigma_to_t
 
 DEFAULTS = {"timestep_spacing": "linspace", "steps_offset": 0, "prediction_type": "epsilon",
             "use_karras_sigmas": False, "final_sigmas_type": "zero"}
@@ -58,8 +58,7 @@ class Euler:
     def set_timesteps(self, steps: int) -> None:
         o, acp = self.options, self.schedule.alphas_cumprod
         T = self.schedule.num_train_timesteps
-        if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
-            raise InputError(f"steps must be an integer in [1, {T}], got {steps!r}")
+        check_steps(steps, T)
         if o["timestep_spacing"] == "linspace":
             ts = np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].copy()
         elif o["timestep_spacing"] == "leading":
@@ -83,17 +82,21 @@ class Euler:
 
     def step(self, model_output: np.ndarray, t, sample: np.ndarray, *, generator: np.random.Generator | None = None,
              residual_var: np.ndarray | None = None) -> np.ndarray:
-        if not len(self.timesteps):
-            raise InputError("call set_timesteps(steps) before step()")
-        i = self._index
-        if i >= len(self.timesteps):
-            raise InputError(f"step() called {i + 1} times for a {len(self.timesteps)}-step run; call set_timesteps "
-                             "again")
+        i = self._current()
         sample = sample.astype(np.float32, copy=False)
         sigma = self.sigmas[i]
         derivative = (sample - self._x0(model_output, sample, sigma)) / sigma
         self._index += 1
         return (sample + derivative * (self.sigmas[i + 1] - sigma)).astype(np.float32, copy=False)
+
+    def _current(self) -> int:
+        """The index of the step to take; an InputError before set_timesteps or past the last."""
+        if not len(self.timesteps):
+            raise InputError("call set_timesteps(steps) before step()")
+        if self._index >= len(self.timesteps):
+            raise InputError(f"step() called {self._index + 1} times for a {len(self.timesteps)}-step run; call "
+                             "set_timesteps again")
+        return self._index
 
     def _x0(self, model_output: np.ndarray, sample: np.ndarray, sigma: np.float32) -> np.ndarray:
         kind = self.options["prediction_type"]

@@ -39,12 +39,7 @@ class EulerAncestral(Euler):
         """x at the next sigma. ``residual_var``: variance of a noise in an epsilon model output
         (PTQD); the part the step carries (its eps coefficient squared times it) comes out of the
         variance it adds, clamped at zero."""
-        if not len(self.timesteps):
-            raise InputError("call set_timesteps(steps) before step()")
-        i = self._index
-        if i >= len(self.timesteps):
-            raise InputError(f"step() called {i + 1} times for a {len(self.timesteps)}-step run; call set_timesteps "
-                             "again")
+        i = self._current()
         if noise is None:
             if generator is None:
                 raise InputError("Euler ancestral needs a random generator")

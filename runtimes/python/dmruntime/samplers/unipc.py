@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import InputError
 from ..schedule import NoiseSchedule
 from . import resolve_options
-from .sigmas import karras_sigmas, sigma_to_t
+from .sigmas import alpha_sigma_lambda, check_steps, karras_sigmas, multistep_timesteps, sigma_to_t
 
 DEFAULTS = {"solver_order": 2, "prediction_type": "epsilon", "predict_x0": True, "solver_type": "bh2",
             "lower_order_final": True, "disable_corrector": [], "use_karras_sigmas": False,
@@ -67,15 +67,8 @@ class UniPC:
     def set_timesteps(self, steps: int) -> None:
         o, acp = self.options, self.schedule.alphas_cumprod
         T = self.schedule.num_train_timesteps
-        if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
-            raise InputError(f"steps must be an integer in [1, {T}], got {steps!r}")
-        if o["timestep_spacing"] == "linspace":
-            ts = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif o["timestep_spacing"] == "leading":
-            ratio = T // (steps + 1)
-            ts = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + o["steps_offset"]
-        else:
-            ts = np.arange(T, 0, -T / steps).round().copy().astype(np.int64) - 1
+        check_steps(steps, T)
+        ts = multistep_timesteps(o["timestep_spacing"], T, steps, o["steps_offset"])
         sigmas = np.array(((1 - acp) / acp) ** 0.5)
         if o["use_karras_sigmas"]:
             log_sigmas = np.log(sigmas)
@@ -93,14 +86,10 @@ class UniPC:
         return sample
 
     def _alpha_sigma(self, i: int) -> tuple[np.float32, np.float32]:
-        s = self.sigmas[i]
-        a = F32(1) / ((s**2 + F32(1)) ** F32(0.5))
-        return a, s * a
+        return alpha_sigma_lambda(self.sigmas[i])[:2]
 
     def _lambda(self, i: int) -> tuple[np.float32, np.float32, np.float32]:
-        a, s = self._alpha_sigma(i)
-        with np.errstate(divide="ignore"):  # the final sigma 0: lambda +inf, as in diffusers
-            return a, s, np.log(a) - np.log(s)
+        return alpha_sigma_lambda(self.sigmas[i])
 
     def _convert(self, out: np.ndarray, sample: np.ndarray, i: int) -> np.ndarray:
         a, s = self._alpha_sigma(i)
