@@ -61,7 +61,13 @@ class _Versioned:
     SCHEMA_VERSION = CONFIG_SCHEMA_VERSION
 
     def to_dict(self) -> dict:
-        return {"schema_version": self.SCHEMA_VERSION, **dataclasses.asdict(self)}
+        # options added after caches and bundles keyed on these dicts existed are left out at
+        # their default (metadata ``omit_default``), so those keys stay what they were
+        d = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("omit_default") and d[f.name] == f.default:
+                del d[f.name]
+        return {"schema_version": self.SCHEMA_VERSION, **d}
 
     @classmethod
     def from_dict(cls, d: dict):
@@ -88,7 +94,9 @@ class ExportConfig(_Versioned):
     between ONNX Runtime and PyTorch accepted at export. parity_batch: rows in the parity check.
     sequence_length: for cross-attention UNets, the length L of encoder_hidden_states
     [B, L, D] used for the parity check, the layer map's MACs and default conditions (the
-    engine itself takes any L); 77 is CLIP's.
+    engine itself takes any L); 77 is CLIP's. clip_skip: text-to-image pipelines: the text
+    encoder's output is the hidden state this many layers before the last, through the final
+    layer norm (diffusers' ``clip_skip``); None: the last hidden state.
     """
 
     opset: int = 17
@@ -96,9 +104,13 @@ class ExportConfig(_Versioned):
     parity_batch: int = 2
     seed: int = 0
     sequence_length: int = 77
+    clip_skip: int | None = field(default=None, metadata={"omit_default": True})
 
     def __post_init__(self):
         _check_seed(self.seed)
+        _check(self.clip_skip is None or (isinstance(self.clip_skip, int) and self.clip_skip >= 1),
+               f"clip_skip must be an integer >= 1 (layers skipped from the end of the text encoder), got "
+               f"{self.clip_skip!r}")
         _check(13 <= self.opset <= 23, f"opset must be in [13, 23], got {self.opset}")
         _check(self.parity_tol > 0, f"parity_tol must be > 0, got {self.parity_tol}")
         _check(self.parity_batch >= 1, f"parity_batch must be >= 1, got {self.parity_batch}")
@@ -180,6 +192,10 @@ class CalibrationConfig(_Versioned):
     conditions: conditional models only: an .npz of conditions, one row per trajectory
     (cycled), keyed by input name (class_labels, encoder_hidden_states), optionally with the
     null condition as null_<name>; None draws class labels uniformly (embeddings: normal).
+    prompts: text-to-image models: a UTF-8 file of prompts, one per line, encoded by the
+    model's text encoder (one per trajectory, a seeded selection); None: the pipeline folder's
+    ``calibration_prompts.txt``, else dmcompile's default set. negative_prompt: the null branch
+    of guidance (None: the empty prompt, as diffusers).
     """
 
     size: int = 64
@@ -196,6 +212,8 @@ class CalibrationConfig(_Versioned):
     conditions: str | None = None
     sampler: str | None = None
     karras: bool = False
+    prompts: str | None = field(default=None, metadata={"omit_default": True})
+    negative_prompt: str | None = field(default=None, metadata={"omit_default": True})
 
     def __post_init__(self):
         _check_seed(self.seed)
@@ -215,6 +233,12 @@ class CalibrationConfig(_Versioned):
                "PTQ4DM timestep sampling with guidance is not supported; use --calib-timesteps trajectory")
         if self.conditions is not None:
             object.__setattr__(self, "conditions", str(self.conditions))
+        _check(self.prompts is None or self.conditions is None,
+               "give either prompts (text-to-image models) or conditions (an .npz of embeddings), not both")
+        if self.prompts is not None:
+            object.__setattr__(self, "prompts", str(self.prompts))
+        _check(self.negative_prompt is None or isinstance(self.negative_prompt, str),
+               f"negative_prompt must be a string, got {self.negative_prompt!r}")
 
     def sampling(self, schedule) -> SamplerChoice:
         """The sampler the trajectories take over ``schedule`` (the model's default filled in);

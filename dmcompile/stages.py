@@ -39,6 +39,7 @@ from .errors import ArtifactError, ConfigError, ModelError
 from .frontend.export import export_model
 from .frontend.layermap import LayerMap
 from .frontend.load import LoadedModel, load_model
+from .frontend.text import text_digest_parts
 from .targets import ORT_CPU, TargetProfile
 
 
@@ -69,6 +70,9 @@ def model_key(model: LoadedModel, config: ExportConfig) -> str:
         for name, p in sorted(model.vae.state_dict().items()):
             h.update(name.encode())
             h.update(p.detach().contiguous().numpy().tobytes())
+    for name, part in text_digest_parts(model.text):  # text-to-image: tokenizers and encoders too
+        h.update(str(name).encode())
+        h.update(part if isinstance(part, bytes) else str(part).encode())
     return h.hexdigest()[:16]
 
 

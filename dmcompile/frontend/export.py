@@ -27,20 +27,28 @@ from ..errors import ExportError
 from .layermap import LayerMap, build_layer_map
 from .load import LoadedModel
 from .passes import check_graph, name_anonymous_weights, strip_wrapper_prefix
+from .text import export_text
 from .torch_model import conditioning_of
 
 
-def _conditioning_entry(model: LoadedModel, folder: Path, config: ExportConfig) -> tuple[dict, list[str]]:
+def _conditioning_entry(model: LoadedModel, folder: Path, config: ExportConfig,
+                        text: dict | None = None) -> tuple[dict, list[str]]:
     """The manifest's "conditioning" entry and the files it names: a pipeline's own
-    conditions.npz gives the null condition and a class table (stored as the bundle stores them)."""
+    conditions.npz gives the null condition and a class table (stored as the bundle stores them);
+    a text-to-image pipeline's null condition is its encoders' encoding of the empty prompt."""
     from dmruntime import InputError
     from dmruntime.conditioning import NULL_FILE, TABLE_FILE, read_conditions
+    from dmruntime.text import TextEncoders
 
-    spec = conditioning_of(model, sequence_length=config.sequence_length)
+    spec = conditioning_of(model, sequence_length=text["encoders"][0]["max_length"] if text else config.sequence_length)
     null = table = None
+    if text:
+        encoders = TextEncoders(folder, text, ())
+        null = {k: v[0] for k, v in encoders.encode([""], negative=True).items()}
     if model.default_conditions:
         try:
-            _, null, table = read_conditions(model.default_conditions, spec)
+            _, given, table = read_conditions(model.default_conditions, spec)
+            null = given if given is not None else null
         except InputError as e:
             raise ExportError(f"{model.default_conditions}: {e}") from None
     files = []
@@ -175,8 +183,13 @@ def export_model(model: LoadedModel, out: Path, config: ExportConfig = ExportCon
                        "op_counts": layer_map.counts(), "total_macs_per_sample": layer_map.total_macs},
         }
         files = [*onnxio.files_of(tmp / ENGINE_FILE), LAYER_MAP_FILE]
+        if model.text:
+            body["text"], extra = export_text(model.text, tmp, config.opset, config.clip_skip, config.parity_tol)
+            files += extra
+        elif config.clip_skip is not None:
+            raise ExportError(f"clip_skip applies to text-to-image pipelines; {model.id} has no text encoder")
         if model.condition_inputs:
-            body["conditioning"], extra = _conditioning_entry(model, tmp, config)
+            body["conditioning"], extra = _conditioning_entry(model, tmp, config, body.get("text"))
             files += extra
         if model.vae is not None:
             body["decoder"] = export_decoder(model, tmp / DECODER_FILE, config)

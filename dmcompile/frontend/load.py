@@ -12,8 +12,10 @@ from dmruntime.schedule import NoiseSchedule
 from .. import zoo
 from ..errors import ModelError
 from .family import ModelFamily, ModelInput, get_family
+from .text import load_text_parts
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+PROMPTS_FILE = "calibration_prompts.txt"  # a pipeline folder's own calibration prompts (dmcompile's convention)
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class LoadedModel:
     vae: object = field(default=None, repr=False)  # latent models: the autoencoder whose decoder makes images
     vae_config: dict | None = field(default=None, repr=False)
     default_conditions: Path | None = None  # a pipeline's conditions.npz (null condition, class table)
+    text: tuple = field(default=(), repr=False)  # text-to-image pipelines: (tokenizer, text encoder) parts
+    default_prompts: Path | None = None  # a pipeline's calibration_prompts.txt
 
     @property
     def scaling_factor(self) -> float | None:
@@ -68,6 +72,7 @@ class LoadedModel:
         return {"id": self.id, "source": self.source, "seed": self.seed, "class": self.cls,
                 "vae": (self.vae_config or {}).get("_class_name") if self.vae is not None else None,
                 "parameters": self.num_parameters(), "sample_shape": list(self.sample_shape),
+                **({"text_encoders": [p.slot for p in self.text]} if self.text else {}),
                 "inputs": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in self.inputs],
                 "unet_config": self.unet_config}
 
@@ -168,8 +173,14 @@ def load_folder(folder: Path, model_id: str | None = None, source: str | None = 
     vae, vae_config = load_vae(root / "vae", _json_config(unet.config)) if root and (root / "vae").is_dir() else (None,
                                                                                                                 None)
     conds = root / "conditions.npz" if root and (root / "conditions.npz").is_file() else None
+    text = load_text_parts(root, _json_config(unet.config)) if root else ()
+    if text and vae is None:
+        raise ModelError(f"pipeline folder {root} has a text encoder but no vae/: dmcompile needs the VAE to turn "
+                         "the UNet's latents into images")
+    prompts = root / PROMPTS_FILE if root and (root / PROMPTS_FILE).is_file() else None
     return LoadedModel(model_id or (root or folder).name, source or str(root or folder), unet, _json_config(unet.config),
-                       scheduler, cls=cls, vae=vae, vae_config=vae_config, default_conditions=conds)
+                       scheduler, cls=cls, vae=vae, vae_config=vae_config, default_conditions=conds, text=text,
+                       default_prompts=prompts)
 
 
 VAE_CLASSES = ("AutoencoderKL", "VQModel")

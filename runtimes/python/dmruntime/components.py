@@ -1,5 +1,5 @@
-"""Graphs a bundle ships beside its UNet engines (today the VAE decoder; a text encoder is the
-next), each under a top-level manifest key that names its file(s), inputs and outputs.
+"""Graphs a bundle ships beside its UNet engines (the VAE decoder, the text encoders with their
+tokenizers), each under a top-level manifest key that names its file(s), inputs and outputs.
 
 Adding one is a module with a ``Component`` subclass plus one line in :data:`COMPONENTS`; the
 bundle validates and opens every registered component its manifest lists, the same way.
@@ -19,6 +19,7 @@ from .schema import FILE, Obj, Spec, check_entry
 # manifest key -> "module:class" of its Component
 COMPONENTS = {
     "decoder": "dmruntime.decoder:Decoder",
+    "text": "dmruntime.text:TextEncoders",
 }
 
 
