@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from dmruntime import Bundle
+from dmruntime import Bundle, Text2Image
 from dmruntime.progress import reporter
 
 from . import stages
@@ -42,7 +42,7 @@ from .zoo.data import load_digits16
 
 __all__ = ["AnalysisConfig", "Budget", "BuildConfig", "BuildResult", "CalibrationConfig", "EvalConfig", "EvalResult",
            "ExportConfig", "MixedRecipe", "Override", "SampleConfig", "W8A8Recipe", "analyze", "build", "build_notes", "check_build",
-           "bundle_report", "cache_dir", "cache_report", "calibrate", "clean_cache", "CacheReport", "digit_scores", "evaluate", "export", "format_report", "fp_bundle", "inspect_plots",
+           "bundle_report", "cache_dir", "cache_report", "calibrate", "clean_cache", "CacheReport", "digit_scores", "evaluate", "export", "format_report", "fp_bundle", "generate", "inspect_plots",
            "load_conditions", "load_model", "open_bundle", "probe_inputs", "reference_model", "sample", "sample_model", "sampling_config",
            "write_eval"]
 
@@ -97,6 +97,31 @@ def sample(target: str | Path, config: SampleConfig = SampleConfig(), *, fp: boo
         bundle = open_bundle(target, correction=correction)
     out = sample_model(bundle, config.resolved(bundle), progress=progress, cond=cond, null_cond=null)
     return bundle.decode(out) if bundle.decoder is not None else out
+
+
+def generate(target: str | Path, prompts, config: SampleConfig = SampleConfig(n=1), *, negative_prompt: str = "",
+             fp: bool = False, progress="auto", correction: bool = True) -> np.ndarray:
+    """Images [len(prompts) * config.n, 3, H, W] in [-1, 1] from a text-to-image bundle:
+    ``config.n`` per prompt, in prompt order (dmruntime's :class:`Text2Image`), with ``config``'s
+    sampler (unset: the bundle's calibrated one) and guidance (unset: the calibration's scale,
+    else 7.5). With ``fp`` the bundle's fp32 export (or a model's) generates them."""
+    progress = reporter(progress, "sample")
+    p = Path(target)
+    if fp:
+        if (p / "manifest.json").is_file():
+            bundle = Bundle.open(p)
+            config = config.resolved(bundle)  # the bundle's sampler, also for its fp reference
+            if bundle.manifest.get("format") != "fp32":
+                bundle = Bundle.open(fp_bundle(reference_model(bundle)))
+        else:
+            bundle = Bundle.open(fp_bundle(str(target)))
+    else:
+        bundle = open_bundle(target, correction=correction)
+    config = config.resolved(bundle)
+    pipe = Text2Image(bundle, config.sampler, steps=config.steps, karras=config.karras, eta=config.eta,
+                      guidance_scale=config.guidance_scale, batch_size=config.batch_size,
+                      negative_prompt=negative_prompt)
+    return pipe.generate(prompts, n=config.n, seed=config.seed, progress=progress)
 
 
 @functools.cache

@@ -108,6 +108,10 @@ def cmd_sample(args) -> int:
     import numpy as np
 
     api = _api()
+    if args.prompt:
+        return _generate(args)
+    if args.negative_prompt is not None:
+        raise ConfigError("--negative-prompt goes with --prompt")
     cfg = _sample_config(args, default(SampleConfig, "n"))
     check_output(args.output)  # before sampling: .png/.npy, writable, never a file we did not write
     cond = _conditions(args, cfg.n)
@@ -127,6 +131,26 @@ def cmd_sample(args) -> int:
         s = api.digit_scores(images)
         print(f"FD to real digits: {s['fd_to_real']:.3f} ({cfg.n} samples; small sets read high, "
               f"see `dmcompile eval` for the noise floor); confident-class rate {s['confident_rate']:.1%}")
+    return 0
+
+
+def _generate(args) -> int:
+    """sample --prompt: n images per prompt (default 1), one grid row per prompt, at the
+    pipeline's resolution."""
+    api = _api()
+    if args.class_label is not None or args.conditions:
+        raise ConfigError("--prompt replaces --class and --conditions: pass one or the other")
+    cfg = SampleConfig(n=1 if args.n is None else args.n, steps=args.steps, eta=args.eta, seed=args.seed,
+                       batch_size=args.batch_size, guidance_scale=args.guidance, sampler=args.sampler,
+                       karras=args.karras)
+    check_output(args.output)
+    cfg = api.sampling_config(args.target, cfg, fp=args.fp)
+    images = api.generate(args.target, args.prompt, cfg, negative_prompt=args.negative_prompt or "", fp=args.fp,
+                          progress=_progress_bar("sample"), correction=not args.no_correction)
+    write_samples(args.output, images, cols=cfg.n, native=True)
+    karras = ", Karras sigmas" if cfg.karras else ""
+    print(f"wrote {args.output}: {len(images)} image(s) of {images.shape[2]}x{images.shape[3]} for "
+          f"{len(args.prompt)} prompt(s), {cfg.sampler} {cfg.steps} steps{karras}, seed {cfg.seed}")
     return 0
 
 
@@ -190,7 +214,9 @@ def _calibration_config(args):
     return CalibrationConfig(size=args.calib_size, steps=args.calib_steps, seed=args.seed, groups=args.groups,
                              batch_size=args.calib_batch_size, sampler=args.sampler, karras=bool(args.karras),
                              observer=args.observer, timesteps=args.calib_timesteps, guidance_scale=args.guidance,
-                             conditions=args.calib_conditions and str(args.calib_conditions))
+                             conditions=args.calib_conditions and str(args.calib_conditions),
+                             prompts=args.calib_prompts and str(args.calib_prompts),
+                             negative_prompt=args.negative_prompt)
 
 
 def default_output(model: str, fmt: str) -> Path:
@@ -207,7 +233,8 @@ def cmd_build(args) -> int:
     cfg = BuildConfig(recipe=_recipe(args), profile=args.target, calibration=_calibration_config(args),
                       analysis=_analysis_config(args), eval_samples=args.eval_samples, seed=args.seed,
                       correction=not args.no_correction, step_aware=args.step_aware, null_class=args.null_class,
-                      decoder=args.decoder, max_engines=args.max_engines, residual_int8=not args.no_residual_int8)
+                      decoder=args.decoder, max_engines=args.max_engines, residual_int8=not args.no_residual_int8,
+                      text_encoder=args.text_encoder, clip_skip=args.clip_skip)
     out = args.output or default_output(args.model, args.format)
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
     m = res.manifest
@@ -329,6 +356,11 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-conditions", type=Path, default=None, metavar="FILE.npz",
                    help="conditional models: calibration conditions by input name, one row per trajectory (cycled), "
                    "and null_<name> for guidance's null condition; default: class labels drawn uniformly")
+    p.add_argument("--calib-prompts", type=Path, default=None, metavar="FILE.txt",
+                   help="text-to-image models: calibration prompts, one per line (UTF-8), a seeded selection per "
+                   "trajectory; default: the pipeline folder's calibration_prompts.txt, else dmcompile's 80 prompts")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="text-to-image models: the null branch of guidance during calibration (default: empty)")
     p.add_argument("--guidance", type=float, default=default(C, "guidance_scale"), metavar="S",
                    help="conditional models: calibrate on the guided sampler at scale S (both branches recorded)")
     p.add_argument("--null-class", type=int, default=None, metavar="K",
@@ -346,7 +378,7 @@ def _add_sampler(p: argparse.ArgumentParser, what: str) -> None:
                    help="Karras sigmas (dpmpp*, euler, unipc)")
 
 
-def _add_sampling(p: argparse.ArgumentParser, n_default: int) -> None:
+def _add_sampling(p: argparse.ArgumentParser, n_default: int, prompts: bool = False) -> None:
     S = SampleConfig
     p.add_argument("-n", type=int, default=None, help=f"number of samples (default {n_default})")
     _add_sampler(p, "sampler (default: the one the bundle was calibrated with)")
@@ -361,6 +393,12 @@ def _add_sampling(p: argparse.ArgumentParser, n_default: int) -> None:
     p.add_argument("--conditions", type=Path, default=None, metavar="FILE.npz",
                    help="conditional bundles: conditions by input name (class_labels, encoder_hidden_states), "
                    "one row per sample or one for all")
+    if prompts:
+        p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                       help="text-to-image bundles: generate from this prompt, -n images each (default 1; "
+                       "repeatable: one grid row per prompt), at the pipeline's resolution")
+        p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                       help="with --prompt: the null branch of guidance (default: the empty prompt)")
     p.add_argument("--guidance", type=float, default=default(S, "guidance_scale"), metavar="S",
                    help="classifier-free guidance scale (needs a bundle with a null condition); default: the scale "
                    "the bundle was calibrated with, else none")
@@ -436,6 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip estimating PTQD noise-correction statistics (the bundle then has none)")
     b.add_argument("--step-aware", action="store_true",
                    help="select activation bits per group by PTQD's SNR rule (reported in the manifest)")
+    b.add_argument("--text-encoder", choices=["fp32", "int8"], default=default(BuildConfig, "text_encoder"),
+                   help="text-to-image models: ship the text encoders in fp32 (default) or int8 (ONNX Runtime's "
+                   "dynamic quantization; its error on the calibration prompts goes in the manifest)")
+    b.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                   help="text-to-image models: condition on the text encoder's hidden state N layers before the "
+                   "last (diffusers' clip_skip)")
     b.add_argument("--decoder", choices=["fp32", "w8a8"], default=BuildConfig().decoder,
                    help="latent models: ship the VAE decoder in fp32 (default) or W8A8, calibrated on latents "
                    "the fp32 model samples (its PSNR against fp32 goes in the manifest)")
@@ -469,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fp", action="store_true", help="sample the full-precision model")
     s.add_argument("-o", "--output", required=True, type=Path,
                    help="PNG grid to write (an existing file is replaced only if dmcompile wrote it)")
-    _add_sampling(s, default(SampleConfig, "n"))
+    _add_sampling(s, default(SampleConfig, "n"), prompts=True)
     s.add_argument("--no-correction", action="store_true", help="turn the bundle's PTQD noise correction off")
     s.set_defaults(func=cmd_sample)
 

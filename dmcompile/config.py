@@ -485,6 +485,9 @@ class BuildConfig(_Versioned):
     keeps the residual stream FP16 (measured on digits16: 5 dB closer to full precision).
     max_engines: openvino-cpu and tensorrt: at most this many engines; adjacent timestep
     groups with the closest activation scales share one, with the union of their ranges.
+    text_encoder: text-to-image models: the text encoders in the bundle, ``fp32`` (default) or
+    ``int8`` (ONNX Runtime's dynamic quantization; its error on the calibration prompts in the
+    manifest). clip_skip: text-to-image models: diffusers' ``clip_skip`` (see ExportConfig).
 
     Schema history: 1 (dmcompile 0.1): flat ``format``, ``float_layers``, ``weight_bits``,
     ``budget``, ``allocator``, ``share_weights``, ``allow_simulated_bits``; 2: ``recipe``.
@@ -506,6 +509,8 @@ class BuildConfig(_Versioned):
     decoder_calib_size: int = 32
     max_engines: int | None = None
     residual_int8: bool = True
+    text_encoder: str = field(default="fp32", metadata={"omit_default": True})
+    clip_skip: int | None = field(default=None, metadata={"omit_default": True})
     SCHEMA_VERSION = 2
 
     def __init__(self, **options):
@@ -532,6 +537,8 @@ class BuildConfig(_Versioned):
         _check(self.null_class is None or (isinstance(self.null_class, int) and self.null_class >= 0),
                f"null_class must be a class label >= 0, got {self.null_class!r}")
         _check(self.decoder in ("fp32", "w8a8"), f"decoder must be 'fp32' or 'w8a8', got {self.decoder!r}")
+        _check(self.text_encoder in ("fp32", "int8"), f"text_encoder must be 'fp32' or 'int8', got {self.text_encoder!r}")
+        ExportConfig(clip_skip=self.clip_skip)  # its check
         _check(self.decoder_calib_size >= 1, f"decoder_calib_size must be >= 1, got {self.decoder_calib_size}")
         _check(self.max_engines is None or (isinstance(self.max_engines, int) and self.max_engines >= 1),
                f"max_engines must be an integer >= 1, got {self.max_engines!r}")

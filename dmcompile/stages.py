@@ -70,6 +70,8 @@ def model_key(model: LoadedModel, config: ExportConfig) -> str:
         for name, p in sorted(model.vae.state_dict().items()):
             h.update(name.encode())
             h.update(p.detach().contiguous().numpy().tobytes())
+    if model.default_prompts is not None:
+        h.update(Path(model.default_prompts).read_bytes())
     for name, part in text_digest_parts(model.text):  # text-to-image: tokenizers and encoders too
         h.update(str(name).encode())
         h.update(part if isinstance(part, bytes) else str(part).encode())
@@ -141,7 +143,13 @@ def conditioning(fp: Path, config: CalibrationConfig, null_class: int | None = N
     or ``null_class`` replace them. Raises ConfigError for conditions that do not fit."""
     from dmruntime.conditioning import COND_STREAM, Conditioning
 
-    base = Conditioning.from_manifest(json.loads((fp / "manifest.json").read_text()), fp)
+    manifest = json.loads((fp / "manifest.json").read_text())
+    base = Conditioning.from_manifest(manifest, fp)
+    if manifest.get("text") and not config.conditions:
+        return prompt_conditioning(fp, manifest, base, config, null_class)
+    if config.prompts is not None or config.negative_prompt is not None:
+        raise ConfigError("--calib-prompts and --negative-prompt apply to text-to-image models (a pipeline folder "
+                          "with tokenizer/ and text_encoder/); this model has no text encoder: use --calib-conditions")
     if not base:
         given = [n for n, v in (("--calib-conditions", config.conditions), ("--null-class", null_class),
                                ("guidance", config.guidance_scale)) if v is not None]
@@ -172,6 +180,47 @@ def conditioning(fp: Path, config: CalibrationConfig, null_class: int | None = N
     if rows is None:
         return spec, spec.random(config.size, np.random.default_rng([config.seed, COND_STREAM]))
     return spec, cycle_rows(rows, config.size)
+
+
+PROMPT_STREAM = 0x7E47  # the seeded selection of calibration prompts
+
+
+def calibration_prompts(fp: Path, manifest: dict, config: CalibrationConfig) -> list[str]:
+    """config.size prompts, one per trajectory: a seeded permutation of the prompt file (the
+    config's, else the pipeline's ``calibration_prompts.txt``, else dmcompile's default set),
+    cycled."""
+    from dmruntime import InputError
+    from dmruntime.text import read_prompts
+
+    path = Path(config.prompts) if config.prompts else (
+        fp / manifest["calibration_prompts"] if manifest.get("calibration_prompts") else zoo.DEFAULT_PROMPTS)
+    try:
+        prompts = read_prompts(path)
+    except InputError as e:
+        raise ConfigError(str(e)) from None
+    order = np.random.default_rng([config.seed, PROMPT_STREAM]).permutation(len(prompts))
+    return [prompts[order[i % len(prompts)]] for i in range(config.size)]
+
+
+def prompt_conditioning(fp: Path, manifest: dict, base, config: CalibrationConfig, null_class: int | None):
+    """(Conditioning, rows) of a text-to-image export: the calibration prompts through its fp32
+    text encoders, the null condition the negative prompt's encoding (the empty prompt's, as
+    diffusers, unless ``config.negative_prompt``)."""
+    from dmruntime import InputError
+    from dmruntime.text import TextEncoders
+
+    if null_class is not None:
+        raise ConfigError("--null-class applies to class-conditional models; this text-to-image model's null "
+                          "condition is the negative prompt (--negative-prompt, default empty)")
+    encoders = TextEncoders(fp, manifest["text"], ())
+    try:
+        rows = encoders.encode(calibration_prompts(fp, manifest, config))
+        null = base.null
+        if config.negative_prompt:
+            null = {k: v[0] for k, v in encoders.encode([config.negative_prompt], negative=True).items()}
+    except InputError as e:
+        raise ConfigError(str(e)) from None
+    return dataclasses.replace(base, null=null), rows
 
 
 def load_conditions(path: Path, spec) -> tuple[dict | None, dict | None, np.ndarray | None]:

@@ -33,7 +33,7 @@ def test_the_documented_steps_are_the_code_s():
 
 def test_every_step_reads_values_written_before_it():
     for profile in PROFILES:
-        have = set(INPUTS) | {"decoder", "folder", "cache"}  # decoder: None unless lower_decoder runs
+        have = set(INPUTS) | {"lowered", "folder", "cache"}  # lowered: () unless a lower_ step runs
         for step in build_steps(profile):
             missing = [r for r in step.reads if r not in have]
             assert not missing, f"{profile}: step {step.name} reads {missing} before any step writes it"

@@ -1,7 +1,7 @@
 """Compiling a model into a bundle, as a list of named steps over typed values (:data:`STEPS`,
 plus the steps the target's backend adds): ``build`` runs them in order.
 
-    steps.py      prepare, calibrate, allocate, lower the decoder
+    steps.py      prepare, calibrate, allocate, lower the decoder and the text encoders
     engines.py    the backend writes the engines; the bundle's other files
     manifest.py   the manifest body
     measure.py    PTQD statistics, step-aware report, fidelity of the written engines
@@ -27,7 +27,7 @@ from ..targets import get_profile
 from .engines import write_engines
 from .manifest import describe_bundle
 from .measure import check_fidelity, estimate_corrections, step_aware
-from .steps import allocate_widths, calibrate_workspace, prepare, quantize_decoder
+from .steps import allocate_widths, calibrate_workspace, prepare, quantize_decoder, quantize_text
 from .workspace import ComponentEngine, WeightPlan, Workspace
 
 __all__ = ["STEPS", "VALUES", "BuildResult", "build", "build_steps"]
@@ -50,7 +50,7 @@ def finish_manifest(folder: Path, body: dict, engines: EngineSet, started: float
 # The values steps read and write, and their types. build's inputs: model, config, progress, started.
 VALUES = {
     "model": (LoadedModel, str, Path, type(None)), "config": BuildConfig, "progress": object, "started": float,
-    "ws": Workspace, "calib": CalibrationResult, "plan": WeightPlan, "decoder": (ComponentEngine, type(None)),
+    "ws": Workspace, "calib": CalibrationResult, "plan": WeightPlan, "lowered": tuple,
     "folder": Path, "cache": str, "engines": EngineSet, "body": dict, "manifest": dict,
 }
 INPUTS = ("model", "config", "progress", "started")
@@ -59,11 +59,13 @@ STEPS = (
     Step("prepare", prepare, ("model", "config"), "ws"),
     Step("calibrate", calibrate_workspace, ("ws", "config", "progress"), "calib"),
     Step("allocate", allocate_widths, ("ws", "calib", "config", "progress"), "plan"),
-    Step("lower_decoder", quantize_decoder, ("ws", "config", "progress"), "decoder",
+    Step("lower_decoder", quantize_decoder, ("ws", "config", "lowered", "progress"), "lowered",
          when=lambda config: config.decoder == "w8a8"),
-    Step("write_engines", write_engines, ("folder", "ws", "calib", "plan", "config", "decoder", "progress"), "engines",
+    Step("lower_text", quantize_text, ("ws", "config", "lowered", "progress"), "lowered",
+         when=lambda config: config.text_encoder == "int8"),
+    Step("write_engines", write_engines, ("folder", "ws", "calib", "plan", "config", "lowered", "progress"), "engines",
          in_folder=True),
-    Step("describe", describe_bundle, ("ws", "calib", "plan", "engines", "config", "decoder"), "body", in_folder=True),
+    Step("describe", describe_bundle, ("ws", "calib", "plan", "engines", "config", "lowered"), "body", in_folder=True),
     Step("estimate_corrections", estimate_corrections, ("folder", "body", "ws", "calib", "config", "progress", "cache"),
          "body.correction", when=lambda config: config.correction, in_folder=True),
     Step("step_aware", step_aware, ("ws", "calib", "plan", "config"), "body.step_aware_activation",
@@ -102,7 +104,7 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
     progress = reporter(progress, "build")
     check_replaceable(Path(out), BUNDLE)  # before minutes of work; atomic_dir checks again at the end
     values = {"model": model, "config": config, "progress": progress, "started": time.perf_counter(),
-              "decoder": None}
+              "lowered": ()}
     with contextlib.ExitStack() as stack:
         for step in build_steps(config.profile):
             if step.when is not None and not step.when(config):

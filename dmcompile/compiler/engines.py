@@ -35,10 +35,10 @@ def engine_job(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config
 
 
 def write_engines(folder: Path, ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config: BuildConfig,
-                  decoder: ComponentEngine | None, progress=None) -> EngineSet:
+                  lowered: tuple[ComponentEngine, ...] = (), progress=None) -> EngineSet:
     """The engines (one QDQ graph in memory at a time where the backend writes them as lowered),
     then the null condition of guidance and the class table, every component of the export (as it
-    is, or as a step lowered it: ``decoder``) and the backend's extra files; ``files`` lists them
+    is, or as a step lowered it: ``lowered``) and the backend's extra files; ``files`` lists them
     all."""
     backend = get_backend(ws.profile.backend)
     engines = backend.emit(folder, engine_job(ws, calib, plan, config, progress), progress)
@@ -52,14 +52,14 @@ def write_engines(folder: Path, ws: Workspace, calib: CalibrationResult, plan: W
         with open(folder / TABLE_FILE, "wb") as f:
             np.savez(f, class_table=table)
         files.append(TABLE_FILE)
-    lowered = {decoder.key: decoder} if decoder is not None else {}
+    graphs = {c.key: c.models for c in lowered}
     for key, entry in ws.components.items():
-        if key in lowered:
-            files += onnxio.save(lowered[key].model, folder / entry["file"])
-            continue
-        for name in component_class(key).files(entry):  # the export's graph, as it is
-            shutil.copyfile(ws.fp / name, folder / name)
-            files.append(name)
+        for name in component_class(key).files(entry):
+            if name in graphs.get(key, {}):
+                files += onnxio.save(graphs[key][name], folder / name)
+            else:  # the export's file, as it is
+                shutil.copyfile(ws.fp / name, folder / name)
+                files.append(name)
     files += backend.extra_files(folder)
     return EngineSet(engines.engines, engines.engine_of, engines.params, engines.first_group, engines.fusion, files,
                      engines.stored)

@@ -19,7 +19,7 @@ from .workspace import ComponentEngine, WeightPlan, Workspace
 
 
 def describe_bundle(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, engines: EngineSet,
-                    config: BuildConfig, decoder: ComponentEngine | None = None) -> dict:
+                    config: BuildConfig, lowered: tuple[ComponentEngine, ...] = ()) -> dict:
     """The manifest body (everything but measurements and file hashes)."""
     fusion = engines.fusion
     backend = get_backend(ws.profile.backend)
@@ -46,10 +46,9 @@ def describe_bundle(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, e
         body["weights"] = _weights_entry(WEIGHTS_FILE, stored.tensors)
     if plan.record:
         body["plan"] = plan.record
-    lowered = {decoder.key: decoder} if decoder is not None else {}
-    for key, entry in ws.components.items():  # as exported, or with the precision a step lowered it to
-        c = lowered.get(key)
-        body[key] = entry if c is None else {**entry, "precision": c.precision, c.precision: c.record}
+    entries = {c.key: c.entry for c in lowered}
+    for key, entry in ws.components.items():  # as exported, or as a step lowered it
+        body[key] = entries.get(key, entry)
     # Activation liveness of the fp32 graphs: `dmcompile inspect`'s resident-memory estimate.
     body["memory"] = memory_entry(ws.fp, ws.decoder["file"] if ws.decoder else None,
                                   ws.conditioning.sequence_length if ws.conditioning else None)

@@ -3,8 +3,10 @@ quantize the decoder. Each takes and returns typed values (``compiler/workspace.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from ..analysis.plan import bops, check_bits, check_feasible, plan_bits
 from ..backends.onnxruntime import ort_fusion_report, optimize_for_cpu
 from ..calibration.recorder import record_trajectories
 from ..calibration.trajectory import CalibrationResult, groups_without_steps, no_steps_error
-from ..config import BuildConfig, MixedRecipe
+from ..config import BuildConfig, ExportConfig, MixedRecipe
 from ..errors import ConfigError
 from ..eval.metrics import psnr
 from ..frontend.layermap import Layer
@@ -33,7 +35,7 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
     """Load the model, export it (cached), resolve the overrides; fail early on options that
     cannot work with this model (before minutes of calibration)."""
     model = stages.as_model(model, seed=config.seed)
-    fp = stages.fp_bundle(model)
+    fp = stages.fp_bundle(model, ExportConfig(clip_skip=config.clip_skip))
     layer_map = stages.load_layer_map(fp)
     spec, rows = stages.conditioning(fp, config.calibration, config.null_class)
     exported = json.loads((fp / "manifest.json").read_text())
@@ -46,6 +48,9 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
                    resolve(layer_map, config.overrides, profile, default_float), spec, rows, components)
     stages.check_moments_fit(layer_map.layers, stages.moments_needed(config.analysis.rounding,
                                                                      per_group_weights(config)))
+    if config.text_encoder != "fp32" and "text" not in components:
+        raise ConfigError(f"--text-encoder {config.text_encoder} applies to text-to-image models (a pipeline folder "
+                          f"with tokenizer/ and text_encoder/); {model.id} has none")
     if config.decoder != "fp32" and "decoder" not in components:
         raise ConfigError(f"--decoder {config.decoder} applies to latent models (a pipeline folder with vae/); "
                           f"{model.id} has no decoder")
@@ -146,7 +151,7 @@ def _step_shares(ws: Workspace, calib: CalibrationResult) -> np.ndarray:
 DECODER_STREAM = 0xDEC
 
 
-def quantize_decoder(ws: Workspace, config: BuildConfig, progress=None) -> ComponentEngine:
+def quantize_decoder(ws: Workspace, config: BuildConfig, lowered: tuple = (), progress=None) -> tuple:
     """W8A8 decoder: activation ranges from ``config.decoder_calib_size`` latents the fp32 model
     samples (guided and conditioned like the calibration); PSNR against the fp32 decoder on as
     many latents of another random stream."""
@@ -171,12 +176,12 @@ def quantize_decoder(ws: Workspace, config: BuildConfig, progress=None) -> Compo
     got = onnxio.session(model).run(["image"], {"latents": held_out})[0]
     if progress:
         progress("decoder", 2, 2)
-    return ComponentEngine("decoder", model, "w8a8", {
-        "calibration": {"latents": n, "sampler": cal.sampling(fpb.schedule).name, "steps": cal.steps,
-                        "guidance_scale": cal.guidance_scale,
-                        "observer": cal.observer},
-        "layers": layers, "fusion": ort_fusion_report(model),
-        "psnr_db_vs_fp32": float(np.mean(psnr(got, want))), "max_abs_err_vs_fp32": float(np.abs(got - want).max())})
+    record = {"calibration": {"latents": n, "sampler": cal.sampling(fpb.schedule).name, "steps": cal.steps,
+                              "guidance_scale": cal.guidance_scale, "observer": cal.observer},
+              "layers": layers, "fusion": ort_fusion_report(model),
+              "psnr_db_vs_fp32": float(np.mean(psnr(got, want))), "max_abs_err_vs_fp32": float(np.abs(got - want).max())}
+    return (*lowered, ComponentEngine("decoder", {ws.decoder["file"]: model},
+                                      {**ws.decoder, "precision": "w8a8", "w8a8": record}))
 
 
 def storage_width(profile: TargetProfile, layer: Layer, bits: int) -> int:
@@ -188,3 +193,50 @@ def storage_width(profile: TargetProfile, layer: Layer, bits: int) -> int:
 def weight_only(profile: TargetProfile, layer: Layer, bits: int) -> bool:
     """Whether ``layer`` at ``bits`` runs weight-only on ``profile`` (an INT4 block layout exists)."""
     return int4_layout(profile, layer, bits) is not None
+
+
+def quantize_text(ws: Workspace, config: BuildConfig, lowered: tuple = (), progress=None) -> tuple:
+    """int8 text encoders (``--text-encoder int8``): ONNX Runtime's dynamic quantization, int8
+    per-channel weights with activations quantized on each call (W8A8 without calibration:
+    a prompt is encoded once per run, so its ranges cost nothing to measure then); the error
+    of the UNet condition against fp32 measured on the calibration prompts."""
+    import tempfile
+
+    import onnx
+    from dmruntime.text import TextEncoders
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    entry = ws.components.get("text")
+    exported = json.loads((ws.fp / "manifest.json").read_text())
+    prompts = stages.calibration_prompts(ws.fp, exported, config.calibration)
+    want = TextEncoders(ws.fp, entry, ()).encode(prompts)[entry["condition"]]
+    models, encoders = {}, []
+    with tempfile.TemporaryDirectory(prefix="dmcompile-text-") as d, _quiet_root_logger():
+        for i, e in enumerate(entry["encoders"]):
+            quantize_dynamic(ws.fp / e["file"], Path(d) / e["file"], per_channel=True, weight_type=QuantType.QInt8)
+            shutil.copyfile(ws.fp / e["tokenizer"], Path(d) / e["tokenizer"])
+            models[e["file"]] = onnx.load(str(Path(d) / e["file"]))
+            ops = [n.op_type for n in models[e["file"]].graph.node]
+            encoders.append({**e, "precision": "int8", "int8": {
+                "method": "onnxruntime dynamic quantization (int8 per-channel weights, per-call activation ranges)",
+                "integer_matmuls": ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul"),
+                "float_matmuls": ops.count("MatMul") + ops.count("Gemm")}})
+            if progress:
+                progress("text encoders", i + 1, len(entry["encoders"]))
+        got = TextEncoders(Path(d), entry, ()).encode(prompts)[entry["condition"]]
+    err = {"prompts": len(prompts), "max_abs_err_vs_fp32": float(np.abs(got - want).max()),
+           "rel_l2_err_vs_fp32": float(np.linalg.norm(got - want) / np.linalg.norm(want))}
+    return (*lowered, ComponentEngine("text", models, {**entry, "encoders": encoders, "precision": "int8",
+                                                       "int8": err}))
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """ONNX Runtime's quantizer logs a pre-processing hint on the root logger for every graph."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)

@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import onnx
 from dmruntime.conditioning import Conditioning
 
 from ..config import BuildConfig, MixedRecipe
@@ -61,13 +60,14 @@ class WeightPlan:
 
 @dataclasses.dataclass(frozen=True)
 class ComponentEngine:
-    """A component graph the build lowered (the W8A8 decoder): its manifest key, the graph, its
-    precision and that precision's record (calibration, fidelity against fp32, fusion)."""
+    """A component the build lowered (the W8A8 decoder, int8 text encoders): its manifest key,
+    its lowered graphs by bundle file name (its other files are copied as exported), and its
+    manifest entry as lowered (precision, and that precision's record: calibration, fidelity
+    against fp32, fusion)."""
 
     key: str
-    model: onnx.ModelProto
-    precision: str
-    record: dict
+    models: dict  # file name -> onnx.ModelProto
+    entry: dict
 
 
 def per_group_weights(config: BuildConfig) -> bool:

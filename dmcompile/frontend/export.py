@@ -25,7 +25,7 @@ from ..artifacts import BUNDLE, atomic_dir, write_manifest
 from ..config import ExportConfig
 from ..errors import ExportError
 from .layermap import LayerMap, build_layer_map
-from .load import LoadedModel
+from .load import PROMPTS_FILE, LoadedModel
 from .passes import check_graph, name_anonymous_weights, strip_wrapper_prefix
 from .text import export_text
 from .torch_model import conditioning_of
@@ -186,6 +186,10 @@ def export_model(model: LoadedModel, out: Path, config: ExportConfig = ExportCon
         if model.text:
             body["text"], extra = export_text(model.text, tmp, config.opset, config.clip_skip, config.parity_tol)
             files += extra
+            if model.default_prompts is not None:  # the pipeline's own calibration prompts travel with the export
+                (tmp / PROMPTS_FILE).write_bytes(Path(model.default_prompts).read_bytes())
+                body["calibration_prompts"] = PROMPTS_FILE
+                files.append(PROMPTS_FILE)
         elif config.clip_skip is not None:
             raise ExportError(f"clip_skip applies to text-to-image pipelines; {model.id} has no text encoder")
         if model.condition_inputs:

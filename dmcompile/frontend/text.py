@@ -206,7 +206,11 @@ def load_text_encoder(folder: Path, what: str):
         cfg._attn_implementation = "eager"  # traces to plain MatMul/Softmax, the ops the QDQ pass knows
         enc = getattr(transformers, arch)(cfg)
         state = load_file(str(weights))
-        state.pop("text_model.embeddings.position_ids", None)  # a buffer older checkpoints store
+        if not hasattr(enc, "text_model"):  # transformers 5 dropped the text_model level checkpoints name
+            state = {k.removeprefix("text_model."): v for k, v in state.items()}
+        elif not any(k.startswith("text_model.") for k in state):
+            state = {f"text_model.{k}": v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.endswith("position_ids")}  # a buffer older ones store
         missing, unexpected = enc.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("position_ids")]
         if missing or unexpected:
@@ -295,7 +299,8 @@ def export_text(parts, folder: Path, opset: int, clip_skip: int | None, parity_t
                 out = self.enc(input_ids, output_hidden_states=clip_skip is not None)
                 if clip_skip is None:
                     return out.last_hidden_state
-                skipped = self.enc.text_model.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+                norm = getattr(self.enc, "text_model", self.enc).final_layer_norm
+                skipped = norm(out.hidden_states[-(clip_skip + 1)])
                 return skipped, out.last_hidden_state
 
         prompts = ["a photograph of an astronaut riding a horse", "", "the number 7, written thin"]

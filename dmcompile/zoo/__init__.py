@@ -18,6 +18,8 @@ TRAINED = {"digits16": ZOO_DIR / "digits16", "digits-ldm": ZOO_DIR / "digits-ldm
 PRESETS = {"ddpm-cifar10-32": (DDPM_CIFAR10_32_UNET, DDPM_LINEAR_SCHEDULER),
            "sd15-unet": (SD15_UNET, SD_SCALED_LINEAR_SCHEDULER)}
 CLASSIFIER_DIR = ZOO_DIR / "classifier"
+# text-to-image calibration prompts when neither --calib-prompts nor the pipeline folder gives any
+DEFAULT_PROMPTS = ZOO_DIR / "calibration_prompts.txt"
 
 
 def names() -> list[str]:

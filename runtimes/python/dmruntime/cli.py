@@ -3,6 +3,7 @@ runtime container). Writes a PNG grid, or the raw float32 samples with ``.npy``.
 
     python -m dmruntime BUNDLE -n 64 -o grid.png [--sampler NAME] [--steps N] [--karras] [--eta 0] [--seed 0]
                         [--batch-size 64] [--class K | --conditions FILE.npz] [--guidance S] [--threads N]
+                        [--prompt TEXT ... [--negative-prompt TEXT]]
                         [--cache-dir DIR]
 
 Its options, defaults and checks are the ones ``dmcompile sample`` has; ``run_main`` (shared by
@@ -30,6 +31,7 @@ from .progress import Progress
 from .png import SOFTWARE, grid, png_software, write_png
 from .sampler import DEFAULT_BATCH, DEFAULT_N, DEFAULT_STEPS, SamplingLoop, to_uint8
 from .samplers import SAMPLERS
+from .text2image import Text2Image
 
 EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
 
@@ -78,7 +80,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle folder (dmcompile build -o ...)")
     p.add_argument("--version", action="version", version=f"dmruntime {__version__}")
     p.add_argument("-o", "--output", required=True, type=Path, help="grid.png, or samples.npy for the raw samples")
-    p.add_argument("-n", type=int, default=DEFAULT_N, help=f"number of samples (default {DEFAULT_N})")
+    p.add_argument("-n", type=int, default=None,
+                   help=f"number of samples (default {DEFAULT_N}); with --prompt: images per prompt (default 1)")
     p.add_argument("--sampler", default=None, metavar="NAME",
                    help=f"{', '.join(SAMPLERS)}, or a diffusers scheduler class name (default: the one the bundle "
                    "was calibrated with)")
@@ -97,8 +100,13 @@ def parser() -> argparse.ArgumentParser:
                    help="class-conditional bundles: sample class K")
     p.add_argument("--conditions", type=Path, default=None, metavar="FILE.npz",
                    help="conditioning arrays named by input (one row per sample)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="text-to-image bundles: generate from this prompt (repeatable: one grid row per prompt)")
+    p.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="with --prompt: the null branch of guidance (default: the empty prompt)")
     p.add_argument("--guidance", type=float, default=None, metavar="S",
-                   help="classifier-free guidance scale (default: the bundle's calibration scale, if any)")
+                   help="classifier-free guidance scale (default: the bundle's calibration scale, if any; with "
+                        "--prompt else 7.5)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads, >= 0 (0: the runtime's default)")
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                    help="openvino bundles: OpenVINO's compile cache (a second start imports instead of compiling)")
@@ -136,9 +144,10 @@ def default_batch(bundle: Bundle, guided: bool) -> int:
     return DEFAULT_BATCH
 
 
-def write_samples(path: Path, images: np.ndarray) -> None:
-    """A PNG grid of ``images`` ([-1, 1]), or the float32 samples for ``.npy``, written whole
-    (a temporary name, then a rename)."""
+def write_samples(path: Path, images: np.ndarray, cols: int | None = None, native: bool = False) -> None:
+    """A PNG grid of ``images`` ([-1, 1]; ``cols`` columns, default about square; ``native``: at
+    the images' own resolution, one image without a border), or the float32 samples for ``.npy``,
+    written whole (a temporary name, then a rename)."""
     path = Path(path)
     try:
         if path.suffix == ".npy":
@@ -149,7 +158,8 @@ def write_samples(path: Path, images: np.ndarray) -> None:
             finally:
                 tmp.unlink(missing_ok=True)
         else:
-            write_png(path, grid(to_uint8(images)))
+            kw = {"scale": 1, "pad": 0 if len(images) == 1 else 2} if native else {}
+            write_png(path, grid(to_uint8(images), cols=cols, **kw))
     except OSError as e:
         raise InputError(f"cannot write {path}: {e.strerror or e}; choose another path") from None
 
@@ -162,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
 def _sample(args) -> int:
     check_output(args.output)
     bundle = Bundle.open(args.bundle, threads=args.threads, device=args.device, cache_dir=args.cache_dir)
+    if args.prompt:
+        return _generate(args, bundle)
+    if args.negative_prompt is not None:
+        raise InputError("--negative-prompt goes with --prompt")
+    n = DEFAULT_N if args.n is None else args.n
     cond = None
     if args.class_label is not None and args.conditions is not None:
         raise InputError("pass either --class or --conditions, not both")
@@ -176,10 +191,29 @@ def _sample(args) -> int:
     loop = SamplingLoop(bundle, args.sampler, batch_size=batch, guidance_scale=guidance, steps=args.steps,
                         karras=args.karras, eta=args.eta)
     t0 = time.perf_counter()
-    images = loop.sample(args.n, seed=args.seed, cond=cond, progress=Progress("auto", label=loop.choice.name))
+    images = loop.sample(n, seed=args.seed, cond=cond, progress=Progress("auto", label=loop.choice.name))
     if bundle.decoder is not None:
         images = bundle.decode(images)
     seconds = time.perf_counter() - t0
     write_samples(args.output, images)
-    print(f"wrote {args.output}: {args.n} samples, {loop.choice.describe()}, seed {args.seed} ({seconds:.2f} s)")
+    print(f"wrote {args.output}: {n} samples, {loop.choice.describe()}, seed {args.seed} ({seconds:.2f} s)")
+    return 0
+
+
+def _generate(args, bundle: Bundle) -> int:
+    """--prompt: n images per prompt, one grid row per prompt, at the pipeline's resolution."""
+    if args.class_label is not None or args.conditions is not None:
+        raise InputError("--prompt replaces --class and --conditions: pass one or the other")
+    n = 1 if args.n is None else args.n
+    pipe = Text2Image(bundle, args.sampler, steps=args.steps, karras=args.karras, eta=args.eta,
+                      guidance_scale=args.guidance, batch_size=args.batch_size or DEFAULT_BATCH,
+                      negative_prompt=args.negative_prompt or "")
+    loop = pipe.loop()
+    t0 = time.perf_counter()
+    images = pipe.generate(args.prompt, n=n, seed=args.seed, progress=Progress("auto", label=loop.choice.name))
+    seconds = time.perf_counter() - t0
+    write_samples(args.output, images, cols=n, native=True)
+    guided = f", guidance {loop.guidance_scale:g}" if loop.guidance_scale is not None else ""
+    print(f"wrote {args.output}: {len(images)} image(s) of {images.shape[2]}x{images.shape[3]} for {len(args.prompt)} "
+          f"prompt(s), {loop.choice.describe()}{guided}, seed {args.seed} ({seconds:.2f} s)")
     return 0

@@ -113,3 +113,20 @@ class TextEncoders(Component):
                     for i in range(0, len(x), batch_size)]
             hidden.append(np.concatenate(rows).astype(np.float32, copy=False))
         return {self.condition: np.concatenate(hidden, axis=-1) if len(hidden) > 1 else hidden[0]}
+
+
+def read_prompts(path) -> list[str]:
+    """Prompts from a UTF-8 text file, one per line (blank lines skipped); InputError for a
+    missing or empty file or one that is not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompt file {path} does not exist; pass a text file with one prompt per line")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"prompt file {path} is not valid UTF-8 (byte {e.start}: {e.reason}); save it as UTF-8") \
+            from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"prompt file {path} holds no prompts; write one prompt per line")
+    return prompts
