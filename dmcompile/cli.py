@@ -95,7 +95,10 @@ def _conditions(args, n: int) -> dict | None:
                               "per sample or one row for all")
         return rows
     if "class_labels" not in spec.names and not spec.embedded_classes:
-        raise ConfigError(f"this bundle needs {', '.join(spec.describe())}: pass them with --conditions FILE.npz")
+        hint = " (a text-to-image bundle: `dmcompile sample` takes --prompt; eval takes embeddings for now)" \
+            if _manifest(target).get("text") else ""
+        raise ConfigError(f"this bundle needs {', '.join(spec.describe())}: pass them with --conditions FILE.npz"
+                          + hint)
     if args.class_label is not None:
         return {"class_labels": np.full(n, args.class_label, np.int64)}
     null = int(spec.null["class_labels"]) if spec.null and "class_labels" in spec.null else None

@@ -41,6 +41,7 @@ def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
         "weight_grid_bits": precision.get("weight_grid_bits"),
         "fidelity": m.get("fidelity"),
         "sampler": bundle.sampling.to_dict() if bundle.sampling else None,
+        "text": m.get("text"),
     }
     if layers:
         report["accounting"] = accounting(m)
@@ -103,11 +104,12 @@ def size_parts(m: dict) -> dict[str, int]:
     engines = {g["engine"] for g in m["groups"]} | set((m.get("engine") or {}).get("tensorrt", {}).get("onnx", []))
     weights = {(m.get("weights") or {}).get("file")} | {f for f in m["files"] if f.endswith((".bin", ".data"))}
     decoder = {(m.get("decoder") or {}).get("file")}
+    text = {f for e in (m.get("text") or {}).get("encoders", []) for f in (e.get("file"), e.get("tokenizer"))}
     out: dict[str, int] = {}
     for name, f in m["files"].items():
         what = ("engines" if name in engines else "weights" if name in weights else
                 f"group inputs ({len(inputs)} files: scales, zero points, int32 biases)" if name in inputs else
-                "decoder" if name in decoder else "other")
+                "decoder" if name in decoder else "text encoders and tokenizers" if name in text else "other")
         out[what] = out.get(what, 0) + f["bytes"]
     return out
 
@@ -120,6 +122,15 @@ def format_report(r: dict) -> str:
         sp = r["sampler"]
         lines.append(f"calibrated on {sp['name']} {sp['steps']} steps{', Karras sigmas' if sp.get('karras') else ''} "
                      "(sample and eval default to it)")
+    for e in (r.get("text") or {}).get("encoders", []):
+        lines.append(f"text: {e.get('class', 'text encoder')} {e['file']} ({e.get('precision', 'fp32')}"
+                     + (f", clip_skip {e['clip_skip']}" if e.get("clip_skip") else "")
+                     + f"), {e['tokenizer']} (from {e.get('tokenizer_source', 'tokenizer.json')}), "
+                     f"{e['max_length']} tokens, pad id {e['pad_id']}")
+    if (r.get("text") or {}).get("int8"):
+        q = r["text"]["int8"]
+        lines.append(f"  int8 text encoders: condition error vs fp32 {q['rel_l2_err_vs_fp32']:.2%} relative L2 over "
+                     f"{q['prompts']} calibration prompts (max {q['max_abs_err_vs_fp32']:.3g})")
     total, fp = r["total_bytes"], r["fp32_weight_bytes"]
     ratio = f" = {total / fp:.3f}x the whole model's fp32 weights ({fp / 1e6:.2f} MB)" if fp else ""
     lines.append(f"size on disk: {total / 1e6:.2f} MB{ratio}")

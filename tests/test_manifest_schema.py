@@ -20,7 +20,7 @@ FIXTURES = ROOT / "runtimes" / "python" / "tests" / "data"
 VALUES = [None, True, False, 0, -1, 1, 3, 2.5, -0.5, 10 ** 12, -(2 ** 63), float("nan"), float("inf"),
           -float("inf"), "", "x", "unet.onnx", "../outside.onnx", "/etc/passwd", "a" * 300, [], [0], ["x"], [None],
           {}, {"x": 1}, {"file": "x"}]
-MUTATIONS_PER_BUNDLE = 900  # x 6 bundles: 5400 mutations per run
+MUTATIONS_PER_BUNDLE = 900  # x 7 bundles: 6300 mutations per run
 PREDICTS_PER_BUNDLE = 20  # mutations of the keys the engines read, then a prediction each
 
 
@@ -88,6 +88,8 @@ def predict_all_groups(bundle: Bundle, what: str) -> None:
             out = bundle.predict(x, g.t_start, cond)
         if bundle.decoder is not None:
             bundle.decode(out)
+        if "text" in bundle.components:
+            bundle.components["text"].encode(["a cat"])
     except BundleError as e:
         assert str(e).strip(), f"{what}: BundleError without a message"
     except Exception as e:  # noqa: BLE001
@@ -95,13 +97,27 @@ def predict_all_groups(bundle: Bundle, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def bundles(request, ov_bundle, trt_bundle, latent_bundle, class_bundle):
+def text_bundle(tmp_path_factory) -> Path:
+    """A text-to-image bundle (a 1000-token CLIP vocabulary: its tokenizer loads on every open)."""
+    from tiny_t2i import make_pipeline
+
+    from dmcompile import api
+    from dmcompile.config import BuildConfig, CalibrationConfig
+
+    pipe = make_pipeline(tmp_path_factory.mktemp("t2i") / "pipe", vocab_size=1000)
+    return api.build(str(pipe), tmp_path_factory.mktemp("tb") / "b",
+                     BuildConfig(calibration=CalibrationConfig(size=2, steps=4, groups=2, batch_size=2),
+                                 eval_samples=0, correction=False), progress=None).path
+
+
+@pytest.fixture(scope="module")
+def bundles(request, ov_bundle, trt_bundle, latent_bundle, class_bundle, text_bundle):
     return {"ort-w4": (FIXTURES / "tiny-w4", {}), "ort-w8a8": (FIXTURES / "tiny-w8a8", {}),
             "openvino": (ov_bundle, {}), "tensorrt": (trt_bundle, {"device": "cpu"}),
-            "latent": (latent_bundle, {}), "class": (class_bundle, {})}
+            "latent": (latent_bundle, {}), "class": (class_bundle, {}), "text": (text_bundle, {})}
 
 
-TARGETS = ["ort-w4", "ort-w8a8", "openvino", "tensorrt", "latent", "class"]
+TARGETS = ["ort-w4", "ort-w8a8", "openvino", "tensorrt", "latent", "class", "text"]
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -124,10 +140,10 @@ def test_mutated_manifests_open_or_raise_bundle_error(target, bundles, tmp_path)
 
 # what the engines and the sampler read; mutations here that still open must still predict
 READ_BY_ENGINES = ("model", "scheduler", "groups", "engine", "engines", "weights", "conditioning", "correction",
-                   "decoder")
+                   "decoder", "text")
 
 
-@pytest.mark.parametrize("target", ["ort-w4", "latent", "class"])  # (OpenVINO compiles per open: too slow here)
+@pytest.mark.parametrize("target", ["ort-w4", "latent", "class", "text"])  # (OpenVINO compiles per open: too slow here)
 def test_mutated_manifests_that_open_also_predict(target, bundles, tmp_path):
     src, kw = bundles[target]
     folder = shutil.copytree(src, tmp_path / "b")

@@ -126,9 +126,10 @@ def test_openvino_engine_matches_onnxruntime_on_the_same_graph(ov_bundle, tiny_m
     """The same QDQ engine file run by OpenVINO (its int8 kernels) and by ONNX Runtime with graph
     optimisation off (every QuantizeLinear / DequantizeLinear and float op executed as the graph
     says: the exact simulation). OpenVINO rounds differently inside, so a rounding tie can flip
-    one quantum somewhere; measured on this model over 4 groups x 8 inputs: 24-26 of 32 bit-exact,
-    the rest 0.4%-2.4% of the output norm apart (the same with round-to-nearest and GPTQ weights),
-    while quantization moves the output 4%-83%."""
+    one quantum somewhere; measured on this model over 4 groups x 8 inputs: 24-26 of 32 bit-exact on
+    an AVX2-only EPYC, 19 of 32 on an AVX512-VNNI EPYC (other kernels, other ties), the rest 0.3%-2.4%
+    of the output norm apart (the same with round-to-nearest and GPTQ weights), while quantization
+    moves the output 4%-83%. So: at least half bit-exact, none past a flipped quantum's reach."""
     import onnxruntime as ort
 
     b = Bundle.open(ov_bundle)
@@ -149,7 +150,7 @@ def test_openvino_engine_matches_onnxruntime_on_the_same_graph(ov_bundle, tiny_m
             assert rel(want, fp.predict(x, t)) > 0.01  # really quantized
             diffs.append(rel(b.predict(x, t), want))
     diffs = np.array(diffs)
-    assert (diffs < 1e-5).mean() >= 0.6 and diffs.max() < 0.03, diffs.round(4)
+    assert (diffs < 1e-5).mean() >= 0.5 and diffs.max() < 0.03, diffs.round(4)
 
 
 def test_group_switching_picks_the_groups_compiled_model(ov_bundle):

@@ -28,7 +28,7 @@ from .engines import write_engines
 from .manifest import describe_bundle
 from .measure import check_fidelity, estimate_corrections, step_aware
 from .steps import allocate_widths, calibrate_workspace, prepare, quantize_decoder, quantize_text
-from .workspace import ComponentEngine, WeightPlan, Workspace
+from .workspace import WeightPlan, Workspace
 
 __all__ = ["STEPS", "VALUES", "BuildResult", "build", "build_steps"]
 

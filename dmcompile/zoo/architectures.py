@@ -113,3 +113,21 @@ DIGITS_LDM_UNET = {
     "cross_attention_dim": 32,
     "attention_head_dim": 8,
 }
+
+# digits-t2i: Stable Diffusion's structure in miniature. A CLIP text encoder over the first 8192
+# tokens of CLIP's own BPE vocabulary (every digit word is one token there), a cross-attention
+# UNet reading its 77 hidden states, digits-ldm's VAE, SD's scaled-linear PNDM schedule.
+DIGITS_T2I_VOCAB = 8192
+DIGITS_T2I_TEXT = {
+    "vocab_size": DIGITS_T2I_VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "bos_token_id": DIGITS_T2I_VOCAB - 2,
+    "eos_token_id": DIGITS_T2I_VOCAB - 1,
+    "pad_token_id": 1,
+}
+DIGITS_T2I_UNET = {**DIGITS_LDM_UNET, "cross_attention_dim": 64}
