@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 from dmruntime import Bundle, Text2Image
+from dmruntime.text2image import DEFAULT_GUIDANCE
 from dmruntime.progress import reporter
 
-from . import stages
+from . import stages, zoo
 from .analysis.plots import save_rd_curves
 from .artifacts import CURVES, EVAL, atomic_dir, check_replaceable, write_marker
 from .backends import get_backend
@@ -30,9 +31,11 @@ from .calibration.trajectory import groups_without_steps, no_steps_error
 from .compiler import BuildResult, build, check_build
 from .config import (AnalysisConfig, BuildConfig, CalibrationConfig, EvalConfig, ExportConfig, MixedRecipe, Override,
                      SampleConfig, W8A8Recipe)
+from .errors import ConfigError
 from .eval.classifier import DigitScorer
 from .eval.grid import save_fd_figure, save_grid
 from .eval.metrics import confident_rate, frechet_distance, psnr, ssim
+from .eval.prompts import evaluation_prompts, training_prompts
 from .frontend.export import ExportResult, export_model
 from .frontend.load import LoadedModel, load_model
 from .frontend.torch_model import TorchEpsModel
@@ -170,12 +173,23 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
     """
     progress = reporter(progress, "eval")
     bundle = open_bundle(target, correction=correction)
-    ref = TorchEpsModel(reference_model(bundle), null=bundle.conditioning.null,
-                        class_table=bundle.conditioning.class_table)
+    reference = reference_model(bundle)
+    ref = TorchEpsModel(reference, null=bundle.conditioning.null, class_table=bundle.conditioning.class_table)
     sc = config.sample.resolved(bundle)  # the bundle's calibrated sampler unless told otherwise
+    prompts = labels = None
+    cond_ref, null_got, null_ref = cond, None, None
+    if "text" in bundle.components and cond is None:  # prompts: each side through its own text encoders
+        prompts, labels = eval_prompts(config.prompts, sc.n, is_digits_shape(bundle.manifest["decoder"]["image_shape"]))
+        if sc.guidance_scale is None:
+            sc = dataclasses.replace(sc, guidance_scale=(bundle.manifest.get("conditioning") or {}).get(
+                "calibration_guidance_scale") or DEFAULT_GUIDANCE)
+        cond, null_got = _encoded(Text2Image(bundle), prompts)
+        cond_ref, null_ref = _encoded(Text2Image(Bundle.open(fp_bundle(reference))), prompts)
     config = dataclasses.replace(config, sample=sc)
-    got = sample_model(bundle, sc, progress=progress and (lambda i, n: progress("bundle", i, n)), cond=cond)
-    want = sample_model(ref, sc, progress=progress and (lambda i, n: progress("fp reference", i, n)), cond=cond)
+    got = sample_model(bundle, sc, progress=progress and (lambda i, n: progress("bundle", i, n)), cond=cond,
+                       null_cond=null_got)
+    want = sample_model(ref, sc, progress=progress and (lambda i, n: progress("fp reference", i, n)), cond=cond_ref,
+                        null_cond=null_ref)
     if bundle.decoder is not None:  # latent models are judged on images: the bundle's decoder, and the
         got, want = bundle.decode(got), ref.decode(want)  # PyTorch VAE for the reference (a W8A8 decoder counts)
     p, s = psnr(got, want), ssim(got, want)
@@ -203,7 +217,7 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
     if is_digits_shape(got.shape[1:]):
         floor_cfg = dataclasses.replace(sc, seed=sc.seed + config.floor_seed_offset)
         other = sample_model(ref, floor_cfg, progress=progress and (lambda i, n: progress("fp noise floor", i, n)),
-                             cond=cond)
+                             cond=cond_ref, null_cond=null_ref)
         if bundle.decoder is not None:
             other = ref.decode(other)
         mine = digit_scores(got, config.confident_threshold)
@@ -221,10 +235,44 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
             "class_histogram": mine["class_histogram"],
         }
         labels = None if not cond or "class_labels" not in cond else np.broadcast_to(cond["class_labels"], (sc.n,))
-        if labels is not None:  # class-conditional digits: does the sample show the class asked for?
+        if labels is not None and prompts is None:  # class-conditional digits: the class asked for?
             report["digits"]["class_accuracy"] = class_accuracy(got, labels)
             report["digits"]["fp_class_accuracy"] = class_accuracy(want, labels)
+    if prompts is not None:
+        report["prompts"] = {"count": len(dict.fromkeys(prompts)), "source": config.prompts or (
+            "digit evaluation prompts" if labels is not None else "default calibration prompts")}
+    if labels is not None and is_digits_shape(got.shape[1:]):  # text to digits: the digit the prompt names?
+        held_out = np.array([p in HELD_OUT for p in prompts])
+        report["prompt_accuracy"] = {
+            "accuracy": class_accuracy(got, labels), "fp_accuracy": class_accuracy(want, labels),
+            "held_out_phrasings": class_accuracy(got[held_out], labels[held_out]),
+            "fp_held_out_phrasings": class_accuracy(want[held_out], labels[held_out]),
+            "samples": len(labels), "held_out_samples": int(held_out.sum())}
     return EvalResult(report, got, config)
+
+
+HELD_OUT = {p for p, _ in evaluation_prompts() if not any(p == q for q, _ in training_prompts())}
+
+
+def eval_prompts(path: str | None, n: int, digits: bool) -> tuple[list[str], np.ndarray | None]:
+    """n prompts (cycled) for evaluating a text-to-image bundle and, for dmcompile's digit
+    evaluation set, the digit each names (None otherwise)."""
+    from dmruntime import InputError
+    from dmruntime.text import read_prompts
+
+    if path is None and digits:
+        pairs = evaluation_prompts()
+        return [pairs[i % len(pairs)][0] for i in range(n)], np.array([pairs[i % len(pairs)][1] for i in range(n)])
+    try:
+        given = read_prompts(path or zoo.DEFAULT_PROMPTS)
+    except InputError as e:
+        raise ConfigError(str(e)) from None
+    return [given[i % len(given)] for i in range(n)], None
+
+
+def _encoded(pipe: Text2Image, prompts: list[str]) -> tuple[dict, dict]:
+    """(conditions of the prompts, the empty negative prompt's row) through one side's encoders."""
+    return pipe.encode(prompts), {k: v[0] for k, v in pipe.encode([pipe.negative_prompt], negative=True).items()}
 
 
 def class_accuracy(images: np.ndarray, labels: np.ndarray) -> float:

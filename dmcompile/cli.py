@@ -95,10 +95,9 @@ def _conditions(args, n: int) -> dict | None:
                               "per sample or one row for all")
         return rows
     if "class_labels" not in spec.names and not spec.embedded_classes:
-        hint = " (a text-to-image bundle: `dmcompile sample` takes --prompt; eval takes embeddings for now)" \
-            if _manifest(target).get("text") else ""
-        raise ConfigError(f"this bundle needs {', '.join(spec.describe())}: pass them with --conditions FILE.npz"
-                          + hint)
+        if _manifest(target).get("text") and args.class_label is None:
+            return None  # a text-to-image bundle: prompts (eval --prompts, sample --prompt)
+        raise ConfigError(f"this bundle needs {', '.join(spec.describe())}: pass them with --conditions FILE.npz")
     if args.class_label is not None:
         return {"class_labels": np.full(n, args.class_label, np.int64)}
     null = int(spec.null["class_labels"]) if spec.null and "class_labels" in spec.null else None
@@ -159,7 +158,8 @@ def _generate(args) -> int:
 
 def cmd_eval(args) -> int:
     api = _api()
-    cfg = EvalConfig(sample=_sample_config(args, default(EvalConfig, "sample").n))
+    cfg = EvalConfig(sample=_sample_config(args, default(EvalConfig, "sample").n),
+                     prompts=args.prompts and str(args.prompts))
     if args.out:
         check_replaceable(args.out, EVAL)  # before minutes of sampling
     res = api.evaluate(args.target, cfg, progress=_progress_bar("eval"), correction=not args.no_correction,
@@ -195,6 +195,13 @@ def cmd_eval(args) -> int:
         if "class_accuracy" in d:
             print(f"class accuracy (classifier agrees with the requested class): {d['class_accuracy']:.1%}   "
                   f"(FP: {d['fp_class_accuracy']:.1%})")
+    if r.get("prompts"):
+        print(f"prompts: {r['prompts']['count']} ({r['prompts']['source']}), cycled over the samples")
+    pa = r.get("prompt_accuracy")
+    if pa:
+        print(f"prompt accuracy (classifier agrees with the prompt's digit): {pa['accuracy']:.1%}   "
+              f"(FP: {pa['fp_accuracy']:.1%}); phrasings not used in training: {pa['held_out_phrasings']:.1%}   "
+              f"(FP: {pa['fp_held_out_phrasings']:.1%})")
     if args.out:
         written = api.write_eval(res, args.out)
         print(f"wrote {', '.join(str(w) for w in written)}")
@@ -528,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", type=Path, default=None, help="folder for eval.json, samples.png, fd.png "
                    "(must be absent, empty or an earlier evaluation)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.add_argument("--prompts", type=Path, default=None, metavar="FILE.txt",
+                   help="text-to-image bundles: prompts, one per line, cycled over the samples (default: the digit "
+                   "evaluation prompts for digits models, which gives prompt accuracy; else dmcompile's default set)")
     _add_sampling(v, default(EvalConfig, "sample").n)
     v.add_argument("--no-correction", action="store_true", help="turn the bundle's PTQD noise correction off")
     v.set_defaults(func=cmd_eval)

@@ -163,11 +163,15 @@ class SampleConfig(_Versioned):
 @dataclass(frozen=True)
 class EvalConfig(_Versioned):
     """Fidelity evaluation: ``sample`` drives the evaluated model; the reference set uses the
-    same seed (paired PSNR/SSIM), the noise-floor set ``seed + floor_seed_offset``."""
+    same seed (paired PSNR/SSIM), the noise-floor set ``seed + floor_seed_offset``.
+    prompts: text-to-image bundles: a UTF-8 file of prompts, one per line, cycled over the
+    samples; None: dmcompile's digit evaluation prompts for digits-shaped models (which gives
+    prompt accuracy), else the default calibration prompts."""
 
     sample: SampleConfig = SampleConfig(n=1000)
     floor_seed_offset: int = 1_000_003
     confident_threshold: float = 0.9
+    prompts: str | None = field(default=None, metadata={"omit_default": True})
 
     def __post_init__(self):
         _check(0 < self.confident_threshold < 1, "confident_threshold must be in (0, 1)")

@@ -280,3 +280,38 @@ def test_prompt_options_on_models_without_text(tmp_path, capsys):
     _fails(["build", "digits16", "-o", str(tmp_path / "b"), "--text-encoder", "int8"], capsys,
            "applies to text-to-image models")
     assert not (tmp_path / "b").exists()
+
+
+def test_eval_of_a_text_bundle_uses_prompts_on_both_sides(sd1_w8a8, sd1_fp, monkeypatch):
+    """eval cycles prompts over the samples; the bundle encodes them with its int8 encoders, the
+    fp reference with the fp32 ones (the int8 encoders' error counts)."""
+    from dmcompile import api
+    from dmcompile.config import EvalConfig, SampleConfig
+
+    seen = []
+    real = Text2Image.encode
+
+    def spy(self, prompts, negative=False):
+        seen.append((self.bundle.manifest.get("format"), negative, list(prompts)[:2]))
+        return real(self, prompts, negative)
+
+    monkeypatch.setattr(Text2Image, "encode", spy)
+    r = api.evaluate(sd1_w8a8, EvalConfig(sample=SampleConfig(n=3, steps=4)), progress=None).report
+    assert r["prompts"]["source"] == "default calibration prompts" and r["paired_vs_fp"]["psnr_db_mean"] > 0
+    formats = [f for f, _, _ in seen]
+    assert "w8a8" in formats and "fp32" in formats
+    assert r["config"]["sample"]["guidance_scale"] == 5.0  # the calibration's scale
+    assert "prompt_accuracy" not in r  # not digits: no classifier to ask
+
+
+def test_digit_evaluation_prompts_hold_out_phrasings():
+    from dmcompile.api import HELD_OUT, eval_prompts
+    from dmcompile.eval.prompts import evaluation_prompts, training_prompts
+
+    pairs = evaluation_prompts()
+    assert len(pairs) == 120 and len(HELD_OUT) == 80
+    assert not HELD_OUT & {p for p, _ in training_prompts()}
+    prompts, labels = eval_prompts(None, 250, digits=True)
+    assert len(prompts) == 250 and prompts[:120] == [p for p, _ in pairs] and list(labels[:3]) == [0, 1, 2]
+    assert all(str(d) in p or ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                               "nine"][d] in p for p, d in zip(prompts, labels))
