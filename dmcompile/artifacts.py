@@ -24,6 +24,11 @@ from dmruntime.png import SOFTWARE
 from . import __version__, scratch
 from .errors import ConfigError
 
+
+def cache_dir() -> Path:
+    """Where cached artefacts live: $DMCOMPILE_CACHE or ~/.cache/dmcompile."""
+    return Path(os.environ.get("DMCOMPILE_CACHE", Path.home() / ".cache" / "dmcompile"))
+
 BUNDLE_SCHEMA_VERSION = 1
 PNG_SOFTWARE = SOFTWARE  # the PNG text tag that marks grids and figures we wrote (runtime and compiler)
 

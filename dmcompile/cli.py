@@ -114,6 +114,9 @@ def cmd_sample(args) -> int:
         return _generate(args)
     if args.negative_prompt is not None:
         raise ConfigError("--negative-prompt goes with --prompt")
+    if _manifest(Path(args.target)).get("text") and not args.conditions:
+        raise ConfigError(f"{args.target} is a text-to-image bundle: pass --prompt TEXT (or its embeddings with "
+                          "--conditions FILE.npz)")
     cfg = _sample_config(args, default(SampleConfig, "n"))
     check_output(args.output)  # before sampling: .png/.npy, writable, never a file we did not write
     cond = _conditions(args, cfg.n)

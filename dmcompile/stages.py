@@ -34,6 +34,7 @@ from .calibration import hessian
 from .calibration.hessian import MOMENTS_SCHEMA_VERSION, MOMENT_ROWS, Moments
 from .calibration.rounding import GPTQ_VERSION, rounding_method
 from .calibration.trajectory import CALIB_SCHEMA_VERSION, CalibrationResult, calibrate_trajectories
+from .artifacts import cache_dir
 from .config import AnalysisConfig, CalibrationConfig, ExportConfig, SampleConfig
 from .errors import ArtifactError, ConfigError, ModelError
 from .frontend.export import export_model
@@ -41,11 +42,6 @@ from .frontend.layermap import LayerMap
 from .frontend.load import LoadedModel, load_model
 from .frontend.text import text_digest_parts
 from .targets import ORT_CPU, TargetProfile
-
-
-def cache_dir() -> Path:
-    """Where cached artefacts live: $DMCOMPILE_CACHE or ~/.cache/dmcompile."""
-    return Path(os.environ.get("DMCOMPILE_CACHE", Path.home() / ".cache" / "dmcompile"))
 
 
 def as_model(model: LoadedModel | str | Path | None, seed: int = 0) -> LoadedModel:

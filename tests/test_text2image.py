@@ -241,6 +241,17 @@ def test_long_prompts_are_truncated_with_a_warning(sd1_fp):
                                   pipe.encode([" ".join(["a red cat"] * 25)])["encoder_hidden_states"])
 
 
+def test_text_bundle_without_a_prompt_says_to_pass_one(sd1_w8a8, tmp_path, capsys):
+    from dmruntime.cli import main as rt_main
+
+    _fails(["sample", str(sd1_w8a8), "-o", str(tmp_path / "x.png")], capsys, "text-to-image bundle", "--prompt")
+    assert rt_main([str(sd1_w8a8), "-o", str(tmp_path / "x.png")]) == 2
+    assert "--prompt" in capsys.readouterr().err
+    _fails(["sample", str(sd1_w8a8), "--negative-prompt", "x", "-o", str(tmp_path / "x.png")], capsys,
+           "goes with --prompt")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_prompt_on_a_bundle_without_text_encoder(tmp_path, capsys):
     data = Path(__file__).resolve().parents[1] / "runtimes" / "python" / "tests" / "data" / "tiny-w8a8"
     _fails(["sample", str(data), "--prompt", "a cat", "-o", str(tmp_path / "x.png")], capsys,
@@ -315,3 +326,32 @@ def test_digit_evaluation_prompts_hold_out_phrasings():
     assert len(prompts) == 250 and prompts[:120] == [p for p, _ in pairs] and list(labels[:3]) == [0, 1, 2]
     assert all(str(d) in p or ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                                "nine"][d] in p for p, d in zip(prompts, labels))
+
+
+def test_pipeline_presets_are_written_once_and_seeded(tmp_path, monkeypatch):
+    """A pipeline preset (sd15's mechanism, here with tiny configs): a seeded diffusers folder
+    written once under the cache, loaded like any pipeline folder, its seed recorded."""
+    from dmcompile import zoo
+    from dmcompile.frontend.load import load_model
+
+    text = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "max_position_embeddings": 77}
+    unet = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+            "block_out_channels": [16, 32], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 32,
+            "attention_head_dim": 8, "norm_num_groups": 8}
+    vae = {"in_channels": 3, "out_channels": 3, "down_block_types": ["DownEncoderBlock2D"] * 2,
+           "up_block_types": ["UpDecoderBlock2D"] * 2, "block_out_channels": [8, 16], "latent_channels": 4,
+           "norm_num_groups": 8, "sample_size": 16}
+    monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(zoo.PIPELINE_PRESETS, "tiny-sd", (text, unet, vae, zoo.architectures.SD_SCALED_LINEAR_SCHEDULER))
+    a = load_model("tiny-sd", seed=3)
+    folder = tmp_path / "cache" / "presets" / "tiny-sd-seed3"
+    assert (folder / "model_index.json").is_file() and (folder / "tokenizer" / "merges.txt").is_file()
+    assert a.source == "preset" and a.seed == 3 and a.text[0].tokenizer_source == "vocab.json + merges.txt"
+    stamp = (folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    b, c = load_model("tiny-sd", seed=3), load_model("tiny-sd", seed=4)
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp  # written once
+    wa, wb, wc = (next(m.unet.parameters()).detach().numpy() for m in (a, b, c))
+    assert np.array_equal(wa, wb) and not np.array_equal(wa, wc)
+    assert "tiny-sd" in zoo.names()

@@ -10,9 +10,10 @@ from dmruntime.errors import InputError
 from dmruntime.schedule import NoiseSchedule
 
 from .. import zoo
+from ..artifacts import cache_dir
 from ..errors import ModelError
 from .family import ModelFamily, ModelInput, get_family
-from .text import load_text_parts
+from .text import load_text_parts, write_clip_tokenizer
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 PROMPTS_FILE = "calibration_prompts.txt"  # a pipeline folder's own calibration prompts (dmcompile's convention)
@@ -227,6 +228,50 @@ def build_preset(name: str, seed: int = 0) -> LoadedModel:
     return LoadedModel(name, "preset", unet, _json_config(unet.config), dict(sched_cfg), seed=seed, cls=cls)
 
 
+def build_pipeline_preset(name: str, seed: int = 0) -> Path:
+    """The diffusers folder of a pipeline preset (text encoder, UNet, VAE, scheduler, CLIP's
+    tokenizer as vocab.json + merges.txt) with weights seeded by ``seed``, written once under
+    ``cache_dir()/presets`` (a temporary sibling, then a rename) and reused."""
+    import os
+    import shutil
+    import sys
+
+    import diffusers  # heavy: only when a preset is first written
+    import torch
+    import transformers
+
+    folder = cache_dir() / "presets" / f"{name}-seed{seed}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    text_cfg, unet_cfg, vae_cfg, sched_cfg = zoo.PIPELINE_PRESETS[name]
+    print(f"writing the {name} preset (seeded random weights) to {folder} once", file=sys.stderr, flush=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for i, (sub, make) in enumerate((
+                    ("text_encoder", lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_cfg))),
+                    ("unet", lambda: diffusers.UNet2DConditionModel(**unet_cfg)),
+                    ("vae", lambda: diffusers.AutoencoderKL(**vae_cfg)))):
+                torch.manual_seed(seed + i)
+                part = make()
+                part.save_pretrained(str(tmp / sub), safe_serialization=True)
+                del part
+        write_clip_tokenizer(tmp / "tokenizer")
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps({
+            "_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", sched_cfg["_class_name"]],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "safety_checker": [None, None], "feature_extractor": [None, None]}, indent=2))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def load_model(spec: str | Path | None = None, seed: int = 0) -> LoadedModel:
     """Load a model: a zoo name (``digits16``, ``ddpm-cifar10-32``), a local folder, or None
     for the default. ``seed`` sets a preset's random weights."""
@@ -236,6 +281,11 @@ def load_model(spec: str | Path | None = None, seed: int = 0) -> LoadedModel:
         return load_folder(zoo.TRAINED[name], model_id=name, source="zoo")
     if name in zoo.PRESETS:
         return build_preset(name, seed=seed)
+    if name in zoo.PIPELINE_PRESETS:
+        import dataclasses
+
+        return dataclasses.replace(load_folder(build_pipeline_preset(name, seed), model_id=name, source="preset"),
+                                   seed=seed)
     path = Path(name)
     if not path.exists() and "/" not in name and "\\" not in name:
         raise ModelError(f"unknown model {name!r}: not a zoo name ({', '.join(zoo.names())}) "

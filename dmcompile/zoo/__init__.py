@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .architectures import DDPM_CIFAR10_32_UNET, DDPM_LINEAR_SCHEDULER, SD15_UNET, SD_SCALED_LINEAR_SCHEDULER
+from .architectures import (DDPM_CIFAR10_32_UNET, DDPM_LINEAR_SCHEDULER, SD15_TEXT_ENCODER, SD15_UNET, SD15_VAE,
+                            SD_SCALED_LINEAR_SCHEDULER)
 
 ZOO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = "digits16"
@@ -17,10 +18,13 @@ TRAINED = {"digits16": ZOO_DIR / "digits16", "digits-ldm": ZOO_DIR / "digits-ldm
 # benchmarks (859.5 M parameters), not CI.
 PRESETS = {"ddpm-cifar10-32": (DDPM_CIFAR10_32_UNET, DDPM_LINEAR_SCHEDULER),
            "sd15-unet": (SD15_UNET, SD_SCALED_LINEAR_SCHEDULER)}
+# name -> (text encoder, UNet, VAE, scheduler configs): whole text-to-image pipelines with seeded random
+# weights, written once as a diffusers folder under the cache (benchmarks, not CI: sd15 is 4.3 GB)
+PIPELINE_PRESETS = {"sd15": (SD15_TEXT_ENCODER, SD15_UNET, SD15_VAE, SD_SCALED_LINEAR_SCHEDULER)}
 CLASSIFIER_DIR = ZOO_DIR / "classifier"
 # text-to-image calibration prompts when neither --calib-prompts nor the pipeline folder gives any
 DEFAULT_PROMPTS = ZOO_DIR / "calibration_prompts.txt"
 
 
 def names() -> list[str]:
-    return sorted([*TRAINED, *PRESETS])
+    return sorted([*TRAINED, *PRESETS, *PIPELINE_PRESETS])

@@ -131,3 +131,32 @@ DIGITS_T2I_TEXT = {
     "pad_token_id": 1,
 }
 DIGITS_T2I_UNET = {**DIGITS_LDM_UNET, "cross_attention_dim": 64}
+
+# Stable Diffusion 1.5's text encoder (CLIP ViT-L/14's text tower: its text_encoder/config.json) and
+# VAE (vae/config.json); with SD15_UNET and SD_SCALED_LINEAR_SCHEDULER the whole sd15 pipeline.
+SD15_TEXT_ENCODER = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 768,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+SD15_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}

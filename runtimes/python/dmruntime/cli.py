@@ -176,6 +176,9 @@ def _sample(args) -> int:
         return _generate(args, bundle)
     if args.negative_prompt is not None:
         raise InputError("--negative-prompt goes with --prompt")
+    if "text" in bundle.components and args.conditions is None:
+        raise InputError(f"{args.bundle} is a text-to-image bundle: pass --prompt TEXT (or its embeddings with "
+                         "--conditions FILE.npz)")
     n = DEFAULT_N if args.n is None else args.n
     cond = None
     if args.class_label is not None and args.conditions is not None:
