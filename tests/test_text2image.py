@@ -355,3 +355,19 @@ def test_pipeline_presets_are_written_once_and_seeded(tmp_path, monkeypatch):
     wa, wb, wc = (next(m.unet.parameters()).detach().numpy() for m in (a, b, c))
     assert np.array_equal(wa, wb) and not np.array_equal(wa, wc)
     assert "tiny-sd" in zoo.names()
+
+
+@pytest.mark.parametrize("target", ["openvino-cpu", "tensorrt"])
+def test_text_bundles_on_the_other_targets(sd1, target, tmp_path):
+    """The text encoders and tokenizer travel with every target's bundle (they run on ONNX Runtime);
+    tensorrt bundles are sampled here on the CPU over their FP16 engine graphs."""
+    from dmcompile import api
+    from dmcompile.config import BuildConfig, CalibrationConfig
+
+    res = api.build(str(sd1), tmp_path / "b", BuildConfig(
+        profile=target, calibration=CalibrationConfig(size=2, steps=4, groups=2, batch_size=2, guidance_scale=4.0),
+        eval_samples=0, correction=False), progress=None)
+    assert {"text_encoder.onnx", "tokenizer.json"} <= set(res.manifest["files"])
+    bundle = Bundle.open(res.path, device="cpu", cache_dir=tmp_path / "ov")
+    images = Text2Image(bundle, steps=4).generate(["a cat", "a dog"])
+    assert images.shape == (2, 3, 16, 16) and np.isfinite(images).all() and np.abs(images[0] - images[1]).max() > 1e-4
