@@ -176,10 +176,11 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
     reference = reference_model(bundle)
     ref = TorchEpsModel(reference, null=bundle.conditioning.null, class_table=bundle.conditioning.class_table)
     sc = config.sample.resolved(bundle)  # the bundle's calibrated sampler unless told otherwise
-    prompts = labels = None
+    prompts = digits_named = None  # text bundles: the prompts, and the digit each names
     cond_ref, null_got, null_ref = cond, None, None
     if "text" in bundle.components and cond is None:  # prompts: each side through its own text encoders
-        prompts, labels = eval_prompts(config.prompts, sc.n, is_digits_shape(bundle.manifest["decoder"]["image_shape"]))
+        prompts, digits_named = eval_prompts(config.prompts, sc.n,
+                                             is_digits_shape(bundle.manifest["decoder"]["image_shape"]))
         if sc.guidance_scale is None:
             sc = dataclasses.replace(sc, guidance_scale=(bundle.manifest.get("conditioning") or {}).get(
                 "calibration_guidance_scale") or DEFAULT_GUIDANCE)
@@ -235,19 +236,19 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
             "class_histogram": mine["class_histogram"],
         }
         labels = None if not cond or "class_labels" not in cond else np.broadcast_to(cond["class_labels"], (sc.n,))
-        if labels is not None and prompts is None:  # class-conditional digits: the class asked for?
+        if labels is not None:  # class-conditional digits: the class asked for?
             report["digits"]["class_accuracy"] = class_accuracy(got, labels)
             report["digits"]["fp_class_accuracy"] = class_accuracy(want, labels)
     if prompts is not None:
         report["prompts"] = {"count": len(dict.fromkeys(prompts)), "source": config.prompts or (
-            "digit evaluation prompts" if labels is not None else "default calibration prompts")}
-    if labels is not None and is_digits_shape(got.shape[1:]):  # text to digits: the digit the prompt names?
+            "digit evaluation prompts" if digits_named is not None else "default calibration prompts")}
+    if digits_named is not None and is_digits_shape(got.shape[1:]):  # text to digits: the digit the prompt names?
         held_out = np.array([p in HELD_OUT for p in prompts])
         report["prompt_accuracy"] = {
-            "accuracy": class_accuracy(got, labels), "fp_accuracy": class_accuracy(want, labels),
-            "held_out_phrasings": class_accuracy(got[held_out], labels[held_out]),
-            "fp_held_out_phrasings": class_accuracy(want[held_out], labels[held_out]),
-            "samples": len(labels), "held_out_samples": int(held_out.sum())}
+            "accuracy": class_accuracy(got, digits_named), "fp_accuracy": class_accuracy(want, digits_named),
+            "held_out_phrasings": class_accuracy(got[held_out], digits_named[held_out]),
+            "fp_held_out_phrasings": class_accuracy(want[held_out], digits_named[held_out]),
+            "samples": len(digits_named), "held_out_samples": int(held_out.sum())}
     return EvalResult(report, got, config)
 
 
