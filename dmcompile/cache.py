@@ -18,7 +18,7 @@ from pathlib import Path
 from . import scratch
 from .stages import cache_dir
 
-KINDS = ("exports", "calib", "rounded", "rd")
+KINDS = ("exports", "calib", "rounded", "rd", "presets")
 _LEGACY = re.compile(r"^\.(moments-tmp-[a-z0-9_]{8}|.+\.tmp-[a-z0-9_]{8}|.+\.old-\d+)$")
 LEGACY_AGE_SECONDS = 3600
 

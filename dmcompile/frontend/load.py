@@ -9,7 +9,7 @@ from pathlib import Path
 from dmruntime.errors import InputError
 from dmruntime.schedule import NoiseSchedule
 
-from .. import zoo
+from .. import scratch, zoo
 from ..artifacts import cache_dir
 from ..errors import ModelError
 from .family import ModelFamily, ModelInput, get_family
@@ -245,8 +245,7 @@ def build_pipeline_preset(name: str, seed: int = 0) -> Path:
         return folder
     text_cfg, unet_cfg, vae_cfg, sched_cfg = zoo.PIPELINE_PRESETS[name]
     print(f"writing the {name} preset (seeded random weights) to {folder} once", file=sys.stderr, flush=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = scratch.temp_dir(folder.parent, folder.name)  # locked: `dmcompile cache --clean` leaves it while we run
     try:
         with torch.random.fork_rng(devices=[]):
             for i, (sub, make) in enumerate((
@@ -265,10 +264,10 @@ def build_pipeline_preset(name: str, seed: int = 0) -> Path:
             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
             "safety_checker": [None, None], "feature_extractor": [None, None]}, indent=2))
-        folder.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        scratch.release(tmp)
     return folder
 
 
