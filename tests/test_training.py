@@ -69,3 +69,25 @@ def test_train_ldm_few_steps_and_resume(tmp_path):
     assert model.cls == "UNet2DConditionModel" and model.vae is not None and model.sample_shape == (4, 8, 8)
     conds = np.load(tmp_path / "model" / "conditions.npz")
     assert conds["class_table"].shape == (10, 1, 32) and conds["null_encoder_hidden_states"].shape == (1, 32)
+
+
+def test_train_t2i_few_steps_and_resume(tmp_path):
+    """digits-t2i's script: a few steps, a resume, and a StableDiffusionPipeline folder dmcompile
+    loads with its tokenizer (vocab.json + merges.txt) and its calibration prompts."""
+    from dmcompile.eval.prompts import training_prompts
+    from dmcompile.zoo.architectures import DIGITS_T2I_TEXT
+
+    script = ROOT / "benchmarks" / "train_t2i.py"
+    common = ["--work", tmp_path / "work", "--out", tmp_path / "model", "--batch", "8", "--ckpt-every", "1",
+              "--threads", "1"]
+    out = _run(script, "--steps", "2", *common)
+    assert "wall time" in out
+    out = _run(script, "--steps", "3", *common)
+    assert "t2i.pt at step 2" in out
+    model = api.load_model(str(tmp_path / "model"))
+    assert model.text[0].hidden_size == DIGITS_T2I_TEXT["hidden_size"] == model.unet_config["cross_attention_dim"]
+    assert model.text[0].tokenizer_source == "vocab.json + merges.txt" and model.vae is not None
+    prompts = (tmp_path / "model" / "calibration_prompts.txt").read_text().splitlines()
+    assert prompts == [p for p, _ in training_prompts()]
+    index = json.loads((tmp_path / "model" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
