@@ -246,8 +246,9 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
         held_out = np.array([p in HELD_OUT for p in prompts])
         report["prompt_accuracy"] = {
             "accuracy": class_accuracy(got, digits_named), "fp_accuracy": class_accuracy(want, digits_named),
-            "held_out_phrasings": class_accuracy(got[held_out], digits_named[held_out]),
-            "fp_held_out_phrasings": class_accuracy(want[held_out], digits_named[held_out]),
+            # None when n is too small to reach them (the evaluation prompts start with seen phrasings)
+            "held_out_phrasings": class_accuracy(got[held_out], digits_named[held_out]) if held_out.any() else None,
+            "fp_held_out_phrasings": class_accuracy(want[held_out], digits_named[held_out]) if held_out.any() else None,
             "samples": len(digits_named), "held_out_samples": int(held_out.sum())}
     return EvalResult(report, got, config)
 

@@ -202,9 +202,11 @@ def cmd_eval(args) -> int:
         print(f"prompts: {r['prompts']['count']} ({r['prompts']['source']}), cycled over the samples")
     pa = r.get("prompt_accuracy")
     if pa:
+        held = (f"; phrasings not used in training: {pa['held_out_phrasings']:.1%}   "
+                f"(FP: {pa['fp_held_out_phrasings']:.1%})") if pa["held_out_samples"] else \
+            " (no sample reached the held-out phrasings: -n 120 covers every evaluation prompt)"
         print(f"prompt accuracy (classifier agrees with the prompt's digit): {pa['accuracy']:.1%}   "
-              f"(FP: {pa['fp_accuracy']:.1%}); phrasings not used in training: {pa['held_out_phrasings']:.1%}   "
-              f"(FP: {pa['fp_held_out_phrasings']:.1%})")
+              f"(FP: {pa['fp_accuracy']:.1%}){held}")
     if args.out:
         written = api.write_eval(res, args.out)
         print(f"wrote {', '.join(str(w) for w in written)}")

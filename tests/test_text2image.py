@@ -371,3 +371,31 @@ def test_text_bundles_on_the_other_targets(sd1, target, tmp_path):
     bundle = Bundle.open(res.path, device="cpu", cache_dir=tmp_path / "ov")
     images = Text2Image(bundle, steps=4).generate(["a cat", "a dog"])
     assert images.shape == (2, 3, 16, 16) and np.isfinite(images).all() and np.abs(images[0] - images[1]).max() > 1e-4
+
+
+def test_shipped_digits_t2i_draws_the_digit_the_prompt_names(tmp_path, capsys):
+    """The zoo's trained text-to-image model: its fp32 export follows prompts (also phrasings never
+    used in training), and a W8A8 bundle built from it (small calibration) runs 100% integer and
+    still follows them."""
+    from dmcompile import api
+    from dmcompile.api import HELD_OUT, class_accuracy, eval_prompts
+
+    prompts, digits = eval_prompts(None, 120, digits=True)
+    pick = np.arange(0, 120, 3)  # 40 prompts: every digit, seen and held-out phrasings
+    prompts, digits = [prompts[i] for i in pick], digits[pick]
+    assert any(p in HELD_OUT for p in prompts)
+    fp = Text2Image(Bundle.open(stages.fp_bundle("digits-t2i")), steps=20, guidance_scale=2.0)
+    assert class_accuracy(fp.generate(prompts, seed=0), digits) >= 0.85
+    out = tmp_path / "b"
+    assert cli.main(["build", "digits-t2i", "-o", str(out), "--calib-size", "16", "--calib-steps", "20",
+                     "--guidance", "2", "--eval-samples", "0"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["build"]["fusion"]["ratio"] == 1.0 and m["sampler"] == {"name": "pndm", "steps": 20, "karras": False}
+    q = Text2Image(Bundle.open(out)).generate(prompts, seed=0)  # the calibration's sampler, steps and guidance
+    assert class_accuracy(q, digits) >= 0.8
+    r = api.evaluate(out, api.EvalConfig(sample=api.SampleConfig(n=20)), progress=None).report
+    pa = r["prompt_accuracy"]
+    assert pa["samples"] == 20 and pa["held_out_samples"] == 0 and pa["held_out_phrasings"] is None
+    assert 0.7 <= pa["fp_accuracy"] <= 1 and r["prompts"]["source"] == "digit evaluation prompts"
+    assert cli.main(["eval", str(out), "-n", "20"]) == 0
+    assert "prompt accuracy" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """Embedded models: the trained default ``digits16``, the conditional latent ``digits-ldm``
-(a diffusers pipeline folder: vae/, unet/, scheduler/, conditions.npz) and random-weight
-architecture presets."""
+(a diffusers pipeline folder: vae/, unet/, scheduler/, conditions.npz), the text-to-image
+``digits-t2i`` (a StableDiffusionPipeline folder: tokenizer/, text_encoder/, unet/, vae/,
+scheduler/, calibration_prompts.txt), random-weight architecture presets and pipeline presets."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ ZOO_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL = "digits16"
 
 # name -> folder with config.json + safetensors + scheduler_config.json (trained weights)
-TRAINED = {"digits16": ZOO_DIR / "digits16", "digits-ldm": ZOO_DIR / "digits-ldm"}
+TRAINED = {"digits16": ZOO_DIR / "digits16", "digits-ldm": ZOO_DIR / "digits-ldm", "digits-t2i": ZOO_DIR / "digits-t2i"}
 # name -> (UNet config, scheduler config); weights are random, seeded. sd15-unet is for
 # benchmarks (859.5 M parameters), not CI.
 PRESETS = {"ddpm-cifar10-32": (DDPM_CIFAR10_32_UNET, DDPM_LINEAR_SCHEDULER),
