@@ -4,6 +4,7 @@ prompts (120 prompts, 80 in phrasings not used in training, cycled over the samp
 
     python benchmarks/bench_t2i.py -n 480 --guidance 3 --grid docs/digits_t2i_prompts.png
     python benchmarks/bench_t2i.py --scan 1 2 3 5 -n 240     # FP prompt accuracy per guidance scale
+    python benchmarks/bench_t2i.py --floor-sets 5 -n 480 --guidance 2   # how far the FP noise floor moves
 
 Each bundle is calibrated on the guided sampler over the pipeline's calibration prompts (its
 training phrasings) and evaluated with `dmcompile eval`'s metrics on decoded images: paired PSNR /
@@ -46,6 +47,23 @@ def scan(n: int, steps: int, scales: list[float]) -> None:
               f"{api.digit_scores(images)['fd_to_real']:.3f}", flush=True)
 
 
+def floor_spread(n: int, steps: int, guidance: float, sets: int) -> None:
+    """FD of ``sets`` FP sets (seeds 0..sets-1) to the FP set eval compares bundles with (seed
+    floor_seed_offset): how far the noise floor itself moves (seed 0's is eval's floor)."""
+    from dmcompile import api
+    from dmcompile.api import eval_prompts
+    from dmcompile.config import EvalConfig
+    from dmcompile.eval.metrics import frechet_distance
+    from dmruntime import Bundle, Text2Image
+
+    pipe = Text2Image(Bundle.open(api.fp_bundle(MODEL)), steps=steps, guidance_scale=guidance)
+    prompts, _ = eval_prompts(None, n, digits=True)
+    ref = api.digit_scores(pipe.generate(prompts, seed=EvalConfig().floor_seed_offset))["features"]
+    fds = [frechet_distance(api.digit_scores(pipe.generate(prompts, seed=s))["features"], ref) for s in range(sets)]
+    print(f"FP noise floor spread, guidance {guidance:g}: FD of {sets} FP sets (seeds 0..) to the FP reference set: "
+          f"{', '.join(f'{v:.3f}' for v in fds)}; min {min(fds):.3f}, max {max(fds):.3f}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=480, help="samples per evaluation (the 120 prompts cycled)")
@@ -55,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", default="5bits")
     p.add_argument("--grid", type=Path, default=None)
     p.add_argument("--scan", type=float, nargs="*", default=None, help="only: FP prompt accuracy per guidance scale")
+    p.add_argument("--floor-sets", type=int, default=0, help="only: FD of this many FP sets to the FP reference set")
     p.add_argument("--variants", nargs="*", default=["k1", "k10", "mixed", "k10-text8"],
                    choices=["k1", "k10", "mixed", "k10-text8"])
     args = p.parse_args(argv)
@@ -68,6 +87,9 @@ def main(argv=None) -> int:
     print(cpu_line(), file=sys.stderr, flush=True)
     if args.scan is not None:
         scan(args.n, args.steps, args.scan)
+        return 0
+    if args.floor_sets:
+        floor_spread(args.n, args.steps, args.guidance, args.floor_sets)
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
