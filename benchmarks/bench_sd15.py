@@ -245,18 +245,21 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(out, default=str), flush=True)
         return 0
     print(cpu_line(), flush=True)
-    results = {}
-    for phase in PHASES:
-        cmd = [sys.executable, __file__, "--phase", phase, "--work", args.work, "--calib-size", str(args.calib_size),
-               "--calib-steps", str(args.calib_steps), "--repeats", str(args.repeats), "--threads", str(args.threads),
-               "--max-engines", str(args.max_engines)]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    return run_phases(__file__, PHASES, ["--work", args.work, "--calib-size", str(args.calib_size),
+                                         "--calib-steps", str(args.calib_steps), "--repeats", str(args.repeats),
+                                         "--threads", str(args.threads), "--max-engines", str(args.max_engines)])
+
+
+def run_phases(script: str, phases, options: list[str]) -> int:
+    """Each phase of ``script`` in a fresh process (its peak memory its own), printing its RESULT line."""
+    for phase in phases:
+        proc = subprocess.run([sys.executable, script, "--phase", phase, *options], stdout=subprocess.PIPE,
+                              text=True, check=False)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode or not line:
             print(f"phase {phase} failed (exit {proc.returncode})", file=sys.stderr)
             return 1
-        results[phase] = json.loads(line[-1][7:])
-        print(f"{phase}: {json.dumps(results[phase], default=str)}", flush=True)
+        print(f"{phase}: {line[-1][7:]}", flush=True)
     return 0
 
 

@@ -25,22 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.bench_sd15 import peak_gb, run_phases
 from benchmarks.machine import cpu_line
 
 MODEL = "sd15"
 PROMPT = "a photograph of an astronaut riding a horse on mars"
 GUIDANCE, STEPS = 7.5, 25
-
-
-def peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
 def folder_bytes(path: Path) -> int:
@@ -163,16 +158,8 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(out, default=str), flush=True)
         return 0
     print(cpu_line(), flush=True)
-    for phase in PHASES:
-        cmd = [sys.executable, __file__, "--phase", phase, "--work", args.work, "--calib-size", str(args.calib_size),
-               "--calib-steps", str(args.calib_steps), "--max-engines", str(args.max_engines)]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(f"phase {phase} failed (exit {proc.returncode})", file=sys.stderr)
-            return 1
-        print(f"{phase}: {line[-1][7:]}", flush=True)
-    return 0
+    return run_phases(__file__, PHASES, ["--work", args.work, "--calib-size", str(args.calib_size),
+                                         "--calib-steps", str(args.calib_steps), "--max-engines", str(args.max_engines)])
 
 
 if __name__ == "__main__":

@@ -85,6 +85,15 @@ def sample(target: str | Path, config: SampleConfig = SampleConfig(), *, fp: boo
     conditions of a conditional model ({"class_labels": ...} or {"encoder_hidden_states": ...},
     one row per sample or one for all); ``config.guidance_scale`` turns guidance on."""
     progress = reporter(progress, "sample")
+    bundle, config, null = _sampled_bundle(target, config, fp, correction)
+    out = sample_model(bundle, config, progress=progress, cond=cond, null_cond=null)
+    return bundle.decode(out) if bundle.decoder is not None else out
+
+
+def _sampled_bundle(target: str | Path, config: SampleConfig, fp: bool, correction: bool):
+    """(the bundle a run samples, ``config`` with its sampler resolved, the null condition to guide
+    with or None): ``target`` itself, or with ``fp`` its fp32 export (a bundle's reference samples
+    with the bundle's sampler and null condition; a model's export with its own)."""
     null = None
     if fp:
         p = Path(target)
@@ -98,8 +107,7 @@ def sample(target: str | Path, config: SampleConfig = SampleConfig(), *, fp: boo
             bundle = Bundle.open(fp_bundle(str(target)))
     else:
         bundle = open_bundle(target, correction=correction)
-    out = sample_model(bundle, config.resolved(bundle), progress=progress, cond=cond, null_cond=null)
-    return bundle.decode(out) if bundle.decoder is not None else out
+    return bundle, config.resolved(bundle), null
 
 
 def generate(target: str | Path, prompts, config: SampleConfig = SampleConfig(n=1), *, negative_prompt: str = "",
@@ -109,18 +117,7 @@ def generate(target: str | Path, prompts, config: SampleConfig = SampleConfig(n=
     sampler (unset: the bundle's calibrated one) and guidance (unset: the calibration's scale,
     else 7.5). With ``fp`` the bundle's fp32 export (or a model's) generates them."""
     progress = reporter(progress, "sample")
-    p = Path(target)
-    if fp:
-        if (p / "manifest.json").is_file():
-            bundle = Bundle.open(p)
-            config = config.resolved(bundle)  # the bundle's sampler, also for its fp reference
-            if bundle.manifest.get("format") != "fp32":
-                bundle = Bundle.open(fp_bundle(reference_model(bundle)))
-        else:
-            bundle = Bundle.open(fp_bundle(str(target)))
-    else:
-        bundle = open_bundle(target, correction=correction)
-    config = config.resolved(bundle)
+    bundle, config, _ = _sampled_bundle(target, config, fp, correction)  # the null branch: the negative prompt
     pipe = Text2Image(bundle, config.sampler, steps=config.steps, karras=config.karras, eta=config.eta,
                       guidance_scale=config.guidance_scale, batch_size=config.batch_size,
                       negative_prompt=negative_prompt)
