@@ -249,7 +249,7 @@ def cmd_build(args) -> int:
                       analysis=_analysis_config(args), eval_samples=args.eval_samples, seed=args.seed,
                       correction=not args.no_correction, step_aware=args.step_aware, null_class=args.null_class,
                       decoder=args.decoder, max_engines=args.max_engines, residual_int8=not args.no_residual_int8,
-                      text_encoder=args.text_encoder, clip_skip=args.clip_skip)
+                      text_encoder=args.text_encoder, clip_skip=args.clip_skip, speed_check=args.speed_check)
     out = args.output or default_output(args.model, args.format)
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
     m = res.manifest
@@ -278,6 +278,11 @@ def cmd_build(args) -> int:
             " (ONNX Runtime on the CPU over the engines' ONNX)"  # a GPU bundle, checked here on the CPU
         print(f"fidelity vs fp32 ({f['samples']} samples, {f.get('sampler', 'ddim')} {f['steps']} steps){where}: PSNR {f['psnr_db_mean']:.2f} dB, "
               f"SSIM {f['ssim_mean']:.4f}")
+    if m.get("speed"):
+        from dmruntime.bench import describe_speed
+
+        for line in describe_speed(m["speed"]):
+            print(line)
     for line in api.build_notes(res):
         print(line)
     return 0
@@ -309,6 +314,12 @@ def cmd_inspect(args) -> int:
         for path in api.inspect_plots(bundle, args.plots, curves_dir=args.curves):
             print(f"wrote {path}")
     return 0
+
+
+def cmd_bench(args) -> int:
+    from dmruntime import bench
+
+    return bench.run(args)
 
 
 def cmd_cache(args) -> int:
@@ -487,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"samples for the fidelity check (default {default(BuildConfig, 'eval_samples')}; 0: skip)")
     b.add_argument("--no-correction", action="store_true",
                    help="skip estimating PTQD noise-correction statistics (the bundle then has none)")
+    b.add_argument("--speed-check", dest="speed_check", action="store_true", default="auto",
+                   help="time the engines against the fp32 export on this machine and record the ratio in the "
+                   "manifest (default: on for models under 1 GMAC per sample on CPU targets, which build in about a "
+                   "minute)")
+    b.add_argument("--no-speed-check", dest="speed_check", action="store_false", help="skip the speed check")
     b.add_argument("--step-aware", action="store_true",
                    help="select activation bits per group by PTQD's SNR rule (reported in the manifest)")
     b.add_argument("--text-encoder", choices=["fp32", "int8"], default=default(BuildConfig, "text_encoder"),
@@ -546,6 +562,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(v, default(EvalConfig, "sample").n)
     v.add_argument("--no-correction", action="store_true", help="turn the bundle's PTQD noise correction off")
     v.set_defaults(func=cmd_eval)
+
+    bn = sub.add_parser("bench", help="time bundles on this machine: per call, per sampling run, memory, size",
+                        description="The runtime benchmark (dmruntime.bench; benchmarks/bench_runtime.py runs the same "
+                        "where only the runtime is installed): session creation, per-call latency and full DDIM runs "
+                        "interleaved between the bundles (medians, ratios to the first), peak resident memory of a "
+                        "fresh process, size, weight bits and BOPs; the CPU line first. Compare with the fp32 "
+                        "export: --compare $(dmcompile export MODEL -o DIR) or an export folder from the cache.")
+    from dmruntime.bench import add_arguments
+
+    add_arguments(bn)
+    bn.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("cache", help="what the cache holds; --clean removes what killed runs left there",
                        description="Show the cache ($DMCOMPILE_CACHE, default ~/.cache/dmcompile): entries per kind, "

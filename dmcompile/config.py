@@ -28,6 +28,7 @@ DISTORTIONS = ("ssim+mse", "mse", "sqnr")
 SWEEPS = ("full", "model")
 ALLOCATORS = ("dp", "lagrange")
 ROUNDINGS = ("rtn", "gptq")  # the names of calibration.rounding.ROUNDING_METHODS (config sits below it)
+SPEED_CHECK_MACS = 1e9  # speed_check="auto": UNets under this many MACs per sample (the digits models, not ddpm-cifar10-32)
 
 
 def default(cls, name: str):
@@ -492,6 +493,10 @@ class BuildConfig(_Versioned):
     text_encoder: text-to-image models: the text encoders in the bundle, ``fp32`` (default) or
     ``int8`` (ONNX Runtime's dynamic quantization; its error on the calibration prompts in the
     manifest). clip_skip: text-to-image models: diffusers' ``clip_skip`` (see ExportConfig).
+    speed_check: time the written engines against the fp32 export on this machine and record the
+    ratio in the manifest (``speed``): ``"auto"`` (default) does it for models that build in about a
+    minute (a UNet under SPEED_CHECK_MACS multiply-accumulates per sample) on CPU targets; True or
+    False force it.
 
     Schema history: 1 (dmcompile 0.1): flat ``format``, ``float_layers``, ``weight_bits``,
     ``budget``, ``allocator``, ``share_weights``, ``allow_simulated_bits``; 2: ``recipe``.
@@ -515,6 +520,7 @@ class BuildConfig(_Versioned):
     residual_int8: bool = True
     text_encoder: str = field(default="fp32", metadata={"omit_default": True})
     clip_skip: int | None = field(default=None, metadata={"omit_default": True})
+    speed_check: bool | str = field(default="auto", metadata={"omit_default": True})
     SCHEMA_VERSION = 2
 
     def __init__(self, **options):
@@ -543,6 +549,8 @@ class BuildConfig(_Versioned):
         _check(self.decoder in ("fp32", "w8a8"), f"decoder must be 'fp32' or 'w8a8', got {self.decoder!r}")
         _check(self.text_encoder in ("fp32", "int8"), f"text_encoder must be 'fp32' or 'int8', got {self.text_encoder!r}")
         ExportConfig(clip_skip=self.clip_skip)  # its check
+        _check(self.speed_check in (True, False, "auto"),
+               f"speed_check must be True, False or 'auto', got {self.speed_check!r}")
         _check(self.decoder_calib_size >= 1, f"decoder_calib_size must be >= 1, got {self.decoder_calib_size}")
         _check(self.max_engines is None or (isinstance(self.max_engines, int) and self.max_engines >= 1),
                f"max_engines must be an integer >= 1, got {self.max_engines!r}")

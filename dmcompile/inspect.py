@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from dmruntime import Bundle
+from dmruntime.bench import describe_speed
 from dmruntime.samplers import residual_variance_samplers
 from dmruntime.engines import engine_runtime
 
@@ -40,6 +41,7 @@ def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
         "layers": layers,
         "weight_grid_bits": precision.get("weight_grid_bits"),
         "fidelity": m.get("fidelity"),
+        "speed": m.get("speed"),
         "sampler": bundle.sampling.to_dict() if bundle.sampling else None,
         "text": m.get("text"),
     }
@@ -232,6 +234,8 @@ def format_report(r: dict) -> str:
         f = r["fidelity"]
         lines.append(f"fidelity at build vs {f['reference']}: PSNR {f['psnr_db_mean']:.2f} dB, SSIM {f['ssim_mean']:.4f} "
                      f"({f['samples']} samples, {f.get('sampler', 'ddim')} {f['steps']} steps)")
+    if r.get("speed"):
+        lines += describe_speed(r["speed"])
     return "\n".join(lines)
 
 

@@ -35,10 +35,7 @@ def test_bench_runtime_needs_only_the_runtime(tiny_model_dir, tmp_path):
 
 
 def test_emulation_is_detected(monkeypatch):
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench_runtime
+    from dmruntime import bench as bench_runtime
 
     monkeypatch.delenv("DMRUNTIME_EMULATED", raising=False)
     assert not bench_runtime.emulated()  # x86-64 on x86-64

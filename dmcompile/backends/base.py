@@ -28,8 +28,9 @@ Lowered = Iterator[tuple[int, tuple, onnx.ModelProto]]
 class Step:
     """One step of the build (``dmcompile.compiler.build_steps``): ``run`` is called with the
     named values ``reads`` and its result stored as ``writes`` (``"body.KEY"``: that key of the
-    manifest body; None: nothing). ``when(config)``: run only if true. ``in_folder``: runs inside
-    the bundle's temporary folder (opened before the first such step)."""
+    manifest body, where a result of None writes nothing; None: nothing). ``when(config)``: run
+    only if true. ``in_folder``: runs inside the bundle's temporary folder (opened before the first
+    such step)."""
 
     name: str
     run: Callable

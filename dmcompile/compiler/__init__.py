@@ -26,7 +26,7 @@ from ..frontend.load import LoadedModel
 from ..targets import get_profile
 from .engines import write_engines
 from .manifest import describe_bundle
-from .measure import check_fidelity, estimate_corrections, step_aware
+from .measure import check_fidelity, check_speed, estimate_corrections, step_aware
 from .steps import allocate_widths, calibrate_workspace, prepare, quantize_decoder, quantize_text
 from .workspace import WeightPlan, Workspace
 
@@ -72,6 +72,8 @@ STEPS = (
          when=lambda config: config.step_aware, in_folder=True),
     Step("check_fidelity", check_fidelity, ("folder", "body", "ws", "config", "cache"), "body.fidelity",
          when=lambda config: bool(config.eval_samples), in_folder=True),
+    Step("check_speed", check_speed, ("folder", "body", "ws", "config", "cache"), "body.speed",
+         when=lambda config: config.speed_check is not False, in_folder=True),
     Step("write_manifest", finish_manifest, ("folder", "body", "engines", "started"), "manifest", in_folder=True),
 )
 
@@ -118,7 +120,8 @@ def build(model: LoadedModel | str | Path | None, out: str | Path, config: Build
             with stage(progress, step.name):  # every step a line (with its time) or a bar
                 result = step.run(*(values[name] for name in step.reads))
             if step.writes and step.writes.startswith("body."):
-                values["body"][step.writes[len("body."):]] = result
+                if result is not None:  # None: the step decided it does not apply
+                    values["body"][step.writes[len("body."):]] = result
             elif step.writes:
                 assert isinstance(result, VALUES[step.writes]), f"step {step.name} wrote a {type(result).__name__}"
                 values[step.writes] = result

@@ -1,5 +1,5 @@
 """The build's measurements of the written engines: PTQD statistics, the step-aware activation
-report, and paired fidelity against the fp32 export. Each returns its manifest entry."""
+report, paired fidelity and speed against the fp32 export. Each returns its manifest entry."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .. import stages
 from ..analysis.stepaware import select_activation_bits
 from ..calibration.correction import estimate_correction
 from ..calibration.trajectory import CalibrationResult
-from ..config import BuildConfig, SampleConfig
+from ..config import SPEED_CHECK_MACS, BuildConfig, SampleConfig
 from ..eval.metrics import psnr, ssim
 from ..quant import FLOAT_BITS
 from .workspace import WeightPlan, Workspace
@@ -59,3 +59,50 @@ def check_fidelity(folder: Path, body: dict, ws: Workspace, config: BuildConfig,
             "reference": "fp32 ONNX export",
             "psnr_db_mean": float(np.mean(np.minimum(psnr(got, want), 200.0))),
             "ssim_mean": float(np.mean(ssim(got, want)))}
+
+
+def wants_speed_check(config: BuildConfig, ws: Workspace) -> bool:
+    """``speed_check`` True/False as given; "auto": CPU targets, UNets under SPEED_CHECK_MACS."""
+    from dmruntime.engines import engine_runtime
+
+    from ..backends import get_backend
+
+    if config.speed_check != "auto":
+        return bool(config.speed_check)
+    runtime = get_backend(ws.profile.backend).name
+    on_cpu = engine_runtime(runtime).devices[0] == "cpu"
+    return on_cpu and sum(l.macs for l in ws.layer_map.layers) < SPEED_CHECK_MACS
+
+
+def check_speed(folder: Path, body: dict, ws: Workspace, config: BuildConfig, cache_dir=None) -> dict | None:
+    """The written engines against the fp32 export on this machine (``dmruntime.bench.speed_check``:
+    per-call medians at batch 1 and 8, every group's engine in turn, interleaved), with advice
+    when the bundle is slower; None when ``speed_check="auto"`` leaves this model out."""
+    from dmruntime.bench import speed_check
+    from dmruntime.engines import engine_runtime
+
+    if not wants_speed_check(config, ws):
+        return None
+    if engine_runtime(body["engine"]["runtime"]).devices[0] != "cpu":
+        return {"skipped": f"the engines run on a GPU ({body['engine']['runtime']}); time them there with "
+                           "dmcompile bench"}
+    bundle = Bundle(Path(folder), body, cache_dir=cache_dir, device="cpu")
+    record = speed_check(bundle, Bundle.open(ws.fp))
+    if record["slower"]:
+        record["advice"] = slower_advice(ws, config)
+    return record
+
+
+def slower_advice(ws: Workspace, config: BuildConfig) -> str:
+    """What to try when the bundle is slower than fp32 on the build machine."""
+    channels = [l.weight_shape[0] for l in ws.weight_layers if l.weight_shape]
+    tips = []
+    if config.calibration.groups > 1 and not ws.profile.scales_in_engines:
+        tips.append("--groups 1 (one set of scales, compiled into the engine as constants: ONNX Runtime's fastest "
+                    "int8 convolution)")
+    tips.append("--target " + ("openvino-cpu" if ws.profile.name != "openvino-cpu" else "ort-cpu"))
+    tips.append("float layers for the smallest ones (--weight-bits 'PATTERN=float')")
+    tips.append("or ship the fp32 export (dmcompile export): it is 4x larger but not slower")
+    small = f" (median {int(np.median(channels))} output channels)" if channels else ""
+    return (f"integer kernels do not pay for layers this small{small} on this machine: their quantize, dequantize "
+            "and layout steps cost more than the multiplications they save. Try " + ", ".join(tips))
