@@ -54,13 +54,13 @@ def test_auto_leaves_big_models_and_gpu_targets_out(tiny_model_dir, monkeypatch)
 
 
 def test_a_slower_bundle_is_reported_with_what_to_do(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import dmruntime.bench
+    from dmcompile.compiler import measure
 
     def slower(bundle, reference, batches=(1, 8), rounds=3):
         return {"reference": "fp32 ONNX export on ONNX Runtime", "machine": "CPU: test", "calls_per_batch": 9,
                 "batches": {"1": {"bundle_ms": 3.0, "fp32_ms": 2.0, "ratio": 1.5}}, "slower": True}
 
-    monkeypatch.setattr(dmruntime.bench, "speed_check", slower)
+    monkeypatch.setattr(measure, "speed_check", slower)
     out = tmp_path / "slow"
     rc = cli.main(["build", str(tiny_model_dir), "-o", str(out), "--groups", "3", "--calib-size", "4",
                    "--calib-steps", "6", "--calib-batch-size", "4", "--eval-samples", "0", "--no-correction",
@@ -69,7 +69,7 @@ def test_a_slower_bundle_is_reported_with_what_to_do(tiny_model_dir, tmp_path, m
     printed = capsys.readouterr().out
     assert "batch 1: 1.50x" in printed and "SLOWER than fp32 here" in printed and "--groups 1" in printed
     advice = json.loads((out / "manifest.json").read_text())["speed"]["advice"]
-    assert "--groups 1" in advice and "--target openvino-cpu" in advice and "=float" in advice
+    assert "--groups 1" in advice and "--target openvino-cpu" in advice and "tensorrt" not in advice and "=float" in advice
 
 
 def test_bench_command(tiny_model_dir, tiny_export, tmp_path, capsys):

@@ -7,15 +7,19 @@ from pathlib import Path
 
 import numpy as np
 from dmruntime import Bundle
+from dmruntime.bench import speed_check
+from dmruntime.engines import engine_runtime
 from dmruntime.conditioning import cycle_rows
 
 from .. import stages
+from ..backends import get_backend
 from ..analysis.stepaware import select_activation_bits
 from ..calibration.correction import estimate_correction
 from ..calibration.trajectory import CalibrationResult
 from ..config import SPEED_CHECK_MACS, BuildConfig, SampleConfig
 from ..eval.metrics import psnr, ssim
 from ..quant import FLOAT_BITS
+from ..targets import PROFILES, TargetProfile
 from .workspace import WeightPlan, Workspace
 
 
@@ -63,24 +67,20 @@ def check_fidelity(folder: Path, body: dict, ws: Workspace, config: BuildConfig,
 
 def wants_speed_check(config: BuildConfig, ws: Workspace) -> bool:
     """``speed_check`` True/False as given; "auto": CPU targets, UNets under SPEED_CHECK_MACS."""
-    from dmruntime.engines import engine_runtime
-
-    from ..backends import get_backend
-
     if config.speed_check != "auto":
         return bool(config.speed_check)
-    runtime = get_backend(ws.profile.backend).name
-    on_cpu = engine_runtime(runtime).devices[0] == "cpu"
-    return on_cpu and sum(l.macs for l in ws.layer_map.layers) < SPEED_CHECK_MACS
+    return _on_cpu(ws.profile) and sum(l.macs for l in ws.layer_map.layers) < SPEED_CHECK_MACS
+
+
+def _on_cpu(profile: TargetProfile) -> bool:
+    """Whether a profile's engines run on the CPU (their runtime's first device)."""
+    return engine_runtime(get_backend(profile.backend).name).devices[0] == "cpu"
 
 
 def check_speed(folder: Path, body: dict, ws: Workspace, config: BuildConfig, cache_dir=None) -> dict | None:
     """The written engines against the fp32 export on this machine (``dmruntime.bench.speed_check``:
     per-call medians at batch 1 and 8, every group's engine in turn, interleaved), with advice
     when the bundle is slower; None when ``speed_check="auto"`` leaves this model out."""
-    from dmruntime.bench import speed_check
-    from dmruntime.engines import engine_runtime
-
     if not wants_speed_check(config, ws):
         return None
     if engine_runtime(body["engine"]["runtime"]).devices[0] != "cpu":
@@ -100,7 +100,9 @@ def slower_advice(ws: Workspace, config: BuildConfig) -> str:
     if config.calibration.groups > 1 and not ws.profile.scales_in_engines:
         tips.append("--groups 1 (one set of scales, compiled into the engine as constants: ONNX Runtime's fastest "
                     "int8 convolution)")
-    tips.append("--target " + ("openvino-cpu" if ws.profile.name != "openvino-cpu" else "ort-cpu"))
+    others = [p.name for p in PROFILES.values() if p is not ws.profile and _on_cpu(p)]
+    if others:
+        tips.append("another CPU target (" + " or ".join(f"--target {n}" for n in others) + ")")
     tips.append("float layers for the smallest ones (--weight-bits 'PATTERN=float')")
     tips.append("or ship the fp32 export (dmcompile export): it is 4x larger but not slower")
     small = f" (median {int(np.median(channels))} output channels)" if channels else ""
