@@ -206,3 +206,27 @@ def test_probe_of_a_batch_mixing_model_is_a_clear_error():
     onnx.checker.check_model(model)
     with pytest.raises(ModelError, match="does not scale with the batch"):
         make_probe(model, LayerMap("m", ()), ["pooled"], (4,))
+
+
+def test_attention_matmuls_rule_names_the_activation_matmuls_only():
+    """Issue 26: ``attention_matmuls=float`` keeps Q.K^T and attention.V float on ort-cpu (where they
+    run as QLinearMatMul otherwise) and leaves the weighted MatMuls and everything else alone; a
+    module prefix still beats it."""
+    from dmcompile.frontend.layermap import LayerMap
+    from dmcompile.targets import ORT_CPU
+
+    lm = LayerMap.load(api.fp_bundle("digits16") / "layer_map.json")
+    act = {l.node for l in lm.layers if l.op_type == "MatMul" and not l.weight}
+    assert len(act) >= 4
+    everything = resolve(lm, (), ORT_CPU).quantized
+    assert act <= everything  # ort-cpu quantizes them by default
+    floated = resolve(lm, parse_overrides("attention_matmuls=float"), ORT_CPU).quantized
+    assert floated == everything - act
+    # more specific than the op type, less than a module prefix
+    q = resolve(lm, parse_overrides("MatMul=float,attention_matmuls=8"), ORT_CPU).quantized
+    assert act <= q and not any(l.node in q for l in lm.layers if l.op_type == "MatMul" and l.weight)
+    block = next(l.module for l in lm.layers if l.node in act)
+    q = resolve(lm, parse_overrides(f"attention_matmuls=float,{block}=8"), ORT_CPU).quantized
+    assert {l.node for l in lm.layers if l.node in act and l.module == block} <= q
+    with pytest.raises(ConfigError, match="attention_matmuls"):  # the error names the alias
+        resolve(lm, parse_overrides("no_such_layer=float"), ORT_CPU)

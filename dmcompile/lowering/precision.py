@@ -1,9 +1,11 @@
 """Per-layer precision: the one place overrides are resolved against a layer map.
 
 A rule's pattern matches a layer by node name (or the aliases ``first_conv`` / ``last_conv``),
-by torch module name, by module prefix, by op type, or ``*``. When several rules match a layer
-the most specific wins, whatever their order: node > module > module prefix (the longer prefix
-first) > op type > ``*``; two different rules equally specific for one layer are an error.
+by torch module name, by module prefix, by ``attention_matmuls`` (the MatMuls of two activations:
+attention's Q.K^T and attention.V), by op type, or ``*``. When several rules match a layer the
+most specific wins, whatever their order: node > module > module prefix (the longer prefix
+first) > ``attention_matmuls`` > op type > ``*``; two different rules equally specific for one
+layer are an error.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ..errors import ConfigError
 from ..frontend.layermap import Layer, LayerMap
 
 ALIASES = ("first_conv", "last_conv")
+ATTENTION_MATMULS = "attention_matmuls"  # MatMuls with no weight: both inputs are activations
 
 
 def _aliases(layer_map: LayerMap) -> dict[str, str]:
@@ -32,6 +35,8 @@ def specificity(pattern: str, layer: Layer, aliases: dict[str, str]) -> tuple[in
         return (3, 0)
     if layer.module.startswith(pattern + "."):
         return (2, len(pattern))
+    if pattern == ATTENTION_MATMULS:
+        return (1, 1) if layer.op_type == "MatMul" and not layer.weight else None
     if pattern == layer.op_type:
         return (1, 0)
     if pattern == "*":
@@ -86,6 +91,6 @@ def resolve(layer_map: LayerMap, overrides: tuple[Override, ...], profile=None,
         example = layer_map.layers[0].module if layer_map.layers else "conv_in"
         raise ConfigError(f"override {unused[0]} matches no Conv/Gemm/MatMul layer; use a node or module name "
                           f"from layer_map.json (e.g. {example!r}), a module prefix, an op type (Conv, Gemm, "
-                          f"MatMul), {' / '.join(ALIASES)} or *")
+                          f"MatMul), {' / '.join(ALIASES)}, {ATTENTION_MATMULS} (if the model has attention) or *")
     return LayerPrecision(frozenset(quantized), pinned)
 
