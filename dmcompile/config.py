@@ -493,6 +493,9 @@ class BuildConfig(_Versioned):
     text_encoder: text-to-image models: the text encoders in the bundle, ``fp32`` (default) or
     ``int8`` (ONNX Runtime's dynamic quantization; its error on the calibration prompts in the
     manifest). clip_skip: text-to-image models: diffusers' ``clip_skip`` (see ExportConfig).
+    constant_conv_params: ort-cpu with several groups: each Conv input's zero point shared by the
+    groups and Conv biases added in float (ONNX Runtime's fast symmetric int8 Conv in the shared
+    engine); False feeds every group's own zero points and int32 biases (its generic path).
     speed_check: time the written engines against the fp32 export on this machine and record the
     ratio in the manifest (``speed``): ``"auto"`` (default) does it for models that build in about a
     minute (a UNet under SPEED_CHECK_MACS multiply-accumulates per sample) on CPU targets; True or
@@ -521,6 +524,7 @@ class BuildConfig(_Versioned):
     text_encoder: str = field(default="fp32", metadata={"omit_default": True})
     clip_skip: int | None = field(default=None, metadata={"omit_default": True})
     speed_check: bool | str = field(default="auto", metadata={"omit_default": True})
+    constant_conv_params: bool = field(default=True, metadata={"omit_default": True})
     SCHEMA_VERSION = 2
 
     def __init__(self, **options):
@@ -549,6 +553,8 @@ class BuildConfig(_Versioned):
         _check(self.decoder in ("fp32", "w8a8"), f"decoder must be 'fp32' or 'w8a8', got {self.decoder!r}")
         _check(self.text_encoder in ("fp32", "int8"), f"text_encoder must be 'fp32' or 'int8', got {self.text_encoder!r}")
         ExportConfig(clip_skip=self.clip_skip)  # its check
+        _check(isinstance(self.constant_conv_params, bool),
+               f"constant_conv_params must be True or False, got {self.constant_conv_params!r}")
         _check(self.speed_check in (True, False, "auto"),
                f"speed_check must be True, False or 'auto', got {self.speed_check!r}")
         _check(self.decoder_calib_size >= 1, f"decoder_calib_size must be >= 1, got {self.decoder_calib_size}")

@@ -32,6 +32,28 @@ def qparams(lo: float, hi: float, bits: int = 8, *, symmetric: bool = False) -> 
     return scale, zp
 
 
+def pinned_zero_point(ranges: list[tuple[float, float]], bits: int = 8) -> int:
+    """One unsigned zero point for a tensor whose groups have the ``ranges`` [(lo, hi), ...]: the Z
+    that minimises the sum over groups of log(scale), each group's scale being the smallest that
+    fits its range around Z (see :func:`qparams_at`). A per-group engine whose Conv input zero
+    points are constants runs ONNX Runtime's symmetric int8 convolution (backends/onnxruntime.py)."""
+    qmax = 2**bits - 1
+    lo = np.minimum([r[0] for r in ranges], 0.0)
+    hi = np.maximum([r[1] for r in ranges], 0.0)
+    costs = [np.sum(np.log([qparams_at(a, b, z, bits) for a, b in zip(lo, hi)])) for z in range(qmax + 1)]
+    return int(np.argmin(costs))
+
+
+def qparams_at(lo: float, hi: float, zero_point: int, bits: int = 8) -> float:
+    """The smallest scale whose unsigned grid with ``zero_point`` holds [lo, hi] (and zero): a
+    range on one side of zero only fits a zero point at that end (else the scale is infinite)."""
+    qmax = 2**bits - 1
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    below = -lo / zero_point if zero_point > 0 else (0.0 if lo == 0 else np.inf)
+    above = hi / (qmax - zero_point) if zero_point < qmax else (0.0 if hi == 0 else np.inf)
+    return float(max(below, above, 1e-12))
+
+
 def fake_quant(x: np.ndarray, lo: float, hi: float, bits: int = 8, *, symmetric: bool = False) -> np.ndarray:
     """Quantize-dequantize ``x`` on the grid of ``qparams(lo, hi)``."""
     scale, zp = qparams(lo, hi, bits, symmetric=symmetric)

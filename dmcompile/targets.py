@@ -50,6 +50,11 @@ class TargetProfile:
     scales_in_engines: each engine carries its groups' activation scales (compiled in), so there
     is one engine per group, or per run of merged groups (``--max-engines``); otherwise groups
     share engines and feed them their scales.
+    constant_conv_params: where groups share an engine, give each Conv input one zero point for all
+    groups and add Conv biases in float after the output, so that every integer Conv sees a
+    constant input zero point and bias: ONNX Runtime then runs its symmetric int8 convolution
+    (weights prepacked with the bias folded in, requantization fused) instead of the generic
+    QGEMM + requantize path a fed zero point or int32 bias sends it to (lowering/qdq.py).
     """
 
     name: str
@@ -69,6 +74,7 @@ class TargetProfile:
     family_default_float: bool = False
     scales_in_engines: bool = False
     weight_grid_bits: int = 8
+    constant_conv_params: bool = False
 
     @property
     def activation_symmetric(self) -> bool:
@@ -181,6 +187,7 @@ ORT_CPU = TargetProfile(
                  "MatMul": ("QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger")},
     backend="onnxruntime",
     weight_grid_bits=7,  # u8 x s8 without VNNI saturates otherwise (see above)
+    constant_conv_params=True,
 )
 
 # openvino-cpu: the QDQ graph OpenVINO's low-precision transformations turn into u8 x i8

@@ -61,6 +61,12 @@ def test_groups_feed_own_parameters_to_one_engine(tiny_bundle):
     extra = {i.name for i in model.graph.input} - {"sample", "timestep"}
     params = [dict(np.load(tiny_bundle / f"group_{g:02d}.npz")) for g in range(3)]
     assert all(set(p) == extra for p in params)
+    # Every integer Conv sees a constant input zero point and no fed bias (ONNX Runtime's fast
+    # symmetric Conv); its bias is added in float, folded into the Add that follows where one does.
+    inits = {i.name for i in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "QLinearConv"]
+    assert convs and all(n.input[2] in inits and (len(n.input) < 9 or n.input[8] in inits) for n in convs)
+    assert any(n.op_type == "Sum" for n in model.graph.node)
     # Only activation scales, zero points and int32 biases differ per group: small tensors.
     assert all(v.dtype in (np.float32, np.uint8, np.int32) and v.size <= 64 for v in params[0].values())
     assert any(not np.array_equal(params[0][k], params[2][k]) for k in extra)  # per-group calibration
@@ -70,11 +76,14 @@ def test_groups_feed_own_parameters_to_one_engine(tiny_bundle):
 
 def test_one_engine_matches_each_groups_own_qdq_model(tiny_model_dir, tiny_bundle):
     """The merged engine fed group g's inputs equals group g's own QDQ model, bit for bit
-    (weights GPTQ-rounded, the default, on the calibration's pooled moments)."""
+    (weights GPTQ-rounded, the default, on the calibration's pooled moments; the Conv inputs'
+    zero points shared by the groups, the Conv biases added in float), and stays within the
+    quantization's own error of the QDQ model with group g's own zero points and int32 biases."""
     import onnxruntime as ort
 
     from dmcompile import stages
     from dmcompile.frontend.layermap import LayerMap
+    from dmcompile.lowering.groups import conv_input_pins
     from dmcompile.lowering.qdq import lower_group
     from dmcompile.targets import ORT_CPU
 
@@ -87,13 +96,23 @@ def test_one_engine_matches_each_groups_own_qdq_model(tiny_model_dir, tiny_bundl
     rounder = stages.rounder(calib, "gptq", ORT_CPU.weight_grid_bits)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
     weights = {l.weight: rounder.quantize(l, inits[l.weight], 8) for l in lm.layers if l.weight}
+    pins = conv_input_pins(proto, nodes, ranges)
+    assert pins and len(set(pins.values())) > 1  # one zero point per Conv input, shared by the groups
     b = Bundle.open(tiny_bundle, correction=False)  # the raw engine output
+    fpb = Bundle.open(fp)
     x = np.random.default_rng(0).standard_normal((2, 2, 8, 8), dtype=np.float32)
+
+    def run(model, t):
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"sample": x, "timestep": np.full(2, t, np.int64)})[0]
+
     for g, t in ((0, 100), (1, 500), (2, 999)):
-        qdq = lower_group(proto, lm, nodes, weights, ranges[g], ORT_CPU)
-        sess = ort.InferenceSession(qdq.SerializeToString(), providers=["CPUExecutionProvider"])
-        want = sess.run(None, {"sample": x, "timestep": np.full(2, t, np.int64)})[0]
-        np.testing.assert_array_equal(b.predict(x, t), want)
+        want = run(lower_group(proto, lm, nodes, weights, ranges[g], ORT_CPU, pins=pins), t)
+        got = b.predict(x, t)
+        np.testing.assert_array_equal(got, want)
+        own = run(lower_group(proto, lm, nodes, weights, ranges[g], ORT_CPU), t)  # the group's own zero points
+        fp32 = fpb.predict(x, t)
+        assert np.sqrt(np.mean((got - own) ** 2)) < np.sqrt(np.mean((own - fp32) ** 2))
 
 
 def test_8bit_weights_sit_on_the_target_s_grid(tiny_bundle, tiny_model_dir):

@@ -44,9 +44,11 @@ class Step:
 class EngineJob:
     """What a backend makes engines from.
 
-    ``lower(clusters, ranges)`` lowers one QDQ graph per cluster (a list of timestep groups with
-    equal weight widths; its activation ranges the union of its groups' ``ranges``), one at a
-    time; graphs with equal keys hold byte-identical weights. ``bits[g, l]``: the width of
+    ``lower(clusters, ranges, constant_conv_params=False)`` lowers one QDQ graph per cluster (a
+    list of timestep groups with equal weight widths; its activation ranges the union of its
+    groups' ``ranges``), one at a time; graphs with equal keys hold byte-identical weights;
+    ``constant_conv_params``: the clusters will share one engine fed their scales, so their Conv
+    inputs share zero points and Conv biases go float (``lowering/qdq.py``). ``bits[g, l]``: the width of
     ``weight_layers[l]`` in group g (32: kept float). ``store_weights``: quantized weights go to
     a store outside the engines (mixed precision: 4-bit packed). ``per_group_rounding``: each
     group's weights are rounded on its own moments."""

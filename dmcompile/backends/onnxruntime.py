@@ -89,6 +89,13 @@ class GroupMerger:
         """The merged graph (varying initializers turned into graph inputs, in the first
         graph's order) and, per group, the values to feed."""
         varying = [n for n in self._inits if any(n in d for d in self.diffs)]
+        # A QLinearConv whose input zero point is constant but whose int32 bias is fed would lose
+        # that bias: ONNX Runtime's symmetric Conv folds a constant bias when it prepacks and
+        # ignores a fed one. Such a zero point (equal in every group by chance) is fed too.
+        fed = set(varying)
+        varying += [n.input[2] for n in self.first.graph.node if n.op_type == "QLinearConv" and len(n.input) > 8
+                    and n.input[8] in fed and n.input[2] in self._inits and n.input[2] not in fed]
+        varying = list(dict.fromkeys(varying))
         base = {n: numpy_helper.to_array(self._inits[n]) for n in varying}
         merged = self.first
         g = merged.graph
@@ -191,7 +198,9 @@ class OnnxRuntimeBackend(Backend):
         of each engine; with ``job.store_weights`` take the quantized weights out into weights.npz."""
         K = job.groups
         sets: dict[tuple, tuple[GroupMerger, list[int]]] = {}
-        for g, key, model in job.lower([[g] for g in range(K)], job.ranges):
+        # groups that share an engine: Conv zero points and biases constant (ONNX Runtime's fast Conv)
+        shared = K > 1 and job.profile.constant_conv_params
+        for g, key, model in job.lower([[g] for g in range(K)], job.ranges, constant_conv_params=shared):
             merger, members = sets.setdefault(key, (GroupMerger(), []))
             merger.add(optimize_for_cpu(model))
             members.append(g)

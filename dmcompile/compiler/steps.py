@@ -43,6 +43,8 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
     profile = get_profile(config.profile)
     if profile.quantize_residual_skip and not config.residual_int8:
         profile = dataclasses.replace(profile, quantize_residual_skip=False)
+    if profile.constant_conv_params and not config.constant_conv_params:
+        profile = dataclasses.replace(profile, constant_conv_params=False)
     default_float = model.family.default_float if profile.family_default_float else ()
     ws = Workspace(model.describe(), model.scheduler_config, fp, layer_map, profile,
                    resolve(layer_map, config.overrides, profile, default_float), spec, rows, components)

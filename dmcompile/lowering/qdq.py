@@ -12,10 +12,18 @@ that collide with exported tensor names, and the fusion rules we need are few an
 - ort-cpu quantizes Conv outputs too: ORT fuses DQ -> Conv -> Q into QLinearConv only with Q;
 - MatMul / Gemm outputs stay float: ORT fuses them into MatMulIntegerToFloat / QGemm;
 - weight-only layers (TensorRT's INT4 MatMul / Gemm): an INT4 weight initializer with block
-  scales along the input dimension (DequantizeLinear ``block_size``, opset 21), input float.
+  scales along the input dimension (DequantizeLinear ``block_size``, opset 21), input float;
+- constant Conv parameters (ort-cpu, one engine for several groups): ONNX Runtime's fast int8
+  convolution needs a constant input zero point and a constant int32 bias, and a bias in units of
+  a per-group input scale cannot be constant. So the groups' Conv inputs share one zero point
+  (``pins``; each group keeps its own scale) and the bias of such a Conv is added in float after
+  its output's DequantizeLinear (an Add that follows becomes a Sum with it), the output quantized
+  before the bias on the calibrated range shifted by the bias.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import onnx
@@ -25,7 +33,7 @@ from .. import onnxio
 from ..errors import ExportError
 from ..frontend.layermap import Layer, LayerMap
 from ..frontend.passes import check_graph
-from ..quant import QuantWeight, pack_int4, qparams, quantize_weight, weight_axis
+from ..quant import QuantWeight, pack_int4, qparams, qparams_at, quantize_weight, weight_axis
 from ..targets import TargetProfile
 
 __all__ = ["QuantWeight", "lower_group", "quantize_weight", "quantize_weights", "weight_axis"]
@@ -81,12 +89,37 @@ def _scalar(name: str, value, dtype) -> TensorProto:
     return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
 
 
+def broadcast_tensors(model: onnx.ModelProto) -> set[str]:
+    """Tensors whose inferred shape is [N, C, 1, ...] (ONNX shape inference on the graph: a time
+    embedding broadcast over the image), where a Conv's bias can be added at no cost."""
+    g = onnx.shape_inference.infer_shapes(model).graph
+    out = set()
+    for v in [*g.value_info, *g.input]:
+        dims = v.type.tensor_type.shape.dim
+        if len(dims) >= 3 and all(d.HasField("dim_value") and d.dim_value == 1 for d in dims[2:]):
+            out.add(v.name)
+    return out
+
+
+def float_bias_convs(model: onnx.ModelProto, quant_inputs: dict[str, list[tuple[str, int]]],
+                     layer_nodes: set[str]) -> dict[str, str]:
+    """Quantized Conv node -> its bias initializer, for the Convs whose output is quantized (ONNX
+    Runtime fuses them into QLinearConv): their bias can be added in float after the output."""
+    inits = {i.name for i in model.graph.initializer}
+    return {n.name: n.input[2] for n in model.graph.node
+            if n.name in layer_nodes and n.op_type == "Conv" and len(n.input) > 2 and n.input[2] in inits
+            and n.output[0] in quant_inputs}
+
+
 def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[str],
                 weights: dict[str, QuantWeight], ranges: dict[str, tuple[float, float]],
-                profile: TargetProfile, base_dir=None) -> onnx.ModelProto:
+                profile: TargetProfile, base_dir=None, pins: dict[str, int] | None = None) -> onnx.ModelProto:
     """The QDQ model of one timestep group: ``ranges`` holds that group's activation ranges.
     ``fp`` may leave its weights on disk (external data in ``base_dir``): the float tensors the
-    QDQ model keeps are read in, the quantized ones come from ``weights``."""
+    QDQ model keeps are read in, the quantized ones come from ``weights``. ``pins`` (constant
+    Conv parameters, see the module docstring; None: off): tensor -> the zero point it shares
+    with the other groups of its engine (the Conv inputs); with it, every Conv that ONNX Runtime
+    fuses adds its bias in float."""
     model = onnx.ModelProto()
     model.CopyFrom(fp)
     g = model.graph
@@ -104,8 +137,45 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
     missing = [t for t in quant_inputs if t not in ranges]
     assert not missing, f"no calibration range for {missing[:3]} (calibration and placement disagree)"
 
+    biases = {}  # float bias initializer name -> its array (two Convs' biases merge into one)
+    before: dict[str, list[onnx.NodeProto]] = {}  # node name -> nodes to place right before it
+
+    def bias_channels(conv) -> str:
+        """The Conv's float bias as a [C, 1, ...] initializer (broadcast over its output)."""
+        b = float_bias[conv.name]
+        name = f"{b}.c11"
+        if name not in {i.name for i in new_inits}:
+            arr = onnxio.array(inits[b], base_dir).astype(np.float32)
+            rank = len(layers[conv.name].weight_shape) - 2
+            biases[name] = arr.reshape(-1, *([1] * rank))
+            new_inits.append(numpy_helper.from_array(biases[name], name))
+        return name
+
+    ranges = dict(ranges)
+    float_bias = float_bias_convs(model, quant_inputs, set(layers)) if pins is not None else {}
+    pins = {t: z for t, z in (pins or {}).items() if t in quant_inputs}
+    conv_of_output = {}  # a float-bias Conv's output read only in float -> the Conv
+    nodes = []
+    for n in g.node:
+        nodes.append(n)
+        if n.name not in float_bias:
+            continue
+        t = n.output[0]
+        b = onnxio.array(inits[float_bias[n.name]], base_dir)
+        shifted = (ranges[t][0] - float(b.max()), ranges[t][1] - float(b.min()))  # quantized before its bias
+        if quant_inputs[t]:  # quantized readers want t itself: add the bias, quantize t again for them
+            n.output[0] = f"{t}.nobias"
+            quant_inputs[f"{t}.nobias"], ranges[f"{t}.nobias"] = [], shifted
+            nodes.append(helper.make_node("Add", [f"{t}.nobias", bias_channels(n)], [t], name=f"{t}.Bias"))
+        else:
+            conv_of_output[t], ranges[t] = n, shifted
+    del g.node[:]
+    g.node.extend(nodes)
     for t in quant_inputs:
-        scale, zp = qparams(*ranges[t], bits=8, symmetric=sym)
+        if t in pins:
+            scale, zp = qparams_at(*ranges[t], pins[t]), pins[t]
+        else:
+            scale, zp = qparams(*ranges[t], bits=8, symmetric=sym)
         new_inits += [_scalar(f"{t}.q_scale", scale, np.float32), _scalar(f"{t}.q_zero_point", zp, act_dtype)]
 
     graph_outputs = {o.name for o in g.output}
@@ -132,10 +202,49 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
                 float_users.append((n, i))
         if float_users or t in graph_outputs:
             dq = t if t in graph_outputs else f"{t}.dq"
-            out.append(helper.make_node("DequantizeLinear", qin, [dq], name=f"{t}.DQ"))
-            for n, i in float_users:
-                n.input[i] = dq
+            conv = conv_of_output.get(t)
+            if conv is None:
+                out.append(helper.make_node("DequantizeLinear", qin, [dq], name=f"{t}.DQ"))
+                for n, i in float_users:
+                    n.input[i] = dq
+            else:  # the Conv's bias, in float after the DequantizeLinear
+                out.append(helper.make_node("DequantizeLinear", qin, [f"{t}.nobias"], name=f"{t}.DQ"))
+                out += bias_after(conv, f"{t}.nobias", dq, float_users, t in graph_outputs)
         return out
+
+    broadcast = broadcast_tensors(fp) if float_bias else set()
+
+    def bias_after(conv, src: str, dst: str, float_users, is_output: bool) -> list[onnx.NodeProto]:
+        """Add ``conv``'s bias to ``src``. Its one float reader an Add (or a Sum this pass made): into
+        its broadcast operand where it has one (the time embedding: no pass over the output), else
+        as one more input of a Sum (merged with a bias it holds already). Otherwise an Add writing
+        ``dst`` for the readers."""
+        c11 = bias_channels(conv)
+        if is_output or len(float_users) != 1 or float_users[0][0].op_type not in ("Add", "Sum"):
+            for n, i in float_users:
+                n.input[i] = dst
+            return [helper.make_node("Add", [src, c11], [dst], name=f"{dst}.Bias")]
+        n, i = float_users[0]
+        n.input[i] = src
+        held = [j for j, v in enumerate(n.input) if v in biases]
+        small = [j for j, v in enumerate(n.input) if j != i and re.sub(r"\.(dq\d*|nobias)$", "", v) in broadcast]
+        if held:  # one bias input for both Convs
+            j = held[0]
+            name = f"{n.input[j]}+{c11}"
+            biases[name] = biases[n.input[j]] + biases[c11]
+            new_inits.append(numpy_helper.from_array(biases[name], name))
+            n.input[j] = name
+            return []
+        if small:
+            j = small[0]
+            operand, biased = n.input[j], f"{n.input[j]}+{c11}"
+            n.input[j] = biased  # computed just before the reader (the operand may come after the Conv)
+            before.setdefault(n.name, []).append(helper.make_node("Add", [operand, c11], [biased],
+                                                                  name=f"{biased}.Bias"))
+            return []
+        n.op_type = "Sum"
+        n.input.append(c11)
+        return []
 
     orig_input0 = {n.name: n.input[0] for n in g.node if n.name in layers}
     new_nodes: list[onnx.NodeProto] = []
@@ -143,6 +252,7 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
         new_nodes += qdq_nodes(t)
     # Snapshot the original order; qdq_nodes edits consumers' inputs in place.
     for node in list(g.node):
+        new_nodes += before.pop(node.name, [])
         layer = layers.get(node.name)
         if layer is not None and layer.weight:
             qw = weights[layer.weight]
@@ -155,7 +265,9 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
                 new_nodes.append(helper.make_node("DequantizeLinear", [f"{w}.q", f"{w}.scale", f"{w}.zero_point"],
                                                   [f"{w}.dq"], name=f"{w}.DQ", axis=qw.axis))
             node.input[1] = f"{w}.dq"
-            if profile.quantize_bias and len(node.input) > 2 and node.input[2] and node.input[2] in inits:
+            if node.name in float_bias:
+                del node.input[2]  # added in float after the output (bias_after)
+            elif profile.quantize_bias and len(node.input) > 2 and node.input[2] and node.input[2] in inits:
                 # int32 bias with scale s_x * s_w, computed in the graph from the float bias, the
                 # weight scales and this group's s_x; ONNX Runtime's constant folding turns it
                 # into the fused kernel's int32 bias, one definition for every group.
