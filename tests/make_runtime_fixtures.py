@@ -43,7 +43,7 @@ def build_fixtures(out: Path, work: Path) -> None:
     for name, kw in FIXTURES.items():
         recipe = MixedRecipe(overrides=parse_overrides(kw["weight_bits"])) if kw else W8A8Recipe()
         built = api.build(str(model), work / name, BuildConfig(recipe=recipe, calibration=calib, eval_samples=0,
-                                                             correction=False, seed=0)).path
+                                                             correction=False, seed=0, speed_check=False)).path
         shutil.copytree(built, staging / name, ignore=shutil.ignore_patterns(*SKIP))
         sampler = DDIMSampler(Bundle.open(staging / name), steps=REFERENCE_STEPS)
         refs[name] = sampler.sample(REFERENCE_SAMPLES, seed=0)
