@@ -50,6 +50,9 @@ class TargetProfile:
     scales_in_engines: each engine carries its groups' activation scales (compiled in), so there
     is one engine per group, or per run of merged groups (``--max-engines``); otherwise groups
     share engines and feed them their scales.
+    scalar_group_inputs: a target whose engines carry their scales (``scales_in_engines``) may
+    instead run every group on one engine fed per-group scalars (``lowering/affine.py``); the
+    default for K > 1 unless ``group_engines`` or ``max_engines`` asks for an engine per group.
     constant_conv_params: where groups share an engine, give each Conv input one zero point for all
     groups and add Conv biases in float after the output, so that every integer Conv sees a
     constant input zero point and bias: ONNX Runtime then runs its symmetric int8 convolution
@@ -75,6 +78,7 @@ class TargetProfile:
     scales_in_engines: bool = False
     weight_grid_bits: int = 8
     constant_conv_params: bool = False
+    scalar_group_inputs: bool = False
 
     @property
     def activation_symmetric(self) -> bool:
@@ -213,6 +217,7 @@ OPENVINO_CPU = TargetProfile(
     packed_weight_bits=(),
     scales_in_engines=True,
     weight_grid_bits=7,  # oneDNN's u8 x s8 kernels without VNNI saturate as ONNX Runtime's do
+    scalar_group_inputs=True,
 )
 
 # tensorrt: TensorRT's explicit quantization (TensorRT >= 10, strongly typed networks), from its

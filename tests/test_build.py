@@ -293,3 +293,38 @@ def test_older_onnxruntime_is_warned_about(tiny_bundle, tmp_path):
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.warns(UserWarning, match="fused by onnxruntime 99.0.0"):
         Bundle.open(b)
+
+
+def test_merger_feeds_a_zero_point_beside_a_fed_bias():
+    """ONNX Runtime's symmetric QLinearConv folds a constant bias when it prepacks and ignores a fed
+    one: where the groups' int32 biases differ, the input zero point is fed too even when it is
+    equal in every group (so that kernel is never chosen with a bias it would drop)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dmcompile.backends.onnxruntime import GroupMerger
+
+    def fused(bias, zp=3, y_scale=0.5):
+        inits = [numpy_helper.from_array(np.array(0.1, np.float32), "xs"),
+                 numpy_helper.from_array(np.array(zp, np.uint8), "xz"),
+                 numpy_helper.from_array(np.ones((2, 1, 1, 1), np.int8), "w"),
+                 numpy_helper.from_array(np.full(2, 0.2, np.float32), "ws"),
+                 numpy_helper.from_array(np.zeros(2, np.int8), "wz"),
+                 numpy_helper.from_array(np.array(y_scale, np.float32), "ys"),
+                 numpy_helper.from_array(np.array(0, np.uint8), "yz"),
+                 numpy_helper.from_array(np.array(bias, np.int32), "b")]
+        node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"], ["y"])
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 1, 2, 2])],
+                                  [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 2, 2, 2])], inits)
+        return helper.make_model(graph)
+
+    m = GroupMerger()
+    m.add(fused([1, 2]))
+    m.add(fused([5, 6]))
+    merged, params = m.result()
+    fed = {i.name for i in merged.graph.input}
+    assert {"b", "xz"} <= fed and [int(p["xz"]) for p in params] == [3, 3]
+    m = GroupMerger()  # equal biases: the zero point stays a constant
+    m.add(fused([1, 2], y_scale=0.5))
+    m.add(fused([1, 2], y_scale=0.25))
+    merged, params = m.result()
+    assert {i.name for i in merged.graph.input} == {"x", "ys"}

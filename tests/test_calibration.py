@@ -80,6 +80,28 @@ def test_qparams_grid_holds_zero():
     assert zp == 0 and scale == pytest.approx(2.0 / 127)
 
 
+def test_a_zero_point_shared_by_groups_holds_every_group_s_range():
+    """quant.pinned_zero_point / qparams_at (issue 26): each group's grid around the shared zero
+    point holds its range (and zero), as tight as that zero point allows; one range alone gets
+    its own zero point back; ranges on one side of zero pin the zero point to that end."""
+    from dmcompile.quant import pinned_zero_point, qparams_at
+
+    ranges = [(-0.28, 3.0), (-0.28, 5.0), (-0.28, 1.0), (-1.5, 2.0)]
+    z = pinned_zero_point(ranges)
+    for lo, hi in ranges:
+        s = qparams_at(lo, hi, z)
+        assert -z * s <= lo + 1e-9 and hi <= (255 - z) * s + 1e-9
+        assert s == pytest.approx(max(-lo / z, hi / (255 - z)))  # the tightest grid at z
+    cost = lambda zz: sum(np.log(qparams_at(lo, hi, zz)) for lo, hi in ranges)  # noqa: E731
+    assert all(cost(z) <= cost(other) + 1e-12 for other in range(256))
+    for lo, hi in ranges:
+        own = qparams(lo, hi)
+        assert abs(pinned_zero_point([(lo, hi)]) - own[1]) <= 1
+        assert qparams_at(lo, hi, own[1]) == pytest.approx(own[0], rel=0.01)
+    assert pinned_zero_point([(0.0, 1.0), (0.2, 2.0)]) == 0 and pinned_zero_point([(-2.0, -1.0), (-1.0, 0.0)]) == 255
+    assert qparams_at(-1.0, 1.0, 0) == float("inf")  # no room below zero
+
+
 def test_calibration_config_errors():
     with pytest.raises(ConfigError, match="observer"):
         CalibrationConfig(observer="kl")
@@ -157,9 +179,13 @@ def test_ptq4dm_records_one_step_per_trajectory(tiny_export):
 @pytest.mark.parametrize("observer", ["percentile", "minmax"])
 def test_observer_choice_reaches_the_bundle(tiny_model_dir, tmp_path, observer):
     """End to end: the scale a bundle feeds for the UNet input in each group is the chosen
-    observer's range of that group, on the 8-bit asymmetric grid."""
+    observer's range of that group, on the 8-bit asymmetric grid whose zero point the groups share
+    (the UNet input feeds a Conv: ort-cpu keeps Conv zero points constant in its shared engine)."""
+    import onnx
+
     from dmcompile import api
     from dmcompile.config import BuildConfig
+    from dmcompile.quant import pinned_zero_point, qparams_at
 
     cal = CalibrationConfig(size=3, steps=6, groups=3, batch_size=3, observer=observer)
     out = api.build(str(tiny_model_dir), tmp_path / observer, BuildConfig(calibration=cal, eval_samples=0,
@@ -167,11 +193,14 @@ def test_observer_choice_reaches_the_bundle(tiny_model_dir, tmp_path, observer):
     calib = api.calibrate(str(tiny_model_dir), cal)
     ranges = calib.ranges()
     mse = api.calibrate(str(tiny_model_dir), CalibrationConfig(size=3, steps=6, groups=3, batch_size=3)).ranges()
+    engine = {i.name: i for i in onnx.load(str(out / "unet.onnx"), load_external_data=False).graph.initializer}
+    zp = int(onnx.numpy_helper.to_array(engine["sample.q_zero_point"]))
+    assert zp == pinned_zero_point([r["sample"] for r in ranges])
     for g in range(3):
         got = np.load(out / f"group_{g:02d}.npz")
         lo, hi = calib.observers[g]["sample"].range(observer, 8, cal.percentile)
-        scale, zp = qparams(lo, hi)
-        assert got["sample.q_scale"] == pytest.approx(scale, rel=1e-6) and int(got["sample.q_zero_point"]) == zp
+        assert got["sample.q_scale"] == pytest.approx(qparams_at(lo, hi, zp), rel=1e-6)
+        assert "sample.q_zero_point" not in got.files
         assert (lo, hi) == ranges[g]["sample"]
     differ = [t for t in calib.tensors for g in range(3) if ranges[g][t] != mse[g][t]]
     assert len(differ) > len(calib.tensors) // 2  # the observer changed the ranges

@@ -36,7 +36,8 @@ def _initializer_names(path):
     return {i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer}
 
 
-def test_placement_leaves_conv_outputs_and_attention_float(ov_bundle, ort_bundle):
+def test_placement_leaves_conv_outputs_and_attention_float(ov_group_bundle, ort_bundle):
+    ov_bundle = ov_group_bundle
     m = json.loads((ov_bundle / "manifest.json").read_text())
     fp = onnx.load(str(ov_bundle / "unet_e00.onnx"), load_external_data=False)
     q_inputs = {n.input[0] for n in fp.graph.node if n.op_type == "QuantizeLinear"}
@@ -65,7 +66,8 @@ def test_placement_leaves_conv_outputs_and_attention_float(ov_bundle, ort_bundle
     assert {l["activation"] for l in ort["precision"]["layers"] if not l["weight"]} == {"uint8"}
 
 
-def test_engines_share_one_weights_file(ov_bundle):
+def test_engines_share_one_weights_file(ov_group_bundle):
+    ov_bundle = ov_group_bundle
     m = json.loads((ov_bundle / "manifest.json").read_text())
     engines = sorted({g["engine"] for g in m["groups"]})
     assert len(engines) == 4 and all(g["inputs"] is None for g in m["groups"])
@@ -98,7 +100,7 @@ def test_int8_share_after_openvino_compiles(ov_bundle, tiny_cond_dir, tmp_path):
         assert f["ratio"] == 1.0 and f["integer"]["Convolution"] > 0 and f["integer"]["FullyConnected"] > 0
     # a cross-attention model: the encoder states' K/V projections run in int8 too
     cond = build(tiny_cond_dir, tmp_path / "cond").manifest
-    fusion = cond["build"]["fusion"]["engines"]["unet_e00.onnx"]
+    fusion = cond["build"]["fusion"]  # one engine, fed each group's scalars
     assert fusion["ratio"] == 1.0 and fusion["integer"]["FullyConnected"] > 0
     # and the OpenVINO engine takes the condition like the ONNX Runtime one
     b = Bundle.open(tmp_path / "cond")
@@ -117,12 +119,13 @@ def test_digits16_runs_every_weighted_layer_in_int8(tmp_path):
     layers = [l for l in m["precision"]["layers"] if l["weight"]]
     convs = sum(l["op_type"] == "Conv" for l in layers)
     fusion = m["build"]["fusion"]
-    assert len(fusion["engines"]) == 10 and fusion["ratio"] == 1.0
-    for f in fusion["engines"].values():  # every Conv a u8 Convolution, every Linear a u8 FullyConnected
-        assert f["integer"] == {"Convolution": convs, "FullyConnected": len(layers) - convs}, f
+    assert "engines" not in fusion and fusion["ratio"] == 1.0  # one engine fed each group's scalars
+    # every Conv a u8 Convolution, every Linear a u8 FullyConnected
+    assert fusion["integer"] == {"Convolution": convs, "FullyConnected": len(layers) - convs}, fusion
 
 
-def test_openvino_engine_matches_onnxruntime_on_the_same_graph(ov_bundle, tiny_model_dir):
+@pytest.mark.parametrize("kind", ["shared", "group engines"])
+def test_openvino_engine_matches_onnxruntime_on_the_same_graph(kind, ov_bundle, ov_group_bundle, tiny_model_dir):
     """The same QDQ engine file run by OpenVINO (its int8 kernels) and by ONNX Runtime with graph
     optimisation off (every QuantizeLinear / DequantizeLinear and float op executed as the graph
     says: the exact simulation). OpenVINO rounds differently inside, so a rounding tie can flip
@@ -132,6 +135,7 @@ def test_openvino_engine_matches_onnxruntime_on_the_same_graph(ov_bundle, tiny_m
     moves the output 4%-83%. So: at least half bit-exact, none past a flipped quantum's reach."""
     import onnxruntime as ort
 
+    ov_bundle = ov_bundle if kind == "shared" else ov_group_bundle
     b = Bundle.open(ov_bundle)
     fp = Bundle.open(stages.fp_bundle(str(tiny_model_dir)))
     so = ort.SessionOptions()
@@ -146,15 +150,15 @@ def test_openvino_engine_matches_onnxruntime_on_the_same_graph(ov_bundle, tiny_m
         t = (g.t_start + g.t_end) // 2
         for seed in range(8):
             x = np.random.default_rng(seed).standard_normal((3, *b.sample_shape)).astype(np.float32)
-            want = sim.run(["eps"], {"sample": x, "timestep": np.full(3, t, np.int64)})[0]
+            want = sim.run(["eps"], {"sample": x, "timestep": np.full(3, t, np.int64), **(b.group_inputs(t) or {})})[0]
             assert rel(want, fp.predict(x, t)) > 0.01  # really quantized
             diffs.append(rel(b.predict(x, t), want))
     diffs = np.array(diffs)
     assert (diffs < 1e-5).mean() >= 0.5 and diffs.max() < 0.03, diffs.round(4)
 
 
-def test_group_switching_picks_the_groups_compiled_model(ov_bundle):
-    b = Bundle.open(ov_bundle)
+def test_group_switching_picks_the_groups_compiled_model(ov_group_bundle):
+    b = Bundle.open(ov_group_bundle)
     x = np.random.default_rng(1).standard_normal((2, *b.sample_shape)).astype(np.float32)
     t = 500
     own = b.group_of(t)
@@ -268,7 +272,7 @@ def test_mixed_bundle_stores_4bit_on_the_int8_grid(tiny_model_dir, tmp_path):
     assert {b for l in wl for b in l["weight_bits"]} == {4, 8}
     assert {s for l in wl for s in l["storage_bits"]} == {8}  # no packed int4 on this target
     assert m["build"]["fusion"]["ratio"] == 1.0
-    model = onnx.load(str(tmp_path / "mx" / "unet_e00.onnx"))  # with weights.bin
+    model = onnx.load(str(tmp_path / "mx" / m["groups"][0]["engine"]))  # with weights.bin
     q = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith(".q")}
     four = [l["weight"] for l in wl if l["weight_bits"][0] == 4]
     assert four and all(np.abs(q[f"{w}.q"]).max() <= 7 for w in four)  # the signed 4-bit grid
@@ -287,7 +291,7 @@ def test_bad_options_and_bundles(tiny_model_dir, ov_bundle, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="does not support"):
         Bundle.open(bad)
-    (bad / "unet_e00.onnx").write_bytes(b"garbage")
+    (bad / m["groups"][0]["engine"]).write_bytes(b"garbage")
     m["engine"]["runtime"] = "openvino"
     (bad / "manifest.json").write_text(json.dumps(m))
     b = Bundle.open(bad, verify=False)
@@ -344,3 +348,33 @@ def test_budgeted_mixed_plan_on_openvino(tiny_model_dir, tmp_path):
     assert max(m["plan"]["average_weight_bits"]) <= 6.0 + 1e-9
     assert {b for l in m["precision"]["layers"] if l["weight_bits"] for b in l["weight_bits"]} <= {4, 8}
     assert m["build"]["fusion"]["ratio"] == 1.0
+
+
+def test_one_engine_fed_each_group_s_scalars(ov_bundle, ov_group_bundle, tiny_model_dir):
+    """openvino-cpu's default (issue 26): one engine for every group, which multiplies each quantized
+    tensor by a per-group scalar before a constant-scale quantizer and corrects the integer kernels'
+    products after them: every weighted layer int8 after OpenVINO compiles it, one compiled model's
+    memory, the groups' outputs their own, fidelity as the per-group engines'."""
+    m = json.loads((ov_bundle / "manifest.json").read_text())
+    assert {g["engine"] for g in m["groups"]} == {"unet.onnx"}
+    assert [g["inputs"] for g in m["groups"]] == [f"group_{i:02d}.npz" for i in range(4)]
+    params = [dict(np.load(ov_bundle / g["inputs"])) for g in m["groups"]]
+    names = set(params[0])
+    assert names and all(set(p) == names for p in params)
+    for p in params:  # a and 1/a per quantized tensor, scalars
+        for k, v in p.items():
+            if k.endswith(".group_a"):
+                assert v.shape == () and v > 0 and np.isclose(v * p[k[: -len("group_a")] + "group_inv_a"], 1, rtol=1e-6)
+    assert any(not np.array_equal(params[0][k], params[3][k]) for k in names)  # per-group calibration
+    assert m["build"]["fusion"]["ratio"] == 1.0
+    b = Bundle.open(ov_bundle)
+    x = np.random.default_rng(2).standard_normal((2, *b.sample_shape)).astype(np.float32)
+    outs = [b.predict(x, g.t_start) for g in b.groups]
+    assert len({o.tobytes() for o in outs}) == len(outs)
+    # as close to fp32 as the per-group engines (the build's paired PSNR, same seeds)
+    group = json.loads((ov_group_bundle / "manifest.json").read_text())["fidelity"]["psnr_db_mean"]
+    assert m["fidelity"]["psnr_db_mean"] > group - 1.0, (m["fidelity"]["psnr_db_mean"], group)
+    with pytest.raises(ConfigError, match="group_engines"):
+        BuildConfig(group_engines=True)  # ort-cpu runs every group on one engine
+    with pytest.raises(ConfigError, match="group_engines"):
+        BuildConfig(profile="tensorrt", group_engines=True)

@@ -11,8 +11,12 @@ each engine file keeps only its graph and small constants (scales, zero points)
 (``shared_weights.py``, also TensorRT's).
 
 OpenVINO's CPU plugin repacks weights per compiled model (its weight cache belongs to the
-compiled model), so resident memory grows with the number of engines; ``cluster_groups`` merges
-adjacent groups into fewer engines (``--max-engines``).
+compiled model), so resident memory grows with the number of engines. So by default all groups
+share one engine whose groups differ only in scalars fed as inputs (``lowering/affine.py``:
+constant-scale quantizers after a per-group multiplication, the products corrected after the
+integer kernels), with ``group_XX.npz`` per group as on ort-cpu. ``--group-engines`` writes one
+engine per group with its scales compiled in instead, and ``--max-engines`` merges adjacent groups
+into fewer such engines (``cluster_groups``).
 """
 
 from __future__ import annotations
@@ -21,12 +25,16 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from .. import onnxio
+from ..lowering.affine import group_scalars
 from ..memory import MemoryModel
-from .base import Backend, EngineJob, EngineSet
-from .shared_weights import emit_qdq_engines
+from .base import Backend, EngineJob, EngineSet, group_files
+from .shared_weights import SharedWeights, emit_qdq_engines
+
+ENGINE_FILE = "unet.onnx"
 
 # Runtime layer types that multiply: the share of them in u8/i8 is the engine's integer share.
 MAC_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
@@ -91,7 +99,26 @@ class OpenVinoBackend(Backend):
                    "scales are compiled in)")
 
     def emit(self, folder: Path, job: EngineJob, progress=None) -> EngineSet:
-        return emit_qdq_engines(folder, job, None, openvino_fusion_report)
+        K = job.groups
+        same_weights = all((job.bits[g] == job.bits[0]).all() for g in range(K)) and not job.per_group_rounding
+        if K == 1 or not job.profile.scalar_group_inputs or job.group_engines or job.max_engines is not None \
+                or not same_weights:
+            return emit_qdq_engines(folder, job, None, openvino_fusion_report)
+        # one engine, its groups' scalars fed (lowering/affine.py)
+        _, _, model = next(iter(job.lower([list(range(K))], job.ranges, affine_groups=True)))
+        params = [group_scalars(model, job.ranges[g]) for g in range(K)]
+        writer = SharedWeights(folder)
+        try:
+            name = writer.add(model, ENGINE_FILE)
+        finally:
+            files = writer.close()
+        del model
+        names = group_files(K)
+        for p, f in zip(params, names):
+            with open(folder / f, "wb") as fh:
+                np.savez(fh, **p)
+        return EngineSet((name,), (name,) * K, tuple(params), {name: 0},
+                         {name: openvino_fusion_report(folder / name)}, [name, *files, *names])
 
     def engine_entry(self, engines: EngineSet, guided: bool) -> dict:
         return {"openvino_version": openvino_version(), "inference_precision": "f32"}

@@ -31,7 +31,8 @@ def engine_job(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config
     return EngineJob(ws.profile, len(calib.groups), plan.bits, tuple(ws.weight_layers), calib.ranges(),
                      lower,
                      store_weights=isinstance(config.recipe, MixedRecipe),
-                     per_group_rounding=plan.per_group_rounding, max_engines=config.max_engines)
+                     per_group_rounding=plan.per_group_rounding, max_engines=config.max_engines,
+                     group_engines=config.group_engines)
 
 
 def write_engines(folder: Path, ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config: BuildConfig,

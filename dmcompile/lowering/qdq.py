@@ -152,7 +152,8 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
         return name
 
     ranges = dict(ranges)
-    float_bias = float_bias_convs(model, quant_inputs, set(layers)) if pins is not None else {}
+    float_bias = float_bias_convs(model, quant_inputs, set(layers)) \
+        if pins is not None and profile.constant_conv_params else {}
     pins = {t: z for t, z in (pins or {}).items() if t in quant_inputs}
     conv_of_output = {}  # a float-bias Conv's output read only in float -> the Conv
     nodes = []

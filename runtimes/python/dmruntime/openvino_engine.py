@@ -1,4 +1,5 @@
-"""One OpenVINO engine: a per-group QDQ graph whose activation scales OpenVINO compiles in.
+"""One OpenVINO engine: a QDQ graph whose activation scales OpenVINO compiles in (one per group,
+or one for all groups fed each group's scalars: dmcompile's ``lowering/affine.py``).
 
 OpenVINO is optional (``pip install 'dmruntime[openvino]'``); it is imported only when a bundle
 built for openvino-cpu is opened.
@@ -73,17 +74,15 @@ class OpenVinoEngine:
 
     def predict(self, sample: np.ndarray, timestep: int | np.ndarray, extra: dict | None = None,
                 cond: dict | None = None) -> np.ndarray:
-        """Run the UNet once (see OnnxEngine.predict); ``extra`` must be empty: OpenVINO
-        engines carry their group's scales."""
+        """Run the UNet once (see OnnxEngine.predict); ``extra``: the group's scalars of an engine
+        that serves every group (none where each engine carries its group's scales)."""
         check_sample(sample, self.sample_shape)
-        if extra:
-            raise BundleError(f"{self.path.name} is an OpenVINO engine: it takes no group inputs")
         ts = np.broadcast_to(np.asarray(timestep, dtype=np.int64), (sample.shape[0],)).copy()
         request = self._request()
         with self._lock:
             self._running += 1
         try:
-            request.infer({"sample": sample, "timestep": ts, **(cond or {})})
+            request.infer({"sample": sample, "timestep": ts, **(cond or {}), **(extra or {})})
             # the request reuses its output buffer: copy before the next call overwrites it
             return np.array(request.get_tensor("eps").data, copy=True)
         except (RuntimeError, TypeError, ValueError, KeyError) as e:
