@@ -3,7 +3,7 @@
     pip install nncf          # only for the NNCF baseline (bench-only, not a dependency)
     python benchmarks/bench_openvino.py placement [--models ddpm-cifar10-32]
     python benchmarks/bench_openvino.py int4
-    python benchmarks/bench_openvino.py latency  [--models digits16 ddpm-cifar10-32] [--batches 1 8]
+    python benchmarks/bench_openvino.py latency  [--models digits16 ddpm-cifar10-32] [--batches 1 8] [--work DIR]
     python benchmarks/bench_openvino.py switch   [--models digits16 ddpm-cifar10-32]
     python benchmarks/bench_openvino.py memory   [--models ddpm-cifar10-32]
     python benchmarks/bench_openvino.py fidelity [--models digits16] [--samples 256]
@@ -16,8 +16,10 @@ latency: per UNet call (interleaved rounds, medians; the timed call follows an u
   same timestep, so it excludes engine switching) and per 50-step DDIM run (interleaved; includes it),
   ORT fp32, OpenVINO fp32 (default hint: bf16 where the CPU has it; f32 forced), ONNX Runtime's
   quantize_static, NNCF's nncf.quantize of the same fp32 ONNX run by OpenVINO, dmcompile K=1 /
-  K=10 on ort-cpu and openvino-cpu; ratios to ORT fp32. quantize_static and NNCF calibrate on
-  the same 64 (x_t, t) rows of fp32 DDIM trajectories.
+  K=10 on ort-cpu and openvino-cpu, and K=10 as dmcompile built it before issue 26 (ort-cpu with
+  every group's own Conv zero points and int32 biases fed) and openvino-cpu K=10 --shared-engine;
+  ratios to ORT fp32. quantize_static and NNCF calibrate on the same 64 (x_t, t) rows of fp32 DDIM
+  trajectories. ``--work DIR`` keeps the bundles for the next run.
 switch: openvino-cpu K = 10, the first call after moving to another group's compiled model (the
   previous one freed its activation buffers) against a steady call; 9 switches per 50-step run.
 memory: each variant in a fresh process: first start (compile) and second start (OpenVINO's
@@ -87,12 +89,26 @@ def nncf_int8(fp_path: Path, rows: list[dict], core):
 
 
 def build(model: str, out: Path, profile: str, k: int, **kw) -> Path:
+    """A bundle (kept when ``out`` holds one already: ``--work`` reuses builds between runs)."""
     from dmcompile import api
     from dmcompile.config import BuildConfig, CalibrationConfig
 
+    if (out / "manifest.json").is_file():
+        return out
     cal = CalibrationConfig(size=64 if model == "digits16" else 16, groups=k)
     return api.build(model, out, BuildConfig(profile=profile, calibration=cal, eval_samples=kw.pop("eval_samples", 0),
-                                             **kw)).path
+                                             speed_check=False, **kw)).path
+
+
+# dmcompile's variants: (label, profile, K, build options); "before" = what dmcompile built before issue 26
+DMCOMPILE_VARIANTS = (
+    ("ort-cpu K=1", "ort-cpu", 1, {}),
+    ("ort-cpu K=10", "ort-cpu", 10, {}),
+    ("ort-cpu K=10 before (--per-group-conv-params)", "ort-cpu", 10, {"constant_conv_params": False}),
+    ("openvino-cpu K=1", "openvino-cpu", 1, {}),
+    ("openvino-cpu K=10", "openvino-cpu", 10, {}),
+    ("openvino-cpu K=10 --shared-engine", "openvino-cpu", 10, {"shared_engine": True}),
+)
 
 
 def variants(model: str, tmp: Path, threads: int) -> dict:
@@ -121,10 +137,10 @@ def variants(model: str, tmp: Path, threads: int) -> dict:
         out["NNCF int8 (OpenVINO)"] = Runner(lambda f: nn(f)[0], fpb)
     except ImportError:
         print("nncf not installed: pip install nncf for its baseline", file=sys.stderr)
-    for profile in ("ort-cpu", "openvino-cpu"):
-        for k in (1, 10):
-            path = build(model, tmp / f"{profile}-k{k}", profile, k)
-            out[f"dmcompile {profile} K={k}"] = Bundle.open(path, threads=threads, cache_dir=tmp / "ovcache")
+    for label, profile, k, kw in DMCOMPILE_VARIANTS:
+        folder = tmp / model / label.split(" (")[0].replace(" ", "-").replace("=", "")
+        path = build(model, folder, profile, k, **kw)
+        out[f"dmcompile {label}"] = Bundle.open(path, threads=threads, cache_dir=tmp / "ovcache")
     return out
 
 
@@ -134,7 +150,7 @@ def cmd_latency(args) -> None:
     rows = []
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
-            vs = variants(name, Path(tmp), args.threads)
+            vs = variants(name, Path(args.work) if args.work else Path(tmp), args.threads)
             shape = next(iter(vs.values())).sample_shape
             ts = [int(t) for t in ddim_timesteps(next(iter(vs.values())).schedule, 50)]
             for b in args.batches:
@@ -432,6 +448,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--run-repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", type=Path, default=None,
+                   help="latency: keep the built bundles here and reuse them on the next run")
     p.add_argument("--max-engines", nargs="+", type=int, default=[4, 3, 2])
     p.add_argument("--eval-samples", type=int, default=32)
     p.add_argument("--samples", type=int, default=256)

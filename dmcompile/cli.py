@@ -250,7 +250,7 @@ def cmd_build(args) -> int:
                       correction=not args.no_correction, step_aware=args.step_aware, null_class=args.null_class,
                       decoder=args.decoder, max_engines=args.max_engines, residual_int8=not args.no_residual_int8,
                       text_encoder=args.text_encoder, clip_skip=args.clip_skip, speed_check=args.speed_check,
-                      constant_conv_params=not args.per_group_conv_params, group_engines=args.group_engines)
+                      constant_conv_params=not args.per_group_conv_params, shared_engine=args.shared_engine)
     out = args.output or default_output(args.model, args.format)
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
     m = res.manifest
@@ -468,9 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-residual-int8", action="store_true",
                    help="tensorrt: keep residual Adds' skip inputs FP16 (default: Q/DQ on them, so TensorRT fuses "
                         "the Add into the int8 Conv; costs quality, 5 dB PSNR on digits16)")
-    b.add_argument("--group-engines", action="store_true",
-                   help="openvino-cpu: one compiled engine per timestep group, its scales compiled in (the memory "
-                   "of one compiled model per group); default: one engine fed each group's scalars")
+    b.add_argument("--shared-engine", action="store_true",
+                   help="openvino-cpu: one compiled engine for every timestep group, fed each group's scalars (the "
+                   "memory of one compiled model; slower: 1.09x per call on ddpm-cifar10-32, more on tiny models); "
+                   "default: one engine per group, its scales compiled in")
     b.add_argument("--per-group-conv-params", action="store_true",
                    help="ort-cpu with several groups: feed every group's own Conv input zero points and int32 "
                    "biases (ONNX Runtime's generic int8 Conv, slower); default: one zero point per Conv input for "

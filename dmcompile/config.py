@@ -493,8 +493,8 @@ class BuildConfig(_Versioned):
     text_encoder: text-to-image models: the text encoders in the bundle, ``fp32`` (default) or
     ``int8`` (ONNX Runtime's dynamic quantization; its error on the calibration prompts in the
     manifest). clip_skip: text-to-image models: diffusers' ``clip_skip`` (see ExportConfig).
-    group_engines: openvino-cpu: one engine per group with its scales compiled in (memory grows with
-    every engine; ``max_engines`` merges them) instead of one engine fed each group's scalars.
+    shared_engine: openvino-cpu: one engine for every group, fed each group's scalars (the memory of
+    one compiled model) instead of one engine per group with its scales compiled in.
     constant_conv_params: ort-cpu with several groups: each Conv input's zero point shared by the
     groups and Conv biases added in float (ONNX Runtime's fast symmetric int8 Conv in the shared
     engine); False feeds every group's own zero points and int32 biases (its generic path).
@@ -527,7 +527,7 @@ class BuildConfig(_Versioned):
     clip_skip: int | None = field(default=None, metadata={"omit_default": True})
     speed_check: bool | str = field(default="auto", metadata={"omit_default": True})
     constant_conv_params: bool = field(default=True, metadata={"omit_default": True})
-    group_engines: bool = field(default=False, metadata={"omit_default": True})
+    shared_engine: bool = field(default=False, metadata={"omit_default": True})
     SCHEMA_VERSION = 2
 
     def __init__(self, **options):
@@ -556,11 +556,13 @@ class BuildConfig(_Versioned):
         _check(self.decoder in ("fp32", "w8a8"), f"decoder must be 'fp32' or 'w8a8', got {self.decoder!r}")
         _check(self.text_encoder in ("fp32", "int8"), f"text_encoder must be 'fp32' or 'int8', got {self.text_encoder!r}")
         ExportConfig(clip_skip=self.clip_skip)  # its check
-        _check(isinstance(self.group_engines, bool), f"group_engines must be True or False, got {self.group_engines!r}")
-        _check(not self.group_engines or PROFILES[self.profile].scalar_group_inputs,
-               f"group_engines (--group-engines) applies to --target "
+        _check(isinstance(self.shared_engine, bool), f"shared_engine must be True or False, got {self.shared_engine!r}")
+        _check(not self.shared_engine or PROFILES[self.profile].scalar_group_inputs,
+               f"shared_engine (--shared-engine) applies to --target "
                f"{' and '.join(p.name for p in PROFILES.values() if p.scalar_group_inputs)}; {self.profile} "
-               f"{'writes an engine per group already' if PROFILES[self.profile].scales_in_engines else 'runs every group on one engine'}")
+               f"{'compiles scales into its engines' if PROFILES[self.profile].scales_in_engines else 'runs every group on one engine already'}")
+        _check(not (self.shared_engine and self.max_engines), "shared_engine runs every group on one engine: "
+               "max_engines does not apply")
         _check(isinstance(self.constant_conv_params, bool),
                f"constant_conv_params must be True or False, got {self.constant_conv_params!r}")
         _check(self.speed_check in (True, False, "auto"),

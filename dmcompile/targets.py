@@ -51,8 +51,8 @@ class TargetProfile:
     is one engine per group, or per run of merged groups (``--max-engines``); otherwise groups
     share engines and feed them their scales.
     scalar_group_inputs: a target whose engines carry their scales (``scales_in_engines``) may
-    instead run every group on one engine fed per-group scalars (``lowering/affine.py``); the
-    default for K > 1 unless ``group_engines`` or ``max_engines`` asks for an engine per group.
+    instead run every group on one engine fed per-group scalars (``lowering/affine.py``) when
+    the build asks (``shared_engine``).
     constant_conv_params: where groups share an engine, give each Conv input one zero point for all
     groups and add Conv biases in float after the output, so that every integer Conv sees a
     constant input zero point and bias: ONNX Runtime then runs its symmetric int8 convolution

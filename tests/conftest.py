@@ -194,15 +194,15 @@ def embeddings(n, seed=0):
 
 @pytest.fixture(scope="session")
 def ov_bundle(tiny_model_dir, tmp_path_factory) -> Path:
-    """openvino-cpu's default: one engine fed each group's scalars."""
+    """openvino-cpu's default: one engine per group, its scales compiled in."""
     return build_for("openvino-cpu", tiny_model_dir, tmp_path_factory.mktemp("ov") / "b", eval_samples=4).path
 
 
 @pytest.fixture(scope="session")
-def ov_group_bundle(tiny_model_dir, tmp_path_factory) -> Path:
-    """openvino-cpu with --group-engines: one engine per group, its scales compiled in."""
-    return build_for("openvino-cpu", tiny_model_dir, tmp_path_factory.mktemp("ovg") / "b", eval_samples=4,
-                     group_engines=True).path
+def ov_shared_bundle(tiny_model_dir, tmp_path_factory) -> Path:
+    """openvino-cpu with --shared-engine: one engine for every group, fed each group's scalars."""
+    return build_for("openvino-cpu", tiny_model_dir, tmp_path_factory.mktemp("ovs") / "b", eval_samples=4,
+                     shared_engine=True).path
 
 
 @pytest.fixture(scope="session")

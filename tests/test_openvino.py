@@ -36,8 +36,7 @@ def _initializer_names(path):
     return {i.name for i in onnx.load(str(path), load_external_data=False).graph.initializer}
 
 
-def test_placement_leaves_conv_outputs_and_attention_float(ov_group_bundle, ort_bundle):
-    ov_bundle = ov_group_bundle
+def test_placement_leaves_conv_outputs_and_attention_float(ov_bundle, ort_bundle):
     m = json.loads((ov_bundle / "manifest.json").read_text())
     fp = onnx.load(str(ov_bundle / "unet_e00.onnx"), load_external_data=False)
     q_inputs = {n.input[0] for n in fp.graph.node if n.op_type == "QuantizeLinear"}
@@ -66,8 +65,7 @@ def test_placement_leaves_conv_outputs_and_attention_float(ov_group_bundle, ort_
     assert {l["activation"] for l in ort["precision"]["layers"] if not l["weight"]} == {"uint8"}
 
 
-def test_engines_share_one_weights_file(ov_group_bundle):
-    ov_bundle = ov_group_bundle
+def test_engines_share_one_weights_file(ov_bundle):
     m = json.loads((ov_bundle / "manifest.json").read_text())
     engines = sorted({g["engine"] for g in m["groups"]})
     assert len(engines) == 4 and all(g["inputs"] is None for g in m["groups"])
@@ -100,7 +98,7 @@ def test_int8_share_after_openvino_compiles(ov_bundle, tiny_cond_dir, tmp_path):
         assert f["ratio"] == 1.0 and f["integer"]["Convolution"] > 0 and f["integer"]["FullyConnected"] > 0
     # a cross-attention model: the encoder states' K/V projections run in int8 too
     cond = build(tiny_cond_dir, tmp_path / "cond").manifest
-    fusion = cond["build"]["fusion"]  # one engine, fed each group's scalars
+    fusion = cond["build"]["fusion"]["engines"]["unet_e00.onnx"]
     assert fusion["ratio"] == 1.0 and fusion["integer"]["FullyConnected"] > 0
     # and the OpenVINO engine takes the condition like the ONNX Runtime one
     b = Bundle.open(tmp_path / "cond")
@@ -119,13 +117,13 @@ def test_digits16_runs_every_weighted_layer_in_int8(tmp_path):
     layers = [l for l in m["precision"]["layers"] if l["weight"]]
     convs = sum(l["op_type"] == "Conv" for l in layers)
     fusion = m["build"]["fusion"]
-    assert "engines" not in fusion and fusion["ratio"] == 1.0  # one engine fed each group's scalars
-    # every Conv a u8 Convolution, every Linear a u8 FullyConnected
-    assert fusion["integer"] == {"Convolution": convs, "FullyConnected": len(layers) - convs}, fusion
+    assert len(fusion["engines"]) == 10 and fusion["ratio"] == 1.0
+    for f in fusion["engines"].values():  # every Conv a u8 Convolution, every Linear a u8 FullyConnected
+        assert f["integer"] == {"Convolution": convs, "FullyConnected": len(layers) - convs}, f
 
 
-@pytest.mark.parametrize("kind", ["shared", "group engines"])
-def test_openvino_engine_matches_onnxruntime_on_the_same_graph(kind, ov_bundle, ov_group_bundle, tiny_model_dir):
+@pytest.mark.parametrize("kind", ["group engines", "shared engine"])
+def test_openvino_engine_matches_onnxruntime_on_the_same_graph(kind, ov_bundle, ov_shared_bundle, tiny_model_dir):
     """The same QDQ engine file run by OpenVINO (its int8 kernels) and by ONNX Runtime with graph
     optimisation off (every QuantizeLinear / DequantizeLinear and float op executed as the graph
     says: the exact simulation). OpenVINO rounds differently inside, so a rounding tie can flip
@@ -135,7 +133,7 @@ def test_openvino_engine_matches_onnxruntime_on_the_same_graph(kind, ov_bundle, 
     moves the output 4%-83%. So: at least half bit-exact, none past a flipped quantum's reach."""
     import onnxruntime as ort
 
-    ov_bundle = ov_bundle if kind == "shared" else ov_group_bundle
+    ov_bundle = ov_bundle if kind == "group engines" else ov_shared_bundle
     b = Bundle.open(ov_bundle)
     fp = Bundle.open(stages.fp_bundle(str(tiny_model_dir)))
     so = ort.SessionOptions()
@@ -157,8 +155,8 @@ def test_openvino_engine_matches_onnxruntime_on_the_same_graph(kind, ov_bundle, 
     assert (diffs < 1e-5).mean() >= 0.5 and diffs.max() < 0.03, diffs.round(4)
 
 
-def test_group_switching_picks_the_groups_compiled_model(ov_group_bundle):
-    b = Bundle.open(ov_group_bundle)
+def test_group_switching_picks_the_groups_compiled_model(ov_bundle):
+    b = Bundle.open(ov_bundle)
     x = np.random.default_rng(1).standard_normal((2, *b.sample_shape)).astype(np.float32)
     t = 500
     own = b.group_of(t)
@@ -350,15 +348,15 @@ def test_budgeted_mixed_plan_on_openvino(tiny_model_dir, tmp_path):
     assert m["build"]["fusion"]["ratio"] == 1.0
 
 
-def test_one_engine_fed_each_group_s_scalars(ov_bundle, ov_group_bundle, tiny_model_dir):
-    """openvino-cpu's default (issue 26): one engine for every group, which multiplies each quantized
+def test_one_engine_fed_each_group_s_scalars(ov_shared_bundle, ov_bundle, tiny_model_dir):
+    """--shared-engine (issue 26): one engine for every group, which multiplies each quantized
     tensor by a per-group scalar before a constant-scale quantizer and corrects the integer kernels'
     products after them: every weighted layer int8 after OpenVINO compiles it, one compiled model's
     memory, the groups' outputs their own, fidelity as the per-group engines'."""
-    m = json.loads((ov_bundle / "manifest.json").read_text())
+    m = json.loads((ov_shared_bundle / "manifest.json").read_text())
     assert {g["engine"] for g in m["groups"]} == {"unet.onnx"}
     assert [g["inputs"] for g in m["groups"]] == [f"group_{i:02d}.npz" for i in range(4)]
-    params = [dict(np.load(ov_bundle / g["inputs"])) for g in m["groups"]]
+    params = [dict(np.load(ov_shared_bundle / g["inputs"])) for g in m["groups"]]
     names = set(params[0])
     assert names and all(set(p) == names for p in params)
     for p in params:  # a and 1/a per quantized tensor, scalars
@@ -367,14 +365,16 @@ def test_one_engine_fed_each_group_s_scalars(ov_bundle, ov_group_bundle, tiny_mo
                 assert v.shape == () and v > 0 and np.isclose(v * p[k[: -len("group_a")] + "group_inv_a"], 1, rtol=1e-6)
     assert any(not np.array_equal(params[0][k], params[3][k]) for k in names)  # per-group calibration
     assert m["build"]["fusion"]["ratio"] == 1.0
-    b = Bundle.open(ov_bundle)
+    b = Bundle.open(ov_shared_bundle)
     x = np.random.default_rng(2).standard_normal((2, *b.sample_shape)).astype(np.float32)
     outs = [b.predict(x, g.t_start) for g in b.groups]
     assert len({o.tobytes() for o in outs}) == len(outs)
     # as close to fp32 as the per-group engines (the build's paired PSNR, same seeds)
-    group = json.loads((ov_group_bundle / "manifest.json").read_text())["fidelity"]["psnr_db_mean"]
+    group = json.loads((ov_bundle / "manifest.json").read_text())["fidelity"]["psnr_db_mean"]
     assert m["fidelity"]["psnr_db_mean"] > group - 1.0, (m["fidelity"]["psnr_db_mean"], group)
-    with pytest.raises(ConfigError, match="group_engines"):
-        BuildConfig(group_engines=True)  # ort-cpu runs every group on one engine
-    with pytest.raises(ConfigError, match="group_engines"):
-        BuildConfig(profile="tensorrt", group_engines=True)
+    with pytest.raises(ConfigError, match="shared_engine"):
+        BuildConfig(shared_engine=True)  # ort-cpu runs every group on one engine already
+    with pytest.raises(ConfigError, match="shared_engine"):
+        BuildConfig(profile="tensorrt", shared_engine=True)
+    with pytest.raises(ConfigError, match="max_engines"):
+        BuildConfig(profile="openvino-cpu", shared_engine=True, max_engines=2)

@@ -51,8 +51,8 @@ class EngineJob:
     inputs share zero points and Conv biases go float (``lowering/qdq.py``). ``bits[g, l]``: the width of
     ``weight_layers[l]`` in group g (32: kept float). ``store_weights``: quantized weights go to
     a store outside the engines (mixed precision: 4-bit packed). ``per_group_rounding``: each
-    group's weights are rounded on its own moments. ``group_engines``: targets that can do either
-    write one engine per group with its scales in it rather than one engine fed each group's."""
+    group's weights are rounded on its own moments. ``shared_engine``: a target whose engines carry their
+    scales writes one engine for every group, fed each group's scalars."""
 
     profile: TargetProfile
     groups: int
@@ -63,7 +63,7 @@ class EngineJob:
     store_weights: bool = False
     per_group_rounding: bool = False
     max_engines: int | None = None
-    group_engines: bool = False
+    shared_engine: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,12 +11,13 @@ each engine file keeps only its graph and small constants (scales, zero points)
 (``shared_weights.py``, also TensorRT's).
 
 OpenVINO's CPU plugin repacks weights per compiled model (its weight cache belongs to the
-compiled model), so resident memory grows with the number of engines. So by default all groups
-share one engine whose groups differ only in scalars fed as inputs (``lowering/affine.py``:
+compiled model), so resident memory grows with the number of engines: ``--max-engines`` merges
+adjacent groups into fewer engines (``cluster_groups``), and ``--shared-engine`` runs every group
+on one engine whose groups differ only in scalars fed as inputs (``lowering/affine.py``:
 constant-scale quantizers after a per-group multiplication, the products corrected after the
-integer kernels), with ``group_XX.npz`` per group as on ort-cpu. ``--group-engines`` writes one
-engine per group with its scales compiled in instead, and ``--max-engines`` merges adjacent groups
-into fewer such engines (``cluster_groups``).
+integer kernels; ``group_XX.npz`` per group as on ort-cpu). That engine costs speed (measured:
+OpenVINO no longer fuses a SiLU with the quantizer after it when a fed multiplication sits
+between them, 1.09x per call on ddpm-cifar10-32), so it is the choice for memory, not the default.
 """
 
 from __future__ import annotations
@@ -101,8 +102,7 @@ class OpenVinoBackend(Backend):
     def emit(self, folder: Path, job: EngineJob, progress=None) -> EngineSet:
         K = job.groups
         same_weights = all((job.bits[g] == job.bits[0]).all() for g in range(K)) and not job.per_group_rounding
-        if K == 1 or not job.profile.scalar_group_inputs or job.group_engines or job.max_engines is not None \
-                or not same_weights:
+        if K == 1 or not (job.profile.scalar_group_inputs and job.shared_engine) or not same_weights:
             return emit_qdq_engines(folder, job, None, openvino_fusion_report)
         # one engine, its groups' scalars fed (lowering/affine.py)
         _, _, model = next(iter(job.lower([list(range(K))], job.ranges, affine_groups=True)))

@@ -32,7 +32,7 @@ def engine_job(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config
                      lower,
                      store_weights=isinstance(config.recipe, MixedRecipe),
                      per_group_rounding=plan.per_group_rounding, max_engines=config.max_engines,
-                     group_engines=config.group_engines)
+                     shared_engine=config.shared_engine)
 
 
 def write_engines(folder: Path, ws: Workspace, calib: CalibrationResult, plan: WeightPlan, config: BuildConfig,
