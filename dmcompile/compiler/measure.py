@@ -98,9 +98,8 @@ def slower_advice(ws: Workspace, config: BuildConfig) -> str:
     channels = [l.weight_shape[0] for l in ws.weight_layers if l.weight_shape]
     tips = []
     if config.calibration.groups > 1 and not ws.profile.scales_in_engines:
-        tips.append("--groups 1 (one set of scales, compiled into the engine as constants: ONNX Runtime's fastest "
-                    "int8 convolution)")
-    others = [p.name for p in PROFILES.values() if p is not ws.profile and _on_cpu(p)]
+        tips.append("--groups 1 (one set of scales, constants in the engine: no per-group inputs or corrections)")
+    others = [p.name for p in PROFILES.values() if p.name != ws.profile.name and _on_cpu(p)]
     if others:
         tips.append("another CPU target (" + " or ".join(f"--target {n}" for n in others) + ")")
     tips.append("float layers for the smallest ones (--weight-bits 'PATTERN=float')")
