@@ -85,3 +85,27 @@ def test_bench_command(tiny_model_dir, tiny_export, tmp_path, capsys):
     assert cli.main(["bench", str(bundle), "--repeats", "0"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "--repeats must be >= 1" in err
+
+
+def test_speed_check_visits_every_group_s_engine():
+    """Each pass of the build's speed check calls the bundle once per group (7 groups included,
+    which the runtime benchmark's stride of 7 steps would not cycle through)."""
+    from types import SimpleNamespace
+
+    from dmruntime.bench import speed_check
+
+    class Fake:
+        def __init__(self, k):
+            self.groups = [SimpleNamespace(t_start=100 * g, t_end=100 * g + 100) for g in range(k)]
+            self.sample_shape, self.conditioning, self.seen = (1, 2, 2), None, []
+
+        def predict(self, x, t, cond=None):
+            self.seen.append(t)
+            return x
+
+    for k in (7, 10):
+        b, ref = Fake(k), Fake(1)
+        record = speed_check(b, ref, batches=(1,), rounds=2)
+        timed = b.seen[k:]  # after the warm-up call of every group
+        assert sorted(set(timed)) == [100 * g + 50 for g in range(k)] and len(timed) == 2 * k
+        assert record["calls_per_batch"] == 2 * k

@@ -105,16 +105,16 @@ def warm(bundle) -> None:
 
 
 def time_calls(bundles: list, batch: int, timesteps: list[int], repeats: int, seed: int = 0,
-               warm_group: bool = True) -> list[list[float]]:
+               warm_group: bool = True, stride: int = 7) -> list[list[float]]:
     """Seconds per model call, per bundle: ``repeats`` rounds, each round calling every bundle in
-    turn at the round's timestep (cycling through ``timesteps``), so that drifts of a shared
+    turn at the round's timestep (``timesteps[r * stride % len]``), so that drifts of a shared
     machine hit all bundles alike. ``warm_group``: call once untimed first (the group's engine
     warm: switching excluded); else the timed call is the first at that timestep."""
     x = np.random.default_rng(seed).standard_normal((batch, *bundles[0].sample_shape)).astype(np.float32)
     conds = [dummy_cond(b, batch) for b in bundles]
     out = [[] for _ in bundles]
     for r in range(repeats):
-        t = timesteps[(r * 7) % len(timesteps)]
+        t = timesteps[(r * stride) % len(timesteps)]
         for i, b in enumerate(bundles):
             if warm_group:
                 b.predict(x, t, conds[i])
@@ -146,7 +146,8 @@ def speed_check(bundle, reference, batches=(1, 8), rounds: int = 3) -> dict:
     mids = [(g.t_start + g.t_end) // 2 for g in bundle.groups]
     out = {}
     for batch in batches:
-        got, want = time_calls([bundle, reference], batch, mids, rounds * len(mids), seed=batch, warm_group=False)
+        got, want = time_calls([bundle, reference], batch, mids, rounds * len(mids), seed=batch, warm_group=False,
+                               stride=1)
         b, f = statistics.median(got), statistics.median(want)
         out[str(batch)] = {"bundle_ms": round(b * 1e3, 3), "fp32_ms": round(f * 1e3, 3), "ratio": round(b / f, 3)}
     return {"reference": "fp32 ONNX export on ONNX Runtime", "machine": cpu_line(), "calls_per_batch": rounds * len(mids),
