@@ -92,7 +92,10 @@ def _scalar(name: str, value, dtype) -> TensorProto:
 def broadcast_tensors(model: onnx.ModelProto) -> set[str]:
     """Tensors whose inferred shape is [N, C, 1, ...] (ONNX shape inference on the graph: a time
     embedding broadcast over the image), where a Conv's bias can be added at no cost."""
-    g = onnx.shape_inference.infer_shapes(model).graph
+    try:
+        g = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # onnx raises several of its own kinds; without shapes the bias goes into a Sum
+        return set()
     out = set()
     for v in [*g.value_info, *g.input]:
         dims = v.type.tensor_type.shape.dim
