@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the Add into the int8 Conv; costs quality, 5 dB PSNR on digits16)")
     b.add_argument("--shared-engine", action="store_true",
                    help="openvino-cpu: one compiled engine for every timestep group, fed each group's scalars (the "
-                   "memory of one compiled model; slower: 1.09x per call on ddpm-cifar10-32, more on tiny models); "
+                   "memory of one compiled model; slower: 1.09-1.18x per call on ddpm-cifar10-32, more on tiny models); "
                    "default: one engine per group, its scales compiled in")
     b.add_argument("--per-group-conv-params", action="store_true",
                    help="ort-cpu with several groups: feed every group's own Conv input zero points and int32 "

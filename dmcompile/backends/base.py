@@ -96,6 +96,15 @@ def group_files(k: int) -> list[str]:
     return [f"group_{g:02d}.npz" for g in range(k)]
 
 
+def write_group_inputs(folder: Path, params: list[dict[str, np.ndarray]]) -> list[str]:
+    """Each group's engine inputs as ``group_XX.npz`` in ``folder``; returns the file names."""
+    names = group_files(len(params))
+    for p, name in zip(params, names):
+        with open(Path(folder) / name, "wb") as f:
+            np.savez(f, **p)
+    return names
+
+
 class Backend:
     """One target runtime's engine writer. Subclasses set ``name`` (the profile's ``backend`` and the
     manifest's ``engine.runtime``) and ``memory``, and implement :meth:`emit` and :meth:`fusion`."""

@@ -24,7 +24,7 @@ from onnx import numpy_helper
 from .. import onnxio
 from ..memory import MemoryModel
 from ..quant import FLOAT_BITS, encode
-from .base import Backend, EngineJob, EngineSet, StoredWeights, group_files
+from .base import Backend, EngineJob, EngineSet, StoredWeights, write_group_inputs
 
 ENGINE_FILE = "unet.onnx"
 WEIGHTS_FILE = "weights.npz"
@@ -108,17 +108,13 @@ class GroupMerger:
         return merged, [{n: d.get(n, base[n]) for n in varying} for d in self.diffs]
 
 
-def save_engine(folder: Path, engines: dict[str, onnx.ModelProto], params: list[dict[str, np.ndarray]],
-                group_files: list[str]) -> list[str]:
+def save_engine(folder: Path, engines: dict[str, onnx.ModelProto], params: list[dict[str, np.ndarray]]) -> list[str]:
     """Write the engine files (with external data past protobuf's limit) and one .npz of group
     inputs per group; returns the file names."""
     files = []
     for name, model in engines.items():
         files += onnxio.save(model, Path(folder) / name)
-    for p, name in zip(params, group_files):
-        with open(Path(folder) / name, "wb") as f:
-            np.savez(f, **p)
-    return [*files, *group_files]
+    return [*files, *write_group_inputs(folder, params)]
 
 
 def externalize_weights(model: onnx.ModelProto, bits: dict[str, int], stored: dict, tag: str = "") -> dict[str, str]:
@@ -214,7 +210,7 @@ class OnnxRuntimeBackend(Backend):
                 engine_of[g], params[g] = name, p
         fusion = {name: ort_fusion_report(model) for name, model in engines.items()}
         stored = self._store_weights(engines, first, job) if job.store_weights else None
-        files = save_engine(folder, engines, [params[g] for g in range(K)], group_files(K))
+        files = save_engine(folder, engines, [params[g] for g in range(K)])
         if stored is not None:
             arrays = {key: encode(q, b)[0] for key, (q, b) in sorted(stored.tensors.items())}
             with open(Path(folder) / WEIGHTS_FILE, "wb") as f:

@@ -17,7 +17,7 @@ on one engine whose groups differ only in scalars fed as inputs (``lowering/affi
 constant-scale quantizers after a per-group multiplication, the products corrected after the
 integer kernels; ``group_XX.npz`` per group as on ort-cpu). That engine costs speed (measured:
 OpenVINO no longer fuses a SiLU with the quantizer after it when a fed multiplication sits
-between them, 1.09x per call on ddpm-cifar10-32), so it is the choice for memory, not the default.
+between them, 1.09-1.18x per call on ddpm-cifar10-32), so it is the choice for memory, not the default.
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from .. import onnxio
 from ..lowering.affine import group_scalars
 from ..memory import MemoryModel
-from .base import Backend, EngineJob, EngineSet, group_files
+from .base import Backend, EngineJob, EngineSet, write_group_inputs
 from .shared_weights import SharedWeights, emit_qdq_engines
 
 ENGINE_FILE = "unet.onnx"
@@ -113,12 +112,8 @@ class OpenVinoBackend(Backend):
         finally:
             files = writer.close()
         del model
-        names = group_files(K)
-        for p, f in zip(params, names):
-            with open(folder / f, "wb") as fh:
-                np.savez(fh, **p)
         return EngineSet((name,), (name,) * K, tuple(params), {name: 0},
-                         {name: openvino_fusion_report(folder / name)}, [name, *files, *names])
+                         {name: openvino_fusion_report(folder / name)}, [name, *files, *write_group_inputs(folder, params)])
 
     def engine_entry(self, engines: EngineSet, guided: bool) -> dict:
         return {"openvino_version": openvino_version(), "inference_precision": "f32"}

@@ -13,7 +13,7 @@ from ..frontend.layermap import Layer, LayerMap
 from ..quant import FLOAT_BITS, merge_ranges, pinned_zero_point
 from ..targets import TargetProfile
 from .affine import affine_group_graph
-from .qdq import lower_group
+from .qdq import broadcast_tensors, lower_group
 
 
 def lower_groups(fp: Path, layer_map: LayerMap, quantized: set[str], weight_layers: Sequence[Layer],
@@ -37,6 +37,7 @@ def lower_groups(fp: Path, layer_map: LayerMap, quantized: set[str], weight_laye
     inits = {i.name: i for i in fp_proto.graph.initializer}
     merged = [merge_ranges([ranges[g] for g in members]) for members in clusters]
     pins = conv_input_pins(fp_proto, quantized, merged) if constant_conv_params else None
+    broadcast = broadcast_tensors(fp_proto) if constant_conv_params else None  # once, not per group
     if affine_groups:
         assert len(clusters) == 1, "an affine engine serves every group"
         pins = {t: pinned_zero_point([r[t] for r in ranges]) for t in sorted(ranges[0])}
@@ -54,7 +55,8 @@ def lower_groups(fp: Path, layer_map: LayerMap, quantized: set[str], weight_laye
             if key not in cache:
                 cache[key] = rounder.quantize(layer, onnxio.array(inits[layer.weight], fp), int(b), scope)
             weights[layer.weight] = cache[key]
-        model = lower_group(fp_proto, layer_map, set(quantized) - floats, weights, merged[c], profile, fp, pins)
+        model = lower_group(fp_proto, layer_map, set(quantized) - floats, weights, merged[c], profile, fp, pins,
+                            broadcast)
         yield c, (tuple(int(b) for b in widths), scope), affine_group_graph(model) if affine_groups else model
         if progress:
             progress("lower", c + 1, len(clusters))

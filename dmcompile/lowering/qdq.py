@@ -17,8 +17,9 @@ that collide with exported tensor names, and the fusion rules we need are few an
   convolution needs a constant input zero point and a constant int32 bias, and a bias in units of
   a per-group input scale cannot be constant. So the groups' Conv inputs share one zero point
   (``pins``; each group keeps its own scale) and the bias of such a Conv is added in float after
-  its output's DequantizeLinear (an Add that follows becomes a Sum with it), the output quantized
-  before the bias on the calibrated range shifted by the bias.
+  its output's DequantizeLinear (into the broadcast operand of the Add that follows, such as the
+  time embedding, else as one more input of a Sum), the output quantized before the bias on the
+  calibrated range shifted by the bias.
 """
 
 from __future__ import annotations
@@ -116,13 +117,15 @@ def float_bias_convs(model: onnx.ModelProto, quant_inputs: dict[str, list[tuple[
 
 def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[str],
                 weights: dict[str, QuantWeight], ranges: dict[str, tuple[float, float]],
-                profile: TargetProfile, base_dir=None, pins: dict[str, int] | None = None) -> onnx.ModelProto:
+                profile: TargetProfile, base_dir=None, pins: dict[str, int] | None = None,
+                broadcast: set[str] | None = None) -> onnx.ModelProto:
     """The QDQ model of one timestep group: ``ranges`` holds that group's activation ranges.
     ``fp`` may leave its weights on disk (external data in ``base_dir``): the float tensors the
     QDQ model keeps are read in, the quantized ones come from ``weights``. ``pins`` (constant
     Conv parameters, see the module docstring; None: off): tensor -> the zero point it shares
     with the other groups of its engine (the Conv inputs); with it, every Conv that ONNX Runtime
-    fuses adds its bias in float."""
+    fuses adds its bias in float. ``broadcast``: :func:`broadcast_tensors` of ``fp``, when the
+    caller lowers several groups of one graph (computed here otherwise)."""
     model = onnx.ModelProto()
     model.CopyFrom(fp)
     g = model.graph
@@ -147,7 +150,7 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
         """The Conv's float bias as a [C, 1, ...] initializer (broadcast over its output)."""
         b = float_bias[conv.name]
         name = f"{b}.c11"
-        if name not in {i.name for i in new_inits}:
+        if name not in biases:
             arr = onnxio.array(inits[b], base_dir).astype(np.float32)
             rank = len(layers[conv.name].weight_shape) - 2
             biases[name] = arr.reshape(-1, *([1] * rank))
@@ -216,7 +219,8 @@ def lower_group(fp: onnx.ModelProto, layer_map: LayerMap, quantized_nodes: set[s
                 out += bias_after(conv, f"{t}.nobias", dq, float_users, t in graph_outputs)
         return out
 
-    broadcast = broadcast_tensors(fp) if float_bias else set()
+    if float_bias and broadcast is None:
+        broadcast = broadcast_tensors(fp)
 
     def bias_after(conv, src: str, dst: str, float_users, is_output: bool) -> list[onnx.NodeProto]:
         """Add ``conv``'s bias to ``src``. Its one float reader an Add (or a Sum this pass made): into
