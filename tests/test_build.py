@@ -220,8 +220,8 @@ def test_interrupted_build_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch)
 
     real = backend.save_engine
 
-    def interrupted(folder, merged, params, names):
-        real(folder, merged, params[:1], names[:1])  # half the files are on disk
+    def interrupted(folder, merged, params):
+        real(folder, merged, params[:1])  # half the files are on disk
         raise KeyboardInterrupt
 
     monkeypatch.setattr(backend, "save_engine", interrupted)
