@@ -105,16 +105,26 @@ def phase_build_ov(args) -> dict:
     return _build(args, "bundle-openvino", profile="openvino-cpu", max_engines=args.max_engines)
 
 
-def _interleaved(variants: dict, repeats: int) -> dict:
-    """One guided step per variant (fn(t)), interleaved over a few timesteps, round 0 warming up;
-    medians and ratios to "ORT fp32"."""
+def phase_build_ov_shared(args) -> dict:
+    """The openvino-cpu bundle with all K = 10 groups in one engine (--shared-engine)."""
+    return _build(args, "bundle-openvino-shared", profile="openvino-cpu", shared_engine=True)
+
+
+def phase_build_before(args) -> dict:
+    """The ort-cpu bundle as built before issue 26: every group's own Conv zero points and biases fed."""
+    return _build(args, "bundle-before", constant_conv_params=False)
+
+
+def _interleaved(variants: dict, repeats: int, warm: bool = True) -> dict:
+    """One guided step per variant (fn(t)), interleaved over a few timesteps, round 0 warming up
+    (unless ``warm`` is False); medians and ratios to "ORT fp32"."""
     ts = [999, 800, 600, 400, 200, 1]
     times = {v: [] for v in variants}
-    for r in range(repeats + 1):
+    for r in range(repeats + int(warm)):
         for v, fn in variants.items():
             t0 = time.perf_counter()
             fn(ts[r % len(ts)])
-            if r:
+            if r or not warm:
                 times[v].append(time.perf_counter() - t0)
     base = statistics.median(times["ORT fp32"])
     return {v: {"median_s": statistics.median(x), "vs_fp32": statistics.median(x) / base, "runs": x}
@@ -224,9 +234,182 @@ def phase_check_trt(args) -> dict:
             "peak_gb": peak_gb()}
 
 
+def _rows_path(work: Path) -> Path:
+    return work / "guided_rows.npz"
+
+
+def phase_rows(args) -> dict:
+    """The guided calls the peers calibrate on: what dmcompile's build calibrates on (--calib-size
+    trajectories x --calib-steps DDIM steps, CFG 7.5, the same random embeddings), recorded from
+    the fp32 export; one row per call (batch 2: [null; cond])."""
+    from dmruntime import Bundle, SamplingLoop
+
+    from dmcompile import api
+
+    work = Path(args.work)
+    fp = Bundle.open(api.fp_bundle(MODEL), threads=args.threads)
+    conds = np.load(conditions_file(work, args.calib_size))
+    rows = []
+
+    class Recorder:
+        schedule, sample_shape, conditioning = fp.schedule, fp.sample_shape, None
+
+        def predict(self, x, t, cond=None):
+            rows.append({"sample": x.copy(), "timestep": np.full(len(x), t, np.int64),
+                         "encoder_hidden_states": cond["encoder_hidden_states"].copy()})
+            return fp.predict(x, t, cond)
+
+    t0 = time.perf_counter()
+    null = {"encoder_hidden_states": conds["null_encoder_hidden_states"][None]}
+    loop = SamplingLoop(Recorder(), "ddim", batch_size=1, guidance_scale=GUIDANCE, null_cond=null, steps=args.calib_steps)
+    loop.sample(args.calib_size, seed=0, cond={"encoder_hidden_states": conds["encoder_hidden_states"]})
+    np.savez(_rows_path(work), **{k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    return {"rows": len(rows), "batch": len(rows[0]["sample"]), "seconds": time.perf_counter() - t0, "peak_gb": peak_gb()}
+
+
+def _rows(work: Path) -> list[dict]:
+    d = np.load(_rows_path(work))
+    return [{k: d[k][i] for k in d.files} for i in range(len(d["sample"]))]
+
+
+def _ops_with_weights(model) -> list[str]:
+    """MatMuls with a constant operand (through Convert): what optimum-intel's hybrid recipe
+    compresses weight-only and leaves out of activation quantization."""
+    def const(node):
+        while node.get_type_name() == "Convert":
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant"
+
+    return [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"
+            and any(const(op.input_value(i).get_node()) for i in (0, 1))]
+
+
+def _save_ov(model, out: Path) -> int:
+    import openvino as ov
+
+    out.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(out / "model.xml"))
+    return folder_bytes(out)
+
+
+def phase_nncf(args) -> dict:
+    """NNCF's full int8 of the fp32 export, with the settings OpenVINO's notebooks give SD UNets
+    (MIXED preset, TRANSFORMER model type, bias correction off), calibrated on the guided rows."""
+    import nncf
+    import openvino as ov
+
+    from dmcompile import api
+
+    work = Path(args.work)
+    t0 = time.perf_counter()
+    model = ov.Core().read_model(str(api.fp_bundle(MODEL) / "model.onnx"))
+    rows = _rows(work)
+    q = nncf.quantize(model, nncf.Dataset(rows), subset_size=len(rows), preset=nncf.QuantizationPreset.MIXED,
+                      model_type=nncf.ModelType.TRANSFORMER,
+                      advanced_parameters=nncf.AdvancedQuantizationParameters(disable_bias_correction=True))
+    size = _save_ov(q, work / "nncf")
+    return {"seconds": time.perf_counter() - t0, "bytes": size, "rows": len(rows), "peak_gb": peak_gb()}
+
+
+def phase_hybrid(args) -> dict:
+    """optimum-intel's hybrid int8 recipe for diffusion models (``_hybrid_quantization``), done with
+    NNCF directly: int8 weight-only compression of every layer but Convolutions, then full int8
+    quantization of the rest (Convolutions and the activation MatMuls) with those weighted MatMuls
+    ignored and SmoothQuant off; calibrated on the guided rows."""
+    import openvino as ov
+
+    from dmcompile import api
+
+    work = Path(args.work)
+    t0 = time.perf_counter()
+    rows = _rows(work)
+    q = hybrid_int8(ov.Core().read_model(str(api.fp_bundle(MODEL) / "model.onnx")), rows)
+    size = _save_ov(q, work / "hybrid")
+    return {"seconds": time.perf_counter() - t0, "bytes": size, "rows": len(rows), "peak_gb": peak_gb()}
+
+
+def hybrid_int8(model, rows: list[dict]):
+    """optimum-intel's ``_hybrid_quantization`` for diffusion models, with NNCF directly."""
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedSmoothQuantParameters
+
+    weighted = _ops_with_weights(model)
+    model = nncf.compress_weights(model, ignored_scope=nncf.IgnoredScope(types=["Convolution"]))
+    return nncf.quantize(model, nncf.Dataset(rows), subset_size=len(rows), model_type=nncf.ModelType.TRANSFORMER,
+                         ignored_scope=nncf.IgnoredScope(names=weighted),
+                         advanced_parameters=nncf.AdvancedQuantizationParameters(
+                             smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1)))
+
+
+def ddim_timesteps(fp_bundle: Path, steps: int) -> list[int]:
+    """The timesteps of a ``steps``-step DDIM run on the export's own schedule."""
+    from dmruntime import ddim_timesteps as ts
+    from dmruntime.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule.from_config(json.loads((fp_bundle / "manifest.json").read_text())["scheduler"])
+    return [int(t) for t in ts(schedule, steps)]
+
+
+def phase_peers(args) -> dict:
+    """Per guided call and per --run-steps DDIM run (model calls only; dmcompile's bundles pick
+    their group per step), interleaved in one process: ORT fp32, OpenVINO fp32 default hint
+    (bf16 here), ORT quantize_static, NNCF int8, optimum-intel's hybrid int8, dmcompile ort-cpu
+    and openvino-cpu; whichever of them --work holds."""
+    import openvino as ov
+    from dmruntime import Bundle
+
+    from dmcompile import api
+
+    work = Path(args.work)
+    fp = api.fp_bundle(MODEL) / "model.onnx"
+    core = ov.Core()
+    core.set_property("CPU", {"INFERENCE_NUM_THREADS": args.threads})
+    feeds = _guided_feeds()
+    cond = {"encoder_hidden_states": feeds["encoder_hidden_states"]}
+
+    def raw(call):
+        return lambda t: call({**feeds, "timestep": np.full(2, t, np.int64)})
+
+    def ort_model(path):
+        s = ort_session(path, args.threads)
+        return raw(lambda f: s.run(None, f))
+
+    def ov_model(path):
+        c = core.compile_model(str(path), "CPU")
+        return raw(lambda f: c(f))
+
+    def bundle(path):
+        b = Bundle.open(path, threads=args.threads)
+        return lambda t: b.predict(feeds["sample"], t, cond)
+
+    candidates = {"ORT fp32": (ort_model, fp), "OpenVINO fp32 (default hint)": (ov_model, fp),
+                  "ORT quantize_static": (ort_model, work / "ort_qs" / "model.onnx"),
+                  "NNCF int8": (ov_model, work / "nncf" / "model.xml"),
+                  "optimum-intel hybrid int8 (NNCF)": (ov_model, work / "hybrid" / "model.xml")}
+    candidates |= {f"dmcompile {name}": (bundle, work / name) for name in args.bundles}
+    variants, load = {}, {}
+    for name, (make, path) in candidates.items():
+        if name in args.skip or not Path(path).exists():
+            continue
+        t0 = time.perf_counter()
+        variants[name] = make(path)
+        variants[name](500)  # compiles, allocates
+        load[name] = time.perf_counter() - t0
+        print(f"{name}: loaded and first call {load[name]:.1f} s, peak {peak_gb():.1f} GB", file=sys.stderr, flush=True)
+    out = {"per_call": _interleaved(variants, args.repeats), "first_call_s": load}
+    ts = ddim_timesteps(fp.parent, args.run_steps)
+    runs = {v: (lambda fn=fn: [fn(t) for t in ts]) for v, fn in variants.items()}
+    if args.run_repeats:
+        out["per_run"] = _interleaved({v: (lambda _t, r=r: r()) for v, r in runs.items()}, args.run_repeats,
+                                      warm=False)
+    return out | {"run_steps": args.run_steps, "peak_gb": peak_gb()}
+
+
 PHASES = {"export": phase_export, "build": phase_build, "qs": phase_qs, "latency": phase_latency,
           "build-ov": phase_build_ov, "latency-ov": phase_latency_ov, "build-trt": phase_build_trt,
-          "check-trt": phase_check_trt}
+          "check-trt": phase_check_trt, "rows": phase_rows, "nncf": phase_nncf, "hybrid": phase_hybrid,
+          "peers": phase_peers, "build-ov-shared": phase_build_ov_shared,
+          "build-before": phase_build_before}
 
 
 def main(argv=None) -> int:
@@ -238,6 +421,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-engines", type=int, default=2, help="build-ov: engines of the openvino-cpu bundle")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bundles", nargs="*", default=["bundle", "bundle-openvino"],
+                   help="peers: dmcompile bundles under --work to time")
+    p.add_argument("--skip", nargs="*", default=[], help="peers: variants to leave out (memory)")
+    p.add_argument("--run-steps", type=int, default=10, help="peers: DDIM steps of the timed sampling run")
+    p.add_argument("--run-repeats", type=int, default=1, help="peers: interleaved sampling runs (0: none)")
     args = p.parse_args(argv)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     if args.phase != "all":

@@ -140,8 +140,152 @@ def phase_generate_ov(args) -> dict:
     return _generate(args, Path(args.work) / "bundle-ov", "ov")
 
 
+def phase_build_ov_shared(args) -> dict:
+    """The openvino-cpu bundle with all K = 10 groups in one engine (--shared-engine)."""
+    return _build(args, "bundle-ov-shared", profile="openvino-cpu", shared_engine=True)
+
+
+def phase_generate_ov_shared(args) -> dict:
+    return _generate(args, Path(args.work) / "bundle-ov-shared", "ov-shared")
+
+
+GENAI_NAMES = {"text_encoder": "text_encoder", "unet": "unet", "vae": "vae_decoder"}
+
+
+def phase_genai_folder(args) -> dict:
+    """What ``optimum-cli export openvino`` writes for this folder, made without optimum-intel
+    (not installable here without CUDA torch): OpenVINO IR of the same fp32 ONNX graphs the other
+    phases run, under OpenVINO GenAI's names (unet: timestep fed as f32, as GenAI feeds it;
+    vae_decoder: the latents GenAI has already divided by the scaling factor), the diffusers
+    configs, and the tokenizer converted by openvino-tokenizers."""
+    import shutil
+
+    import openvino as ov
+    import openvino_tokenizers
+    from transformers import CLIPTokenizer
+
+    from dmcompile import api
+    from dmcompile.frontend.load import build_pipeline_preset
+
+    t0 = time.perf_counter()
+    src, fp = build_pipeline_preset(MODEL), api.fp_bundle(MODEL)
+    m = json.loads((fp / "manifest.json").read_text())
+    out = Path(args.work) / "genai"
+    tmp = out.with_name("genai.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copy2(src / "model_index.json", tmp.mkdir(parents=True) or tmp / "model_index.json")
+    (tmp / "scheduler").mkdir()
+    shutil.copy2(src / "scheduler" / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
+    for part, name in GENAI_NAMES.items():
+        (tmp / name).mkdir()
+        shutil.copy2(src / part / "config.json", tmp / name / "config.json")
+    ppp = ov.preprocess.PrePostProcessor(ov.convert_model(str(fp / "model.onnx")))
+    ppp.input("timestep").tensor().set_element_type(ov.Type.f32)
+    ov.save_model(ppp.build(), str(tmp / "unet" / "openvino_model.xml"), compress_to_fp16=False)
+    enc = m["text"]["encoders"][0]
+    ov.save_model(ov.convert_model(str(fp / enc["file"])), str(tmp / "text_encoder" / "openvino_model.xml"),
+                  compress_to_fp16=False)
+    ppp = ov.preprocess.PrePostProcessor(ov.convert_model(str(fp / m["decoder"]["file"])))
+    ppp.input().preprocess().scale(1.0 / m["decoder"]["scaling_factor"])  # GenAI divides by it, so does the graph
+    dec = ppp.build()
+    dec.inputs[0].get_tensor().set_names({"latent_sample"})
+    ov.save_model(dec, str(tmp / "vae_decoder" / "openvino_model.xml"), compress_to_fp16=False)
+    tok, detok = openvino_tokenizers.convert_tokenizer(CLIPTokenizer.from_pretrained(src / "tokenizer"),
+                                                       with_detokenizer=True)
+    (tmp / "tokenizer").mkdir()
+    ov.save_model(tok, str(tmp / "tokenizer" / "openvino_tokenizer.xml"))
+    ov.save_model(detok, str(tmp / "tokenizer" / "openvino_detokenizer.xml"))
+    for f in (src / "tokenizer").iterdir():
+        shutil.copy2(f, tmp / "tokenizer" / f.name)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return {"folder": str(out), "bytes": folder_bytes(out), "seconds": time.perf_counter() - t0, "peak_gb": peak_gb()}
+
+
+def phase_genai_hybrid(args) -> dict:
+    """optimum-intel's hybrid int8 of the GenAI folder's UNet (``bench_sd15.hybrid_int8``: int8
+    weight-only MatMuls, int8 Convolutions and activation MatMuls), calibrated on the guided UNet
+    calls of --calib-size of dmcompile's calibration prompts (--calib-steps PNDM steps, guidance
+    7.5) through the fp32 export; written as a second GenAI folder sharing everything else."""
+    import shutil
+
+    import numpy as np
+    import openvino as ov
+    from dmruntime import Bundle, Text2Image
+    from dmruntime.text import read_prompts
+
+    from benchmarks.bench_sd15 import hybrid_int8
+    from dmcompile import api, zoo
+
+    t0 = time.perf_counter()
+    work = Path(args.work)
+    bundle = Bundle.open(api.fp_bundle(MODEL))
+    rows, predict = [], bundle.predict
+
+    def record(x, t, cond=None):
+        rows.append({"sample": x.copy(), "timestep": np.array([t], np.float32),
+                     "encoder_hidden_states": cond["encoder_hidden_states"].copy()})
+        return predict(x, t, cond)
+
+    bundle.predict = record
+    prompts = read_prompts(zoo.DEFAULT_PROMPTS)[:args.calib_size]
+    Text2Image(bundle, "pndm", steps=args.calib_steps, guidance_scale=GUIDANCE, batch_size=2).generate(
+        prompts, seed=0, output="latents")
+    del bundle
+    src, out = work / "genai", work / "genai-int8"
+    tmp = out.with_name("genai-int8.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("openvino_model.*"))
+    for name in GENAI_NAMES.values():
+        if name != "unet":
+            for f in (src / name).glob("openvino_model.*"):
+                shutil.copy2(f, tmp / name / f.name)
+    model = hybrid_int8(ov.Core().read_model(str(src / "unet" / "openvino_model.xml")), rows)
+    ov.save_model(model, str(tmp / "unet" / "openvino_model.xml"))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return {"rows": len(rows), "folder": str(out), "unet_bytes": folder_bytes(out / "unet"),
+            "seconds": time.perf_counter() - t0, "peak_gb": peak_gb()}
+
+
+def _generate_genai(args, folder: str) -> dict:
+    """One image from PROMPT with OpenVINO GenAI's Text2ImagePipeline (its own tokenizer, PNDM,
+    text encoder, UNet loop and decoder), 512 x 512, 25 steps, guidance 7.5; its default CPU
+    settings (bf16 inference where the CPU has it)."""
+    import numpy as np
+    import openvino_genai
+
+    from dmruntime.cli import write_samples
+
+    t0 = time.perf_counter()
+    pipe = openvino_genai.Text2ImagePipeline(str(Path(args.work) / folder), "CPU")
+    open_s = time.perf_counter() - t0
+    gen = dict(width=512, height=512, num_inference_steps=STEPS, guidance_scale=GUIDANCE, rng_seed=0)
+    t0 = time.perf_counter()
+    pipe.generate(PROMPT, **gen)  # the first call compiles for this shape
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    image = np.asarray(pipe.generate(PROMPT, **gen).data)  # [1, H, W, 3] uint8
+    total = time.perf_counter() - t0
+    write_samples(Path(args.work) / f"{folder}.png", image.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1,
+                  cols=1, native=True)
+    return {"image_shape": list(image.shape), "open_seconds": open_s, "first_generate_seconds": first,
+            "total_seconds": total, "peak_gb": peak_gb()}
+
+
+def phase_generate_genai(args) -> dict:
+    return _generate_genai(args, "genai")
+
+
+def phase_generate_genai_int8(args) -> dict:
+    return _generate_genai(args, "genai-int8")
+
+
 PHASES = {"preset": phase_preset, "export": phase_export, "build": phase_build, "build-ov": phase_build_ov,
-          "generate-fp32": phase_generate_fp32, "generate-ort": phase_generate_ort, "generate-ov": phase_generate_ov}
+          "generate-fp32": phase_generate_fp32, "generate-ort": phase_generate_ort, "generate-ov": phase_generate_ov,
+          "build-ov-shared": phase_build_ov_shared, "generate-ov-shared": phase_generate_ov_shared,
+          "genai-folder": phase_genai_folder, "genai-hybrid": phase_genai_hybrid,
+          "generate-genai": phase_generate_genai, "generate-genai-int8": phase_generate_genai_int8}
 
 
 def main(argv=None) -> int:
