@@ -260,7 +260,7 @@ def phase_rows(args) -> dict:
             return fp.predict(x, t, cond)
 
     t0 = time.perf_counter()
-    null = {"encoder_hidden_states": conds["null_encoder_hidden_states"][None]}
+    null = {"encoder_hidden_states": conds["null_encoder_hidden_states"]}  # one row, no batch axis
     loop = SamplingLoop(Recorder(), "ddim", batch_size=1, guidance_scale=GUIDANCE, null_cond=null, steps=args.calib_steps)
     loop.sample(args.calib_size, seed=0, cond={"encoder_hidden_states": conds["encoder_hidden_states"]})
     np.savez(_rows_path(work), **{k: np.stack([r[k] for r in rows]) for k in rows[0]})

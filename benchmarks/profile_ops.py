@@ -1,10 +1,12 @@
 """Where a bundle's time goes, per op type: ONNX Runtime's profiler or OpenVINO's performance counters.
 
-    python benchmarks/profile_ops.py BUNDLE [BUNDLE ...] [--batch 8] [--repeats 10] [--threads 2] [--group 3]
+    python benchmarks/profile_ops.py BUNDLE|MODEL [...] [--like BUNDLE] [--batch 8] [--repeats 10] [--threads 2] [--group 3]
                                      [--top 14]
 
 For each bundle (or fp32 export): one engine at one timestep of group ``--group`` (its per-group
-inputs fed), ``--repeats`` profiled calls after three unprofiled ones. ONNX Runtime bundles: the
+inputs fed), ``--repeats`` profiled calls after three unprofiled ones. A bare model file (a peer:
+ONNX Runtime's quantize_static ``.onnx``, NNCF's ``.xml``) is fed the same inputs (its column is
+named by its folder). ONNX Runtime bundles: the
 session's profile (kernel time per node, summed by op type; fused QLinearConv, MatMulIntegerToFloat,
 QuantizeLinear / DequantizeLinear, float ops, layout Transposes). OpenVINO bundles: the compiled
 model's performance counters (``PERF_COUNT``; real time per executed layer, summed by layer type
@@ -28,23 +30,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def ort_profile(bundle, t: int, x, cond, repeats: int, threads: int) -> tuple[dict, float]:
-    """(op type -> ms per call, median wall ms per call) of the ONNX Runtime engine of t's group."""
+def ort_profile(path: Path, feeds: dict, repeats: int, threads: int, external: dict | None = None) -> tuple[dict, float]:
+    """(op type -> ms per call, median wall ms per call) of an ONNX model on ONNX Runtime."""
     import onnxruntime as ort
 
-    g = bundle.group_of(t)
-    engine = bundle.engine(g.engine)
-    feeds = {"sample": x, "timestep": np.full(len(x), t, np.int64), **(cond or {}),
-             **(bundle.group_inputs(t) or {})}
     with tempfile.TemporaryDirectory() as tmp:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(tmp) / "prof")
-        if engine.external:
-            values = [ort.OrtValue.ortvalue_from_numpy(v) for v in engine.external.values()]
-            so.add_external_initializers(list(engine.external), values)
-        s = ort.InferenceSession(str(engine.path), so, providers=["CPUExecutionProvider"])
+        if external:
+            values = [ort.OrtValue.ortvalue_from_numpy(v) for v in external.values()]
+            so.add_external_initializers(list(external), values)
+        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         for _ in range(3):
             s.run(None, feeds)
         walls = []
@@ -60,18 +58,14 @@ def ort_profile(bundle, t: int, x, cond, repeats: int, threads: int) -> tuple[di
     return dict(by_op), statistics.median(walls) * 1e3
 
 
-def ov_profile(bundle, t: int, x, cond, repeats: int, threads: int) -> tuple[dict, float]:
-    """(layer type and execution type -> ms per call, median wall ms) of t's OpenVINO engine."""
+def ov_profile(path: Path, feeds: dict, repeats: int, threads: int, config: dict | None = None) -> tuple[dict, float]:
+    """(layer type and execution type -> ms per call, median wall ms) of a model compiled by OpenVINO."""
     import openvino as ov
 
-    g = bundle.group_of(t)
     core = ov.Core()
     core.set_property("CPU", {"INFERENCE_NUM_THREADS": threads})
-    precision = bundle.manifest["engine"].get("inference_precision")
-    cfg = {"PERF_COUNT": True, **({"INFERENCE_PRECISION_HINT": precision} if precision else {})}
-    compiled = core.compile_model(str(bundle.root / g.engine), "CPU", cfg)
+    compiled = core.compile_model(str(path), "CPU", {"PERF_COUNT": True, **(config or {})})
     request = compiled.create_infer_request()
-    feeds = {"sample": x, "timestep": np.full(len(x), t, np.int64), **(cond or {})}
     for _ in range(3):
         request.infer(feeds)
     by_op, walls = collections.Counter(), []
@@ -85,9 +79,30 @@ def ov_profile(bundle, t: int, x, cond, repeats: int, threads: int) -> tuple[dic
     return dict(by_op), statistics.median(walls) * 1e3
 
 
+def profile(path: Path, like, t: int, x, cond, repeats: int, threads: int) -> tuple[dict, float]:
+    """Profile a bundle (its engine of t's group, with that group's inputs) or a bare model file
+    (``.onnx`` on ONNX Runtime, ``.xml`` on OpenVINO with its default hints) fed like ``like``."""
+    feeds = {"sample": x, "timestep": np.full(len(x), t, np.int64), **(cond or {})}
+    if path.is_file():
+        fn = ov_profile if path.suffix == ".xml" else ort_profile
+        return fn(path, feeds, repeats, threads)
+    from dmruntime import Bundle
+
+    b = like if path == like.root else Bundle.open(path, threads=threads)
+    g = b.group_of(t)
+    feeds |= b.group_inputs(t) or {}
+    if b.manifest["engine"]["runtime"] == "openvino":
+        precision = b.manifest["engine"].get("inference_precision")
+        return ov_profile(b.root / g.engine, feeds, repeats, threads,
+                          {"INFERENCE_PRECISION_HINT": precision} if precision else None)
+    return ort_profile(b.engine(g.engine).path, feeds, repeats, threads, b.engine(g.engine).external)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bundles", type=Path, nargs="+")
+    p.add_argument("bundles", type=Path, nargs="+", help="bundles, or bare models of the same UNet (.onnx, .xml)")
+    p.add_argument("--like", type=Path, default=None,
+                   help="a bundle of the same model, for the inputs, when only bare models are given")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
@@ -99,13 +114,15 @@ def main(argv=None) -> int:
     from dmruntime.bench import cpu_line, dummy_cond
 
     columns, walls = {}, {}
+    bundle_args = [p for p in args.bundles if not p.is_file()]
+    like = Bundle.open(bundle_args[0] if bundle_args else args.like, threads=args.threads)
+    g = like.groups[min(args.group, len(like.groups) - 1)]
+    t = (g.t_start + g.t_end) // 2
+    x = np.random.default_rng(0).standard_normal((args.batch, *like.sample_shape)).astype(np.float32)
     for path in args.bundles:
-        b = Bundle.open(path, threads=args.threads)
-        g = b.groups[min(args.group, len(b.groups) - 1)]
-        t = (g.t_start + g.t_end) // 2
-        x = np.random.default_rng(0).standard_normal((args.batch, *b.sample_shape)).astype(np.float32)
-        fn = ov_profile if b.manifest["engine"]["runtime"] == "openvino" else ort_profile
-        columns[path.name], walls[path.name] = fn(b, t, x, dummy_cond(b, args.batch), args.repeats, args.threads)
+        name = path.parent.name if path.is_file() else path.name
+        columns[name], walls[name] = profile(path, like, t, x, dummy_cond(like, args.batch), args.repeats,
+                                             args.threads)
     print(f"{cpu_line()}; {args.threads} threads; batch {args.batch}; {args.repeats} profiled calls (after 3 "
           f"unprofiled), timestep group {args.group}\n")
     rows = []
