@@ -91,7 +91,7 @@ def profile(path: Path, like, t: int, x, cond, repeats: int, threads: int) -> tu
     b = like if path == like.root else Bundle.open(path, threads=threads)
     g = b.group_of(t)
     feeds |= b.group_inputs(t) or {}
-    if b.manifest["engine"]["runtime"] == "openvino":
+    if (b.manifest.get("engine") or {}).get("runtime") == "openvino":
         precision = b.manifest["engine"].get("inference_precision")
         return ov_profile(b.root / g.engine, feeds, repeats, threads,
                           {"INFERENCE_PRECISION_HINT": precision} if precision else None)

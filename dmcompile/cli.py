@@ -250,7 +250,8 @@ def cmd_build(args) -> int:
                       correction=not args.no_correction, step_aware=args.step_aware, null_class=args.null_class,
                       decoder=args.decoder, max_engines=args.max_engines, residual_int8=not args.no_residual_int8,
                       text_encoder=args.text_encoder, clip_skip=args.clip_skip, speed_check=args.speed_check,
-                      constant_conv_params=not args.per_group_conv_params, shared_engine=args.shared_engine)
+                      constant_conv_params=not args.per_group_conv_params, shared_engine=args.shared_engine,
+                      float_precision=args.float_precision)
     out = args.output or default_output(args.model, args.format)
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
     m = res.manifest
@@ -472,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="openvino-cpu: one compiled engine for every timestep group, fed each group's scalars (the "
                    "memory of one compiled model; slower: 1.09-1.18x per call on ddpm-cifar10-32, more on tiny models); "
                    "default: one engine per group, its scales compiled in")
+    b.add_argument("--float-precision", choices=("f32", "bf16"), default="f32",
+                   help="openvino-cpu: run the layers left float (attention's MatMuls, normalisations) in bf16, "
+                   "OpenVINO's own default on CPUs with bf16 (AVX512-BF16, AMX): faster there, at some fidelity "
+                   "(benchmarks/README.md); default f32")
     b.add_argument("--per-group-conv-params", action="store_true",
                    help="ort-cpu with several groups: feed every group's own Conv input zero points and int32 "
                    "biases (ONNX Runtime's generic int8 Conv, slower); default: one zero point per Conv input for "

@@ -498,6 +498,9 @@ class BuildConfig(_Versioned):
     constant_conv_params: ort-cpu with several groups: each Conv input's zero point shared by the
     groups and Conv biases added in float (ONNX Runtime's fast symmetric int8 Conv in the shared
     engine); False feeds every group's own zero points and int32 biases (its generic path).
+    float_precision: openvino-cpu: the precision OpenVINO runs the layers left float in, ``f32``
+    (default) or ``bf16`` (OpenVINO's own default where the CPU has bf16: AVX512-BF16 / AMX; the
+    attention MatMuls, normalisations and the rest then run in bf16).
     speed_check: time the written engines against the fp32 export on this machine and record the
     ratio in the manifest (``speed``): ``"auto"`` (default) does it for models that build in about a
     minute (a UNet under SPEED_CHECK_MACS multiply-accumulates per sample) on CPU targets; True or
@@ -528,6 +531,7 @@ class BuildConfig(_Versioned):
     speed_check: bool | str = field(default="auto", metadata={"omit_default": True})
     constant_conv_params: bool = field(default=True, metadata={"omit_default": True})
     shared_engine: bool = field(default=False, metadata={"omit_default": True})
+    float_precision: str = field(default="f32", metadata={"omit_default": True})
     SCHEMA_VERSION = 2
 
     def __init__(self, **options):
@@ -563,6 +567,12 @@ class BuildConfig(_Versioned):
                f"{'compiles scales into its engines' if PROFILES[self.profile].scales_in_engines else 'runs every group on one engine already'}")
         _check(not (self.shared_engine and self.max_engines), "shared_engine runs every group on one engine: "
                "max_engines does not apply")
+        _check(self.float_precision in ("f32", "bf16"),
+               f"float_precision must be 'f32' or 'bf16', got {self.float_precision!r}")
+        _check(self.float_precision == "f32" or PROFILES[self.profile].backend == "openvino",
+               f"float_precision (--float-precision) applies to --target "
+               f"{' and '.join(p.name for p in PROFILES.values() if p.backend == 'openvino')}; {self.profile} runs "
+               f"its float layers in {'fp16' if PROFILES[self.profile].float16 else 'fp32'}")
         _check(isinstance(self.constant_conv_params, bool),
                f"constant_conv_params must be True or False, got {self.constant_conv_params!r}")
         _check(self.speed_check in (True, False, "auto"),

@@ -40,6 +40,37 @@ def test_decoder_in_export_and_bundle(tiny_latent_dir, latent_bundle, tmp_path):
     np.testing.assert_allclose(b.decode(z), want, atol=1e-4)
 
 
+def test_decoder_parity_is_checked_relative_to_pixel_size(tiny_latent_dir, tmp_path, monkeypatch):
+    """The decoder's parity is numpy.allclose's form: an error of tol * (1 + |pixel|) passes, more fails."""
+    import onnxruntime as ort
+
+    from dmcompile.config import ExportConfig
+    from dmcompile.errors import ExportError
+
+    tol, real_session = 1e-3, ort.InferenceSession
+
+    class Off:  # ONNX Runtime's decoder output, moved by `scale` * tol * (1 + |value|)
+        scale = 0.9
+
+        def __init__(self, *a, **k):
+            self.s = real_session(*a, **k)
+
+        def run(self, names, feeds):
+            out = self.s.run(names, feeds)
+            if "latents" in feeds:
+                out[0] = out[0] + np.float32(Off.scale * tol) * (1 + np.abs(out[0]))
+            return out
+
+    monkeypatch.setattr(ort, "InferenceSession", Off)
+    res = api.export(str(tiny_latent_dir), tmp_path / "ok", ExportConfig(parity_tol=tol))
+    dec = json.loads((res.path / "manifest.json").read_text())["decoder"]
+    assert tol < dec["parity_max_abs_err"] < 2 * tol  # over tol in absolute terms, within it relative to 1 + |v|
+    Off.scale = 1.2
+    with pytest.raises(ExportError, match="decoder"):
+        api.export(str(tiny_latent_dir), tmp_path / "bad", ExportConfig(parity_tol=tol))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_sample_and_eval_decode_images(latent_bundle, tmp_path, capsys):
     np.savez(tmp_path / "c.npz", **COND)
     images = api.sample(latent_bundle, api.SampleConfig(n=2, steps=3), cond=COND)

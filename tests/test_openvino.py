@@ -419,3 +419,31 @@ def test_shared_engine_graph_computes_each_group_s_own_quantization(tiny_model_d
         own = run(lower_group(proto, lm, nodes, weights, ranges[g], float_bias, pins=pins), feeds)
         assert np.linalg.norm(got - own) <= 1e-5 * np.linalg.norm(own), g
         assert np.linalg.norm(own - fpb.predict(x, t)) > 0.01 * np.linalg.norm(own)  # really quantized
+
+
+def test_float_layers_in_bf16_on_request(tiny_model_dir, ov_bundle, tmp_path):
+    """--float-precision bf16: the manifest asks OpenVINO for bf16 float layers, the runtime
+    compiles with it (bf16 where the CPU has it), and the engine stays close to the f32 one;
+    targets without that hint refuse it."""
+    import openvino as ov
+
+    path = build_for("openvino-cpu", tiny_model_dir, tmp_path / "bf16", float_precision="bf16").path
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["engine"]["inference_precision"] == "bf16"
+    assert json.loads((ov_bundle / "manifest.json").read_text())["engine"]["inference_precision"] == "f32"
+    b, f = Bundle.open(path), Bundle.open(ov_bundle)
+    t = b.groups[1].t_start
+    x = np.random.default_rng(0).standard_normal((2, *b.sample_shape)).astype(np.float32)
+    got, want = b.predict(x, t), f.predict(x, t)
+    native = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    compiled = b.engine(b.group_of(t).engine).compiled.get_property("INFERENCE_PRECISION_HINT")
+    assert compiled == (ov.Type.bf16 if native else ov.Type.f32), compiled
+    ref = Bundle.open(api.fp_bundle(str(tiny_model_dir))).predict(x, t)
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    quant = np.linalg.norm(want - ref) / np.linalg.norm(ref)  # what int8 itself moves
+    print(f"bf16 vs f32 float layers: {rel:.4f}; int8 engine vs fp32: {quant:.4f}")
+    assert (0 < rel < quant / 2) if native else rel < 1e-5, (rel, quant)
+    with pytest.raises(ConfigError, match="float_precision"):
+        BuildConfig(float_precision="bf16")  # ort-cpu: its float layers are fp32
+    with pytest.raises(ConfigError, match="float_precision"):
+        BuildConfig(profile="openvino-cpu", float_precision="fp16")

