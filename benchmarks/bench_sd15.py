@@ -126,8 +126,9 @@ def _interleaved(variants: dict, repeats: int, warm: bool = True) -> dict:
             fn(ts[r % len(ts)])
             if r or not warm:
                 times[v].append(time.perf_counter() - t0)
-    base = statistics.median(times["ORT fp32"])
-    return {v: {"median_s": statistics.median(x), "vs_fp32": statistics.median(x) / base, "runs": x}
+    anchor = "ORT fp32" if "ORT fp32" in times else next(iter(times))
+    base = statistics.median(times[anchor])
+    return {v: {"median_s": statistics.median(x), f"vs {anchor}": statistics.median(x) / base, "runs": x}
             for v, x in times.items()}
 
 
@@ -378,15 +379,19 @@ def phase_peers(args) -> dict:
         c = core.compile_model(str(path), "CPU")
         return raw(lambda f: c(f))
 
-    def bundle(path):
-        b = Bundle.open(path, threads=args.threads)
+    def bundle(path, config=None):
+        b = Bundle.open(path, threads=args.threads, openvino_config=config)
         return lambda t: b.predict(feeds["sample"], t, cond)
+
+    def bundle_bf16(path):  # what --float-precision bf16 writes into the manifest
+        return bundle(path, {"INFERENCE_PRECISION_HINT": "bf16"})
 
     candidates = {"ORT fp32": (ort_model, fp), "OpenVINO fp32 (default hint)": (ov_model, fp),
                   "ORT quantize_static": (ort_model, work / "ort_qs" / "model.onnx"),
                   "NNCF int8": (ov_model, work / "nncf" / "model.xml"),
                   "optimum-intel hybrid int8 (NNCF)": (ov_model, work / "hybrid" / "model.xml")}
     candidates |= {f"dmcompile {name}": (bundle, work / name) for name in args.bundles}
+    candidates |= {f"dmcompile {name} --float-precision bf16": (bundle_bf16, work / name) for name in args.bf16_bundles}
     variants, load = {}, {}
     for name, (make, path) in candidates.items():
         if name in args.skip or not Path(path).exists():
@@ -423,7 +428,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bundles", nargs="*", default=["bundle", "bundle-openvino"],
                    help="peers: dmcompile bundles under --work to time")
-    p.add_argument("--skip", nargs="*", default=[], help="peers: variants to leave out (memory)")
+    p.add_argument("--bf16-bundles", nargs="*", default=[],
+                   help="peers: openvino-cpu bundles under --work to time with bf16 float layers too")
+    p.add_argument("--skip", nargs="*", default=[], help="peers: variants to leave out (memory; ratios are to "
+                   "ORT fp32, else to the first variant left)")
     p.add_argument("--run-steps", type=int, default=10, help="peers: DDIM steps of the timed sampling run")
     p.add_argument("--run-repeats", type=int, default=1, help="peers: interleaved sampling runs (0: none)")
     args = p.parse_args(argv)

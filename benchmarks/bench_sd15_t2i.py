@@ -101,14 +101,14 @@ def phase_build_ov(args) -> dict:
     return _build(args, "bundle-ov", profile="openvino-cpu", max_engines=args.max_engines)
 
 
-def _generate(args, path: Path, name: str) -> dict:
+def _generate(args, path: Path, name: str, openvino_config: dict | None = None) -> dict:
     """One image from PROMPT; seconds per part (text encoder, UNet loop with the sampler, decoder)."""
     import numpy as np
     from dmruntime import Bundle, Text2Image
     from dmruntime.cli import write_samples
 
     t0 = time.perf_counter()
-    bundle = Bundle.open(path, cache_dir=Path(args.work) / "ov-cache")
+    bundle = Bundle.open(path, cache_dir=Path(args.work) / "ov-cache", openvino_config=openvino_config)
     open_s = time.perf_counter() - t0
     pipe = Text2Image(bundle, "pndm", steps=STEPS, guidance_scale=GUIDANCE, batch_size=2)
     parts = {"text_encoder": 0.0, "decoder": 0.0}
@@ -159,6 +159,12 @@ def phase_build_ov_shared(args) -> dict:
 
 def phase_generate_ov_shared(args) -> dict:
     return _generate(args, Path(args.work) / "bundle-ov-shared", "ov-shared")
+
+
+def phase_generate_ov_shared_bf16(args) -> dict:
+    """The same bundle with its float layers in bf16 (what --float-precision bf16 records)."""
+    return _generate(args, Path(args.work) / "bundle-ov-shared", "ov-shared-bf16",
+                     {"INFERENCE_PRECISION_HINT": "bf16"})
 
 
 GENAI_NAMES = {"text_encoder": "text_encoder", "unet": "unet", "vae": "vae_decoder"}
@@ -296,6 +302,7 @@ def phase_generate_genai_int8(args) -> dict:
 PHASES = {"preset": phase_preset, "export": phase_export, "build": phase_build, "build-ov": phase_build_ov,
           "generate-fp32": phase_generate_fp32, "generate-ort": phase_generate_ort, "generate-ov": phase_generate_ov,
           "build-ov-shared": phase_build_ov_shared, "generate-ov-shared": phase_generate_ov_shared,
+          "generate-ov-shared-bf16": phase_generate_ov_shared_bf16,
           "genai-folder": phase_genai_folder, "genai-hybrid": phase_genai_hybrid,
           "generate-genai": phase_generate_genai, "generate-genai-int8": phase_generate_genai_int8}
 

@@ -79,9 +79,11 @@ def ov_profile(path: Path, feeds: dict, repeats: int, threads: int, config: dict
     return dict(by_op), statistics.median(walls) * 1e3
 
 
-def profile(path: Path, like, t: int, x, cond, repeats: int, threads: int) -> tuple[dict, float]:
+def profile(path: Path, like, t: int, x, cond, repeats: int, threads: int,
+            ov_precision: str | None = None) -> tuple[dict, float]:
     """Profile a bundle (its engine of t's group, with that group's inputs) or a bare model file
-    (``.onnx`` on ONNX Runtime, ``.xml`` on OpenVINO with its default hints) fed like ``like``."""
+    (``.onnx`` on ONNX Runtime, ``.xml`` on OpenVINO with its default hints) fed like ``like``.
+    ``ov_precision``: OpenVINO bundles' float layers in this precision instead of the manifest's."""
     feeds = {"sample": x, "timestep": np.full(len(x), t, np.int64), **(cond or {})}
     if path.is_file():
         fn = ov_profile if path.suffix == ".xml" else ort_profile
@@ -92,7 +94,7 @@ def profile(path: Path, like, t: int, x, cond, repeats: int, threads: int) -> tu
     g = b.group_of(t)
     feeds |= b.group_inputs(t) or {}
     if (b.manifest.get("engine") or {}).get("runtime") == "openvino":
-        precision = b.manifest["engine"].get("inference_precision")
+        precision = ov_precision or b.manifest["engine"].get("inference_precision")
         return ov_profile(b.root / g.engine, feeds, repeats, threads,
                           {"INFERENCE_PRECISION_HINT": precision} if precision else None)
     return ort_profile(b.engine(g.engine).path, feeds, repeats, threads, b.engine(g.engine).external)
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("bundles", type=Path, nargs="+", help="bundles, or bare models of the same UNet (.onnx, .xml)")
     p.add_argument("--like", type=Path, default=None,
                    help="a bundle of the same model, for the inputs, when only bare models are given")
+    p.add_argument("--ov-precision", choices=("f32", "bf16"), default=None,
+                   help="OpenVINO bundles: float layers in this precision (what --float-precision writes)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
@@ -122,7 +126,7 @@ def main(argv=None) -> int:
     for path in args.bundles:
         name = path.parent.name if path.is_file() else path.name
         columns[name], walls[name] = profile(path, like, t, x, dummy_cond(like, args.batch), args.repeats,
-                                             args.threads)
+                                             args.threads, args.ov_precision)
     print(f"{cpu_line()}; {args.threads} threads; batch {args.batch}; {args.repeats} profiled calls (after 3 "
           f"unprofiled), timestep group {args.group}\n")
     rows = []
