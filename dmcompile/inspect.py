@@ -64,6 +64,8 @@ def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
         report["runtime"] = bundle.runtime
         report["fusion_note"] = backend.fusion_note
         report["fusion"] = {e: backend.fusion(bundle, e) for e in sorted({g.engine for g in bundle.groups})}
+    if (m.get("engine") or {}).get("inference_precision"):
+        report["float_precision"] = m["engine"]["inference_precision"]
     return report
 
 
@@ -230,6 +232,8 @@ def format_report(r: dict) -> str:
             w4 = ", ".join(f"{k} {v}" for k, v in sorted(f.get("int4_weight_only", {}).items()))
             w4 = f"; INT4 weight-only: {w4}" if w4 else ""
             lines.append(f"  {engine}: {f['ratio']:.1%} integer ({ints}; float: {flt}{w4})")
+    if r.get("float_precision"):
+        lines.append(f"layers left float run in {r['float_precision']} (OpenVINO's precision hint, --float-precision)")
     if r.get("fidelity"):
         f = r["fidelity"]
         lines.append(f"fidelity at build vs {f['reference']}: PSNR {f['psnr_db_mean']:.2f} dB, SSIM {f['ssim_mean']:.4f} "

@@ -55,16 +55,19 @@ def test_decoder_parity_is_checked_relative_to_pixel_size(tiny_latent_dir, tmp_p
         def __init__(self, *a, **k):
             self.s = real_session(*a, **k)
 
-        def run(self, names, feeds):
-            out = self.s.run(names, feeds)
+        def run(self, names, feeds, *a):
+            out = self.s.run(names, feeds, *a)
             if "latents" in feeds:
                 out[0] = out[0] + np.float32(Off.scale * tol) * (1 + np.abs(out[0]))
             return out
 
+        def __getattr__(self, name):  # the rest of the session as it is
+            return getattr(self.s, name)
+
     monkeypatch.setattr(ort, "InferenceSession", Off)
     res = api.export(str(tiny_latent_dir), tmp_path / "ok", ExportConfig(parity_tol=tol))
     dec = json.loads((res.path / "manifest.json").read_text())["decoder"]
-    assert tol < dec["parity_max_abs_err"] < 2 * tol  # over tol in absolute terms, within it relative to 1 + |v|
+    assert dec["parity_max_abs_err"] > tol  # over tol in absolute terms, within it relative to 1 + |v|
     Off.scale = 1.2
     with pytest.raises(ExportError, match="decoder"):
         api.export(str(tiny_latent_dir), tmp_path / "bad", ExportConfig(parity_tol=tol))

@@ -335,6 +335,9 @@ def test_cli_builds_and_refuses_max_engines_on_ort_cpu(tiny_model_dir, tmp_path,
     assert "profile openvino-cpu" in text and "OpenVINO's compiled runtime graph" in text and "100.0% integer" in text
     assert main(["build", str(tiny_model_dir), "-o", str(tmp_path / "no"), "--max-engines", "2"]) == 2
     assert "openvino-cpu" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert main(["build", str(tiny_model_dir), "-o", str(tmp_path / "no"), "--float-precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "float_precision" in err and "openvino-cpu" in err and not (tmp_path / "no").exists()
 
 
 def test_budgeted_mixed_plan_on_openvino(tiny_model_dir, tmp_path):
@@ -431,6 +434,7 @@ def test_float_layers_in_bf16_on_request(tiny_model_dir, ov_bundle, tmp_path):
     m = json.loads((path / "manifest.json").read_text())
     assert m["engine"]["inference_precision"] == "bf16"
     assert json.loads((ov_bundle / "manifest.json").read_text())["engine"]["inference_precision"] == "f32"
+    assert "layers left float run in bf16" in api.format_report(api.bundle_report(Bundle.open(path)))
     b, f = Bundle.open(path), Bundle.open(ov_bundle)
     t = b.groups[1].t_start
     x = np.random.default_rng(0).standard_normal((2, *b.sample_shape)).astype(np.float32)
