@@ -569,10 +569,10 @@ class BuildConfig(_Versioned):
                "max_engines does not apply")
         _check(self.float_precision in ("f32", "bf16"),
                f"float_precision must be 'f32' or 'bf16', got {self.float_precision!r}")
-        _check(self.float_precision == "f32" or PROFILES[self.profile].backend == "openvino",
-               f"float_precision (--float-precision) applies to --target "
-               f"{' and '.join(p.name for p in PROFILES.values() if p.backend == 'openvino')}; {self.profile} runs "
-               f"its float layers in {'fp16' if PROFILES[self.profile].float16 else 'fp32'}")
+        _check(self.float_precision in PROFILES[self.profile].float_precisions,
+               f"float_precision (--float-precision) {self.float_precision} applies to --target "
+               f"{' and '.join(p.name for p in PROFILES.values() if self.float_precision in p.float_precisions)}; "
+               f"{self.profile} runs its float layers in {'fp16' if PROFILES[self.profile].float16 else 'fp32'}")
         _check(isinstance(self.constant_conv_params, bool),
                f"constant_conv_params must be True or False, got {self.constant_conv_params!r}")
         _check(self.speed_check in (True, False, "auto"),

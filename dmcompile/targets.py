@@ -58,6 +58,8 @@ class TargetProfile:
     constant input zero point and bias: ONNX Runtime then runs its symmetric int8 convolution
     (weights prepacked with the bias folded in, requantization fused) instead of the generic
     QGEMM + requantize path a fed zero point or int32 bias sends it to (lowering/qdq.py).
+    float_precisions: the precisions the runtime may run the layers left float in (the build's
+    ``float_precision``, the first the default; OpenVINO takes bf16 as a compile hint).
     """
 
     name: str
@@ -79,6 +81,7 @@ class TargetProfile:
     weight_grid_bits: int = 8
     constant_conv_params: bool = False
     scalar_group_inputs: bool = False
+    float_precisions: tuple[str, ...] = ("f32",)
 
     @property
     def activation_symmetric(self) -> bool:
@@ -218,6 +221,7 @@ OPENVINO_CPU = TargetProfile(
     scales_in_engines=True,
     weight_grid_bits=7,  # oneDNN's u8 x s8 kernels without VNNI saturate as ONNX Runtime's do
     scalar_group_inputs=True,
+    float_precisions=("f32", "bf16"),
 )
 
 # tensorrt: TensorRT's explicit quantization (TensorRT >= 10, strongly typed networks), from its
