@@ -108,7 +108,8 @@ def _generate(args, path: Path, name: str, openvino_config: dict | None = None) 
     from dmruntime.cli import write_samples
 
     t0 = time.perf_counter()
-    bundle = Bundle.open(path, cache_dir=Path(args.work) / "ov-cache", openvino_config=openvino_config)
+    cache = Path(args.work) / f"ov-cache-{name}"  # one compile cache per variant
+    bundle = Bundle.open(path, cache_dir=cache, openvino_config=openvino_config)
     open_s = time.perf_counter() - t0
     pipe = Text2Image(bundle, "pndm", steps=STEPS, guidance_scale=GUIDANCE, batch_size=2)
     parts = {"text_encoder": 0.0, "decoder": 0.0}
@@ -173,8 +174,8 @@ GENAI_NAMES = {"text_encoder": "text_encoder", "unet": "unet", "vae": "vae_decod
 def phase_genai_folder(args) -> dict:
     """What ``optimum-cli export openvino`` writes for this folder, made without optimum-intel
     (not installable here without CUDA torch): OpenVINO IR of the same fp32 ONNX graphs the other
-    phases run, under OpenVINO GenAI's names (unet: timestep fed as f32, as GenAI feeds it;
-    vae_decoder: the latents GenAI has already divided by the scaling factor), the diffusers
+    phases run, under OpenVINO GenAI's names (vae_decoder: the latents GenAI has already divided
+    by the scaling factor, so the graph's own division is undone in front of it), the diffusers
     configs, and the tokenizer converted by openvino-tokenizers."""
     import shutil
 
@@ -197,9 +198,8 @@ def phase_genai_folder(args) -> dict:
     for part, name in GENAI_NAMES.items():
         (tmp / name).mkdir()
         shutil.copy2(src / part / "config.json", tmp / name / "config.json")
-    ppp = ov.preprocess.PrePostProcessor(ov.convert_model(str(fp / "model.onnx")))
-    ppp.input("timestep").tensor().set_element_type(ov.Type.f32)
-    ov.save_model(ppp.build(), str(tmp / "unet" / "openvino_model.xml"), compress_to_fp16=False)
+    ov.save_model(ov.convert_model(str(fp / "model.onnx")), str(tmp / "unet" / "openvino_model.xml"),
+                  compress_to_fp16=False)  # GenAI feeds sample, timestep (int64) and encoder_hidden_states by name
     enc = m["text"]["encoders"][0]
     ov.save_model(ov.convert_model(str(fp / enc["file"])), str(tmp / "text_encoder" / "openvino_model.xml"),
                   compress_to_fp16=False)
@@ -241,7 +241,7 @@ def phase_genai_hybrid(args) -> dict:
     rows, predict = [], bundle.predict
 
     def record(x, t, cond=None):
-        rows.append({"sample": x.copy(), "timestep": np.array([t], np.float32),
+        rows.append({"sample": x.copy(), "timestep": np.array([t], np.int64),  # one timestep, as GenAI feeds it
                      "encoder_hidden_states": cond["encoder_hidden_states"].copy()})
         return predict(x, t, cond)
 
