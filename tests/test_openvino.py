@@ -197,6 +197,13 @@ def test_compile_cache_and_second_start(ov_bundle, tmp_path):
     assert any(cache.iterdir())  # OpenVINO wrote the compiled model
     second = Bundle.open(ov_bundle, cache_dir=cache).predict(x, 10)
     np.testing.assert_array_equal(first, second)
+    # another compile config never imports this one's blobs: it gets its own cache folder, and
+    # its outputs are those of an uncached compile
+    bf16 = {"INFERENCE_PRECISION_HINT": "bf16"}
+    x = np.random.default_rng(0).standard_normal((2, *x.shape[1:])).astype(np.float32)
+    cached = Bundle.open(ov_bundle, cache_dir=cache, openvino_config=bf16).predict(x, 10)
+    np.testing.assert_array_equal(cached, Bundle.open(ov_bundle, openvino_config=bf16).predict(x, 10))
+    assert len([d for d in cache.iterdir() if d.is_dir()]) == 2
 
 
 def test_runtime_runs_openvino_bundles_without_torch(ov_bundle, tmp_path):

@@ -7,6 +7,8 @@ built for openvino-cpu is opened.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from pathlib import Path
 
@@ -109,8 +111,11 @@ class OpenVinoRuntime(EngineRuntime):
     name = "openvino"
 
     def open(self, ctx: EngineContext, files: list[str], device: str) -> dict[str, OpenVinoEngine]:
-        core = openvino_core(ctx.threads, ctx.cache_dir)
         precision = ctx.manifest["engine"].get("inference_precision")
         config = {**({"INFERENCE_PRECISION_HINT": precision} if precision else {}),
                   **(ctx.options.get("openvino_config") or {})}
+        # one cache folder per compile config: OpenVINO's cache imported an f32 engine's blob for a
+        # bf16 compile of the same file (other outputs; a crash on the SD 1.5 UNet)
+        key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        core = openvino_core(ctx.threads, None if ctx.cache_dir is None else Path(ctx.cache_dir) / f"config-{key}")
         return {name: OpenVinoEngine(ctx.root / name, ctx.sample_shape, core, config) for name in files}
