@@ -22,6 +22,14 @@ Phases (each a fresh subprocess, so its peak resident memory is its own):
            int8 Q/DQ, each checked against TensorRT's rules; no engines: no TensorRT here)
   check-trt one guided call of the tensorrt bundle's engine graph on ONNX Runtime (CPU) against
            the fp32 export: relative error, time, peak memory
+  build-ov-shared  the openvino-cpu bundle with one engine for all groups (--shared-engine)
+  build-before     the ort-cpu bundle as built before issue 26 (--per-group-conv-params)
+  rows     the guided calls the peers calibrate on (the build's calibration, through the fp32 export)
+  nncf     NNCF's int8 of the fp32 export (OpenVINO notebooks' SD settings) on those rows
+  hybrid   optimum-intel's hybrid int8 recipe (NNCF directly) on those rows
+  peers    per guided call and per 10-step DDIM run, interleaved: ORT fp32, OpenVINO's default,
+           quantize_static, NNCF, hybrid, dmcompile bundles (--bundles, --bf16-bundles; --skip some
+           for memory: all of them in one process need more than 24 GB)
 Outputs go to --work (default /tmp/dmcompile-sd15); the fp32 export is cached as usual.
 """
 
