@@ -104,7 +104,8 @@ class OpenVinoEngine:
 
 class OpenVinoRuntime(EngineRuntime):
     """OpenVINO engines (``engine.runtime`` "openvino"): one compiled model per engine file, its
-    group's scales compiled in; OpenVINO's compile cache in ``ctx.cache_dir``. ``options``:
+    group's scales compiled in; OpenVINO's compile cache in ``ctx.cache_dir``, one subfolder per
+    compile config. ``options``:
     ``openvino_config`` adds or replaces compile properties (the manifest's default precision
     hint is the base)."""
 
