@@ -567,8 +567,8 @@ class BuildConfig(_Versioned):
                f"{'compiles scales into its engines' if PROFILES[self.profile].scales_in_engines else 'runs every group on one engine already'}")
         _check(not (self.shared_engine and self.max_engines), "shared_engine runs every group on one engine: "
                "max_engines does not apply")
-        _check(self.float_precision in ("f32", "bf16"),
-               f"float_precision must be 'f32' or 'bf16', got {self.float_precision!r}")
+        known = sorted({x for p in PROFILES.values() for x in p.float_precisions})
+        _check(self.float_precision in known, f"float_precision must be one of {known}, got {self.float_precision!r}")
         _check(self.float_precision in PROFILES[self.profile].float_precisions,
                f"float_precision (--float-precision) {self.float_precision} applies to --target "
                f"{' and '.join(p.name for p in PROFILES.values() if self.float_precision in p.float_precisions)}; "

@@ -118,7 +118,7 @@ class Backend:
         """Write the engines (and their group inputs and stored weights) into ``folder``."""
         raise NotImplementedError
 
-    def engine_entry(self, engines: EngineSet, guided: bool, config=None) -> dict:
+    def engine_entry(self, engines: EngineSet, guided: bool, config) -> dict:
         """Fields of the manifest's ``engine`` entry beyond file, runtime and group inputs
         (``guided``: the model has a null condition, so guidance doubles the batch; ``config``:
         the BuildConfig)."""

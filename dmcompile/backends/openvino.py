@@ -115,10 +115,9 @@ class OpenVinoBackend(Backend):
         return EngineSet((name,), (name,) * K, tuple(params), {name: 0},
                          {name: openvino_fusion_report(folder / name)}, [name, *files, *write_group_inputs(folder, params)])
 
-    def engine_entry(self, engines: EngineSet, guided: bool, config=None) -> dict:
+    def engine_entry(self, engines: EngineSet, guided: bool, config) -> dict:
         # the compile hint for the layers left float (the runtime passes it to OpenVINO)
-        return {"openvino_version": openvino_version(),
-                "inference_precision": config.float_precision if config is not None else "f32"}
+        return {"openvino_version": openvino_version(), "inference_precision": config.float_precision}
 
     def fusion(self, bundle, engine: str) -> dict:
         return openvino_fusion_report(bundle.root / engine)

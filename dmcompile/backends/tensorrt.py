@@ -140,7 +140,7 @@ class TensorRTBackend(Backend):
         return emit_qdq_engines(folder, job, lambda model: finish_engine(model, skip),
                                 lambda path: engine_report(onnx.load(str(path), load_external_data=False)))
 
-    def engine_entry(self, engines: EngineSet, guided: bool, config=None) -> dict:
+    def engine_entry(self, engines: EngineSet, guided: bool, config) -> dict:
         entry = tensorrt_entry(list(engines.engines), guided)
         entry["built_here"] = tensorrt_available() is not None
         return {"tensorrt": entry}

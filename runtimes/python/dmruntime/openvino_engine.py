@@ -115,8 +115,9 @@ class OpenVinoRuntime(EngineRuntime):
         precision = ctx.manifest["engine"].get("inference_precision")
         config = {**({"INFERENCE_PRECISION_HINT": precision} if precision else {}),
                   **(ctx.options.get("openvino_config") or {})}
-        # one cache folder per compile config: OpenVINO's cache imported an f32 engine's blob for a
-        # bf16 compile of the same file (other outputs; a crash on the SD 1.5 UNet)
+        # one cache folder per compile config: a bf16 compile sharing a cache folder with an f32
+        # compile of the same file gave other outputs than an uncached one (digits16) and crashed
+        # (the SD 1.5 UNet); in folders of their own both match their uncached compiles
         key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
         core = openvino_core(ctx.threads, None if ctx.cache_dir is None else Path(ctx.cache_dir) / f"config-{key}")
         return {name: OpenVinoEngine(ctx.root / name, ctx.sample_shape, core, config) for name in files}
