@@ -103,8 +103,8 @@ def build(model: str, out: Path, profile: str, k: int, **kw) -> Path:
 # dmcompile's variants: (label, profile, K, build options); "before" = what dmcompile built before issue 26
 DMCOMPILE_VARIANTS = (
     ("ort-cpu K=1", "ort-cpu", 1, {}),
-    ("ort-cpu K=10", "ort-cpu", 10, {}),
-    ("ort-cpu K=10 before (--per-group-conv-params)", "ort-cpu", 10, {"constant_conv_params": False}),
+    ("ort-cpu K=10", "ort-cpu", 10, {"constant_conv_params": True}),
+    ("ort-cpu K=10 before (--conv-params per-group)", "ort-cpu", 10, {"constant_conv_params": False}),
     ("openvino-cpu K=1", "openvino-cpu", 1, {}),
     ("openvino-cpu K=10", "openvino-cpu", 10, {}),
     ("openvino-cpu K=10 --shared-engine", "openvino-cpu", 10, {"shared_engine": True}),

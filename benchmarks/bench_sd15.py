@@ -23,7 +23,7 @@ Phases (each a fresh subprocess, so its peak resident memory is its own):
   check-trt one guided call of the tensorrt bundle's engine graph on ONNX Runtime (CPU) against
            the fp32 export: relative error, time, peak memory
   build-ov-shared  the openvino-cpu bundle with one engine for all groups (--shared-engine)
-  build-before     the ort-cpu bundle as built before issue 26 (--per-group-conv-params)
+  build-before     the ort-cpu bundle as built before issue 26 (--conv-params per-group)
   rows     the guided calls the peers calibrate on (the build's calibration, through the fp32 export)
   nncf     NNCF's int8 of the fp32 export (OpenVINO notebooks' SD settings) on those rows
   hybrid   optimum-intel's hybrid int8 recipe (NNCF directly) on those rows
@@ -105,6 +105,7 @@ def _build(args, folder: str, **options) -> dict:
 
 
 def phase_build(args) -> dict:
+    """The ort-cpu bundle as a user gets it (--conv-params auto: the build CPU picks the Conv path)."""
     return _build(args, "bundle")
 
 

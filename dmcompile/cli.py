@@ -22,6 +22,8 @@ from .errors import ConfigError, DmcompileError
 from .budget import span
 from .targets import PROFILES
 
+CONV_PARAMS = {"auto": "auto", "constant": True, "per-group": False}  # --conv-params -> BuildConfig
+
 
 def _api():
     """dmcompile.api, imported on first use: it loads onnx and ONNX Runtime (seconds on these
@@ -250,7 +252,7 @@ def cmd_build(args) -> int:
                       correction=not args.no_correction, step_aware=args.step_aware, null_class=args.null_class,
                       decoder=args.decoder, max_engines=args.max_engines, residual_int8=not args.no_residual_int8,
                       text_encoder=args.text_encoder, clip_skip=args.clip_skip, speed_check=args.speed_check,
-                      constant_conv_params=not args.per_group_conv_params, shared_engine=args.shared_engine,
+                      constant_conv_params=CONV_PARAMS[args.conv_params], shared_engine=args.shared_engine,
                       float_precision=args.float_precision)
     out = args.output or default_output(args.model, args.format)
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
@@ -477,10 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="openvino-cpu: run the layers left float (attention's MatMuls, normalisations) in bf16, "
                    "OpenVINO's own default on CPUs with bf16 (AVX512-BF16, AMX): faster there, at some fidelity "
                    "(benchmarks/README.md); default f32")
-    b.add_argument("--per-group-conv-params", action="store_true",
-                   help="ort-cpu with several groups: feed every group's own Conv input zero points and int32 "
-                   "biases (ONNX Runtime's generic int8 Conv, slower); default: one zero point per Conv input for "
-                   "all groups, biases added in float, ONNX Runtime's symmetric int8 Conv")
+    b.add_argument("--conv-params", choices=tuple(CONV_PARAMS), default="auto",
+                   help="ort-cpu with several groups: 'constant': one zero point per Conv input for all groups, "
+                   "biases added in float (ONNX Runtime's symmetric int8 Conv); 'per-group': every group's own "
+                   "zero points and int32 biases (its generic int8 Conv, which has an AMX kernel); default 'auto': "
+                   "per-group where the build CPU has AMX, else constant (benchmarks/README.md)")
     b.add_argument("--max-engines", type=int, default=default(BuildConfig, "max_engines"), metavar="N",
                    help="openvino-cpu, tensorrt: at most N engines; adjacent groups with the closest activation scales share "
                    "one (bounds resident memory: each compiled model holds its own weights)")

@@ -495,9 +495,10 @@ class BuildConfig(_Versioned):
     manifest). clip_skip: text-to-image models: diffusers' ``clip_skip`` (see ExportConfig).
     shared_engine: openvino-cpu: one engine for every group, fed each group's scalars (the memory of
     one compiled model) instead of one engine per group with its scales compiled in.
-    constant_conv_params: ort-cpu with several groups: each Conv input's zero point shared by the
-    groups and Conv biases added in float (ONNX Runtime's fast symmetric int8 Conv in the shared
-    engine); False feeds every group's own zero points and int32 biases (its generic path).
+    constant_conv_params: ort-cpu with several groups: True gives each Conv input one zero point for
+    all groups and adds Conv biases in float (ONNX Runtime's symmetric int8 Conv in the shared
+    engine); False feeds every group's own zero points and int32 biases (its generic int8 Conv);
+    ``"auto"`` (default) picks the faster on the build machine's CPU: False where it has AMX.
     float_precision: openvino-cpu: the precision OpenVINO runs the layers left float in, ``f32``
     (default) or ``bf16`` (OpenVINO's own default where the CPU has bf16: AVX512-BF16 / AMX; the
     attention MatMuls, normalisations and the rest then run in bf16).
@@ -529,7 +530,7 @@ class BuildConfig(_Versioned):
     text_encoder: str = field(default="fp32", metadata={"omit_default": True})
     clip_skip: int | None = field(default=None, metadata={"omit_default": True})
     speed_check: bool | str = field(default="auto", metadata={"omit_default": True})
-    constant_conv_params: bool = field(default=True, metadata={"omit_default": True})
+    constant_conv_params: bool | str = field(default="auto", metadata={"omit_default": True})
     shared_engine: bool = field(default=False, metadata={"omit_default": True})
     float_precision: str = field(default="f32", metadata={"omit_default": True})
     SCHEMA_VERSION = 2
@@ -573,8 +574,8 @@ class BuildConfig(_Versioned):
                f"float_precision (--float-precision) {self.float_precision} applies to --target "
                f"{' and '.join(p.name for p in PROFILES.values() if self.float_precision in p.float_precisions)}; "
                f"{self.profile} runs its float layers in {'fp16' if PROFILES[self.profile].float16 else 'fp32'}")
-        _check(isinstance(self.constant_conv_params, bool),
-               f"constant_conv_params must be True or False, got {self.constant_conv_params!r}")
+        _check(isinstance(self.constant_conv_params, bool) or self.constant_conv_params == "auto",
+               f"constant_conv_params must be True, False or 'auto', got {self.constant_conv_params!r}")
         _check(self.speed_check in (True, False, "auto"),
                f"speed_check must be True, False or 'auto', got {self.speed_check!r}")
         _check(self.decoder_calib_size >= 1, f"decoder_calib_size must be >= 1, got {self.decoder_calib_size}")

@@ -66,6 +66,8 @@ def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
         report["fusion"] = {e: backend.fusion(bundle, e) for e in sorted({g.engine for g in bundle.groups})}
     if (m.get("engine") or {}).get("inference_precision"):
         report["float_precision"] = m["engine"]["inference_precision"]
+    if (m.get("engine") or {}).get("conv_params"):
+        report["conv_params"] = m["engine"]["conv_params"]
     return report
 
 
@@ -234,6 +236,9 @@ def format_report(r: dict) -> str:
             lines.append(f"  {engine}: {f['ratio']:.1%} integer ({ints}; float: {flt}{w4})")
     if r.get("float_precision"):
         lines.append(f"layers left float run in {r['float_precision']} (OpenVINO's precision hint, --float-precision)")
+    if r.get("conv_params"):
+        c = r["conv_params"]
+        lines.append(f"Conv zero points and biases: {c['mode']} ({c['why']}; --conv-params)")
     if r.get("fidelity"):
         f = r["fidelity"]
         lines.append(f"fidelity at build vs {f['reference']}: PSNR {f['psnr_db_mean']:.2f} dB, SSIM {f['ssim_mean']:.4f} "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["OPENVINO_CPU", "ORT_CPU", "PROFILES", "TENSORRT", "TargetProfile", "get_profile"]
+__all__ = ["OPENVINO_CPU", "ORT_CPU", "PROFILES", "TENSORRT", "TargetProfile", "conv_params_choice", "get_profile"]
 
 
 @dataclass(frozen=True)
@@ -257,3 +257,18 @@ PROFILES = {p.name: p for p in (ORT_CPU, OPENVINO_CPU, TENSORRT)}
 def get_profile(name: str) -> TargetProfile:
     """The profile called ``name``; KeyError lists the known ones (configs validate first)."""
     return PROFILES[name]
+
+
+def conv_params_choice(setting: bool | str) -> tuple[bool, str]:
+    """Whether a shared ort-cpu engine gets constant Conv parameters (``BuildConfig.constant_conv_params``:
+    True, False or ``"auto"``), and why. "auto" asks the build machine's CPU: MLAS gives its generic
+    int8 GEMM an AMX kernel but not its symmetric int8 convolution, so on AMX the generic path a fed
+    zero point takes is the faster one (SD 1.5 UNet: QLinearConv 407 vs 770 ms per call), elsewhere
+    the symmetric one (AMD EPYC, SD 1.5 Conv shapes: 1.27-1.40x; benchmarks/bench_qlinearconv.py)."""
+    if isinstance(setting, bool):
+        return setting, f"--conv-params {'constant' if setting else 'per-group'}"
+    from dmruntime import bench  # looked up at call time: tests stand in another CPU
+
+    if "amx_int8" in bench.cpu_info()[1]:
+        return False, "auto: the build CPU has AMX (ONNX Runtime's generic int8 Conv runs on it, its symmetric one does not)"
+    return True, "auto: the build CPU has no AMX (ONNX Runtime's symmetric int8 Conv is the faster there)"

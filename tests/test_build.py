@@ -19,8 +19,9 @@ SMALL = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4)
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tiny_model_dir, tmp_path_factory):
+    # constant Conv parameters asked for: "auto" would pick per-group on an AMX build machine
     return api.build(str(tiny_model_dir), tmp_path_factory.mktemp("b") / "tiny-w8a8",
-                     BuildConfig(calibration=SMALL, eval_samples=4)).path
+                     BuildConfig(calibration=SMALL, eval_samples=4, constant_conv_params=True)).path
 
 
 def test_bundle_layout_and_manifest(tiny_bundle):
@@ -48,6 +49,7 @@ def test_bundle_layout_and_manifest(tiny_bundle):
     assert m["fidelity"]["ssim_mean"] == pytest.approx(float(np.mean(ssim(got, want))), rel=1e-6)
     assert m["fidelity"]["psnr_db_mean"] == pytest.approx(float(np.mean(np.minimum(psnr(got, want), 200))), rel=1e-6)
     assert set(m["files"]) == {"unet.onnx", "group_00.npz", "group_01.npz", "group_02.npz"}
+    assert m["engine"]["conv_params"] == {"mode": "constant", "why": "--conv-params constant"}
 
 
 def test_engine_runs_integer_kernels(tiny_bundle):
@@ -242,6 +244,47 @@ def test_cli_build_inspect_sample(tiny_model_dir, tmp_path, capsys):
     assert (tmp_path / "g.png").is_file()
     assert main(["build", str(tiny_model_dir), "-o", str(tmp_path / "x"), "--groups", "0"]) == 2
     assert "groups must be in [1, 1000]" in capsys.readouterr().err
+
+
+def test_conv_params_choice():
+    from dmcompile.targets import conv_params_choice
+    from dmruntime import bench
+
+    assert conv_params_choice(True) == (True, "--conv-params constant")
+    assert conv_params_choice(False) == (False, "--conv-params per-group")
+    here = "amx_int8" in bench.cpu_info()[1]
+    assert conv_params_choice("auto")[0] is not here
+    for value in (1, "yes"):
+        with pytest.raises(ConfigError, match="constant_conv_params must be True, False or 'auto'"):
+            BuildConfig(calibration=SMALL, constant_conv_params=value)
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_conv_params_auto_follows_the_build_cpu(amx, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """--conv-params auto (the default): per-group zero points and biases (ONNX Runtime's generic int8
+    Conv, which has an AMX kernel) where the build CPU has AMX, constants (its symmetric int8 Conv)
+    elsewhere; the manifest and inspect say which and why."""
+    from dmruntime import bench
+
+    model, flags = bench.cpu_info()
+    flags = (flags | {"amx_int8", "amx_tile"}) if amx else (flags - {"amx_int8", "amx_tile"})
+    monkeypatch.setattr(bench, "cpu_info", lambda: (model, flags))
+    out = tmp_path / "b"
+    assert main(["build", str(tiny_model_dir), "-o", str(out), "--groups", "2", "--calib-size", "4",
+                 "--calib-steps", "4", "--eval-samples", "0", "--no-speed-check"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["engine"]["conv_params"]["mode"] == ("per-group" if amx else "constant")
+    assert m["engine"]["conv_params"]["why"].startswith("auto: the build CPU has " + ("AMX" if amx else "no AMX"))
+    engine = onnx.load(str(out / "unet.onnx"))
+    fed = {i.name for i in engine.graph.input}
+    convs = [n for n in engine.graph.node if n.op_type == "QLinearConv"]
+    assert convs and all((n.input[2] in fed) is amx for n in convs)
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert f"Conv zero points and biases: {m['engine']['conv_params']['mode']} (auto: " in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["build", str(tiny_model_dir), "-o", str(tmp_path / "x"), "--conv-params", "both"])
+    assert e.value.code == 2 and "invalid choice: 'both'" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_corrupt_group_engine_fails_clearly(tiny_bundle, tmp_path, capsys):

@@ -24,6 +24,7 @@ from onnx import numpy_helper
 from .. import onnxio
 from ..memory import MemoryModel
 from ..quant import FLOAT_BITS, encode
+from ..targets import conv_params_choice
 from .base import Backend, EngineJob, EngineSet, StoredWeights, write_group_inputs
 
 ENGINE_FILE = "unet.onnx"
@@ -218,6 +219,13 @@ class OnnxRuntimeBackend(Backend):
             files.append(WEIGHTS_FILE)
         return EngineSet(tuple(engines), tuple(engine_of[g] for g in range(K)), tuple(params[g] for g in range(K)),
                          first, fusion, files, stored)
+
+    def engine_entry(self, engines: EngineSet, guided: bool, config) -> dict:
+        # which Conv path a shared engine runs, and why (the build CPU decides by default)
+        if len(engines.engines) == len(engines.engine_of):
+            return {}
+        constant, why = conv_params_choice(config.constant_conv_params)
+        return {"conv_params": {"mode": "constant" if constant else "per-group", "why": why}}
 
     @staticmethod
     def _store_weights(engines: dict, first: dict, job: EngineJob) -> StoredWeights:

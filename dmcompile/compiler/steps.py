@@ -27,7 +27,7 @@ from ..frontend.load import LoadedModel
 from ..lowering.decoder import lower_decoder
 from ..lowering.precision import resolve
 from ..lowering.qdq import int4_layout
-from ..targets import ORT_CPU, TargetProfile, get_profile
+from ..targets import ORT_CPU, TargetProfile, conv_params_choice, get_profile
 from .workspace import ComponentEngine, WeightPlan, Workspace, per_group_weights
 
 
@@ -43,7 +43,7 @@ def prepare(model: LoadedModel | str | Path | None, config: BuildConfig) -> Work
     profile = get_profile(config.profile)
     if profile.quantize_residual_skip and not config.residual_int8:
         profile = dataclasses.replace(profile, quantize_residual_skip=False)
-    if profile.constant_conv_params and not config.constant_conv_params:
+    if profile.constant_conv_params and not conv_params_choice(config.constant_conv_params)[0]:
         profile = dataclasses.replace(profile, constant_conv_params=False)
     default_float = model.family.default_float if profile.family_default_float else ()
     ws = Workspace(model.describe(), model.scheduler_config, fp, layer_map, profile,

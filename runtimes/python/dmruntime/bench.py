@@ -33,9 +33,8 @@ import numpy as np
 INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "asimddp", "i8mm", "sve", "sme")
 
 
-def cpu_line() -> str:
-    """CPU model, cores, int8 features, ONNX Runtime version: ONNX Runtime and OpenVINO pick
-    different int8 kernels on CPUs with and without VNNI / AMX, so every timing carries it."""
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and its feature flags (from /proc/cpuinfo; empty flags where there is none)."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -47,6 +46,13 @@ def cpu_line() -> str:
                 flags = set(value.split())
     except OSError:
         pass
+    return model, flags
+
+
+def cpu_line() -> str:
+    """CPU model, cores, int8 features, ONNX Runtime version: ONNX Runtime and OpenVINO pick
+    different int8 kernels on CPUs with and without VNNI / AMX, so every timing carries it."""
+    model, flags = cpu_info()
     have = [f for f in INT8_FLAGS if f in flags]
     try:
         import onnxruntime
