@@ -110,18 +110,23 @@ def _sampled_bundle(target: str | Path, config: SampleConfig, fp: bool, correcti
     return bundle, config.resolved(bundle), null
 
 
-def generate(target: str | Path, prompts, config: SampleConfig = SampleConfig(n=1), *, negative_prompt: str = "",
-             fp: bool = False, progress="auto", correction: bool = True) -> np.ndarray:
+def generate(target: str | Path, prompts, config: SampleConfig = SampleConfig(n=1), *,
+             negative_prompt: str | None = None, fp: bool = False, progress="auto", correction: bool = True,
+             **sdxl) -> np.ndarray:
     """Images [len(prompts) * config.n, 3, H, W] in [-1, 1] from a text-to-image bundle:
     ``config.n`` per prompt, in prompt order (dmruntime's :class:`Text2Image`), with ``config``'s
     sampler (unset: the bundle's calibrated one) and guidance (unset: the calibration's scale,
-    else 7.5). With ``fp`` the bundle's fp32 export (or a model's) generates them."""
+    else 7.5). ``negative_prompt``: None is diffusers' default (the empty prompt; zeros for SDXL
+    pipelines that force them). ``sdxl``: ``prompts_2``, ``negative_prompt_2``, ``original_size``,
+    ``crops_coords_top_left``, ``target_size`` as :meth:`Text2Image.generate` takes them. With
+    ``fp`` the bundle's fp32 export (or a model's) generates them."""
     progress = reporter(progress, "sample")
     bundle, config, _ = _sampled_bundle(target, config, fp, correction)  # the null branch: the negative prompt
+    neg2 = sdxl.pop("negative_prompt_2", None)
     pipe = Text2Image(bundle, config.sampler, steps=config.steps, karras=config.karras, eta=config.eta,
                       guidance_scale=config.guidance_scale, batch_size=config.batch_size,
-                      negative_prompt=negative_prompt)
-    return pipe.generate(prompts, n=config.n, seed=config.seed, progress=progress)
+                      negative_prompt=negative_prompt, negative_prompt_2=neg2)
+    return pipe.generate(prompts, n=config.n, seed=config.seed, progress=progress, **sdxl)
 
 
 @functools.cache
@@ -271,7 +276,7 @@ def eval_prompts(path: str | None, n: int, digits: bool) -> tuple[list[str], np.
 
 def _encoded(pipe: Text2Image, prompts: list[str]) -> tuple[dict, dict]:
     """(conditions of the prompts, the empty negative prompt's row) through one side's encoders."""
-    return pipe.encode(prompts), {k: v[0] for k, v in pipe.encode([pipe.negative_prompt], negative=True).items()}
+    return pipe.encode(prompts), pipe.null_condition()
 
 
 def class_accuracy(images: np.ndarray, labels: np.ndarray) -> float:

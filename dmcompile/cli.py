@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from dmruntime.cli import check_output, run_main, write_samples
+from dmruntime.cli import add_sdxl_options, check_output, run_main, sdxl_options, write_samples
 
 from . import __version__, zoo
 from .artifacts import EVAL, check_replaceable
@@ -114,6 +114,7 @@ def cmd_sample(args) -> int:
     api = _api()
     if args.prompt:
         return _generate(args)
+    sdxl_options(args)
     if args.negative_prompt is not None:
         raise ConfigError("--negative-prompt goes with --prompt")
     if _manifest(Path(args.target)).get("text") and not args.conditions:
@@ -152,8 +153,8 @@ def _generate(args) -> int:
                        karras=args.karras)
     check_output(args.output)
     cfg = api.sampling_config(args.target, cfg, fp=args.fp)
-    images = api.generate(args.target, args.prompt, cfg, negative_prompt=args.negative_prompt or "", fp=args.fp,
-                          progress=_progress_bar("sample"), correction=not args.no_correction)
+    images = api.generate(args.target, args.prompt, cfg, negative_prompt=args.negative_prompt, fp=args.fp,
+                          progress=_progress_bar("sample"), correction=not args.no_correction, **sdxl_options(args))
     write_samples(args.output, images, cols=cfg.n, native=True)
     karras = ", Karras sigmas" if cfg.karras else ""
     print(f"wrote {args.output}: {len(images)} image(s) of {images.shape[2]}x{images.shape[3]} for "
@@ -428,7 +429,9 @@ def _add_sampling(p: argparse.ArgumentParser, n_default: int, prompts: bool = Fa
                        help="text-to-image bundles: generate from this prompt, -n images each (default 1; "
                        "repeatable: one grid row per prompt), at the pipeline's resolution")
         p.add_argument("--negative-prompt", default=None, metavar="TEXT",
-                       help="with --prompt: the null branch of guidance (default: the empty prompt)")
+                       help="with --prompt: the null branch of guidance (default: the empty prompt, or zeros where the "
+                       "pipeline forces them: SDXL)")
+        add_sdxl_options(p)
     p.add_argument("--guidance", type=float, default=default(S, "guidance_scale"), metavar="S",
                    help="classifier-free guidance scale (needs a bundle with a null condition); default: the scale "
                    "the bundle was calibrated with, else none")

@@ -57,7 +57,8 @@ def model_key(model: LoadedModel, config: ExportConfig) -> str:
     """Cache key of a model's fp32 export: configs, version and every weight's bytes."""
     h = hashlib.sha256()
     h.update(json.dumps([__version__, model.id, model.seed, model.unet_config, model.scheduler_config,
-                         config.to_dict()], sort_keys=True, default=str).encode())
+                         config.to_dict()] + ([model.force_zeros_for_empty_prompt] if model.text else []),
+                        sort_keys=True, default=str).encode())
     for name, p in sorted(model.unet.state_dict().items()):
         h.update(name.encode())
         h.update(p.detach().contiguous().numpy().tobytes())
@@ -211,9 +212,10 @@ def prompt_conditioning(fp: Path, manifest: dict, base, config: CalibrationConfi
     encoders = TextEncoders(fp, manifest["text"], ())
     try:
         rows = encoders.encode(calibration_prompts(fp, manifest, config))
+        rows = base.with_defaults(rows, config.size)  # inputs the pipeline derives (SDXL's time_ids)
         null = base.null
-        if config.negative_prompt:
-            null = {k: v[0] for k, v in encoders.encode([config.negative_prompt], negative=True).items()}
+        if config.negative_prompt is not None:
+            null = encoders.encode_negative(config.negative_prompt)
     except InputError as e:
         raise ConfigError(str(e)) from None
     return dataclasses.replace(base, null=null), rows

@@ -44,7 +44,7 @@ def _conditioning_entry(model: LoadedModel, folder: Path, config: ExportConfig,
     null = table = None
     if text:
         encoders = TextEncoders(folder, text, ())
-        null = {k: v[0] for k, v in encoders.encode([""], negative=True).items()}
+        null = encoders.encode_negative(None)  # diffusers' default negative prompt
     if model.default_conditions:
         try:
             _, given, table = read_conditions(model.default_conditions, spec)
@@ -82,7 +82,7 @@ class ExportResult:
     layer_map: LayerMap
 
 
-def _wrapper(unet, cond_names: tuple[str, ...]):
+def _wrapper(unet, cond_names: tuple[str, ...], family):
     import torch
 
     class EpsWrapper(torch.nn.Module):
@@ -91,7 +91,7 @@ def _wrapper(unet, cond_names: tuple[str, ...]):
             setattr(self, WRAPPER_ATTR, unet)
 
         def forward(self, sample, timestep, *conds):
-            kw = dict(zip(cond_names, conds))
+            kw = family.call_kwargs(dict(zip(cond_names, conds)))
             return getattr(self, WRAPPER_ATTR)(sample, timestep, return_dict=False, **kw)[0]
 
     return EpsWrapper(unet).eval()
@@ -121,7 +121,7 @@ def trace_to_onnx(model: LoadedModel, path: Path, config: ExportConfig):
         warnings.simplefilter("ignore")  # TracerWarnings from diffusers' shape asserts
         traced = Path(d) / "traced.onnx"
         try:
-            torch.onnx.export(_wrapper(model.unet, cond_names), args, str(traced), input_names=names,
+            torch.onnx.export(_wrapper(model.unet, cond_names, model.family), args, str(traced), input_names=names,
                               output_names=["eps"], dynamic_axes=dyn, opset_version=config.opset,
                               do_constant_folding=True, dynamo=False)
         except Exception as e:
@@ -149,7 +149,7 @@ def parity_error(model: LoadedModel, onnx_path: Path, config: ExportConfig) -> f
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = sess.run(None, feeds)[0]
     del sess
-    kw = {k: torch.from_numpy(v) for k, v in feeds.items() if k not in ("sample", "timestep")}
+    kw = model.family.call_kwargs({k: torch.from_numpy(v) for k, v in feeds.items() if k not in ("sample", "timestep")})
     with torch.no_grad():
         want = model.unet(torch.from_numpy(feeds["sample"]), torch.from_numpy(feeds["timestep"]),
                           return_dict=False, **kw)[0].numpy()
@@ -184,7 +184,9 @@ def export_model(model: LoadedModel, out: Path, config: ExportConfig = ExportCon
         }
         files = [*onnxio.files_of(tmp / ENGINE_FILE), LAYER_MAP_FILE]
         if model.text:
-            body["text"], extra = export_text(model.text, tmp, config.opset, config.clip_skip, config.parity_tol)
+            fam = model.family
+            body["text"], extra = export_text(model.text, tmp, config.opset, config.clip_skip, config.parity_tol,
+                                              fam.text_layer, fam.pooled_input, model.force_zeros_for_empty_prompt)
             files += extra
             if model.default_prompts is not None:  # the pipeline's own calibration prompts travel with the export
                 (tmp / PROMPTS_FILE).write_bytes(Path(model.default_prompts).read_bytes())

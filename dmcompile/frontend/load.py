@@ -35,6 +35,12 @@ class LoadedModel:
     default_conditions: Path | None = None  # a pipeline's conditions.npz (null condition, class table)
     text: tuple = field(default=(), repr=False)  # text-to-image pipelines: (tokenizer, text encoder) parts
     default_prompts: Path | None = None  # a pipeline's calibration_prompts.txt
+    pipeline: dict = field(default_factory=dict, repr=False)  # the pipeline folder's model_index.json
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """SDXL pipelines: no negative prompt means zero conditions (diffusers' default True)."""
+        return bool(self.family.pooled_input) and bool(self.pipeline.get("force_zeros_for_empty_prompt", True))
 
     @property
     def scaling_factor(self) -> float | None:
@@ -44,7 +50,7 @@ class LoadedModel:
     @property
     def family(self) -> ModelFamily:
         """What dmcompile knows of this model class: inputs, conditioning, default float layers."""
-        return get_family(self.cls)
+        return get_family(self.cls, config=self.unet_config)
 
     @property
     def num_classes(self) -> int | None:
@@ -54,6 +60,16 @@ class LoadedModel:
     @property
     def sample_shape(self) -> tuple[int, ...]:
         return self.family.sample_shape(self.unet_config)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel: the VAE's downsampling, 8 (SD's) without a VAE."""
+        return 2 ** (len(self.vae_config["block_out_channels"]) - 1) if self.vae_config else 8
+
+    @property
+    def condition_defaults(self) -> dict[str, list]:
+        """Conditioning inputs the pipeline derives (SDXL's time_ids): name -> one row."""
+        return self.family.condition_defaults(self.unet_config, self.vae_scale_factor)
 
     @property
     def inputs(self) -> tuple[ModelInput, ...]:
@@ -94,7 +110,7 @@ def _json_config(cfg) -> dict:
 
 def check_supported(cls: str, config: dict, what: str) -> None:
     """Raise ModelError for a model class or feature the frontend cannot export."""
-    get_family(cls, what).check(config, what)
+    get_family(cls, what, config).check(config, what)
 
 
 def _build_unet(config: dict, what: str, cls: str = "UNet2DModel"):
@@ -174,14 +190,29 @@ def load_folder(folder: Path, model_id: str | None = None, source: str | None = 
     vae, vae_config = load_vae(root / "vae", _json_config(unet.config)) if root and (root / "vae").is_dir() else (None,
                                                                                                                 None)
     conds = root / "conditions.npz" if root and (root / "conditions.npz").is_file() else None
-    text = load_text_parts(root, _json_config(unet.config)) if root else ()
+    family = get_family(cls, what, config)
+    pipeline = _pipeline_config(root, family) if root else {}
+    text = load_text_parts(root, _json_config(unet.config), family.pooled_input,
+                           family.pooled_width(_json_config(unet.config))) if root else ()
     if text and vae is None:
         raise ModelError(f"pipeline folder {root} has a text encoder but no vae/: dmcompile needs the VAE to turn "
                          "the UNet's latents into images")
     prompts = root / PROMPTS_FILE if root and (root / PROMPTS_FILE).is_file() else None
     return LoadedModel(model_id or (root or folder).name, source or str(root or folder), unet, _json_config(unet.config),
                        scheduler, cls=cls, vae=vae, vae_config=vae_config, default_conditions=conds, text=text,
-                       default_prompts=prompts)
+                       default_prompts=prompts, pipeline=pipeline)
+
+
+def _pipeline_config(root: Path, family: ModelFamily) -> dict:
+    """The pipeline folder's model_index.json ({} without one); ModelError for a pipeline whose
+    conditioning dmcompile does not build (SDXL's refiner: an aesthetic score in its time ids)."""
+    path = root / "model_index.json"
+    config = _read_json(path, f"pipeline folder {root}") if path.is_file() else {}
+    if config.get("requires_aesthetics_score"):
+        raise ModelError(f"pipeline folder {root}: {config.get('_class_name', 'this pipeline')} conditions on an "
+                         "aesthetic score (requires_aesthetics_score: SDXL's refiner, 5 time ids), which dmcompile does "
+                         "not support; use the SDXL base pipeline")
+    return config
 
 
 VAE_CLASSES = ("AutoencoderKL", "VQModel")

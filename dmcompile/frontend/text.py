@@ -26,8 +26,8 @@ import numpy as np
 from ..errors import ExportError, ModelError
 
 # (tokenizer folder, text encoder folder) of a pipeline, in the order their hidden states are concatenated
-TEXT_SLOTS = (("tokenizer", "text_encoder"),)
-TEXT_ENCODER_CLASSES = ("CLIPTextModel",)
+TEXT_SLOTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 CLIP_BPE = Path(__file__).resolve().parent.parent / "zoo" / "clip" / "bpe_simple_vocab_16e6.txt.gz"
 CLIP_SPECIALS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
@@ -51,6 +51,11 @@ class TextPart:
     @property
     def hidden_size(self) -> int:
         return int(self.config["hidden_size"])
+
+    @property
+    def projection(self) -> int | None:
+        """Width of the pooled projection (CLIPTextModelWithProjection's text_embeds), or None."""
+        return int(self.config.get("projection_dim", 512)) if hasattr(self.encoder, "text_projection") else None
 
     def tokenizer_json(self) -> str:
         return self.tokenizer.to_str()
@@ -222,9 +227,11 @@ def load_text_encoder(folder: Path, what: str):
     return enc, config
 
 
-def load_text_parts(root: Path, unet_config: dict) -> tuple[TextPart, ...]:
+def load_text_parts(root: Path, unet_config: dict, pooled: str | None = None,
+                    pooled_width: int | None = None) -> tuple[TextPart, ...]:
     """The (tokenizer, text encoder) pairs of a pipeline folder (:data:`TEXT_SLOTS` it has),
-    checked against each other and the UNet; () for a pipeline without a text encoder."""
+    checked against each other and the UNet (``pooled``: the UNet input the last projecting
+    encoder's pooled output feeds, ``pooled_width`` wide); () for a pipeline without a text encoder."""
     parts = []
     for tok_slot, enc_slot in TEXT_SLOTS:
         if not (root / enc_slot).is_dir():
@@ -233,14 +240,35 @@ def load_text_parts(root: Path, unet_config: dict) -> tuple[TextPart, ...]:
         tok, source, max_length, pad_id = read_tokenizer(root / tok_slot, what)
         enc, config = load_text_encoder(root / enc_slot, what)
         parts.append(TextPart(enc_slot, tok, source, max_length, pad_id, enc, config))
-    check_text_parts(parts, unet_config, root)
+    check_text_parts(parts, unet_config, root, pooled, pooled_width)
     return tuple(parts)
 
 
-def check_text_parts(parts, unet_config: dict, root: Path) -> None:
+def pooled_part(parts) -> int | None:
+    """Index of the encoder whose pooled projection the UNet takes: the last one with a projection,
+    as diffusers' SDXL pipelines keep it."""
+    return next((i for i in reversed(range(len(parts))) if parts[i].projection is not None), None)
+
+
+def check_text_parts(parts, unet_config: dict, root: Path, pooled: str | None = None,
+                     pooled_width: int | None = None) -> None:
     """ModelError when the pipeline's text side and its UNet cannot work together."""
     if not parts:
+        if pooled:
+            raise ModelError(f"pipeline folder {root}: its UNet takes {pooled} (a text encoder's pooled projection), "
+                             "and the folder has no text_encoder/ or text_encoder_2/")
         return
+    if pooled:
+        i = pooled_part(parts)
+        if i is None:
+            raise ModelError(f"pipeline folder {root}: its UNet takes {pooled}, a text encoder's pooled projection, and "
+                             f"no encoder has one ({', '.join(p.slot for p in parts)} are CLIPTextModel); SDXL's second "
+                             "encoder is a CLIPTextModelWithProjection")
+        if parts[i].projection != pooled_width:
+            raise ModelError(f"the pipeline's parts disagree: {parts[i].slot}'s pooled projection is "
+                             f"{parts[i].projection} wide, the UNet's {pooled} is {pooled_width} "
+                             "(projection_class_embeddings_input_dim - 6 x addition_time_embed_dim); use encoders and "
+                             "a UNet trained together")
     width = sum(p.hidden_size for p in parts)
     cross = unet_config.get("cross_attention_dim")
     if cross is None:
@@ -273,22 +301,29 @@ def text_digest_parts(parts) -> list:
     return out
 
 
-def export_text(parts, folder: Path, opset: int, clip_skip: int | None, parity_tol: float) -> tuple[dict, list[str]]:
-    """Each text encoder to ONNX (``input_ids`` int64 [B, L] -> ``hidden`` [B, L, D]: the last
-    hidden state, or with ``clip_skip`` the hidden state that many layers before it through the
-    final layer norm, and then also ``last_hidden`` for negative prompts, as diffusers does) and
-    each tokenizer to tokenizer.json; returns the manifest's ``text`` entry and the files."""
+def export_text(parts, folder: Path, opset: int, clip_skip: int | None, parity_tol: float, layer: str = "last",
+                pooled: str | None = None, force_zeros: bool = False) -> tuple[dict, list[str]]:
+    """Each text encoder to ONNX (``input_ids`` int64 [B, L] -> ``hidden`` [B, L, D]) and each
+    tokenizer to tokenizer.json, as diffusers' pipelines take them; returns the manifest's ``text``
+    entry and the files. ``layer="last"`` (SD 1.x / 2.x): the last hidden state, or with
+    ``clip_skip`` the hidden state that many layers before it through the final layer norm, and
+    then also ``last_hidden`` for negative prompts. ``layer="penultimate"`` (SDXL): the hidden
+    state 2 + clip_skip from the end, no final norm (negatives: 2 from the end, ``last_hidden``).
+    ``pooled``: the UNet input the last projecting encoder's pooled projection feeds (output
+    ``pooled``). ``force_zeros``: the pipeline's ``force_zeros_for_empty_prompt``."""
     import onnxruntime as ort
     import torch
 
     entries, files = [], []
+    with_pooled = pooled_part(parts) if pooled else None
     for i, p in enumerate(parts):
         layers = int(p.config["num_hidden_layers"])
         if clip_skip is not None and not 1 <= clip_skip < layers:
             raise ExportError(f"clip_skip {clip_skip} must be in [1, {layers - 1}] for {p.slot} ({layers} layers)")
         suffix = "" if i == 0 else f"_{i + 1}"
         onnx_name, tok_name = f"text_encoder{suffix}.onnx", f"tokenizer{suffix}.json"
-        outputs = ["hidden"] + (["last_hidden"] if clip_skip else [])
+        gives_pooled = i == with_pooled
+        outputs = ["hidden"] + (["last_hidden"] if clip_skip else []) + (["pooled"] if gives_pooled else [])
 
         class Encoder(torch.nn.Module):
             def __init__(self, enc):
@@ -296,12 +331,16 @@ def export_text(parts, folder: Path, opset: int, clip_skip: int | None, parity_t
                 self.enc = enc
 
             def forward(self, input_ids):
-                out = self.enc(input_ids, output_hidden_states=clip_skip is not None)
+                out = self.enc(input_ids, output_hidden_states=clip_skip is not None or layer == "penultimate")
+                extra = (out.text_embeds,) if gives_pooled else ()
+                if layer == "penultimate":
+                    hs = out.hidden_states
+                    return (hs[-(2 + (clip_skip or 0))], *((hs[-2],) if clip_skip else ()), *extra)
                 if clip_skip is None:
-                    return out.last_hidden_state
+                    return (out.last_hidden_state, *extra) if extra else out.last_hidden_state
                 norm = getattr(self.enc, "text_model", self.enc).final_layer_norm
                 skipped = norm(out.hidden_states[-(clip_skip + 1)])
-                return skipped, out.last_hidden_state
+                return (skipped, out.last_hidden_state, *extra)
 
         prompts = ["a photograph of an astronaut riding a horse", "", "the number 7, written thin"]
         ids = np.array([e.ids for e in p.tokenizer.encode_batch(prompts)], np.int64)
@@ -324,8 +363,11 @@ def export_text(parts, folder: Path, opset: int, clip_skip: int | None, parity_t
             raise ExportError(f"ONNX export of {p.slot} differs from PyTorch by {err:.3g} (> parity_tol {parity_tol})")
         (folder / tok_name).write_text(p.tokenizer_json())
         entries.append({"file": onnx_name, "tokenizer": tok_name, "max_length": p.max_length, "pad_id": p.pad_id,
-                        "hidden_size": p.hidden_size, "outputs": outputs, "clip_skip": clip_skip,
+                        "hidden_size": p.hidden_size, "outputs": outputs, "clip_skip": clip_skip, "layer": layer,
                         "class": (p.config.get("architectures") or ["CLIPTextModel"])[0], "slot": p.slot,
                         "tokenizer_source": p.tokenizer_source, "parity_max_abs_err": err, "precision": "fp32"})
         files += [onnx_name, tok_name]
-    return {"encoders": entries, "condition": "encoder_hidden_states"}, files
+    entry = {"encoders": entries, "condition": "encoder_hidden_states"}
+    if pooled:
+        entry.update(pooled=pooled, force_zeros_for_empty_prompt=force_zeros)
+    return entry, files

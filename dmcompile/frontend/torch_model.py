@@ -27,7 +27,7 @@ class TorchEpsModel:
         check_sample(sample, self.sample_shape)
         cond = self.conditioning.check(cond, len(sample)) if (cond or self.conditioning) else {}
         ts = torch.full((sample.shape[0],), int(t), dtype=torch.int64)
-        kw = {k: torch.from_numpy(v) for k, v in cond.items()}
+        kw = self.model.family.call_kwargs({k: torch.from_numpy(v) for k, v in cond.items()})
         with torch.no_grad():
             return self.model.unet(torch.from_numpy(sample), ts, return_dict=False, **kw)[0].numpy()
 
@@ -51,4 +51,5 @@ def conditioning_of(model: LoadedModel, null: dict | None = None, sequence_lengt
     inputs = tuple(CondInput(i.name, i.dtype, i.shape) for i in model.condition_inputs)
     if not inputs:
         return Conditioning.none()
-    return Conditioning(inputs, model.num_classes, sequence_length, null, class_table)
+    defaults = {k: np.asarray(v, np.float32) for k, v in model.condition_defaults.items()} or None
+    return Conditioning(inputs, model.num_classes, sequence_length, null, class_table, defaults)

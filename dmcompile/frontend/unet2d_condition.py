@@ -7,11 +7,25 @@ from ..errors import ModelError
 from .family import ModelInput
 from .unet2d import UNet2DFamily
 
+# addition_embed_type values other than SDXL's "text_time" (frontend/sdxl.py): what each needs
+ADDED_CONDITIONS = {
+    "text": "an added embedding of encoder_hidden_states (TextTimeEmbedding)",
+    "text_image": "added_cond_kwargs image_embeds and text_embeds (Kandinsky 2.1)",
+    "image": "added_cond_kwargs image_embeds (Kandinsky 2.2)",
+    "image_hint": "added_cond_kwargs image_embeds and hint (Kandinsky 2.2 ControlNet)",
+}
+
 
 class UNet2DConditionFamily(UNet2DFamily):
     name = "UNet2DConditionModel"
+    addition_embed_type = None  # the added conditions this family exports (SDXL's family: "text_time")
 
     def check(self, config: dict, what: str) -> None:
+        added = config.get("addition_embed_type")
+        if added is not None and added != self.addition_embed_type:
+            need = ADDED_CONDITIONS.get(added, "added conditions dmcompile does not know")
+            raise ModelError(f"{what}: addition_embed_type={added!r} makes the model need {need}, which dmcompile "
+                             "does not support; supported: none, or 'text_time' (SDXL: text_embeds and time_ids)")
         super().check(config, what)
         dim = config.get("cross_attention_dim", 1280)
         if not isinstance(dim, int):

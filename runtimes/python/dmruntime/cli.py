@@ -4,6 +4,8 @@ runtime container). Writes a PNG grid, or the raw float32 samples with ``.npy``.
     python -m dmruntime BUNDLE -n 64 -o grid.png [--sampler NAME] [--steps N] [--karras] [--eta 0] [--seed 0]
                         [--batch-size 64] [--class K | --conditions FILE.npz] [--guidance S] [--threads N]
                         [--prompt TEXT ... [--negative-prompt TEXT]]
+                        [--prompt-2 TEXT ... [--negative-prompt-2 TEXT]]
+                        [--original-size H W] [--crop-top-left TOP LEFT] [--target-size H W]
                         [--cache-dir DIR]
 
 Its options, defaults and checks are the ones ``dmcompile sample`` has; ``run_main`` (shared by
@@ -103,7 +105,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                    help="text-to-image bundles: generate from this prompt (repeatable: one grid row per prompt)")
     p.add_argument("--negative-prompt", default=None, metavar="TEXT",
-                   help="with --prompt: the null branch of guidance (default: the empty prompt)")
+                   help="with --prompt: the null branch of guidance (default: the empty prompt, or zeros where the "
+                   "pipeline forces them: SDXL)")
+    add_sdxl_options(p)
     p.add_argument("--guidance", type=float, default=None, metavar="S",
                    help="classifier-free guidance scale (default: the bundle's calibration scale, if any; with "
                         "--prompt else 7.5)")
@@ -164,6 +168,33 @@ def write_samples(path: Path, images: np.ndarray, cols: int | None = None, nativ
         raise InputError(f"cannot write {path}: {e.strerror or e}; choose another path") from None
 
 
+def add_sdxl_options(p: argparse.ArgumentParser) -> None:
+    """The prompt options of pipelines with two text encoders and size conditioning (SDXL)."""
+    p.add_argument("--prompt-2", action="append", default=None, metavar="TEXT",
+                   help="with --prompt, SDXL bundles: the second text encoder's prompt, one per --prompt (default: "
+                   "the same)")
+    p.add_argument("--negative-prompt-2", default=None, metavar="TEXT",
+                   help="with --prompt, SDXL bundles: the second encoder's negative prompt (default: --negative-prompt)")
+    p.add_argument("--original-size", type=float, nargs=2, default=None, metavar=("H", "W"),
+                   help="with --prompt, SDXL bundles: time_ids' original size (default: the bundle's resolution)")
+    p.add_argument("--crop-top-left", type=float, nargs=2, default=None, metavar=("TOP", "LEFT"),
+                   help="with --prompt, SDXL bundles: time_ids' crop coordinates (default 0 0)")
+    p.add_argument("--target-size", type=float, nargs=2, default=None, metavar=("H", "W"),
+                   help="with --prompt, SDXL bundles: time_ids' target size (default: the bundle's resolution)")
+
+
+def sdxl_options(args) -> dict:
+    """Text2Image.generate's keywords from ``add_sdxl_options``'s; InputError when given without --prompt."""
+    given = {"prompts_2": args.prompt_2, "negative_prompt_2": args.negative_prompt_2,
+             "original_size": args.original_size, "crops_coords_top_left": args.crop_top_left,
+             "target_size": args.target_size}
+    if not args.prompt and any(v is not None for v in given.values()):
+        flags = {"prompts_2": "--prompt-2", "negative_prompt_2": "--negative-prompt-2", "original_size": "--original-size",
+                 "crops_coords_top_left": "--crop-top-left", "target_size": "--target-size"}
+        raise InputError(f"{', '.join(flags[k] for k, v in given.items() if v is not None)} go(es) with --prompt")
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     return run_main("python -m dmruntime", lambda: _sample(args))
@@ -174,6 +205,7 @@ def _sample(args) -> int:
     bundle = Bundle.open(args.bundle, threads=args.threads, device=args.device, cache_dir=args.cache_dir)
     if args.prompt:
         return _generate(args, bundle)
+    sdxl_options(args)
     if args.negative_prompt is not None:
         raise InputError("--negative-prompt goes with --prompt")
     if "text" in bundle.components and args.conditions is None:
@@ -210,10 +242,11 @@ def _generate(args, bundle: Bundle) -> int:
     n = 1 if args.n is None else args.n
     pipe = Text2Image(bundle, args.sampler, steps=args.steps, karras=args.karras, eta=args.eta,
                       guidance_scale=args.guidance, batch_size=args.batch_size or DEFAULT_BATCH,
-                      negative_prompt=args.negative_prompt or "")
+                      negative_prompt=args.negative_prompt)
     loop = pipe.loop()
     t0 = time.perf_counter()
-    images = pipe.generate(args.prompt, n=n, seed=args.seed, progress=Progress("auto", label=loop.choice.name))
+    images = pipe.generate(args.prompt, n=n, seed=args.seed, progress=Progress("auto", label=loop.choice.name),
+                           **sdxl_options(args))
     seconds = time.perf_counter() - t0
     write_samples(args.output, images, cols=n, native=True)
     guided = f", guidance {loop.guidance_scale:g}" if loop.guidance_scale is not None else ""

@@ -9,7 +9,12 @@ A bundle's manifest describes them::
                                  "shape": [null, null, 768]}],
                      "num_classes": 10 | null, "sequence_length": 77 | null,
                      "null": {"file": "null_condition.npz"} | null,
-                     "class_table": {"file": "class_table.npz"} | null}
+                     "class_table": {"file": "class_table.npz"} | null,
+                     "defaults": {"time_ids": [1024, 1024, 0, 0, 1024, 1024]}}   # optional
+
+``defaults`` holds inputs the pipeline derives rather than the user gives (SDXL's ``time_ids``
+from the image size): one row each, used wherever the input is not given (conditions, the null
+condition, calibration).
 
 A class table ([K, L, D], one embedding per class) lets a cross-attention model be asked for a
 class: ``{"class_labels": [3, 1]}`` becomes ``{"encoder_hidden_states": table[[3, 1]]}``.
@@ -54,6 +59,7 @@ class Conditioning:
     sequence_length: int | None = None
     null: dict | None = None  # input name -> one row (no batch axis): the guidance's null condition
     class_table: np.ndarray | None = None  # [K, L, D] embeddings of K classes, for the one float input
+    defaults: dict | None = None  # input name -> one row, used where that input is not given
 
     @classmethod
     def none(cls) -> Conditioning:
@@ -77,17 +83,32 @@ class Conditioning:
         except (KeyError, TypeError) as e:
             raise BundleError(f"manifest conditioning is malformed ({e}); rebuild the bundle") from None
         null = table = None
+        defaults = {}
+        for name, row in (c.get("defaults") or {}).items():
+            spec = next((i for i in inputs if i.name == name), None)
+            if spec is None:
+                raise BundleError(f"manifest conditioning defaults name {name!r}, which is not an input; rebuild the "
+                                  "bundle")
+            defaults[name] = np.asarray(row, np.dtype(spec.dtype))
         if c.get("null") and root is not None:
             null = _load_npz(Path(root) / c["null"]["file"])
         if c.get("class_table") and root is not None:
             table = _load_npz(Path(root) / c["class_table"]["file"]).get("class_table")
-        return cls(inputs, c.get("num_classes"), c.get("sequence_length"), null, table)
+        return cls(inputs, c.get("num_classes"), c.get("sequence_length"), null, table, defaults or None)
 
     def to_manifest(self, null_file: str | None, table_file: str | None = None) -> dict:
-        return {"inputs": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in self.inputs],
-                "num_classes": self.num_classes, "sequence_length": self.sequence_length,
-                "null": {"file": null_file} if null_file else None,
-                "class_table": {"file": table_file} if table_file else None}
+        out = {"inputs": [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in self.inputs],
+               "num_classes": self.num_classes, "sequence_length": self.sequence_length,
+               "null": {"file": null_file} if null_file else None,
+               "class_table": {"file": table_file} if table_file else None}
+        if self.defaults:
+            out["defaults"] = {k: np.asarray(v).tolist() for k, v in self.defaults.items()}
+        return out
+
+    def with_defaults(self, cond: dict, n: int) -> dict:
+        """``cond`` with every input it lacks that has a default, repeated for ``n`` rows."""
+        missing = {k: v for k, v in (self.defaults or {}).items() if k not in cond}
+        return {**cond, **{k: np.repeat(np.asarray(v)[None], n, axis=0) for k, v in missing.items()}}
 
     @property
     def embedded_classes(self) -> bool:
@@ -118,6 +139,7 @@ class Conditioning:
                              "(e.g. class_labels=... or encoder_hidden_states=...)")
         if self.embedded_classes and "class_labels" in cond:
             cond = self._from_classes(cond)
+        cond = self.with_defaults(cond, n)
         unknown = sorted(set(cond) - set(self.names))
         if unknown:
             raise InputError(f"unknown conditioning input(s) {unknown}; this model takes {', '.join(self.describe())}")
@@ -164,7 +186,9 @@ class Conditioning:
         return f"{spec.dtype} [{dims}]"
 
     def describe(self) -> list[str]:
-        return [f"{i.name} {self._describe(i)}" for i in self.inputs]
+        defaults = self.defaults or {}
+        return [f"{i.name} {self._describe(i)}" + (f" (default {np.asarray(defaults[i.name]).tolist()})"
+                                                   if i.name in defaults else "") for i in self.inputs]
 
     def null_rows(self, n: int) -> dict:
         """The null condition repeated for ``n`` rows; InputError if the bundle has none."""
@@ -172,7 +196,7 @@ class Conditioning:
             raise InputError("guidance needs a null (unconditional) condition, and this bundle has none; rebuild "
                              "it with one (--null-class, or null_<input> in --calib-conditions), or sample "
                              "without --guidance")
-        return {k: np.repeat(np.asarray(v)[None], n, axis=0) for k, v in self.null.items()}
+        return self.with_defaults({k: np.repeat(np.asarray(v)[None], n, axis=0) for k, v in self.null.items()}, n)
 
     def random(self, n: int, rng: np.random.Generator) -> dict:
         """Default calibration conditions: class labels uniform over the classes (the null
@@ -181,7 +205,9 @@ class Conditioning:
             return self._from_classes({"class_labels": rng.integers(0, len(self.class_table), n)})
         out = {}
         for spec in self.inputs:
-            if spec.dtype == "int64":
+            if spec.name in (self.defaults or {}):
+                out[spec.name] = np.repeat(np.asarray(self.defaults[spec.name])[None], n, axis=0)
+            elif spec.dtype == "int64":
                 hi = self.num_classes or 1
                 null = None if not self.null else self.null.get(spec.name)
                 labels = [c for c in range(hi) if null is None or c != int(null)] or [0]
@@ -192,7 +218,9 @@ class Conditioning:
 
     def dummy(self, n: int) -> dict:
         """Zeros of the right shapes and dtypes for ``n`` rows (shape probing)."""
-        return {s.name: np.zeros((n, *s.row_shape(self.sequence_length)), np.dtype(s.dtype)) for s in self.inputs}
+        zeros = {s.name: np.zeros((n, *s.row_shape(self.sequence_length)), np.dtype(s.dtype)) for s in self.inputs
+                 if s.name not in (self.defaults or {})}
+        return self.with_defaults(zeros, n)
 
 
 def read_conditions(path: Path, spec: Conditioning) -> tuple[dict | None, dict | None, np.ndarray | None]:
@@ -229,7 +257,7 @@ def read_conditions(path: Path, spec: Conditioning) -> tuple[dict | None, dict |
             raise InputError(f"conditions file {path}: every array needs the same number of rows, got {sorted(n)}")
         rows = spec.check(rows, n.pop())
     if null is not None:
-        missing = [i for i in spec.names if i not in null]
+        missing = [i for i in spec.names if i not in null and i not in (spec.defaults or {})]
         if missing:
             raise InputError(f"conditions file {path}: the null condition lacks null_{missing[0]}")
         null = {k: v[0] for k, v in spec.check({k: np.asarray(v)[None] for k, v in null.items()}, 1).items()}
@@ -249,8 +277,11 @@ def cycle_rows(cond: dict | None, n: int) -> dict | None:
 
 
 def concat_rows(a: dict, b: dict) -> dict:
-    """Conditions of ``a``'s rows followed by ``b``'s."""
-    return {k: np.concatenate([a[k], b[k]]) for k in a}
+    """Conditions of ``a``'s rows followed by ``b``'s; an input ``a`` lacks takes ``b``'s rows on both
+    sides (guidance: the null branch sees the condition's own time_ids, as diffusers' negative sizes
+    default to the positive ones)."""
+    return {**{k: np.concatenate([a[k], b[k]]) for k in a}, **{k: np.concatenate([v, v]) for k, v in b.items()
+                                                                  if k not in a}}
 
 
 def _load_npz(path: Path) -> dict:

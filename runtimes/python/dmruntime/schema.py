@@ -209,6 +209,7 @@ CONDITIONING = Obj(required={
     "num_classes": Opt(DIM), "sequence_length": Opt(DIM),
     "null": Opt(Obj(required={"file": FILE})), "class_table": Opt(Obj(required={"file": FILE})),
     "calibration_guidance_scale": Opt(Num(0)),
+    "defaults": Opt(Map(List(Num(), min_len=1))),
 })
 
 CORRECTION = Obj(required={"groups": List(Obj(required={
