@@ -272,7 +272,9 @@ def test_mixed_and_step_aware_builds_of_a_guided_cross_attention_model(tiny_cond
 
 
 @pytest.mark.parametrize("key,value,needle", [
-    ("addition_embed_type", "text_time", "added_cond_kwargs"),
+    ("addition_embed_type", "image", "added_cond_kwargs image_embeds"),
+    ("addition_embed_type", "image_hint", "image_embeds and hint"),
+    ("addition_embed_type", "text_time", "projection_class_embeddings_input_dim"),  # SDXL's, without its widths
     ("time_cond_proj_dim", 8, "timestep_cond"),
     ("encoder_hid_dim_type", "text_proj", "encoder_hid_proj"),
 ])

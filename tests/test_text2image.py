@@ -192,7 +192,7 @@ def test_prompt_encodings_are_cached(sd1_fp, monkeypatch):
     pipe = Text2Image(Bundle.open(sd1_fp))
     calls = []
     real = pipe.text.encode
-    monkeypatch.setattr(pipe.text, "encode", lambda p, negative=False: calls.append(list(p)) or real(p, negative))
+    monkeypatch.setattr(pipe.text, "encode", lambda p, **kw: calls.append(list(p)) or real(p, **kw))
     a = pipe.encode(["a cat", "a dog", "a cat"])
     b = pipe.encode(["a dog", "a bird"])
     assert calls == [["a cat", "a dog"], ["a bird"]]
@@ -302,9 +302,9 @@ def test_eval_of_a_text_bundle_uses_prompts_on_both_sides(sd1_w8a8, sd1_fp, monk
     seen = []
     real = Text2Image.encode
 
-    def spy(self, prompts, negative=False):
-        seen.append((self.bundle.manifest.get("format"), negative, list(prompts)[:2]))
-        return real(self, prompts, negative)
+    def spy(self, prompts, prompts_2=None):
+        seen.append((self.bundle.manifest.get("format"), prompts_2, list(prompts)[:2]))
+        return real(self, prompts, prompts_2)
 
     monkeypatch.setattr(Text2Image, "encode", spy)
     r = api.evaluate(sd1_w8a8, EvalConfig(sample=SampleConfig(n=3, steps=4)), progress=None).report
