@@ -88,6 +88,58 @@ SD_SCALED_LINEAR_SCHEDULER = {
     "prediction_type": "epsilon",
 }
 
+# Stable Diffusion XL 1.0 base's UNet (its unet/config.json; 2.57 B parameters): text_time added
+# conditions (the 1280-wide pooled projection + 6 time ids x 256), cross-attention width 2048 (768 +
+# 1280: both text encoders), transformer depths 1 / 2 / 10, no attention at the first level.
+SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+# The same blocks, depths, head counts and inputs at half width: with 32 norm groups and 5 / 10 / 20
+# heads the first width must be a multiple of 160, so 160 and SDXL's 320 are the only widths of this
+# structure; 320 does not build in 24 GB (benchmarks/README.md, "SDXL").
+SDXL_UNET_HALF = {**SDXL_UNET, "block_out_channels": [160, 320, 640]}
+
+# SDXL's scheduler_config.json (EulerDiscreteScheduler, "leading" spacing)
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "use_karras_sigmas": False,
+    "clip_sample": False,
+}
+
 # digits-ldm: Stable Diffusion in miniature (benchmarks/train_ldm.py). The autoencoder maps
 # 1x16x16 digits to 4x8x8 latents; the UNet's cross-attention reads a learned class embedding.
 DIGITS_LDM_VAE = {
