@@ -177,6 +177,11 @@ def test_sdxl_bundles_on_the_other_targets(sdxl, target, tmp_path):
     fusion = res.manifest["build"]["fusion"]
     if target == "openvino-cpu":
         assert fusion["ratio"] == 1.0
+    else:  # every layer the plan quantizes is an integer kernel; add_embedding float by TensorRT's recipe
+        act = {l["module"]: l["activation"] for l in res.manifest["precision"]["layers"]}
+        assert act["add_embedding.linear_1"] == act["add_embedding.linear_2"] == "float"
+        quantized = sum(l["activation"] == "int8" for l in res.manifest["precision"]["layers"])
+        assert quantized > 0 and all(sum(e["integer"].values()) == quantized for e in fusion["engines"].values())
     bundle = Bundle.open(res.path, device="cpu", cache_dir=tmp_path / "ov")
     images = Text2Image(bundle, steps=4).generate(["a cat", "a dog"], target_size=(16, 12))
     assert images.shape == (2, 3, 16, 16) and np.isfinite(images).all() and np.abs(images[0] - images[1]).max() > 1e-4
