@@ -97,6 +97,7 @@ def phase_export(args) -> dict:
 
     t0 = time.perf_counter()
     model = api.load_model(args.model)
+    print(f"STAGE loaded after {time.perf_counter() - t0:.0f} s, peak {peak_gb():.1f} GB; tracing", flush=True)
     fp = api.fp_bundle(model)
     m = json.loads((fp / "manifest.json").read_text())
     return {"export_seconds": m["export"]["seconds"], "parity_max_abs_err": m["export"]["parity_max_abs_err"],
@@ -167,9 +168,9 @@ PHASES = {"preset": phase_preset, "export": phase_export, "build": phase_build, 
           "latency": phase_latency}
 
 
-def watched(cmd: list[str], max_gb: float) -> tuple[int, float, float, str, bool]:
+def watched(cmd: list[str], max_gb: float) -> tuple[int, float, float, str, bool, list]:
     """Run ``cmd``, polling its resident memory (with its children); stop it past ``max_gb``.
-    Returns (exit code, peak GB, seconds, its output, stopped)."""
+    Returns (exit code, peak GB, seconds, its output, stopped, [(seconds, GB) every 10 s])."""
     import psutil
 
     t0 = time.perf_counter()
@@ -177,13 +178,15 @@ def watched(cmd: list[str], max_gb: float) -> tuple[int, float, float, str, bool
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    peak, stopped, ps = 0.0, False, psutil.Process(proc.pid)
+    peak, stopped, ps, timeline = 0.0, False, psutil.Process(proc.pid), []
     while proc.poll() is None:
         try:
             rss = sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]) / 2**30
         except psutil.Error:
             rss = 0.0
         peak = max(peak, rss)
+        if not timeline or time.perf_counter() - t0 >= timeline[-1][0] + 10:
+            timeline.append((round(time.perf_counter() - t0), round(rss, 1)))
         if rss > max_gb:
             stopped = True
             proc.kill()
@@ -191,7 +194,7 @@ def watched(cmd: list[str], max_gb: float) -> tuple[int, float, float, str, bool
         time.sleep(0.5)
     proc.wait()
     reader.join(timeout=5)
-    return proc.returncode, peak, time.perf_counter() - t0, "".join(lines), stopped
+    return proc.returncode, peak, time.perf_counter() - t0, "".join(lines), stopped, timeline
 
 
 def main(argv=None) -> int:
@@ -220,13 +223,14 @@ def main(argv=None) -> int:
                "--calib-steps", str(args.calib_steps), "--repeats", str(args.repeats), "--threads", str(args.threads),
                "--bundles", *args.bundles]
     for phase in (PHASES if args.phase == "all" else [args.phase]):
-        rc, peak, seconds, output, stopped = watched(
+        rc, peak, seconds, output, stopped, timeline = watched(
             [sys.executable, __file__, "--inner", "--phase", phase, *options], args.max_gb)
         result = [x for x in output.splitlines() if x.startswith("RESULT ")]
         if rc or not result:
             why = f"stopped past {args.max_gb} GB resident" if stopped else f"exit {rc}"
             tail = " | ".join(x.strip()[-160:] for x in output.strip().splitlines()[-4:])
             print(f"{phase}: FAILED ({why}) after {seconds:.0f} s, peak {peak:.1f} GB; last output: {tail}", flush=True)
+            print("  resident GB over time (s, GB): " + " ".join(f"{t}:{g}" for t, g in timeline), flush=True)
             return 1
         print(f"{phase}: {result[-1][7:]} (watched peak {peak:.1f} GB, {seconds:.0f} s)", flush=True)
     return 0

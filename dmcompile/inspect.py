@@ -44,6 +44,7 @@ def bundle_report(bundle: Bundle, *, fusion: bool = True) -> dict:
         "speed": m.get("speed"),
         "sampler": bundle.sampling.to_dict() if bundle.sampling else None,
         "text": m.get("text"),
+        "conditioning": bundle.conditioning.describe() if bundle.conditioning else None,
     }
     if layers:
         report["accounting"] = accounting(m)
@@ -128,9 +129,12 @@ def format_report(r: dict) -> str:
         sp = r["sampler"]
         lines.append(f"calibrated on {sp['name']} {sp['steps']} steps{', Karras sigmas' if sp.get('karras') else ''} "
                      "(sample and eval default to it)")
+    if r.get("conditioning"):
+        lines.append("inputs: " + ", ".join(r["conditioning"]))
     for e in (r.get("text") or {}).get("encoders", []):
         lines.append(f"text: {e.get('class', 'text encoder')} {e['file']} ({e.get('precision', 'fp32')}"
                      + (f", clip_skip {e['clip_skip']}" if e.get("clip_skip") else "")
+                     + (", pooled projection" if "pooled" in e.get("outputs", ()) else "")
                      + f"), {e['tokenizer']} (from {e.get('tokenizer_source', 'tokenizer.json')}), "
                      f"{e['max_length']} tokens, pad id {e['pad_id']}")
     if (r.get("text") or {}).get("int8"):

@@ -160,6 +160,11 @@ def test_w8a8_sdxl_bundle_runs_integer_kernels_and_takes_prompts(sdxl_w8a8, sdxl
     a, b = np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy")
     assert a.shape == (4, 3, 16, 16) and np.isfinite(a).all()
     np.testing.assert_array_equal(a, b)
+    assert cli.main(["inspect", str(sdxl_w8a8)]) == 0
+    text = capsys.readouterr().out
+    assert "inputs: encoder_hidden_states float32 [B, L, 80], text_embeds float32 [B, 40], time_ids float32 [B, 6] " \
+           "(default [16.0, 16.0, 0.0, 0.0, 16.0, 16.0])" in text
+    assert "text_encoder_2.onnx (int8, pooled projection)" in text
     pipe = Text2Image(Bundle.open(sdxl_w8a8))
     np.testing.assert_array_equal(pipe.generate(["a cat", "a dog"], n=2, prompts_2=["watercolour", "photo"],
                                                 original_size=(32, 32)), a)

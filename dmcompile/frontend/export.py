@@ -156,12 +156,42 @@ def parity_error(model: LoadedModel, onnx_path: Path, config: ExportConfig) -> f
     return float(np.max(np.abs(got - want)))
 
 
+# Peak resident memory of an export over the model's fp32 weights: 14.5 GB for SD 1.5's 3.44 GB
+# UNet (benchmarks/README.md); the TorchScript exporter holds the weights in PyTorch, in its traced
+# graph and in the ONNX proto at once.
+EXPORT_MEMORY_FACTOR = 4.2
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def warn_memory(model: LoadedModel) -> None:
+    """Say before minutes of tracing when the export will likely not fit in this machine's memory."""
+    need = EXPORT_MEMORY_FACTOR * 4 * model.num_parameters()
+    have = available_memory()
+    if have is not None and need > have:
+        warnings.warn(f"exporting {model.id} ({model.num_parameters() / 1e9:.2f} B parameters) needs about "
+                      f"{need / 2**30:.0f} GB of memory ({EXPORT_MEMORY_FACTOR}x its fp32 weights, measured on SD 1.5), "
+                      f"and {have / 2**30:.0f} GB are available: it will likely be killed for memory. Export on a "
+                      "machine with more memory and copy the export folder (benchmarks/README.md, \"SDXL\")",
+                      UserWarning, stacklevel=2)
+
+
 def export_model(model: LoadedModel, out: Path, config: ExportConfig = ExportConfig()) -> ExportResult:
     """Trace ``model`` to ONNX and write the export folder ``out`` atomically.
 
     Raises ExportError when ONNX Runtime and PyTorch differ by more than ``config.parity_tol``.
     """
     t0 = time.perf_counter()
+    warn_memory(model)
     with atomic_dir(Path(out), BUNDLE) as tmp:
         proto = trace_to_onnx(model, tmp / ENGINE_FILE, config)
         err = parity_error(model, tmp / ENGINE_FILE, config)

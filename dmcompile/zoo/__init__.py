@@ -16,7 +16,7 @@ DEFAULT_MODEL = "digits16"
 # name -> folder with config.json + safetensors + scheduler_config.json (trained weights)
 TRAINED = {"digits16": ZOO_DIR / "digits16", "digits-ldm": ZOO_DIR / "digits-ldm", "digits-t2i": ZOO_DIR / "digits-t2i"}
 # name -> (UNet config, scheduler config); weights are random, seeded. sd15-unet (859.5 M parameters)
-# and the SDXL UNets (2.57 B; half width 0.69 B) are for benchmarks, not CI.
+# and the SDXL UNets (2.57 B; half width 0.73 B) are for benchmarks, not CI.
 PRESETS = {"ddpm-cifar10-32": (DDPM_CIFAR10_32_UNET, DDPM_LINEAR_SCHEDULER),
            "sd15-unet": (SD15_UNET, SD_SCALED_LINEAR_SCHEDULER),
            "sdxl-unet": (SDXL_UNET, SDXL_SCHEDULER),
