@@ -11,7 +11,8 @@ then its peak, time and last lines reported instead of letting the machine swap)
   preset    build the preset: parameters, fp32 bytes, peak; PyTorch's guided step (batch 2)
   export    the fp32 ONNX export (weights as external data) and its parity check
   build     ort-cpu W8A8 K = 10, calibrated on --calib-size guided trajectories of random text
-            embeddings and pooled vectors (time_ids: the preset's resolution), round to nearest
+            embeddings and pooled vectors (time_ids: the preset's resolution), round to nearest;
+            --float-attention keeps attention's activation MatMuls float
   build-ov  openvino-cpu W8A8 K = 10, one engine fed per-group scalars (--shared-engine)
   latency   one guided step (batch 2) at the preset's latent size, interleaved, medians: ORT fp32,
             OpenVINO's default (bf16 where the CPU has it), both bundles
@@ -124,7 +125,11 @@ def _build(args, folder: str, **options) -> dict:
 
 
 def phase_build(args) -> dict:
-    return _build(args, "bundle")
+    if not args.float_attention:
+        return _build(args, "bundle")
+    from dmcompile.config import W8A8Recipe, parse_overrides
+
+    return _build(args, "bundle", recipe=W8A8Recipe(overrides=parse_overrides("attention_matmuls", "float")))
 
 
 def phase_build_ov(args) -> dict:
@@ -209,6 +214,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-gb", type=float, default=21.0, help="stop a phase past this resident memory (GB)")
     p.add_argument("--bundles", nargs="*", default=["bundle", "bundle-openvino-shared"],
                    help="latency: dmcompile bundles under --work to time")
+    p.add_argument("--float-attention", action="store_true",
+                   help="build: keep attention's activation MatMuls float (--float-layer attention_matmuls)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # the watched process itself
     args = p.parse_args(argv)
     work = Path(args.work) / args.model
@@ -221,7 +228,7 @@ def main(argv=None) -> int:
     print(cpu_line(), flush=True)
     options = ["--model", args.model, "--work", str(Path(args.work).parent), "--calib-size", str(args.calib_size),
                "--calib-steps", str(args.calib_steps), "--repeats", str(args.repeats), "--threads", str(args.threads),
-               "--bundles", *args.bundles]
+               *(["--float-attention"] if args.float_attention else []), "--bundles", *args.bundles]
     for phase in (PHASES if args.phase == "all" else [args.phase]):
         rc, peak, seconds, output, stopped, timeline = watched(
             [sys.executable, __file__, "--inner", "--phase", phase, *options], args.max_gb)
