@@ -145,3 +145,25 @@ def test_cifar10_preset_export(tmp_path):
     assert res.layer_map.counts() == {"Conv": 65, "Gemm": 24, "MatMul": 36}
     lm_modules = {l.module for l in res.layer_map.layers if l.weight}
     assert "down_blocks.1.attentions.0.to_q" in lm_modules and "conv_in" in lm_modules
+
+
+@pytest.mark.parametrize("which", ["tiny_model_dir", "tiny_cond_dir"])
+def test_inferred_layer_shapes_equal_probed_ones(which, request):
+    """The layer map's shapes come from symbolic shape inference (an SDXL-sized UNet run with every
+    probed tensor as an output did not fit in memory): they equal what running the graph gives."""
+    from dmcompile.frontend import layermap
+    from dmcompile.frontend.torch_model import conditioning_of
+    from dmcompile.stages import fp_bundle
+
+    fp = fp_bundle(str(request.getfixturevalue(which)))
+    model = onnx.load(str(fp / "model.onnx"))
+    loaded = api.load_model(str(request.getfixturevalue(which)))
+    spec = conditioning_of(loaded, sequence_length=5)
+    feeds = {"sample": np.zeros((1, *loaded.sample_shape), np.float32), "timestep": np.array([500], np.int64),
+             **spec.dummy(1)}
+    inits = {i.name for i in model.graph.initializer}
+    names = sorted({v for n in model.graph.node if n.op_type in layermap.QUANTIZABLE_OPS
+                    for v in (n.input[0], n.input[1], n.output[0]) if v not in inits} - set(feeds))
+    inferred = layermap._inferred_shapes(model, feeds)
+    assert names and all(n in inferred for n in names)
+    assert {n: inferred[n] for n in names} == layermap._probe_shapes(model, names, feeds)
