@@ -81,13 +81,28 @@ class LayerMap:
         return out
 
 
-def _inferred_shapes(model: onnx.ModelProto, feeds: dict) -> dict[str, list[int]]:
+def _inferred_shapes(model: onnx.ModelProto, feeds: dict, base_dir=None) -> dict[str, list[int]]:
     """Shapes ONNX Runtime's symbolic shape inference finds with the inputs fixed to ``feeds``'
-    shapes (every tensor of diffusers' UNets, without running them); {} where it fails."""
+    shapes (every tensor of diffusers' UNets, without running them); {} where it fails. Weights
+    kept as external data (in ``base_dir``) go in as inputs of their shape, small ones read."""
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     m = onnx.ModelProto()
     m.CopyFrom(model)
+    kept = []
+    for init in m.graph.initializer:
+        if not uses_external_data(init):
+            kept.append(init)
+        elif base_dir is not None and int(np.prod(init.dims)) <= 4096:  # constants the shapes may hang on
+            load_external_data_for_tensor(init, str(base_dir))
+            del init.external_data[:]
+            init.data_location = onnx.TensorProto.DEFAULT
+            kept.append(init)
+        else:
+            m.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(kept)
     for inp in m.graph.input:
         if inp.name in feeds:
             del inp.type.tensor_type.shape.dim[:]
@@ -108,7 +123,7 @@ def _inferred_shapes(model: onnx.ModelProto, feeds: dict) -> dict[str, list[int]
 def _shapes(model: onnx.ModelProto, names: list[str], feeds: dict, base_dir=None) -> dict[str, list[int]]:
     """Shapes of ``names`` at ``feeds``: inferred where symbolic inference finds them (running an
     SDXL-sized UNet with its attention scores as outputs did not fit in 24 GB), the rest probed."""
-    known = {k: list(np.shape(v)) for k, v in feeds.items()} | _inferred_shapes(model, feeds)
+    known = {k: list(np.shape(v)) for k, v in feeds.items()} | _inferred_shapes(model, feeds, base_dir)
     missing = [n for n in names if n not in known]
     return known | (_probe_shapes(model, missing, feeds, base_dir) if missing else {})
 
