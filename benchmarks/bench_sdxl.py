@@ -15,7 +15,8 @@ then its peak, time and last lines reported instead of letting the machine swap)
             --float-attention keeps attention's activation MatMuls float
   build-ov  openvino-cpu W8A8 K = 10, one engine fed per-group scalars (--shared-engine)
   latency   one guided step (batch 2) at the preset's latent size, interleaved, medians: ORT fp32,
-            OpenVINO's default (bf16 where the CPU has it), both bundles
+            OpenVINO's default (bf16 where the CPU has it), the bundles (--bf16: openvino-cpu ones
+            with bf16 float layers too)
 Outputs go to --work (default /tmp/dmcompile-sdxl); the fp32 export is cached as usual.
 """
 
@@ -156,6 +157,10 @@ def phase_latency(args) -> dict:
         if (work / name / "manifest.json").is_file():
             b = Bundle.open(work / name, threads=args.threads)
             variants[f"dmcompile {name}"] = (lambda b: lambda t: b.predict(feeds["sample"], t, cond))(b)
+            if args.bf16 and b.runtime == "openvino":  # what --float-precision bf16 writes into the manifest
+                b = Bundle.open(work / name, threads=args.threads, openvino_config={"INFERENCE_PRECISION_HINT": "bf16"})
+                variants[f"dmcompile {name} --float-precision bf16"] = (
+                    lambda b: lambda t: b.predict(feeds["sample"], t, cond))(b)
     times = {v: [] for v in variants}
     for v, f in variants.items():  # warm-up (compiles)
         f(999)
@@ -214,6 +219,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-gb", type=float, default=21.0, help="stop a phase past this resident memory (GB)")
     p.add_argument("--bundles", nargs="*", default=["bundle", "bundle-openvino-shared"],
                    help="latency: dmcompile bundles under --work to time")
+    p.add_argument("--bf16", action="store_true",
+                   help="latency: also time openvino-cpu bundles with their float layers in bf16")
     p.add_argument("--float-attention", action="store_true",
                    help="build: keep attention's activation MatMuls float (--float-layer attention_matmuls)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # the watched process itself
@@ -228,7 +235,8 @@ def main(argv=None) -> int:
     print(cpu_line(), flush=True)
     options = ["--model", args.model, "--work", str(Path(args.work).parent), "--calib-size", str(args.calib_size),
                "--calib-steps", str(args.calib_steps), "--repeats", str(args.repeats), "--threads", str(args.threads),
-               *(["--float-attention"] if args.float_attention else []), "--bundles", *args.bundles]
+               *(["--float-attention"] if args.float_attention else []), *(["--bf16"] if args.bf16 else []),
+               "--bundles", *args.bundles]
     for phase in (PHASES if args.phase == "all" else [args.phase]):
         rc, peak, seconds, output, stopped, timeline = watched(
             [sys.executable, __file__, "--inner", "--phase", phase, *options], args.max_gb)
