@@ -191,7 +191,7 @@ def load_folder(folder: Path, model_id: str | None = None, source: str | None = 
                                                                                                                 None)
     conds = root / "conditions.npz" if root and (root / "conditions.npz").is_file() else None
     family = get_family(cls, what, config)
-    pipeline = _pipeline_config(root, family) if root else {}
+    pipeline = _pipeline_config(root) if root else {}
     text = load_text_parts(root, _json_config(unet.config), family.pooled_input,
                            family.pooled_width(_json_config(unet.config))) if root else ()
     if text and vae is None:
@@ -203,7 +203,7 @@ def load_folder(folder: Path, model_id: str | None = None, source: str | None = 
                        default_prompts=prompts, pipeline=pipeline)
 
 
-def _pipeline_config(root: Path, family: ModelFamily) -> dict:
+def _pipeline_config(root: Path) -> dict:
     """The pipeline folder's model_index.json ({} without one); ModelError for a pipeline whose
     conditioning dmcompile does not build (SDXL's refiner: an aesthetic score in its time ids)."""
     path = root / "model_index.json"
