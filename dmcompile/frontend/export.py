@@ -181,15 +181,16 @@ def available_memory() -> int | None:
 
 
 def warn_memory(model: LoadedModel) -> None:
-    """Say before minutes of tracing when the export will likely not fit in this machine's memory."""
-    need = EXPORT_MEMORY_FACTOR * 4 * model.num_parameters()
-    have = available_memory()
-    if have is not None and need > have:
+    """Say before minutes of tracing when the export will likely not fit in this machine's memory
+    (the loaded weights are resident already: the rest must be available)."""
+    weights = 4 * model.num_parameters()
+    need, have = EXPORT_MEMORY_FACTOR * weights, available_memory()
+    if have is not None and need - weights > have:
         warnings.warn(f"exporting {model.id} ({model.num_parameters() / 1e9:.2f} B parameters) needs about "
-                      f"{need / 2**30:.0f} GB of memory ({EXPORT_MEMORY_FACTOR}x its fp32 weights, measured on SD 1.5), "
-                      f"and {have / 2**30:.0f} GB are available: it will likely be killed for memory. Export on a "
-                      "machine with more memory and copy the export folder (benchmarks/README.md, \"SDXL\")",
-                      UserWarning, stacklevel=2)
+                      f"{need / 2**30:.0f} GB of memory in all ({EXPORT_MEMORY_FACTOR}x its fp32 weights, measured on "
+                      f"SD 1.5), {(need - weights) / 2**30:.0f} GB more than its loaded weights, and {have / 2**30:.0f} GB "
+                      "are available: it will likely be killed for memory. Export on a machine with more memory and "
+                      "copy the export folder (benchmarks/README.md, \"SDXL\")", UserWarning, stacklevel=2)
 
 
 def export_model(model: LoadedModel, out: Path, config: ExportConfig = ExportConfig()) -> ExportResult:
