@@ -247,3 +247,14 @@ def class_bundle(tiny_class_dir, tmp_path_factory) -> Path:
     cal = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4, guidance_scale=2.0)
     return api.build(str(tiny_class_dir), tmp_path_factory.mktemp("kb") / "b",
                      BuildConfig(calibration=cal, eval_samples=2, null_class=4)).path
+
+
+def cli_fails(argv, capsys, *needles) -> str:
+    """``dmcompile argv`` exits 2 with every needle in its error output; returns that output."""
+    from dmcompile import cli
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    for n in needles:
+        assert n in err, err
+    return err

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_fails
 from tiny_t2i import make_pipeline, make_sdxl_pipeline
 
 from dmcompile import api, cli, stages
@@ -211,14 +212,6 @@ def test_mixed_plan_and_rules_on_sdxl(sdxl, tmp_path):
     assert np.isfinite(images).all()
 
 
-def _fails(argv, capsys, *needles) -> str:
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    for n in needles:
-        assert n in err, err
-    return err
-
-
 def _resave(folder: Path, sub: str, cls: str, **changes) -> None:
     import transformers
 
@@ -232,7 +225,7 @@ def _resave(folder: Path, sub: str, cls: str, **changes) -> None:
 def test_encoder_widths_must_add_up_to_cross_attention(sdxl, tmp_path, capsys):
     broken = shutil.copytree(sdxl, tmp_path / "pipe")
     _resave(broken, "text_encoder_2", "CLIPTextModelWithProjection", hidden_size=64, intermediate_size=128)
-    _fails(["build", str(broken), "-o", str(tmp_path / "b")], capsys,
+    cli_fails(["build", str(broken), "-o", str(tmp_path / "b")], capsys,
            "text encoder width (text_encoder 32 + text_encoder_2 64)", "cross_attention_dim 80")
     assert not (tmp_path / "b").exists()
 
@@ -240,12 +233,12 @@ def test_encoder_widths_must_add_up_to_cross_attention(sdxl, tmp_path, capsys):
 def test_pooled_projection_must_match_add_embedding(sdxl, tmp_path, capsys):
     broken = shutil.copytree(sdxl, tmp_path / "pipe")
     _resave(broken, "text_encoder_2", "CLIPTextModelWithProjection", projection_dim=24)
-    _fails(["build", str(broken), "-o", str(tmp_path / "b")], capsys, "text_encoder_2's pooled projection is 24 wide",
+    cli_fails(["build", str(broken), "-o", str(tmp_path / "b")], capsys, "text_encoder_2's pooled projection is 24 wide",
            "text_embeds is 40", "projection_class_embeddings_input_dim")
     assert not (tmp_path / "b").exists()
     plain = shutil.copytree(sdxl, tmp_path / "plain")  # a second encoder without a projection
     _resave(plain, "text_encoder_2", "CLIPTextModel")
-    _fails(["export", str(plain), "-o", str(tmp_path / "e")], capsys, "no encoder has one",
+    cli_fails(["export", str(plain), "-o", str(tmp_path / "e")], capsys, "no encoder has one",
            "CLIPTextModelWithProjection")
 
 
@@ -254,7 +247,7 @@ def test_refiner_is_refused(sdxl, tmp_path, capsys):
     index = json.loads((refiner / "model_index.json").read_text())
     index.update(_class_name="StableDiffusionXLImg2ImgPipeline", requires_aesthetics_score=True)
     (refiner / "model_index.json").write_text(json.dumps(index))
-    _fails(["build", str(refiner), "-o", str(tmp_path / "b")], capsys, "aesthetic score", "requires_aesthetics_score")
+    cli_fails(["build", str(refiner), "-o", str(tmp_path / "b")], capsys, "aesthetic score", "requires_aesthetics_score")
     assert not (tmp_path / "b").exists()
 
 
@@ -264,11 +257,11 @@ def test_sdxl_options_on_a_bundle_with_one_encoder(tmp_path, capsys):
     sd1 = make_pipeline(tmp_path / "sd1")
     fp = stages.fp_bundle(str(sd1))
     out = tmp_path / "g.png"
-    _fails(["sample", str(fp), "--prompt", "a cat", "--prompt-2", "a dog", "-o", str(out)], capsys,
+    cli_fails(["sample", str(fp), "--prompt", "a cat", "--prompt-2", "a dog", "-o", str(out)], capsys,
            "applies to pipelines with two text encoders (SDXL); this bundle has one")
-    _fails(["sample", str(fp), "--prompt", "a cat", "--original-size", "64", "64", "-o", str(out)], capsys,
+    cli_fails(["sample", str(fp), "--prompt", "a cat", "--original-size", "64", "64", "-o", str(out)], capsys,
            "original_size set(s) SDXL's time_ids, and this bundle's UNet takes none")
-    _fails(["sample", str(fp), "--original-size", "64", "64", "-o", str(out)], capsys, "--original-size go(es) with --prompt")
+    cli_fails(["sample", str(fp), "--original-size", "64", "64", "-o", str(out)], capsys, "--original-size go(es) with --prompt")
     assert not out.exists()
     with pytest.raises(InputError, match="takes none"):
         Text2Image(Bundle.open(fp)).generate("a cat", target_size=(8, 8))

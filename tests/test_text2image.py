@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_fails
 from tiny_t2i import make_pipeline
 
 from dmcompile import cli, stages
@@ -212,23 +213,15 @@ def test_runtime_generates_without_torch(sd1_w8a8):
 # ---- bad input: a clear message, exit code 2, nothing written
 
 
-def _fails(argv, capsys, *needles) -> str:
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    for n in needles:
-        assert n in err, err
-    return err
-
-
 def test_bad_prompt_files(sd1, tmp_path, capsys):
     out = tmp_path / "b"
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    _fails(["build", str(sd1), "-o", str(out), "--calib-prompts", str(empty)], capsys, "holds no prompts")
+    cli_fails(["build", str(sd1), "-o", str(out), "--calib-prompts", str(empty)], capsys, "holds no prompts")
     latin = tmp_path / "latin1.txt"
     latin.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
-    _fails(["build", str(sd1), "-o", str(out), "--calib-prompts", str(latin)], capsys, "not valid UTF-8")
-    _fails(["build", str(sd1), "-o", str(out), "--calib-prompts", str(tmp_path / "nope.txt")], capsys,
+    cli_fails(["build", str(sd1), "-o", str(out), "--calib-prompts", str(latin)], capsys, "not valid UTF-8")
+    cli_fails(["build", str(sd1), "-o", str(out), "--calib-prompts", str(tmp_path / "nope.txt")], capsys,
            "does not exist")
     assert not out.exists()
 
@@ -244,17 +237,17 @@ def test_long_prompts_are_truncated_with_a_warning(sd1_fp):
 def test_text_bundle_without_a_prompt_says_to_pass_one(sd1_w8a8, tmp_path, capsys):
     from dmruntime.cli import main as rt_main
 
-    _fails(["sample", str(sd1_w8a8), "-o", str(tmp_path / "x.png")], capsys, "text-to-image bundle", "--prompt")
+    cli_fails(["sample", str(sd1_w8a8), "-o", str(tmp_path / "x.png")], capsys, "text-to-image bundle", "--prompt")
     assert rt_main([str(sd1_w8a8), "-o", str(tmp_path / "x.png")]) == 2
     assert "--prompt" in capsys.readouterr().err
-    _fails(["sample", str(sd1_w8a8), "--negative-prompt", "x", "-o", str(tmp_path / "x.png")], capsys,
+    cli_fails(["sample", str(sd1_w8a8), "--negative-prompt", "x", "-o", str(tmp_path / "x.png")], capsys,
            "goes with --prompt")
     assert not (tmp_path / "x.png").exists()
 
 
 def test_prompt_on_a_bundle_without_text_encoder(tmp_path, capsys):
     data = Path(__file__).resolve().parents[1] / "runtimes" / "python" / "tests" / "data" / "tiny-w8a8"
-    _fails(["sample", str(data), "--prompt", "a cat", "-o", str(tmp_path / "x.png")], capsys,
+    cli_fails(["sample", str(data), "--prompt", "a cat", "-o", str(tmp_path / "x.png")], capsys,
            "no text encoder", "--conditions")
     assert not (tmp_path / "x.png").exists()
     from dmruntime.text import check_prompts
@@ -266,7 +259,7 @@ def test_prompt_on_a_bundle_without_text_encoder(tmp_path, capsys):
 def test_pipeline_folder_missing_its_tokenizer(sd1, tmp_path, capsys):
     broken = shutil.copytree(sd1, tmp_path / "pipe")
     shutil.rmtree(broken / "tokenizer")
-    _fails(["build", str(broken), "-o", str(tmp_path / "b")], capsys, "no tokenizer/ folder")
+    cli_fails(["build", str(broken), "-o", str(tmp_path / "b")], capsys, "no tokenizer/ folder")
     assert not (tmp_path / "b").exists()
 
 
@@ -278,7 +271,7 @@ def test_encoder_width_must_match_cross_attention(sd1, tmp_path, capsys):
     cfg.hidden_size = 48
     shutil.rmtree(broken / "text_encoder")
     transformers.CLIPTextModel(cfg).save_pretrained(str(broken / "text_encoder"))
-    _fails(["build", str(broken), "-o", str(tmp_path / "b")], capsys, "text encoder width (text_encoder 48)",
+    cli_fails(["build", str(broken), "-o", str(tmp_path / "b")], capsys, "text encoder width (text_encoder 48)",
            "cross_attention_dim 32")
     assert not (tmp_path / "b").exists()
 
@@ -286,9 +279,9 @@ def test_encoder_width_must_match_cross_attention(sd1, tmp_path, capsys):
 def test_prompt_options_on_models_without_text(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
-    _fails(["build", "digits16", "-o", str(tmp_path / "b"), "--calib-prompts", str(prompts)], capsys,
+    cli_fails(["build", "digits16", "-o", str(tmp_path / "b"), "--calib-prompts", str(prompts)], capsys,
            "apply to text-to-image models")
-    _fails(["build", "digits16", "-o", str(tmp_path / "b"), "--text-encoder", "int8"], capsys,
+    cli_fails(["build", "digits16", "-o", str(tmp_path / "b"), "--text-encoder", "int8"], capsys,
            "applies to text-to-image models")
     assert not (tmp_path / "b").exists()
 

@@ -163,10 +163,10 @@ def parity_error(model: LoadedModel, onnx_path: Path, config: ExportConfig) -> f
     return float(np.max(np.abs(got - want)))
 
 
-# Peak resident memory of an export over the model's fp32 weights: 14.5 GB for SD 1.5's 3.44 GB
-# UNet (benchmarks/README.md); the TorchScript exporter holds the weights in PyTorch, in its traced
-# graph and in the ONNX proto at once.
-EXPORT_MEMORY_FACTOR = 4.2
+# Peak resident memory of an export over the model's fp32 weights: 8.7 GB for the SDXL half-width
+# UNet's 2.91 GB (benchmarks/README.md, "SDXL"); the TorchScript trace holds the weights in PyTorch,
+# in its traced graph and in the ONNX proto at once.
+EXPORT_MEMORY_FACTOR = 3.0
 
 
 def available_memory() -> int | None:
@@ -183,12 +183,13 @@ def available_memory() -> int | None:
 def warn_memory(model: LoadedModel) -> None:
     """Say before minutes of tracing when the export will likely not fit in this machine's memory
     (the loaded weights are resident already: the rest must be available)."""
-    weights = 4 * model.num_parameters()
+    params = model.num_parameters()
+    weights = 4 * params
     need, have = EXPORT_MEMORY_FACTOR * weights, available_memory()
     if have is not None and need - weights > have:
-        warnings.warn(f"exporting {model.id} ({model.num_parameters() / 1e9:.2f} B parameters) needs about "
-                      f"{need / 2**30:.0f} GB of memory in all ({EXPORT_MEMORY_FACTOR}x its fp32 weights, measured on "
-                      f"SD 1.5), {(need - weights) / 2**30:.0f} GB more than its loaded weights, and {have / 2**30:.0f} GB "
+        warnings.warn(f"exporting {model.id} ({params / 1e9:.2f} B parameters) needs about "
+                      f"{need / 2**30:.0f} GB of memory in all ({EXPORT_MEMORY_FACTOR}x its fp32 weights, as measured at "
+                      f"SDXL's half width), {(need - weights) / 2**30:.0f} GB more than its loaded weights, and {have / 2**30:.0f} GB "
                       "are available: it will likely be killed for memory. Export on a machine with more memory and "
                       "copy the export folder (benchmarks/README.md, \"SDXL\")", UserWarning, stacklevel=2)
 

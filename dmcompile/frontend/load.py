@@ -187,18 +187,17 @@ def load_folder(folder: Path, model_id: str | None = None, source: str | None = 
         raise ModelError(f"{what}: weight {bad} in {weights.name} holds NaN or inf values; the checkpoint is corrupt "
                          "or its training diverged: use another checkpoint")
     unet.eval().requires_grad_(False)
-    vae, vae_config = load_vae(root / "vae", _json_config(unet.config)) if root and (root / "vae").is_dir() else (None,
-                                                                                                                None)
+    unet_config = _json_config(unet.config)
+    vae, vae_config = load_vae(root / "vae", unet_config) if root and (root / "vae").is_dir() else (None, None)
     conds = root / "conditions.npz" if root and (root / "conditions.npz").is_file() else None
     family = get_family(cls, what, config)
     pipeline = _pipeline_config(root) if root else {}
-    text = load_text_parts(root, _json_config(unet.config), family.pooled_input,
-                           family.pooled_width(_json_config(unet.config))) if root else ()
+    text = load_text_parts(root, unet_config, family.pooled_input, family.pooled_width(unet_config)) if root else ()
     if text and vae is None:
         raise ModelError(f"pipeline folder {root} has a text encoder but no vae/: dmcompile needs the VAE to turn "
                          "the UNet's latents into images")
     prompts = root / PROMPTS_FILE if root and (root / PROMPTS_FILE).is_file() else None
-    return LoadedModel(model_id or (root or folder).name, source or str(root or folder), unet, _json_config(unet.config),
+    return LoadedModel(model_id or (root or folder).name, source or str(root or folder), unet, unet_config,
                        scheduler, cls=cls, vae=vae, vae_config=vae_config, default_conditions=conds, text=text,
                        default_prompts=prompts, pipeline=pipeline)
 

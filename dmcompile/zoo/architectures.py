@@ -122,23 +122,9 @@ SDXL_UNET = {
 # structure; 320 does not build in 24 GB (benchmarks/README.md, "SDXL").
 SDXL_UNET_HALF = {**SDXL_UNET, "block_out_channels": [160, 320, 640]}
 
-# SDXL's scheduler_config.json (EulerDiscreteScheduler, "leading" spacing)
-SDXL_SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "interpolation_type": "linear",
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "use_karras_sigmas": False,
-    "clip_sample": False,
-}
+# SDXL's scheduler_config.json: SD's schedule, sampled with Euler on "leading" timesteps
+SDXL_SCHEDULER = {**SD_SCALED_LINEAR_SCHEDULER, "_class_name": "EulerDiscreteScheduler", "interpolation_type": "linear",
+                  "sample_max_value": 1.0, "timestep_spacing": "leading", "use_karras_sigmas": False}
 
 # digits-ldm: Stable Diffusion in miniature (benchmarks/train_ldm.py). The autoencoder maps
 # 1x16x16 digits to 4x8x8 latents; the UNet's cross-attention reads a learned class embedding.
