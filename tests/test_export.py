@@ -166,12 +166,12 @@ def test_inferred_layer_shapes_equal_probed_ones(which, request, tmp_path):
     inits = {i.name for i in model.graph.initializer}
     names = sorted({v for n in model.graph.node if n.op_type in layermap.QUANTIZABLE_OPS
                     for v in (n.input[0], n.input[1], n.output[0]) if v not in inits} - set(feeds))
-    inferred = layermap._inferred_shapes(model, feeds)
+    inferred = layermap.inferred_shapes(model, feeds)
     assert names and all(n in inferred for n in names)
     assert {n: inferred[n] for n in names} == layermap._probe_shapes(model, names, feeds)
     # every weight as external data, the graph read without it (how a past-2-GB export is read)
     onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data",
                     size_threshold=0)
     graph = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
-    external = layermap._inferred_shapes(graph, feeds, tmp_path)
+    external = layermap.inferred_shapes(graph, feeds, tmp_path)
     assert {n: external[n] for n in names} == {n: inferred[n] for n in names}

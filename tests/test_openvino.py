@@ -379,9 +379,13 @@ def test_one_engine_fed_each_group_s_scalars(ov_shared_bundle, ov_bundle, tiny_m
     x = np.random.default_rng(2).standard_normal((2, *b.sample_shape)).astype(np.float32)
     outs = [b.predict(x, g.t_start) for g in b.groups]
     assert len({o.tobytes() for o in outs}) == len(outs)
-    # as close to fp32 as the per-group engines (the build's paired PSNR, same seeds)
+    # about as close to fp32 as the per-group engines (the build's paired PSNR, same seeds). The
+    # shared zero points are an approximation whose cost depends on the calibration: over 12
+    # calibration seeds of this tiny UNet (4 samples each) shared - per-group ranged -2.7 to +1.0 dB
+    # (median -0.5); digits16 at 256 samples gained 0.6 dB (benchmarks/README.md). The arithmetic's
+    # exactness is test_shared_engine_graph_computes_each_group_s_own_quantization's.
     group = json.loads((ov_bundle / "manifest.json").read_text())["fidelity"]["psnr_db_mean"]
-    assert m["fidelity"]["psnr_db_mean"] > group - 1.0, (m["fidelity"]["psnr_db_mean"], group)
+    assert m["fidelity"]["psnr_db_mean"] > group - 3.0, (m["fidelity"]["psnr_db_mean"], group)
     with pytest.raises(ConfigError, match="shared_engine"):
         BuildConfig(shared_engine=True)  # ort-cpu runs every group on one engine already
     with pytest.raises(ConfigError, match="shared_engine"):

@@ -184,11 +184,13 @@ class MomentRecorder:
         self.rng.bit_generator.state = state["rng"]
 
     def add(self, group: int, values: dict[str, np.ndarray]) -> None:
-        """One call's layer inputs (tensor -> array, rows already masked) for timestep group ``group``."""
+        """A call's layer inputs (tensor -> array, rows already masked) for timestep group
+        ``group``: all of them, or a share (a call run in pieces hands them in share by share,
+        each in column order, so the rows drawn are the same)."""
         scopes = ["pooled", f"g{group}"] if self.groups else ["pooled"]
         for node, col in self.columns.items():
-            x = values[col.tensor]
-            if not x.size:
+            x = values.get(col.tensor)
+            if x is None or not x.size:
                 continue
             r = col.rows(x, self.rows, self.rng)
             xx = r.T @ r

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 from dmruntime import Group, NoiseSchedule, group_lookup
 from dmruntime.conditioning import Conditioning
 
@@ -29,9 +28,11 @@ from ..targets import ORT_CPU, TargetProfile
 from .hessian import MOMENTS, MomentRecorder, layer_columns
 from .observers import HistogramObserver
 from .checkpoint import Checkpoint
+from . import pieces
 from .recorder import record_in_chunks
 
-CALIB_SCHEMA_VERSION = 3  # 2: cache keys carry it; 3: trajectories recorded a chunk of batch_size at a time
+CALIB_SCHEMA_VERSION = 4  # 2: cache keys carry it; 3: trajectories recorded a chunk of batch_size at a time;
+# 4: tensors recorded in producer order (a call may run in pieces)
 CALIB_STREAM = 0xCA11B
 STATE_KEYS = ("lo", "hi", "origin", "width", "count", "hist")  # a HistogramObserver's state
 
@@ -85,45 +86,38 @@ class _Rows:
 
 
 class HistogramCollector:
-    """Each recorded row's quantizable tensors into the observers of the group holding t (big
-    tensors subsampled to ``sample_per_tensor`` values by ``rng`` for the percentile/MSE search)."""
+    """Recorded rows of a call's tensors into the observers of the group holding t (big tensors
+    subsampled to ``sample_per_tensor`` values by ``rng`` for the percentile/MSE search), in the
+    order they are handed in (producer order, however many pieces the call is run in)."""
 
-    def __init__(self, names, lookup, observers, rows: _Rows, rng, sample_per_tensor: int):
-        self.names, self.lookup, self.observers = names, lookup, observers
-        self.rows, self.rng, self.sample_per_tensor = rows, rng, sample_per_tensor
+    def __init__(self, names, observers, rng, sample_per_tensor: int):
+        self.names, self.observers = set(names), observers
+        self.rng, self.sample_per_tensor = rng, sample_per_tensor
 
-    def begin_chunk(self, first: int, rows: int) -> None:
-        self.rows.begin_chunk(first, rows)
-
-    def __call__(self, x, t, cond, got) -> None:
-        mask = self.rows.mask(len(x), t)
-        if mask is not None and not mask.any():
-            return
-        obs = self.observers[int(self.lookup[t])]
-        for name in self.names:
-            value = got[name] if mask is None else got[name][mask]
-            flat = value.ravel()
+    def add(self, group: int, mask, share: dict) -> None:
+        obs = self.observers[group]
+        for name, value in share.items():
+            if name not in self.names:
+                continue
+            flat = (value if mask is None else value[mask]).ravel()
             sub = None
             if flat.size > self.sample_per_tensor:
                 sub = flat[self.rng.integers(0, flat.size, self.sample_per_tensor)]
             obs[name].update(flat, sub)
 
 
-class MomentCollector:
-    """Each recorded row's layer inputs into a ``hessian.MomentRecorder`` (GPTQ's second moments)."""
+class _Chunks:
+    """Tells the row walk where each chunk of trajectories starts (``record_in_chunks``); records
+    nothing itself (the calibration run records as the pieces of a call come out)."""
 
-    def __init__(self, recorder: MomentRecorder, lookup, rows: _Rows):
-        self.recorder, self.lookup, self.rows = recorder, lookup, rows
+    def __init__(self, rows: _Rows):
+        self.rows = rows
 
     def begin_chunk(self, first: int, rows: int) -> None:
         self.rows.begin_chunk(first, rows)
 
     def __call__(self, x, t, cond, got) -> None:
-        mask = self.rows.mask(len(x), t)
-        if mask is not None and not mask.any():
-            return
-        self.recorder.add(int(self.lookup[t]), {n: got[n] if mask is None else got[n][mask]
-                                                 for n in self.recorder.tensors})
+        pass
 
 
 @dataclass(frozen=True)
@@ -220,7 +214,8 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
     result as one never stopped; :mod:`dmcompile.calibration.checkpoint`)."""
     model = onnxio.load(fp_model_path, weights=False)  # the weights stay on disk (big models)
     names = profile.quantized_tensors(model, layer_map.layers)
-    ckpt = Checkpoint.open(checkpoint, {"config": config.to_dict(), "tensors": list(names), "moments": moments}) \
+    ckpt = Checkpoint.open(checkpoint, {"config": config.to_dict(), "tensors": list(names), "moments": moments,
+                                        "schema_version": CALIB_SCHEMA_VERSION}) \
         if checkpoint is not None else None
     recorder = None
     if moments is not None:
@@ -231,12 +226,10 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
         # the sums live in the checkpoint when there is one (begin() puts them there), else in a temporary
         folder = ckpt.work_folder() if ckpt is not None else \
             scratch.temp_dir(work_dir or Path(tempfile.gettempdir()), "moments")
-        recorder = MomentRecorder(folder, layer_columns(model, layer_map.layers),
-                                  config.groups if moments == "groups" else None, config.seed)
-    have = {o.name for o in model.graph.output}
-    for n in [*names, *sorted(recorder.tensors - set(names) if recorder else ())]:
-        if n not in have:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+        columns = layer_columns(model, layer_map.layers)
+        rank = {t: i for i, t in enumerate(pieces.producer_order(model, {c.tensor: 0 for c in columns.values()}))}
+        columns = dict(sorted(columns.items(), key=lambda kv: rank[kv[1].tensor]))  # the order calls hand them in
+        recorder = MomentRecorder(folder, columns, config.groups if moments == "groups" else None, config.seed)
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -246,8 +239,10 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
         # 14.8 GB, calibration 2.5x slower, so small models keep the arena.
         so.enable_cpu_mem_arena = False
         so.enable_mem_pattern = False
-    sess = onnxio.session(model, so, base_dir=Path(fp_model_path).parent)
-    del model
+    recorded = [*names, *sorted(recorder.tensors - set(names) if recorder else ())]
+    outputs = [o.name for o in model.graph.output]
+    sample_shape = tuple(next(i for i in model.graph.input if i.name == "sample").type.tensor_type.shape.dim)
+    sample_shape = tuple(int(d.dim_value) for d in sample_shape[1:])
     schedule = NoiseSchedule.from_config(scheduler_config)
     groups = equal_groups(schedule.num_train_timesteps, config.groups)
     lookup = group_lookup(groups, schedule.num_train_timesteps)
@@ -259,17 +254,27 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
     if config.timesteps == "ptq4dm":
         mask = _ptq4dm_mask(timesteps, config.size, schedule.num_train_timesteps, rng)
     per = 2 if config.guidance_scale is not None else 1  # guided: both branches
-    histograms = HistogramCollector(names, lookup, observers, _Rows(mask, config.size * per, per), rng,
-                                    config.sample_per_tensor)
-    collectors = [histograms]
-    fetch = ["eps", *(n for n in names if n != "eps")]
-    if recorder is not None:
-        collectors.append(MomentCollector(recorder, lookup, _Rows(mask, config.size * per, per)))
-        fetch += sorted(recorder.tensors - set(fetch))
+    rows = _Rows(mask, config.size * per, per)
+    histograms = HistogramCollector(names, observers, rng, config.sample_per_tensor)
+    session = None  # cut into pieces at the first call, for its shapes
 
     def run(x, t, cond):
+        nonlocal session
         feeds = {"sample": x, "timestep": np.full(len(x), t, np.int64), **(cond or {})}
-        return dict(zip(fetch, sess.run(fetch, feeds)))
+        if session is None:
+            session = pieces.open_session(model, recorded, feeds, so, base_dir=Path(fp_model_path).parent)
+        keep = rows.mask(len(x), t)
+        record = keep is None or keep.any()
+        group = int(lookup[t])
+        out = {}
+        for share in session.run(feeds):
+            if record:
+                histograms.add(group, keep, share)
+                if recorder is not None:
+                    recorder.add(group, {n: v if keep is None else v[keep] for n, v in share.items()
+                                         if n in recorder.tensors})
+            out.update((o, share[o]) for o in outputs if o in share)
+        return out
 
     done = _resume(ckpt, observers, names, histograms, recorder)
     if done and progress is not None:
@@ -286,7 +291,7 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
     try:
         if ckpt is not None:
             ckpt.begin(recorder)
-        record_in_chunks(run, schedule, tuple(sess.get_inputs()[0].shape[1:]), collectors, n=config.size,
+        record_in_chunks(run, schedule, sample_shape, [_Chunks(rows)], n=config.size,
                          sampling=sampling, seed=[config.seed, CALIB_STREAM], chunk=config.batch_size,
                          guidance_scale=config.guidance_scale, cond=conditions,
                          conditioning=conditioning or Conditioning.none(), progress=progress, done=done,

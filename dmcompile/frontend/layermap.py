@@ -81,7 +81,7 @@ class LayerMap:
         return out
 
 
-def _inferred_shapes(model: onnx.ModelProto, feeds: dict, base_dir=None) -> dict[str, list[int]]:
+def inferred_shapes(model: onnx.ModelProto, feeds: dict, base_dir=None) -> dict[str, list[int]]:
     """Shapes ONNX Runtime's symbolic shape inference finds with the inputs fixed to ``feeds``'
     shapes (every tensor of diffusers' UNets, without running them); {} where it fails. Weights
     kept as external data (in ``base_dir``) go in as inputs of their shape, small ones read."""
@@ -123,7 +123,7 @@ def _inferred_shapes(model: onnx.ModelProto, feeds: dict, base_dir=None) -> dict
 def _shapes(model: onnx.ModelProto, names: list[str], feeds: dict, base_dir=None) -> dict[str, list[int]]:
     """Shapes of ``names`` at ``feeds``: inferred where symbolic inference finds them (running an
     SDXL-sized UNet with its attention scores as outputs did not fit in 24 GB), the rest probed."""
-    known = {k: list(np.shape(v)) for k, v in feeds.items()} | _inferred_shapes(model, feeds, base_dir)
+    known = {k: list(np.shape(v)) for k, v in feeds.items()} | inferred_shapes(model, feeds, base_dir)
     missing = [n for n in names if n not in known]
     return known | (_probe_shapes(model, missing, feeds, base_dir) if missing else {})
 
