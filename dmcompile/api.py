@@ -19,7 +19,7 @@ from dmruntime import Bundle, Text2Image
 from dmruntime.text2image import DEFAULT_GUIDANCE
 from dmruntime.progress import reporter
 
-from . import stages, zoo
+from . import parallel, stages, zoo
 from .analysis.plots import save_rd_curves
 from .artifacts import CURVES, EVAL, atomic_dir, check_replaceable, write_marker
 from .backends import get_backend
@@ -298,12 +298,14 @@ def calibrate(model: LoadedModel | str | Path | None, config: CalibrationConfig 
 
 def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = AnalysisConfig(),
             calibration: CalibrationConfig = CalibrationConfig(), out: str | Path | None = None, progress="auto",
-            null_class: int | None = None):
+            null_class: int | None = None, ray: str | None = None, workers: int | None = None):
     """Rate-distortion curves per timestep group (RDCurves), cached by model, calibration and
     analysis config under ``cache_dir()/rd`` and resumable. With ``out``, also written there
     (curves.json, curves.npz, rd_curves.png); ``out`` must be absent, empty or earlier curves.
     Conditional models are measured on the calibration's conditions, guided like it (both
-    branches), with ``null_class`` as in :func:`calibrate`."""
+    branches), with ``null_class`` as in :func:`calibrate`. ``ray``: run the probes as Ray tasks
+    (``"local"``: a cluster started here with ``workers`` CPUs, default all; ``"auto"``: the one
+    running on this node; else its address); the curves are the same bytes as without."""
     progress = reporter(progress, "analyze")
     from dmruntime import NoiseSchedule
 
@@ -319,7 +321,8 @@ def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = Ana
     conditions = stages.conditioning(fp, calibration, null_class)
     calib = stages.cached_calibration(fp, calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)),
                              conditions=conditions, moments=stages.moments_needed(config.rounding, False))
-    curves = stages.rd_curves(fp, calib, config, progress=progress, conditions=conditions)
+    with parallel.pool(ray, workers) as pool:
+        curves = stages.rd_curves(fp, calib, config, progress=progress, conditions=conditions, pool=pool)
     if out is not None:
         curves.save(Path(out), plot=save_rd_curves)
     return curves

@@ -254,7 +254,8 @@ def cmd_build(args) -> int:
                       decoder=args.decoder, max_engines=args.max_engines, residual_int8=not args.no_residual_int8,
                       text_encoder=args.text_encoder, clip_skip=args.clip_skip, speed_check=args.speed_check,
                       constant_conv_params=CONV_PARAMS[args.conv_params], shared_engine=args.shared_engine,
-                      float_precision=args.float_precision)
+                      float_precision=args.float_precision, ray=args.ray,
+                      ray_workers=args.ray_workers)
     out = args.output or default_output(args.model, args.format)
     res = api.build(args.model, out, cfg, progress=_progress_bar("build"))
     m = res.manifest
@@ -302,7 +303,8 @@ def _analysis_config(args):
 def cmd_analyze(args) -> int:
     api = _api()
     curves = api.analyze(args.model, _analysis_config(args), _calibration_config(args), out=args.output,
-                         progress=_progress_bar("analyze"), null_class=args.null_class)
+                         progress=_progress_bar("analyze"), null_class=args.null_class, ray=args.ray,
+                         workers=args.ray_workers)
     G, L, B = curves.weight.shape
     print(f"wrote {args.output}: curves of {L} weighted layers x {len(curves.weight_bits)} weight widths and "
           f"{len(curves.tensors)} activation tensors x {len(curves.act_bits)} widths, {G} groups, "
@@ -348,6 +350,15 @@ def cmd_cache(args) -> int:
             for p, b in items[:10]:
                 print(f"    {p} ({b / 1e6:.1f} MB)")
     return 0
+
+
+def _add_ray(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=f"run {what} as Ray tasks (pip install 'dmcompile[ray]'): without ADDRESS on a Ray cluster "
+                   "started here, 'auto' on the one running on this node, else at ADDRESS (host:port or "
+                   "ray://host:10001); the results are the same bytes as without --ray")
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="--ray without ADDRESS: the local cluster's CPUs (default all)")
 
 
 def _add_analysis(p: argparse.ArgumentParser) -> None:
@@ -535,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent models: ship the VAE decoder in fp32 (default) or W8A8, calibrated on latents "
                    "the fp32 model samples (its PSNR against fp32 goes in the manifest)")
     _add_analysis(b)
+    _add_ray(b, "the RD probes of --format mixed")
     b.set_defaults(func=cmd_build)
 
     a = sub.add_parser("analyze", help="rate-distortion curves per timestep group (cached, resumable)",
@@ -546,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the curves; must be absent, empty or earlier curves")
     _add_calibration(a)
     _add_analysis(a)
+    _add_ray(a, "the RD probes")
     a.set_defaults(func=cmd_analyze)
 
     i = sub.add_parser("inspect", help="groups, per-layer precision, fusion, MACs and size of a bundle")

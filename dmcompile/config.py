@@ -506,6 +506,10 @@ class BuildConfig(_Versioned):
     ratio in the manifest (``speed``): ``"auto"`` (default) does it for models that build in about a
     minute (a UNet under SPEED_CHECK_MACS multiply-accumulates per sample) on CPU targets; True or
     False force it.
+    ray: run the RD probes as Ray tasks: ``"local"`` starts a Ray cluster in this process, ``"auto"``
+    joins the one running on this node, else a cluster address; None (default) runs them here.
+    The engines are the same bytes either way (:mod:`dmcompile.parallel`). ray_workers: the CPUs of
+    the cluster ``"local"`` starts (default all).
 
     Schema history: 1 (dmcompile 0.1): flat ``format``, ``float_layers``, ``weight_bits``,
     ``budget``, ``allocator``, ``share_weights``, ``allow_simulated_bits``; 2: ``recipe``.
@@ -533,6 +537,8 @@ class BuildConfig(_Versioned):
     constant_conv_params: bool | str = field(default="auto", metadata={"omit_default": True})
     shared_engine: bool = field(default=False, metadata={"omit_default": True})
     float_precision: str = field(default="f32", metadata={"omit_default": True})
+    ray: str | None = field(default=None, metadata={"omit_default": True})
+    ray_workers: int | None = field(default=None, metadata={"omit_default": True})
     SCHEMA_VERSION = 2
 
     def __init__(self, **options):
@@ -570,6 +576,10 @@ class BuildConfig(_Versioned):
                "max_engines does not apply")
         known = sorted({x for p in PROFILES.values() for x in p.float_precisions})
         _check(self.float_precision in known, f"float_precision must be one of {known}, got {self.float_precision!r}")
+        _check(self.ray is None or (isinstance(self.ray, str) and self.ray.strip() != ""),
+               f"ray must be a Ray cluster address, 'auto' or 'local' (or None), got {self.ray!r}")
+        _check(self.ray_workers is None or (isinstance(self.ray_workers, int) and self.ray_workers >= 1),
+               f"ray_workers must be >= 1, got {self.ray_workers!r}")
         _check(self.float_precision in PROFILES[self.profile].float_precisions,
                f"float_precision (--float-precision) {self.float_precision} applies to --target "
                f"{' and '.join(p.name for p in PROFILES.values() if self.float_precision in p.float_precisions)}; "

@@ -27,3 +27,7 @@ class BudgetError(DmcompileError, ValueError):
 class ArtifactError(DmcompileError):
     """A stored artefact (curves, calibration, layer map) is corrupt or was written by a
     dmcompile of another schema version."""
+
+
+class ClusterError(DmcompileError):
+    """A Ray cluster cannot be joined, or its workers run another dmcompile."""

@@ -342,7 +342,7 @@ def probe_inputs(fp: Path, tensors_of, calib, config: AnalysisConfig, conditions
     layer_map = load_layer_map(fp)
     proto = onnxio.load(fp / "model.onnx", weights=False)
     bundle = Bundle.open(fp)
-    probe = make_probe(proto, layer_map, tensors_of(proto, layer_map.layers), bundle.sample_shape,
+    probe = make_probe(proto, layer_map, tensors_of(proto, layer_map.layers), bundle.sample_shape, source=fp / "model.onnx",
                        conditioning=spec, base_dir=fp, rounder=rounder(calib, config.rounding, weight_grid_bits))
     X, T, C = group_inputs(bundle, calib.groups, config, calib.config.sampling(bundle.schedule), config.seed,
                            conditioning=spec,
@@ -378,7 +378,7 @@ def rd_key(record: dict, profile: TargetProfile = ORT_CPU) -> str:
 
 
 def rd_curves(fp: Path, calib, config: AnalysisConfig, profile: TargetProfile = ORT_CPU, progress=None,
-              conditions: tuple | None = None, per_group: bool = False):
+              conditions: tuple | None = None, per_group: bool = False, pool=None):
     """RD curves of an fp32 export (RDCurves), cached under ``cache_dir()/rd`` and resumable.
     Conditional models are measured on ``conditions`` ((Conditioning, rows), see
     :func:`conditioning`; worked out from the calibration's config when not given). Weights
@@ -400,7 +400,7 @@ def rd_curves(fp: Path, calib, config: AnalysisConfig, profile: TargetProfile = 
     state = path.with_name(path.name + ".partial")
     curves = measure_curves(probe, X, T, ranges, config, groups=[(g.t_start, g.t_end) for g in calib.groups],
                           record=record, state_dir=state, progress=progress, C=C,
-                          per_group=bool(record.get("per_group_rounding")))
+                          per_group=bool(record.get("per_group_rounding")), pool=pool)
     curves.save(path)
     shutil.rmtree(state, ignore_errors=True)
     return curves

@@ -8,4 +8,4 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv ${VENV_FLAGS:-} .venv  # VENV_FLAGS: e.g. --system-site-packages (docker/Dockerfile.tensorrt)
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e 'runtimes/python[openvino]' -e '.[dev,openvino]'
+.venv/bin/python -m pip install -q -e 'runtimes/python[openvino]' -e '.[dev,openvino,ray]'

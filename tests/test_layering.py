@@ -14,7 +14,8 @@ PKG = Path(__file__).resolve().parents[1] / "dmcompile"
 # Floors, bottom to top, in pipeline order. A module may import from its own floor or below, never above.
 FLOORS = {
     0: ["dmcompile", "dmcompile.errors", "dmcompile.quant", "dmcompile.targets", "dmcompile.budget",
-        "dmcompile.config", "dmcompile.scratch", "dmcompile.artifacts", "dmcompile.onnxio", "dmcompile.memory"],
+        "dmcompile.config", "dmcompile.scratch", "dmcompile.artifacts", "dmcompile.onnxio", "dmcompile.memory",
+        "dmcompile.parallel"],
     1: ["dmcompile.zoo", "dmcompile.frontend", "dmcompile.eval"],
     2: ["dmcompile.calibration"],
     3: ["dmcompile.analysis"],

@@ -70,8 +70,9 @@ def test_curves_resume_after_interrupt(tiny_model_dir, tmp_path, monkeypatch):
     assert not list((tmp_path / "cache" / "rd").glob("*.partial"))
     shutil.rmtree(tmp_path / "cache" / "rd")
     fresh = api.analyze(str(tiny_model_dir), ANALYSIS, SMALL)
-    np.testing.assert_allclose(resumed.weight, fresh.weight, rtol=1e-6)
-    np.testing.assert_allclose(resumed.act, fresh.act, rtol=1e-6)
+    # every job is measured in the same batch however the run was split: the same bytes
+    np.testing.assert_array_equal(resumed.weight, fresh.weight)
+    np.testing.assert_array_equal(resumed.act, fresh.act)
 
 
 def test_model_sweep_fills_unmeasured_widths(tiny_model_dir):

@@ -10,7 +10,10 @@ here rounds like the deployed QDQ graph (round half to even, clip to [0, levels]
 
 from __future__ import annotations
 
+import dataclasses
+import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,11 +21,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .. import onnxio
 from ..calibration.rounding import RoundToNearest
-from ..errors import ModelError
+from ..errors import ClusterError, ModelError
 from ..frontend.layermap import Layer, LayerMap
 from ..quant import dequantize, qparams
 
 SEP = "|"
+SHIP_BYTES = 256 << 20  # a probe graph up to this size goes to Ray workers through the object store
+
+
+def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    return out
 
 
 def probe_model(fp: onnx.ModelProto, weights: list[str], tensors: dict[str, int]) -> onnx.ModelProto:
@@ -99,11 +109,44 @@ class Probe:
     cond_names: tuple[str, ...] = ()  # conditioning inputs fed with every call
     base_dir: object = None  # folder of ``fp``'s external data, if it has any
     rounder: object = None  # a calibration.rounding method: how weights are rounded (None: to nearest)
+    source: object = None  # the model file ``fp`` was read from (workers without ``fp`` read it there)
 
     def __post_init__(self):
         self._sessions = {}
         if self.rounder is None:
             self.rounder = RoundToNearest()
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_sessions"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._sessions = {}
+
+    def for_workers(self, ship_bytes: int = SHIP_BYTES) -> "Probe":
+        """What Ray workers get (jobs bring their weight feeds; the rounding stays here): the
+        graph with its weights through the object store when they are at most ``ship_bytes``,
+        else only the path of the model file, which every node must see (a shared filesystem)."""
+        fp, ext = self.fp, onnxio.external_files(self.fp)
+        size = onnxio.data_bytes(fp) + sum((Path(self.base_dir) / f).stat().st_size for f in ext)
+        if size > ship_bytes and self.source is not None:
+            fp = None
+        elif ext:
+            fp = onnxio.load_data(_copy(fp), self.base_dir)
+        return dataclasses.replace(self, fp=fp, weights={}, rounder=None, threads=1,
+                                   base_dir=None if fp is not None else self.base_dir)
+
+    def opened(self) -> "Probe":
+        """This probe, its graph read from ``source`` first if it came without one (a worker)."""
+        if self.fp is None:
+            path = Path(self.source)
+            if not path.is_file():
+                raise ClusterError(f"the model file {path} is not visible on this node ({socket.gethostname()}): put the "
+                                   "dmcompile cache (DMCOMPILE_CACHE) on a filesystem every Ray node mounts at the same "
+                                   "path")
+            self.fp = onnxio.load(path, weights=False)
+            self.base_dir = path.parent
+        return self
 
     def session(self, *, with_weights: bool, with_acts: bool):
         key = (with_weights, with_acts)
@@ -157,7 +200,7 @@ def act_params(lo: float, hi: float, bits: int, rows: int) -> tuple[np.ndarray, 
 
 
 def make_probe(fp: onnx.ModelProto, layer_map: LayerMap, tensors: list[str], sample_shape, threads: int = 0,
-               conditioning=None, base_dir=None, rounder=None) -> Probe:
+               conditioning=None, base_dir=None, rounder=None, source=None) -> Probe:
     """The probe; tensor ranks and batch ratios come from two shape runs of the fp32 model.
     ``conditioning`` (dmruntime's Conditioning): the model's conditioning inputs, fed dummies
     in the shape runs and the recorded conditions in every later call. ``base_dir``: where
@@ -187,4 +230,4 @@ def make_probe(fp: onnx.ModelProto, layer_map: LayerMap, tensors: list[str], sam
                              "model is not supported for RD analysis (report its config)")
         ratio[t], ranks[t] = d2 // 2, len(shapes[2][t])
     return Probe(fp, layers, weights, tuple(tensors), ratio, ranks, threads,
-                 conditioning.names if conditioning else (), base_dir, rounder)
+                 conditioning.names if conditioning else (), base_dir, rounder, source)

@@ -24,6 +24,7 @@ from ..calibration.recorder import record_trajectories
 from ..calibration.trajectory import no_steps_error
 from ..config import AnalysisConfig
 from ..errors import ArtifactError
+from ..parallel import SerialPool
 from ..eval.metrics import ssim
 from ..quant import noise_power, weight_axis
 from .probe import Probe, act_params
@@ -60,6 +61,7 @@ class RDCurves:
     act: np.ndarray
     measured: np.ndarray
     seconds: float = 0.0
+    run: dict | None = None  # where the jobs ran: {"workers": N, "ray": address or None}
 
     def save(self, folder: Path, plot=None) -> None:
         """curves.json + curves.npz, atomically; ``plot(curves, path)``, when given, also writes
@@ -73,7 +75,7 @@ class RDCurves:
             write_marker(tmp, CURVES, {
                 "schema_version": RD_SCHEMA_VERSION, "config": self.config, "groups": self.groups,
                 "layers": self.layers, "tensors": self.tensors, "weight_bits": list(self.weight_bits),
-                "act_bits": list(self.act_bits), "seconds": self.seconds}, files)
+                "act_bits": list(self.act_bits), "seconds": self.seconds, "run": self.run}, files)
 
     @classmethod
     def load(cls, folder: Path) -> RDCurves:
@@ -88,7 +90,7 @@ class RDCurves:
                                 f"dmcompile reads {RD_SCHEMA_VERSION}; measure them again with `dmcompile analyze`")
         return cls(meta["config"], [tuple(g) for g in meta["groups"]], meta["layers"], meta["tensors"],
                    tuple(meta["weight_bits"]), tuple(meta["act_bits"]), a["weight"], a["act"], a["measured"],
-                   meta["seconds"])
+                   meta["seconds"], meta.get("run"))
 
 
 def group_inputs(fp_bundle, groups, config: AnalysisConfig, sampling, seed: int, conditioning=None,
@@ -148,16 +150,98 @@ def _run_chunked(probe: Probe, x, t, max_rows, weights=None, acts=None, cond=Non
     return np.concatenate(outs)
 
 
+@dataclass
+class _Rows:
+    """What every batch of jobs runs on (shipped to workers once): the group inputs as rows,
+    their conditions, the references and how distortion is measured."""
+
+    x: np.ndarray
+    t: np.ndarray
+    c: dict | None
+    G: int
+    n: int
+    ref_w: np.ndarray
+    ref_a: np.ndarray
+    kind: str
+    max_rows: int
+    per_group: bool
+
+
+def job_batches(jobs: list, per_call: int) -> list[list]:
+    """The fixed partition of the jobs into model calls: each weight job alone, activation jobs
+    ``per_call`` at a time in job order. Fixed so that a job is measured in the same batch
+    (the same rows, the same float results) however the run is split, resumed or distributed."""
+    out, acts = [], []
+    for j in jobs:
+        if j[0] == "w":
+            out.append([j])
+        else:
+            acts.append(j)
+    return out + [acts[i:i + per_call] for i in range(0, len(acts), per_call)]
+
+
+def _payload(probe: Probe, batch: list, act_ranges: dict, wbits, abits, G: int, n: int, per_group: bool) -> dict:
+    """What a batch's call feeds beyond the rows: a weight job's fake-quantized weight (rounded
+    here, where the rounding method and its moments are), or the activation jobs' per-row
+    quantizer parameters."""
+    layers, tensors = probe.layers, probe.tensors
+    if batch[0][0] == "w":
+        _, li, bi = batch[0]
+        feeds = [probe.weight_feed(layers[li], wbits[bi], groups=(g,)) for g in range(G)] if per_group else \
+            [probe.weight_feed(layers[li], wbits[bi])]
+        return {"jobs": batch, "weights": feeds}
+    rows = G * n
+    acts = {}
+    for p, (_, ti, ai) in enumerate(batch):
+        name, bits = tensors[ti], abits[ai]
+        vals = [np.zeros(rows * len(batch), np.float32) for _ in range(4)]
+        vals[0][:] = 1.0
+        vals[2][:] = 255.0
+        if name in acts:  # a tensor twice in one call: keep both in separate slices
+            vals = list(acts[name])
+        for g in range(G):
+            s, z, lv, on = act_params(*act_ranges[bits][g][name], bits, n)
+            sl = slice(p * rows + g * n, p * rows + (g + 1) * n)
+            vals[0][sl], vals[1][sl], vals[2][sl], vals[3][sl] = s, z, lv, on
+        acts[name] = tuple(vals)
+    return {"jobs": batch, "acts": acts}
+
+
+def run_batch(shared: tuple, payload: dict) -> list[list[float]]:
+    """One batch's model call(s) and each job's distortion per group (in a worker or here)."""
+    probe, r = shared
+    probe = probe.opened()
+    G, n = r.G, r.n
+    if "weights" in payload:
+        if r.per_group:
+            out = np.concatenate([_run_chunked(
+                probe, r.x[g * n:(g + 1) * n], r.t[g * n:(g + 1) * n], r.max_rows, weights=payload["weights"][g],
+                cond=take_rows(r.c, slice(g * n, (g + 1) * n))) for g in range(G)])
+        else:
+            out = _run_chunked(probe, r.x, r.t, r.max_rows, weights=payload["weights"][0], cond=r.c)
+        out = out.reshape(G, n, *out.shape[1:])
+        return [[distortion(r.ref_w[g], out[g], r.kind) for g in range(G)]]
+    k = len(payload["jobs"])
+    rows = G * n
+    out = _run_chunked(probe, np.concatenate([r.x] * k), np.concatenate([r.t] * k), r.max_rows,
+                       acts=payload["acts"], cond=_tile(r.c, k))
+    return [[distortion(r.ref_a[g], o[g], r.kind) for g in range(G)]
+            for o in (out[p * rows:(p + 1) * rows].reshape(G, n, *out.shape[1:]) for p in range(k))]
+
+
 def measure_curves(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict, config: AnalysisConfig,
             groups: list, record: dict, state_dir: Path | None = None, progress=None,
-            C: dict | None = None, per_group: bool = False) -> RDCurves:
+            C: dict | None = None, per_group: bool = False, pool=None) -> RDCurves:
     """Measure the curves. X, T (C: conditions, or None): [G, n, ...] group inputs, as
     :func:`group_inputs` returns them; act_ranges[bits][g][tensor] -> (lo, hi);
     groups: [(t_start, t_end)] of the G groups; record: the configs stored with the curves.
     Weights are rounded by ``probe.rounder`` as the build stores them; ``per_group``: each
     group's curve with that group's own rounding (per-group weights: GPTQ on the group's
     moments), else one rounding for all (shared weights).
-    With ``state_dir``, partial results are saved there and picked up again."""
+    With ``state_dir``, partial results are saved there and picked up again. ``pool``
+    (:mod:`dmcompile.parallel`; default: this process): where the batches of jobs run; the
+    curves are the same bytes whichever runs them."""
+    pool = pool or SerialPool()
     t0 = time.perf_counter()
     G, n = X.shape[:2]
     x, t, c = X.reshape(G * n, *X.shape[2:]), T.reshape(-1), flat_rows(C)
@@ -184,7 +268,9 @@ def measure_curves(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict,
     ref_a = ref_a.reshape(G, n, *ref_a.shape[1:])
     jobs = [("w", li, bi) for li in range(len(layers)) for bi, b in enumerate(wbits) if b in meas_bits]
     jobs += [("a", ti, ai) for ti in range(len(tensors)) for ai in range(len(abits))]
-    todo = [j for j in jobs if np.isnan((W if j[0] == "w" else A)[0, j[1], j[2]])]
+    # Activation jobs batch several perturbations into one call (rows carry their own switches).
+    batches = job_batches(jobs, max(1, config.max_rows // (G * n)))
+    todo = [b for b in batches if any(np.isnan((W if j[0] == "w" else A)[0, j[1], j[2]]) for j in b)]
     last_save = time.perf_counter()
 
     def save():
@@ -194,49 +280,15 @@ def measure_curves(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict,
             np.savez(tmp, weight=W, act=A, seconds=elapsed0 + time.perf_counter() - t0)
             tmp.replace(partial)
 
-    done = len(jobs) - len(todo)
-    # Activation jobs batch several perturbations into one call (rows carry their own switches).
-    per_call = max(1, config.max_rows // (G * n))
-    i = 0
+    done = len(jobs) - sum(len(b) for b in todo)
+    shared = (probe.for_workers() if pool.workers > 1 else probe,
+              _Rows(x, t, c, G, n, ref_w, ref_a, config.distortion, config.max_rows, per_group))
+    payloads = (_payload(probe, b, act_ranges, wbits, abits, G, n, per_group) for b in todo)
     try:
-        while i < len(todo):
-            kind = todo[i][0]
-            if kind == "w":
-                _, li, bi = todo[i]
-                if per_group:
-                    out = np.concatenate([_run_chunked(
-                        probe, x[g * n:(g + 1) * n], t[g * n:(g + 1) * n], config.max_rows,
-                        weights=probe.weight_feed(layers[li], wbits[bi], groups=(g,)),
-                        cond=take_rows(c, slice(g * n, (g + 1) * n))) for g in range(G)])
-                else:
-                    out = _run_chunked(probe, x, t, config.max_rows, weights=probe.weight_feed(layers[li], wbits[bi]),
-                                       cond=c)
-                out = out.reshape(G, n, *out.shape[1:])
-                W[:, li, bi] = [distortion(ref_w[g], out[g], config.distortion) for g in range(G)]
-                batch = [todo[i]]
-            else:
-                batch = [j for j in todo[i:i + per_call] if j[0] == "a"]
-                rows = G * n
-                acts = {}
-                for p, (_, ti, ai) in enumerate(batch):
-                    name, bits = tensors[ti], abits[ai]
-                    vals = [np.zeros(rows * len(batch), np.float32) for _ in range(4)]
-                    vals[0][:] = 1.0
-                    vals[2][:] = 255.0
-                    if name in acts:  # a tensor twice in one call: keep both in separate slices
-                        vals = list(acts[name])
-                    for g in range(G):
-                        s, z, lv, on = act_params(*act_ranges[bits][g][name], bits, n)
-                        sl = slice(p * rows + g * n, p * rows + (g + 1) * n)
-                        vals[0][sl], vals[1][sl], vals[2][sl], vals[3][sl] = s, z, lv, on
-                    acts[name] = tuple(vals)
-                xs, ts_ = np.concatenate([x] * len(batch)), np.concatenate([t] * len(batch))
-                out = _run_chunked(probe, xs, ts_, config.max_rows, acts=acts, cond=_tile(c, len(batch)))
-                for p, (_, ti, ai) in enumerate(batch):
-                    o = out[p * rows:(p + 1) * rows].reshape(G, n, *out.shape[1:])
-                    A[:, ti, ai] = [distortion(ref_a[g], o[g], config.distortion) for g in range(G)]
-            i += len(batch)
-            done += len(batch)
+        for i, values in pool.map(run_batch, shared, payloads):
+            for (kind, a, b), v in zip(todo[i], values):
+                (W if kind == "w" else A)[:, a, b] = v
+            done += len(todo[i])
             if progress:
                 progress("rd curves", done, len(jobs))
             if time.perf_counter() - last_save > 10:
@@ -248,7 +300,7 @@ def measure_curves(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict,
     if config.sweep == "model":
         W = model_fill(W, probe.layers, probe.weights, wbits, meas_bits, power=probe.error_power)
     return RDCurves(record, [tuple(g) for g in groups], [l.node for l in layers], list(tensors), wbits, abits, W,
-                    A, measured, round(elapsed0 + time.perf_counter() - t0, 2))
+                    A, measured, round(elapsed0 + time.perf_counter() - t0, 2), pool.describe())
 
 
 def model_fill(W: np.ndarray, layers, weights: dict, wbits, meas_bits, power=None) -> np.ndarray:

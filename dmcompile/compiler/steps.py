@@ -14,7 +14,7 @@ from dmruntime import Bundle, InputError, NoiseSchedule, group_lookup
 from dmruntime import COMPONENTS
 from dmruntime.conditioning import cycle_rows
 
-from .. import onnxio, stages
+from .. import onnxio, parallel, stages
 from ..analysis.plan import bops, check_bits, check_feasible, plan_bits
 from ..backends.onnxruntime import ort_fusion_report, optimize_for_cpu
 from ..calibration.recorder import record_trajectories
@@ -119,15 +119,16 @@ def allocate_widths(ws: Workspace, calib: CalibrationResult, config: BuildConfig
         record = {"overrides": [str(o) for o in recipe.overrides], "share_weights": True}
     else:
         _, allowed, _, fixed, _, storage = _budget_terms(ws, config)  # storage: what this target really stores
-        curves = stages.rd_curves(ws.fp, calib, config.analysis, ws.profile, progress,
-                                conditions=ws.calibration_conditions, per_group=per_group)
+        with parallel.pool(config.ray, config.ray_workers) as workers:
+            curves = stages.rd_curves(ws.fp, calib, config.analysis, ws.profile, progress,
+                                      conditions=ws.calibration_conditions, per_group=per_group, pool=workers)
         idx = [curves.layers.index(l.node) for l in layers]
         bits, record = plan_bits(curves.weight[:, idx], layers, curves.weight_bits, allowed, recipe.budget,
                                  recipe.allocator, share=recipe.share_weights, fixed_bops=fixed, pinned=pinned,
                                  storage=storage, allow_float=recipe.allow_float,
                                  group_weights=_step_shares(ws, calib))
         record["overrides"] = [str(o) for o in recipe.overrides]
-        record["curves"] = {"config": curves.config, "seconds": curves.seconds}
+        record["curves"] = {"config": curves.config, "seconds": curves.seconds, "run": curves.run}
     check_bits({int(b) for b in bits.ravel()}, ws.profile.weight_bits, allow_simulated=recipe.allow_simulated_bits)
     n = sum(l.params for l in layers)
     record["average_weight_bits"] = [float((bits[g] * [l.params for l in layers]).sum() / n) for g in range(K)]

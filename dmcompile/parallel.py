@@ -1,0 +1,160 @@
+"""Where independent jobs run: here, one after another, or as Ray tasks on a cluster (``--ray``).
+
+A pool maps a module-level function ``fn(shared, payload)`` over payloads; ``shared`` (a probe,
+its inputs) goes to the workers once, through Ray's object store, and each worker process keeps
+the last one it unpacked. Results come back tagged with their payload's index, in whatever
+order tasks finish: callers place them by index, so what they assemble is the same whatever
+the number of workers or the order. Ray is imported only when a pool over it is opened.
+
+Faults: a task whose worker dies is run again by Ray (``RETRIES``); a worker whose dmcompile
+differs from the driver's (version and source digest) refuses the task with ``ClusterError``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import __version__
+from .errors import ClusterError, ConfigError, DmcompileError
+
+LOCAL = "local"  # start a Ray cluster in this process (``--ray`` without an address)
+RETRIES = 3  # runs of a task whose worker died before it is given up
+KILL_ONCE_ENV = "DMCOMPILE_TEST_KILL_ONCE"  # tests: the first task to see this file absent creates it and dies
+
+_source = None
+_shared: dict = {}  # worker side: the last shared object unpacked, by key
+
+
+def identity() -> str:
+    """This dmcompile: its version and a digest of its source files (workers must match it)."""
+    global _source
+    if _source is None:
+        h = hashlib.sha256()
+        root = Path(__file__).parent
+        for p in sorted(root.rglob("*.py")):
+            h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+        _source = h.hexdigest()[:12]
+    return f"dmcompile {__version__} (source {_source})"
+
+
+class SerialPool:
+    """Every job in this process, in order."""
+
+    workers = 1
+    address = None
+
+    def map(self, fn: Callable, shared, payloads: Iterable) -> Iterator[tuple[int, object]]:
+        for i, p in enumerate(payloads):
+            yield i, fn(shared, p)
+
+    def describe(self) -> dict:
+        return {"workers": 1, "ray": None}
+
+
+def _run(driver: str, key: str, box: list, fn: Callable, payload):
+    """A Ray task: ``fn(shared, payload)`` on a worker (``box``: the shared object's reference,
+    boxed so that Ray does not fetch it for every task)."""
+    mine = identity()
+    if mine != driver:
+        raise ClusterError(f"this Ray worker runs {mine}, the driver {driver}: install the same dmcompile on every "
+                           f"node (pip install the same commit) and restart the cluster")
+    marker = os.environ.get(KILL_ONCE_ENV)
+    if marker and not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)  # a worker lost mid-task: Ray runs the task again
+    if key not in _shared:
+        import ray
+
+        _shared.clear()
+        _shared[key] = ray.get(box[0])
+    return fn(_shared[key], payload)
+
+
+class RayPool:
+    """Jobs as Ray tasks. ``address``: ``"local"`` starts a cluster in this process (``workers``
+    CPUs, default all), ``"auto"`` joins the one running on this node, else a cluster address
+    (``host:port`` or ``ray://host:10001``)."""
+
+    def __init__(self, address: str = LOCAL, workers: int | None = None):
+        try:
+            import ray
+        except ImportError as e:
+            raise ConfigError("--ray needs Ray on this machine and every node: pip install 'dmcompile[ray]' "
+                              "(or pip install ray)") from e
+        self.ray, self.address, self._started = ray, address, False
+        if not ray.is_initialized():
+            kw = {"include_dashboard": False, "log_to_driver": False, "logging_level": "error"}
+            try:
+                if address == LOCAL:
+                    ray.init(num_cpus=workers, **kw)
+                else:
+                    ray.init(address=address, **kw)
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                raise ClusterError(f"cannot join the Ray cluster at {address!r}: {e}; start it first (ray start "
+                                   "--head on one node, ray start --address=HEAD:6379 on the others) or run "
+                                   "--ray without an address for a local one") from e
+            self._started = True
+        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self._task = ray.remote(max_retries=RETRIES, num_cpus=1)(_run)
+
+    def map(self, fn: Callable, shared, payloads: Iterable) -> Iterator[tuple[int, object]]:
+        ray = self.ray
+        box = [ray.put(shared)]
+        key = box[0].hex()
+        driver = identity()
+        todo = iter(enumerate(payloads))
+        pending: dict = {}
+        window = 2 * self.workers  # payloads are made as tasks finish: bounded memory on the driver
+
+        def submit() -> bool:
+            try:
+                i, p = next(todo)
+            except StopIteration:
+                return False
+            pending[self._task.remote(driver, key, box, fn, p)] = i
+            return True
+
+        while len(pending) < window and submit():
+            pass
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                i = pending.pop(done[0])
+                try:
+                    result = ray.get(done[0])
+                except ray.exceptions.RayTaskError as e:
+                    cause = getattr(e, "cause", None)
+                    if isinstance(cause, DmcompileError):
+                        raise cause from None
+                    raise
+                submit()
+                yield i, result
+        finally:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+
+    def describe(self) -> dict:
+        return {"workers": self.workers, "ray": self.address}
+
+    def close(self) -> None:
+        if self._started:
+            self.ray.shutdown()
+
+
+@contextmanager
+def pool(ray: str | None = None, workers: int | None = None):
+    """A :class:`SerialPool` when ``ray`` is None, else a :class:`RayPool` over ``ray`` (closed
+    on exit when it started the cluster)."""
+    if ray is None:
+        yield SerialPool()
+        return
+    p = RayPool(ray, workers)
+    try:
+        yield p
+    finally:
+        p.close()

@@ -1,0 +1,188 @@
+"""RD probes as Ray tasks (``--ray``): the same curves and engines, bit for bit, on a local cluster
+of 2 workers and on a simulated cluster of several nodes; a worker killed mid-task, a run
+interrupted and resumed, a worker of another dmcompile, a model file no node sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from dmcompile import api, parallel
+from dmcompile.analysis import probe as probe_mod
+from dmcompile.analysis.rd import _Rows, run_batch
+from dmcompile.cli import main
+from dmcompile.config import AnalysisConfig, BuildConfig, CalibrationConfig, MixedRecipe
+from dmcompile.errors import ClusterError, ConfigError
+
+pytestmark = pytest.mark.slow
+
+SMALL = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4)
+ANALYSIS = AnalysisConfig(samples_per_group=2, weight_bits=(2, 4, 8), act_bits=(6, 8), rounding="rtn")
+
+
+@pytest.fixture(scope="module")
+def marker(tmp_path_factory) -> Path:
+    """The kill-once file: present, nothing dies; a test that removes it has its next task's worker killed."""
+    path = tmp_path_factory.mktemp("ray") / "killed"
+    path.write_text("")
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(marker):
+    """One local Ray cluster of 2 CPUs for the module's tests (started with the kill-once hook set)."""
+    os.environ[parallel.KILL_ONCE_ENV] = str(marker)
+    pool = parallel.RayPool(parallel.LOCAL, workers=2)
+    yield pool
+    pool.close()
+    os.environ.pop(parallel.KILL_ONCE_ENV, None)
+
+
+@pytest.fixture(scope="module")
+def serial(tiny_model_dir, tmp_path_factory):
+    os.environ["DMCOMPILE_CACHE"] = str(tmp_path_factory.mktemp("serial-cache"))
+    try:
+        return api.analyze(str(tiny_model_dir), ANALYSIS, SMALL)
+    finally:
+        del os.environ["DMCOMPILE_CACHE"]
+
+
+def _same(a, b) -> None:
+    assert a.layers == b.layers and a.tensors == b.tensors
+    np.testing.assert_array_equal(a.weight, b.weight)
+    np.testing.assert_array_equal(a.act, b.act)
+
+
+def test_curves_on_two_workers_equal_the_serial_run(local, serial, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "cache"))
+    assert serial.run == {"workers": 1, "ray": None}
+    got = api.analyze(str(tiny_model_dir), ANALYSIS, SMALL, out=tmp_path / "curves", ray=parallel.LOCAL)
+    _same(got, serial)
+    assert got.run == {"workers": 2, "ray": "local"}
+    assert json.loads((tmp_path / "curves" / "curves.json").read_text())["run"] == {"workers": 2, "ray": "local"}
+
+
+def test_interrupted_ray_run_resumes_with_the_jobs_done(local, serial, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "cache"))
+    seen = []
+
+    def stop(stage, i, n):
+        if stage == "rd curves":
+            seen.append(i)
+            if len(seen) == 6:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        api.analyze(str(tiny_model_dir), ANALYSIS, SMALL, ray=parallel.LOCAL, progress=stop)
+    assert list((tmp_path / "cache" / "rd").glob("*.partial/partial.npz"))
+    again = []
+    resumed = api.analyze(str(tiny_model_dir), ANALYSIS, SMALL, ray=parallel.LOCAL,
+                          progress=lambda s, i, n: s == "rd curves" and again.append(i))
+    assert again[0] > 6  # the jobs done before the interruption were not run again
+    _same(resumed, serial)
+
+
+def test_a_worker_killed_mid_task_is_retried(local, serial, marker, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "cache"))
+    marker.unlink()  # the next task's worker kills itself (parallel._run)
+    got = api.analyze(str(tiny_model_dir), ANALYSIS, SMALL, ray=parallel.LOCAL)
+    pid = int(marker.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # that worker is gone: Ray ran its task again elsewhere
+    _same(got, serial)
+
+
+def test_a_worker_of_another_dmcompile_is_refused(local, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(parallel, "identity", lambda: "dmcompile 9.9 (source 000000000000)")
+    with pytest.raises(ClusterError, match="install the same dmcompile on every node"):
+        api.analyze(str(tiny_model_dir), ANALYSIS, SMALL, ray=parallel.LOCAL)
+    out = tmp_path / "curves"
+    assert main(["analyze", str(tiny_model_dir), "-o", str(out), "--ray", "--calib-size", "4", "--calib-steps", "6",
+                 "--groups", "3", "--rd-samples", "2", "--rd-weight-bits", "2", "4", "8", "--rounding", "rtn"]) == 2
+    assert "the driver dmcompile 9.9" in capsys.readouterr().err and not out.exists()
+
+
+def test_workers_read_a_big_model_from_the_shared_path(local, serial, tiny_model_dir, tmp_path, monkeypatch):
+    """Past SHIP_BYTES the probe graph is not shipped: workers open the export's model file."""
+    monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "cache"))
+    shipped = []
+    real = probe_mod.Probe.for_workers
+    monkeypatch.setattr(probe_mod.Probe, "for_workers",
+                        lambda self, ship_bytes=0: shipped.append(real(self, 0)) or shipped[-1])
+    got = api.analyze(str(tiny_model_dir), ANALYSIS, SMALL, ray=parallel.LOCAL)
+    assert shipped and shipped[0].fp is None and Path(shipped[0].source).is_file()
+    _same(got, serial)
+
+
+def test_mixed_build_on_ray_writes_the_same_engines(local, tiny_model_dir, tmp_path, monkeypatch):
+    from dmcompile.budget import parse_budget
+
+    built = {}
+    for name, address in (("serial", None), ("ray", parallel.LOCAL)):
+        monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / f"cache-{name}"))
+        cfg = BuildConfig(recipe=MixedRecipe(budget=parse_budget("6bits")), calibration=SMALL, analysis=ANALYSIS,
+                          eval_samples=0, correction=False, speed_check=False, ray=address)
+        built[name] = api.build(str(tiny_model_dir), tmp_path / name, cfg)
+    files = sorted(p.name for p in built["serial"].path.iterdir() if p.suffix in (".onnx", ".npz", ".data"))
+    assert files
+    for f in files:
+        assert (built["serial"].path / f).read_bytes() == (built["ray"].path / f).read_bytes(), f
+    assert built["ray"].manifest["plan"]["curves"]["run"] == {"workers": 2, "ray": "local"}
+    assert built["serial"].manifest["plan"]["curves"]["run"] == {"workers": 1, "ray": None}
+
+
+def test_curves_on_a_cluster_of_several_nodes_equal_the_serial_run(local, serial, tiny_model_dir, tmp_path,
+                                                                    monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    local.close()  # one Ray per process: this test runs last and brings up its own
+    monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "cache"))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        cluster.wait_for_nodes()
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 3
+        got = api.analyze(str(tiny_model_dir), ANALYSIS, SMALL, ray=cluster.address)
+        assert got.run == {"workers": 3, "ray": cluster.address}
+        _same(got, serial)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_without_ray_nothing_imports_it(tiny_model_dir, tmp_path):
+    code = ("import sys, dmcompile.api as api\n"
+            "from dmcompile.config import AnalysisConfig, CalibrationConfig\n"
+            f"api.analyze({str(tiny_model_dir)!r}, AnalysisConfig(samples_per_group=2, weight_bits=(4, 8), "
+            "act_bits=(8,), rounding='rtn'), CalibrationConfig(size=2, steps=4, groups=2, batch_size=2), progress=None)\n"
+            "assert 'ray' not in sys.modules, 'ray imported'\nprint('ok')\n")
+    env = {**os.environ, "DMCOMPILE_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
+def test_ray_missing_and_bad_addresses_are_clear(monkeypatch):
+    with pytest.raises(ConfigError, match="ray"):
+        BuildConfig(ray="")
+    with pytest.raises(ConfigError, match="ray_workers"):
+        BuildConfig(ray="local", ray_workers=0)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'dmcompile\[ray\]'"):
+        parallel.RayPool(parallel.LOCAL)
+
+
+def test_a_model_file_no_node_sees_is_a_clear_error(tmp_path):
+    p = probe_mod.Probe(None, (), {}, (), {}, {}, source=tmp_path / "gone" / "model.onnx")
+    rows = _Rows(np.zeros((1, 1)), np.zeros(1), None, 1, 1, np.zeros((1, 1)), np.zeros((1, 1)), "mse", 1, False)
+    with pytest.raises(ClusterError, match="DMCOMPILE_CACHE"):
+        run_batch((p, rows), {"jobs": [("w", 0, 0)], "weights": [{}]})
