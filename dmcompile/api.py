@@ -286,14 +286,16 @@ def class_accuracy(images: np.ndarray, labels: np.ndarray) -> float:
 
 
 def calibrate(model: LoadedModel | str | Path | None, config: CalibrationConfig = CalibrationConfig(),
-              progress="auto", null_class: int | None = None):
+              progress="auto", null_class: int | None = None, ray: str | None = None, workers: int | None = None):
     """Per-group activation statistics along trajectories of the calibration sampler over the fp32
     model (for the default ort-cpu profile); cached on disk by model and config (``cache_dir()/calib``), so
     rebuilding with other lowering options does not recalibrate. Conditional models: see
     :class:`CalibrationConfig` (conditions, guidance) and ``null_class`` (the guidance's null
-    class of a class-conditional model)."""
+    class of a class-conditional model). ``ray``, ``workers``: the shards of ``config.batch_size``
+    trajectories as Ray tasks, as in :func:`analyze` (the same statistics, bit for bit)."""
     progress = reporter(progress, "calibrate")
-    return stages.cached_calibration(fp_bundle(model), config, progress=progress, null_class=null_class)
+    with parallel.pool(ray, workers) as pool:
+        return stages.cached_calibration(fp_bundle(model), config, progress=progress, null_class=null_class, pool=pool)
 
 
 def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = AnalysisConfig(),
@@ -303,7 +305,8 @@ def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = Ana
     analysis config under ``cache_dir()/rd`` and resumable. With ``out``, also written there
     (curves.json, curves.npz, rd_curves.png); ``out`` must be absent, empty or earlier curves.
     Conditional models are measured on the calibration's conditions, guided like it (both
-    branches), with ``null_class`` as in :func:`calibrate`. ``ray``: run the probes as Ray tasks
+    branches), with ``null_class`` as in :func:`calibrate`. ``ray``: run the calibration's shards
+    and the probes as Ray tasks
     (``"local"``: a cluster started here with ``workers`` CPUs, default all; ``"auto"``: the one
     running on this node; else its address); the curves are the same bytes as without."""
     progress = reporter(progress, "analyze")
@@ -319,9 +322,10 @@ def analyze(model: LoadedModel | str | Path | None, config: AnalysisConfig = Ana
     fp = fp_bundle(model)
     stages.check_moments_fit(stages.load_layer_map(fp).layers, stages.moments_needed(config.rounding, False))
     conditions = stages.conditioning(fp, calibration, null_class)
-    calib = stages.cached_calibration(fp, calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)),
-                             conditions=conditions, moments=stages.moments_needed(config.rounding, False))
     with parallel.pool(ray, workers) as pool:
+        calib = stages.cached_calibration(fp, calibration, progress=progress and (lambda i, n: progress("calibrate", i, n)),
+                                          conditions=conditions, moments=stages.moments_needed(config.rounding, False),
+                                          pool=pool)
         curves = stages.rd_curves(fp, calib, config, progress=progress, conditions=conditions, pool=pool)
     if out is not None:
         curves.save(Path(out), plot=save_rd_curves)

@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import __version__
+from . import __version__, onnxio
 from .errors import ClusterError, ConfigError, DmcompileError
 
 LOCAL = "local"  # start a Ray cluster in this process (``--ray`` without an address)
+SHIP_BYTES = 256 << 20  # a graph with at most this much weight data goes to workers through the object store
 RETRIES = 3  # runs of a task whose worker died before it is given up
 KILL_ONCE_ENV = "DMCOMPILE_TEST_KILL_ONCE"  # tests: the first task to see this file absent creates it and dies
 
@@ -40,6 +41,38 @@ def identity() -> str:
             h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
         _source = h.hexdigest()[:12]
     return f"dmcompile {__version__} (source {_source})"
+
+
+def portable(model, base_dir, ship_bytes: int | None = None):
+    """(model, base_dir) as workers should get them: the graph with its weights inside when they
+    are at most ``ship_bytes`` (default SHIP_BYTES; through Ray's object store), else (None,
+    base_dir): workers read the model file there, a path every node must see."""
+    import onnx
+
+    ship = SHIP_BYTES if ship_bytes is None else ship_bytes
+    ext = onnxio.external_files(model)
+    size = onnxio.data_bytes(model) + sum((Path(base_dir) / f).stat().st_size for f in ext)
+    if size > ship:
+        return None, base_dir
+    if ext:
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        return onnxio.load_data(m, base_dir), None
+    return model, None
+
+
+def opened(model, source, base_dir):
+    """(model, base_dir) on a worker: as shipped, or read from ``source`` (the model file) when
+    it came without one; ClusterError when this node cannot see the file."""
+    if model is not None:
+        return model, base_dir
+    path = Path(source)
+    if not path.is_file():
+        import socket
+
+        raise ClusterError(f"the model file {path} is not visible on this node ({socket.gethostname()}): put the "
+                           "dmcompile cache (DMCOMPILE_CACHE) on a filesystem every Ray node mounts at the same path")
+    return onnxio.load(path, weights=False), path.parent
 
 
 class SerialPool:

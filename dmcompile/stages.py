@@ -251,14 +251,16 @@ def _profile_part(profile: TargetProfile) -> list:
 
 
 def cached_calibration(fp: Path, config: CalibrationConfig, profile: TargetProfile = ORT_CPU, progress=None,
-                       null_class: int | None = None, conditions: tuple | None = None, moments: str | None = None):
+                       null_class: int | None = None, conditions: tuple | None = None, moments: str | None = None,
+                       pool=None):
     """Per-group activation statistics of an fp32 export (CalibrationResult), cached under
     ``cache_dir()/calib``; a cached entry that cannot be read is measured again. Conditional
     models are calibrated on ``conditions`` ((Conditioning, rows), as :func:`conditioning`
     returns them; worked out from ``config`` and ``null_class`` when not given).
     ``moments`` (``"pooled"`` or ``"groups"``): the layer inputs' second moments are needed too
     (GPTQ rounding); a cached calibration without them is measured again, in one pass, and
-    replaced (its ranges come out identical: the moments draw from a stream of their own)."""
+    replaced (its ranges come out identical: the moments draw from a stream of their own).
+    ``pool`` (:mod:`dmcompile.parallel`): where the shards run (default here; the same result)."""
     spec, rows = conditions if conditions is not None else conditioning(fp, config, null_class)
     path = cache_dir() / "calib" / f"{fp.name}-{calibration_key(config, profile, rows, spec.null)}"
     if (path / "calibration.json").is_file():
@@ -276,7 +278,7 @@ def cached_calibration(fp: Path, config: CalibrationConfig, profile: TargetProfi
     partial = path.with_name(path.name + ".partial")  # resumable: an interrupted pass goes on from here
     result = calibrate_trajectories(fp / "model.onnx", load_layer_map(fp), manifest["scheduler"], config, profile,
                                     progress=progress, conditioning=spec, conditions=rows, moments=moments,
-                                    work_dir=path.parent, checkpoint=partial)
+                                    work_dir=path.parent, checkpoint=partial, pool=pool)
     saved = result.save(path, move_moments=True)
     held = scratch.try_lock(partial) if partial.is_dir() else None
     if held is not None or (partial.is_dir() and scratch.fcntl is None):  # else a concurrent pass still uses it

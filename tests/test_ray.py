@@ -1,6 +1,7 @@
-"""RD probes as Ray tasks (``--ray``): the same curves and engines, bit for bit, on a local cluster
-of 2 workers and on a simulated cluster of several nodes; a worker killed mid-task, a run
-interrupted and resumed, a worker of another dmcompile, a model file no node sees."""
+"""Calibration shards and RD probes as Ray tasks (``--ray``): the same statistics, curves and
+engines, bit for bit, on a local cluster of 2 workers and on a simulated cluster of several
+nodes; a worker killed mid-task, a run interrupted and resumed, a worker of another dmcompile, a
+model file no node sees."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ from dmcompile.errors import ClusterError, ConfigError
 
 pytestmark = pytest.mark.slow
 
-SMALL = CalibrationConfig(size=4, steps=6, groups=3, batch_size=4)
-ANALYSIS = AnalysisConfig(samples_per_group=2, weight_bits=(2, 4, 8), act_bits=(6, 8), rounding="rtn")
+SMALL = CalibrationConfig(size=6, steps=6, groups=3, batch_size=2)  # three shards
+ANALYSIS = AnalysisConfig(samples_per_group=2, weight_bits=(2, 4, 8), act_bits=(6, 8))  # GPTQ: moments too
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,31 @@ def test_curves_on_two_workers_equal_the_serial_run(local, serial, tiny_model_di
     _same(got, serial)
     assert got.run == {"workers": 2, "ray": "local"}
     assert json.loads((tmp_path / "curves" / "curves.json").read_text())["run"] == {"workers": 2, "ray": "local"}
+
+
+def _arrays(result) -> dict:
+    from dmcompile.calibration.hessian import Moments
+    from dmcompile.calibration.trajectory import _observer_arrays
+
+    out = _observer_arrays(result.observers, result.tensors)
+    m = Moments(result.moments)
+    out.update({f"H:{node}:{g}": m.matrix(node, (g,)) for node in m.files for g in range(SMALL.groups)})
+    return out
+
+
+def test_calibration_shards_on_two_workers_equal_the_serial_pass(local, tiny_model_dir, tmp_path, monkeypatch):
+    from dmcompile import stages
+
+    fp = api.fp_bundle(str(tiny_model_dir))
+    got = {}
+    for name, pool in (("serial", parallel.SerialPool()), ("ray", local)):
+        monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / name))
+        result = stages.cached_calibration(fp, SMALL, moments="groups", pool=pool)
+        assert result.run == pool.describe()
+        got[name] = _arrays(result)
+    assert sorted(got["serial"]) == sorted(got["ray"]) and any(k.startswith("H:") for k in got["ray"])
+    for k, v in got["serial"].items():
+        np.testing.assert_array_equal(got["ray"][k], v, err_msg=k)
 
 
 def test_interrupted_ray_run_resumes_with_the_jobs_done(local, serial, tiny_model_dir, tmp_path, monkeypatch):

@@ -11,28 +11,19 @@ here rounds like the deployed QDQ graph (round half to even, clip to [0, levels]
 from __future__ import annotations
 
 import dataclasses
-import socket
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .. import onnxio
+from .. import onnxio, parallel
 from ..calibration.rounding import RoundToNearest
-from ..errors import ClusterError, ModelError
+from ..errors import ModelError
 from ..frontend.layermap import Layer, LayerMap
 from ..quant import dequantize, qparams
 
 SEP = "|"
-SHIP_BYTES = 256 << 20  # a probe graph up to this size goes to Ray workers through the object store
-
-
-def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(m)
-    return out
 
 
 def probe_model(fp: onnx.ModelProto, weights: list[str], tensors: dict[str, int]) -> onnx.ModelProto:
@@ -123,29 +114,18 @@ class Probe:
         self.__dict__.update(state)
         self._sessions = {}
 
-    def for_workers(self, ship_bytes: int = SHIP_BYTES) -> "Probe":
+    def for_workers(self, ship_bytes: int | None = None) -> "Probe":
         """What Ray workers get (jobs bring their weight feeds; the rounding stays here): the
-        graph with its weights through the object store when they are at most ``ship_bytes``,
-        else only the path of the model file, which every node must see (a shared filesystem)."""
-        fp, ext = self.fp, onnxio.external_files(self.fp)
-        size = onnxio.data_bytes(fp) + sum((Path(self.base_dir) / f).stat().st_size for f in ext)
-        if size > ship_bytes and self.source is not None:
-            fp = None
-        elif ext:
-            fp = onnxio.load_data(_copy(fp), self.base_dir)
-        return dataclasses.replace(self, fp=fp, weights={}, rounder=None, threads=1,
-                                   base_dir=None if fp is not None else self.base_dir)
+        graph with its weights through the object store when they are small
+        (``parallel.portable``), else only the path of the model file, ``source``."""
+        fp, base_dir = parallel.portable(self.fp, self.base_dir, ship_bytes) if self.source is not None else \
+            (self.fp, self.base_dir)
+        return dataclasses.replace(self, fp=fp, base_dir=base_dir, weights={}, rounder=None, threads=1)
 
     def opened(self) -> "Probe":
         """This probe, its graph read from ``source`` first if it came without one (a worker)."""
         if self.fp is None:
-            path = Path(self.source)
-            if not path.is_file():
-                raise ClusterError(f"the model file {path} is not visible on this node ({socket.gethostname()}): put the "
-                                   "dmcompile cache (DMCOMPILE_CACHE) on a filesystem every Ray node mounts at the same "
-                                   "path")
-            self.fp = onnxio.load(path, weights=False)
-            self.base_dir = path.parent
+            self.fp, self.base_dir = parallel.opened(None, self.source, self.base_dir)
         return self
 
     def session(self, *, with_weights: bool, with_acts: bool):

@@ -9,6 +9,7 @@ the histograms and read back one layer at a time by :class:`Moments`.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,9 +145,10 @@ class MomentRecorder:
     ``finish`` turns the sums into means and writes ``moments.json``."""
 
     def __init__(self, folder: Path, columns: dict[str, LayerColumns], groups: int | None, seed: int,
-                 rows: int | None = None):
+                 rows: int | None = None, stream: int = 0):
         self.folder, self.columns, self.groups, self.rows = Path(folder), columns, groups, rows or MOMENT_ROWS
-        self.rng = np.random.default_rng([seed, 0x4E55])  # its own stream: histograms stay as they were
+        # its own stream (histograms stay as they were), one per shard of the pass (``stream``)
+        self.rng = np.random.default_rng([seed, 0x4E55, stream])
         self.scopes = ["pooled", *(f"g{g}" for g in range(groups or 0))]
         self.index = {node: i for i, node in enumerate(columns)}
         self.tensors = {c.tensor for c in columns.values()}  # the layer inputs each call must fetch
@@ -198,6 +200,21 @@ class MomentRecorder:
                 s = self._sum(scope, node)
                 s += xx
                 self.counts[scope][self.index[node]] += len(r)
+
+    def absorb(self, other: "MomentRecorder") -> None:
+        """Add the sums and counts of ``other`` (a shard's recorder over the same layers) to
+        these; the shard's folder is removed. Folded in shard order, the sums are the same bytes
+        however many processes gathered the shards."""
+        other.flush()
+        for scope in self.scopes:
+            for node in self.columns:
+                path = other.folder / scope / f"{other.index[node]:04d}.npy"
+                if path.is_file():
+                    s = self._sum(scope, node)
+                    s += np.load(path, mmap_mode="r")
+            self.counts[scope] += other.counts[scope]
+        other._open.clear()
+        shutil.rmtree(other.folder, ignore_errors=True)
 
     def finish(self) -> None:
         """Sums -> means, per scope."""

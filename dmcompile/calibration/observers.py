@@ -59,6 +59,22 @@ class HistogramObserver:
         np.add.at(hist, idx, self.hist)
         self.origin, self.width, self.hist = new_origin, width, hist
 
+    def merge(self, other: "HistogramObserver") -> None:
+        """Add another observer's values (a shard of the same pass): its bins re-binned onto this
+        window, widened to cover both ranges, by their centres as ``_cover`` re-bins. Deterministic for a fixed order of
+        merges, which is how shards are folded (in shard order)."""
+        if not other.count:
+            return
+        if not self.count and self.width == 0.0:
+            self.lo, self.hi, self.origin, self.width = other.lo, other.hi, other.origin, other.width
+            self.hist, self.count = other.hist.copy(), other.count
+            return
+        self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
+        self._cover(self.lo, self.hi)
+        idx = np.clip(((other.centers() - self.origin) / self.width).astype(np.int64), 0, self.bins - 1)
+        np.add.at(self.hist, idx, other.hist)
+        self.count += other.count
+
     def centers(self) -> np.ndarray:
         return self.origin + (np.arange(self.bins) + 0.5) * self.width
 

@@ -61,6 +61,28 @@ def _loop(run, schedule, sample_shape, collectors, conditioning, sampling, batch
                         null_cond=null_cond)
 
 
+def record_chunk(run: ModelRun, schedule: NoiseSchedule, sample_shape: tuple[int, ...],
+                 collectors: Sequence[Collector], *, n: int, sampling: SamplerChoice, seed, chunk: int, index: int,
+                 guidance_scale: float | None = None, cond: dict | None = None, conditioning=None,
+                 null_cond: dict | None = None, progress=None) -> None:
+    """Chunk ``index`` (trajectories ``index * chunk`` on, ``chunk`` of them) of the run
+    :func:`record_in_chunks` makes: the same x_T rows and, for a stochastic sampler, the
+    chunk's own noise stream (``seed`` and ``index``), so chunks can run in any order, in any
+    process. A collector with ``begin_chunk(first, rows)`` hears where the chunk starts."""
+    loop = _loop(run, schedule, sample_shape, collectors, conditioning, sampling, chunk, guidance_scale,
+                 null_cond)
+    x, rng = loop.initial_noise(n, seed)
+    if cond and conditioning is not None:
+        cond = conditioning.check(cond, n)  # one row per trajectory, so chunks take their own
+    rows = slice(index * chunk, min((index + 1) * chunk, n))
+    for collect in collectors:
+        if hasattr(collect, "begin_chunk"):
+            collect.begin_chunk(rows.start, rows.stop - rows.start)
+    # run() resets the sampler: each chunk starts without multistep history
+    noise = np.random.default_rng([*np.atleast_1d(seed).tolist(), index]) if loop.sampler.stochastic else rng
+    loop.run(x[rows], noise, cond=take_rows(cond, rows), progress=progress)
+
+
 def record_in_chunks(run: ModelRun, schedule: NoiseSchedule, sample_shape: tuple[int, ...],
                      collectors: Sequence[Collector], *, n: int, sampling: SamplerChoice, seed, chunk: int,
                      guidance_scale: float | None = None, cond: dict | None = None, conditioning=None,
@@ -70,26 +92,15 @@ def record_in_chunks(run: ModelRun, schedule: NoiseSchedule, sample_shape: tuple
     chunk before the next, so that the work can stop after any chunk and go on later: chunks
     before ``done`` (a multiple of ``chunk``) are skipped, ``on_chunk(end)`` is called after each
     (checkpoint there). The same x_T as one run; with ``chunk >= n`` and a deterministic sampler
-    the same calls in the same order. A collector with ``begin_chunk(first, rows)`` hears where each chunk starts.
-    A stochastic sampler draws each chunk's noise from a stream of its own (``seed`` and the
-    chunk's index), so a resumed run draws what an uninterrupted one would."""
-    loop = _loop(run, schedule, sample_shape, collectors, conditioning, sampling, chunk, guidance_scale,
-                 null_cond)
-    x, rng = loop.initial_noise(n, seed)
-    calls = len(loop.timesteps)
-    if cond and conditioning is not None:
-        cond = conditioning.check(cond, n)  # one row per trajectory, so chunks take their own
+    the same calls in the same order (:func:`record_chunk` runs each)."""
     starts = list(range(0, n, chunk))
+    calls = len(_loop(run, schedule, sample_shape, collectors, conditioning, sampling, chunk, guidance_scale,
+                      null_cond).timesteps)
     for c, first in enumerate(starts):
         if first < done:
             continue
-        rows = slice(first, min(first + chunk, n))
-        for collect in collectors:
-            if hasattr(collect, "begin_chunk"):
-                collect.begin_chunk(first, rows.stop - first)
-        # run() resets the sampler: each chunk starts without multistep history
-        noise = np.random.default_rng([*np.atleast_1d(seed).tolist(), c]) if loop.sampler.stochastic else rng
-        loop.run(x[rows], noise, cond=take_rows(cond, rows),
-                 progress=progress and (lambda i, k, c=c: progress(c * calls + i, len(starts) * calls)))
+        record_chunk(run, schedule, sample_shape, collectors, n=n, sampling=sampling, seed=seed, chunk=chunk, index=c,
+                     guidance_scale=guidance_scale, cond=cond, conditioning=conditioning, null_cond=null_cond,
+                     progress=progress and (lambda i, k, c=c: progress(c * calls + i, len(starts) * calls)))
         if on_chunk is not None:
-            on_chunk(rows.stop)
+            on_chunk(min(first + chunk, n))

@@ -19,7 +19,7 @@ import numpy as np
 from dmruntime import Group, NoiseSchedule, group_lookup
 from dmruntime.conditioning import Conditioning
 
-from .. import onnxio, scratch
+from .. import onnxio, parallel, scratch
 from ..artifacts import CALIBRATION, atomic_dir, write_marker
 from ..config import CalibrationConfig
 from ..errors import ArtifactError, ConfigError
@@ -29,10 +29,11 @@ from .hessian import MOMENTS, MomentRecorder, layer_columns
 from .observers import HistogramObserver
 from .checkpoint import Checkpoint
 from . import pieces
-from .recorder import record_in_chunks
+from .recorder import record_chunk
 
-CALIB_SCHEMA_VERSION = 4  # 2: cache keys carry it; 3: trajectories recorded a chunk of batch_size at a time;
-# 4: tensors recorded in producer order (a call may run in pieces)
+CALIB_SCHEMA_VERSION = 5  # 2: cache keys carry it; 3: trajectories recorded a chunk of batch_size at a time;
+# 4: tensors recorded in producer order (a call may run in pieces); 5: shards of batch_size trajectories,
+# each with its own random streams, folded in order (the same bytes serial or on Ray)
 CALIB_STREAM = 0xCA11B
 STATE_KEYS = ("lo", "hi", "origin", "width", "count", "hist")  # a HistogramObserver's state
 
@@ -129,6 +130,7 @@ class CalibrationResult:
     tensors: tuple[str, ...]
     observers: tuple[dict, ...]  # group index -> {tensor: HistogramObserver}
     moments: Path | None = None  # folder of the layer inputs' second moments (hessian.Moments), if gathered
+    run: dict | None = None  # where the shards ran: {"workers": N, "ray": address or None}
 
     def ranges(self, kind: str | None = None, bits: int = 8) -> list[dict[str, tuple[float, float]]]:
         """Per group, tensor -> (lo, hi). A group that recorded nothing for a tensor (PTQ4DM's
@@ -163,6 +165,7 @@ class CalibrationResult:
                 "tensors": list(self.tensors),
                 "ranges": [{n: list(r[n]) for n in self.tensors} for r in ranges],
                 "counts": [{n: obs[n].count for n in self.tensors} for obs in self.observers],
+                "run": self.run,
             }, files)
         return dataclasses.replace(self, moments=Path(folder) / MOMENTS if self.moments is not None else None)
 
@@ -186,83 +189,78 @@ class CalibrationResult:
         groups = tuple(Group(d["index"], d["t_start"], d["t_end"]) for d in meta["groups"])
         moments = Path(folder) / MOMENTS
         return cls(CalibrationConfig.from_dict(meta["config"]), groups, tensors, tuple(observers),
-                   moments if (moments / "moments.json").is_file() else None)
+                   moments if (moments / "moments.json").is_file() else None, meta.get("run"))
 
 
-def _ptq4dm_mask(timesteps: np.ndarray, n: int, T: int, rng: np.random.Generator):
+def _ptq4dm_steps(timesteps: np.ndarray, n: int, T: int, rng: np.random.Generator) -> np.ndarray:
     """PTQ4DM's normally distributed time-step calibration: each trajectory is recorded at the
-    one step nearest a timestep drawn from N(0.4 T, 0.2 T) (clipped to [0, T))."""
+    one step nearest a timestep drawn from N(0.4 T, 0.2 T) (clipped to [0, T)); the step of each."""
     target = np.clip(rng.normal(0.4 * T, 0.2 * T, n), 0, T - 1)
-    chosen = timesteps[np.abs(timesteps[None, :] - target[:, None]).argmin(1)]
-    return lambda t: chosen == t
+    return timesteps[np.abs(timesteps[None, :] - target[:, None]).argmin(1)]
 
 
-def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, config: CalibrationConfig,
-              profile: TargetProfile = ORT_CPU, progress=None, conditioning: Conditioning | None = None,
-              conditions: dict | None = None, moments: str | None = None,
-              work_dir: Path | None = None, checkpoint: Path | None = None) -> CalibrationResult:
-    """Run ``config.size`` trajectories of the calibration sampler through the fp32 ONNX
-    model and return per-group statistics of every tensor ``profile`` may quantize (for all
-    quantizable layers, so that builds which keep some layers float reuse the calibration).
-    Conditional models: ``conditions`` (one row per trajectory) drive the trajectories, and with
-    ``config.guidance_scale`` the guided sampler runs both branches, so both are recorded.
-    ``moments``: also gather every weighted layer's input second moments (GPTQ rounding), in
-    the same pass: ``"pooled"`` over all recorded steps, or ``"groups"`` (one per timestep
-    group, and pooled); kept under ``work_dir`` (a temporary folder there) until saved.
-    ``checkpoint``: a folder where the pass commits its progress after every chunk of
-    ``config.batch_size`` trajectories and from which an interrupted pass resumes (the same
-    result as one never stopped; :mod:`dmcompile.calibration.checkpoint`)."""
-    model = onnxio.load(fp_model_path, weights=False)  # the weights stay on disk (big models)
-    names = profile.quantized_tensors(model, layer_map.layers)
-    ckpt = Checkpoint.open(checkpoint, {"config": config.to_dict(), "tensors": list(names), "moments": moments,
-                                        "schema_version": CALIB_SCHEMA_VERSION}) \
-        if checkpoint is not None else None
-    recorder = None
-    if moments is not None:
-        if moments not in ("pooled", "groups"):
-            raise ValueError(f"moments must be 'pooled' or 'groups', got {moments!r}")
-        if work_dir is not None:
-            scratch.reclaim(work_dir)  # moments of passes killed before they were saved
-        # the sums live in the checkpoint when there is one (begin() puts them there), else in a temporary
-        folder = ckpt.work_folder() if ckpt is not None else \
-            scratch.temp_dir(work_dir or Path(tempfile.gettempdir()), "moments")
-        columns = layer_columns(model, layer_map.layers)
-        rank = {t: i for i, t in enumerate(pieces.producer_order(model, {c.tensor: 0 for c in columns.values()}))}
-        columns = dict(sorted(columns.items(), key=lambda kv: rank[kv[1].tensor]))  # the order calls hand them in
-        recorder = MomentRecorder(folder, columns, config.groups if moments == "groups" else None, config.seed)
-    import onnxruntime as ort
+@dataclass
+class _Pass:
+    """What every shard of a calibration pass needs; shipped once to each Ray worker (the graph
+    through the object store when small, else read from ``source``, a path all nodes see)."""
 
-    so = ort.SessionOptions()
-    if onnxio.external_files(model):
-        # A big model (SD 1.5: every quantized tensor an output is GBs per call): without the
-        # arena that memory goes back after each call. Measured on sd15-unet: build peak 18.5 ->
-        # 14.8 GB, calibration 2.5x slower, so small models keep the arena.
-        so.enable_cpu_mem_arena = False
-        so.enable_mem_pattern = False
-    recorded = [*names, *sorted(recorder.tensors - set(names) if recorder else ())]
-    outputs = [o.name for o in model.graph.output]
-    sample_shape = tuple(next(i for i in model.graph.input if i.name == "sample").type.tensor_type.shape.dim)
-    sample_shape = tuple(int(d.dim_value) for d in sample_shape[1:])
-    schedule = NoiseSchedule.from_config(scheduler_config)
-    groups = equal_groups(schedule.num_train_timesteps, config.groups)
+    model: object  # onnx.ModelProto without its external weights, or None: read ``source``
+    source: Path
+    base_dir: Path | None
+    names: tuple[str, ...]  # the tensors whose histograms are kept
+    recorded: tuple[str, ...]  # those and the moments' layer inputs
+    scheduler_config: dict
+    config: CalibrationConfig
+    conditioning: Conditioning
+    conditions: dict | None  # one row per trajectory
+    chosen: np.ndarray | None  # PTQ4DM: the step each trajectory is recorded at
+    columns: dict | None  # second moments: the layers' columns, in producer order
+    moment_groups: int | None
+    progress: object = None  # a serial pass's step callback (workers report per shard)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("progress", "_session")}
+
+    def session(self, feeds: dict):
+        """The pass's piecewise session, cut at the first call's shapes, kept for its shards."""
+        if getattr(self, "_session", None) is None:
+            import onnxruntime as ort
+
+            model, base_dir = parallel.opened(self.model, self.source, self.base_dir)
+            so = ort.SessionOptions()
+            if onnxio.external_files(model):
+                # A big model (SD 1.5: every quantized tensor an output is GBs per call): without the
+                # arena that memory goes back after each call. Measured on sd15-unet: build peak 18.5 ->
+                # 14.8 GB, calibration 2.5x slower, so small models keep the arena.
+                so.enable_cpu_mem_arena = False
+                so.enable_mem_pattern = False
+            self._session = pieces.open_session(model, self.recorded, feeds, so, base_dir=base_dir)
+        return self._session
+
+
+def record_shard(p: _Pass, job: tuple) -> dict:
+    """Shard ``k`` of a pass (trajectories ``k * batch_size`` on): its own histograms, random
+    streams and, with moments, sums in ``folder``; returned to be folded in shard order."""
+    k, folder = job
+    cfg = p.config
+    schedule = NoiseSchedule.from_config(p.scheduler_config)
+    groups = equal_groups(schedule.num_train_timesteps, cfg.groups)
     lookup = group_lookup(groups, schedule.num_train_timesteps)
-    observers = tuple({n: HistogramObserver(config.bins) for n in names} for _ in groups)
-    rng = np.random.default_rng(config.seed + 7)
-    sampling = config.sampling(schedule)
-    timesteps = sampling.model_timesteps(schedule)
-    mask = None
-    if config.timesteps == "ptq4dm":
-        mask = _ptq4dm_mask(timesteps, config.size, schedule.num_train_timesteps, rng)
-    per = 2 if config.guidance_scale is not None else 1  # guided: both branches
-    rows = _Rows(mask, config.size * per, per)
-    histograms = HistogramCollector(names, observers, rng, config.sample_per_tensor)
-    session = None  # cut into pieces at the first call, for its shapes
+    observers = tuple({n: HistogramObserver(cfg.bins) for n in p.names} for _ in groups)
+    histograms = HistogramCollector(p.names, observers, np.random.default_rng([cfg.seed + 7, k]), cfg.sample_per_tensor)
+    recorder = None
+    if p.columns is not None:
+        shutil.rmtree(folder, ignore_errors=True)  # a shard run again (its worker died) starts afresh
+        recorder = MomentRecorder(Path(folder), p.columns, p.moment_groups, cfg.seed, stream=k)
+    per = 2 if cfg.guidance_scale is not None else 1  # guided: both branches
+    rows = _Rows((lambda t: p.chosen == t) if p.chosen is not None else None, cfg.size * per, per)
+    outputs = None
 
     def run(x, t, cond):
-        nonlocal session
+        nonlocal outputs
         feeds = {"sample": x, "timestep": np.full(len(x), t, np.int64), **(cond or {})}
-        if session is None:
-            session = pieces.open_session(model, recorded, feeds, so, base_dir=Path(fp_model_path).parent)
+        session = p.session(feeds)
+        outputs = outputs or set(session.outputs)
         keep = rows.mask(len(x), t)
         record = keep is None or keep.any()
         group = int(lookup[t])
@@ -276,26 +274,111 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
             out.update((o, share[o]) for o in outputs if o in share)
         return out
 
-    done = _resume(ckpt, observers, names, histograms, recorder)
+    sample_shape = tuple(int(d.dim_value) for d in
+                         next(i for i in _graph_inputs(p) if i.name == "sample").type.tensor_type.shape.dim[1:])
+    record_chunk(run, schedule, sample_shape, [_Chunks(rows)], n=cfg.size, sampling=cfg.sampling(schedule),
+                 seed=[cfg.seed, CALIB_STREAM], chunk=cfg.batch_size, index=k, guidance_scale=cfg.guidance_scale,
+                 cond=p.conditions, conditioning=p.conditioning, progress=p.progress and (lambda i, n: p.progress(k, i)))
+    if recorder is not None:
+        recorder.flush()
+        recorder._open.clear()
+    return {"observers": _observer_arrays(observers, p.names),
+            "counts": {s: c.tolist() for s, c in recorder.counts.items()} if recorder else None}
+
+
+def _graph_inputs(p: _Pass):
+    if p.model is not None:
+        return p.model.graph.input
+    return onnxio.load(p.source, weights=False).graph.input
+
+
+def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, config: CalibrationConfig,
+              profile: TargetProfile = ORT_CPU, progress=None, conditioning: Conditioning | None = None,
+              conditions: dict | None = None, moments: str | None = None,
+              work_dir: Path | None = None, checkpoint: Path | None = None, pool=None) -> CalibrationResult:
+    """Run ``config.size`` trajectories of the calibration sampler through the fp32 ONNX
+    model and return per-group statistics of every tensor ``profile`` may quantize (for all
+    quantizable layers, so that builds which keep some layers float reuse the calibration).
+    Conditional models: ``conditions`` (one row per trajectory) drive the trajectories, and with
+    ``config.guidance_scale`` the guided sampler runs both branches, so both are recorded.
+    ``moments``: also gather every weighted layer's input second moments (GPTQ rounding), in
+    the same pass: ``"pooled"`` over all recorded steps, or ``"groups"`` (one per timestep
+    group, and pooled); kept under ``work_dir`` (a temporary folder there) until saved.
+
+    The pass is cut into shards of ``config.batch_size`` trajectories, each with histograms,
+    random streams and moment sums of its own, folded in shard order: the result is the same
+    bytes whether the shards run here one after another or as Ray tasks (``pool``, see
+    :mod:`dmcompile.parallel`) in any order. ``checkpoint``: a folder where the pass commits
+    after every shard folded and from which an interrupted pass resumes (the same result as one
+    never stopped; :mod:`dmcompile.calibration.checkpoint`); shards' moment sums are written
+    under it (with Ray on several nodes, the cache must be on a filesystem they all see)."""
+    pool = pool or parallel.SerialPool()
+    model = onnxio.load(fp_model_path, weights=False)  # the weights stay on disk (big models)
+    names = profile.quantized_tensors(model, layer_map.layers)
+    ckpt = Checkpoint.open(checkpoint, {"config": config.to_dict(), "tensors": list(names), "moments": moments,
+                                        "schema_version": CALIB_SCHEMA_VERSION}) \
+        if checkpoint is not None else None
+    recorder = columns = None
+    if moments is not None:
+        if moments not in ("pooled", "groups"):
+            raise ValueError(f"moments must be 'pooled' or 'groups', got {moments!r}")
+        if work_dir is not None:
+            scratch.reclaim(work_dir)  # moments of passes killed before they were saved
+        # the sums live in the checkpoint when there is one (begin() puts them there), else in a temporary
+        folder = ckpt.work_folder() if ckpt is not None else \
+            scratch.temp_dir(work_dir or Path(tempfile.gettempdir()), "moments")
+        columns = layer_columns(model, layer_map.layers)
+        rank = {t: i for i, t in enumerate(pieces.producer_order(model, {c.tensor: 0 for c in columns.values()}))}
+        columns = dict(sorted(columns.items(), key=lambda kv: rank[kv[1].tensor]))  # the order calls hand them in
+        recorder = MomentRecorder(folder, columns, config.groups if moments == "groups" else None, config.seed)
+    schedule = NoiseSchedule.from_config(scheduler_config)
+    groups = equal_groups(schedule.num_train_timesteps, config.groups)
+    observers = tuple({n: HistogramObserver(config.bins) for n in names} for _ in groups)
+    chosen = None
+    if config.timesteps == "ptq4dm":
+        chosen = _ptq4dm_steps(config.sampling(schedule).model_timesteps(schedule), config.size,
+                               schedule.num_train_timesteps, np.random.default_rng(config.seed + 7))
+    conditioning = conditioning or Conditioning.none()
+    if conditions and conditioning is not None:
+        conditions = conditioning.check(conditions, config.size)
+    recorded = tuple(dict.fromkeys([*names, *sorted(recorder.tensors - set(names) if recorder else ())]))
+    shards = -(-config.size // config.batch_size)
+    calls = len(config.sampling(schedule).resolved(schedule).model_timesteps(schedule))
+    step = None
+    if progress is not None and pool.workers == 1:
+        def step(k, i):
+            progress(k * calls + i, shards * calls)
+    base = Path(fp_model_path).parent
+    p = _Pass(model, Path(fp_model_path), base, tuple(names), recorded, scheduler_config, config, conditioning,
+              conditions, chosen, columns, config.groups if moments == "groups" else None, step)
+    if pool.workers > 1:
+        shipped, _ = parallel.portable(model, base)
+        p = dataclasses.replace(p, model=shipped, progress=None)
+    shard_root = (ckpt.folder / "shards") if ckpt is not None else \
+        (scratch.temp_dir(work_dir or Path(tempfile.gettempdir()), "shards") if recorder is not None else None)
+    done = _resume(ckpt, observers, names, recorder)
     if done and progress is not None:
         progress(f"calibration: resuming after {done} of {config.size} trajectories (checkpoint {ckpt.folder})", 0, 0)
-
-    def commit(end: int) -> None:
-        state = {"rng": rng.bit_generator.state, "moments": recorder.state() if recorder else None}
-        ckpt.commit(end, _observer_arrays(observers, names), state, recorder)
-        if end < config.size:
-            ckpt.begin(recorder)
-
-    # A stream of its own: with seed=N, sampling draws from default_rng(N), so calibrating on
-    # default_rng(N) too would make an evaluation's first samples the calibration trajectories.
+    first = -(-done // config.batch_size)
+    jobs = [(k, str(shard_root / f"{k:05d}") if shard_root is not None else None) for k in range(first, shards)]
+    waiting: dict[int, dict] = {}
+    nxt = first
     try:
         if ckpt is not None:
             ckpt.begin(recorder)
-        record_in_chunks(run, schedule, sample_shape, [_Chunks(rows)], n=config.size,
-                         sampling=sampling, seed=[config.seed, CALIB_STREAM], chunk=config.batch_size,
-                         guidance_scale=config.guidance_scale, cond=conditions,
-                         conditioning=conditioning or Conditioning.none(), progress=progress, done=done,
-                         on_chunk=commit if ckpt is not None else None)
+        for i, res in pool.map(record_shard, p, jobs):
+            waiting[jobs[i][0]] = res
+            while nxt in waiting:  # fold in shard order, whatever order they finished in
+                _fold(waiting.pop(nxt), observers, names, recorder, columns, config, jobs[nxt - first][1])
+                nxt += 1
+                end = min(nxt * config.batch_size, config.size)
+                if ckpt is not None:
+                    ckpt.commit(end, _observer_arrays(observers, names),
+                                {"moments": recorder.state() if recorder else None}, recorder)
+                    if end < config.size:
+                        ckpt.begin(recorder)
+                if progress is not None and pool.workers > 1:
+                    progress(nxt * calls, shards * calls)
         if recorder is not None:
             if ckpt is not None:
                 ckpt.finishing()
@@ -308,7 +391,23 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
     finally:
         if ckpt is not None:
             ckpt.close()
-    return CalibrationResult(config, groups, tuple(names), observers, recorder.folder if recorder else None)
+        if shard_root is not None and ckpt is None:
+            shutil.rmtree(shard_root, ignore_errors=True)
+            scratch.release(shard_root)
+    return CalibrationResult(config, groups, tuple(names), observers, recorder.folder if recorder else None,
+                             pool.describe())
+
+
+def _fold(res: dict, observers, names, recorder: MomentRecorder | None, columns, config, folder) -> None:
+    """Add one shard's histograms and moment sums to the pass's."""
+    arrays = res["observers"]
+    for g, obs in enumerate(observers):
+        for i, n in enumerate(names):
+            obs[n].merge(HistogramObserver.from_state({k: arrays[f"g{g}_t{i}_{k}"] for k in STATE_KEYS}))
+    if recorder is not None:
+        shard = MomentRecorder(Path(folder), columns, recorder.groups, config.seed)
+        shard.counts = {s: np.asarray(c, np.int64) for s, c in res["counts"].items()}
+        recorder.absorb(shard)
 
 
 def _observer_arrays(observers, names) -> dict[str, np.ndarray]:
@@ -316,9 +415,8 @@ def _observer_arrays(observers, names) -> dict[str, np.ndarray]:
             for k, v in obs[n].state().items()}
 
 
-def _resume(ckpt: Checkpoint | None, observers, names, histograms: HistogramCollector,
-            recorder: MomentRecorder | None) -> int:
-    """Trajectories a checkpoint holds (0 without one), its state put back into the collectors."""
+def _resume(ckpt: Checkpoint | None, observers, names, recorder: MomentRecorder | None) -> int:
+    """Trajectories a checkpoint holds (0 without one), its state put back into the pass's."""
     state = ckpt.load() if ckpt is not None else None
     if state is None:
         return 0
@@ -326,7 +424,6 @@ def _resume(ckpt: Checkpoint | None, observers, names, histograms: HistogramColl
     for g, obs in enumerate(observers):
         for i, n in enumerate(names):
             obs[n] = HistogramObserver.from_state({k: arrays[f"g{g}_t{i}_{k}"] for k in STATE_KEYS})
-    histograms.rng.bit_generator.state = state["json"]["rng"]
     if recorder is not None:
         recorder.restore(state["json"]["moments"])  # the sums: begin() copies the checkpoint's
     return state["done"]

@@ -97,10 +97,11 @@ def _budget_terms(ws: Workspace, config: BuildConfig) -> tuple:
 
 def calibrate_workspace(ws: Workspace, config: BuildConfig, progress=None) -> CalibrationResult:
     """Per-group activation statistics of every tensor the profile quantizes (cached)."""
-    return stages.cached_calibration(ws.fp, config.calibration, ws.profile,
-                                     progress=progress and (lambda i, n: progress("calibration trajectories", i, n)),
-                                     conditions=ws.calibration_conditions,
-                                     moments=stages.moments_needed(config.analysis.rounding, per_group_weights(config)))
+    with parallel.pool(config.ray, config.ray_workers) as workers:
+        return stages.cached_calibration(ws.fp, config.calibration, ws.profile,
+                                         progress=progress and (lambda i, n: progress("calibration trajectories", i, n)),
+                                         conditions=ws.calibration_conditions, pool=workers,
+                                         moments=stages.moments_needed(config.analysis.rounding, per_group_weights(config)))
 
 
 def allocate_widths(ws: Workspace, calib: CalibrationResult, config: BuildConfig, progress=None) -> WeightPlan:
