@@ -217,6 +217,7 @@ class _Pass:
     columns: dict | None  # second moments: the layers' columns, in producer order
     moment_groups: int | None
     progress: object = None  # a serial pass's step callback (workers report per shard)
+    threads: int = 0  # ONNX Runtime's intra-op threads (0: all cores; 1 on Ray workers, one task per CPU)
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k not in ("progress", "_session")}
@@ -228,6 +229,7 @@ class _Pass:
 
             model, base_dir = parallel.opened(self.model, self.source, self.base_dir)
             so = ort.SessionOptions()
+            so.intra_op_num_threads = self.threads
             if onnxio.external_files(model):
                 # A big model (SD 1.5: every quantized tensor an output is GBs per call): without the
                 # arena that memory goes back after each call. Measured on sd15-unet: build peak 18.5 ->
@@ -353,7 +355,7 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
               conditions, chosen, columns, config.groups if moments == "groups" else None, step)
     if pool.workers > 1:
         shipped, _ = parallel.portable(model, base)
-        p = dataclasses.replace(p, model=shipped, progress=None)
+        p = dataclasses.replace(p, model=shipped, progress=None, threads=1)
     shard_root = (ckpt.folder / "shards") if ckpt is not None else \
         (scratch.temp_dir(work_dir or Path(tempfile.gettempdir()), "shards") if recorder is not None else None)
     done = _resume(ckpt, observers, names, recorder)
