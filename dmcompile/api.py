@@ -164,16 +164,28 @@ class EvalResult:
 
 
 def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress="auto",
-             correction: bool = True, cond: dict | None = None) -> EvalResult:
+             correction: bool = True, cond: dict | None = None, ray: str | None = None,
+             workers: int | None = None) -> EvalResult:
     """Fidelity of a bundle against its full-precision PyTorch model, same seeds.
 
     Paired PSNR / SSIM between the bundle's and the reference's samples; for digits models
     also FD to the real digits, the FP noise floor (FD between two FP sample sets with
     different seeds), FD of the bundle's samples to that second FP set (comparable with the
     floor) and confident-class rates. Latent models are judged on images: the bundle's decoder
-    for its samples, the PyTorch VAE for the reference's.
+    for its samples, the PyTorch VAE for the reference's. ``ray``, ``workers``: the bundle's, the
+    reference's and the noise floor's samples in shards of ``batch_size`` rows as Ray tasks (as
+    in :func:`analyze`; the same samples, bit for bit; every node must see ``target``).
     """
+    with parallel.pool(ray, workers) as pool:
+        result = _evaluate(target, config, progress, correction, cond, pool)
+    result.report["run"] = pool.describe()
+    return result
+
+
+def _evaluate(target, config: EvalConfig, progress, correction: bool, cond, pool) -> EvalResult:
     progress = reporter(progress, "eval")
+    shards = {"pool": pool, "spec": stages.ModelSpec("bundle", str(Path(target).resolve()), correction)}
+    ref_shards = {"pool": pool, "spec": stages.ModelSpec("reference", str(Path(target).resolve()), correction)}
     bundle = open_bundle(target, correction=correction)
     reference = reference_model(bundle)
     ref = TorchEpsModel(reference, null=bundle.conditioning.null, class_table=bundle.conditioning.class_table)
@@ -190,9 +202,9 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
         cond_ref, null_ref = _encoded(Text2Image(Bundle.open(fp_bundle(reference))), prompts)
     config = dataclasses.replace(config, sample=sc)
     got = sample_model(bundle, sc, progress=progress and (lambda i, n: progress("bundle", i, n)), cond=cond,
-                       null_cond=null_got)
+                       null_cond=null_got, **shards)
     want = sample_model(ref, sc, progress=progress and (lambda i, n: progress("fp reference", i, n)), cond=cond_ref,
-                        null_cond=null_ref)
+                        null_cond=null_ref, **ref_shards)
     if bundle.decoder is not None:  # latent models are judged on images: the bundle's decoder, and the
         got, want = bundle.decode(got), ref.decode(want)  # PyTorch VAE for the reference (a W8A8 decoder counts)
     p, s = psnr(got, want), ssim(got, want)
@@ -220,7 +232,7 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
     if is_digits_shape(got.shape[1:]):
         floor_cfg = dataclasses.replace(sc, seed=sc.seed + config.floor_seed_offset)
         other = sample_model(ref, floor_cfg, progress=progress and (lambda i, n: progress("fp noise floor", i, n)),
-                             cond=cond_ref, null_cond=null_ref)
+                             cond=cond_ref, null_cond=null_ref, **ref_shards)
         if bundle.decoder is not None:
             other = ref.decode(other)
         mine = digit_scores(got, config.confident_threshold)

@@ -169,7 +169,7 @@ def cmd_eval(args) -> int:
     if args.out:
         check_replaceable(args.out, EVAL)  # before minutes of sampling
     res = api.evaluate(args.target, cfg, progress=_progress_bar("eval"), correction=not args.no_correction,
-                       cond=_conditions(args, cfg.sample.n))
+                       cond=_conditions(args, cfg.sample.n), ray=args.ray, workers=args.ray_workers)
     r = res.report
     if args.json:  # stdout holds the JSON alone (a pipe into jq); what else there is to say goes to stderr
         written = api.write_eval(res, args.out) if args.out else []
@@ -594,6 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "evaluation prompts for digits models, which gives prompt accuracy; else dmcompile's default set)")
     _add_sampling(v, default(EvalConfig, "sample").n)
     v.add_argument("--no-correction", action="store_true", help="turn the bundle's PTQD noise correction off")
+    _add_ray(v, "the sampling (bundle, fp reference, noise floor) in shards of --batch-size rows")
     v.set_defaults(func=cmd_eval)
 
     bn = sub.add_parser("bench", help="time bundles on this machine: per call, per sampling run, memory, size",

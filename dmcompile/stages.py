@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from dmruntime import Bundle, SamplingLoop
-from dmruntime.conditioning import cycle_rows
+from dmruntime.conditioning import cycle_rows, take_rows
 
 from . import __version__, onnxio, scratch, zoo
 from .analysis.probe import make_probe
@@ -41,6 +41,7 @@ from .frontend.export import export_model
 from .frontend.layermap import LayerMap
 from .frontend.load import LoadedModel, load_model
 from .frontend.text import text_digest_parts
+from .frontend.torch_model import TorchEpsModel
 from .targets import ORT_CPU, TargetProfile
 
 
@@ -107,13 +108,75 @@ def reference_model(bundle: Bundle) -> LoadedModel:
 
 
 def sample_model(model, config: SampleConfig = SampleConfig(), progress=None, cond: dict | None = None,
-                 null_cond: dict | None = None) -> np.ndarray:
+                 null_cond: dict | None = None, pool=None, spec: "ModelSpec | None" = None) -> np.ndarray:
     """Samples from anything with the runtime's model interface (Bundle, TorchEpsModel) with
     ``config``'s sampler (unset parts: the bundle's calibrated sampler, else the model's scheduler
-    class); ``cond``: conditions of a conditional model, guided when ``config.guidance_scale`` is set."""
+    class); ``cond``: conditions of a conditional model, guided when ``config.guidance_scale`` is set.
+    With a ``pool`` of several workers and ``spec`` (how a worker opens ``model``), the samples
+    are drawn in shards of ``config.batch_size`` rows as tasks (:func:`sample_shard`): the same
+    arrays as here, bit for bit."""
+    if pool is None or pool.workers == 1 or spec is None:
+        loop = SamplingLoop(model, config.choice(model), batch_size=config.batch_size,
+                            guidance_scale=config.guidance_scale, null_cond=null_cond)
+        return loop.sample(config.n, seed=config.seed, progress=progress, cond=cond)
+    shards = [(a, min(a + config.batch_size, config.n)) for a in range(0, config.n, config.batch_size)]
+    out = [None] * len(shards)
+    for done, (i, x) in enumerate(pool.map(sample_shard, (spec, config, cond, null_cond), shards), 1):
+        out[i] = x
+        if progress is not None:
+            progress(done, len(shards))
+    return np.concatenate(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How a worker opens a model to sample from: a bundle (``kind="bundle"``) or the fp32
+    PyTorch model a bundle was compiled from (``"reference"``), by the bundle's path (a path
+    every node sees)."""
+
+    kind: str
+    path: str
+    correction: bool = True
+
+    def open(self):
+        bundle = open_bundle(self.path, threads=1, correction=self.correction)
+        if self.kind == "bundle":
+            return bundle
+        return TorchEpsModel(reference_model(bundle), null=bundle.conditioning.null,
+                             class_table=bundle.conditioning.class_table)
+
+
+class RowSlice:
+    """A random generator's draws for ``rows`` of an ``n``-row batch: each draw is made for all n
+    rows and sliced, so a shard's stochastic sampler gets the noise the whole batch would."""
+
+    def __init__(self, rng: np.random.Generator, n: int, rows: slice):
+        self.rng, self.n, self.rows = rng, n, rows
+
+    def standard_normal(self, shape, dtype=np.float64):
+        return self.rng.standard_normal((self.n, *shape[1:]), dtype=dtype)[self.rows]
+
+
+_opened: dict = {}  # worker side: the model last opened for sampling
+
+
+def sample_shard(shared: tuple, rows: tuple[int, int]) -> np.ndarray:
+    """Rows ``rows`` of :func:`sample_model`'s samples: the same x_T rows, model calls and (for a
+    stochastic sampler) noise as the whole run gives them."""
+    spec, config, cond, null_cond = shared
+    if _opened.get("spec") != spec:
+        _opened.clear()
+        _opened.update(spec=spec, model=spec.open())
+    model = _opened["model"]
     loop = SamplingLoop(model, config.choice(model), batch_size=config.batch_size,
                         guidance_scale=config.guidance_scale, null_cond=null_cond)
-    return loop.sample(config.n, seed=config.seed, progress=progress, cond=cond)
+    x, rng = loop.initial_noise(config.n, config.seed)
+    checker = getattr(model, "conditioning", None)
+    if checker is not None and (cond or checker):
+        cond = checker.check(cond, config.n)
+    sl = slice(*rows)
+    noise = RowSlice(rng, config.n, sl) if loop.sampler.stochastic else rng
+    return loop.run(x[sl], noise, cond=take_rows(cond, sl))
 
 
 def calibration_key(config: CalibrationConfig, profile: TargetProfile, conditions: dict | None = None,

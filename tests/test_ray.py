@@ -165,6 +165,28 @@ def test_mixed_build_on_ray_writes_the_same_engines(local, tiny_model_dir, tmp_p
     assert built["serial"].manifest["plan"]["curves"]["run"] == {"workers": 1, "ray": None}
 
 
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 0.7), ("euler-a", 0.0)])
+def test_eval_sampling_on_two_workers_equals_the_serial_run(local, tiny_model_dir, tmp_path_factory, monkeypatch,
+                                                            sampler, eta):
+    """Deterministic and stochastic samplers: shards of batch_size rows, noise drawn for the whole
+    batch and sliced, so the bundle's and the reference's samples are the same arrays."""
+    from dmcompile.config import EvalConfig, SampleConfig
+
+    monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path_factory.getbasetemp() / "eval-cache"))
+    out = tmp_path_factory.getbasetemp() / "eval-bundle"
+    if not (out / "manifest.json").is_file():
+        api.build(str(tiny_model_dir), out, BuildConfig(calibration=SMALL, eval_samples=0, correction=False,
+                                                        speed_check=False, analysis=ANALYSIS))
+    cfg = EvalConfig(sample=SampleConfig(n=7, batch_size=2, steps=5, eta=eta, sampler=sampler))
+    serial = api.evaluate(out, cfg, progress=None)
+    seen = []
+    got = api.evaluate(out, cfg, progress=lambda s, i, n: seen.append((s, i, n)), ray=parallel.LOCAL)
+    np.testing.assert_array_equal(got.images, serial.images)
+    assert got.report["paired_vs_fp"] == serial.report["paired_vs_fp"]
+    assert got.report["run"] == {"workers": 2, "ray": "local"} and serial.report["run"] == {"workers": 1, "ray": None}
+    assert ("bundle", 4, 4) in seen and ("fp reference", 4, 4) in seen  # 7 rows in shards of 2
+
+
 def test_curves_on_a_cluster_of_several_nodes_equal_the_serial_run(local, serial, tiny_model_dir, tmp_path,
                                                                     monkeypatch):
     from ray.cluster_utils import Cluster

@@ -1,14 +1,16 @@
 """A calibration pass's progress on disk, so that an interrupted pass goes on where it stopped.
 
-The pass records its trajectories a chunk at a time (``recorder.record_in_chunks``); after each
-chunk everything it has gathered is committed under ``<cache entry>.partial/``:
+The pass records its trajectories in shards (``trajectory.record_shard``) and folds them in
+shard order; after each fold everything it has gathered is committed under
+``<cache entry>.partial/``:
 
-    state/          state.json (chunks done, random generator states, moment counts, what the
-                    pass measures), observers.npz (every histogram), moments/ (running sums)
-    work/           the next chunk's copy of the moments, renamed over state/ when it completes
+    state/          state.json (trajectories done, moment counts, what the pass measures),
+                    observers.npz (every histogram), moments/ (running sums)
+    work/           the next fold's copy of the moments, renamed over state/ when it completes
+    shards/NNNNN/   a shard's own moment sums until folded
 
-Only whole chunks are ever committed (a rename), so a pass killed at any point, kill -9
-included, resumes from its last chunk with the same result as a pass never stopped. The folder
+Only whole shards are ever committed (a rename), so a pass killed at any point, kill -9
+included, resumes after its last folded shard with the same result as a pass never stopped. The folder
 is locked while a pass uses it; a second pass of the same entry meanwhile records without one.
 """
 

@@ -1,8 +1,8 @@
 """Calibration along the sampling trajectory, statistics bucketed by timestep group.
 
-The fp32 ONNX model is run with every quantized tensor exposed as an extra output; the
-runtime's own sampler drives it from seeded noise (``recorder.record_in_chunks``), so the UNet
-sees exactly the inputs it sees when sampling. Each call's tensors go to the observers of the
+The fp32 ONNX model is run with every quantized tensor as an output, a piece of the graph at a
+time (``pieces``); the runtime's own sampler drives it from seeded noise (``recorder.record_chunk``,
+a shard of trajectories at a time), so the UNet sees exactly the inputs it sees when sampling. Each call's tensors go to the observers of the
 group holding t, and with GPTQ to the layer inputs' second moments.
 """
 
@@ -68,7 +68,7 @@ class _Rows:
     batch order, step after step (``total`` rows per step, ``per_trajectory`` of them for each
     trajectory: 2 when guided); ``record_steps(t)`` gives a row mask (PTQ4DM's timestep
     sampling), None records every row. ``begin_chunk`` narrows the walk to one chunk of
-    trajectories (``recorder.record_in_chunks``)."""
+    trajectories (a shard, ``recorder.record_chunk``)."""
 
     def __init__(self, record_steps, total: int, per_trajectory: int = 1):
         self.record_steps = record_steps
@@ -108,7 +108,7 @@ class HistogramCollector:
 
 
 class _Chunks:
-    """Tells the row walk where each chunk of trajectories starts (``record_in_chunks``); records
+    """Tells the row walk where a shard's trajectories start (``record_chunk``); records
     nothing itself (the calibration run records as the pieces of a call come out)."""
 
     def __init__(self, rows: _Rows):
