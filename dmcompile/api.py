@@ -185,7 +185,10 @@ def evaluate(target: str | Path, config: EvalConfig = EvalConfig(), *, progress=
 def _evaluate(target, config: EvalConfig, progress, correction: bool, cond, pool) -> EvalResult:
     progress = reporter(progress, "eval")
     shards = {"pool": pool, "spec": stages.ModelSpec("bundle", str(Path(target).resolve()), correction)}
-    ref_shards = {"pool": pool, "spec": stages.ModelSpec("reference", str(Path(target).resolve()), correction)}
+    import torch
+
+    ref_shards = {"pool": pool, "spec": stages.ModelSpec("reference", str(Path(target).resolve()), correction,
+                                                         torch.get_num_threads())}
     bundle = open_bundle(target, correction=correction)
     reference = reference_model(bundle)
     ref = TorchEpsModel(reference, null=bundle.conditioning.null, class_table=bundle.conditioning.class_table)

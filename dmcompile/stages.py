@@ -137,11 +137,16 @@ class ModelSpec:
     kind: str
     path: str
     correction: bool = True
+    torch_threads: int = 0  # the driver's: PyTorch's convolutions round differently with other thread counts
 
     def open(self):
         bundle = open_bundle(self.path, threads=1, correction=self.correction)
         if self.kind == "bundle":
             return bundle
+        if self.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
         return TorchEpsModel(reference_model(bundle), null=bundle.conditioning.null,
                              class_table=bundle.conditioning.class_table)
 
