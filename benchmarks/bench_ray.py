@@ -35,7 +35,7 @@ def _configs(args):
 
     cal = CalibrationConfig(size=args.calib_size, steps=args.calib_steps, groups=args.groups,
                             batch_size=args.calib_batch)
-    ana = AnalysisConfig(samples_per_group=args.rd_samples, sweep=args.sweep)
+    ana = AnalysisConfig(samples_per_group=args.rd_samples, sweep=args.sweep, rounding=args.rounding)
     return cal, ana
 
 
@@ -170,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--rd-samples", type=int, default=4)
     p.add_argument("--sweep", default="model", choices=("full", "model"))
+    p.add_argument("--rounding", default="rtn", choices=("rtn", "gptq"),
+                   help="rtn (default): GPTQ's rounding runs on the driver either way, and its second moments "
+                   "double the calibration's work")
     p.add_argument("--per-task", action="store_true", help="one task's time and data, projected to N nodes")
     p.add_argument("--full-size", type=int, default=64, help="projection: calibration trajectories")
     p.add_argument("--full-batch", type=int, default=1, help="projection: trajectories per shard")

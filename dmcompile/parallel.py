@@ -43,6 +43,15 @@ def identity() -> str:
     return f"dmcompile {__version__} (source {_source})"
 
 
+def default_threads() -> int:
+    """The CPUs this process may run on: the thread count RD probes use on the driver and on
+    every worker (ONNX Runtime's results with weights fed as inputs depend on it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def portable(model, base_dir, ship_bytes: int | None = None):
     """(model, base_dir) as workers should get them: the graph with its weights inside when they
     are at most ``ship_bytes`` (default SHIP_BYTES; through Ray's object store), else (None,

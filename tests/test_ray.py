@@ -229,6 +229,21 @@ def test_ray_missing_and_bad_addresses_are_clear(monkeypatch):
         parallel.RayPool(parallel.LOCAL)
 
 
+def test_probes_run_on_one_thread_count_everywhere():
+    """ONNX Runtime's output with weights fed as inputs depends on its thread count (ddpm-cifar10-32:
+    1.1e-6 between 1 and 2 threads): workers run the probe on the driver's count."""
+    from dmcompile.analysis.rd import measure_curves
+
+    p = probe_mod.Probe(None, (), {}, (), {}, {}, threads=3)
+    assert p.for_workers().threads == 3
+    with pytest.raises(IndexError):  # no layers: it stops at the reference, after fixing the count
+        measure_curves(p, np.zeros((1, 1, 1)), np.zeros((1, 1)), {}, ANALYSIS, [(0, 1000)], {})
+    q = probe_mod.Probe(None, (), {}, (), {}, {})
+    with pytest.raises(IndexError):
+        measure_curves(q, np.zeros((1, 1, 1)), np.zeros((1, 1)), {}, ANALYSIS, [(0, 1000)], {})
+    assert p.threads == 3 and q.threads == parallel.default_threads() >= 1
+
+
 def test_a_model_file_no_node_sees_is_a_clear_error(tmp_path):
     p = probe_mod.Probe(None, (), {}, (), {}, {}, source=tmp_path / "gone" / "model.onnx")
     rows = _Rows(np.zeros((1, 1)), np.zeros(1), None, 1, 1, np.zeros((1, 1)), np.zeros((1, 1)), "mse", 1, False)

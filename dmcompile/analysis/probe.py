@@ -120,7 +120,7 @@ class Probe:
         (``parallel.portable``), else only the path of the model file, ``source``."""
         fp, base_dir = parallel.portable(self.fp, self.base_dir, ship_bytes) if self.source is not None else \
             (self.fp, self.base_dir)
-        return dataclasses.replace(self, fp=fp, base_dir=base_dir, weights={}, rounder=None, threads=1)
+        return dataclasses.replace(self, fp=fp, base_dir=base_dir, weights={}, rounder=None)
 
     def opened(self) -> "Probe":
         """This probe, its graph read from ``source`` first if it came without one (a worker)."""

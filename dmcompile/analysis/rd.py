@@ -24,7 +24,7 @@ from ..calibration.recorder import record_trajectories
 from ..calibration.trajectory import no_steps_error
 from ..config import AnalysisConfig
 from ..errors import ArtifactError
-from ..parallel import SerialPool
+from ..parallel import SerialPool, default_threads
 from ..eval.metrics import ssim
 from ..quant import noise_power, weight_axis
 from .probe import Probe, act_params
@@ -242,6 +242,10 @@ def measure_curves(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict,
     (:mod:`dmcompile.parallel`; default: this process): where the batches of jobs run; the
     curves are the same bytes whichever runs them."""
     pool = pool or SerialPool()
+    if not probe.threads:
+        # With its weights fed as inputs, ONNX Runtime's result depends on the thread count: one
+        # count everywhere, so that curves are the same bytes whoever measures them.
+        probe.threads = default_threads()
     t0 = time.perf_counter()
     G, n = X.shape[:2]
     x, t, c = X.reshape(G * n, *X.shape[2:]), T.reshape(-1), flat_rows(C)
