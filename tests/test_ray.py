@@ -162,6 +162,7 @@ def test_mixed_build_on_ray_writes_the_same_engines(local, tiny_model_dir, tmp_p
     for f in files:
         assert (built["serial"].path / f).read_bytes() == (built["ray"].path / f).read_bytes(), f
     assert built["ray"].manifest["plan"]["curves"]["run"] == {"workers": 2, "ray": "local"}
+    assert built["ray"].manifest["build"]["calibration_run"] == {"workers": 2, "ray": "local"}
     assert built["serial"].manifest["plan"]["curves"]["run"] == {"workers": 1, "ray": None}
 
 

@@ -38,7 +38,7 @@ def describe_bundle(ws: Workspace, calib: CalibrationResult, plan: WeightPlan, e
         "calibration": calib.config.to_dict(),
         # what the trajectories took: sampling runs of the bundle default to it
         "sampler": calib.config.sampling(NoiseSchedule.from_config(ws.scheduler)).to_dict(),
-        "build": {"config": config.to_dict(), "fusion": next(iter(fusion.values())) if len(fusion) == 1 else
+        "build": {"config": config.to_dict(), "calibration_run": calib.run, "fusion": next(iter(fusion.values())) if len(fusion) == 1 else
                   {"ratio": min(f["ratio"] for f in fusion.values()), "engines": fusion}},
     }
     if stored is not None:
