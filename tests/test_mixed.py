@@ -302,3 +302,23 @@ def test_allow_float_bundle(tiny_model_dir, curves, tmp_path, capsys):
     assert main(["build", str(tiny_model_dir), "-o", str(tmp_path / "x"), "--allow-float"]) == 2
     assert "--allow-float applies to --format mixed only" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_probe_shapes_inferred_equal_the_shape_runs(tiny_cond_dir, monkeypatch):
+    """The probe's ranks and batch ratios from symbolic shape inference (SD 1.5's shape runs with
+    every tensor as an output passed 22 GB) equal those of the runs it falls back to."""
+    from dmcompile import stages
+    from dmcompile.analysis import probe as probe_mod
+
+    fp = api.fp_bundle(str(tiny_cond_dir))
+    spec, _ = stages.conditioning(fp, SMALL)
+    proto, lm = stages.load_graph(fp), stages.load_layer_map(fp)
+    tensors = stages.ORT_CPU.layer_input_tensors(proto, lm.layers)
+    shape = tuple(stages.Bundle.open(fp).sample_shape)
+    feeds = {"sample": np.zeros((2, *shape), np.float32), "timestep": np.zeros(2, np.int64), **spec.dummy(2)}
+    assert set(tensors) <= set(probe_mod.inferred_shapes(proto, feeds, fp))  # inference knows them all here
+    inferred = probe_mod.make_probe(proto, lm, tensors, shape, conditioning=spec, base_dir=fp)
+    monkeypatch.setattr(probe_mod, "inferred_shapes", lambda *a: {})  # as for an op inference does not know
+    ran = probe_mod.make_probe(proto, lm, tensors, shape, conditioning=spec, base_dir=fp)
+    assert set(inferred.ratio) == set(tensors) and {3, 4} <= set(inferred.ranks.values())  # attention and convs
+    assert inferred.ratio == ran.ratio and inferred.ranks == ran.ranks
