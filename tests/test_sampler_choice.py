@@ -80,19 +80,19 @@ def test_build_calibrates_along_the_chosen_sampler_and_sampling_defaults_to_it(t
     the manifest records it, PTQD pairs and the fidelity check take it, and both command lines
     sample with it unless told otherwise."""
     seen = []
-    real = trajectory.record_in_chunks
+    real = trajectory.record_chunk
 
     def spy(run, *a, **k):
         return real(lambda x, t, c: (seen.append(t), run(x, t, c))[1], *a, **k)
 
-    monkeypatch.setattr(trajectory, "record_in_chunks", spy)
+    monkeypatch.setattr(trajectory, "record_chunk", spy)
     monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "cache"))  # a calibration of its own, not a cached one
     out = tmp_path / "b"
     build_for("ort-cpu", tiny_model_dir, out, calibration=CalibrationConfig(size=4, steps=6, groups=2, sampler="dpmpp-2m",
                                                                             seed=3), eval_samples=2, correction=True)
     bundle = Bundle.open(out)
     want = SamplerChoice("dpmpp-2m", 6).model_timesteps(bundle.schedule)
-    assert sorted(set(seen)) == sorted(set(want.tolist())) and len(seen) == len(want)  # one chunk of 4
+    assert sorted(set(seen)) == sorted(set(want.tolist())) and len(seen) == len(want)  # one shard of 4
     m = json.loads((out / "manifest.json").read_text())
     assert m["sampler"] == {"name": "dpmpp-2m", "steps": 6, "karras": False}
     assert m["correction"]["sampler"] == "dpmpp-2m" and m["fidelity"]["sampler"] == "dpmpp-2m"
