@@ -95,6 +95,33 @@ def test_calibration_shards_on_two_workers_equal_the_serial_pass(local, tiny_mod
         np.testing.assert_array_equal(got["ray"][k], v, err_msg=k)
 
 
+def test_an_interrupted_ray_calibration_resumes_after_the_folded_shards(local, tiny_model_dir, tmp_path, monkeypatch):
+    from dmcompile import stages
+
+    fp = api.fp_bundle(str(tiny_model_dir))
+    monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "serial"))
+    whole = _arrays(stages.cached_calibration(fp, SMALL, moments="groups"))
+    monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "ray"))
+    folds = []
+
+    def stop(*args):
+        folds.append(args)
+        if len(folds) == 2:  # after the second shard is folded and committed
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stages.cached_calibration(fp, SMALL, moments="groups", pool=local, progress=stop)
+    partial = next((tmp_path / "ray" / "calib").glob("*.partial"))
+    assert json.loads((partial / "state" / "state.json").read_text())["done"] == 2 * SMALL.batch_size
+    said = []
+    resumed = stages.cached_calibration(fp, SMALL, moments="groups", pool=local, progress=lambda *a: said.append(a))
+    assert any("resuming after 4 of 6" in str(a[0]) for a in said)
+    got = _arrays(resumed)
+    assert sorted(got) == sorted(whole)
+    for k, v in whole.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
 def test_interrupted_ray_run_resumes_with_the_jobs_done(local, serial, tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "cache"))
     seen = []
