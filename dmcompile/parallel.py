@@ -90,7 +90,7 @@ class SerialPool:
     workers = 1
     address = None
 
-    def map(self, fn: Callable, shared, payloads: Iterable) -> Iterator[tuple[int, object]]:
+    def map(self, fn: Callable, shared, payloads: Iterable, cpus: int = 1) -> Iterator[tuple[int, object]]:
         for i, p in enumerate(payloads):
             yield i, fn(shared, p)
 
@@ -144,8 +144,12 @@ class RayPool:
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self._task = ray.remote(max_retries=RETRIES, num_cpus=1)(_run)
 
-    def map(self, fn: Callable, shared, payloads: Iterable) -> Iterator[tuple[int, object]]:
+    def map(self, fn: Callable, shared, payloads: Iterable, cpus: int = 1) -> Iterator[tuple[int, object]]:
+        """``cpus``: the threads each task runs; Ray reserves that many CPUs per task (at most a
+        node's), so a node runs as many tasks at once as it has room for."""
         ray = self.ray
+        per_node = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+        task = self._task.options(num_cpus=max(1, min(cpus, per_node)))
         box = [ray.put(shared)]
         key = box[0].hex()
         driver = identity()
@@ -158,7 +162,7 @@ class RayPool:
                 i, p = next(todo)
             except StopIteration:
                 return False
-            pending[self._task.remote(driver, key, box, fn, p)] = i
+            pending[task.remote(driver, key, box, fn, p)] = i
             return True
 
         while len(pending) < window and submit():

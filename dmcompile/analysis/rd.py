@@ -289,7 +289,7 @@ def measure_curves(probe: Probe, X: np.ndarray, T: np.ndarray, act_ranges: dict,
               _Rows(x, t, c, G, n, ref_w, ref_a, config.distortion, config.max_rows, per_group))
     payloads = (_payload(probe, b, act_ranges, wbits, abits, G, n, per_group) for b in todo)
     try:
-        for i, values in pool.map(run_batch, shared, payloads):
+        for i, values in pool.map(run_batch, shared, payloads, cpus=probe.threads):
             for (kind, a, b), v in zip(todo[i], values):
                 (W if kind == "w" else A)[:, a, b] = v
             done += len(todo[i])
