@@ -258,3 +258,18 @@ def cli_fails(argv, capsys, *needles) -> str:
     for n in needles:
         assert n in err, err
     return err
+
+
+def calibration_arrays(result, groups: int = 0) -> dict:
+    """A calibration's histogram states and second moments (pooled, and per group for the first
+    ``groups`` groups) as named arrays: what two passes must share bit for bit."""
+    from dmcompile.calibration.hessian import Moments
+    from dmcompile.calibration.trajectory import _observer_arrays
+
+    out = _observer_arrays(result.observers, result.tensors)
+    if result.moments is not None:
+        m = Moments(result.moments)
+        for node in m.files:
+            out[f"H:{node}"] = m.matrix(node)
+            out.update({f"H:{node}:{g}": m.matrix(node, (g,)) for g in range(groups)})
+    return out

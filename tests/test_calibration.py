@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from conftest import calibration_arrays
+
 from dmcompile.calibration.observers import HistogramObserver
 from dmcompile.quant import fake_quant, qparams
 from dmcompile.calibration.trajectory import equal_groups
@@ -206,18 +208,6 @@ def test_observer_choice_reaches_the_bundle(tiny_model_dir, tmp_path, observer):
     assert len(differ) > len(calib.tensors) // 2  # the observer changed the ranges
 
 
-def _calibration_arrays(result):
-    from dmcompile.calibration.trajectory import _observer_arrays
-    from dmcompile.calibration.hessian import Moments
-
-    out = _observer_arrays(result.observers, result.tensors)
-    if result.moments is not None:
-        m = Moments(result.moments)
-        for node in m.files:
-            out[f"H:{node}"] = m.matrix(node)
-    return out
-
-
 @pytest.mark.parametrize("stop_after", [1, 2])
 def test_an_interrupted_calibration_resumes_to_the_same_result(tiny_export, tmp_path, monkeypatch, stop_after):
     """Stopped after a chunk (Ctrl-C in the middle of the next one), then run again: it skips the
@@ -227,7 +217,7 @@ def test_an_interrupted_calibration_resumes_to_the_same_result(tiny_export, tmp_
     # three chunks of two trajectories; tensors subsampled, so the random state must carry over too
     cfg = CalibrationConfig(size=6, steps=4, groups=2, batch_size=2, sample_per_tensor=1024)
     monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "whole"))
-    whole = _calibration_arrays(stages.cached_calibration(tiny_export, cfg, moments="pooled"))
+    whole = calibration_arrays(stages.cached_calibration(tiny_export, cfg, moments="pooled"))
 
     monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "stopped"))
     calls = []
@@ -245,7 +235,7 @@ def test_an_interrupted_calibration_resumes_to_the_same_result(tiny_export, tmp_
     resumed = stages.cached_calibration(tiny_export, cfg, moments="pooled", progress=lambda *a: seen.append(a))
     assert any("resuming after" in str(a[0]) for a in seen)
     assert sum(1 for a in seen if len(a) == 2) == (3 - stop_after) * cfg.steps  # only the chunks left ran
-    got = _calibration_arrays(resumed)
+    got = calibration_arrays(resumed)
     assert sorted(got) == sorted(whole)
     for k in whole:
         np.testing.assert_array_equal(got[k], whole[k], err_msg=k)
@@ -253,7 +243,7 @@ def test_an_interrupted_calibration_resumes_to_the_same_result(tiny_export, tmp_
 
 
 def test_chunked_recording_equals_one_pass_when_the_chunk_holds_every_trajectory(tiny_export, tmp_path):
-    from dmcompile.calibration.recorder import record_in_chunks, record_trajectories
+    from dmcompile.calibration.recorder import record_chunk, record_trajectories
     from dmruntime import Bundle
 
     fp = Bundle.open(tiny_export)
@@ -268,31 +258,33 @@ def test_chunked_recording_equals_one_pass_when_the_chunk_holds_every_trajectory
         calls = {"one": [], "chunks": []}
         record_trajectories(run, fp.schedule, fp.sample_shape, [recorder("one")], n=4, sampling=sampling, seed=5,
                             batch_size=4)
-        record_in_chunks(run, fp.schedule, fp.sample_shape, [recorder("chunks")], n=4, sampling=sampling, seed=5,
-                         chunk=4)
+        record_chunk(run, fp.schedule, fp.sample_shape, [recorder("chunks")], n=4, sampling=sampling, seed=5,
+                     chunk=4, index=0)
         assert [t for t, _ in calls["one"]] == [t for t, _ in calls["chunks"]]
         for (_, a), (_, b) in zip(calls["one"], calls["chunks"]):
             np.testing.assert_array_equal(a, b)
 
 
-def test_a_stochastic_sampler_records_the_same_chunks_when_resumed(tiny_export):
-    """Euler ancestral draws noise every step: each chunk draws from a stream of its own, so a
-    pass resumed after the first chunk records what an uninterrupted one records there."""
-    from dmcompile.calibration.recorder import record_in_chunks
+def test_a_stochastic_sampler_records_the_same_chunks_in_any_order(tiny_export):
+    """Euler ancestral draws noise every step: each chunk (a calibration shard) draws from a stream
+    of its own, so chunk 1 run alone, in another order or process, records what a run of both does."""
+    from dmcompile.calibration.recorder import record_chunk
     from dmruntime import Bundle
 
     fp = Bundle.open(tiny_export)
-    runs = {"whole": [], "resumed": []}
+    runs = {"both": [], "alone": []}
 
     def run(x, t, c):
         return {"eps": fp.predict(x, t)}
 
-    for key, done in (("whole", 0), ("resumed", 2)):
-        record_in_chunks(run, fp.schedule, fp.sample_shape, [lambda x, t, c, got, k=key: runs[k].append(x.copy())],
-                         n=4, sampling=SamplerChoice("euler-a", 4), seed=5, chunk=2, done=done)
-    assert len(runs["whole"]) == 2 * len(runs["resumed"]) == 8
-    for a, b in zip(runs["whole"][4:], runs["resumed"]):
+    for key, chunks in (("both", (0, 1)), ("alone", (1,))):
+        for index in chunks:
+            record_chunk(run, fp.schedule, fp.sample_shape, [lambda x, t, c, got, k=key: runs[k].append(x.copy())],
+                         n=4, sampling=SamplerChoice("euler-a", 4), seed=5, chunk=2, index=index)
+    assert len(runs["both"]) == 2 * len(runs["alone"]) == 8
+    for a, b in zip(runs["both"][4:], runs["alone"]):
         np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(runs["both"][0], runs["alone"][0])  # chunk 0's rows are other trajectories
 
 
 def test_a_pass_whose_checkpoint_another_pass_holds_records_without_one(tiny_export, tmp_path, monkeypatch):

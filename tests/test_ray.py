@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from conftest import calibration_arrays
 
 from dmcompile import api, parallel
 from dmcompile.analysis import probe as probe_mod
@@ -70,16 +71,6 @@ def test_curves_on_two_workers_equal_the_serial_run(local, serial, tiny_model_di
     assert json.loads((tmp_path / "curves" / "curves.json").read_text())["run"] == {"workers": 2, "ray": "local"}
 
 
-def _arrays(result) -> dict:
-    from dmcompile.calibration.hessian import Moments
-    from dmcompile.calibration.trajectory import _observer_arrays
-
-    out = _observer_arrays(result.observers, result.tensors)
-    m = Moments(result.moments)
-    out.update({f"H:{node}:{g}": m.matrix(node, (g,)) for node in m.files for g in range(SMALL.groups)})
-    return out
-
-
 def test_calibration_shards_on_two_workers_equal_the_serial_pass(local, tiny_model_dir, tmp_path, monkeypatch):
     from dmcompile import stages
 
@@ -89,7 +80,7 @@ def test_calibration_shards_on_two_workers_equal_the_serial_pass(local, tiny_mod
         monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / name))
         result = stages.cached_calibration(fp, SMALL, moments="groups", pool=pool)
         assert result.run == pool.describe()
-        got[name] = _arrays(result)
+        got[name] = calibration_arrays(result, SMALL.groups)
     assert sorted(got["serial"]) == sorted(got["ray"]) and any(k.startswith("H:") for k in got["ray"])
     for k, v in got["serial"].items():
         np.testing.assert_array_equal(got["ray"][k], v, err_msg=k)
@@ -100,7 +91,7 @@ def test_an_interrupted_ray_calibration_resumes_after_the_folded_shards(local, t
 
     fp = api.fp_bundle(str(tiny_model_dir))
     monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "serial"))
-    whole = _arrays(stages.cached_calibration(fp, SMALL, moments="groups"))
+    whole = calibration_arrays(stages.cached_calibration(fp, SMALL, moments="groups"), SMALL.groups)
     monkeypatch.setenv("DMCOMPILE_CACHE", str(tmp_path / "ray"))
     folds = []
 
@@ -116,7 +107,7 @@ def test_an_interrupted_ray_calibration_resumes_after_the_folded_shards(local, t
     said = []
     resumed = stages.cached_calibration(fp, SMALL, moments="groups", pool=local, progress=lambda *a: said.append(a))
     assert any("resuming after 4 of 6" in str(a[0]) for a in said)
-    got = _arrays(resumed)
+    got = calibration_arrays(resumed, SMALL.groups)
     assert sorted(got) == sorted(whole)
     for k, v in whole.items():
         np.testing.assert_array_equal(got[k], v, err_msg=k)

@@ -171,10 +171,14 @@ class MomentRecorder:
         for s in self._open.values():
             s.flush()
 
-    def move_to(self, folder: Path) -> None:
-        """Write the sums out and go on in ``folder`` (a checkpoint's copy of them)."""
+    def close(self) -> None:
+        """Write the sums out and let go of their files (another process reads them next)."""
         self.flush()
         self._open.clear()
+
+    def move_to(self, folder: Path) -> None:
+        """Write the sums out and go on in ``folder`` (a checkpoint's copy of them)."""
+        self.close()
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -205,7 +209,7 @@ class MomentRecorder:
         """Add the sums and counts of ``other`` (a shard's recorder over the same layers) to
         these; the shard's folder is removed. Folded in shard order, the sums are the same bytes
         however many processes gathered the shards."""
-        other.flush()
+        other.close()
         for scope in self.scopes:
             for node in self.columns:
                 path = other.folder / scope / f"{other.index[node]:04d}.npy"
@@ -213,7 +217,6 @@ class MomentRecorder:
                     s = self._sum(scope, node)
                     s += np.load(path, mmap_mode="r")
             self.counts[scope] += other.counts[scope]
-        other._open.clear()
         shutil.rmtree(other.folder, ignore_errors=True)
 
     def finish(self) -> None:

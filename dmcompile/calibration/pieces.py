@@ -96,10 +96,11 @@ class PiecewiseSession:
         for k, (a, b) in enumerate(zip(self.starts, ends)):
             nodes = g.node[a:b]
             made = [o for n in nodes for o in n.output if o]
+            here = set(made)
             read = list(dict.fromkeys(v for n in nodes for v in reads(n)))
-            inputs = [v for v in read if v not in inits and v not in set(made)]
+            inputs = [v for v in read if v not in inits and v not in here]
             fetch = [o for o in made if o in wanted or o in later_reads[k]]
-            hand_out = [n for n in self.recorded if n in set(made)] + [o for o in self.outputs if o in set(made)]
+            hand_out = [n for n in self.recorded if n in here] + [o for o in self.outputs if o in here]
             if k == 0:
                 hand_out = [n for n in self.recorded if n in graph_inputs and n not in inits] + hand_out
             piece = onnx.helper.make_model(

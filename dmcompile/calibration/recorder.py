@@ -66,7 +66,7 @@ def record_chunk(run: ModelRun, schedule: NoiseSchedule, sample_shape: tuple[int
                  guidance_scale: float | None = None, cond: dict | None = None, conditioning=None,
                  null_cond: dict | None = None, progress=None) -> None:
     """Chunk ``index`` (trajectories ``index * chunk`` on, ``chunk`` of them) of the run
-    :func:`record_in_chunks` makes: the same x_T rows and, for a stochastic sampler, the
+    a run of all ``n`` in chunks of ``chunk`` makes: the same x_T rows and, for a stochastic sampler, the
     chunk's own noise stream (``seed`` and ``index``), so chunks can run in any order, in any
     process. A collector with ``begin_chunk(first, rows)`` hears where the chunk starts."""
     loop = _loop(run, schedule, sample_shape, collectors, conditioning, sampling, chunk, guidance_scale,
@@ -81,26 +81,3 @@ def record_chunk(run: ModelRun, schedule: NoiseSchedule, sample_shape: tuple[int
     # run() resets the sampler: each chunk starts without multistep history
     noise = np.random.default_rng([*np.atleast_1d(seed).tolist(), index]) if loop.sampler.stochastic else rng
     loop.run(x[rows], noise, cond=take_rows(cond, rows), progress=progress)
-
-
-def record_in_chunks(run: ModelRun, schedule: NoiseSchedule, sample_shape: tuple[int, ...],
-                     collectors: Sequence[Collector], *, n: int, sampling: SamplerChoice, seed, chunk: int,
-                     guidance_scale: float | None = None, cond: dict | None = None, conditioning=None,
-                     null_cond: dict | None = None, progress=None, done: int = 0,
-                     on_chunk: Callable[[int], None] | None = None) -> None:
-    """:func:`record_trajectories` a chunk of ``chunk`` trajectories at a time, all steps of one
-    chunk before the next, so that the work can stop after any chunk and go on later: chunks
-    before ``done`` (a multiple of ``chunk``) are skipped, ``on_chunk(end)`` is called after each
-    (checkpoint there). The same x_T as one run; with ``chunk >= n`` and a deterministic sampler
-    the same calls in the same order (:func:`record_chunk` runs each)."""
-    starts = list(range(0, n, chunk))
-    calls = len(_loop(run, schedule, sample_shape, collectors, conditioning, sampling, chunk, guidance_scale,
-                      null_cond).timesteps)
-    for c, first in enumerate(starts):
-        if first < done:
-            continue
-        record_chunk(run, schedule, sample_shape, collectors, n=n, sampling=sampling, seed=seed, chunk=chunk, index=c,
-                     guidance_scale=guidance_scale, cond=cond, conditioning=conditioning, null_cond=null_cond,
-                     progress=progress and (lambda i, k, c=c: progress(c * calls + i, len(starts) * calls)))
-        if on_chunk is not None:
-            on_chunk(min(first + chunk, n))

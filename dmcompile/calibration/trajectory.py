@@ -216,6 +216,7 @@ class _Pass:
     chosen: np.ndarray | None  # PTQ4DM: the step each trajectory is recorded at
     columns: dict | None  # second moments: the layers' columns, in producer order
     moment_groups: int | None
+    sample_shape: tuple[int, ...] = ()
     progress: object = None  # a serial pass's step callback (workers report per shard)
     threads: int = 0  # ONNX Runtime's intra-op threads (0: all cores; 1 on Ray workers, one task per CPU)
 
@@ -276,22 +277,13 @@ def record_shard(p: _Pass, job: tuple) -> dict:
             out.update((o, share[o]) for o in outputs if o in share)
         return out
 
-    sample_shape = tuple(int(d.dim_value) for d in
-                         next(i for i in _graph_inputs(p) if i.name == "sample").type.tensor_type.shape.dim[1:])
-    record_chunk(run, schedule, sample_shape, [_Chunks(rows)], n=cfg.size, sampling=cfg.sampling(schedule),
+    record_chunk(run, schedule, p.sample_shape, [_Chunks(rows)], n=cfg.size, sampling=cfg.sampling(schedule),
                  seed=[cfg.seed, CALIB_STREAM], chunk=cfg.batch_size, index=k, guidance_scale=cfg.guidance_scale,
                  cond=p.conditions, conditioning=p.conditioning, progress=p.progress and (lambda i, n: p.progress(k, i)))
     if recorder is not None:
-        recorder.flush()
-        recorder._open.clear()
+        recorder.close()
     return {"observers": _observer_arrays(observers, p.names),
             "counts": {s: c.tolist() for s, c in recorder.counts.items()} if recorder else None}
-
-
-def _graph_inputs(p: _Pass):
-    if p.model is not None:
-        return p.model.graph.input
-    return onnxio.load(p.source, weights=False).graph.input
 
 
 def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_config: dict, config: CalibrationConfig,
@@ -351,8 +343,10 @@ def calibrate_trajectories(fp_model_path: Path, layer_map: LayerMap, scheduler_c
         def step(k, i):
             progress(k * calls + i, shards * calls)
     base = Path(fp_model_path).parent
+    dims = next(i for i in model.graph.input if i.name == "sample").type.tensor_type.shape.dim[1:]
     p = _Pass(model, Path(fp_model_path), base, tuple(names), recorded, scheduler_config, config, conditioning,
-              conditions, chosen, columns, config.groups if moments == "groups" else None, step)
+              conditions, chosen, columns, config.groups if moments == "groups" else None,
+              tuple(int(d.dim_value) for d in dims), step)
     if pool.workers > 1:
         shipped, _ = parallel.portable(model, base)
         p = dataclasses.replace(p, model=shipped, progress=None, threads=1)
